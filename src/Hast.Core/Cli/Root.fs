@@ -1,0 +1,41 @@
+/// The `hast` command line: sub-commands, and the pure parse from argv to a `Command`.
+module Hast.Core.Cli.Root
+
+open Argu
+open Hast.Core.Cli.Common
+
+type Command =
+    | Eval of EvalCli.EvalConfig
+    | Synthesize of SynthesizeCli.SynthesizeConfig
+    | Samples of SamplesCli.SamplesConfig
+    | Quantize of QuantizeCli.QuantizeConfig
+
+[<RequireSubcommand>]
+type HastArgs =
+    | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalCli.EvalArgs>
+    | [<CliPrefix(CliPrefix.None)>] Synthesize of ParseResults<SynthesizeCli.SynthesizeArgs>
+    | [<CliPrefix(CliPrefix.None)>] Samples of ParseResults<SamplesCli.SamplesArgs>
+    | [<CliPrefix(CliPrefix.None)>] Quantize of ParseResults<QuantizeCli.QuantizeArgs>
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Eval _ -> "evaluate a model (full precision or quantized) on a test set"
+            | Synthesize _ -> "synthesize hard samples from a pretrained model (no real data)"
+            | Samples _ -> "manage sample stores (merge, subset, inspect)"
+            | Quantize _ -> "quantize a model and fine-tune it on synthetic samples"
+
+let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
+
+/// Parse argv into a command. Raises `CliUsage` for --help or malformed arguments and
+/// `HastError` for well-formed but invalid values; never anything else.
+let parse (argv: string[]) : Command =
+    let results =
+        try
+            parser().ParseCommandLine(argv, raiseOnUsage = true)
+        with :? ArguParseException as e ->
+            raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
+    match results.GetSubCommand() with
+    | HastArgs.Eval r -> Command.Eval(EvalCli.ofResults r)
+    | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
+    | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
+    | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults r)

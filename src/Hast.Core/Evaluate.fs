@@ -1,0 +1,35 @@
+/// Top-1 / top-5 accuracy of a model on a dataset.
+module Hast.Core.Evaluate
+
+open TorchSharp
+open Hast.Core
+open Hast.Core.Data
+
+type Accuracy =
+    { Top1Correct: int64
+      Top5Correct: int64
+      Count: int64 }
+    member a.Top1 = if a.Count = 0L then 0.0 else 100.0 * float a.Top1Correct / float a.Count
+    member a.Top5 = if a.Count = 0L then 0.0 else 100.0 * float a.Top5Correct / float a.Count
+
+/// Correct-at-1 and correct-at-k counts of one batch of logits.
+let private hits (k: int64) (logits: Tensor) (labels: Tensor) : int64 * int64 =
+    let k = min k (logits.shape[1])
+    let struct (_, idx) = logits.topk(int k, dim = 1)
+    let eq = idx.eq(labels.unsqueeze(1L))
+    eq.select(1L, 0L).sum().item<int64> (), eq.any(1L).sum().item<int64> ()
+
+/// Evaluate `model` (switched to eval mode) on `data` in batches, on `device`.
+/// `onBatch done total` reports progress.
+let accuracy (device: torch.Device) (batchSize: int64) (onBatch: int64 -> int64 -> unit) (model: Net) (data: Dataset) : Accuracy =
+    model.eval ()
+    use _ = torch.no_grad ()
+    let mutable acc = { Top1Correct = 0L; Top5Correct = 0L; Count = 0L }
+    for (start, n) in batches batchSize data do
+        use _ = torch.NewDisposeScope()
+        let x, y = data.Load start n
+        let logits = model.forward (x.``to``(device))
+        let h1, h5 = hits 5L logits (y.``to``(device))
+        acc <- { Top1Correct = acc.Top1Correct + h1; Top5Correct = acc.Top5Correct + h5; Count = acc.Count + n }
+        onBatch (start + n) data.Count
+    acc

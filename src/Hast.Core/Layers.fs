@@ -1,0 +1,102 @@
+/// The contract every model follows, and the layer kits that make a model full-precision or quantized.
+///
+/// A model is an ordinary TorchSharp module whose `forward` gives logits. `Net.Forward` additionally
+/// returns what the HAST losses need, collected on a per-call `Tape` (no global hooks):
+///  - `Blocks`: each residual block's body output, before the shortcut add (feature alignment);
+///  - `Bn`: each BatchNorm2d layer with its input (BN-statistics loss of synthesis).
+namespace Hast.Core
+
+open System.Collections.Generic
+open TorchSharp
+open TorchSharp.Modules
+open type TorchSharp.torch.nn
+
+type Tensor = torch.Tensor
+
+/// One BatchNorm layer and the tensor that entered it during a forward pass.
+type BnTap = { Layer: BatchNorm2d; Input: Tensor }
+
+/// What a forward pass gives: logits plus the intermediate tensors the losses use.
+type Outputs =
+    { Logits: Tensor
+      /// residual-block body outputs (before the shortcut add), in network order
+      Blocks: Tensor list
+      /// BatchNorm inputs with their layers, in network order
+      Bn: BnTap list }
+
+/// Per-call recorder. Created by `Net.Forward` for one forward pass and then dropped.
+type Tape(record: bool) =
+    let blocks = List<Tensor>()
+    let bns = List<BnTap>()
+    static member Off = Tape(false)
+    member _.Recording = record
+    /// Run a BatchNorm layer, recording its input.
+    member _.Bn(layer: BatchNorm2d, x: Tensor) : Tensor =
+        if record then bns.Add { Layer = layer; Input = x }
+        layer.forward x
+    /// Record a residual body output; returns it unchanged.
+    member _.Block(x: Tensor) : Tensor =
+        if record then blocks.Add x
+        x
+    member _.Blocks = List.ofSeq blocks
+    member _.BnTaps = List.ofSeq bns
+
+/// Base class of all Hast models. Subclasses implement `Run`.
+[<AbstractClass>]
+type Net(name: string) =
+    inherit Module<Tensor, Tensor>(name)
+    /// The forward pass, reporting to `tape`.
+    abstract Run: x: Tensor * tape: Tape -> Tensor
+    override this.forward(x: Tensor) = this.Run(x, Tape.Off)
+    /// Forward pass that also returns block outputs and BatchNorm inputs.
+    member this.Forward(x: Tensor) : Outputs =
+        let tape = Tape(true)
+        let logits = this.Run(x, tape)
+        { Logits = logits; Blocks = tape.Blocks; Bn = tape.BnTaps }
+
+/// Marker for modules that hold quantizer state (calibrated ranges) rather than model weights.
+/// Their buffers are saved in Hast checkpoints but are neither expected in nor taken from
+/// full-precision PyTorch state_dicts.
+type IQuantizerState =
+    interface
+    end
+
+/// Activation kinds that appear in the supported architectures.
+type Activation =
+    | Relu
+    | Relu6
+
+/// 2-D convolution hyper-parameters (PyTorch's Conv2d arguments).
+type ConvSpec =
+    { InChannels: int64
+      OutChannels: int64
+      Kernel: int64
+      Stride: int64
+      Padding: int64
+      Groups: int64
+      Bias: bool }
+
+module ConvSpec =
+    let make cin cout k s p =
+        { InChannels = cin; OutChannels = cout; Kernel = k; Stride = s; Padding = p; Groups = 1L; Bias = false }
+
+/// How a model's convolutions, linear layers and activations are made.
+/// The full-precision kit makes plain TorchSharp layers; the quantized kit (see `Quantizers`)
+/// makes fake-quantized ones with the same parameter names, so one state_dict fits both.
+type LayerKit =
+    { Conv: ConvSpec -> Module<Tensor, Tensor>
+      Linear: int64 -> int64 -> Module<Tensor, Tensor>
+      Act: Activation -> Module<Tensor, Tensor> }
+
+module LayerKit =
+    /// Plain full-precision layers.
+    let fullPrecision : LayerKit =
+        { Conv =
+            fun c ->
+                Conv2d(c.InChannels, c.OutChannels, c.Kernel, stride = c.Stride, padding = c.Padding,
+                       groups = c.Groups, bias = c.Bias) :> Module<Tensor, Tensor>
+          Linear = fun i o -> Linear(i, o, hasBias = true) :> Module<Tensor, Tensor>
+          Act =
+            function
+            | Relu -> ReLU() :> Module<Tensor, Tensor>
+            | Relu6 -> ReLU6() :> Module<Tensor, Tensor> }

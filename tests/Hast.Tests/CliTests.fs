@@ -1,0 +1,5 @@
+module Hast.Tests.CliTests
+
+open Expecto
+
+let tests : Test list = []

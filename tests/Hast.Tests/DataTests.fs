@@ -1,0 +1,5 @@
+module Hast.Tests.DataTests
+
+open Expecto
+
+let tests : Test list = []

@@ -1,0 +1,5 @@
+module Hast.Tests.DownloadTests
+
+open Expecto
+
+let tests : Test list = []

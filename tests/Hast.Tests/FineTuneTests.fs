@@ -1,0 +1,5 @@
+module Hast.Tests.FineTuneTests
+
+open Expecto
+
+let tests : Test list = []

@@ -1,0 +1,5 @@
+module Hast.Tests.LossTests
+
+open Expecto
+
+let tests : Test list = []

@@ -1,0 +1,5 @@
+module Hast.Tests.ModelTests
+
+open Expecto
+
+let tests : Test list = []

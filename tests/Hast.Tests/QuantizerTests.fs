@@ -1,0 +1,5 @@
+module Hast.Tests.QuantizerTests
+
+open Expecto
+
+let tests : Test list = []

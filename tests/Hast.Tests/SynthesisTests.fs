@@ -1,0 +1,5 @@
+module Hast.Tests.SynthesisTests
+
+open Expecto
+
+let tests : Test list = []

@@ -1,0 +1,5 @@
+module Hast.Tests.WeightTests
+
+open Expecto
+
+let tests : Test list = []
