@@ -106,6 +106,8 @@ type ResUnit(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
         this.register_module("body", body)
         identity |> Option.iter (fun m -> this.register_module("identity_conv", m))
         this.register_module("activ", activ)
+    /// Stop TorchSharp from also registering the `conv1`/`conv2` fields (already under `body`).
+    override _.RegisterComponents() = ()
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let idn = match identity with Some m -> m.Run(x, tape) | None -> x
         let b = tape.Block(conv2.Run(conv1.Run(x, tape), tape))
