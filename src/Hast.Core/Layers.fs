@@ -41,10 +41,24 @@ type Tape(record: bool) =
     member _.Blocks = List.ofSeq blocks
     member _.BnTaps = List.ofSeq bns
 
+/// Base class of the building blocks of Hast models. Children are registered explicitly with
+/// `register_module` under their PyTorch names; TorchSharp's automatic registration of fields is off,
+/// because it would register the same child a second time under its F# field name.
+[<AbstractClass>]
+type Block(name: string) =
+    inherit Module<Tensor, Tensor>(name)
+    override _.RegisterComponents() = ()
+
+/// A module that only groups named children (for nested parameter names such as `layer1.0.conv1`).
+type Node(children: (string * Module) list) as this =
+    inherit Module("Node")
+    do for (name, m) in children do this.register_module(name, m)
+    override _.RegisterComponents() = ()
+
 /// Base class of all Hast models. Subclasses implement `Run`.
 [<AbstractClass>]
 type Net(name: string) =
-    inherit Module<Tensor, Tensor>(name)
+    inherit Block(name)
     /// The forward pass, reporting to `tape`.
     abstract Run: x: Tensor * tape: Tape -> Tensor
     override this.forward(x: Tensor) = this.Run(x, Tape.Off)

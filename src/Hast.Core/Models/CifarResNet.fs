@@ -14,16 +14,11 @@ open type TorchSharp.torch.nn
 
 let private bn (c: int64) = BatchNorm2d(c)
 
-/// A module that only groups named children (for nested parameter names such as `layer1.0.conv1`).
-type Node(children: (string * Module) list) as this =
-    inherit Module("Node")
-    do for (name, m) in children do this.register_module(name, m)
-
 
 /// akamaster BasicBlock: conv-bn-relu-conv-bn, + option-A shortcut, relu.
 /// Parameter names: conv1, bn1, conv2, bn2 (as in the PyTorch checkpoint).
 type BasicBlockA(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
-    inherit Module<Tensor, Tensor>("BasicBlockA")
+    inherit Block("BasicBlockA")
     let conv1 = kit.Conv(ConvSpec.make cin cout 3L stride 1L)
     let bn1 = bn cout
     let act1 = kit.Act Relu
@@ -77,7 +72,7 @@ type CifarResNetA(n: int, numClasses: int64, kit: LayerKit) as this =
 
 /// pytorchcv ConvBlock: conv (no bias) + BN (+ activation). Parameter names: conv, bn.
 type ConvBlock(spec: ConvSpec, act: Activation option, kit: LayerKit) as this =
-    inherit Module<Tensor, Tensor>("ConvBlock")
+    inherit Block("ConvBlock")
     let conv = kit.Conv spec
     let bn = bn spec.OutChannels
     let activ = act |> Option.map kit.Act
@@ -95,7 +90,7 @@ type ConvBlock(spec: ConvSpec, act: Activation option, kit: LayerKit) as this =
 /// pytorchcv ResUnit (non-bottleneck): body = conv1 (3x3, stride) + conv2 (3x3, no activation);
 /// identity_conv = 1x1 conv + BN when the shape changes; then add and ReLU.
 type ResUnit(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
-    inherit Module<Tensor, Tensor>("ResUnit")
+    inherit Block("ResUnit")
     let conv1 = new ConvBlock(ConvSpec.make cin cout 3L stride 1L, Some Relu, kit)
     let conv2 = new ConvBlock(ConvSpec.make cout cout 3L 1L 1L, None, kit)
     let body = new Node([ "conv1", conv1 :> Module; "conv2", conv2 :> Module ])
@@ -107,7 +102,6 @@ type ResUnit(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
         identity |> Option.iter (fun m -> this.register_module("identity_conv", m))
         this.register_module("activ", activ)
     /// Stop TorchSharp from also registering the `conv1`/`conv2` fields (already under `body`).
-    override _.RegisterComponents() = ()
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let idn = match identity with Some m -> m.Run(x, tape) | None -> x
         let b = tape.Block(conv2.Run(conv1.Run(x, tape), tape))

@@ -12,7 +12,7 @@ open type TorchSharp.torch.nn
 /// torchvision Conv2dNormActivation: conv (no bias, "same" padding) + BN (+ ReLU6).
 /// Parameter names: `0` (conv), `1` (BN), `2` (activation).
 type ConvBnAct(cin: int64, cout: int64, kernel: int64, stride: int64, groups: int64, act: bool, kit: LayerKit) as this =
-    inherit Module<Tensor, Tensor>("ConvBnAct")
+    inherit Block("ConvBnAct")
     let conv = kit.Conv { ConvSpec.make cin cout kernel stride ((kernel - 1L) / 2L) with Groups = groups }
     let bn = BatchNorm2d(cout)
     let activ = if act then Some(kit.Act Relu6) else None
@@ -22,7 +22,6 @@ type ConvBnAct(cin: int64, cout: int64, kernel: int64, stride: int64, groups: in
         activ |> Option.iter (fun a -> this.register_module("2", a))
     /// Children are registered explicitly above; this stops TorchSharp from also registering
     /// the `let` fields under their field names when this module is registered in its parent.
-    override _.RegisterComponents() = ()
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let y = tape.Bn(bn, conv.forward x)
         match activ with
@@ -34,7 +33,7 @@ type ConvBnAct(cin: int64, cout: int64, kernel: int64, stride: int64, groups: in
 /// (stride) - 1x1 linear projection conv-bn; plus the input when stride = 1 and cin = cout.
 /// All layers sit under `conv` (`conv.0.0`, ..., the projection as `conv.k` and its BN as `conv.k+1`).
 type InvertedResidual(cin: int64, cout: int64, stride: int64, expand: int64, kit: LayerKit) as this =
-    inherit Module<Tensor, Tensor>("InvertedResidual")
+    inherit Block("InvertedResidual")
     let hidden = cin * expand
     let expandLayer = if expand <> 1L then Some(new ConvBnAct(cin, hidden, 1L, 1L, 1L, true, kit)) else None
     let depthwise = new ConvBnAct(hidden, hidden, 3L, stride, hidden, true, kit)
@@ -47,7 +46,6 @@ type InvertedResidual(cin: int64, cout: int64, stride: int64, expand: int64, kit
             @ [ depthwise :> Module; project :> Module; projectBn :> Module ]
         this.register_module("conv", new Node(layers |> List.mapi (fun i m -> (string i, m))))
     /// Children are registered explicitly (see `ConvBnAct`).
-    override _.RegisterComponents() = ()
     /// Whether this block adds its input (then its body output is a feature-alignment target).
     member _.Residual = residual
     member _.Run(x: Tensor, tape: Tape) : Tensor =
@@ -87,7 +85,6 @@ type MobileNetV2(numClasses: int64, kit: LayerKit) as this =
         this.register_module("features", new Node(features |> List.mapi (fun i m -> (string i, m))))
         this.register_module("classifier", new Node([ "0", dropout :> Module; "1", fc :> Module ]))
     /// Children are registered explicitly (matters if this net is itself registered in a wrapper).
-    override _.RegisterComponents() = ()
 
     override _.Run(x, tape) =
         let h = blocks |> List.fold (fun h (b: InvertedResidual) -> b.Run(h, tape)) (stem.Run(x, tape))

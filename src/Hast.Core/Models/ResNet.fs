@@ -14,7 +14,7 @@ open type TorchSharp.torch.nn
 /// torchvision shares one ReLU between both sites; here each site has its own activation module
 /// (`act1`, `act2`; parameter-free in full precision, so the state_dict is unaffected).
 type BasicBlock(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
-    inherit Module<Tensor, Tensor>("BasicBlock")
+    inherit Block("BasicBlock")
     let conv1 = kit.Conv(ConvSpec.make cin cout 3L stride 1L)
     let bn1 = BatchNorm2d(cout)
     let act1 = kit.Act Relu
@@ -36,7 +36,6 @@ type BasicBlock(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
 
     /// Children are registered explicitly above; this stops TorchSharp from also registering the
     /// `let` fields under their field names (it reflects over fields when a module is registered).
-    override _.RegisterComponents() = ()
 
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let h1 = act1.forward (tape.Bn(bn1, conv1.forward x))
@@ -76,7 +75,6 @@ type ResNet(name: string, blocks: int list, numClasses: int64, kit: LayerKit) as
             this.register_module(sprintf "layer%d" (i + 1), new Node(bs |> List.mapi (fun j b -> (string j, b :> Module)))))
         this.register_module("fc", fc)
     /// Children are registered explicitly (matters if this net is itself registered in a wrapper).
-    override _.RegisterComponents() = ()
 
     override _.Run(x, tape) =
         let h0 = maxpool.forward (act1.forward (tape.Bn(bn1, conv1.forward x)))
