@@ -188,6 +188,10 @@ let tests : Test list = [
         Expect.stringContains missing "not found" missing
         let noClasses = message (fun () -> Datasets.Open(dir.Path, cifarA) |> ignore)
         Expect.stringContains noClasses "no class sub-folders" noClasses
+        File.WriteAllBytes(dir.File "test_batch.bin", Array.zeroCreate 3073)
+        let binFolder = message (fun () -> Datasets.Open(dir.Path, cifarA) |> ignore)
+        Expect.stringContains binFolder "test_batch.bin" binFolder
+        File.Delete(dir.File "test_batch.bin")
         Directory.CreateDirectory(dir.File "cat") |> ignore
         Directory.CreateDirectory(dir.File "dog") |> ignore
         File.WriteAllText(dir.File "cat/readme.txt", "not an image")

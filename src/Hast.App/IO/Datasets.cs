@@ -56,7 +56,12 @@ public static class Datasets
     {
         var classes = ClassFolders(root);
         if (classes.Length == 0)
-            throw new HastError($"image folder '{root}' has no class sub-folders; put images in one sub-folder per class (e.g. {root}/cat/0001.jpg)");
+        {
+            var bin = Directory.GetFiles(root, "*.bin").Select(Path.GetFileName).Order(StringComparer.Ordinal).FirstOrDefault();
+            throw new HastError(bin is null
+                ? $"image folder '{root}' has no class sub-folders; put images in one sub-folder per class (e.g. {root}/cat/0001.jpg)"
+                : $"'{root}' is a folder of binary files, not an image folder; pass the CIFAR file itself (e.g. {Path.Combine(root, bin)})");
+        }
         var items = new List<Data.ImageItem>();
         for (var label = 0; label < classes.Length; label++)
         {
