@@ -1,4 +1,70 @@
-/// TODO: placeholder, filled by its stage owner.
+/// The quantize stage: a fake-quantized copy of a full-precision model, and activation-range calibration.
 module Hast.Core.Quantize
 
-let private placeholder = ()
+open TorchSharp
+open Hast.Core
+open Hast.Core.Models
+
+/// State-dict key prefixes ("name.") of the quantizer-state modules of `m`.
+let private quantizerPrefixes (m: torch.nn.Module) : string list =
+    [ for struct (name, c) in m.named_modules () do
+          if ((box c) :? IQuantizerState) && name <> "" then yield name + "." ]
+
+let private shapeText (t: Tensor) = t.shape |> Array.map string |> String.concat "x"
+
+/// Copy every weight and buffer of `src` into the same-named tensor of `dst` (values, not sharing),
+/// skipping `dst`'s quantizer state. Both must have exactly the same other names and shapes.
+let copyWeights (src: torch.nn.Module) (dst: torch.nn.Module) : unit =
+    use _ = torch.no_grad ()
+    let s = src.state_dict ()
+    let d = dst.state_dict ()
+    let skip = quantizerPrefixes dst
+    let isQuantizerState (k: string) = skip |> List.exists (fun p -> k.StartsWith p)
+    for KeyValue(k, t) in d do
+        if not (isQuantizerState k) then
+            match s.TryGetValue k with
+            | true, v ->
+                if t.shape <> v.shape then
+                    failf "weights do not fit the architecture: '%s' is %s in the full-precision model but %s in the quantized one; pass the --arch/--classes the weights were trained for"
+                        k (shapeText v) (shapeText t)
+                t.copy_(v) |> ignore
+            | _ ->
+                failf "weights do not fit the architecture: the full-precision model has no '%s'; pass the --arch/--classes the weights were trained for" k
+    for KeyValue(k, _) in s do
+        if not (d.ContainsKey k) then
+            failf "weights do not fit the architecture: the quantized model has no '%s'; pass the --arch/--classes the weights were trained for" k
+
+/// A fake-quantized model (W`wbits` per channel, A`abits` per tensor) of topology `arch` with
+/// `classes` outputs, holding copies of `fp`'s weights and BN statistics, on `fp`'s device and in
+/// `fp`'s train/eval mode. `fp` is not modified. Activation ranges are uncalibrated: run `calibrate`.
+let quantize (arch: Registry.Arch) (classes: int64) (fp: Net) (wbits: int) (abits: int) : Net =
+    let q = arch.Build classes (Quantizers.LayerKit.quantized wbits abits)
+    match fp.parameters () |> Seq.tryHead with
+    | Some p -> q.``to``(p.device) |> ignore
+    | None -> ()
+    copyWeights fp q
+    q.train fp.training
+    q
+
+/// Calibrate the activation ranges of `model`: forget old ranges, switch the quantizers to
+/// Calibrating, run `batches` (moved to `device`) through the model in eval mode without gradients,
+/// then freeze. The model's train/eval mode is restored afterwards. Needs at least one batch when
+/// the model has activation quantizers.
+let calibrate (device: torch.Device) (model: Net) (batches: seq<Tensor>) : unit =
+    let quantizers = Quantizers.actQuantizers model
+    let wasTraining = model.training
+    Quantizers.resetRanges model
+    Quantizers.setCalibrating model true
+    model.eval ()
+    try
+        use _ = torch.no_grad ()
+        let mutable n = 0
+        for b in batches do
+            use _ = torch.NewDisposeScope()
+            model.forward (b.``to``(device)) |> ignore
+            n <- n + 1
+        if n = 0 && not (List.isEmpty quantizers) then
+            fail "calibration got no images; give at least one calibration batch (e.g. a non-empty sample set)"
+    finally
+        Quantizers.setCalibrating model false
+        model.train wasTraining

@@ -1,4 +1,233 @@
-/// TODO: placeholder, filled by its stage owner.
+/// Fake quantization: uniform asymmetric quantizers with straight-through gradients, the quantized
+/// layers built on them, and the quantized `LayerKit`.
+///
+/// Conventions (all quantizers):
+///  - `bits` is 1..16, or 32 meaning "off" (identity, no rounding at all);
+///  - the grid is asymmetric, `scale = (hi - lo) / (2^b - 1)`, `zp = round(-lo / scale)`,
+///    `q = clamp(round(x / scale) + zp, 0, 2^b - 1)`, value `(q - zp) * scale`;
+///  - the range is first widened to contain 0 (`lo <= 0 <= hi`), so 0 is always exactly
+///    representable (q = zp gives exactly 0) — ReLU outputs and zero padding stay exact;
+///  - gradient: straight-through, identity EVERYWHERE (also outside [lo, hi], not clipped);
+///    the range itself gets no gradient (it is computed from detached values);
+///  - forward value is exactly the dequantized grid value (written `dq.detach() + (x - x.detach())`,
+///    which equals `dq` bit for bit, unlike `x + (dq - x).detach()`).
 module Hast.Core.Quantizers
 
-let private placeholder = ()
+open System
+open TorchSharp
+open TorchSharp.Modules
+open Hast.Core
+open type TorchSharp.torch.nn
+
+/// Bit width that switches a quantizer off.
+let fullPrecisionBits = 32
+
+/// Smallest quantization step; guards a collapsed range (hi = lo = 0).
+let minScale = 1e-8
+
+/// Fail unless `bits` is 1..16 or 32. `what` names the quantizer ("weight", "activation").
+let checkBits (what: string) (bits: int) : unit =
+    if not (bits = fullPrecisionBits || (bits >= 1 && bits <= 16)) then
+        failf "%s bit width must be between 1 and 16, or 32 for full precision (got %d)" what bits
+
+/// Number of the largest level, 2^b - 1.
+let private qmaxOf (bits: int) = float ((1L <<< bits) - 1L)
+
+/// Scale and zero point of the grid for range [lo, hi] (tensors, broadcastable; widened to contain 0).
+/// Both results are detached.
+let qparams (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor =
+    let qmax = qmaxOf bits
+    let lo = lo.detach().clamp_max(0.0)
+    let hi = hi.detach().clamp_min(0.0)
+    let scale = ((hi - lo) / qmax).clamp_min(minScale)
+    let zp = (lo.neg() / scale).round().clamp((0.0).ToScalar(), qmax.ToScalar())
+    scale, zp
+
+/// Asymmetric uniform fake quantization of `x` on the range [lo, hi] (see module doc).
+/// `lo`/`hi` are tensors broadcastable to `x` (0-d for per-tensor). bits = 32: `x` itself.
+let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
+    checkBits "quantizer" bits
+    if bits = fullPrecisionBits then x
+    else
+        let scale, zp = qparams lo hi bits
+        let xd = x.detach()
+        let q = (xd / scale).round().add(zp).clamp((0.0).ToScalar(), (qmaxOf bits).ToScalar())
+        let dq = (q - zp) * scale
+        // value: exactly dq; gradient wrt x: identity
+        dq + (x - xd)
+
+/// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
+/// the min/max over all other dims of the current (detached) weight.
+let weightFakeQuant (w: Tensor) (bits: int) : Tensor =
+    checkBits "weight" bits
+    if bits = fullPrecisionBits then w
+    elif w.dim () < 2L then
+        let d = w.detach()
+        fakeQuant w (d.min ()) (d.max ()) bits
+    else
+        let d = w.detach()
+        let dims = [| 1L .. w.dim () - 1L |]
+        fakeQuant w (d.amin(dims, keepdim = true)) (d.amax(dims, keepdim = true)) bits
+
+/// A layer whose weight is fake-quantized in the forward pass.
+type IWeightQuantized =
+    abstract WeightBits: int
+
+/// Conv2d with per-channel fake-quantized weight. Parameters `weight` (out, in/groups, k, k) and
+/// `bias` (only when `spec.Bias`), as in torch.nn.Conv2d, so FP state_dicts fit.
+type QConv2d(spec: ConvSpec, wbits: int) as this =
+    inherit Module<Tensor, Tensor>("QConv2d")
+    do checkBits "weight" wbits
+    do
+        use _ = torch.no_grad ()
+        let w = torch.empty([| spec.OutChannels; spec.InChannels / spec.Groups; spec.Kernel; spec.Kernel |])
+        init.kaiming_uniform_(w, a = sqrt 5.0) |> ignore
+        this.register_parameter("weight", new Parameter(w))
+        if spec.Bias then
+            let fanIn = float (spec.InChannels / spec.Groups * spec.Kernel * spec.Kernel)
+            let bound = 1.0 / sqrt fanIn
+            let b = torch.empty([| spec.OutChannels |])
+            init.uniform_(b, -bound, bound) |> ignore
+            this.register_parameter("bias", new Parameter(b))
+    member _.Spec = spec
+    interface IWeightQuantized with
+        member _.WeightBits = wbits
+    override this.forward(x: Tensor) : Tensor =
+        let w = weightFakeQuant (this.get_parameter "weight") wbits
+        let b = if spec.Bias then this.get_parameter "bias" :> Tensor else null
+        torch.nn.functional.conv2d(x, w, b, strides = [| spec.Stride; spec.Stride |],
+                                   padding = [| spec.Padding; spec.Padding |], groups = spec.Groups)
+
+/// Linear with per-output-row fake-quantized weight. Parameters `weight` (out, in) and `bias` (out).
+type QLinear(inFeatures: int64, outFeatures: int64, wbits: int) as this =
+    inherit Module<Tensor, Tensor>("QLinear")
+    do checkBits "weight" wbits
+    do
+        use _ = torch.no_grad ()
+        let w = torch.empty([| outFeatures; inFeatures |])
+        init.kaiming_uniform_(w, a = sqrt 5.0) |> ignore
+        let bound = 1.0 / sqrt (float inFeatures)
+        let b = torch.empty([| outFeatures |])
+        init.uniform_(b, -bound, bound) |> ignore
+        this.register_parameter("weight", new Parameter(w))
+        this.register_parameter("bias", new Parameter(b))
+    interface IWeightQuantized with
+        member _.WeightBits = wbits
+    override this.forward(x: Tensor) : Tensor =
+        let w = weightFakeQuant (this.get_parameter "weight") wbits
+        torch.nn.functional.linear(x, w, this.get_parameter "bias")
+
+/// What an activation quantizer does with its range.
+type ActMode =
+    /// update the range with a bias-corrected EMA of each batch's min/max, then quantize with it
+    | Calibrating
+    /// range fixed; quantize (fails if the range was never calibrated)
+    | Frozen
+
+/// Per-tensor asymmetric activation fake quantizer.
+///
+/// Buffers (saved in Hast checkpoints, not part of FP state_dicts): `act_min`, `act_max` (0-d float,
+/// the bias-corrected EMA range) and `ema_steps` (0-d int64, batches seen; 0 = never calibrated).
+/// EMA: raw_t = m raw_{t-1} + (1 - m) batch_t with raw_0 = 0, range_t = raw_t / (1 - m^t) (as in Adam);
+/// so after one batch the range is exactly that batch's min/max.
+/// Output while calibrating: the value QUANTIZED with the just-updated range (as in GDFQ/HAST's
+/// running-stat mode), so later layers calibrate on what they will see after deployment.
+/// Starts Frozen and uncalibrated: a forward pass before calibration raises HastError.
+type ActQuant(bits: int, momentum: float) as this =
+    inherit Module<Tensor, Tensor>("ActQuant")
+    do
+        checkBits "activation" bits
+        if not (momentum >= 0.0 && momentum < 1.0) then
+            failf "activation EMA momentum must be in [0, 1) (got %g)" momentum
+    let mutable mode = Frozen
+    do
+        this.register_buffer("act_min", torch.tensor(0.0f))
+        this.register_buffer("act_max", torch.tensor(0.0f))
+        this.register_buffer("ema_steps", torch.tensor(0L))
+    new(bits: int) = new ActQuant(bits, 0.9)
+    interface IQuantizerState
+    member _.Bits = bits
+    member _.Momentum = momentum
+    member _.Mode
+        with get () = mode
+        and set (v: ActMode) = mode <- v
+    /// Number of calibration batches folded into the range (0 = uncalibrated).
+    member this.Steps : int64 = (this.get_buffer "ema_steps").item<int64> ()
+    /// Current (lo, hi) range.
+    member this.Range : float * float = scalar (this.get_buffer "act_min"), scalar (this.get_buffer "act_max")
+    /// Forget the range (back to uncalibrated).
+    member this.Reset() : unit =
+        use _ = torch.no_grad ()
+        (this.get_buffer "act_min").zero_() |> ignore
+        (this.get_buffer "act_max").zero_() |> ignore
+        (this.get_buffer "ema_steps").zero_() |> ignore
+    /// Fold one batch's min/max into the range.
+    member this.Observe(x: Tensor) : unit =
+        use _ = torch.no_grad ()
+        use _ = torch.NewDisposeScope()
+        let t = this.Steps + 1L
+        // range_t = (1 - wNew) range_{t-1} + wNew batch_t, wNew = (1 - m) / (1 - m^t); wNew = 1 at t = 1
+        let wNew = (1.0 - momentum) / (1.0 - Math.Pow(momentum, float t))
+        let update (name: string) (batch: Tensor) =
+            let b = this.get_buffer name
+            b.mul_((1.0 - wNew).ToScalar()).add_(batch.to_type(b.dtype), alpha = wNew.ToScalar()) |> ignore
+        let xd = x.detach()
+        update "act_min" (xd.min ())
+        update "act_max" (xd.max ())
+        (this.get_buffer "ema_steps").add_((1L).ToScalar()) |> ignore
+    override this.forward(x: Tensor) : Tensor =
+        if bits = fullPrecisionBits then x
+        else
+            match mode with
+            | Calibrating -> this.Observe x
+            | Frozen ->
+                if this.Steps = 0L then
+                    fail "activation quantizer used before calibration; calibrate the quantized model (or load a calibrated Hast checkpoint) first"
+            fakeQuant x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+
+/// An activation followed by its quantizer, as one module (children `act`, `quant`).
+type QAct(kind: Activation, bits: int) as this =
+    inherit Module<Tensor, Tensor>("QAct")
+    let act =
+        match kind with
+        | Relu -> ReLU() :> Module<Tensor, Tensor>
+        | Relu6 -> ReLU6() :> Module<Tensor, Tensor>
+    let quant = new ActQuant(bits)
+    do
+        this.register_module("act", act)
+        this.register_module("quant", quant)
+    member _.Quantizer = quant
+    override _.forward(x: Tensor) : Tensor = quant.forward (act.forward x)
+
+/// The module and all its descendants, in registration (network) order.
+let private allModules (m: Module) : Module list =
+    m :: [ for struct (_, c) in m.named_modules () do if not (obj.ReferenceEquals(c, m)) then yield c ]
+
+/// All activation quantizers of a model, in network order.
+let actQuantizers (m: Module) : ActQuant list =
+    allModules m |> List.choose (function :? ActQuant as q -> Some q | _ -> None)
+
+/// Switch every activation quantizer to Calibrating (true) or Frozen (false).
+let setCalibrating (m: Module) (on: bool) : unit =
+    for q in actQuantizers m do
+        q.Mode <- if on then Calibrating else Frozen
+
+/// Forget every activation range (uncalibrated again).
+let resetRanges (m: Module) : unit =
+    for q in actQuantizers m do q.Reset()
+
+/// Layers with fake-quantized weights, with their qualified names, in network order.
+let weightQuantizedLayers (m: Module) : (string * Module) list =
+    [ if (box m) :? IWeightQuantized then yield ("", m)
+      for struct (name, c) in m.named_modules () do
+          if (box c) :? IWeightQuantized && not (obj.ReferenceEquals(c, m)) then yield (name, c) ]
+
+module LayerKit =
+    /// Fake-quantized layers: per-channel `wbits` weights, per-tensor `abits` activations after
+    /// every ReLU/ReLU6. Parameter names match `LayerKit.fullPrecision`.
+    let quantized (wbits: int) (abits: int) : LayerKit =
+        checkBits "weight" wbits
+        checkBits "activation" abits
+        { Conv = fun c -> new QConv2d(c, wbits) :> Module<Tensor, Tensor>
+          Linear = fun i o -> new QLinear(i, o, wbits) :> Module<Tensor, Tensor>
+          Act = fun a -> new QAct(a, abits) :> Module<Tensor, Tensor> }

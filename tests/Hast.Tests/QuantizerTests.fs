@@ -1,5 +1,354 @@
 module Hast.Tests.QuantizerTests
 
+open System
 open Expecto
+open FsCheck
+open FsCheck.FSharp
+open TorchSharp
+open Hast.Core
+open Hast.Core.Quantizers
 
-let tests : Test list = []
+// ---------- generators: small float arrays of varied magnitude and sign, bits 2..8 ----------
+
+type Case = { Values: float32[]; Bits: int }
+
+let private genValues (maxLen: int) : Gen<float32[]> =
+    gen {
+        let! n = Gen.choose (1, maxLen)
+        let! mag = Gen.elements [ 0.01f; 1.0f; 37.5f ]
+        // shifts give all-positive, all-negative and mixed-sign arrays
+        let! offset = Gen.elements [ 0.0f; 0.3f; -0.5f; 2.0f; -3.0f ]
+        let! xs = Gen.arrayOfLength n (Gen.choose (-1000, 1000))
+        return xs |> Array.map (fun i -> (float32 i / 1000.0f + offset) * mag)
+    }
+
+let private genCase =
+    gen {
+        let! v = genValues 300
+        let! b = Gen.choose (2, 8)
+        return { Values = v; Bits = b }
+    }
+
+let private config = { FsCheckConfig.defaultConfig with maxTest = 100 }
+let private prop name (body: Case -> bool) =
+    testPropertyWithConfig config name (Prop.forAll (Arb.fromGen genCase) body)
+
+// ---------- helpers ----------
+
+let private tensor (v: float32[]) = torch.tensor (v)
+let private s0 (v: float32) = torch.tensor (v)
+let private toArray (x: torch.Tensor) : float32[] = x.detach().contiguous().data<float32>().ToArray()
+let private rangeOf (v: float32[]) = Array.min v, Array.max v
+
+/// Reference grid of [lo, hi] (widened to contain 0), computed independently in float64.
+let private refScale (lo: float32) (hi: float32) (bits: int) =
+    max 1e-8 ((float (max hi 0.0f) - float (min lo 0.0f)) / (2.0 ** float bits - 1.0))
+
+/// Fake-quantize values on [lo, hi].
+let private q (v: float32[]) (lo: float32) (hi: float32) (bits: int) : float32[] =
+    use _ = torch.NewDisposeScope()
+    fakeQuant (tensor v) (s0 lo) (s0 hi) bits |> toArray
+
+let private qSelf (c: Case) =
+    let lo, hi = rangeOf c.Values
+    q c.Values lo hi c.Bits
+
+/// Same shape and bit-identical values.
+let private same (a: torch.Tensor) (b: torch.Tensor) =
+    a.shape = b.shape && (use e = a.eq b in use al = e.all () in al.item<bool> ())
+
+let private throwsHast (f: unit -> unit) =
+    try
+        f ()
+        false
+    with HastError _ -> true
+
+// ---------- properties of the fake quantizer ----------
+
+let private propertyTests =
+    [ prop "at most 2^b distinct levels" (fun c ->
+          (qSelf c |> Array.distinct |> Array.length) <= (1 <<< c.Bits))
+
+      prop "outputs lie on the grid (q - zp) * scale with q in [0, 2^b-1]" (fun c ->
+          let lo, hi = rangeOf c.Values
+          let scale = refScale lo hi c.Bits
+          let zp = Math.Round(-(float (min lo 0.0f)) / scale)
+          qSelf c
+          |> Array.forall (fun y ->
+              let k = float y / scale + zp
+              abs (k - Math.Round k) < 1e-3 && Math.Round k >= 0.0 && Math.Round k <= 2.0 ** float c.Bits - 1.0))
+
+      prop "idempotent: Q(Q(x)) = Q(x)" (fun c ->
+          let lo, hi = rangeOf c.Values
+          let once = q c.Values lo hi c.Bits
+          let twice = q once lo hi c.Bits
+          let tol = 1e-4 * refScale lo hi c.Bits
+          Array.forall2 (fun a b -> float (abs (a - b)) <= tol) once twice)
+
+      prop "|Q(x) - x| <= scale/2 inside [lo, hi]" (fun c ->
+          let lo, hi = rangeOf c.Values
+          let scale = refScale lo hi c.Bits
+          let eps = 1e-5 * (1.0 + float (max (abs lo) (abs hi)))
+          Array.forall2 (fun (y: float32) (x: float32) -> abs (float y - float x) <= scale / 2.0 + eps) (qSelf c) c.Values)
+
+      prop "outside [lo, hi] values clamp to the range ends" (fun c ->
+          // range = middle half of the data: values beyond it map to the grid ends
+          let lo, hi = rangeOf c.Values
+          let lo', hi' = lo + (hi - lo) / 4.0f, hi - (hi - lo) / 4.0f
+          let ys = q c.Values lo' hi' c.Bits
+          let top, bottom = Array.max ys, Array.min ys
+          let scale = refScale lo' hi' c.Bits
+          Array.forall2
+              (fun (y: float32) (x: float32) ->
+                  if x > max hi' 0.0f then y = top elif x < min lo' 0.0f then y = bottom else true)
+              ys c.Values
+          && float top <= float (max hi' 0.0f) + scale
+          && float bottom >= float (min lo' 0.0f) - scale)
+
+      prop "0 is exactly representable (maps to exactly 0)" (fun c ->
+          let v = Array.append c.Values [| 0.0f |]
+          let lo, hi = rangeOf c.Values // range from the data only (may be all positive or all negative)
+          let y = q v lo hi c.Bits
+          y[y.Length - 1] = 0.0f)
+
+      prop "straight-through gradient: d sum(Q(x)) / dx = 1 everywhere, also outside the range" (fun c ->
+          use _ = torch.NewDisposeScope()
+          let lo, hi = rangeOf c.Values
+          let x = (tensor c.Values).requires_grad_(true)
+          let y = fakeQuant x (s0 (lo / 2.0f)) (s0 (hi / 2.0f)) c.Bits
+          y.sum().backward ()
+          toArray x.grad |> Array.forall (fun g -> g = 1.0f))
+
+      prop "bits = 32 is the identity" (fun c ->
+          use _ = torch.NewDisposeScope()
+          let lo, hi = rangeOf c.Values
+          let x = tensor c.Values
+          let y = fakeQuant x (s0 (lo / 2.0f)) (s0 (hi / 2.0f)) 32
+          let w = weightFakeQuant (x.view(1L, -1L)) 32
+          toArray y = c.Values && toArray w = c.Values)
+
+      testPropertyWithConfig config "per-channel weight ranges are independent"
+      <| Prop.forAll
+          (Arb.fromGen (
+              gen {
+                  let! ch = Gen.choose (2, 5)
+                  let! len = Gen.choose (1, 12)
+                  let! v = Gen.arrayOfLength (ch * 2 * len) (Gen.choose (-1000, 1000))
+                  let! k = Gen.choose (0, ch - 1)
+                  let! scaleK = Gen.elements [ 0.001f; 3.0f; 100.0f ]
+                  let! bits = Gen.choose (2, 8)
+                  return ch, len, v, k, scaleK, bits
+              }))
+          (fun (ch, len, v, k, scaleK, bits) ->
+              use _ = torch.NewDisposeScope()
+              let w = torch.tensor(v |> Array.map (fun i -> float32 i / 100.0f)).view(int64 ch, 2L, int64 len)
+              let w2 = w.clone ()
+              w2[int64 k].mul_((float scaleK).ToScalar()).add_((1.0).ToScalar()) |> ignore
+              let a = weightFakeQuant w bits
+              let b = weightFakeQuant w2 bits
+              [ 0 .. ch - 1 ]
+              |> List.forall (fun j ->
+                  let row = w[int64 j]
+                  // channel j is quantized with its own range only ...
+                  let own = fakeQuant row (row.min ()) (row.max ()) bits
+                  let ownOk = toArray a[int64 j] = toArray own
+                  // ... so changing channel k leaves every other channel unchanged
+                  ownOk && (j = k || toArray a[int64 j] = toArray b[int64 j]))) ]
+
+// ---------- activation quantizer ----------
+
+let private genBatches =
+    gen {
+        let! a = genValues 50
+        let! b = genValues 50
+        let! bits = Gen.choose (2, 8)
+        return a, b, bits
+    }
+
+let private actTests =
+    [ testPropertyWithConfig config "ActQuant EMA: after one batch the range is that batch's min/max exactly"
+      <| Prop.forAll (Arb.fromGen genBatches) (fun (a, _, bits) ->
+          use aq = new ActQuant(bits)
+          aq.Mode <- Calibrating
+          (use _ = torch.NewDisposeScope() in aq.forward (tensor a) |> ignore)
+          let lo, hi = rangeOf a
+          aq.Range = (float lo, float hi) && aq.Steps = 1L)
+
+      testPropertyWithConfig config "ActQuant EMA: two batches give the bias-corrected average (m a1 + a2)/(1 + m)"
+      <| Prop.forAll (Arb.fromGen genBatches) (fun (a, b, bits) ->
+          use aq = new ActQuant(bits, 0.9)
+          aq.Mode <- Calibrating
+          (use _ = torch.NewDisposeScope()
+           aq.forward (tensor a) |> ignore
+           aq.forward (tensor b) |> ignore)
+          let (la, ha), (lb, hb) = rangeOf a, rangeOf b
+          let expect x1 x2 = (0.9 * float x1 + float x2) / 1.9
+          let lo, hi = aq.Range
+          let close x y = abs (x - y) <= 1e-5 * (1.0 + abs y)
+          close lo (expect la lb) && close hi (expect ha hb) && aq.Steps = 2L)
+
+      testPropertyWithConfig config "ActQuant frozen: range does not move and output uses the frozen range"
+      <| Prop.forAll (Arb.fromGen genBatches) (fun (a, b, bits) ->
+          use aq = new ActQuant(bits)
+          aq.Mode <- Calibrating
+          (use _ = torch.NewDisposeScope() in aq.forward (tensor a) |> ignore)
+          aq.Mode <- Frozen
+          let before = aq.Range
+          let b' = b |> Array.map (fun x -> 3.0f * x + 1.0f)
+          let y = (use _ = torch.NewDisposeScope() in aq.forward (tensor b') |> toArray)
+          let lo, hi = before
+          aq.Range = before && aq.Steps = 1L && y = q b' (float32 lo) (float32 hi) bits)
+
+      testCase "ActQuant used frozen before calibration fails with a HastError" <| fun () ->
+          use aq = new ActQuant(8)
+          Expect.isTrue (throwsHast (fun () -> aq.forward (torch.ones (3L)) |> ignore)) "uncalibrated use must fail"
+          // ... but a 32-bit (off) quantizer is the identity and needs no calibration
+          use off = new ActQuant(32)
+          let x = torch.tensor ([| -1.5f; 0.25f; 7.0f |])
+          Expect.equal (toArray (off.forward x)) (toArray x) "32-bit activation quantizer is the identity"
+
+      testCase "invalid bit widths fail with a HastError" <| fun () ->
+          for b in [ 0; -1; 17; 31; 33 ] do
+              Expect.isTrue (throwsHast (fun () -> checkBits "weight" b)) (sprintf "bits %d must be rejected" b)
+              Expect.isTrue (throwsHast (fun () -> LayerKit.quantized b 8 |> ignore)) (sprintf "kit with wbits %d" b)
+          for b in [ 1; 2; 8; 16; 32 ] do
+              checkBits "activation" b
+
+      testCase "QAct = ReLU then quantizer; ReLU6 clips at 6" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          let m = LayerKit.quantized 8 4
+          let a = m.Act Relu6
+          setCalibrating a true
+          let x = torch.tensor ([| -2.0f; 0.0f; 1.0f; 9.0f |])
+          let y = toArray (a.forward x)
+          Expect.equal (y[0], y[1]) (0.0f, 0.0f) "negatives -> exactly 0"
+          Expect.equal y[3] 6.0f "ReLU6 clips before quantizing; max of range is exact"
+          Expect.equal ((actQuantizers a).Head.Range) (0.0, 6.0) "range of the ReLU6 output"
+          setCalibrating a false
+          let z = toArray (a.forward (torch.randn (1000L) * 4.0))
+          Expect.isLessThanOrEqual (Array.distinct z).Length 16 "4-bit activations: at most 16 levels"
+          Expect.isTrue (z |> Array.forall (fun v -> v >= 0.0f && v <= 6.0f)) "inside the frozen range" ]
+
+// ---------- layers and the quantize stage ----------
+
+let private keys (m: torch.nn.Module) = m.state_dict().Keys |> Set.ofSeq
+
+let private snapshot (m: torch.nn.Module) =
+    m.state_dict () |> Seq.map (fun kv -> kv.Key, kv.Value.detach().clone ()) |> List.ofSeq
+
+let private unchanged (m: torch.nn.Module) (snap: (string * torch.Tensor) list) =
+    let d = m.state_dict ()
+    snap |> List.forall (fun (k, v) -> same d[k] v)
+
+/// Top-1 accuracy (%) of a model on (images, labels), in batches.
+let private accuracy (m: Net) (x: torch.Tensor, y: torch.Tensor) =
+    m.eval ()
+    use _ = torch.no_grad ()
+    let n = x.shape[0]
+    let correct =
+        [ for s in 0L .. 200L .. n - 1L ->
+              use _ = torch.NewDisposeScope()
+              let e = min n (s + 200L)
+              let pred = m.forward(x[torch.TensorIndex.Slice(s, e)]).argmax (1L)
+              pred.eq(y[torch.TensorIndex.Slice(s, e)]).sum().item<int64> () ]
+        |> List.sum
+    100.0 * float correct / float n
+
+let private layerTests =
+    [ testCase "QConv2d/QLinear at 32 bits match torch Conv2d/Linear with the same state_dict" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          torch.manual_seed 1L |> ignore
+          let spec = { InChannels = 4L; OutChannels = 6L; Kernel = 3L; Stride = 2L; Padding = 1L; Groups = 2L; Bias = true }
+          let fp = LayerKit.fullPrecision.Conv spec
+          let qc = (LayerKit.quantized 32 32).Conv spec
+          Expect.equal (keys qc) (keys fp) "conv parameter names"
+          Quantize.copyWeights fp qc
+          let x = torch.randn (2L, 4L, 9L, 9L)
+          Expect.isTrue (same (qc.forward x) (fp.forward x)) "conv forward"
+          let fl = LayerKit.fullPrecision.Linear 5L 3L
+          let ql = (LayerKit.quantized 32 32).Linear 5L 3L
+          Expect.equal (keys ql) (keys fl) "linear parameter names"
+          Quantize.copyWeights fl ql
+          let v = torch.randn (4L, 5L)
+          Expect.isTrue (same (ql.forward v) (fl.forward v)) "linear forward"
+          // with 4 bits the weight actually used is the per-channel fake-quantized one
+          let q4 = (LayerKit.quantized 4 32).Conv spec
+          Quantize.copyWeights fp q4
+          let w = fp.get_parameter "weight"
+          let expected =
+              torch.nn.functional.conv2d (x, weightFakeQuant w 4, fp.get_parameter "bias", strides = [| 2L; 2L |],
+                                          padding = [| 1L; 1L |], groups = 2L)
+          Expect.isTrue (torch.allclose (q4.forward x, expected)) "4-bit conv uses the fake-quantized weight"
+          Expect.isFalse (torch.allclose (q4.forward x, fp.forward x)) "4-bit conv differs from FP"
+          Expect.equal (weightQuantizedLayers q4 |> List.length) 1 "QConv2d is a weight-quantized layer"
+
+      testCase "quantized resnet20-a: FP names + quantizer state; W32A32 reproduces FP logits" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          torch.manual_seed 2L |> ignore
+          let arch = Models.Registry.find "cifar-resnet20-a"
+          let fp = arch.Build 10L LayerKit.fullPrecision
+          fp.eval ()
+          let q32 = Quantize.quantize arch 10L fp 32 32
+          let qk = keys q32
+          let extra = Set.difference qk (keys fp)
+          Expect.equal (Set.difference (keys fp) qk) Set.empty "every FP name is in the quantized model"
+          Expect.isTrue (extra |> Set.forall (fun k -> k.EndsWith ".quant.act_min" || k.EndsWith ".quant.act_max" || k.EndsWith ".quant.ema_steps"))
+              "extra names are quantizer state only"
+          Expect.equal (actQuantizers q32 |> List.length) 19 "one activation quantizer per ReLU (1 + 3*3*2)"
+          Expect.equal extra.Count (3 * 19) "3 buffers per quantizer"
+          Expect.equal (weightQuantizedLayers q32 |> List.length) 20 "19 convs + 1 linear"
+          let x = torch.randn (4L, 3L, 32L, 32L)
+          use _ = torch.no_grad ()
+          Expect.isTrue (same (q32.forward x) (fp.forward x)) "W32A32 = FP"
+
+      testCase "quantize copies values (no sharing); calibrate needs batches and leaves weights alone" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          let arch = Models.Registry.find "cifar-resnet20-a"
+          let fp = arch.Build 10L LayerKit.fullPrecision
+          let snap = snapshot fp
+          let q = Quantize.quantize arch 10L fp 4 4
+          Expect.isTrue (throwsHast (fun () -> q.forward (torch.randn (1L, 3L, 32L, 32L)) |> ignore)) "uncalibrated use fails"
+          Expect.isTrue (throwsHast (fun () -> Quantize.calibrate torch.CPU q Seq.empty)) "no calibration batches fails"
+          let qSnap = snapshot q
+          Quantize.calibrate torch.CPU q [ torch.randn (8L, 3L, 32L, 32L) ]
+          let weightsOnly = qSnap |> List.filter (fun (k, _) -> not (k.Contains ".quant."))
+          Expect.isTrue (unchanged q weightsOnly) "calibration changes only quantizer state"
+          Expect.isTrue (actQuantizers q |> List.forall (fun a -> a.Steps = 1L && a.Mode = Frozen)) "calibrated and frozen"
+          (use _ = torch.no_grad () in (q.get_parameter "conv1.weight").add_((1.0).ToScalar()) |> ignore)
+          Expect.isTrue (unchanged fp snap) "FP model untouched by quantize/calibrate/edits of the copy"
+          let other = (Models.Registry.find "cifar-resnet20").Build 10L LayerKit.fullPrecision
+          Expect.isTrue (throwsHast (fun () -> Quantize.quantize arch 10L other 8 8 |> ignore)) "wrong architecture fails" ]
+
+/// The shared model, its test images, and two small calibration batches (the first 64 test images).
+let private sharedSetup () =
+    let fp = TestUtil.loadSharedModel ()
+    let x, y = TestUtil.loadSharedTest ()
+    let calib = [ for s in 0L .. 32L .. 63L -> x[torch.TensorIndex.Slice(s, s + 32L)] ]
+    fp, (x, y), calib
+
+let private quantizedShared (fp: Net) calib (wbits: int) (abits: int) =
+    let q = Quantize.quantize (Models.Registry.find "cifar-resnet20-a") 10L fp wbits abits
+    Quantize.calibrate torch.CPU q calib
+    q
+
+let private sharedTests =
+    [ testCase "shared resnet20-a: W8A8 within 2 points of FP; FP weights untouched" <| fun () ->
+          let fp, (x, y), calib = sharedSetup ()
+          let snap = snapshot fp
+          let accFp = accuracy fp (x, y)
+          let acc8 = accuracy (quantizedShared fp calib 8 8) (x, y)
+          printfn "shared resnet20-a top-1 on %d test images: FP %.2f%%, W8A8 %.2f%% (calibration on 64 images)"
+              x.shape[0] accFp acc8
+          Expect.isGreaterThan accFp 85.0 "FP model loads and evaluates"
+          Expect.isGreaterThanOrEqual acc8 (accFp - 2.0) "W8A8 close to FP"
+          Expect.isTrue (unchanged fp snap) "FP weights unchanged after quantize + calibrate"
+
+      testCase "shared resnet20-a: W4A4 (calibration only) clearly above chance" <| fun () ->
+          let fp, (x, y), calib = sharedSetup ()
+          // a 300-image prefix is plenty to tell 10% (chance) from a working model
+          let sub = x[torch.TensorIndex.Slice(0L, 300L)], y[torch.TensorIndex.Slice(0L, 300L)]
+          let acc4 = accuracy (quantizedShared fp calib 4 4) sub
+          printfn "shared resnet20-a top-1 on the first 300 test images: W4A4 %.2f%% (calibration only)" acc4
+          Expect.isGreaterThan acc4 30.0 "W4A4 clearly above chance (10%)" ]
+
+let tests : Test list = propertyTests @ actTests @ layerTests @ sharedTests
