@@ -1,4 +1,134 @@
-/// TODO: placeholder, filled by its stage owner.
+/// Differentiable, vectorised image augmentation on (N, C, H, W) batches: random-resized-crop
+/// (torchvision's RandomResizedCrop sampling) followed by a random horizontal flip.
+///
+/// Two forms:
+///  - `sharedCrop`: one crop box and one flip decision for the whole batch (slice + bilinear resize);
+///  - `perSampleCrop`: an independent crop and flip per sample, via one `affine_grid` + `grid_sample`.
+/// All randomness comes from the explicit `torch.Generator` (drawn on the CPU, then moved to the
+/// batch's device), so a result is reproducible from the generator's seed on any device.
+/// Both forms are differentiable with respect to the input (synthesis optimises pixels through them).
 module Hast.Core.Augment
 
-let private placeholder = ()
+open System
+open TorchSharp
+open type TorchSharp.torch.nn.functional
+
+/// Random-resized-crop + flip parameters.
+type CropSpec =
+    { /// range of the crop's area as a fraction of the image area
+      Scale: float * float
+      /// range of the crop's aspect ratio (width / height), sampled log-uniformly
+      Ratio: float * float
+      /// probability of a horizontal flip
+      FlipProbability: float }
+
+module CropSpec =
+    let private ratio = (3.0 / 4.0, 4.0 / 3.0)
+    /// The authors' synthesis setting (`RandomResizedCrop(scale=(0.4, 1))` + `RandomHorizontalFlip`).
+    let synthesis = { Scale = (0.4, 1.0); Ratio = ratio; FlipProbability = 0.5 }
+    /// Fine-tuning setting: scale 0.5 - 1.
+    let fineTune = { Scale = (0.5, 1.0); Ratio = ratio; FlipProbability = 0.5 }
+
+    let validate (s: CropSpec) =
+        let lo, hi = s.Scale
+        if not (lo > 0.0 && lo <= hi && hi <= 1.0) then
+            failf "crop scale range must satisfy 0 < min <= max <= 1 (got %g..%g)" lo hi
+        let rlo, rhi = s.Ratio
+        if not (rlo > 0.0 && rlo <= rhi && not (Double.IsInfinity rhi)) then
+            failf "crop aspect-ratio range must satisfy 0 < min <= max (got %g..%g)" rlo rhi
+        if not (s.FlipProbability >= 0.0 && s.FlipProbability <= 1.0) then
+            failf "flip probability must be in [0, 1] (got %g)" s.FlipProbability
+
+/// A crop box in pixels.
+type CropBox = { Top: int64; Left: int64; Height: int64; Width: int64 }
+
+/// One uniform draw in [0, 1) from the generator.
+let uniform (g: torch.Generator) : float =
+    use u = torch.rand(1L, dtype = torch.float64, generator = g)
+    u.item<float> ()
+
+/// One integer draw in [lo, hi) from the generator.
+let private randint (g: torch.Generator) (lo: int64) (hi: int64) : int64 =
+    use r = torch.randint(lo, hi, [| 1L |], generator = g)
+    r.item<int64> ()
+
+/// torchvision's RandomResizedCrop.get_params: up to 10 tries of (area, log-uniform ratio),
+/// then a centre crop with the ratio clamped into range.
+let sampleBox (g: torch.Generator) (spec: CropSpec) (height: int64) (width: int64) : CropBox =
+    let area = float (height * width)
+    let slo, shi = spec.Scale
+    let logLo, logHi = log (fst spec.Ratio), log (snd spec.Ratio)
+    let rec attempt k =
+        if k = 0 then
+            let inRatio = float width / float height
+            let w, h =
+                if inRatio < fst spec.Ratio then width, int64 (round (float width / fst spec.Ratio))
+                elif inRatio > snd spec.Ratio then int64 (round (float height * snd spec.Ratio)), height
+                else width, height
+            { Top = (height - h) / 2L; Left = (width - w) / 2L; Height = h; Width = w }
+        else
+            let target = area * (slo + (shi - slo) * uniform g)
+            let ar = exp (logLo + (logHi - logLo) * uniform g)
+            let w = int64 (round (sqrt (target * ar)))
+            let h = int64 (round (sqrt (target / ar)))
+            if 0L < w && w <= width && 0L < h && h <= height then
+                let top = randint g 0L (height - h + 1L)
+                let left = randint g 0L (width - w + 1L)
+                { Top = top; Left = left; Height = h; Width = w }
+            else attempt (k - 1)
+    attempt 10
+
+let private checkBatch (x: Tensor) =
+    if x.dim () <> 4L then failf "augmentation expects an image batch (N, C, H, W), got %d dimensions" (x.dim ())
+
+/// Crop `box` out of every image and resize back to the input size (bilinear), optionally flipped.
+let cropResize (box: CropBox) (flip: bool) (x: Tensor) : Tensor =
+    checkBatch x
+    let h, w = x.shape[2], x.shape[3]
+    let crop = x.narrow(2L, box.Top, box.Height).narrow(3L, box.Left, box.Width)
+    let resized =
+        if box.Height = h && box.Width = w then crop
+        else interpolate(crop, size = [| h; w |], mode = torch.InterpolationMode.Bilinear, align_corners = false)
+    if flip then resized.flip([| 3L |]) else resized
+
+/// Same random-resized-crop and flip for the whole batch. Output has the input's shape.
+let sharedCrop (g: torch.Generator) (spec: CropSpec) (x: Tensor) : Tensor =
+    CropSpec.validate spec
+    checkBatch x
+    let box = sampleBox g spec x.shape[2] x.shape[3]
+    let flip = uniform g < spec.FlipProbability
+    cropResize box flip x
+
+/// An independent random-resized-crop and flip per sample (vectorised: one affine grid sample).
+/// Crop sides are clamped to the image, so boxes never leave it. Output has the input's shape.
+let perSampleCrop (g: torch.Generator) (spec: CropSpec) (x: Tensor) : Tensor =
+    CropSpec.validate spec
+    checkBatch x
+    use _ = torch.NewDisposeScope()
+    let n = x.shape[0]
+    let u = torch.rand([| n; 5L |], dtype = torch.float64, generator = g)
+    let col (i: int64) = u.select(1L, i)
+    let slo, shi = spec.Scale
+    let logLo, logHi = log (fst spec.Ratio), log (snd spec.Ratio)
+    let area = col 0L * (shi - slo) + slo
+    let ratio = (col 1L * (logHi - logLo) + logLo).exp()
+    // crop w/h (pixels) = ratio and w*h = area*W*H, so the side fractions are
+    // w/W = sqrt(area * ratio * H/W) and h/H = sqrt(area / ratio * W/H);
+    // half-extents in normalised [-1, 1] coordinates equal these fractions
+    let ar = ratio * (float x.shape[2] / float x.shape[3])
+    let sw = (area * ar).sqrt().clamp_max(1.0)
+    let sh = (area / ar).sqrt().clamp_max(1.0)
+    let cx = (col 2L * 2.0 - 1.0) * (1.0 - sw)
+    let cy = (col 3L * 2.0 - 1.0) * (1.0 - sh)
+    let sign = torch.where((col 4L).lt(torch.tensor(spec.FlipProbability, dtype = torch.float64)), torch.tensor(-1.0, dtype = torch.float64), torch.tensor(1.0, dtype = torch.float64))
+    let zero = torch.zeros_like sw
+    let theta =
+        torch.stack([| sw * sign; zero; cx; zero; sh; cy |], 1L)
+            .view(n, 2L, 3L)
+            .to_type(x.dtype)
+            .``to``(x.device)
+    let grid = affine_grid(theta, [| n; x.shape[1]; x.shape[2]; x.shape[3] |], align_corners = false)
+    let out =
+        grid_sample(x, grid, mode = torch.GridSampleMode.Bilinear, padding_mode = torch.GridSamplePaddingMode.Border,
+                    align_corners = false)
+    out.MoveToOuterDisposeScope()

@@ -1,4 +1,88 @@
-/// TODO: placeholder, filled by its stage owner.
+/// The HAST losses as pure tensor functions (differentiable unless stated otherwise).
+///
+/// Synthesis (HAST Eq. 8):  L = bnsLoss + beta * difficultyWeightedCE gamma.
 module Hast.Core.Losses
 
-let private placeholder = ()
+open TorchSharp
+open type TorchSharp.torch.nn.functional
+
+// ---------------------------------------------------------------------------------------------
+// Synthesis losses
+// ---------------------------------------------------------------------------------------------
+
+/// Floor applied to the difficulty 1 - p before raising it to gamma. For 0 < gamma < 1 the
+/// derivative of d^gamma is infinite at d = 0 (a sample the teacher is certain about, which happens
+/// in float32), which would turn the zero gradient of such a sample into NaN. The floor changes the
+/// loss by at most eps^gamma * CE with CE ~ 1 - p < eps there, i.e. by nothing measurable.
+let private difficultyFloor = 1e-12
+
+/// Per-channel batch mean and biased variance of a BatchNorm input (N, C, H, W).
+let batchStats (x: Tensor) : Tensor * Tensor =
+    let dims = [| 0L; 2L; 3L |]
+    x.mean(dims), x.var(dims, false, false)
+
+/// BN-statistics loss: mean over BatchNorm layers of
+///   MSE(batch mean, running_mean) + MSE(biased batch variance, running_var),
+/// each MSE averaged over channels (as in the authors' code and ZeroQ/GENIE).
+/// The running statistics are constants (never differentiated).
+let bnsLoss (taps: BnTap list) : Tensor =
+    if List.isEmpty taps then
+        fail "the BN-statistics loss needs a teacher with BatchNorm2d layers, but the forward pass recorded none; use a model with BatchNorm"
+    let term (t: BnTap) =
+        let rm, rv = t.Layer.running_mean, t.Layer.running_var
+        if isNull rm || isNull rv then
+            fail "a BatchNorm layer of the teacher has no running statistics (track_running_stats = false); synthesis needs a teacher trained with running BN statistics"
+        let mu, var = batchStats t.Input
+        mse_loss(mu, rm.detach()) + mse_loss(var, rv.detach())
+    let total = taps |> List.map term |> List.reduce (+)
+    total / float (List.length taps)
+
+/// log p_i of each sample's target class (N), from log_softmax for numerical stability.
+let private targetLogProb (logits: Tensor) (targets: Tensor) : Tensor =
+    let logp = log_softmax(logits, 1L)
+    logp.gather(1L, targets.unsqueeze(1L)).squeeze(1L)
+
+/// The focal-style weight d^gamma of a difficulty d = 1 - p (gamma >= 0). gamma = 0 gives exactly 1.
+let weightOfDifficulty (gamma: float) (d: Tensor) : Tensor =
+    requireNonNegative "gamma" gamma
+    if gamma = 0.0 then torch.ones_like d
+    else d.clamp_min(difficultyFloor).pow(torch.tensor(gamma, dtype = d.dtype, device = d.device))
+
+/// The hard-sample weight (1 - p)^gamma as a function of the target probability p.
+let hardnessWeight (gamma: float) (p: Tensor) : Tensor =
+    use d = 1.0 - p
+    weightOfDifficulty gamma d
+
+/// HAST's hard-sample cross entropy: mean_i[(1 - p_i)^gamma * CE_i], p_i = softmax(logits_i)[target_i].
+/// gamma = 0 is exactly the plain (mean) cross entropy.
+///
+/// The weight is NOT detached: the gradient also flows through (1 - p)^gamma, as in the authors'
+/// code (`p = softmax(output)[mask]; beta * ((1-p).pow(gamma) * CE).mean()`, no `detach`).
+/// 1 - p is computed as -expm1(log p), which stays accurate when p is close to 1.
+let difficultyWeightedCE (gamma: float) (logits: Tensor) (targets: Tensor) : Tensor =
+    requireNonNegative "gamma" gamma
+    let lp = targetLogProb logits targets
+    let ce = -lp
+    if gamma = 0.0 then ce.mean()
+    else
+        let d = -(lp.expm1 ())
+        (weightOfDifficulty gamma d * ce).mean()
+
+/// Per-sample difficulty 1 - p_i (N), a measurement: detached, no gradient.
+let difficulty (logits: Tensor) (targets: Tensor) : Tensor =
+    use _ = torch.no_grad ()
+    use lp = targetLogProb (logits.detach ()) targets
+    (-(lp.expm1 ())).detach ()
+
+/// Fraction of samples whose argmax equals the target (a measurement).
+let accuracy (logits: Tensor) (targets: Tensor) : float =
+    use _ = torch.no_grad ()
+    use pred = logits.argmax(1L)
+    use eq = pred.eq(targets)
+    use f = eq.to_type(torch.float64)
+    use m = f.mean()
+    m.item<float> ()
+
+// ---------------------------------------------------------------------------------------------
+// Fine-tuning losses (KL distillation, attention / feature alignment) — added by the fine-tune stage.
+// ---------------------------------------------------------------------------------------------

@@ -1,4 +1,256 @@
-/// TODO: placeholder, filled by its stage owner.
+/// Hard-sample synthesis (HAST Eq. 8): optimise N(0,1) images, in the teacher's normalised input
+/// space, so that their BatchNorm statistics match the teacher's running statistics and the teacher
+/// classifies them as random target labels, with the cross entropy weighted towards hard samples:
+///
+///   L = (1/|BN|) sum_l [MSE(mu_l(x), running_mean_l) + MSE(var_l(x), running_var_l)]
+///       + beta * mean_i[(1 - p_i)^gamma * CE_i]
+///
+/// Adam on the pixels, reduce-on-plateau on the total loss, K iterations per batch (authors' code:
+/// Adam lr 0.5, `ReduceLROnPlateau(patience=50, min_lr=1e-4)` with PyTorch's default factor 0.1).
+///
+/// The stage works one batch at a time. A batch's randomness (noise, labels, augmentation) comes only
+/// from `batchSeed cfg batchIndex`, so any batch can be (re)computed on its own: the shell drives
+/// `plan cfg` batch by batch, stores each `BatchResult`, and resumes at the first missing batch.
 module Hast.Core.Synthesis
 
-let private placeholder = ()
+open System
+open TorchSharp
+open Hast.Core.Models.Registry
+open Hast.Core.Augment
+
+/// How the batch is augmented before each teacher forward.
+type Augmentation =
+    | NoAugmentation
+    /// one random-resized-crop + flip for the whole batch
+    | SharedCrop of CropSpec
+    /// an independent random-resized-crop + flip per sample (what the authors' code does: it calls
+    /// torchvision's RandomResizedCrop/RandomHorizontalFlip on each sample separately)
+    | PerSampleCrop of CropSpec
+
+type Config =
+    { /// total number of samples to synthesise (the authors use 5120)
+      Samples: int
+      BatchSize: int
+      /// optimisation steps per batch (K)
+      Iterations: int
+      /// weight of the hard-sample cross entropy
+      Beta: float
+      /// focusing exponent of the weight (1 - p)^gamma; 0 = plain cross entropy
+      Gamma: float
+      /// Adam learning rate on the pixels
+      Lr: float
+      /// reduce-on-plateau: iterations without relative improvement > 1e-4 before reducing
+      Patience: int
+      /// reduce-on-plateau: multiplicative factor
+      Factor: float
+      /// reduce-on-plateau: floor of the learning rate
+      MinLr: float
+      Augment: Augmentation
+      /// probability, per iteration, that the batch is augmented (authors: 0.5)
+      AugmentProbability: float
+      Seed: int64 }
+
+/// The authors' settings for a model family.
+let defaultsFor (family: Family) : Config =
+    let common =
+        { Samples = 5120
+          BatchSize = 256
+          Iterations = 1000
+          Beta = 10.0
+          Gamma = 2.0
+          Lr = 0.5
+          Patience = 50
+          Factor = 0.1
+          MinLr = 1e-4
+          Augment = NoAugmentation
+          AugmentProbability = 0.5
+          Seed = 0L }
+    match family with
+    | Cifar -> common
+    | ImageNet -> { common with Beta = 0.1; Gamma = 0.5; Augment = PerSampleCrop CropSpec.synthesis }
+
+/// Fail with one line naming the first invalid setting.
+let validate (cfg: Config) : unit =
+    if cfg.Samples <= 0 then failf "the number of samples must be positive (got %d)" cfg.Samples
+    if cfg.BatchSize <= 0 then failf "the synthesis batch size must be positive (got %d)" cfg.BatchSize
+    if cfg.Iterations <= 0 then failf "the number of synthesis iterations must be positive (got %d)" cfg.Iterations
+    if cfg.Patience < 0 then failf "the plateau patience must be >= 0 (got %d)" cfg.Patience
+    requireNonNegative "beta" cfg.Beta
+    requireNonNegative "gamma" cfg.Gamma
+    requirePositive "the synthesis learning rate" cfg.Lr
+    requirePositive "the minimum learning rate" cfg.MinLr
+    if not (cfg.Factor > 0.0 && cfg.Factor < 1.0) then failf "the plateau factor must be in (0, 1) (got %g)" cfg.Factor
+    if not (cfg.AugmentProbability >= 0.0 && cfg.AugmentProbability <= 1.0) then
+        failf "the augmentation probability must be in [0, 1] (got %g)" cfg.AugmentProbability
+    match cfg.Augment with
+    | NoAugmentation -> ()
+    | SharedCrop s | PerSampleCrop s -> CropSpec.validate s
+
+/// Number of batches covering `cfg.Samples`.
+let batchCount (cfg: Config) : int = (cfg.Samples + cfg.BatchSize - 1) / cfg.BatchSize
+
+/// The batches of a run as (batchIndex, count); the last one may be smaller.
+let plan (cfg: Config) : (int * int) list =
+    validate cfg
+    [ for b in 0 .. batchCount cfg - 1 -> b, min cfg.BatchSize (cfg.Samples - b * cfg.BatchSize) ]
+
+/// The seed all of batch `batchIndex`'s randomness comes from.
+let batchSeed (cfg: Config) (batchIndex: int) : int64 = deriveSeed cfg.Seed [ int64 batchIndex ]
+
+/// Loss values of one teacher forward.
+type LossValues =
+    { /// BN-statistics term
+      Bns: float
+      /// hard-sample cross entropy mean((1 - p)^gamma * CE), before the factor beta
+      Ce: float
+      /// Bns + beta * Ce
+      Total: float
+      /// fraction of samples the teacher assigns to their target label
+      Accuracy: float }
+
+/// Progress of one iteration (reported after the optimiser step).
+type IterInfo =
+    { Batch: int
+      /// 1-based
+      Iteration: int
+      Iterations: int
+      /// losses of this iteration's forward (on the augmented batch when augmentation applied)
+      Loss: LossValues
+      /// learning rate used by this iteration's step
+      Lr: float
+      Augmented: bool }
+
+/// One synthesised batch. Owns its tensors: dispose it (or take the tensors out) when done.
+type BatchResult =
+    { Index: int
+      /// (count, 3, S, S) float32 on the CPU, detached, in the teacher's normalised input space
+      Images: Tensor
+      /// (count) int64 on the CPU
+      Labels: Tensor
+      /// (count) float32 on the CPU: 1 - p of each sample's label, from a final teacher forward
+      /// on the un-augmented images
+      Difficulty: Tensor
+      /// losses of that final forward
+      Final: LossValues }
+    interface IDisposable with
+        member r.Dispose() =
+            r.Images.Dispose()
+            r.Labels.Dispose()
+            r.Difficulty.Dispose()
+
+/// PyTorch's ReduceLROnPlateau (mode min, relative threshold 1e-4, no cooldown), as a value.
+type Plateau = { Lr: float; Best: float; Bad: int }
+
+module Plateau =
+    let private threshold = 1e-4
+    let private eps = 1e-8
+
+    let start (lr: float) = { Lr = lr; Best = Double.PositiveInfinity; Bad = 0 }
+
+    /// Feed one metric value; gives the state (and learning rate) for the next step.
+    let step (cfg: Config) (metric: float) (s: Plateau) : Plateau =
+        let s = if metric < s.Best * (1.0 - threshold) then { s with Best = metric; Bad = 0 } else { s with Bad = s.Bad + 1 }
+        if s.Bad > cfg.Patience then
+            let lr = max (s.Lr * cfg.Factor) cfg.MinLr
+            { s with Lr = (if s.Lr - lr > eps then lr else s.Lr); Bad = 0 }
+        else s
+
+/// Number of classes of the teacher (width of its logits), from a forward of one zero image.
+let private classesOf (device: torch.Device) (teacher: Net) (side: int) : int64 =
+    use _ = torch.NewDisposeScope()
+    use _ng = torch.no_grad ()
+    let logits = teacher.forward (torch.zeros([| 1L; 3L; int64 side; int64 side |], device = device))
+    if logits.dim () <> 2L then failf "the teacher must output (batch, classes) logits, got %d dimensions" (logits.dim ())
+    logits.shape[1]
+
+/// Run `f` with the teacher frozen: eval mode and requires_grad = false on all its parameters.
+/// The previous flags are restored afterwards, also when `f` fails.
+let private withFrozen (teacher: Net) (f: unit -> 'a) : 'a =
+    let wasTraining = teacher.training
+    let ps = teacher.parameters () |> Seq.toArray
+    let flags = ps |> Array.map (fun p -> p.requires_grad)
+    try
+        teacher.eval ()
+        for p in ps do p.requires_grad <- false
+        f ()
+    finally
+        Array.iter2 (fun (p: Modules.Parameter) flag -> p.requires_grad <- flag) ps flags
+        teacher.train wasTraining
+
+/// Loss tensors of one forward: (bns, ce, total).
+let private losses (cfg: Config) (out: Outputs) (labels: Tensor) =
+    let bns = Losses.bnsLoss out.Bn
+    let ce = Losses.difficultyWeightedCE cfg.Gamma out.Logits labels
+    bns, ce, bns + ce * cfg.Beta
+
+let private values cfg (out: Outputs) labels : LossValues =
+    let bns, ce, total = losses cfg out labels
+    { Bns = scalar bns; Ce = scalar ce; Total = scalar total; Accuracy = Losses.accuracy out.Logits labels }
+
+/// Synthesise batch `batchIndex` of `count` images of side `side` (the model's input size,
+/// `Preprocess.Size`). The teacher must already live on `device`; it is left unchanged.
+/// `onIter` is called after every iteration (progress, metrics; it may throw to cancel).
+/// Fails (HastError) if the loss becomes NaN/Inf, naming batch and iteration.
+let synthesizeBatch
+    (device: torch.Device)
+    (teacher: Net)
+    (cfg: Config)
+    (side: int)
+    (batchIndex: int)
+    (count: int)
+    (onIter: IterInfo -> unit)
+    : BatchResult =
+    validate cfg
+    if count <= 0 then failf "a synthesis batch needs a positive number of samples (got %d)" count
+    if side <= 0 then failf "the image side must be positive (got %d)" side
+    if batchIndex < 0 then failf "the batch index must be >= 0 (got %d)" batchIndex
+    withFrozen teacher (fun () ->
+        use _ = torch.NewDisposeScope()
+        let classes = classesOf device teacher side
+        use g = generator (batchSeed cfg batchIndex)
+        // draw on the CPU so a batch is the same on every device
+        let noise = torch.randn([| int64 count; 3L; int64 side; int64 side |], generator = g)
+        let labelsCpu = torch.randint(classes, [| int64 count |], generator = g)
+        let labels = labelsCpu.``to``(device)
+        let x = new Modules.Parameter(noise.``to``(device), true)
+        use opt = torch.optim.Adam([| x |], lr = cfg.Lr)
+        let augment (x: Tensor) : Tensor * bool =
+            let maybe crop =
+                if uniform g < cfg.AugmentProbability then crop g x, true else x, false
+            match cfg.Augment with
+            | NoAugmentation -> x, false
+            | SharedCrop spec -> maybe (fun g -> sharedCrop g spec)
+            | PerSampleCrop spec -> maybe (fun g -> perSampleCrop g spec)
+        let mutable plateau = Plateau.start cfg.Lr
+        for it in 1 .. cfg.Iterations do
+            use _ = torch.NewDisposeScope()
+            let input, augmented = augment x
+            let out = teacher.Forward input
+            let bns, ce, total = losses cfg out labels
+            let totalV = scalar total
+            if Double.IsNaN totalV || Double.IsInfinity totalV then
+                failf "synthesis diverged: loss is %g in batch %d at iteration %d; lower the learning rate or beta" totalV batchIndex it
+            opt.zero_grad ()
+            total.backward ()
+            opt.step () |> ignore
+            onIter
+                { Batch = batchIndex
+                  Iteration = it
+                  Iterations = cfg.Iterations
+                  Loss = { Bns = scalar bns; Ce = scalar ce; Total = totalV; Accuracy = Losses.accuracy out.Logits labels }
+                  Lr = plateau.Lr
+                  Augmented = augmented }
+            plateau <- Plateau.step cfg totalV plateau
+            for group in opt.ParamGroups do group.LearningRate <- plateau.Lr
+        use _ng = torch.no_grad ()
+        let images = x.detach ()
+        if not (allFinite images) then
+            failf "synthesis diverged: images of batch %d contain NaN/Inf; lower the learning rate" batchIndex
+        let out = teacher.Forward images
+        let final = values cfg out labels
+        let difficulty = Losses.difficulty out.Logits labels
+        { Index = batchIndex
+          Images = images.cpu().clone().MoveToOuterDisposeScope()
+          Labels = labelsCpu.clone().MoveToOuterDisposeScope()
+          Difficulty = difficulty.cpu().to_type(torch.float32).clone().MoveToOuterDisposeScope()
+          Final = final })

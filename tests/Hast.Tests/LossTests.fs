@@ -1,5 +1,109 @@
 module Hast.Tests.LossTests
 
 open Expecto
+open TorchSharp
+open TorchSharp.Modules
+open Hast.Core
 
-let tests : Test list = []
+let private f64 (t: torch.Tensor) = t.to_type(torch.float64)
+
+/// Two BatchNorm layers whose running statistics equal the batch statistics of their inputs.
+let private matchedTaps () =
+    torch.manual_seed 7L |> ignore
+    let make (c: int64) (shift: float) =
+        let bn = torch.nn.BatchNorm2d(c)
+        let x = torch.randn(6L, c, 5L, 4L) * 3.0 + shift
+        use _ = torch.no_grad ()
+        let mu = x.mean([| 0L; 2L; 3L |])
+        let var = (x - mu.view(1L, c, 1L, 1L)).pow(torch.tensor 2.0).mean([| 0L; 2L; 3L |])
+        bn.running_mean.copy_(mu) |> ignore
+        bn.running_var.copy_(var) |> ignore
+        { Layer = bn; Input = x }
+    [ make 3L 1.0; make 5L -2.0 ]
+
+let tests : Test list =
+    [ test "gamma = 0 equals plain cross entropy" {
+          torch.manual_seed 1L |> ignore
+          let logits = torch.randn(16L, 10L) * 4.0
+          let targets = torch.randint(10L, [| 16L |])
+          let ours = Losses.difficultyWeightedCE 0.0 logits targets
+          let plain = torch.nn.functional.cross_entropy(logits, targets)
+          Expect.equal (scalar ours) (scalar plain) "identical value"
+      }
+
+      test "gamma > 0 equals mean((1-p)^gamma * -log p) from softmax" {
+          torch.manual_seed 2L |> ignore
+          let logits = torch.randn(12L, 7L, dtype = torch.float64) * 3.0
+          let targets = torch.randint(7L, [| 12L |])
+          for gamma in [ 0.5; 1.0; 2.0; 3.5 ] do
+              let p = logits.softmax(1L).gather(1L, targets.unsqueeze 1L).squeeze 1L
+              let expected = ((1.0 - p).pow(torch.tensor gamma) * -(p.log ())).mean()
+              let ours = Losses.difficultyWeightedCE gamma logits targets
+              Expect.floatClose Accuracy.high (scalar ours) (scalar expected) (sprintf "gamma %g" gamma)
+      }
+
+      test "the weight (1-p)^gamma is not detached: gradient differs from a detached weight" {
+          torch.manual_seed 3L |> ignore
+          let targets = torch.randint(5L, [| 8L |])
+          let gradOf (detachWeight: bool) =
+              let logits = torch.randn(8L, 5L, generator = generator 11L).requires_grad_(true)
+              let loss =
+                  if detachWeight then
+                      let d = Losses.difficulty logits targets
+                      let ce = torch.nn.functional.cross_entropy(logits, targets, reduction = torch.nn.Reduction.None)
+                      (Losses.weightOfDifficulty 2.0 d * ce).mean()
+                  else Losses.difficultyWeightedCE 2.0 logits targets
+              loss.backward ()
+              logits.grad.clone ()
+          let g1, g2 = gradOf false, gradOf true
+          Expect.isTrue (allFinite g1) "finite gradient"
+          Expect.isGreaterThan (scalar ((g1 - g2).abs().max())) 1e-4 "the weight contributes to the gradient"
+      }
+
+      test "gradient stays finite when the teacher is certain (p = 1, gamma < 1)" {
+          let logits = torch.tensor([| 200.0f; 0.0f; 0.0f; 0.0f; 200.0f; 0.0f |]).view(2L, 3L).requires_grad_(true)
+          let targets = torch.tensor([| 0L; 1L |])
+          let loss = Losses.difficultyWeightedCE 0.5 logits targets
+          loss.backward ()
+          Expect.isTrue (allFinite loss) "finite loss"
+          Expect.isTrue (allFinite logits.grad) "finite gradient"
+      }
+
+      test "difficulty is 1 - softmax probability of the target" {
+          torch.manual_seed 4L |> ignore
+          let logits = torch.randn(9L, 4L, dtype = torch.float64)
+          let targets = torch.randint(4L, [| 9L |])
+          let expected = 1.0 - logits.softmax(1L).gather(1L, targets.unsqueeze 1L).squeeze 1L
+          let d = Losses.difficulty logits targets
+          Expect.equal d.shape [| 9L |] "one value per sample"
+          Expect.isTrue (torch.allclose(d, expected, rtol = 1e-9, atol = 1e-12)) "1 - p"
+      }
+
+      test "BNS loss is 0 when batch statistics equal the running statistics" {
+          let taps = matchedTaps ()
+          Expect.isLessThan (scalar (Losses.bnsLoss taps)) 1e-8 "zero"
+      }
+
+      test "BNS loss is the mean over layers of the two MSEs when statistics differ" {
+          let taps = matchedTaps ()
+          // layer 0: every running mean off by 1 -> mean MSE 1; layer 1: every running var off by 2 -> var MSE 4
+          use _ = torch.no_grad ()
+          taps[0].Layer.running_mean.add_(torch.tensor 1.0f) |> ignore
+          taps[1].Layer.running_var.add_(torch.tensor 2.0f) |> ignore
+          let v = scalar (Losses.bnsLoss taps)
+          Expect.isGreaterThan v 0.0 "positive"
+          Expect.floatClose { absolute = 1e-4; relative = 1e-4 } v ((1.0 + 4.0) / 2.0) "(1 + 4) / 2 layers"
+      }
+
+      test "BNS loss needs BatchNorm layers" {
+          Expect.throwsT<HastError> (fun () -> Losses.bnsLoss [] |> ignore) "empty tap list is a user error"
+      }
+
+      testProperty "(1-p)^gamma is non-increasing in p and within [0, 1]" <| fun (a: uint16) (b: uint16) (c: uint16) ->
+          let p1 = float (a % 1001us) / 1000.0
+          let p2 = float (b % 1001us) / 1000.0
+          let gamma = float (c % 501us) / 100.0
+          let lo, hi = min p1 p2, max p1 p2
+          let w = Losses.hardnessWeight gamma (torch.tensor([| lo; hi |], dtype = torch.float64))
+          let wl, wh = w[0].item<float> (), w[1].item<float> ()
+          wl >= wh && wh >= 0.0 && wl <= 1.0 ]

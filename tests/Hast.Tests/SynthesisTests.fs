@@ -1,5 +1,155 @@
 module Hast.Tests.SynthesisTests
 
 open Expecto
+open TorchSharp
+open TorchSharp.Modules
+open Hast.Core
+open Hast.Core.Augment
+open Hast.Core.Synthesis
 
-let tests : Test list = []
+let private same (a: torch.Tensor) (b: torch.Tensor) =
+    a.shape = b.shape && a.dtype = b.dtype && a.eq(b).all().item<bool> ()
+
+/// Full-area crop with the images' own aspect ratio (12 / 16) and no flip: the identity.
+let private identitySpec = { Scale = (1.0, 1.0); Ratio = (0.75, 0.75); FlipProbability = 0.0 }
+
+/// A batch of `n` copies of one random image.
+let private copies (n: int64) =
+    let one = torch.randn([| 1L; 3L; 16L; 12L |], generator = generator 5L)
+    one.expand(n, 3L, 16L, 12L).contiguous ()
+
+let private augmentTests =
+    [ for name, crop in [ "shared", sharedCrop; "per-sample", perSampleCrop ] do
+          test (sprintf "%s crop keeps the shape and is reproducible from the generator" name) {
+              let x = torch.randn([| 4L; 3L; 16L; 12L |], generator = generator 1L)
+              let run seed = crop (generator seed) CropSpec.synthesis x
+              let a, b, c = run 9L, run 9L, run 10L
+              Expect.equal a.shape x.shape "same shape"
+              Expect.isTrue (same (a) (b)) "same seed, same result"
+              Expect.isFalse (same (a) (c)) "another seed, another result"
+          }
+
+          test (sprintf "%s crop with full box and no flip is the identity; with flip it mirrors" name) {
+              let x = torch.randn([| 3L; 3L; 16L; 12L |], generator = generator 2L)
+              let same = crop (generator 1L) identitySpec x
+              Expect.isTrue (torch.allclose(same, x, rtol = 1e-5, atol = 1e-5)) "identity"
+              let mirrored = crop (generator 1L) { identitySpec with FlipProbability = 1.0 } x
+              Expect.isTrue (torch.allclose(mirrored, x.flip([| 3L |]), rtol = 1e-5, atol = 1e-5)) "flip"
+          }
+
+      test "shared crop applies one crop to every sample; per-sample crop differs per sample" {
+          let x = copies 6L
+          let shared = sharedCrop (generator 3L) CropSpec.synthesis x
+          let per = perSampleCrop (generator 3L) CropSpec.synthesis x
+          for i in 1L .. 5L do
+              Expect.isTrue (same (shared[i]) (shared[0L])) "shared: identical samples stay identical"
+          let distinct = [ 1L .. 5L ] |> List.filter (fun i -> not (torch.allclose(per[i], per[0L]))) |> List.length
+          Expect.isGreaterThan distinct 3 "per-sample: samples get different crops"
+      }
+
+      test "crops are differentiable with respect to the input" {
+          for crop in [ sharedCrop; perSampleCrop ] do
+              let x = torch.randn([| 2L; 3L; 8L; 8L |], generator = generator 4L).requires_grad_(true)
+              (crop (generator 6L) CropSpec.synthesis x).sum().backward ()
+              Expect.isGreaterThan (scalar (x.grad.abs().sum())) 0.0 "gradient reaches the pixels"
+      }
+
+      test "invalid crop settings are user errors" {
+          let x = torch.zeros(1L, 3L, 8L, 8L)
+          Expect.throwsT<HastError> (fun () -> sharedCrop (generator 1L) { identitySpec with Scale = (0.0, 1.0) } x |> ignore) "scale 0"
+          Expect.throwsT<HastError> (fun () -> perSampleCrop (generator 1L) identitySpec (torch.zeros(3L, 8L, 8L)) |> ignore) "3-d input"
+      } ]
+
+/// A "teacher" with one BatchNorm whose logits are NaN.
+type private NanNet() as this =
+    inherit Net("nan_net")
+    let bn = torch.nn.BatchNorm2d(3L)
+    do this.RegisterComponents()
+    override _.Run(x, tape) =
+        let h = tape.Bn(bn, x)
+        h.mean([| 2L; 3L |]) * torch.tensor nan
+
+let private tiny (iterations: int) =
+    { defaultsFor Models.Registry.Cifar with Samples = 8; BatchSize = 8; Iterations = iterations; Seed = 42L }
+
+let private snapshot (net: Net) =
+    [ for KeyValue(k, v) in net.state_dict () -> k, v.clone () ]
+
+let private stageTests =
+    [ test "plan covers the sample budget batch by batch" {
+          let cfg = { tiny 1 with Samples = 20; BatchSize = 8 }
+          Expect.equal (plan cfg) [ 0, 8; 1, 8; 2, 4 ] "three batches, last partial"
+          Expect.notEqual (batchSeed cfg 0) (batchSeed cfg 1) "batches have their own seeds"
+      }
+
+      test "reduce-on-plateau follows PyTorch: reduce after patience bad steps, floor at min lr" {
+          let cfg = { tiny 1 with Patience = 2; Factor = 0.5; Lr = 1.0; MinLr = 0.3 }
+          let lrs =
+              [ 1.0; 1.0; 1.0; 1.0; 1.0; 1.0; 1.0; 1.0; 1.0; 0.5 ]
+              |> List.scan (fun s m -> Plateau.step cfg m s) (Plateau.start cfg.Lr)
+              |> List.tail
+              |> List.map (fun s -> s.Lr)
+          // first value sets the best; the 3rd bad step in a row (> patience 2) reduces; 0.25 is floored to 0.3
+          Expect.equal lrs [ 1.0; 1.0; 1.0; 0.5; 0.5; 0.5; 0.3; 0.3; 0.3; 0.3 ] "lr schedule"
+      }
+
+      test "defaults follow the authors' settings per family" {
+          let c = defaultsFor Models.Registry.Cifar
+          let i = defaultsFor Models.Registry.ImageNet
+          Expect.equal (c.Beta, c.Gamma, c.Augment) (10.0, 2.0, NoAugmentation) "CIFAR"
+          Expect.equal (i.Beta, i.Gamma, i.Augment) (0.1, 0.5, PerSampleCrop CropSpec.synthesis) "ImageNet"
+          Expect.equal (c.Samples, c.BatchSize, c.Iterations, c.Lr, c.Patience, c.MinLr) (5120, 256, 1000, 0.5, 50, 1e-4) "budget"
+      }
+
+      test "NaN loss stops with a HastError naming batch and iteration" {
+          let net = new NanNet()
+          let e = Expect.throwsC (fun () -> synthesizeBatch torch.CPU net (tiny 5) 8 3 4 ignore |> ignore) id
+          match e with
+          | HastError msg ->
+              Expect.stringContains msg "batch 3" "names the batch"
+              Expect.stringContains msg "iteration 1" "names the iteration"
+          | other -> failtestf "expected HastError, got %O" other
+      }
+
+      test "synthesis on the shared model lowers the loss and leaves the teacher untouched" {
+          let teacher = TestUtil.loadSharedModel ()
+          teacher.train ()
+          for p in teacher.parameters () do p.requires_grad <- true
+          let before = snapshot teacher
+          let infos = ResizeArray<IterInfo>()
+          use r = synthesizeBatch torch.CPU teacher (tiny 30) 32 0 8 infos.Add
+          // the teacher
+          for (k, v), (k2, v2) in List.zip before (snapshot teacher) do
+              Expect.equal k k2 "same entries"
+              Expect.isTrue (same (v) (v2)) (sprintf "%s unchanged" k)
+          Expect.isTrue (teacher.parameters () |> Seq.forall (fun p -> p.requires_grad)) "requires_grad restored"
+          Expect.isTrue teacher.training "training mode restored"
+          // the optimisation
+          Expect.equal infos.Count 30 "one report per iteration"
+          Expect.equal [ for i in infos -> i.Iteration ] [ 1..30 ] "iterations in order"
+          Expect.isLessThan infos[29].Loss.Total (infos[0].Loss.Total * 0.8) "total loss decreases"
+          Expect.isLessThan r.Final.Total infos[0].Loss.Total "final loss below the start"
+          // the result
+          Expect.equal r.Images.shape [| 8L; 3L; 32L; 32L |] "images"
+          Expect.equal r.Labels.shape [| 8L |] "labels"
+          Expect.equal r.Difficulty.shape [| 8L |] "difficulty"
+          Expect.isFalse r.Images.requires_grad "detached"
+          let d = r.Difficulty
+          Expect.isTrue (scalar (d.min()) >= 0.0 && scalar (d.max()) <= 1.0) "difficulty in [0, 1]"
+          Expect.isTrue (scalar (r.Labels.min()) >= 0.0 && scalar (r.Labels.max()) <= 9.0) "labels are classes"
+      }
+
+      test "the same batch index and seed give identical images (also with augmentation)" {
+          let teacher = TestUtil.loadSharedModel ()
+          for augment in [ NoAugmentation; SharedCrop CropSpec.synthesis; PerSampleCrop CropSpec.synthesis ] do
+              let cfg = { tiny 4 with Augment = augment; AugmentProbability = 1.0 }
+              let run b = synthesizeBatch torch.CPU teacher cfg 32 b 4 ignore
+              use a = run 2
+              use b = run 2
+              use c = run 3
+              Expect.isTrue (same (a.Images) (b.Images)) (sprintf "%A: same images" augment)
+              Expect.isTrue (same (a.Labels) (b.Labels)) "same labels"
+              Expect.isFalse (same (a.Images) (c.Images)) "another batch index, other images"
+      } ]
+
+let tests : Test list = augmentTests @ stageTests
