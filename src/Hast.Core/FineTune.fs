@@ -46,9 +46,8 @@ type Config =
       /// weight of cross-entropy to the synthetic labels (0 in HAST; 1 in the CE+KL baseline)
       CeWeight: float
       Promotion: Promotion option
-      /// random-resized-crop scale range applied per sample
-      CropScale: float * float
-      Flip: bool
+      /// random-resized-crop + flip applied per sample to every batch drawn from the store
+      Crop: Augment.CropSpec
       Seed: int64 }
 
 /// The authors' settings for a dataset family (CIFAR-10 λ = 1000, ε = 0.01).
@@ -66,8 +65,7 @@ let defaults : Config =
       Alignment = Relaxed
       CeWeight = 0.0
       Promotion = Some { Epsilon = 0.01; Direction = KLandFA; CleanWeight = 1.0; PerturbedWeight = 1.0 }
-      CropScale = (0.5, 1.0)
-      Flip = true
+      Crop = Augment.CropSpec.fineTune
       Seed = 0L }
 
 /// The CE + KL baseline: no feature alignment, no promotion.
@@ -84,8 +82,7 @@ let validate (c: Config) : Config =
     requireNonNegative "alpha" c.Alpha
     requireNonNegative "lambda" c.Lambda
     requireNonNegative "CE weight" c.CeWeight
-    let lo, hi = c.CropScale
-    if not (lo > 0.0 && lo <= hi && hi <= 1.0) then failf "crop scale must satisfy 0 < min <= max <= 1 (got %g..%g)" lo hi
+    Augment.CropSpec.validate c.Crop
     match c.Promotion with
     | Some p ->
         requireNonNegative "epsilon" p.Epsilon
@@ -135,7 +132,7 @@ let terms (c: Config) (s: Outputs) (t: Outputs) (labels: Tensor) : Terms =
         | Direct -> Losses.directAlignment s.Blocks t.Blocks * c.Lambda
     let ce =
         if c.CeWeight = 0.0 then zero s.Logits
-        else torch.nn.functional.cross_entropy(s.Logits, labels) * c.CeWeight
+        else torch.nn.functional.cross_entropy(s.Logits, labels) * torch.tensor(c.CeWeight)
     { KL = kl; FA = fa; CE = ce; Total = kl + fa + ce }
 
 let private directionLoss (d: Direction) (t: Terms) =
@@ -249,7 +246,7 @@ let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt:
         let idx = order.slice(0L, int64 i * int64 c.BatchSize, int64 (i + 1) * int64 c.BatchSize, 1L)
         let xb = images.index_select(0L, idx)
         let yb = labels.index_select(0L, idx).``to``(device)
-        let xa = Augment.perSample gen c.CropScale c.Flip xb
+        let xa = Augment.perSampleCrop gen c.Crop xb
         let lr = lrAt c (ep * c.ItersPerEpoch + i)
         let s = step c teacher student opt lr (xa.``to``(device)) yb
         sum <-

@@ -86,3 +86,35 @@ let accuracy (logits: Tensor) (targets: Tensor) : float =
 // ---------------------------------------------------------------------------------------------
 // Fine-tuning losses (KL distillation, attention / feature alignment) — added by the fine-tune stage.
 // ---------------------------------------------------------------------------------------------
+
+/// KL(softmax(t/T) ‖ softmax(s/T)), averaged over the batch ("batchmean"). Teacher logits are constants.
+let kl (temperature: float) (student: Tensor) (teacher: Tensor) : Tensor =
+    let logS = torch.nn.functional.log_softmax(student / temperature, 1L)
+    let logT = torch.nn.functional.log_softmax(teacher.detach () / temperature, 1L)
+    let pT = logT.exp ()
+    (pT * (logT - logS)).sum(1L).mean ()
+
+/// Channel attention of a feature map (B, C, H, W): per-sample channel means over H, W of f²,
+/// L2-normalised over channels -> (B, C). Unit norm, invariant to scaling f.
+let attention (f: Tensor) : Tensor =
+    let a = (f * f).mean([| 2L; 3L |])
+    torch.nn.functional.normalize(a, p = 2.0, dim = 1L, eps = 1e-12)
+
+let private sumOver (pairs: (Tensor * Tensor) list) (loss: Tensor -> Tensor -> Tensor) : Tensor =
+    match pairs with
+    | [] -> failwith "feature alignment needs at least one residual block"
+    | _ -> pairs |> List.map (fun (s, t) -> loss s t) |> List.reduce (+)
+
+let private blockPairs (student: Tensor list) (teacher: Tensor list) =
+    if student.Length <> teacher.Length then
+        failf "student has %d residual blocks but teacher %d" student.Length teacher.Length
+    List.zip student teacher
+
+/// Relaxed feature alignment: Σ_b MSE(attn(s_b), attn(t_b)).
+let relaxedAlignment (student: Tensor list) (teacher: Tensor list) : Tensor =
+    sumOver (blockPairs student teacher) (fun s t ->
+        torch.nn.functional.mse_loss(attention s, attention (t.detach ())))
+
+/// Direct feature alignment: Σ_b MSE(s_b, t_b) on raw body outputs.
+let directAlignment (student: Tensor list) (teacher: Tensor list) : Tensor =
+    sumOver (blockPairs student teacher) (fun s t -> torch.nn.functional.mse_loss(s, t.detach ()))
