@@ -6,6 +6,8 @@ open System.IO.Compression
 open System.Collections.Generic
 open System.Text.Json.Nodes
 open Expecto
+open FsCheck
+open FsCheck.FSharp
 open TorchSharp
 open TorchSharp.PyBridge
 open Hast.Core
@@ -162,6 +164,26 @@ let readTests = [
                 expectContains msg path)
     }
 
+    test "a pickled model instead of a state_dict is named, not thrown raw" {
+        let zipWith (pkl: byte[]) =
+            use ms = new MemoryStream()
+            (use z = new ZipArchive(ms, ZipArchiveMode.Create, true)
+             use s = z.CreateEntry("archive/data.pkl").Open()
+             s.Write(pkl, 0, pkl.Length))
+            ms.ToArray()
+        // PROTO 2; GLOBAL __main__.Net; EMPTY_TUPLE; NEWOBJ; EMPTY_DICT; BUILD; STOP
+        let objectPkl = Array.concat [ [| 0x80uy; 2uy |]; "c__main__\nNet\n)"B; [| 0x81uy |]; "}b."B ]
+        withFile "model.pt" (zipWith objectPkl) (fun path ->
+            let msg = hastError "pickled object" (fun () -> WeightsFile.Read path)
+            expectContains msg "no state_dict in "
+            expectContains msg "__main__.Net")
+        // PROTO 2; GLOBAL __main__.Net; BININT1 1; TUPLE1; REDUCE; STOP
+        let callPkl = Array.concat [ [| 0x80uy; 2uy |]; "c__main__\nNet\nK"B; [| 1uy; 0x85uy |]; "R."B ]
+        withFile "call.pt" (zipWith callPkl) (fun path ->
+            let msg = hastError "pickled call" (fun () -> WeightsFile.Read path)
+            expectContains msg "unsupported PyTorch checkpoint content in ")
+    }
+
     test "truncated zip and legacy files are reported as truncated" {
         for src in [ TestUtil.zipWeights; TestUtil.legacyWeights ] do
             let all = File.ReadAllBytes src
@@ -214,6 +236,33 @@ let readTests = [
                 if not (k.EndsWith "num_batches_tracked") then sameTensor k w[k] t
         finally disposeAll w
     }
+]
+
+/// Reading damaged bytes either works (damage inside tensor data) or raises a HastError; nothing else.
+let private readsOrFailsCleanly (bytes: byte[]) =
+    try
+        use ms = new MemoryStream(bytes)
+        disposeAll (WeightsFile.Read(ms, "damaged.pth"))
+        true
+    with HastError _ -> true
+
+let private zipBytes = lazy (File.ReadAllBytes TestUtil.zipWeights)
+let private legacyBytes = lazy (File.ReadAllBytes TestUtil.legacyWeights)
+let private bytesOf (format: string) = if format = "zip" then zipBytes.Force() else legacyBytes.Force()
+
+let damageTests = [
+    let config = { FsCheckConfig.defaultConfig with maxTest = 40 }
+    for format in [ "zip"; "legacy" ] do
+        let length = (bytesOf format).Length
+        testPropertyWithConfig config (sprintf "%s: any cut gives tensors or a HastError" format) <|
+            Prop.forAll (Arb.fromGen (Gen.choose (0, length - 1))) (fun cut ->
+                readsOrFailsCleanly (bytesOf format).[.. cut - 1])
+        // the first 12 KB hold the pickles (headers, names, tensor metadata) of both files
+        testPropertyWithConfig config (sprintf "%s: any flipped byte in the first 12 KB gives tensors or a HastError" format) <|
+            Prop.forAll (Arb.fromGen (Gen.zip (Gen.choose (0, 12287)) (Gen.choose (1, 255)))) (fun (i, mask) ->
+                let bad = Array.copy (bytesOf format)
+                bad[i] <- bad[i] ^^^ byte mask
+                readsOrFailsCleanly bad)
 ]
 
 let stateTests = [
@@ -346,6 +395,7 @@ let atomicTests = [
 
 let tests : Test list =
     [ testList "read" readTests
+      testList "damage" damageTests
       testList "state" stateTests
       testList "checkpoint" checkpointTests
       testList "atomic" atomicTests ]

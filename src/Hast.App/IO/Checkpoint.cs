@@ -86,7 +86,7 @@ public sealed class Checkpoint : IDisposable
         using var scope = NewDisposeScope();
         var dict = new Dictionary<string, Tensor>();
         foreach (var (name, t) in tensors)
-            if (!dict.TryAdd(name, t.detach().cpu().contiguous()))
+            if (!dict.TryAdd(name, t.detach().cpu().contiguous().clone())) // own storage, offset 0
                 throw new HastError($"checkpoint tensor name '{name}' is used twice");
         using var ms = new MemoryStream();
         PyTorchPickler.PickleStateDict(ms, dict, true);

@@ -152,10 +152,13 @@ internal static class TorchPickle
         {
             case PendingTensor p:
                 return Materialise(p, storage(p.Storage.Key), label);
+            case ClassDict c: // an object of a class we don't rebuild: keep it, with its class name
+                foreach (var key in c.Keys.ToList()) c[key] = Resolve(c[key], storage, label);
+                return c;
             case IDictionary d:
                 var result = new Dictionary<object, object?>();
-                foreach (var e in d.Cast<DictionaryEntry>().OrderBy(e => FirstSeq(e.Value)))
-                    result[e.Key] = Resolve(e.Value, storage, label);
+                foreach (var key in d.Keys.Cast<object>().OrderBy(k => FirstSeq(d[k])).ToList())
+                    result[key] = Resolve(d[key], storage, label);
                 return result;
             case IList l when !l.IsReadOnly || l is object[]:
                 for (var i = 0; i < l.Count; i++) l[i] = Resolve(l[i], storage, label);
@@ -180,10 +183,11 @@ internal static class TorchPickle
     {
         if (p.Shape.Length != p.Stride.Length || p.Shape.Any(s => s < 0) || p.Stride.Any(s => s < 0) || p.Offset < 0)
             throw new HastError($"corrupt PyTorch checkpoint: {label} (a tensor has an invalid shape or stride)");
-        var start = p.Storage.Offset + p.Offset;
-        var numel = p.Shape.Aggregate(1L, (a, b) => a * b);
-        var last = start + p.Shape.Zip(p.Stride, (s, st) => (s - 1) * st).Sum();
-        var viewEnd = p.Storage.Offset + p.Storage.Length;
+        // checked: damaged sizes must not wrap around into a passing bounds check
+        var start = checked(p.Storage.Offset + p.Offset);
+        var numel = p.Shape.Aggregate(1L, (a, b) => checked(a * b));
+        var last = checked(start + p.Shape.Zip(p.Stride, (s, st) => checked((s - 1) * st)).Sum());
+        var viewEnd = checked(p.Storage.Offset + p.Storage.Length);
         if (numel > 0 && (last >= viewEnd || viewEnd > root.shape[0]))
             throw new HastError($"corrupt PyTorch checkpoint: {label} (a tensor reaches past its storage)");
         if (numel == 0) return torch.empty(p.Shape, root.dtype);
@@ -274,7 +278,10 @@ public static class LegacyTorch
                 var count = BinaryPrimitives.ReadInt64LittleEndian(header);
                 if (count != root.Numel)
                     throw new HastError($"corrupt PyTorch checkpoint: {label} (storage '{k}' holds {count} elements, expected {root.Numel})");
-                var bytes = new byte[checked(count * TorchPickle.ElementSize(root.Dtype))];
+                var size = checked(count * TorchPickle.ElementSize(root.Dtype));
+                if (stream.CanSeek && size > stream.Length - stream.Position)
+                    throw new HastError($"truncated PyTorch checkpoint: {label} ends early; copy or download it again");
+                var bytes = new byte[size];
                 stream.ReadExactly(bytes);
                 storages[k] = TorchPickle.StorageTensor(bytes, root.Dtype);
             }
@@ -288,19 +295,25 @@ public static class LegacyTorch
         {
             throw new HastError($"truncated PyTorch checkpoint: {label} ends early; copy or download it again");
         }
-        catch (Exception e) when (e is PickleException or InvalidCastException or FormatException or OverflowException
-                                      or ArgumentException or InvalidOperationException or IndexOutOfRangeException
-                                      or NullReferenceException or IOException)
+        // damaged input surfaces as many exception types (pickle, cast, IO, torch); all mean "unreadable"
+        catch (Exception e) when (e is not HastError and not OutOfMemoryException and not OperationCanceledException)
         {
             if (stream.CanSeek && stream.Position >= stream.Length)
                 throw new HastError($"truncated PyTorch checkpoint: {label} ends early; copy or download it again");
-            throw new HastError($"corrupt PyTorch checkpoint: {label} ({FirstLine(e.Message)})");
+            throw Unreadable(e, label);
         }
         finally
         {
             foreach (var t in storages.Values) t.Dispose();
         }
     }
+
+    /// A pickle that uses classes we don't rebuild (e.g. a whole pickled model) is unsupported content;
+    /// anything else that breaks the unpickling is damage.
+    internal static HastError Unreadable(Exception e, string label) =>
+        e is PickleException
+            ? new HastError($"unsupported PyTorch checkpoint content in {label} ({FirstLine(e.Message)}); save the weights with torch.save(model.state_dict(), path)")
+            : new HastError($"corrupt PyTorch checkpoint: {label} ({FirstLine(e.Message)})");
 
     internal static string FirstLine(string s)
     {

@@ -106,9 +106,10 @@ public static class WeightsFile
                     {
                         var entry = zip.GetEntry(prefix + "data/" + key)
                                     ?? throw new HastError($"corrupt PyTorch checkpoint: {label} (storage data/{key} is missing)");
-                        var bytes = new byte[checked(numel * TorchPickle.ElementSize(dtype))];
-                        if (entry.Length < bytes.Length)
-                            throw new HastError($"corrupt PyTorch checkpoint: {label} (storage data/{key} is shorter than its {numel} elements)");
+                        var size = numel < 0 ? -1 : checked(numel * TorchPickle.ElementSize(dtype));
+                        if (size < 0 || entry.Length < size)
+                            throw new HastError($"corrupt PyTorch checkpoint: {label} (storage data/{key} does not hold its {numel} elements)");
+                        var bytes = new byte[size];
                         using (var s = entry.Open()) s.ReadExactly(bytes);
                         storages[key] = TorchPickle.StorageTensor(bytes, dtype);
                     }
@@ -121,12 +122,12 @@ public static class WeightsFile
                     result = reader.load(s);
                 return TorchPickle.Resolve(result, k => storages[k], label);
             }
-            catch (Exception e) when (e is PickleException or InvalidCastException or FormatException or OverflowException
-                                          or ArgumentException or InvalidOperationException or IndexOutOfRangeException
-                                          or NullReferenceException or IOException or KeyNotFoundException)
+            // damaged input surfaces as many exception types (pickle, cast, zip, torch); all mean "unreadable"
+            catch (Exception e) when (e is not HastError and not OutOfMemoryException and not OperationCanceledException)
             {
-                var what = e is EndOfStreamException or InvalidDataException ? "truncated" : "corrupt";
-                throw new HastError($"{what} PyTorch checkpoint: {label} ({LegacyTorch.FirstLine(e.Message)})");
+                if (e is EndOfStreamException)
+                    throw new HastError($"truncated PyTorch checkpoint: {label} ({LegacyTorch.FirstLine(e.Message)}); copy or download it again");
+                throw LegacyTorch.Unreadable(e, label);
             }
             finally
             {
@@ -144,13 +145,14 @@ public static class WeightsFile
             foreach (var t in TorchPickle.Tensors(root)) t.Dispose();
             var what = root switch
             {
+                Razorvine.Pickle.Objects.ClassDict c => $"a pickled {c.ClassName} object",
                 IDictionary d => "a dict with keys " + string.Join(", ", TorchPickle.Keys(d).Take(6)),
                 Tensor => "a single tensor",
                 null => "nothing",
                 _ => "a " + root.GetType().Name,
             };
             throw new HastError(
-                $"no state_dict in {label}: it holds {what}; expected tensors by name, or a dict with 'state_dict' or 'model'");
+                $"no state_dict in {label}: it holds {what}; expected tensors by name, or a dict with 'state_dict' or 'model' (save with torch.save(model.state_dict(), path))");
         }
         var keep = new HashSet<Tensor>(found.Values, ReferenceEqualityComparer.Instance);
         foreach (var t in TorchPickle.Tensors(root))
