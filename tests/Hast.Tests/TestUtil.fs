@@ -39,9 +39,7 @@ open Hast.Core
 /// read with the product's weight loader (`WeightsFile` + `StateDict.load`).
 let loadSharedModel () : Net =
     let net = Models.CifarResNet.resnet20a 10L LayerKit.fullPrecision
-    let weights = Hast.App.IO.WeightsFile.Read zipWeights
-    try StateDict.load "cifar-resnet20-a" weights net
-    finally for t in weights.Values do t.Dispose()
+    Hast.App.IO.WeightsFile.LoadInto(zipWeights, "cifar-resnet20-a", net)
     net.eval ()
     net
 

@@ -44,6 +44,21 @@ public static class WeightsFile
         return Read(stream, path);
     }
 
+    /// Read the weights file at `path` and map it onto `model` (`StateDict.load`); `arch` names the
+    /// model in misfit messages. The file's tensors are freed afterwards.
+    public static void LoadInto(string path, string arch, TorchSharp.torch.nn.Module model)
+    {
+        var weights = Read(path);
+        try
+        {
+            StateDict.load(arch, weights, model);
+        }
+        finally
+        {
+            foreach (var t in weights.Values) t.Dispose();
+        }
+    }
+
     /// The state_dict stored in `stream` (seekable, positioned at the start). `label` names it in errors.
     public static Dictionary<string, Tensor> Read(Stream stream, string label) => StateDictOf(ReadObject(stream, label), label);
 
