@@ -33,7 +33,7 @@ let lossTests = [
         let f = torch.randn(4L, 16L, 8L, 8L)
         let a = Losses.attention f
         Expect.equal a.shape [| 4L; 16L |] "shape (B, C)"
-        let norms = a.norm(1L).data<float32>().ToArray()
+        let norms = a.norm(1).data<float32>().ToArray()
         for n in norms do Expect.floatClose Accuracy.medium (float n) 1.0 "unit norm"
         let a3 = Losses.attention (f * 3.7f)
         Expect.isLessThan (scalar ((a - a3).abs().max())) 1e-6 "scale invariant"

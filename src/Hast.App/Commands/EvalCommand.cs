@@ -2,6 +2,7 @@ using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
 using Hast.Core.Cli;
+using Microsoft.FSharp.Core;
 using static TorchSharp.torch;
 
 namespace Hast.App;
