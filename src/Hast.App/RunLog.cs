@@ -18,7 +18,8 @@ public sealed class RunLog : IDisposable
     readonly bool interactive;
     string stage = "";
     long stageStartStep;
-    TimeSpan stageStart, lastPrint = TimeSpan.MinValue;
+    TimeSpan stageStart;
+    TimeSpan? lastPrint;
 
     public RunLog(string? dir, TextWriter console, double printEverySeconds = 5.0, bool append = true)
     {
@@ -57,7 +58,7 @@ public sealed class RunLog : IDisposable
         stage = name;
         stageStart = clock.Elapsed;
         stageStartStep = startStep;
-        lastPrint = TimeSpan.MinValue;
+        lastPrint = null;
         Info($"== {name}");
     }
 
@@ -77,10 +78,10 @@ public sealed class RunLog : IDisposable
             var filled = (int)Math.Round(pct * barLen);
             var line = $"{new string('#', filled)}{new string('.', barLen - filled)} {text}";
             console.Write("\r" + (line.Length > width ? line[..width] : line.PadRight(width)));
-            if (force || now - lastPrint >= every * 6) { log?.WriteLine($"{DateTime.UtcNow:O} {text}"); lastPrint = now; }
+            if (force || lastPrint is null || now - lastPrint >= every * 6) { log?.WriteLine($"{DateTime.UtcNow:O} {text}"); lastPrint = now; }
             return;
         }
-        if (!force && now - lastPrint < every) return;
+        if (!force && lastPrint is { } last && now - last < every) return;
         lastPrint = now;
         Info(text);
     }

@@ -33,15 +33,13 @@ type TempDir() =
         member _.Dispose() = try Directory.Delete(path, true) with _ -> ()
 
 open TorchSharp
-open TorchSharp.PyBridge
 open Hast.Core
 
-/// The shared pretrained ResNet-20 (option A) as a full-precision model in eval mode.
-/// Interim loader via PyBridge (non-strict: the checkpoint predates num_batches_tracked);
-/// to be replaced by the product's weight loader once it lands.
+/// The shared pretrained ResNet-20 (option A) as a full-precision model in eval mode,
+/// read with the product's weight loader (`WeightsFile` + `StateDict.load`).
 let loadSharedModel () : Net =
     let net = Models.CifarResNet.resnet20a 10L LayerKit.fullPrecision
-    net.load_py(zipWeights, strict = false) |> ignore
+    Hast.App.IO.WeightsFile.LoadInto(zipWeights, "cifar-resnet20-a", net)
     net.eval ()
     net
 

@@ -1,5 +1,401 @@
 module Hast.Tests.WeightTests
 
+open System
+open System.IO
+open System.IO.Compression
+open System.Collections.Generic
+open System.Text.Json.Nodes
 open Expecto
+open FsCheck
+open FsCheck.FSharp
+open TorchSharp
+open TorchSharp.PyBridge
+open Hast.Core
+open Hast.Core.Models
+open Hast.App.IO
 
-let tests : Test list = []
+/// The message of the HastError `f` raises; fails the test on any other outcome.
+let private hastError (what: string) (f: unit -> 'a) : string =
+    try
+        f () |> ignore
+        failtestf "%s: expected a HastError, got a result" what
+    with
+    | HastError msg ->
+        Expect.isFalse (msg.Contains '\n') (sprintf "%s: one line: %s" what msg)
+        msg
+
+let private expectContains (msg: string) (part: string) =
+    Expect.stringContains msg part (sprintf "message '%s' names '%s'" msg part)
+
+let private disposeAll (d: IDictionary<string, Tensor>) = for t in d.Values do t.Dispose()
+
+let private sameTensor (what: string) (a: Tensor) (b: Tensor) =
+    Expect.equal b.dtype a.dtype (what + " dtype")
+    Expect.equal b.shape a.shape (what + " shape")
+    use eq = a.eq b
+    use all = eq.all ()
+    Expect.isTrue (all.item<bool> ()) (what + " values")
+
+/// Top-1 correct count of `net` on the shared test head.
+let private top1 (net: Net) =
+    use _ = torch.NewDisposeScope()
+    use _ = torch.no_grad ()
+    net.eval ()
+    let x, y = TestUtil.loadSharedTest ()
+    net.forward(x).argmax(1L).eq(y).sum().item<int64> ()
+
+/// A live tensor of a module's state by dotted name.
+let private st (m: torch.nn.Module) (name: string) : Tensor = m.state_dict().[name]
+
+/// A toy quantizer: a module with state that full-precision weights never hold.
+type ToyQuantizer() as this =
+    inherit torch.nn.Module<Tensor, Tensor>("ToyQuantizer")
+    let range = torch.zeros(2L)
+    do this.register_buffer("range", range)
+    interface IQuantizerState
+    override _.forward x = x
+
+/// A linear layer with a quantizer child, named like a plain Linear plus `wq.range`.
+type ToyQLinear(i: int64, o: int64) as this =
+    inherit torch.nn.Module<Tensor, Tensor>("ToyQLinear")
+    let weight = torch.nn.Parameter(torch.randn(o, i))
+    let wq = new ToyQuantizer()
+    do
+        this.register_parameter("weight", weight)
+        this.register_module("wq", wq)
+    member _.Quantizer = wq
+    override _.forward x = torch.nn.functional.linear(x, wq.forward weight)
+
+type ToyNet(kit: bool) as this =
+    inherit Net("toy")
+    let fc = if kit then new ToyQLinear(4L, 3L) :> torch.nn.Module<Tensor, Tensor> else torch.nn.Linear(4L, 3L, hasBias = false)
+    let bn = torch.nn.BatchNorm1d(3L)
+    do
+        this.register_module("fc", fc)
+        this.register_module("bn", bn)
+    override _.Run(x, _) = bn.forward (fc.forward x)
+
+let private withFile (name: string) (bytes: byte[]) (f: string -> unit) =
+    use dir = new TestUtil.TempDir()
+    let path = dir.File name
+    File.WriteAllBytes(path, bytes)
+    f path
+
+let readTests = [
+    test "zip and legacy files give the same tensors" {
+        let z = WeightsFile.Read TestUtil.zipWeights
+        let l = WeightsFile.Read TestUtil.legacyWeights
+        try
+            Expect.equal z.Count 97 "97 tensors in the zip file"
+            Expect.equal l.Count z.Count "same count"
+            Expect.equal (Seq.head l.Keys) "module.conv1.weight" "legacy names in file order, DataParallel prefix"
+            for kv in z do
+                let other = l["module." + kv.Key]
+                sameTensor kv.Key kv.Value other
+        finally
+            disposeAll z
+            disposeAll l
+    }
+
+    for (format, path) in [ "zip", TestUtil.zipWeights; "legacy", TestUtil.legacyWeights ] do
+        test (sprintf "%s file maps onto cifar-resnet20-a and gives 854/932" format) {
+            let arch = Registry.find "cifar-resnet20-a"
+            let net = arch.Build 10L LayerKit.fullPrecision
+            let w = WeightsFile.Read path
+            try StateDict.load arch.Name w net finally disposeAll w
+            Expect.equal (top1 net) 854L (sprintf "top-1 of %s as in PyTorch" (Path.GetFileName path))
+        }
+
+    test "mapping onto cifar-resnet20 names missing and unexpected tensors" {
+        let net = CifarResNet.resnet20 10L LayerKit.fullPrecision
+        let expected = StateDict.weights net |> List.map fst |> List.filter (fun k -> not (k.EndsWith "num_batches_tracked"))
+        let w = WeightsFile.Read TestUtil.zipWeights
+        try
+            let msg = hastError "wrong arch" (fun () -> StateDict.load "cifar-resnet20" w net)
+            expectContains msg "weights do not fit cifar-resnet20: "
+            expectContains msg (sprintf "%d missing (%s, " expected.Length expected.Head)
+            expectContains msg "97 unexpected (conv1.weight, bn1.weight, bn1.bias, ...)"
+            expectContains msg "is --arch right?"
+            Expect.isFalse (msg.Contains "mis-shaped") "no shapes compared for absent names"
+        finally disposeAll w
+    }
+
+    test "mapping onto a 100-class model names the mis-shaped tensors and shapes" {
+        let net = CifarResNet.resnet20a 100L LayerKit.fullPrecision
+        let w = WeightsFile.Read TestUtil.legacyWeights
+        try
+            let msg = hastError "wrong classes" (fun () -> StateDict.load "cifar-resnet20-a" w net)
+            expectContains msg "2 mis-shaped (linear.weight: expected [100, 64], got [10, 64], linear.bias: expected [100], got [10])"
+            Expect.isFalse (msg.Contains "missing") "nothing missing"
+            Expect.isFalse (msg.Contains "unexpected") "nothing unexpected"
+        finally disposeAll w
+    }
+
+    test "a failed mapping leaves the model unchanged" {
+        let net = CifarResNet.resnet20a 100L LayerKit.fullPrecision
+        let before = StateDict.weights net |> List.map (fun (k, t) -> k, t.clone())
+        let w = WeightsFile.Read TestUtil.zipWeights
+        try hastError "mis-shaped" (fun () -> StateDict.load "x" w net) |> ignore
+        finally disposeAll w
+        for (k, t) in StateDict.weights net do
+            sameTensor k (before |> List.find (fst >> (=) k) |> snd) t
+    }
+
+    test "missing, empty, text, random and foreign-zip files give one clear line" {
+        let missing = hastError "missing" (fun () -> WeightsFile.Read "/nonexistent/hast/weights.pth")
+        expectContains missing "weights file not found: /nonexistent/hast/weights.pth"
+        let rng = Random(7)
+        let random = Array.zeroCreate<byte> 4096
+        rng.NextBytes random
+        let foreignZip =
+            use ms = new MemoryStream()
+            (use z = new ZipArchive(ms, ZipArchiveMode.Create, true)
+             use s = z.CreateEntry("model/notes.txt").Open()
+             s.Write("hello"B, 0, 5))
+            ms.ToArray()
+        for (name, bytes, part) in
+            [ "empty.pth", [||], "not a PyTorch checkpoint: "
+              "text.pth", "conv1.weight = [1, 2, 3]\n"B, "not a PyTorch checkpoint: "
+              "random.pth", random, "not a PyTorch checkpoint: "
+              "foreign.pth", foreignZip, "is a zip without data.pkl" ] do
+            withFile name bytes (fun path ->
+                let msg = hastError name (fun () -> WeightsFile.Read path)
+                expectContains msg part
+                expectContains msg path)
+    }
+
+    test "a pickled model instead of a state_dict is named, not thrown raw" {
+        let zipWith (pkl: byte[]) =
+            use ms = new MemoryStream()
+            (use z = new ZipArchive(ms, ZipArchiveMode.Create, true)
+             use s = z.CreateEntry("archive/data.pkl").Open()
+             s.Write(pkl, 0, pkl.Length))
+            ms.ToArray()
+        // PROTO 2; GLOBAL __main__.Net; EMPTY_TUPLE; NEWOBJ; EMPTY_DICT; BUILD; STOP
+        let objectPkl = Array.concat [ [| 0x80uy; 2uy |]; "c__main__\nNet\n)"B; [| 0x81uy |]; "}b."B ]
+        withFile "model.pt" (zipWith objectPkl) (fun path ->
+            let msg = hastError "pickled object" (fun () -> WeightsFile.Read path)
+            expectContains msg "no state_dict in "
+            expectContains msg "__main__.Net")
+        // PROTO 2; GLOBAL __main__.Net; BININT1 1; TUPLE1; REDUCE; STOP
+        let callPkl = Array.concat [ [| 0x80uy; 2uy |]; "c__main__\nNet\nK"B; [| 1uy; 0x85uy |]; "R."B ]
+        withFile "call.pt" (zipWith callPkl) (fun path ->
+            let msg = hastError "pickled call" (fun () -> WeightsFile.Read path)
+            expectContains msg "unsupported PyTorch checkpoint content in ")
+    }
+
+    test "truncated zip and legacy files are reported as truncated" {
+        for src in [ TestUtil.zipWeights; TestUtil.legacyWeights ] do
+            let all = File.ReadAllBytes src
+            // cut inside the header pickles, inside the object pickle, inside the storages, and 1 byte short
+            for cut in [ 20; 200; 5000; all.Length / 2; all.Length - 1 ] do
+                withFile "cut.pth" all[.. cut - 1] (fun path ->
+                    let msg = hastError (sprintf "%s cut at %d" (Path.GetFileName src) cut) (fun () -> WeightsFile.Read path)
+                    expectContains msg "truncated PyTorch checkpoint: ")
+    }
+
+    test "a legacy file with a damaged storage header is reported, not thrown raw" {
+        let all = File.ReadAllBytes TestUtil.legacyWeights
+        // the raw storages (int64 count + float32 data each, one per tensor) end the file
+        let w = WeightsFile.Read TestUtil.zipWeights
+        let data = w.Values |> Seq.sumBy (fun t -> 8L + 4L * t.numel ())
+        disposeAll w
+        let bad = Array.copy all
+        let first = all.Length - int data
+        bad[first] <- bad[first] + 1uy
+        withFile "bad.th" bad (fun path ->
+            let msg = hastError "bad count" (fun () -> WeightsFile.Read path)
+            expectContains msg "corrupt PyTorch checkpoint: "
+            expectContains msg "elements, expected")
+    }
+
+    test "a state_dict nested under 'model' is found" {
+        let net = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+        let inner = Collections.Hashtable()
+        for (k, t) in StateDict.weights net do inner[k] <- t
+        let outer = Collections.Hashtable()
+        outer["model"] <- inner
+        outer["epoch"] <- 3
+        use ms = new MemoryStream()
+        PyTorchPickler.PickleStateDict(ms, outer, true)
+        ms.Position <- 0L
+        let w = WeightsFile.Read(ms, "nested.pt")
+        try
+            Expect.equal w.Count inner.Count "all tensors"
+            for (k, t) in StateDict.weights net do sameTensor k t w[k]
+        finally disposeAll w
+    }
+
+    test "PyBridge's own loader still works beside ours" {
+        // PyBridge (used elsewhere in the process) shares Razorvine's constructor table with our reader
+        let net = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+        net.load_py(TestUtil.zipWeights, strict = false) |> ignore
+        let w = WeightsFile.Read TestUtil.zipWeights
+        try
+            for (k, t) in StateDict.weights net do
+                if not (k.EndsWith "num_batches_tracked") then sameTensor k w[k] t
+        finally disposeAll w
+    }
+]
+
+/// Reading damaged bytes either works (damage inside tensor data) or raises a HastError; nothing else.
+let private readsOrFailsCleanly (bytes: byte[]) =
+    try
+        use ms = new MemoryStream(bytes)
+        disposeAll (WeightsFile.Read(ms, "damaged.pth"))
+        true
+    with HastError _ -> true
+
+let private zipBytes = lazy (File.ReadAllBytes TestUtil.zipWeights)
+let private legacyBytes = lazy (File.ReadAllBytes TestUtil.legacyWeights)
+let private bytesOf (format: string) = if format = "zip" then zipBytes.Force() else legacyBytes.Force()
+
+let damageTests = [
+    let config = { FsCheckConfig.defaultConfig with maxTest = 40 }
+    for format in [ "zip"; "legacy" ] do
+        let length = (bytesOf format).Length
+        testPropertyWithConfig config (sprintf "%s: any cut gives tensors or a HastError" format) <|
+            Prop.forAll (Arb.fromGen (Gen.choose (0, length - 1))) (fun cut ->
+                readsOrFailsCleanly (bytesOf format).[.. cut - 1])
+        // the first 12 KB hold the pickles (headers, names, tensor metadata) of both files
+        testPropertyWithConfig config (sprintf "%s: any flipped byte in the first 12 KB gives tensors or a HastError" format) <|
+            Prop.forAll (Arb.fromGen (Gen.zip (Gen.choose (0, 12287)) (Gen.choose (1, 255)))) (fun (i, mask) ->
+                let bad = Array.copy (bytesOf format)
+                bad[i] <- bad[i] ^^^ byte mask
+                readsOrFailsCleanly bad)
+]
+
+let stateTests = [
+    test "quantizer state is neither expected from nor taken from weights" {
+        let fp = new ToyNet(false)
+        let q = new ToyNet(true)
+        let keys = StateDict.fullState q |> List.map fst
+        Expect.contains keys "fc.wq.range" "full state holds quantizer buffers"
+        Expect.isFalse (StateDict.weights q |> List.exists (fun (k, _) -> k.StartsWith "fc.wq")) "weights do not"
+        Expect.equal (StateDict.quantizerPrefixes q) [ "fc.wq" ] "quantizer found by interface"
+        use _ = torch.no_grad ()
+        (st q "fc.wq.range").fill_(3.0) |> ignore
+        StateDict.copyWeights fp q
+        sameTensor "fc.weight" (st fp "fc.weight") (st q "fc.weight")
+        Expect.equal ((st q "fc.wq.range").sum().item<float32> ()) 6.0f "quantizer state untouched"
+        let fpState = dict [ for (k, t) in StateDict.fullState fp -> "module." + k, t ]
+        StateDict.load "toy" fpState q
+        let withQ = dict (StateDict.fullState q)
+        let msg = hastError "quantizer key offered" (fun () -> StateDict.load "toy" withQ (new ToyNet(true)))
+        expectContains msg "1 unexpected (fc.wq.range)"
+    }
+
+    test "restore is strict about quantizer state" {
+        let q = new ToyNet(true)
+        let fp = new ToyNet(false)
+        let msg = hastError "fp state into q" (fun () -> StateDict.restore (dict (StateDict.fullState fp)) q)
+        expectContains msg "1 missing (fc.wq.range)"
+    }
+
+    test "missing num_batches_tracked is fine; other missing tensors are not" {
+        let src = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+        let dst = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+        let noCounters = dict [ for (k, t) in StateDict.weights src do if not (k.EndsWith "num_batches_tracked") then yield k, t ]
+        StateDict.load "cifar-resnet20-a" noCounters dst
+        sameTensor "conv1.weight" (st src "conv1.weight") (st dst "conv1.weight")
+        let noLinear = dict [ for (k, t) in StateDict.weights src do if k <> "linear.bias" then yield k, t ]
+        let msg = hastError "missing bias" (fun () -> StateDict.load "cifar-resnet20-a" noLinear dst)
+        expectContains msg "1 missing (linear.bias)"
+    }
+]
+
+let private entryBytes (zipPath: string) (entry: string) =
+    use z = ZipFile.OpenRead zipPath
+    use s = z.GetEntry(entry).Open()
+    use ms = new MemoryStream()
+    s.CopyTo ms
+    ms.ToArray()
+
+let checkpointTests = [
+    test "checkpoint round trip keeps tensors, quantizer state, extra tensors and meta" {
+        use dir = new TestUtil.TempDir()
+        let path = dir.File "run/q.hastckpt"
+        let net = new ToyNet(true)
+        use _ = torch.no_grad ()
+        (st net "fc.wq.range").copy_(torch.tensor([| -1.5f; 2.5f |])) |> ignore
+        (st net "bn.num_batches_tracked").fill_(7L) |> ignore
+        let meta = JsonObject()
+        meta["arch"] <- JsonValue.Create "toy"
+        meta["classes"] <- JsonValue.Create 3
+        meta["wbits"] <- JsonValue.Create 4
+        meta["abits"] <- JsonValue.Create 4
+        let progress = JsonObject()
+        progress["epoch"] <- JsonValue.Create 2
+        meta["progress"] <- progress
+        use m = torch.randn(3L, 4L)
+        Checkpoint.Save(path, meta, net, Dictionary(dict [ "sgd.momentum.fc.weight", m ]))
+        use c = Checkpoint.Load path
+        Expect.isTrue (JsonNode.DeepEquals(c.Meta, meta)) "meta round trip"
+        let saved = StateDict.fullState net
+        Expect.equal (List.ofSeq c.State.Keys) (saved |> List.map fst) "state names in model order"
+        for (k, t) in saved do sameTensor k t c.State[k]
+        sameTensor "extra" m c.Extra["sgd.momentum.fc.weight"]
+        let fresh = new ToyNet(true)
+        c.RestoreInto fresh
+        for (k, t) in StateDict.fullState fresh do sameTensor k (saved |> List.find (fst >> (=) k) |> snd) t
+        Expect.isEmpty (Directory.GetFiles(dir.File "run", "*.tmp")) "no temp files left"
+    }
+
+    test "corrupt, truncated and foreign checkpoints are reported" {
+        use dir = new TestUtil.TempDir()
+        let path = dir.File "c.hastckpt"
+        let net = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+        Checkpoint.Save(path, JsonObject(), net)
+        let good = File.ReadAllBytes path
+        let flipped = Array.copy good
+        flipped[good.Length / 2] <- flipped[good.Length / 2] ^^^ 0x40uy
+        File.WriteAllBytes(path, flipped)
+        let msg = hastError "flipped byte" (fun () -> Checkpoint.Load path)
+        Expect.equal msg (sprintf "checkpoint %s is corrupt (checksum mismatch); re-create it" path) "checksum"
+        File.WriteAllBytes(path, good[.. good.Length - 100])
+        expectContains (hastError "truncated" (fun () -> Checkpoint.Load path)) "is corrupt"
+        let msg = hastError "pytorch file" (fun () -> Checkpoint.Load TestUtil.zipWeights)
+        expectContains msg "not a Hast checkpoint"
+        expectContains (hastError "legacy file" (fun () -> Checkpoint.Load TestUtil.legacyWeights)) "not a Hast checkpoint"
+        expectContains (hastError "missing" (fun () -> Checkpoint.Load(dir.File "none"))) "checkpoint not found"
+    }
+
+    test "state.pt inside a checkpoint is a PyTorch state_dict" {
+        use dir = new TestUtil.TempDir()
+        let path = dir.File "c.hastckpt"
+        let net = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+        Checkpoint.Save(path, JsonObject(), net)
+        let ms = new MemoryStream(entryBytes path "state.pt")
+        let w = WeightsFile.Read(ms, "state.pt")
+        try
+            Expect.equal (WeightsFile.Detect(ReadOnlySpan(ms.ToArray(), 0, 16))) (Nullable WeightsFile.Format.Zip) "zip format"
+            let fresh = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+            StateDict.load "cifar-resnet20-a" w fresh
+            for (k, t) in StateDict.fullState net do sameTensor k t (fresh.state_dict().[k])
+        finally disposeAll w
+    }
+]
+
+let atomicTests = [
+    test "AtomicFile leaves the old file intact when the writer throws" {
+        use dir = new TestUtil.TempDir()
+        let path = dir.File "out.txt"
+        AtomicFile.WriteAllText(path, "old")
+        let boom () =
+            AtomicFile.Write(path, fun s ->
+                s.Write("new and partial"B, 0, 15)
+                failwith "writer failed")
+        Expect.throws boom "the writer's exception propagates"
+        Expect.equal (File.ReadAllText path) "old" "old content kept"
+        Expect.equal (Directory.GetFiles dir.Path) [| path |] "no temp file left"
+        AtomicFile.WriteText(path, fun w -> w.Write "new")
+        Expect.equal (File.ReadAllText path) "new" "replaced on success"
+    }
+]
+
+let tests : Test list =
+    [ testList "read" readTests
+      testList "damage" damageTests
+      testList "state" stateTests
+      testList "checkpoint" checkpointTests
+      testList "atomic" atomicTests ]
