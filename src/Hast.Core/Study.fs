@@ -31,11 +31,13 @@ let private requireParams (ps: Tensor[]) =
 
 let private dimensionOf (ps: Tensor[]) = ps |> Array.sumBy (fun p -> p.numel ())
 
-/// Flatten per-parameter gradients (null = unused = zero) into one vector.
+/// Flatten per-parameter gradients into one vector; an unused parameter (TorchSharp gives null or
+/// an empty handle) contributes zeros.
 let private flatten (ps: Tensor[]) (gs: IList<Tensor>) : Tensor =
     torch.cat([| for i in 0 .. ps.Length - 1 ->
                      match gs[i] with
                      | null -> torch.zeros_like(ps[i]).reshape(-1L)
+                     | g when g.IsInvalid -> torch.zeros_like(ps[i]).reshape(-1L)
                      | g -> g.reshape(-1L) |], 0L)
 
 /// ∇_ps loss as one detached float64 vector. The loss's graph is retained (other terms may share
@@ -131,7 +133,7 @@ let termCosines (c: FineTune.Config) (teacher: Net) (student: Net) (x: Tensor) (
                     if dl.requires_grad then
                         torch.autograd.grad([| dl |], [| xg |], retain_graph = true, allow_unused = true).[0]
                     else null
-                let gx = if isNull gx then torch.zeros_like xg else gx
+                let gx = if isNull gx || gx.IsInvalid then torch.zeros_like xg else gx
                 let x2 = Promotion.perturb p.Epsilon x gx
                 let t2 = termsOn c teacher student x2 labels
                 compareGradients ps t.Total t2.Total)
