@@ -34,8 +34,8 @@ public static class Program
             return command switch
             {
                 Root.Command.Eval c => EvalCommand.Run(c.Item, stdout),
-                Root.Command.Synthesize c => throw new HastError("synthesize is not wired yet"),
-                Root.Command.Samples c => throw new HastError("samples is not wired yet"),
+                Root.Command.Synthesize c => SynthesizeCommand.Run(c.Item, stdout),
+                Root.Command.Samples c => SamplesCommand.Run(c.Item, stdout),
                 Root.Command.Quantize c => throw new HastError("quantize is not wired yet"),
                 _ => throw new HastError("unknown command"),
             };
