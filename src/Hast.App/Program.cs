@@ -1,5 +1,6 @@
 using Hast.Core;
 using Hast.Core.Cli;
+using Microsoft.FSharp.Core;
 
 namespace Hast.App;
 
@@ -16,16 +17,16 @@ public static class Program
         Root.Command command;
         try
         {
-            command = Root.parse(args);
+            command = Root.parse(FuncConvert.FromFunc<string, string>(ReadConfig), args);
         }
         catch (Common.CliUsage u)
         {
             (u.IsHelp ? stdout : stderr).WriteLine(u.Text);
             return u.IsHelp ? ExitOk : ExitUsage;
         }
-        catch (HastError e)
+        catch (Exception e) when (Errors.UserMessage(e) is { } msg)
         {
-            stderr.WriteLine($"hast: {e.Message}");
+            stderr.WriteLine($"hast: {msg}");
             return ExitUsage;
         }
 
@@ -34,9 +35,10 @@ public static class Program
             return command switch
             {
                 Root.Command.Eval c => EvalCommand.Run(c.Item, stdout),
-                Root.Command.Synthesize c => throw new HastError("synthesize is not wired yet"),
-                Root.Command.Samples c => throw new HastError("samples is not wired yet"),
-                Root.Command.Quantize c => throw new HastError("quantize is not wired yet"),
+                Root.Command.Synthesize c => SynthesizeCommand.Run(c.Item, stdout),
+                Root.Command.Samples c => SamplesCommand.Run(c.Item, stdout),
+                Root.Command.Quantize c => PipelineCommand.Run(c.Item, isRun: false, stdout),
+                Root.Command.Run c => PipelineCommand.Run(c.Item, isRun: true, stdout),
                 _ => throw new HastError("unknown command"),
             };
         }
@@ -45,5 +47,11 @@ public static class Program
             stderr.WriteLine($"hast: {msg}");
             return ExitFailure;
         }
+    }
+
+    static string ReadConfig(string path)
+    {
+        if (!File.Exists(path)) throw new HastError($"config file '{path}' not found");
+        return File.ReadAllText(path);
     }
 }

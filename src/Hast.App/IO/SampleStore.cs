@@ -44,6 +44,18 @@ public sealed class SampleStore
             (string)b!["file"]!, (int)b["source"]!, (int)b["index"]!, (int)b["count"]!, (string)b["sha256"]!)).ToList();
     public int Count => Batches.Sum(b => b.Count);
 
+    /// Per-batch statistics recorded at synthesis: teacher top-1 (percent) and mean difficulty of the
+    /// batch's samples, and the seconds it took (0 where a merge with --take cut the batch).
+    public sealed record BatchStat(int Count, double TeacherTop1, double MeanDifficulty, double Seconds);
+
+    public IReadOnlyList<BatchStat> BatchStats() =>
+        Manifest["batches"]!.AsArray().Select(b =>
+        {
+            var st = b!["stats"];
+            return new BatchStat((int)b["count"]!, (double?)st?["teacher_top1"] ?? double.NaN,
+                                 (double?)st?["mean_difficulty"] ?? double.NaN, (double?)st?["seconds"] ?? 0);
+        }).ToList();
+
     /// Create a new store for one synthesis source, or reopen it to resume when it was made by the same
     /// teacher with the same configuration. Anything else is refused: a store is never overwritten.
     public static SampleStore CreateOrResume(string dir, Teacher teacher, int[] imageShape, int classes, long seed, JsonObject config)
@@ -106,7 +118,7 @@ public sealed class SampleStore
         Batches.Where(b => b.Source == source).Select(b => b.Index).ToHashSet();
 
     /// Append one synthesized batch: the batch file atomically, then the manifest atomically.
-    public void Append(int index, Tensor images, Tensor labels, Tensor difficulty, int source = 0)
+    public void Append(int index, Tensor images, Tensor labels, Tensor difficulty, int source = 0, JsonObject? stats = null)
     {
         var n = (int)images.shape[0];
         if (labels.shape[0] != n || difficulty.shape[0] != n) throw new ArgumentException("batch tensors disagree in length");
@@ -122,6 +134,7 @@ public sealed class SampleStore
         batches.Add(new JsonObject
         {
             ["file"] = file, ["source"] = source, ["index"] = index, ["count"] = n, ["sha256"] = Sha256(bytes),
+            ["stats"] = stats?.DeepClone(),
         });
         SaveManifest();
     }
@@ -255,7 +268,15 @@ public sealed class SampleStore
                     var file = $"batch-{src}-{e.Index:D6}.bin";
                     var bytes = Encode(img, lab, dif);
                     AtomicFile.WriteAllBytes(Path.Combine(tmp, file), bytes);
-                    batches.Add(new JsonObject { ["file"] = file, ["source"] = src, ["index"] = e.Index, ["count"] = keep, ["sha256"] = Sha256(bytes) });
+                    var stats = s.Manifest["batches"]!.AsArray().First(b => (string)b!["file"]! == e.File)!["stats"]?.DeepClone().AsObject();
+                    if (stats is not null && keep < e.Count)
+                    {
+                        // a cut batch: its mean difficulty is recomputed; its teacher top-1 is not known per sample
+                        stats["mean_difficulty"] = (double)dif.mean().item<float>();
+                        stats["teacher_top1"] = null;
+                        stats["seconds"] = 0;
+                    }
+                    batches.Add(new JsonObject { ["file"] = file, ["source"] = src, ["index"] = e.Index, ["count"] = keep, ["sha256"] = Sha256(bytes), ["stats"] = stats });
                     have += keep;
                     img.Dispose(); lab.Dispose(); dif.Dispose();
                 }

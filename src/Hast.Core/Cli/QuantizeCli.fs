@@ -1,13 +1,334 @@
-/// `hast quantize`. TODO: filled by the stage owner.
+/// `hast quantize` (quantize + calibrate + fine-tune on a sample store) and `hast run` (synthesize, then
+/// quantize, in one go). Both read settings from a preset, then a config file, then flags.
 module Hast.Core.Cli.QuantizeCli
 
+open System
 open Argu
+open Hast.Core
+open Hast.Core.Models
+open Hast.Core.Models.Registry
+open Hast.Core.Cli.Settings
+open Hast.Core.Cli.Common
 
-type QuantizeConfig = { Placeholder: unit }
+/// Where fine-tuning samples come from.
+type SampleSource =
+    /// an existing store (`hast quantize --samples DIR [--take n]`)
+    | Store of dir: string * take: int option
+    /// synthesized first into OUT/samples (`hast run --samples N`)
+    | Synthesize of Synthesis.Config
+
+/// How activation ranges are calibrated before fine-tuning.
+type Calibration =
+    /// EMA of min/max over the first `batches` batches of the synthetic samples, then frozen
+    | FromSamples of batches: int * batchSize: int
+    /// the authors' warm-up: a label-conditional generator trained with BNS + CE; its images calibrate
+    | FromGenerator of iterations: int * batchSize: int
+
+type PipelineConfig =
+    { Arch: string
+      Weights: string
+      Classes: int option
+      Test: string
+      Out: string
+      Report: string option
+      Device: string
+      Samples: SampleSource
+      WBits: int
+      ABits: int
+      Calibration: Calibration
+      FineTune: FineTune.Config
+      /// continue a killed run from OUT/train.ckpt
+      Resume: bool
+      /// evaluate on the test set every this many epochs (and always after the last)
+      EvalEvery: int
+      Preset: string option }
+
+/// Built-in settings layers. `cpu-30min`: end to end in <= 30 min on 2 CPU cores (see docs/results.md).
+/// `paper`: the authors' full budget and schedule (lihuantong/HAST, config/cifar10_resnet20.hocon).
+/// `tiny`: seconds; for smoke tests.
+let presets : (string * string * Layer) list =
+    [ "paper",
+      "authors' budget: 5120 samples x 1000 iterations, 147 epochs x 200 iterations, lr 1e-5 x0.1 at epochs 20/40/60",
+      Map.ofList
+          [ "samples", "5120"; "synth-batch", "256"; "synth-iters", "1000"
+            "batch", "64"; "lr", "1e-5"; "epochs", "147"; "iters-per-epoch", "200"
+            "schedule", "multistep"; "milestones", "20,40,60"; "lr-decay", "0.1"
+            "calibration", "samples" ]
+      "cpu-30min",
+      "end to end in <= 30 minutes on 2 CPU cores",
+      Map.ofList
+          [ "samples", "1024"; "synth-batch", "256"; "synth-iters", "300"
+            "batch", "64"; "lr", "1e-4"; "iters", "1500"; "iters-per-epoch", "250"
+            "schedule", "cosine"; "lr-floor", "0.01"; "calibration", "samples" ]
+      "tiny",
+      "a smoke test in seconds (not for accuracy)",
+      Map.ofList
+          [ "samples", "32"; "synth-batch", "32"; "synth-iters", "10"; "batch", "16"; "iters", "10"
+            "iters-per-epoch", "5"; "calib-batches", "2"; "calib-batch", "16" ] ]
+
+let presetNames = presets |> List.map (fun (n, _, _) -> n)
+
+let findPreset (name: string) : Layer =
+    match presets |> List.tryFind (fun (n, _, _) -> n.Equals(name, StringComparison.OrdinalIgnoreCase)) with
+    | Some(_, _, l) -> l
+    | None -> failf "unknown preset '%s'; choose one of: %s" name (String.concat ", " presetNames)
 
 type QuantizeArgs =
-    | Placeholder_Quantize
+    | Arch of name: string
+    | Weights of path: string
+    | Classes of n: int
+    | Test of path: string
+    | Out of dir: string
+    | Report of path: string
+    | Device of name: string
+    | Preset of name: string
+    | Config of path: string
+    | Resume
+    | Samples of spec: string
+    | Take of n: int
+    | Wbits of bits: int
+    | Abits of bits: int
+    | Calibration of mode: string
+    | Calib_Batches of k: int
+    | Calib_Batch of n: int
+    | Generator_Iters of n: int
+    | Batch of n: int
+    | Lr of float
+    | Momentum of float
+    | Weight_Decay of float
+    | Epochs of n: int
+    | Iters_Per_Epoch of n: int
+    | Iters of n: int
+    | Schedule of kind: string
+    | Milestones of epochs: string
+    | Lr_Decay of float
+    | Lr_Floor of float
+    | Temperature of float
+    | Alpha of float
+    | Lambda of float
+    | Alignment of kind: string
+    | Method of kind: string
+    | Promotion of on: bool
+    | Epsilon of float
+    | Direction of loss: string
+    | Clean_Weight of a: float
+    | Perturbed_Weight of b: float
+    | Crop_Scale of range: string
+    | Seed of int64
+    | Eval_Every of epochs: int
+    | Synth_Batch of n: int
+    | Synth_Iters of n: int
+    | Synth_Lr of float
+    | Beta of float
+    | Gamma of float
+    | Synth_Augment of mode: string
     interface IArgParserTemplate with
-        member a.Usage = "not implemented yet"
+        member a.Usage =
+            let f = FineTune.defaults
+            let s = Synthesis.defaultsFor Cifar
+            match a with
+            | Arch _ -> sprintf "architecture: %s" (String.concat ", " Registry.names)
+            | Weights _ -> "PyTorch checkpoint of the full-precision model (the teacher)"
+            | Classes _ -> "number of classes (default: read from the weights)"
+            | Test _ -> "test set (CIFAR binary file or image folder), evaluated after calibration and each epoch"
+            | Out _ -> "output folder: quantized.ckpt, train.ckpt (per epoch), report, log.txt, metrics.jsonl"
+            | Report _ -> "write {fp_top1, calib_top1, final_top1, best_top1, iterations, seconds} as JSON here"
+            | Device _ -> "cpu or cuda (default: cpu)"
+            | Preset _ -> sprintf "settings preset: %s (flags and --config override it)" (String.concat ", " presetNames)
+            | Config _ -> "JSON file of settings {\"flag-name\": value}; overrides the preset, flags override it"
+            | Resume -> "continue a killed run in --out from its last finished epoch"
+            | Samples _ -> "quantize: sample store folder; run: number of samples to synthesize"
+            | Take _ -> "quantize: use only the first n samples of the store"
+            | Wbits _ -> "weight bits, 2..8 or 32 = off (default: 4)"
+            | Abits _ -> "activation bits, 2..8 or 32 = off (default: 4)"
+            | Calibration _ -> "samples (EMA of min/max on synthetic samples) | generator (authors' warm-up) (default: samples)"
+            | Calib_Batches _ -> "batches used to calibrate activation ranges (default: 4)"
+            | Calib_Batch _ -> "calibration batch size (default: 64)"
+            | Generator_Iters _ -> "generator warm-up iterations with --calibration generator (default: 800)"
+            | Batch _ -> sprintf "fine-tune batch size (default: %d)" f.BatchSize
+            | Lr _ -> sprintf "fine-tune learning rate, SGD with Nesterov momentum (default: %g)" f.Lr
+            | Momentum _ -> sprintf "SGD momentum (default: %g)" f.Momentum
+            | Weight_Decay _ -> sprintf "weight decay (default: %g)" f.WeightDecay
+            | Epochs _ -> sprintf "fine-tune epochs (default: %d)" f.Epochs
+            | Iters_Per_Epoch _ -> sprintf "iterations per epoch (default: %d)" f.ItersPerEpoch
+            | Iters _ -> "total fine-tune iterations (sets --epochs from --iters-per-epoch)"
+            | Schedule _ -> "multistep | cosine (default: multistep)"
+            | Milestones _ -> "multistep: epochs at which the LR is multiplied by --lr-decay (default: 20,40,60)"
+            | Lr_Decay _ -> "multistep: LR factor at each milestone (default: 0.1)"
+            | Lr_Floor _ -> "cosine: final LR as a fraction of --lr (default: 0)"
+            | Temperature _ -> sprintf "distillation temperature T (default: %g)" f.Temperature
+            | Alpha _ -> sprintf "KL weight alpha; the loss uses alpha*T^2 (default: %g)" f.Alpha
+            | Lambda _ -> sprintf "feature-alignment weight lambda (default: CIFAR-10 %g, CIFAR-100 2000, ImageNet 4000)" f.Lambda
+            | Alignment _ -> "relaxed (channel attention) | direct (raw features) | none (default: relaxed)"
+            | Method _ -> "hast | baseline (CE + KL, no alignment, no promotion) (default: hast)"
+            | Promotion _ -> "sample difficulty promotion on/off (default: true)"
+            | Epsilon _ -> "promotion step epsilon (default: CIFAR-10 0.01, CIFAR-100 0.02, ImageNet 0.01)"
+            | Direction _ -> "loss that sets the promotion direction: kl | fa | kl+fa (default: kl+fa)"
+            | Clean_Weight _ -> "weight a of the clean-batch loss (default: 1)"
+            | Perturbed_Weight _ -> "weight b of the promoted-batch loss (default: 1)"
+            | Crop_Scale _ -> "fine-tune random-resized-crop area range, e.g. 0.5,1 (default: 0.5,1)"
+            | Seed _ -> "random seed of synthesis and fine-tuning (default: 0)"
+            | Eval_Every _ -> "evaluate on the test set every k epochs (default: 1)"
+            | Synth_Batch _ -> sprintf "run: synthesis batch size (default: %d)" s.BatchSize
+            | Synth_Iters _ -> sprintf "run: synthesis iterations per batch (default: %d)" s.Iterations
+            | Synth_Lr _ -> sprintf "run: synthesis Adam learning rate (default: %g)" s.Lr
+            | Beta _ -> "run: hard-sample CE weight (default: CIFAR 10, ImageNet 0.1)"
+            | Gamma _ -> "run: difficulty exponent (default: CIFAR 2, ImageNet 0.5)"
+            | Synth_Augment _ -> "run: synthesis augmentation none | batch | sample (default: CIFAR none, ImageNet sample)"
 
-let ofResults (r: ParseResults<QuantizeArgs>) : QuantizeConfig = Hast.Core.Prelude.fail "hast quantize is not implemented yet"
+/// Every setting name (for config-file validation).
+let knownKeys : string list =
+    Reflection.FSharpType.GetUnionCases(typeof<QuantizeArgs>)
+    |> Array.map (fun c -> flagName c.Name)
+    |> List.ofArray
+
+let private dataset (archName: string) (classes: int option) =
+    let arch = Registry.find archName
+    match arch.Family, classes with
+    | ImageNet, _ -> "imagenet"
+    | Cifar, Some 100 -> "cifar100"
+    | Cifar, _ -> "cifar10"
+
+/// Turn merged settings into a validated pipeline config. `isRun`: `--samples` is a count, and the
+/// synthesis settings apply.
+let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
+    let r = Reader(layer)
+    let require (k: string) (what: string) =
+        match r.TryString k with
+        | Some v when v.Trim() <> "" -> v
+        | _ -> failf "--%s is required (%s)" k what
+    let arch = Registry.find (require "arch" (String.concat ", " Registry.names))
+    let classes = r.TryInt "classes" |> Option.map (checkPositiveInt "--classes")
+    let ds = dataset arch.Name classes
+    let d = FineTune.defaults
+    let lambdaDefault, epsDefault =
+        match ds with
+        | "cifar100" -> 2000.0, 0.02
+        | "imagenet" -> 4000.0, 0.01
+        | _ -> 1000.0, 0.01
+    let itersPerEpoch = r.Int("iters-per-epoch", d.ItersPerEpoch) |> checkPositiveInt "--iters-per-epoch"
+    let epochs, itersPerEpoch =
+        match r.TryInt "iters" with
+        | Some total ->
+            let total = checkPositiveInt "--iters" total
+            let e = (total + itersPerEpoch - 1) / itersPerEpoch
+            e, (total + e - 1) / e
+        | None -> r.Int("epochs", d.Epochs) |> checkPositiveInt "--epochs", itersPerEpoch
+    let schedule =
+        match r.String("schedule", "multistep").ToLowerInvariant() with
+        | "multistep" | "multi-step" ->
+            FineTune.MultiStep(r.Ints("milestones", [ 20; 40; 60 ]), r.Float("lr-decay", 0.1) |> checkPositive "--lr-decay")
+        | "cosine" -> FineTune.Cosine(r.Float("lr-floor", 0.0) |> checkNonNegative "--lr-floor")
+        | other -> failf "--schedule must be multistep or cosine (got '%s')" other
+    let alignment =
+        match r.String("alignment", "relaxed").ToLowerInvariant() with
+        | "relaxed" -> FineTune.Relaxed
+        | "direct" -> FineTune.Direct
+        | "none" -> FineTune.NoAlignment
+        | other -> failf "--alignment must be relaxed, direct or none (got '%s')" other
+    let cropScale =
+        match r.TryString "crop-scale" with
+        | None -> Augment.CropSpec.fineTune.Scale
+        | Some s ->
+            match s.Split([| ','; ' '; ':' |], StringSplitOptions.RemoveEmptyEntries) with
+            | [| lo; hi |] ->
+                let p (v: string) =
+                    match Double.TryParse(v, Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
+                    | true, x -> x
+                    | _ -> failf "--crop-scale must be two numbers like 0.5,1 (got '%s')" s
+                p lo, p hi
+            | _ -> failf "--crop-scale must be two numbers like 0.5,1 (got '%s')" s
+    let promotion =
+        if r.Bool("promotion", true) then
+            Some
+                { Promotion.Epsilon = r.Float("epsilon", epsDefault) |> checkNonNegative "--epsilon"
+                  Promotion.Direction = Promotion.parseDirection (r.String("direction", "kl+fa"))
+                  Promotion.CleanWeight = r.Float("clean-weight", 1.0) |> checkNonNegative "--clean-weight"
+                  Promotion.PerturbedWeight = r.Float("perturbed-weight", 1.0) |> checkNonNegative "--perturbed-weight" }
+        else None
+    let seed = r.Int64("seed", 0L)
+    let ft =
+        { d with
+            BatchSize = r.Int("batch", d.BatchSize) |> checkPositiveInt "--batch"
+            Lr = r.Float("lr", d.Lr) |> checkPositive "--lr"
+            Momentum = r.Float("momentum", d.Momentum) |> checkNonNegative "--momentum"
+            WeightDecay = r.Float("weight-decay", d.WeightDecay) |> checkNonNegative "--weight-decay"
+            Epochs = epochs
+            ItersPerEpoch = itersPerEpoch
+            Schedule = schedule
+            Temperature = r.Float("temperature", d.Temperature) |> checkPositive "--temperature"
+            Alpha = r.Float("alpha", d.Alpha) |> checkNonNegative "--alpha"
+            Lambda = r.Float("lambda", lambdaDefault) |> checkNonNegative "--lambda"
+            Alignment = alignment
+            Promotion = promotion
+            Crop = { Augment.CropSpec.fineTune with Scale = cropScale }
+            Seed = seed }
+    let ft =
+        match r.String("method", "hast").ToLowerInvariant() with
+        | "hast" -> ft
+        | "baseline" -> FineTune.baseline ft
+        | other -> failf "--method must be hast or baseline (got '%s')" other
+    FineTune.validate ft |> ignore
+    let samplesSpec = require "samples" (if isRun then "number of samples to synthesize" else "a sample store folder from `hast synthesize`")
+    let samples =
+        if isRun then
+            let n =
+                match Int32.TryParse samplesSpec with
+                | true, n -> checkPositiveInt "--samples" n
+                | _ -> failf "hast run --samples takes a number of samples to synthesize (got '%s'); to use a store, run `hast quantize`" samplesSpec
+            let synthLayer =
+                [ "samples", string n ]
+                @ ([ "synth-batch", "batch"; "synth-iters", "iters"; "synth-lr", "lr"; "beta", "beta"; "gamma", "gamma"; "synth-augment", "augment" ]
+                   |> List.choose (fun (k, sk) -> r.TryString k |> Option.map (fun v -> sk, v)))
+                @ [ "seed", string seed ]
+                |> Map.ofList
+            Synthesize(SynthesizeCli.synthesisOf arch.Family "" (Reader synthLayer))
+        else
+            Store(samplesSpec, r.TryInt "take" |> Option.map (checkPositiveInt "--take"))
+    let calibration =
+        match r.String("calibration", "samples").ToLowerInvariant() with
+        | "samples" ->
+            FromSamples(r.Int("calib-batches", 4) |> checkPositiveInt "--calib-batches",
+                        r.Int("calib-batch", 64) |> checkPositiveInt "--calib-batch")
+        | "generator" ->
+            FromGenerator(r.Int("generator-iters", 800) |> checkPositiveInt "--generator-iters",
+                          r.Int("calib-batch", 64) |> checkPositiveInt "--calib-batch")
+        | other -> failf "--calibration must be samples or generator (got '%s')" other
+    { Arch = arch.Name
+      Weights = require "weights" "the full-precision PyTorch checkpoint"
+      Classes = classes
+      Test = require "test" "a test set to report accuracy on"
+      Out = require "out" "an output folder"
+      Report = r.TryString "report"
+      Device = r.String("device", "cpu")
+      Samples = samples
+      WBits = r.Int("wbits", 4) |> checkBits "--wbits"
+      ABits = r.Int("abits", 4) |> checkBits "--abits"
+      Calibration = calibration
+      FineTune = ft
+      Resume = r.Bool("resume", false)
+      EvalEvery = r.Int("eval-every", 1) |> checkPositiveInt "--eval-every"
+      Preset = r.TryString "preset" }
+
+let private synthesisKeys = [ "synth-batch"; "synth-iters"; "synth-lr"; "beta"; "gamma"; "synth-augment" ]
+
+/// The settings layers of a command line: preset, config file (read by `readFile`), flags.
+let layers (isRun: bool) (readFile: string -> string) (res: ParseResults<QuantizeArgs>) : Layer =
+    let flags = Settings.ofResults res
+    if not isRun then
+        for k in synthesisKeys @ [ "synth-batch" ] do
+            if flags.ContainsKey k then failf "--%s applies to `hast run` (synthesis), not to `hast quantize`" k
+    elif flags.ContainsKey "take" then fail "--take applies to `hast quantize --samples DIR`; `hast run --samples N` synthesizes exactly N"
+    let preset = flags |> Map.tryFind "preset" |> Option.map findPreset |> Option.defaultValue Map.empty
+    let file =
+        match Map.tryFind "config" flags with
+        | Some path ->
+            let l = Settings.ofJson path (readFile path)
+            checkKnown ("config file " + path) knownKeys l
+            l
+        | None -> Map.empty
+    merge [ preset; file; flags ]
+
+/// Parse a `quantize` / `run` command line into a validated config.
+let ofResults (isRun: bool) (readFile: string -> string) (res: ParseResults<QuantizeArgs>) : PipelineConfig =
+    ofLayer isRun (layers isRun readFile res)

@@ -8,7 +8,8 @@ type Command =
     | Eval of EvalCli.EvalConfig
     | Synthesize of SynthesizeCli.SynthesizeConfig
     | Samples of SamplesCli.SamplesConfig
-    | Quantize of QuantizeCli.QuantizeConfig
+    | Quantize of QuantizeCli.PipelineConfig
+    | Run of QuantizeCli.PipelineConfig
 
 [<RequireSubcommand>]
 type HastArgs =
@@ -16,19 +17,21 @@ type HastArgs =
     | [<CliPrefix(CliPrefix.None)>] Synthesize of ParseResults<SynthesizeCli.SynthesizeArgs>
     | [<CliPrefix(CliPrefix.None)>] Samples of ParseResults<SamplesCli.SamplesArgs>
     | [<CliPrefix(CliPrefix.None)>] Quantize of ParseResults<QuantizeCli.QuantizeArgs>
+    | [<CliPrefix(CliPrefix.None)>] Run of ParseResults<QuantizeCli.QuantizeArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Eval _ -> "evaluate a model (full precision or quantized) on a test set"
             | Synthesize _ -> "synthesize hard samples from a pretrained model (no real data)"
             | Samples _ -> "manage sample stores (merge, subset, inspect)"
-            | Quantize _ -> "quantize a model and fine-tune it on synthetic samples"
+            | Quantize _ -> "quantize a model and fine-tune it on a sample store (HAST)"
+            | Run _ -> "synthesize hard samples, then quantize and fine-tune: the whole zero-shot pipeline"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
-/// Parse argv into a command. Raises `CliUsage` for --help or malformed arguments and
-/// `HastError` for well-formed but invalid values; never anything else.
-let parse (argv: string[]) : Command =
+/// Parse argv into a command. `readFile` reads a `--config` file (the shell's IO). Raises `CliUsage`
+/// for --help or malformed arguments and `HastError` for well-formed but invalid values; nothing else.
+let parse (readFile: string -> string) (argv: string[]) : Command =
     let results =
         try
             parser().ParseCommandLine(argv, raiseOnUsage = true)
@@ -38,4 +41,5 @@ let parse (argv: string[]) : Command =
     | HastArgs.Eval r -> Command.Eval(EvalCli.ofResults r)
     | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
     | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
-    | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults r)
+    | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false readFile r)
+    | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
