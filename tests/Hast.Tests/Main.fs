@@ -15,6 +15,7 @@ let all =
         testList "eval" (EvalTests.tests @ EvalTests.sharedTests)
         testList "losses" LossTests.tests
         testList "synthesis" SynthesisTests.tests
+        testList "store" StoreTests.tests
         testList "finetune" FineTuneTests.tests
         testList "cli" CliTests.tests
         testList "study" StudyTests.tests
