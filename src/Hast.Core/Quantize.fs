@@ -5,34 +5,9 @@ open TorchSharp
 open Hast.Core
 open Hast.Core.Models
 
-/// State-dict key prefixes ("name.") of the quantizer-state modules of `m`.
-let private quantizerPrefixes (m: torch.nn.Module) : string list =
-    [ for struct (name, c) in m.named_modules () do
-          if ((box c) :? IQuantizerState) && name <> "" then yield name + "." ]
-
-let private shapeText (t: Tensor) = t.shape |> Array.map string |> String.concat "x"
-
 /// Copy every weight and buffer of `src` into the same-named tensor of `dst` (values, not sharing),
-/// skipping `dst`'s quantizer state. Both must have exactly the same other names and shapes.
-let copyWeights (src: torch.nn.Module) (dst: torch.nn.Module) : unit =
-    use _ = torch.no_grad ()
-    let s = src.state_dict ()
-    let d = dst.state_dict ()
-    let skip = quantizerPrefixes dst
-    let isQuantizerState (k: string) = skip |> List.exists (fun p -> k.StartsWith p)
-    for KeyValue(k, t) in d do
-        if not (isQuantizerState k) then
-            match s.TryGetValue k with
-            | true, v ->
-                if t.shape <> v.shape then
-                    failf "weights do not fit the architecture: '%s' is %s in the full-precision model but %s in the quantized one; pass the --arch/--classes the weights were trained for"
-                        k (shapeText v) (shapeText t)
-                t.copy_(v) |> ignore
-            | _ ->
-                failf "weights do not fit the architecture: the full-precision model has no '%s'; pass the --arch/--classes the weights were trained for" k
-    for KeyValue(k, _) in s do
-        if not (d.ContainsKey k) then
-            failf "weights do not fit the architecture: the quantized model has no '%s'; pass the --arch/--classes the weights were trained for" k
+/// skipping quantizer state. Both must have exactly the same other names and shapes.
+let copyWeights (src: torch.nn.Module) (dst: torch.nn.Module) : unit = StateDict.copyWeights src dst
 
 /// A fake-quantized model (W`wbits` per channel, A`abits` per tensor) of topology `arch` with
 /// `classes` outputs, holding copies of `fp`'s weights and BN statistics, on `fp`'s device and in
