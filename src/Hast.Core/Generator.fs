@@ -206,6 +206,7 @@ let calibrateWithGenerator
         let studentWasTraining = student.training
         Quantizers.resetRanges student
         Quantizers.setCalibrating student true
+        student.eval ()
         try
             for it in 1 .. cfg.Iterations do
                 use _ = torch.NewDisposeScope()
@@ -227,7 +228,6 @@ let calibrateWithGenerator
                 let ceV, bnsV = scalar ce, scalar bns
                 do
                     use _ng = torch.no_grad ()
-                    student.eval ()
                     student.forward (images.detach ()) |> ignore
                 onIter
                     { Iteration = it
