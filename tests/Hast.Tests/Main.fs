@@ -15,9 +15,11 @@ let all =
         testList "eval" (EvalTests.tests @ EvalTests.sharedTests)
         testList "losses" LossTests.tests
         testList "synthesis" SynthesisTests.tests
+        testList "store" StoreTests.tests
         testList "finetune" FineTuneTests.tests
         testList "cli" CliTests.tests
         testList "generator" GeneratorTests.tests
+        testList "study" StudyTests.tests
     ]
 
 [<EntryPoint>]

@@ -10,6 +10,7 @@ type Command =
     | Samples of SamplesCli.SamplesConfig
     | Quantize of QuantizeCli.PipelineConfig
     | Run of QuantizeCli.PipelineConfig
+    | Download of DownloadCli.DownloadConfig
 
 [<RequireSubcommand>]
 type HastArgs =
@@ -18,6 +19,7 @@ type HastArgs =
     | [<CliPrefix(CliPrefix.None)>] Samples of ParseResults<SamplesCli.SamplesArgs>
     | [<CliPrefix(CliPrefix.None)>] Quantize of ParseResults<QuantizeCli.QuantizeArgs>
     | [<CliPrefix(CliPrefix.None)>] Run of ParseResults<QuantizeCli.QuantizeArgs>
+    | [<CliPrefix(CliPrefix.None)>] Download of ParseResults<DownloadCli.DownloadArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -26,6 +28,7 @@ type HastArgs =
             | Samples _ -> "manage sample stores (merge, subset, inspect)"
             | Quantize _ -> "quantize a model and fine-tune it on a sample store (HAST)"
             | Run _ -> "synthesize hard samples, then quantize and fine-tune: the whole zero-shot pipeline"
+            | Download _ -> "fetch pretrained weights or test sets from their public homes (checksummed, resumable)"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
@@ -43,3 +46,4 @@ let parse (readFile: string -> string) (argv: string[]) : Command =
     | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
     | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false readFile r)
     | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
+    | HastArgs.Download r -> Command.Download(DownloadCli.ofResults r)

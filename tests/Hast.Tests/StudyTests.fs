@@ -1,0 +1,293 @@
+module Hast.Tests.StudyTests
+
+open Expecto
+open TorchSharp
+open TorchSharp.Modules
+open Hast.Core
+
+/// conv 3x3 (2->3) - BN - act - linear (3*4*4 -> 5) on 2x4x4 inputs; the BN output is recorded as a
+/// block (for feature alignment) and as a BN tap.
+type private TinyNet(kit: LayerKit) as this =
+    inherit Net("tiny")
+    let conv = kit.Conv(ConvSpec.make 2L 3L 3L 1L 1L)
+    let bn = torch.nn.BatchNorm2d(3L)
+    let act = kit.Act Relu
+    let fc = kit.Linear 48L 5L
+    do
+        this.register_module("conv", conv)
+        this.register_module("bn", bn)
+        this.register_module("act", act)
+        this.register_module("fc", fc)
+    override _.Run(x: Tensor, tape: Tape) : Tensor =
+        let h = act.forward (tape.Block(tape.Bn(bn, conv.forward x)))
+        fc.forward (h.flatten(1L))
+
+/// A tiny net in float64 and eval mode, with seeded weights and non-trivial BN statistics.
+let private tiny (seed: int64) (kit: LayerKit) : Net =
+    torch.random.manual_seed seed |> ignore
+    let n = new TinyNet(kit)
+    n.``to``(torch.float64) |> ignore
+    use _ = torch.no_grad ()
+    for struct (name, b) in n.named_buffers () do
+        if name = "bn.running_mean" then b.copy_(torch.randn(3L, dtype = torch.float64) * 0.1) |> ignore
+        if name = "bn.running_var" then b.copy_(torch.rand(3L, dtype = torch.float64) + 0.5) |> ignore
+    for struct (name, p) in n.named_parameters () do
+        if name.StartsWith "bn." then p.copy_(torch.randn_like(p) * 0.2 + (if name.EndsWith "weight" then 1.0 else 0.0)) |> ignore
+    n.eval ()
+    n :> Net
+
+let private input (seed: int64) (batch: int64) =
+    torch.random.manual_seed seed |> ignore
+    torch.randn([| batch; 2L; 4L; 4L |], dtype = torch.float64)
+
+/// Cross entropy of the tiny net on a fixed batch (exercises conv2d, BN in eval, ReLU, log_softmax).
+let private ceLoss (net: Net) (x: Tensor) (y: Tensor) = torch.nn.functional.cross_entropy(net.forward x, y)
+
+let private labels = torch.tensor([| 0L; 3L; 1L; 4L; 2L; 0L |])
+
+let private maxAbs (t: Tensor) = scalar (t.abs().max())
+
+let private relErr (a: Tensor) (b: Tensor) = maxAbs (a - b) / (maxAbs b + 1e-12)
+
+let private gradsNull (ps: Tensor[]) = ps |> Array.forall (fun p -> isNull p.grad)
+
+/// Symmetric matrix Q diag(λ) Qᵀ with a random orthogonal Q.
+let private withEigenvalues (seed: int64) (lambdas: float[]) : Tensor =
+    use gen = generator seed
+    let n = int64 lambdas.Length
+    let struct (q: Tensor, _r: Tensor) = torch.linalg.qr(torch.randn([| n; n |], dtype = torch.float64, generator = gen))
+    q.matmul(torch.diag(torch.tensor(lambdas, dtype = torch.float64))).matmul(q.t())
+
+/// The quadratic loss 0.5 wᵀAw on a fresh parameter w (Hessian exactly A), through double backward.
+let private quadratic (a: Tensor) (seed: int64) : Tensor * Tensor =
+    torch.random.manual_seed seed |> ignore
+    let w = torch.randn([| a.shape[0] |], dtype = torch.float64).requires_grad_(true)
+    w, (w.dot(a.mv(w))) * 0.5
+
+let private spread =
+    // extremes well separated from a bulk in [0, 1]
+    Array.append [| -5.0; 10.0 |] (Array.init 48 (fun i -> float i / 47.0))
+
+let gradientTests = [
+    test "gradient cosine: 1 for identical, -1 for negated, 0 for orthogonal losses; norms" {
+        use _ = torch.NewDisposeScope()
+        let w = torch.tensor([| 1.0; 2.0; -0.5; 3.0 |], dtype = torch.float64).requires_grad_(true)
+        let ps = [| w |]
+        let a = (w * w * torch.tensor([| 1.0; 0.5; 2.0; 0.0 |], dtype = torch.float64)).sum()
+        let a' = (w * w * torch.tensor([| 1.0; 0.5; 2.0; 0.0 |], dtype = torch.float64)).sum()
+        let same = Study.compareGradients ps a a'
+        Expect.floatClose Accuracy.high same.Cosine 1.0 "identical losses"
+        Expect.floatClose Accuracy.high (Study.compareGradients ps a (-a)).Cosine -1.0 "negated loss"
+        // ∇a has no component on w[3]; ∇b = (0, 0, 0, 2·w3)
+        let b = w[3L] * w[3L]
+        Expect.floatClose Accuracy.high (Study.compareGradients ps a b).Cosine 0.0 "orthogonal gradients"
+        // ∇a = (2, 2, -2, 0): norm sqrt 12; ∇b norm 6
+        Expect.floatClose Accuracy.high same.NormA (sqrt 12.0) "norm of ∇a"
+        Expect.floatClose Accuracy.high (Study.compareGradients ps a b).NormB 6.0 "norm of ∇b"
+        // 45 degrees: c = w0 + w1 (∇c = (1, 1, 0, 0)) vs d = w0 (∇d = (1, 0, 0, 0))
+        Expect.floatClose Accuracy.high (Study.compareGradients ps (w[0L] + w[1L]) w[0L]).Cosine (1.0 / sqrt 2.0) "45 degrees"
+        Expect.isTrue (System.Double.IsNaN (Study.compareGradients ps a (torch.tensor(0.0))).Cosine) "constant loss: undefined"
+        Expect.isTrue (gradsNull ps) ".grad untouched"
+    }
+    test "gradient cosine on a net equals the cosine of backward() gradients, .grad untouched" {
+        use _ = torch.NewDisposeScope()
+        let net = tiny 1L LayerKit.fullPrecision
+        let x = input 2L 6L
+        let a = ceLoss net x labels
+        let b = (let o = net.forward x in (o * o).mean())
+        let cos = Study.gradientCosine net a b
+        let ps = Study.parameters net
+        Expect.isTrue (gradsNull ps) ".grad untouched by gradientCosine"
+        let viaBackward (l: Tensor) =
+            for p in ps do p.grad <- null
+            l.backward ()
+            let g = torch.cat([| for p in ps -> p.grad.reshape(-1L).clone() |], 0L)
+            for p in ps do p.grad <- null
+            g
+        let ga = viaBackward (ceLoss net x labels)
+        let gb = viaBackward ((let o = net.forward x in (o * o).mean()))
+        let expected = scalar (ga.dot(gb) / (ga.norm() * gb.norm()))
+        Expect.floatClose Accuracy.high cos expected "same as explicit backward"
+        Expect.isLessThan (abs cos) 0.999 "the two losses really differ"
+    }
+    test "termCosines: KL vs FA is a cosine, ε = 0 promotion gives clean = perturbed, modes restored" {
+        use _ = torch.NewDisposeScope()
+        let teacher = tiny 1L LayerKit.fullPrecision
+        let student = tiny 4L LayerKit.fullPrecision
+        student.train ()
+        let x = input 2L 6L
+        let promo eps : Promotion.Promotion option =
+            Some { Epsilon = eps; Direction = Promotion.KLandFA; CleanWeight = 1.0; PerturbedWeight = 1.0 }
+        let c = { FineTune.defaults with Promotion = promo 0.0 }
+        let r = Study.termCosines c teacher student x labels
+        Expect.isTrue (r.KlFa.Cosine >= -1.0 && r.KlFa.Cosine <= 1.0) "KL/FA cosine in [-1, 1]"
+        Expect.isGreaterThan r.KlFa.NormA 0.0 "KL gradient non-zero"
+        Expect.isGreaterThan r.KlFa.NormB 0.0 "FA gradient non-zero"
+        Expect.isLessThan (abs r.KlFa.Cosine) 0.999 "KL and FA point differently"
+        Expect.floatClose Accuracy.high r.CleanPerturbed.Value.Cosine 1.0 "x + 0 = x"
+        let r2 = Study.termCosines { c with Promotion = promo 0.5 } teacher student x labels
+        Expect.isLessThan r2.CleanPerturbed.Value.Cosine 0.999999 "a real perturbation changes the gradient"
+        Expect.floatClose Accuracy.high r2.KL r.KL "clean KL does not depend on ε"
+        Expect.isNone (Study.termCosines { c with Promotion = None } teacher student x labels).CleanPerturbed "no promotion"
+        Expect.isTrue student.training "student mode restored"
+        Expect.isFalse teacher.training "teacher mode restored"
+        Expect.isTrue (gradsNull (Study.parameters student)) ".grad untouched"
+    }
+]
+
+let hessianTests = [
+    test "H·v by double backward matches a finite difference of gradients (conv, BN eval, ReLU, log_softmax)" {
+        use _ = torch.NewDisposeScope()
+        let net = tiny 1L LayerKit.fullPrecision
+        let x = input 2L 6L
+        let ps = Study.parameters net
+        use h = new Study.HessianOperator(ps, ceLoss net x labels)
+        use gen = generator 5L
+        let v = torch.randn([| h.Dimension |], dtype = torch.float64, generator = gen)
+        let hv = h.Product v
+        let shift (by: float) =
+            use _ = torch.no_grad ()
+            let mutable o = 0L
+            for p in ps do
+                let k = p.numel ()
+                p.add_(v.slice(0L, o, o + k, 1L).view_as(p) * by) |> ignore
+                o <- o + k
+        let gradAt (by: float) =
+            shift by
+            let g = Study.flatGradient ps (ceLoss net x labels)
+            shift -by
+            g
+        let eps = 1e-5
+        let fd = (gradAt eps - gradAt -eps) / (2.0 * eps)
+        Expect.isGreaterThan (maxAbs hv) 1e-3 "non-trivial curvature"
+        Expect.isLessThan (relErr hv fd) 1e-5 "H·v ≈ (g(w+εv) − g(w−εv)) / 2ε"
+        Expect.isTrue (gradsNull ps) ".grad untouched"
+    }
+    test "through the STE weight quantizer, H equals the FP Hessian at the dequantized weights" {
+        use _ = torch.NewDisposeScope()
+        let q = tiny 1L (Quantizers.LayerKit.quantized 4 32)
+        let fp = tiny 2L LayerKit.fullPrecision
+        do
+            use _ = torch.no_grad ()
+            let qs = q.state_dict ()
+            for KeyValue(k, t) in fp.state_dict () do
+                let src = qs[k]
+                let v = if k = "conv.weight" || k = "fc.weight" then Quantizers.weightFakeQuant src 4 else src
+                t.copy_(v) |> ignore
+        let x = input 2L 6L
+        use hq = new Study.HessianOperator(Study.parameters q, ceLoss q x labels)
+        use hf = new Study.HessianOperator(Study.parameters fp, ceLoss fp x labels)
+        Expect.isLessThan (relErr hq.Gradient hf.Gradient) 1e-10 "same gradient"
+        use gen = generator 6L
+        for _ in 1 .. 3 do
+            let v = torch.randn([| hq.Dimension |], dtype = torch.float64, generator = gen)
+            Expect.isLessThan (relErr (hq.Product v) (hf.Product v)) 1e-10 "same H·v"
+        // the quantized weights really differ from the latent ones
+        let cw = q.state_dict().["conv.weight"]
+        Expect.isGreaterThan (maxAbs (Quantizers.weightFakeQuant cw 4 - cw)) 1e-3 "W4 rounds"
+    }
+    test "Hessian of a W4A4 net (activation STE) is symmetric: uᵀHv = vᵀHu" {
+        use _ = torch.NewDisposeScope()
+        let q = tiny 1L (Quantizers.LayerKit.quantized 4 4)
+        Quantize.calibrate torch.CPU q [ input 7L 8L ]
+        let x = input 2L 6L
+        use h = new Study.HessianOperator(Study.parameters q, ceLoss q x labels)
+        use gen = generator 8L
+        let u = torch.randn([| h.Dimension |], dtype = torch.float64, generator = gen)
+        let v = torch.randn([| h.Dimension |], dtype = torch.float64, generator = gen)
+        let uHv = scalar (u.dot(h.Product v))
+        let vHu = scalar (v.dot(h.Product u))
+        Expect.isGreaterThan (abs uHv) 1e-4 "non-trivial"
+        Expect.floatClose Accuracy.high uHv vHu "symmetric"
+    }
+    test "quadratic 0.5 wᵀAw: H·v = A·v and full-length SLQ recovers every eigenvalue, weights sum to 1" {
+        use _ = torch.NewDisposeScope()
+        let lambdas = [| -2.0; -0.5; 0.1; 1.0; 3.0; 7.0 |]
+        let a = withEigenvalues 11L lambdas
+        let w, loss = quadratic a 12L
+        use h = new Study.HessianOperator([| w |], loss)
+        let v = torch.randn([| 6L |], dtype = torch.float64)
+        Expect.isLessThan (relErr (h.Product v) (a.mv v)) 1e-12 "H·v = A·v"
+        use gen = generator 13L
+        let d = Study.density gen { Iterations = 6; Runs = 3 } h.Operator
+        Expect.equal d.Runs.Length 3 "one quadrature per run"
+        for r in d.Runs do
+            Expect.equal r.Nodes.Length 6 "m = n nodes"
+            for l, e in Array.zip r.Nodes lambdas do Expect.floatClose Accuracy.medium l e "node = eigenvalue"
+            Expect.floatClose Accuracy.high (Array.sum r.Weights) 1.0 "weights sum to 1"
+            Expect.isTrue (r.Weights |> Array.forall (fun x -> x > 0.0)) "positive weights"
+        Expect.isTrue (gradsNull [| w |]) ".grad untouched"
+    }
+    test "SLQ with m < n finds the extreme eigenvalues; trace from quadrature and density integrate correctly" {
+        use _ = torch.NewDisposeScope()
+        let a = withEigenvalues 21L spread
+        let op = Study.matrixOperator a
+        use gen = generator 22L
+        let d = Study.density gen { Iterations = 25; Runs = 2 } op
+        for r in d.Runs do
+            Expect.equal r.Nodes.Length 25 "m nodes"
+            Expect.floatClose Accuracy.medium (Array.max r.Nodes) 10.0 "top"
+            Expect.floatClose Accuracy.medium (Array.min r.Nodes) -5.0 "bottom"
+            Expect.floatClose Accuracy.high (Array.sum r.Weights) 1.0 "weights sum to 1"
+        let tr = Array.sum spread
+        Expect.isLessThan (abs (Study.densityTrace d - tr)) (0.5 * tr) "quadrature trace in the right range"
+        let g = [| for i in 0 .. 4000 -> -8.0 + 21.0 * float i / 4000.0 |]
+        let dens = Study.densityOnGrid 0.1 g d
+        let integral = Array.sum dens * (g[1] - g[0])
+        Expect.floatClose Accuracy.medium integral 1.0 "density integrates to 1"
+        let at x = Study.densityOnGrid 0.1 [| x |] d |> Array.head
+        Expect.isGreaterThan (at 10.0) (10.0 * at 7.0) "a peak at the top eigenvalue, none in the gap"
+        Expect.isGreaterThan (at 0.5) (at 10.0) "most mass in the bulk"
+        let pg = Study.grid 50 d
+        Expect.equal pg.Length 50 "bins"
+        Expect.floatClose Accuracy.medium pg[0] -5.01 "PyHessian grid start"
+        Expect.floatClose Accuracy.medium pg[49] 10.01 "PyHessian grid end"
+        Expect.floatClose Accuracy.medium (Study.pyHessianSigma d) (sqrt (1e-5 * 15.02)) "PyHessian sigma"
+    }
+    test "power iteration finds the top eigenvalue(s) by magnitude, with deflation" {
+        use _ = torch.NewDisposeScope()
+        let a = withEigenvalues 31L spread
+        let w, loss = quadratic a 32L
+        use h = new Study.HessianOperator([| w |], loss)
+        use gen = generator 33L
+        let cfg = { Study.powerDefaults with MaxIterations = 200; Tolerance = 1e-10 }
+        let top = Study.topEigenvalue gen cfg h.Operator
+        Expect.floatClose Accuracy.medium top.Value 10.0 "largest magnitude"
+        Expect.isTrue top.Converged "converged"
+        Expect.isLessThan (relErr (a.mv top.Vector) (top.Vector * 10.0)) 1e-4 "eigenvector"
+        let two = Study.topEigenvalues gen cfg 2 h.Operator
+        Expect.floatClose Accuracy.medium two[1].Value -5.0 "second by magnitude after deflation"
+        Expect.isTrue (gradsNull [| w |]) ".grad untouched"
+    }
+    test "Hutchinson trace is close to tr(A) and within a few standard errors" {
+        use _ = torch.NewDisposeScope()
+        let lambdas = [| -1.0; 0.5; 2.0; 3.0; 4.0; 6.0; 0.2; 1.3 |]
+        let a = withEigenvalues 41L lambdas
+        let w, loss = quadratic a 42L
+        use h = new Study.HessianOperator([| w |], loss)
+        use gen = generator 43L
+        let t = Study.trace gen { MaxSamples = 3000; Tolerance = 0.0 } h.Operator
+        let tr = Array.sum lambdas
+        Expect.equal t.Samples.Length 3000 "all samples with tolerance 0"
+        Expect.isGreaterThan t.StandardError 0.0 "non-diagonal A: samples vary"
+        Expect.isLessThan (abs (t.Estimate - tr)) (4.0 * t.StandardError) "within 4 SE"
+        Expect.isLessThan (abs (t.Estimate - tr)) (0.05 * tr) "within 5%"
+        let early = Study.trace gen Study.traceDefaults h.Operator
+        Expect.isLessThanOrEqual early.Samples.Length 100 "PyHessian defaults stop by 100"
+    }
+    test "invalid settings fail with a message; an invariant Krylov space stops Lanczos early" {
+        use _ = torch.NewDisposeScope()
+        let op = Study.matrixOperator (torch.eye(4L, dtype = torch.float64) * 2.0)
+        use gen = generator 1L
+        let d = Study.density gen { Iterations = 4; Runs = 1 } op
+        Expect.equal d.Runs.Head.Nodes.Length 1 "identity-like operator: one node"
+        Expect.floatClose Accuracy.high d.Runs.Head.Nodes[0] 2.0 "node"
+        Expect.floatClose Accuracy.high d.Runs.Head.Weights[0] 1.0 "weight"
+        Expect.throwsT<HastError> (fun () -> Study.density gen { Iterations = 0; Runs = 1 } op |> ignore) "iterations"
+        Expect.throwsT<HastError> (fun () -> Study.topEigenvalues gen Study.powerDefaults 5 op |> ignore) "count > n"
+        Expect.throwsT<HastError> (fun () -> Study.densityOnGrid 0.0 [| 0.0 |] d |> ignore) "sigma"
+        Expect.throwsT<HastError> (fun () -> Study.compareGradients [||] (torch.tensor(1.0)) (torch.tensor(1.0)) |> ignore) "no params"
+    }
+]
+
+let tests : Test list = gradientTests @ hessianTests
