@@ -18,6 +18,7 @@ let all =
         testList "store" StoreTests.tests
         testList "finetune" FineTuneTests.tests
         testList "cli" CliTests.tests
+        testList "generator" GeneratorTests.tests
         testList "study" StudyTests.tests
     ]
 
