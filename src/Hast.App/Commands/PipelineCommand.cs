@@ -188,7 +188,8 @@ public static class PipelineCommand
                     .Select(i => images.slice(0, (long)i * s.batchSize, Math.Min(n, (long)(i + 1) * s.batchSize), 1)));
                 break;
             case QuantizeCli.Calibration.FromGenerator g:
-                var gcfg = Hast.Core.Generator.defaults with { Iterations = g.iterations, BatchSize = g.batchSize, Seed = c.FineTune.Seed };
+                var d = Hast.Core.Generator.defaults;
+                var gcfg = new Hast.Core.Generator.Config(g.iterations, g.batchSize, d.Latent, d.Lr, d.Beta1, d.Beta2, d.BnsWeight, c.FineTune.Seed);
                 log.Info($"calibrating activation ranges with a label-conditional generator ({g.iterations} iterations x {g.batchSize}, BNS + CE)");
                 log.Stage("generator calibration");
                 Hast.Core.Generator.calibrateWithGenerator(device, gcfg, teacher.Net, student.Net, teacher.Arch.Input.Size,
