@@ -37,6 +37,7 @@ public static class Program
                 Root.Command.Synthesize c => throw new HastError("synthesize is not wired yet"),
                 Root.Command.Samples c => throw new HastError("samples is not wired yet"),
                 Root.Command.Quantize c => throw new HastError("quantize is not wired yet"),
+                Root.Command.Bench c => BenchCommand.Run(c.Item, stdout),
                 _ => throw new HastError("unknown command"),
             };
         }

@@ -9,6 +9,7 @@ type Command =
     | Synthesize of SynthesizeCli.SynthesizeConfig
     | Samples of SamplesCli.SamplesConfig
     | Quantize of QuantizeCli.QuantizeConfig
+    | Bench of BenchCli.BenchConfig
 
 [<RequireSubcommand>]
 type HastArgs =
@@ -16,6 +17,7 @@ type HastArgs =
     | [<CliPrefix(CliPrefix.None)>] Synthesize of ParseResults<SynthesizeCli.SynthesizeArgs>
     | [<CliPrefix(CliPrefix.None)>] Samples of ParseResults<SamplesCli.SamplesArgs>
     | [<CliPrefix(CliPrefix.None)>] Quantize of ParseResults<QuantizeCli.QuantizeArgs>
+    | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCli.BenchArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -23,6 +25,7 @@ type HastArgs =
             | Synthesize _ -> "synthesize hard samples from a pretrained model (no real data)"
             | Samples _ -> "manage sample stores (merge, subset, inspect)"
             | Quantize _ -> "quantize a model and fine-tune it on synthetic samples"
+            | Bench _ -> "time the training steps (fine-tune, synthesis, eval) on this machine"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
@@ -39,3 +42,4 @@ let parse (argv: string[]) : Command =
     | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
     | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
     | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults r)
+    | HastArgs.Bench r -> Command.Bench(BenchCli.ofResults r)

@@ -1,0 +1,203 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json.Nodes;
+using Hast.App.IO;
+using Hast.Core;
+using Hast.Core.Cli;
+using Microsoft.FSharp.Core;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Hast.App;
+
+/// `hast bench`: times fine-tune steps (with and without promotion), synthesis iterations and eval
+/// forwards of a quantized student built from FP weights, on random inputs; prints a table and
+/// optionally writes it as JSON. Each phase runs `--warmup` untimed iterations first.
+public static class BenchCommand
+{
+    /// One measured phase: per-iteration wall times and resident memory before/after.
+    public sealed record PhaseResult(string Name, string What, int Batch, double[] Ms, long RssStartKb, long RssEndKb)
+    {
+        public double Median => Percentile(0.5);
+        public double Mean => Ms.Average();
+        public double Min => Ms.Min();
+        public double ImagesPerSecond => Batch * 1000.0 / Median;
+
+        public double Percentile(double p)
+        {
+            var s = Ms.OrderBy(v => v).ToArray();
+            var pos = p * (s.Length - 1);
+            int lo = (int)Math.Floor(pos), hi = (int)Math.Ceiling(pos);
+            return s[lo] + (s[hi] - s[lo]) * (pos - lo);
+        }
+    }
+
+    public static int Run(BenchCli.BenchConfig c, TextWriter stdout)
+    {
+        var device = Prelude.device(c.Device);
+        var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
+        if (c.InteropThreads is { } it) torch.set_num_interop_threads(it.Value);
+        if (c.Threads is { } t) torch.set_num_threads(t.Value);
+
+        var fp = ModelFiles.LoadWeights(c.Arch, c.Weights, null, device);
+        var student = ModelFiles.Quantized(fp, c.WBits, c.ABits);
+        var side = fp.Arch.Input.Size;
+        using var gen = Prelude.generator(c.Seed);
+
+        // calibrate activation ranges on noise (the bench times steps, not accuracy)
+        Quantize.calibrate(device, student.Net, Enumerable.Range(0, 2).Select(_ =>
+            torch.randn([c.Batch, 3, side, side], generator: gen)));
+
+        var machine = Machine();
+        stdout.WriteLine($"hast bench: {fp.Arch.Name} W{c.WBits}A{c.ABits} on {c.Device}; " +
+                         $"{machine["cores"]} cores, torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), " +
+                         $"load average {machine["loadavg"]}");
+
+        var results = new List<PhaseResult>();
+        foreach (var phase in c.Phases)
+        {
+            var name = BenchCli.PhaseModule.name(phase);
+            var res = phase.Tag switch
+            {
+                BenchCli.Phase.Tags.FineTunePromoted => FineTunePhase(c, device, fp.Net, student.Net, side, gen, true, name),
+                BenchCli.Phase.Tags.FineTunePlain => FineTunePhase(c, device, fp.Net, student.Net, side, gen, false, name),
+                BenchCli.Phase.Tags.Synthesis => SynthesisPhase(c, device, fp, name),
+                BenchCli.Phase.Tags.EvalForward => EvalPhase(c, device, student.Net, side, gen, name, "quantized student"),
+                _ => EvalPhase(c, device, fp.Net, side, gen, name, "full-precision teacher"),
+            };
+            results.Add(res);
+            stdout.WriteLine($"  {name,-9} done: median {res.Median:F1} ms/iter");
+        }
+
+        PrintTable(stdout, results);
+        if (report is not null)
+        {
+            var phases = new JsonArray();
+            foreach (var p in results)
+                phases.Add(new JsonObject
+                {
+                    ["phase"] = p.Name,
+                    ["what"] = p.What,
+                    ["batch"] = p.Batch,
+                    ["iterations"] = p.Ms.Length,
+                    ["ms_median"] = Math.Round(p.Median, 3),
+                    ["ms_mean"] = Math.Round(p.Mean, 3),
+                    ["ms_min"] = Math.Round(p.Min, 3),
+                    ["ms_p90"] = Math.Round(p.Percentile(0.9), 3),
+                    ["images_per_s"] = Math.Round(p.ImagesPerSecond, 2),
+                    ["rss_start_mb"] = Math.Round(p.RssStartKb / 1024.0, 1),
+                    ["rss_end_mb"] = Math.Round(p.RssEndKb / 1024.0, 1),
+                    ["ms"] = new JsonArray(p.Ms.Select(v => (JsonNode)Math.Round(v, 3)).ToArray()),
+                });
+            AtomicFile.WriteAllText(report, new JsonObject
+            {
+                ["arch"] = fp.Arch.Name,
+                ["wbits"] = c.WBits,
+                ["abits"] = c.ABits,
+                ["device"] = c.Device,
+                ["warmup"] = c.Warmup,
+                ["torch_threads"] = torch.get_num_threads(),
+                ["torch_interop_threads"] = torch.get_num_interop_threads(),
+                ["machine"] = machine,
+                ["machine_end"] = Machine(),
+                ["phases"] = phases,
+            }.ToJsonString() + "\n");
+        }
+        return Program.ExitOk;
+    }
+
+    static PhaseResult FineTunePhase(BenchCli.BenchConfig c, Device device, Net teacher, Net student, int side, Generator gen, bool promoted, string name)
+    {
+        var cfg = BenchCli.fineTuneConfig(c, promoted);
+        var pool = Math.Max(4 * c.Batch, 256);
+        using var images = torch.randn([pool, 3, side, side], generator: gen);
+        using var labels = torch.randint(10, [pool], generator: gen);
+        using var opt = FineTune.optimizer(cfg, student);
+        var rss0 = RssKb();
+        var times = new List<double>();
+        var sw = Stopwatch.StartNew();
+        FineTune.epoch(device, cfg, teacher, student, opt, images, labels, 0, FuncConvert.FromAction<FineTune.IterInfo>(info =>
+        {
+            if (info.Iteration >= c.Warmup) times.Add(sw.Elapsed.TotalMilliseconds);
+            sw.Restart();
+        }));
+        var what = promoted
+            ? $"fine-tune step + promotion (batch {c.Batch}, FineTune.epoch: crop, 2x student fwd/bwd, 2x teacher fwd)"
+            : $"fine-tune step, no promotion (batch {c.Batch}, FineTune.epoch)";
+        return new PhaseResult(name, what, c.Batch, times.ToArray(), rss0, RssKb());
+    }
+
+    static PhaseResult SynthesisPhase(BenchCli.BenchConfig c, Device device, LoadedModel fp, string name)
+    {
+        var cfg = BenchCli.synthesisConfig(c, fp.Arch.Family);
+        var rss0 = RssKb();
+        var times = new List<double>();
+        var sw = Stopwatch.StartNew();
+        using var result = Synthesis.synthesizeBatch(device, fp.Net, cfg, fp.Arch.Input.Size, 0, c.SynthBatch,
+            FuncConvert.FromAction<Synthesis.IterInfo>(info =>
+            {
+                if (info.Iteration > c.Warmup) times.Add(sw.Elapsed.TotalMilliseconds);
+                sw.Restart();
+            }));
+        return new PhaseResult(name, $"synthesis iteration (batch {c.SynthBatch}, teacher fwd/bwd + Adam)", c.SynthBatch, times.ToArray(), rss0, RssKb());
+    }
+
+    static PhaseResult EvalPhase(BenchCli.BenchConfig c, Device device, Net model, int side, Generator gen, string name, string what)
+    {
+        model.eval();
+        using var x = torch.randn([c.EvalBatch, 3, side, side], generator: gen).to(device);
+        var rss0 = RssKb();
+        var times = new List<double>();
+        for (var i = 0; i < c.Warmup + c.EvalIters; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            using (torch.no_grad())
+            using (torch.NewDisposeScope())
+            {
+                var logits = model.forward(x);
+                _ = logits.sum().item<float>(); // wait for the result (matters on CUDA)
+            }
+            if (i >= c.Warmup) times.Add(sw.Elapsed.TotalMilliseconds);
+        }
+        return new PhaseResult(name, $"{what} eval forward (batch {c.EvalBatch}, no grad)", c.EvalBatch, times.ToArray(), rss0, RssKb());
+    }
+
+    static void PrintTable(TextWriter w, List<PhaseResult> rs)
+    {
+        w.WriteLine();
+        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"mean",9} {"min",9} {"img/s",8} {"RSS start",10} {"RSS end",9}");
+        foreach (var p in rs)
+            w.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.RssStartKb / 1024.0,7:F0} MB {p.RssEndKb / 1024.0,6:F0} MB"));
+        w.WriteLine("ms/iter is the median wall time per iteration after warm-up.");
+    }
+
+    /// Resident set size of this process (VmRSS, kB), 0 where /proc is unavailable.
+    static long RssKb()
+    {
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/self/status"))
+                if (line.StartsWith("VmRSS:"))
+                    return long.Parse(line["VmRSS:".Length..].Trim().Split(' ')[0], CultureInfo.InvariantCulture);
+        }
+        catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
+        return 0;
+    }
+
+    static JsonObject Machine()
+    {
+        string loadavg = "n/a";
+        try { loadavg = string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)); }
+        catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
+        return new JsonObject
+        {
+            ["cores"] = Environment.ProcessorCount,
+            ["loadavg"] = loadavg,
+            ["os"] = System.Runtime.InteropServices.RuntimeInformation.OSDescription,
+            ["time_utc"] = DateTime.UtcNow.ToString("O"),
+        };
+    }
+}
