@@ -16,12 +16,14 @@ namespace Hast.App;
 public static class BenchCommand
 {
     /// One measured phase: per-iteration wall times and resident memory before/after.
-    public sealed record PhaseResult(string Name, string What, int Batch, double[] Ms, long RssStartKb, long RssEndKb)
+    public sealed record PhaseResult(string Name, string What, int Batch, double[] Ms, double[] CpuMs, long RssStartKb, long RssEndKb)
     {
         public double Median => Percentile(0.5);
         public double Mean => Ms.Average();
         public double Min => Ms.Min();
         public double ImagesPerSecond => Batch * 1000.0 / Median;
+        /// median process CPU time (all threads, user + system) per iteration
+        public double CpuMedian => CpuMs.OrderBy(v => v).ElementAt(CpuMs.Length / 2);
 
         public double Percentile(double p)
         {
@@ -87,6 +89,7 @@ public static class BenchCommand
                     ["images_per_s"] = Math.Round(p.ImagesPerSecond, 2),
                     ["rss_start_mb"] = Math.Round(p.RssStartKb / 1024.0, 1),
                     ["rss_end_mb"] = Math.Round(p.RssEndKb / 1024.0, 1),
+                    ["cpu_ms_median"] = Math.Round(p.CpuMedian, 3),
                     ["ms"] = new JsonArray(p.Ms.Select(v => (JsonNode)Math.Round(v, 3)).ToArray()),
                 });
             AtomicFile.WriteAllText(report, new JsonObject
@@ -106,6 +109,26 @@ public static class BenchCommand
         return Program.ExitOk;
     }
 
+    /// Wall and process CPU time between successive `Lap` calls.
+    sealed class Laps
+    {
+        readonly Stopwatch sw = Stopwatch.StartNew();
+        readonly Process self = Process.GetCurrentProcess();
+        TimeSpan cpu;
+        public readonly List<double> Wall = new(), Cpu = new();
+        public Laps() { Restart(); }
+        public void Restart() { self.Refresh(); cpu = self.TotalProcessorTime; sw.Restart(); }
+        public void Lap(bool keep)
+        {
+            var wall = sw.Elapsed.TotalMilliseconds;
+            self.Refresh();
+            var now = self.TotalProcessorTime;
+            if (keep) { Wall.Add(wall); Cpu.Add((now - cpu).TotalMilliseconds); }
+            cpu = now;
+            sw.Restart();
+        }
+    }
+
     static PhaseResult FineTunePhase(BenchCli.BenchConfig c, Device device, Net teacher, Net student, int side, Generator gen, bool promoted, string name)
     {
         var cfg = BenchCli.fineTuneConfig(c, promoted);
@@ -114,32 +137,23 @@ public static class BenchCommand
         using var labels = torch.randint(10, [pool], generator: gen);
         using var opt = FineTune.optimizer(cfg, student);
         var rss0 = RssKb();
-        var times = new List<double>();
-        var sw = Stopwatch.StartNew();
-        FineTune.epoch(device, cfg, teacher, student, opt, images, labels, 0, FuncConvert.FromAction<FineTune.IterInfo>(info =>
-        {
-            if (info.Iteration >= c.Warmup) times.Add(sw.Elapsed.TotalMilliseconds);
-            sw.Restart();
-        }));
+        var laps = new Laps();
+        FineTune.epoch(device, cfg, teacher, student, opt, images, labels, 0,
+            FuncConvert.FromAction<FineTune.IterInfo>(info => laps.Lap(info.Iteration >= c.Warmup)));
         var what = promoted
             ? $"fine-tune step + promotion (batch {c.Batch}, FineTune.epoch: crop, 2x student fwd/bwd, 2x teacher fwd)"
             : $"fine-tune step, no promotion (batch {c.Batch}, FineTune.epoch)";
-        return new PhaseResult(name, what, c.Batch, times.ToArray(), rss0, RssKb());
+        return new PhaseResult(name, what, c.Batch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, RssKb());
     }
 
     static PhaseResult SynthesisPhase(BenchCli.BenchConfig c, Device device, LoadedModel fp, string name)
     {
         var cfg = BenchCli.synthesisConfig(c, fp.Arch.Family);
         var rss0 = RssKb();
-        var times = new List<double>();
-        var sw = Stopwatch.StartNew();
+        var laps = new Laps();
         using var result = Synthesis.synthesizeBatch(device, fp.Net, cfg, fp.Arch.Input.Size, 0, c.SynthBatch,
-            FuncConvert.FromAction<Synthesis.IterInfo>(info =>
-            {
-                if (info.Iteration > c.Warmup) times.Add(sw.Elapsed.TotalMilliseconds);
-                sw.Restart();
-            }));
-        return new PhaseResult(name, $"synthesis iteration (batch {c.SynthBatch}, teacher fwd/bwd + Adam)", c.SynthBatch, times.ToArray(), rss0, RssKb());
+            FuncConvert.FromAction<Synthesis.IterInfo>(info => laps.Lap(info.Iteration > c.Warmup)));
+        return new PhaseResult(name, $"synthesis iteration (batch {c.SynthBatch}, teacher fwd/bwd + Adam)", c.SynthBatch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, RssKb());
     }
 
     static PhaseResult EvalPhase(BenchCli.BenchConfig c, Device device, Net model, int side, Generator gen, string name, string what)
@@ -147,29 +161,29 @@ public static class BenchCommand
         model.eval();
         using var x = torch.randn([c.EvalBatch, 3, side, side], generator: gen).to(device);
         var rss0 = RssKb();
-        var times = new List<double>();
+        var laps = new Laps();
         for (var i = 0; i < c.Warmup + c.EvalIters; i++)
         {
-            var sw = Stopwatch.StartNew();
+            laps.Restart();
             using (torch.no_grad())
             using (torch.NewDisposeScope())
             {
                 var logits = model.forward(x);
                 _ = logits.sum().item<float>(); // wait for the result (matters on CUDA)
             }
-            if (i >= c.Warmup) times.Add(sw.Elapsed.TotalMilliseconds);
+            laps.Lap(i >= c.Warmup);
         }
-        return new PhaseResult(name, $"{what} eval forward (batch {c.EvalBatch}, no grad)", c.EvalBatch, times.ToArray(), rss0, RssKb());
+        return new PhaseResult(name, $"{what} eval forward (batch {c.EvalBatch}, no grad)", c.EvalBatch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, RssKb());
     }
 
     static void PrintTable(TextWriter w, List<PhaseResult> rs)
     {
         w.WriteLine();
-        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"mean",9} {"min",9} {"img/s",8} {"RSS start",10} {"RSS end",9}");
+        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"mean",9} {"min",9} {"img/s",8} {"cpu ms",8} {"RSS start",10} {"RSS end",9}");
         foreach (var p in rs)
             w.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.RssStartKb / 1024.0,7:F0} MB {p.RssEndKb / 1024.0,6:F0} MB"));
-        w.WriteLine("ms/iter is the median wall time per iteration after warm-up.");
+                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.CpuMedian,8:F0} {p.RssStartKb / 1024.0,7:F0} MB {p.RssEndKb / 1024.0,6:F0} MB"));
+        w.WriteLine("ms/iter: median wall time per iteration after warm-up; cpu ms: median process CPU time (all threads) per iteration.");
     }
 
     /// Resident set size of this process (VmRSS, kB), 0 where /proc is unavailable.
