@@ -16,7 +16,7 @@ namespace Hast.App;
 public static class BenchCommand
 {
     /// One measured phase: per-iteration wall times and resident memory before/after.
-    public sealed record PhaseResult(string Name, string What, int Batch, double[] Ms, double[] CpuMs, long RssStartKb, long RssEndKb)
+    public sealed record PhaseResult(string Name, string What, int Batch, double[] Ms, double[] CpuMs, long RssStartKb, long RssFirstKb, long RssEndKb)
     {
         public double Median => Percentile(0.5);
         public double Mean => Ms.Average();
@@ -88,6 +88,7 @@ public static class BenchCommand
                     ["ms_p90"] = Math.Round(p.Percentile(0.9), 3),
                     ["images_per_s"] = Math.Round(p.ImagesPerSecond, 2),
                     ["rss_start_mb"] = Math.Round(p.RssStartKb / 1024.0, 1),
+                    ["rss_after_first_timed_mb"] = Math.Round(p.RssFirstKb / 1024.0, 1),
                     ["rss_end_mb"] = Math.Round(p.RssEndKb / 1024.0, 1),
                     ["cpu_ms_median"] = Math.Round(p.CpuMedian, 3),
                     ["ms"] = new JsonArray(p.Ms.Select(v => (JsonNode)Math.Round(v, 3)).ToArray()),
@@ -116,6 +117,8 @@ public static class BenchCommand
         readonly Process self = Process.GetCurrentProcess();
         TimeSpan cpu;
         public readonly List<double> Wall = new(), Cpu = new();
+        /// resident memory after the first timed iteration (0 until then)
+        public long RssFirstKb;
         public Laps() { Restart(); }
         public void Restart() { self.Refresh(); cpu = self.TotalProcessorTime; sw.Restart(); }
         public void Lap(bool keep)
@@ -123,7 +126,12 @@ public static class BenchCommand
             var wall = sw.Elapsed.TotalMilliseconds;
             self.Refresh();
             var now = self.TotalProcessorTime;
-            if (keep) { Wall.Add(wall); Cpu.Add((now - cpu).TotalMilliseconds); }
+            if (keep)
+            {
+                Wall.Add(wall);
+                Cpu.Add((now - cpu).TotalMilliseconds);
+                if (Wall.Count == 1) RssFirstKb = RssKb();
+            }
             cpu = now;
             sw.Restart();
         }
@@ -143,7 +151,7 @@ public static class BenchCommand
         var what = promoted
             ? $"fine-tune step + promotion (batch {c.Batch}, FineTune.epoch: crop, 2x student fwd/bwd, 2x teacher fwd)"
             : $"fine-tune step, no promotion (batch {c.Batch}, FineTune.epoch)";
-        return new PhaseResult(name, what, c.Batch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, RssKb());
+        return new PhaseResult(name, what, c.Batch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, laps.RssFirstKb, RssKb());
     }
 
     static PhaseResult SynthesisPhase(BenchCli.BenchConfig c, Device device, LoadedModel fp, string name)
@@ -153,7 +161,7 @@ public static class BenchCommand
         var laps = new Laps();
         using var result = Synthesis.synthesizeBatch(device, fp.Net, cfg, fp.Arch.Input.Size, 0, c.SynthBatch,
             FuncConvert.FromAction<Synthesis.IterInfo>(info => laps.Lap(info.Iteration > c.Warmup)));
-        return new PhaseResult(name, $"synthesis iteration (batch {c.SynthBatch}, teacher fwd/bwd + Adam)", c.SynthBatch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, RssKb());
+        return new PhaseResult(name, $"synthesis iteration (batch {c.SynthBatch}, teacher fwd/bwd + Adam)", c.SynthBatch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, laps.RssFirstKb, RssKb());
     }
 
     static PhaseResult EvalPhase(BenchCli.BenchConfig c, Device device, Net model, int side, Generator gen, string name, string what)
@@ -173,17 +181,17 @@ public static class BenchCommand
             }
             laps.Lap(i >= c.Warmup);
         }
-        return new PhaseResult(name, $"{what} eval forward (batch {c.EvalBatch}, no grad)", c.EvalBatch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, RssKb());
+        return new PhaseResult(name, $"{what} eval forward (batch {c.EvalBatch}, no grad)", c.EvalBatch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, laps.RssFirstKb, RssKb());
     }
 
     static void PrintTable(TextWriter w, List<PhaseResult> rs)
     {
         w.WriteLine();
-        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"mean",9} {"min",9} {"img/s",8} {"cpu ms",8} {"RSS start",10} {"RSS end",9}");
+        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"mean",9} {"min",9} {"img/s",8} {"cpu ms",8} {"RSS start",10} {"RSS 1st",9} {"RSS end",9}");
         foreach (var p in rs)
             w.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.CpuMedian,8:F0} {p.RssStartKb / 1024.0,7:F0} MB {p.RssEndKb / 1024.0,6:F0} MB"));
-        w.WriteLine("ms/iter: median wall time per iteration after warm-up; cpu ms: median process CPU time (all threads) per iteration.");
+                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.CpuMedian,8:F0} {p.RssStartKb / 1024.0,7:F0} MB {p.RssFirstKb / 1024.0,6:F0} MB {p.RssEndKb / 1024.0,6:F0} MB"));
+        w.WriteLine("ms/iter: median wall time per iteration after warm-up; cpu ms: median process CPU time (all threads) per iteration;\nRSS start / 1st / end: resident memory before the phase, after its first timed iteration, at its end.");
     }
 
     /// Resident set size of this process (VmRSS, kB), 0 where /proc is unavailable.
