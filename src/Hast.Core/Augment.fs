@@ -13,6 +13,14 @@ open System
 open TorchSharp
 open type TorchSharp.torch.nn.functional
 
+/// The same (N, C, H, W) batch with channels-last strides (NHWC in memory); shape and values are
+/// unchanged, and it stays differentiable (a view when `x` already has that layout, else a copy).
+/// Convolutions on channels-last input run oneDNN's NHWC kernels without re-laying-out activations on
+/// every call, and their outputs stay channels-last, so a whole network follows. Other ranks: `x`.
+let channelsLast (x: Tensor) : Tensor =
+    if x.dim () <> 4L then x
+    else x.permute(0L, 2L, 3L, 1L).contiguous().permute(0L, 3L, 1L, 2L)
+
 /// Random-resized-crop + flip parameters.
 type CropSpec =
     { /// range of the crop's area as a fraction of the image area

@@ -169,9 +169,16 @@ let private ensureFinite (what: string) (v: float) =
 let step (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer) (lr: float) (x: Tensor) (labels: Tensor) : StepStats =
     for g in opt.ParamGroups do g.LearningRate <- lr
     opt.zero_grad ()
-    let teacherOut (input: Tensor) =
+    // channels-last activations: faster convolutions (same values up to float rounding)
+    let x = Augment.channelsLast x
+    // the teacher's intermediates are dropped at once; only what the loss reads survives the call
+    let teacherOut (input: Tensor) : Outputs =
         use _ = torch.no_grad ()
-        teacher.Forward input
+        use _ = torch.NewDisposeScope()
+        let o = teacher.Forward input
+        { Logits = o.Logits.MoveToOuterDisposeScope()
+          Blocks = o.Blocks |> List.map (fun b -> b.MoveToOuterDisposeScope())
+          Bn = [] }
     let clean (input: Tensor) = terms c (student.Forward input) (teacherOut input) labels
     let stats (t: Terms) (perturbed: float) =
         { KL = scalar t.KL; FA = scalar t.FA; CE = scalar t.CE; Total = scalar t.Total

@@ -45,16 +45,23 @@ let qparams (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor =
 
 /// Asymmetric uniform fake quantization of `x` on the range [lo, hi] (see module doc).
 /// `lo`/`hi` are tensors broadcastable to `x` (0-d for per-tensor). bits = 32: `x` itself.
+///
+/// Implementation: one new tensor. `x.clone()` carries the identity gradient (CloneBackward), and
+/// its values are then overwritten in place, outside autograd, with the grid value
+/// `(clamp(round(x / scale) + zp, 0, 2^b - 1) - zp) * scale` (the same operations, in the same
+/// order, as the out-of-place formula, so the values are identical). No intermediate tensor of
+/// `x`'s size survives the call (they would otherwise be held by the caller's dispose scope).
 let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
     checkBits "quantizer" bits
     if bits = fullPrecisionBits then x
     else
+        use _ = torch.NewDisposeScope()
         let scale, zp = qparams lo hi bits
-        let xd = x.detach()
-        let q = (xd / scale).round().add(zp).clamp((0.0).ToScalar(), (qmaxOf bits).ToScalar())
-        let dq = (q - zp) * scale
-        // value: exactly dq; gradient wrt x: identity
-        dq + (x - xd)
+        let out = x.clone ()
+        use _ng = torch.no_grad ()
+        out.div_(scale).round_().add_(zp).clamp_((0.0).ToScalar(), (qmaxOf bits).ToScalar()).sub_(zp).mul_(scale)
+        |> ignore
+        out.MoveToOuterDisposeScope()
 
 /// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
 /// the min/max over all other dims of the current (detached) weight.
@@ -62,12 +69,16 @@ let weightFakeQuant (w: Tensor) (bits: int) : Tensor =
     checkBits "weight" bits
     if bits = fullPrecisionBits then w
     elif w.dim () < 2L then
+        use _ = torch.NewDisposeScope()
         let d = w.detach()
-        fakeQuant w (d.min ()) (d.max ()) bits
+        (fakeQuant w (d.min ()) (d.max ()) bits).MoveToOuterDisposeScope()
     else
+        use _ = torch.NewDisposeScope()
         let d = w.detach()
-        let dims = [| 1L .. w.dim () - 1L |]
-        fakeQuant w (d.amin(dims, keepdim = true)) (d.amax(dims, keepdim = true)) bits
+        // one pass for both ends: (C, rest) -> aminmax over dim 1, then back to (C, 1, ..., 1)
+        let struct (lo, hi) = d.reshape(d.shape[0], -1L).aminmax(1L, keepdim = true)
+        let keep = Array.append [| d.shape[0] |] (Array.create (int (w.dim ()) - 1) 1L)
+        (fakeQuant w (lo.view keep) (hi.view keep) bits).MoveToOuterDisposeScope()
 
 /// A layer whose weight is fake-quantized in the forward pass.
 type IWeightQuantized =

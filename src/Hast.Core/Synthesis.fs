@@ -212,15 +212,16 @@ let synthesizeBatch
         let noise = torch.randn([| int64 count; 3L; int64 side; int64 side |], generator = g)
         let labelsCpu = torch.randint(classes, [| int64 count |], generator = g)
         let labels = labelsCpu.``to``(device)
-        let x = new Modules.Parameter(noise.``to``(device), true)
+        // pixels live channels-last (faster convolutions; same values), see Augment.channelsLast
+        let x = new Modules.Parameter(channelsLast (noise.``to``(device)), true)
         use opt = torch.optim.Adam([| x |], lr = cfg.Lr)
         let augment (x: Tensor) : Tensor * bool =
             let maybe crop =
                 if uniform g < cfg.AugmentProbability then crop g x, true else x, false
             match cfg.Augment with
             | NoAugmentation -> x, false
-            | SharedCrop spec -> maybe (fun g -> sharedCrop g spec)
-            | PerSampleCrop spec -> maybe (fun g -> perSampleCrop g spec)
+            | SharedCrop spec -> maybe (fun g x -> channelsLast (sharedCrop g spec x))
+            | PerSampleCrop spec -> maybe (fun g x -> channelsLast (perSampleCrop g spec x))
         let mutable plateau = Plateau.start cfg.Lr
         for it in 1 .. cfg.Iterations do
             use _ = torch.NewDisposeScope()
@@ -250,7 +251,7 @@ let synthesizeBatch
         let final = values cfg out labels
         let difficulty = Losses.difficulty out.Logits labels
         { Index = batchIndex
-          Images = images.cpu().clone().MoveToOuterDisposeScope()
+          Images = images.cpu().contiguous().clone().MoveToOuterDisposeScope()
           Labels = labelsCpu.clone().MoveToOuterDisposeScope()
           Difficulty = difficulty.cpu().to_type(torch.float32).clone().MoveToOuterDisposeScope()
           Final = final })

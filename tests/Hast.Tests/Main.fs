@@ -20,6 +20,7 @@ let all =
         testList "cli" CliTests.tests
         testList "generator" GeneratorTests.tests
         testList "study" StudyTests.tests
+        testList "perf" PerfTests.tests
     ]
 
 [<EntryPoint>]

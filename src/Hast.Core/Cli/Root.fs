@@ -11,6 +11,7 @@ type Command =
     | Quantize of QuantizeCli.PipelineConfig
     | Run of QuantizeCli.PipelineConfig
     | Download of DownloadCli.DownloadConfig
+    | Bench of BenchCli.BenchConfig
 
 [<RequireSubcommand>]
 type HastArgs =
@@ -20,6 +21,7 @@ type HastArgs =
     | [<CliPrefix(CliPrefix.None)>] Quantize of ParseResults<QuantizeCli.QuantizeArgs>
     | [<CliPrefix(CliPrefix.None)>] Run of ParseResults<QuantizeCli.QuantizeArgs>
     | [<CliPrefix(CliPrefix.None)>] Download of ParseResults<DownloadCli.DownloadArgs>
+    | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCli.BenchArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -29,6 +31,7 @@ type HastArgs =
             | Quantize _ -> "quantize a model and fine-tune it on a sample store (HAST)"
             | Run _ -> "synthesize hard samples, then quantize and fine-tune: the whole zero-shot pipeline"
             | Download _ -> "fetch pretrained weights or test sets from their public homes (checksummed, resumable)"
+            | Bench _ -> "time the training steps (fine-tune, synthesis, eval) on this machine"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
@@ -47,3 +50,4 @@ let parse (readFile: string -> string) (argv: string[]) : Command =
     | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false readFile r)
     | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
     | HastArgs.Download r -> Command.Download(DownloadCli.ofResults r)
+    | HastArgs.Bench r -> Command.Bench(BenchCli.ofResults r)

@@ -1,0 +1,157 @@
+/// `hast bench`: time the training steps (fine-tune with/without promotion, synthesis, eval forward)
+/// of a quantized student built from full-precision weights, on random inputs.
+module Hast.Core.Cli.BenchCli
+
+open Argu
+open Hast.Core.Cli.Common
+
+/// One timed phase of the benchmark.
+type Phase =
+    /// fine-tune iterations with sample difficulty promotion (FineTune defaults)
+    | FineTunePromoted
+    /// fine-tune iterations without promotion
+    | FineTunePlain
+    /// synthesis iterations (teacher forward + backward to the pixels + Adam)
+    | Synthesis
+    /// eval forward of the quantized student (no gradients)
+    | EvalForward
+    /// eval forward of the full-precision teacher (no gradients), for comparison
+    | EvalFullPrecision
+
+module Phase =
+    let all = [ FineTunePromoted; FineTunePlain; Synthesis; EvalForward; EvalFullPrecision ]
+
+    let name =
+        function
+        | FineTunePromoted -> "ft-promo"
+        | FineTunePlain -> "ft"
+        | Synthesis -> "synth"
+        | EvalForward -> "eval"
+        | EvalFullPrecision -> "eval-fp"
+
+    let parse (s: string) : Phase =
+        match all |> List.tryFind (fun p -> name p = s.Trim().ToLowerInvariant()) with
+        | Some p -> p
+        | None ->
+            Hast.Core.Prelude.failf "unknown bench phase '%s'; use %s (comma-separated)" s
+                (all |> List.map name |> String.concat ", ")
+
+type BenchConfig =
+    { Arch: string
+      Weights: string
+      WBits: int
+      ABits: int
+      /// fine-tune batch size
+      Batch: int
+      /// timed fine-tune iterations per fine-tune phase
+      Iters: int
+      SynthBatch: int
+      /// timed synthesis iterations
+      SynthIters: int
+      EvalBatch: int
+      /// timed eval forwards
+      EvalIters: int
+      /// untimed iterations before each phase
+      Warmup: int
+      /// intra-op threads (None: TorchSharp's default)
+      Threads: int option
+      /// inter-op threads (None: TorchSharp's default)
+      InteropThreads: int option
+      Phases: Phase list
+      Device: string
+      Seed: int64
+      Report: string option }
+
+let defaults =
+    { Arch = ""; Weights = ""; WBits = 4; ABits = 4; Batch = 64; Iters = 30; SynthBatch = 256; SynthIters = 20
+      EvalBatch = 256; EvalIters = 10; Warmup = 3; Threads = None; InteropThreads = None; Phases = Phase.all
+      Device = "cpu"; Seed = 0L; Report = None }
+
+type BenchArgs =
+    | [<Mandatory>] Arch of name: string
+    | [<Mandatory>] Weights of path: string
+    | Wbits of bits: int
+    | Abits of bits: int
+    | Batch of n: int
+    | Iters of n: int
+    | Synth_Batch of n: int
+    | Synth_Iters of n: int
+    | Eval_Batch of n: int
+    | Eval_Iters of n: int
+    | Warmup of n: int
+    | Threads of n: int
+    | Interop_Threads of n: int
+    | Phases of list: string
+    | Device of name: string
+    | Seed of n: int64
+    | Report of path: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Arch _ -> sprintf "architecture: %s" (String.concat ", " Hast.Core.Models.Registry.names)
+            | Weights _ -> "PyTorch checkpoint (zip or legacy .th/.pth) of the full-precision model"
+            | Wbits _ -> sprintf "weight bits of the student, 2..8 or 32 (default: %d)" defaults.WBits
+            | Abits _ -> sprintf "activation bits of the student, 2..8 or 32 (default: %d)" defaults.ABits
+            | Batch _ -> sprintf "fine-tune batch size (default: %d)" defaults.Batch
+            | Iters _ -> sprintf "timed fine-tune iterations per fine-tune phase (default: %d)" defaults.Iters
+            | Synth_Batch _ -> sprintf "synthesis batch size (default: %d)" defaults.SynthBatch
+            | Synth_Iters _ -> sprintf "timed synthesis iterations (default: %d)" defaults.SynthIters
+            | Eval_Batch _ -> sprintf "eval batch size (default: %d)" defaults.EvalBatch
+            | Eval_Iters _ -> sprintf "timed eval forwards (default: %d)" defaults.EvalIters
+            | Warmup _ -> sprintf "untimed warm-up iterations before each phase (default: %d)" defaults.Warmup
+            | Threads _ -> "intra-op threads (torch.set_num_threads; default: TorchSharp's, usually the core count)"
+            | Interop_Threads _ -> "inter-op threads (torch.set_num_interop_threads; default: TorchSharp's)"
+            | Phases _ -> sprintf "phases to run, comma-separated: %s (default: all)" (Phase.all |> List.map Phase.name |> String.concat ",")
+            | Device _ -> sprintf "cpu or cuda (default: %s)" defaults.Device
+            | Seed _ -> "seed of the random inputs (default: 0)"
+            | Report _ -> "write the measured table as JSON to this file"
+
+let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =
+    let phases =
+        match r.TryGetResult <@ Phases @> with
+        | None -> Phase.all
+        | Some s ->
+            let ps = s.Split(',', System.StringSplitOptions.RemoveEmptyEntries) |> Array.map Phase.parse |> List.ofArray |> List.distinct
+            if List.isEmpty ps then Hast.Core.Prelude.fail "--phases is empty; name at least one of ft-promo, ft, synth, eval, eval-fp"
+            ps
+    { Arch = r.GetResult <@ Arch @>
+      Weights = r.GetResult <@ Weights @>
+      WBits = getOr r <@ Wbits @> defaults.WBits |> checkBits "--wbits"
+      ABits = getOr r <@ Abits @> defaults.ABits |> checkBits "--abits"
+      Batch = getOr r <@ Batch @> defaults.Batch |> checkPositiveInt "--batch"
+      Iters = getOr r <@ Iters @> defaults.Iters |> checkPositiveInt "--iters"
+      SynthBatch = getOr r <@ Synth_Batch @> defaults.SynthBatch |> checkPositiveInt "--synth-batch"
+      SynthIters = getOr r <@ Synth_Iters @> defaults.SynthIters |> checkPositiveInt "--synth-iters"
+      EvalBatch = getOr r <@ Eval_Batch @> defaults.EvalBatch |> checkPositiveInt "--eval-batch"
+      EvalIters = getOr r <@ Eval_Iters @> defaults.EvalIters |> checkPositiveInt "--eval-iters"
+      Warmup = getOr r <@ Warmup @> defaults.Warmup |> checkNonNegativeInt "--warmup"
+      Threads = r.TryGetResult <@ Threads @> |> Option.map (checkPositiveInt "--threads")
+      InteropThreads = r.TryGetResult <@ Interop_Threads @> |> Option.map (checkPositiveInt "--interop-threads")
+      Phases = phases
+      Device = getOr r <@ Device @> defaults.Device
+      Seed = getOr r <@ Seed @> defaults.Seed
+      Report = r.TryGetResult <@ Report @> }
+
+/// The fine-tune settings a bench phase runs: the defaults with the bench's batch size, one epoch of
+/// `Warmup + Iters` iterations, with or without promotion.
+let fineTuneConfig (c: BenchConfig) (promoted: bool) : Hast.Core.FineTune.Config =
+    let d = Hast.Core.FineTune.defaults
+    { d with
+        BatchSize = c.Batch
+        Epochs = 1
+        ItersPerEpoch = c.Warmup + c.Iters
+        Promotion = (if promoted then d.Promotion else None)
+        Seed = c.Seed }
+    |> Hast.Core.FineTune.validate
+
+/// The synthesis settings of the bench: the family's defaults, one batch of `SynthBatch` samples,
+/// `Warmup + SynthIters` iterations.
+let synthesisConfig (c: BenchConfig) (family: Hast.Core.Models.Registry.Family) : Hast.Core.Synthesis.Config =
+    let cfg =
+        { Hast.Core.Synthesis.defaultsFor family with
+            Samples = c.SynthBatch
+            BatchSize = c.SynthBatch
+            Iterations = c.Warmup + c.SynthIters
+            Seed = c.Seed }
+    Hast.Core.Synthesis.validate cfg
+    cfg
