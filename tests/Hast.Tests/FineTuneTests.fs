@@ -122,36 +122,4 @@ let scheduleTests = [
 ]
 
 
-/// Runs `hast run` in-process at a tiny budget and returns its report.
-let private runPipeline (dir: string) (extra: string list) =
-    let args =
-        [ "run"; "--arch"; "cifar-resnet20-a"; "--weights"; TestUtil.zipWeights; "--test"; TestUtil.cifarTest
-          "--out"; dir; "--seed"; "1" ] @ extra
-    use out = new System.IO.StringWriter()
-    use err = new System.IO.StringWriter()
-    let code = Hast.App.Program.Run(Array.ofList args, out, err)
-    Expect.equal code 0 (sprintf "hast run failed: %s" (err.ToString()))
-    let report = System.Text.Json.Nodes.JsonNode.Parse(System.IO.File.ReadAllText(System.IO.Path.Combine(dir, "report.json")))
-    report, out.ToString()
-
-let pipelineTests = [
-    test "a tiny end-to-end run on the shared model ends above calibration-only (W3A3)" {
-        use tmp = new TestUtil.TempDir()
-        let dir = tmp.File "run"
-        let report, log =
-            runPipeline dir
-                [ "--wbits"; "3"; "--abits"; "3"; "--samples"; "64"; "--synth-batch"; "64"; "--synth-iters"; "40"
-                  "--calib-batches"; "1"; "--calib-batch"; "64"; "--batch"; "32"; "--iters"; "40"; "--iters-per-epoch"; "20"
-                  "--lr"; "1e-4"; "--schedule"; "cosine" ]
-        let calib, final = float report["calib_top1"], float report["final_top1"]
-        printfn "tiny W3A3 run: calibration only %.2f%%, final %.2f%% (fp %s)" calib final (string report["fp_top1"])
-        Expect.floatClose Accuracy.high (float report["fp_top1"]) 91.6309 "FP accuracy as PyTorch"
-        Expect.isGreaterThan final calib "fine-tuning improves on calibration only"
-        Expect.equal (int report["iterations"]) 40 "iterations"
-        Expect.isTrue (System.IO.File.Exists(System.IO.Path.Combine(dir, "quantized.ckpt"))) "checkpoint written"
-        Expect.isFalse (System.IO.File.Exists(System.IO.Path.Combine(dir, "train.ckpt"))) "train checkpoint removed at the end"
-        ignore log
-    }
-]
-
-let tests : Test list = lossTests @ promotionTests @ scheduleTests @ pipelineTests
+let tests : Test list = lossTests @ promotionTests @ scheduleTests
