@@ -29,6 +29,20 @@ type HastArgs =
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
+let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info" ]
+
+/// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
+/// and where to find help, e.g. `hast: parameter '--lr' must be followed by <double>, but was 'inf'; see hast run --help`.
+let private oneLine (argv: string[]) (message: string) =
+    let first =
+        message.Split('\n')
+        |> Array.map (fun l -> l.Trim())
+        |> Array.tryFind (fun l -> l <> "")
+        |> Option.defaultValue "invalid arguments"
+    let first = (if first.StartsWith("ERROR: ") then first.Substring 7 else first).TrimEnd('.')
+    let cmd = argv |> Array.takeWhile commandWords.Contains |> Array.map (fun w -> w + " ") |> String.concat ""
+    sprintf "hast: %s; see hast %s--help" first cmd
+
 /// Parse argv into a command. `readFile` reads a `--config` file (the shell's IO). Raises `CliUsage`
 /// for --help or malformed arguments and `HastError` for well-formed but invalid values; nothing else.
 let parse (readFile: string -> string) (argv: string[]) : Command =
@@ -36,7 +50,8 @@ let parse (readFile: string -> string) (argv: string[]) : Command =
         try
             parser().ParseCommandLine(argv, raiseOnUsage = true)
         with :? ArguParseException as e ->
-            raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
+            if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
+            else raise (CliUsage(oneLine argv e.Message, false))
     match results.GetSubCommand() with
     | HastArgs.Eval r -> Command.Eval(EvalCli.ofResults r)
     | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
