@@ -17,6 +17,7 @@ let all =
         testList "synthesis" SynthesisTests.tests
         testList "finetune" FineTuneTests.tests
         testList "cli" CliTests.tests
+        testList "reliability" ReliabilityTests.tests
     ]
 
 [<EntryPoint>]
