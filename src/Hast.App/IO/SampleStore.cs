@@ -73,7 +73,8 @@ public sealed class SampleStore
                 throw new HastError($"{dir} was synthesized with other settings (seed or hyper-parameters); use a new --out folder or the same settings to resume");
             return s;
         }
-        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any())
+        // a temporary file left by a run killed while writing the first manifest does not count
+        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any(e => !IsLeftoverTemp(e)))
             throw new HastError($"output folder {dir} is not empty and holds no sample store; choose an empty or new folder");
         Directory.CreateDirectory(dir);
         var m = new JsonObject
@@ -89,6 +90,12 @@ public sealed class SampleStore
         var store = new SampleStore(dir, m);
         store.SaveManifest();
         return store;
+    }
+
+    static bool IsLeftoverTemp(string path)
+    {
+        var name = Path.GetFileName(path);
+        return name.StartsWith('.') && name.EndsWith(".tmp", StringComparison.Ordinal) && File.Exists(path);
     }
 
     /// Open and validate a store's manifest (batch checksums are verified when batches are read).
