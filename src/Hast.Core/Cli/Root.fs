@@ -46,15 +46,16 @@ let private oneLine (argv: string[]) (message: string) =
 /// Parse argv into a command. `readFile` reads a `--config` file (the shell's IO). Raises `CliUsage`
 /// for --help or malformed arguments and `HastError` for well-formed but invalid values; nothing else.
 let parse (readFile: string -> string) (argv: string[]) : Command =
-    let results =
-        try
-            parser().ParseCommandLine(argv, raiseOnUsage = true)
-        with :? ArguParseException as e ->
-            if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
-            else raise (CliUsage(oneLine argv e.Message, false))
-    match results.GetSubCommand() with
-    | HastArgs.Eval r -> Command.Eval(EvalCli.ofResults r)
-    | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
-    | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
-    | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false readFile r)
-    | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
+    // Argu raises ArguParseException while parsing, and also later when a sub-command's mandatory
+    // argument is read (`GetResult`); both are usage errors
+    try
+        let results = parser().ParseCommandLine(argv, raiseOnUsage = true)
+        match results.GetSubCommand() with
+        | HastArgs.Eval r -> Command.Eval(EvalCli.ofResults r)
+        | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
+        | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
+        | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false readFile r)
+        | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
+    with :? ArguParseException as e ->
+        if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
+        else raise (CliUsage(oneLine argv e.Message, false))
