@@ -464,4 +464,41 @@ let crashTest =
         let n = compareRuns refOut out
         printfn "  report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs" n sw.Elapsed.TotalSeconds
 
-let tests : Test list = validationTests @ [ crashTest ]
+// ---------------------------------------------------------------------------------------------
+// 4. Memory: resident memory is flat over 500 fine-tune iterations
+
+/// Resident set size of this process in MB (VmRSS of /proc/self/status), after a full GC.
+let residentMB () =
+    GC.Collect()
+    GC.WaitForPendingFinalizers()
+    GC.Collect()
+    File.ReadAllLines "/proc/self/status"
+    |> Array.find (fun l -> l.StartsWith "VmRSS:")
+    |> fun l -> float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0
+
+let memoryTest =
+    testCase "fine-tuning memory is flat: RSS after 100 and after 500 iterations within 10%, no tensors accumulate" <| fun () ->
+        let teacher = loadSharedModel ()
+        let a = Models.Registry.find arch
+        let student = Quantize.quantize a 10L teacher 4 4
+        use g = generator 5L
+        use images = torch.randn([| 24L; 3L; 32L; 32L |], generator = g)
+        use labels = torch.randint(10L, [| 24L |], generator = g)
+        Quantize.calibrate torch.CPU student [ images.slice(0L, 0L, 8L, 1L) ]
+        let cfg = { FineTune.defaults with BatchSize = 4; ItersPerEpoch = 100; Epochs = 5; Seed = 1L }
+        let opt = FineTune.optimizer cfg student
+        let rss = Collections.Generic.List<float>()
+        let live = Collections.Generic.List<int64>()
+        let sw = Stopwatch.StartNew()
+        for ep in 0 .. cfg.Epochs - 1 do
+            FineTune.epoch torch.CPU cfg teacher student opt images labels ep ignore |> ignore
+            rss.Add(residentMB ())
+            live.Add torch.Tensor.TotalCount
+            printfn "  after %d iterations: RSS %.1f MB, %d live tensors (%.0fs)" ((ep + 1) * cfg.ItersPerEpoch) rss[ep] live[ep] sw.Elapsed.TotalSeconds
+        let r100, r500 = rss[0], rss[rss.Count - 1]
+        let change = (r500 - r100) / r100
+        printfn "  RSS after 100 iterations %.1f MB, after 500 %.1f MB: %+.1f%%" r100 r500 (100.0 * change)
+        Expect.isLessThan (abs change) 0.10 "RSS flat within 10%"
+        Expect.isLessThanOrEqual live[live.Count - 1] (live[0] + 8L) "no tensors accumulate between iteration 100 and 500"
+
+let tests : Test list = validationTests @ [ crashTest; memoryTest ]
