@@ -27,6 +27,7 @@ public static class ModelFiles
     public static LoadedModel LoadWeights(string archName, string weightsPath, long? classes, Device device)
     {
         var arch = Registry.find(archName);
+        if (Directory.Exists(weightsPath)) throw new HastError($"weights path {weightsPath} is a folder; give the .pth/.pt/.th file itself");
         if (!File.Exists(weightsPath)) throw new HastError($"weights file '{weightsPath}' not found; pass a PyTorch checkpoint (.pth/.th/.pt), e.g. from `hast download`");
         var tensors = WeightsFile.Read(weightsPath);
         var n = classes ?? ClassesFromWeights(arch, tensors) ?? arch.DefaultClasses;
@@ -75,6 +76,7 @@ public static class ModelFiles
     /// A model saved as a Hast checkpoint (quantized or not), with its metadata.
     public static (LoadedModel Model, Checkpoint Checkpoint) LoadCheckpoint(string path, Device device)
     {
+        if (Directory.Exists(path)) throw new HastError($"checkpoint path {path} is a folder; give the quantized.ckpt file itself");
         if (!File.Exists(path)) throw new HastError($"checkpoint '{path}' not found; `hast quantize --out DIR` writes DIR/quantized.ckpt");
         var ckpt = Checkpoint.Load(path);
         try

@@ -82,6 +82,25 @@ let describe (f: Fit) : string =
           yield sprintf "%d mis-shaped (%s)" f.Misshaped.Length (few items) ]
     |> String.concat ", "
 
+/// The first tensor, in model order, that is missing or mis-shaped in `given` (else the first
+/// unexpected one), as text: `conv1.weight (expected [64, 3, 7, 7], got [16, 3, 3, 3])`.
+let private firstDifference (entries: (string * Tensor) list) (given: (string * Tensor) list) (optional: string -> bool) =
+    let g = dict given
+    let inModel =
+        entries
+        |> List.tryPick (fun (k, m) ->
+            match g.TryGetValue k with
+            | true, t when not (shapesFit m.shape t.shape) ->
+                Some(sprintf "%s (expected %s, got %s)" k (shapeText m.shape) (shapeText t.shape))
+            | false, _ when not (optional k) -> Some(sprintf "%s (expected %s, missing)" k (shapeText m.shape))
+            | _ -> None)
+    match inModel with
+    | Some d -> d
+    | None ->
+        let model = HashSet(entries |> List.map fst)
+        given |> List.tryFind (fun (k, _) -> not (model.Contains k)) |> Option.map (fun (k, _) -> k + " (not in the model)")
+        |> Option.defaultValue "none"
+
 /// Names normalised (`module.` stripped); two names that collide after stripping are an error.
 let private normalized (given: IDictionary<string, Tensor>) : (string * Tensor) list =
     let seen = HashSet<string>()
@@ -117,7 +136,7 @@ let load (label: string) (weights': IDictionary<string, Tensor>) (model: Module)
     if not (Fit.isOk f) then
         let hint =
             if f.Missing.IsEmpty && f.Unexpected.IsEmpty then "are --arch and --classes right?" else "is --arch right?"
-        failf "weights do not fit %s: %s; %s" label (describe f) hint
+        failf "weights do not fit %s: first difference %s; %s; %s" label (firstDifference entries given isBatchCounter) (describe f) hint
     copyAll entries given
 
 /// Copy the weights of `src` into `dst` (e.g. full-precision model -> its quantized copy).
@@ -138,6 +157,6 @@ let restore (state: IDictionary<string, Tensor>) (model: Module) : unit =
     let entries = fullState model
     let f = compare entries given (fun _ -> false)
     if not (Fit.isOk f) then
-        failf "checkpoint state does not fit %s: %s; was it saved for another --arch, --classes or bit width?"
-            (model.GetName()) (describe f)
+        failf "checkpoint state does not fit %s: first difference %s; %s; was it saved for another --arch, --classes or bit width?"
+            (model.GetName()) (firstDifference entries given (fun _ -> false)) (describe f)
     copyAll entries given

@@ -1,5 +1,184 @@
+/// The command-line parse (`Root.parse`) is total: for any argument array and any config-file text it
+/// returns a command or raises `CliUsage` / `HastError`, nothing else.
 module Hast.Tests.CliTests
 
+open System
 open Expecto
+open FsCheck
+open FsCheck.FSharp
+open Hast.Core
+open Hast.Core.Cli
 
-let tests : Test list = []
+/// `--flag` names of an Argu union (as Argu spells them).
+let private flagsOf (t: Type) =
+    Reflection.FSharpType.GetUnionCases t |> Array.map (fun c -> "--" + Settings.flagName c.Name) |> List.ofArray
+
+let allFlags =
+    [ typeof<EvalCli.EvalArgs>; typeof<SynthesizeCli.SynthesizeArgs>; typeof<QuantizeCli.QuantizeArgs>
+      typeof<SamplesCli.MergeArgs>; typeof<SamplesCli.InfoArgs> ]
+    |> List.collect flagsOf
+    |> List.filter (fun f -> f <> "--stores" && f <> "--store") // MainCommand cases are positional
+    |> List.append [ "--help"; "-h"; "--config"; "--preset"; "--resume" ]
+    |> List.distinct
+
+/// Setting names as config-file keys (with and without dashes, some in other spellings).
+let configKeys =
+    (allFlags |> List.map (fun f -> f.TrimStart('-'))) @ [ "--lr"; "Synth_Iters"; "LR"; "unknown-key"; ""; " " ]
+
+let private interesting =
+    [ "0"; "1"; "2"; "4"; "8"; "32"; "33"; "-1"; "-0"; "0.5"; "1e-5"; "1e309"; "-1e309"; "nan"; "NaN"; "inf"; "-inf"
+      "Infinity"; "-Infinity"; "2147483647"; "2147483648"; "-2147483649"; "9223372036854775808"; "99999999999999999999"
+      "0x10"; "1_000"; "1,2"; "0.5,1"; "1,0.5"; ",,"; "0,0"; "nan,1"; "20,40,60"; "a,b"; ""; " "; "true"; "false"; "yes"
+      "tiny"; "paper"; "cpu-30min"; "cpu"; "cuda"; "tpu"; "cifar-resnet20-a"; "cifar-resnet20"; "resnet18"; "mobilenetv2"
+      "multistep"; "cosine"; "relaxed"; "direct"; "none"; "kl"; "fa"; "kl+fa"; "hast"; "baseline"; "samples"; "generator"
+      "batch"; "sample"; "cfg.json"; "/nonexistent/x"; "--"; "-"; "="; "--lr=3"; "é"; "\u0000"; "\n" ]
+
+let private genValue : Gen<string> =
+    Gen.oneof [ Gen.elements interesting; ArbMap.defaults |> ArbMap.generate<string> |> Gen.map (fun s -> if isNull s then "" else s)
+                ArbMap.defaults |> ArbMap.generate<float> |> Gen.map (fun f -> f.ToString("R", Globalization.CultureInfo.InvariantCulture))
+                ArbMap.defaults |> ArbMap.generate<int> |> Gen.map string ]
+
+/// One argument group: a flag with a value, a flag without one, a stray value, or a config file.
+let private ownFlags (cmd: string list) =
+    match cmd with
+    | [ "eval" ] -> flagsOf typeof<EvalCli.EvalArgs>
+    | [ "synthesize" ] -> flagsOf typeof<SynthesizeCli.SynthesizeArgs>
+    | [ "run" ] | [ "quantize" ] -> flagsOf typeof<QuantizeCli.QuantizeArgs>
+    | [ "samples"; "merge" ] -> [ "--out"; "--take" ]
+    | _ -> allFlags
+
+/// Flags mostly of the command itself (so that many lines reach value checks), sometimes of any command.
+let private genFlag (cmd: string list) = Gen.frequency [ 6, Gen.elements (ownFlags cmd); 1, Gen.elements allFlags ]
+
+let private genGroup (cmd: string list) : Gen<string list> =
+    Gen.frequency
+        [ 6, Gen.map2 (fun f v -> [ f; v ]) (genFlag cmd) genValue
+          2, Gen.map List.singleton (genFlag cmd)
+          1, Gen.map List.singleton genValue
+          2, Gen.constant [ "--config"; "cfg.json" ] ]
+
+let private genCommand : Gen<string list> =
+    Gen.elements
+        [ [ "eval" ]; [ "synthesize" ]; [ "samples"; "merge" ]; [ "samples"; "info" ]; [ "samples" ]; [ "quantize" ]
+          [ "run" ]; [ "run" ]; [ "quantize" ]; []; [ "bogus" ]; [ "run"; "run" ] ]
+
+/// Arguments that would parse, so that the generated groups often reach value validation.
+let private baseline (cmd: string list) =
+    match cmd with
+    | [ "run" ] | [ "quantize" ] ->
+        [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--test"; "t.bin"; "--out"; "o"; "--samples"; "16" ]
+    | [ "eval" ] -> [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--test"; "t.bin" ]
+    | [ "synthesize" ] -> [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--out"; "o" ]
+    | [ "samples"; "merge" ] -> [ "a"; "b"; "--out"; "m" ]
+    | [ "samples"; "info" ] -> [ "a" ]
+    | _ -> []
+
+let private genArgv : Gen<string[]> =
+    gen {
+        let! cmd = genCommand
+        let! withBase = Gen.elements [ true; true; false ]
+        let! groups = Gen.listOf (genGroup cmd) |> Gen.resize 6
+        let! shuffleBase = Gen.elements [ false; true ]
+        let b = if withBase then baseline cmd else []
+        let rest = List.concat groups
+        return Array.ofList (cmd @ (if shuffleBase then rest @ b else b @ rest))
+    }
+
+/// Random JSON text: mostly objects of setting names to any JSON value, also arrays, scalars and broken text.
+let private genConfig : Gen<string> =
+    let scalar =
+        Gen.oneof
+            [ genValue |> Gen.map (fun s -> Text.Json.JsonSerializer.Serialize s)
+              Gen.elements [ "0"; "-1"; "1e309"; "-1e-400"; "3.5"; "true"; "false"; "null"; "12345678901234567890"; "[]"; "{}" ]
+              ArbMap.defaults |> ArbMap.generate<int> |> Gen.map string ]
+    let rec value (depth: int) : Gen<string> =
+        if depth = 0 then scalar
+        else
+            Gen.frequency
+                [ 6, scalar
+                  1, Gen.listOf (value (depth - 1)) |> Gen.resize 4 |> Gen.map (fun xs -> "[" + String.Join(",", xs) + "]")
+                  1, obj (depth - 1) ]
+    and obj (depth: int) : Gen<string> =
+        Gen.listOf (Gen.map2 (fun k v -> Text.Json.JsonSerializer.Serialize(k: string) + ": " + v) (Gen.elements configKeys) (value depth))
+        |> Gen.resize 6
+        |> Gen.map (fun kvs -> "{" + String.Join(", ", kvs) + "}")
+    Gen.frequency
+        [ 8, obj 2
+          1, value 2
+          1, obj 2 |> Gen.map (fun s -> s.Substring(0, s.Length / 2)) // cut short
+          1, ArbMap.defaults |> ArbMap.generate<string> |> Gen.map (fun s -> if isNull s then "" else s) ]
+
+type private Outcome =
+    | Parsed of Root.Command
+    | Usage
+    | UserError
+    | Escaped of exn
+
+let private attempt (config: string) (argv: string[]) =
+    try Parsed(Root.parse (fun _ -> config) argv) with
+    | Common.CliUsage _ -> Usage
+    | HastError _ -> UserError
+    | e -> Escaped e
+
+/// A parsed command's numbers are in range (what validation promises the commands).
+let private valid (c: Root.Command) =
+    let bits b = (b >= 2 && b <= 8) || b = 32
+    match c with
+    | Root.Command.Quantize p | Root.Command.Run p ->
+        bits p.WBits && bits p.ABits && p.FineTune.BatchSize > 0 && p.FineTune.Lr > 0.0 && Double.IsFinite p.FineTune.Lr
+        && p.FineTune.Epochs > 0 && p.FineTune.ItersPerEpoch > 0
+    | Root.Command.Eval e -> bits e.WBits && bits e.ABits && e.BatchSize > 0
+    | Root.Command.Synthesize s -> s.Synthesis.Samples > 0 && s.Synthesis.BatchSize > 0 && s.Synthesis.Iterations > 0
+    | Root.Command.Samples _ -> true
+
+let private config = { FsCheckConfig.defaultConfig with maxTest = 2000; endSize = 40 }
+
+let tests : Test list =
+    [ testPropertyWithConfig config "parse: any arguments and config text give a command, CliUsage or HastError" <|
+        Prop.forAll (Arb.fromGen (Gen.zip genArgv genConfig)) (fun (argv, cfg) ->
+            match attempt cfg argv with
+            | Escaped e -> failwithf "%s escaped for argv %A, config %A:\n%O" (e.GetType().Name) argv cfg e
+            | Parsed c -> valid c |> Prop.label (sprintf "parsed but out of range: %A" c)
+            | Usage | UserError -> true |> Prop.label "rejected")
+
+      testCase "parse: the generators reach every outcome (printed)" <| fun () ->
+        let cases = Gen.sampleWithSeed (Rnd(7UL, 11UL)) 30 2000 (Gen.zip genArgv genConfig)
+        let outcomes = cases |> Array.map (fun (a, c) -> attempt c a)
+        let count f = outcomes |> Array.filter f |> Array.length
+        let parsed, usage, user = count (function Parsed _ -> true | _ -> false), count ((=) Usage), count ((=) UserError)
+        printfn "  %d generated command lines: %d parsed, %d usage errors, %d HastErrors, %d escaped" outcomes.Length parsed usage user
+            (count (function Escaped _ -> true | _ -> false))
+        Expect.isGreaterThan parsed 20 "some parse"
+        Expect.isGreaterThan user 100 "many reach value validation"
+        Expect.isGreaterThan usage 200 "many are malformed"
+
+      testCase "parse: usage errors are one line naming the problem; --help is the full text" <| fun () ->
+        for argv in [ [| "run"; "--lr"; "inf" |]; [| "eval"; "--wbits" |]; [| "bogus" |]; [| "run"; "--nope"; "1" |]
+                      [| "samples"; "merge"; "--out" |] ] do
+            match attempt "" argv with
+            | Usage ->
+                try Root.parse (fun _ -> "") argv |> ignore with
+                | Common.CliUsage(text, isHelp) ->
+                    Expect.isFalse isHelp "not help"
+                    Expect.isFalse (text.Contains '\n') (sprintf "one line: %s" text)
+                    Expect.stringStarts text "hast: " "prefixed"
+                    Expect.stringContains text "--help" "says where help is"
+            | other -> failtestf "%A gave %A" argv other
+        try Root.parse (fun _ -> "") [| "run"; "--help" |] |> ignore with
+        | Common.CliUsage(text, isHelp) ->
+            Expect.isTrue isHelp "help"
+            Expect.stringContains text "--synth-iters" "full usage text"
+
+      testCase "parse: values hidden behind other choices are still checked" <| fun () ->
+        let baseArgs = [ "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--samples"; "8" ]
+        for extra, flag in
+            [ [ "--iters"; "10"; "--epochs"; "0" ], "--epochs"
+              [ "--schedule"; "multistep"; "--lr-floor"; "-1" ], "--lr-floor"
+              [ "--schedule"; "cosine"; "--milestones"; "0" ], "--milestones"
+              [ "--promotion"; "false"; "--epsilon"; "-1" ], "--epsilon"
+              [ "--synth-batch"; "0" ], "--synth-batch"
+              [ "--crop-scale"; "0.9,0.1" ], "--crop-scale" ] do
+            try
+                Root.parse (fun _ -> "") (Array.ofList (baseArgs @ extra)) |> ignore
+                failtestf "%A accepted" extra
+            with HastError m -> Expect.stringContains m flag "names the flag" ]

@@ -21,6 +21,7 @@ let all =
         testList "generator" GeneratorTests.tests
         testList "study" StudyTests.tests
         testList "perf" PerfTests.tests
+        testList "reliability" ReliabilityTests.tests
     ]
 
 [<EntryPoint>]

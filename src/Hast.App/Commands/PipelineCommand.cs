@@ -34,10 +34,23 @@ public static class PipelineCommand
         Data.checkClasses(c.Test, test.Dataset, teacher.Classes);
         var storeDir = c.Samples is QuantizeCli.SampleSource.Store st ? st.dir : Path.Combine(outDir, "samples");
         int? take = c.Samples is QuantizeCli.SampleSource.Store st2 && st2.take is { } t ? t.Value : null;
-        if (!isRun) CheckStore(SampleStore.Open(storeDir), teacher, take);
+        var settings = SettingsJson(c, isRun);
+        // a train checkpoint to resume from is read (checksums verified) and matched before any work
+        using var resumeFrom = c.Resume && File.Exists(trainPath) ? Checkpoint.Load(trainPath) : null;
+        if (resumeFrom is not null && !JsonNode.DeepEquals(resumeFrom.Meta["settings"], settings))
+            throw new HastError($"{c.Out} was started with other settings; resume with the same flags/preset/config, or choose a new --out");
+        // quantize: the store is read (checksums verified) before anything is written
+        (Tensor Images, Tensor Labels)? preread = null;
+        if (!isRun)
+        {
+            var given = SampleStore.Open(storeDir);
+            CheckStore(given, teacher, take);
+            var (i0, l0, d0) = given.ReadAll(take);
+            d0.Dispose();
+            preread = (i0, l0);
+        }
 
         using var log = new RunLog(outDir, stdout);
-        var settings = SettingsJson(c, isRun);
         log.Info($"hast {(isRun ? "run" : "quantize")}: {teacher.Arch.Name} W{c.WBits}A{c.ABits}, teacher {Path.GetFileName(c.Weights)}, " +
                  $"{c.FineTune.Epochs} epoch(s) x {c.FineTune.ItersPerEpoch} iterations, batch {c.FineTune.BatchSize}, seed {c.FineTune.Seed}" +
                  (c.Preset is { } p ? $", preset {p.Value}" : ""));
@@ -48,8 +61,7 @@ public static class PipelineCommand
             SynthesizeCommand.Synthesize(teacher, syn.Item, storeDir, device, stdout);
         var store = SampleStore.Open(storeDir);
         CheckStore(store, teacher, take);
-        var (images, labels, difficulty) = store.ReadAll(take);
-        difficulty.Dispose();
+        var (images, labels) = preread ?? ReadSamples(store, take);
         log.Info($"samples: {images.shape[0]} from {storeDir}");
 
         // ---- resume or start
@@ -58,12 +70,9 @@ public static class PipelineCommand
         var history = new JsonArray();
         double fpTop1, calibTop1, secondsBefore = 0;
         int startEpoch;
-        if (c.Resume && File.Exists(trainPath))
+        if (resumeFrom is { } ck)
         {
-            using var ck = Checkpoint.Load(trainPath);
             var meta = ck.Meta;
-            if (!JsonNode.DeepEquals(meta["settings"], settings))
-                throw new HastError($"{c.Out} was started with other settings; resume with the same flags/preset/config, or choose a new --out");
             if ((string?)meta["store_manifest_sha256"] != ManifestHash(store))
                 throw new HastError($"the sample store {storeDir} changed since {c.Out} was started; resume needs the same samples");
             ck.RestoreInto(student.Net);
@@ -158,6 +167,13 @@ public static class PipelineCommand
                  $"best epoch {bestEpoch} {best:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}");
         images.Dispose(); labels.Dispose();
         return Program.ExitOk;
+    }
+
+    static (Tensor Images, Tensor Labels) ReadSamples(SampleStore store, int? take)
+    {
+        var (images, labels, difficulty) = store.ReadAll(take);
+        difficulty.Dispose();
+        return (images, labels);
     }
 
     static double Elapsed(DateTime since) => (DateTime.UtcNow - since).TotalSeconds;

@@ -73,7 +73,8 @@ public sealed class SampleStore
                 throw new HastError($"{dir} was synthesized with other settings (seed or hyper-parameters); use a new --out folder or the same settings to resume");
             return s;
         }
-        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any())
+        // a temporary file left by a run killed while writing the first manifest does not count
+        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any(e => !IsLeftoverTemp(e)))
             throw new HastError($"output folder {dir} is not empty and holds no sample store; choose an empty or new folder");
         Directory.CreateDirectory(dir);
         var m = new JsonObject
@@ -89,6 +90,12 @@ public sealed class SampleStore
         var store = new SampleStore(dir, m);
         store.SaveManifest();
         return store;
+    }
+
+    static bool IsLeftoverTemp(string path)
+    {
+        var name = Path.GetFileName(path);
+        return name.StartsWith('.') && name.EndsWith(".tmp", StringComparison.Ordinal) && File.Exists(path);
     }
 
     /// Open and validate a store's manifest (batch checksums are verified when batches are read).
@@ -110,7 +117,19 @@ public sealed class SampleStore
         if ((int?)m["version"] != FormatVersion) throw new HastError($"{manifestPath} has store format version {m["version"]}; this Hast reads version {FormatVersion}");
         foreach (var key in new[] { "image_shape", "classes", "teacher", "sources", "batches" })
             if (m[key] is null) throw new HastError($"sample store manifest {manifestPath} lacks '{key}'; re-create the store");
-        return new SampleStore(dir, m);
+        var store = new SampleStore(dir, m);
+        try
+        {
+            // every typed view must read: a hand-edited or damaged manifest fails here, in one line
+            _ = (store.ImageShape.Length == 3 ? 0 : throw new FormatException("image_shape is not [C,H,W]"), store.Classes,
+                 store.TeacherInfo, store.Sources.Select(src => (long)src!["seed"]!).Count(), store.Batches.Count, store.BatchStats().Count);
+        }
+        catch (Exception e) when (e is InvalidOperationException or FormatException or NullReferenceException or InvalidCastException
+                                      or ArgumentException or OverflowException)
+        {
+            throw new HastError($"sample store manifest {manifestPath} is malformed ({e.Message}); re-create the store");
+        }
+        return store;
     }
 
     /// Indices of the batches of source 0 already present (for resuming a synthesis).

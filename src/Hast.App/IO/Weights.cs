@@ -124,8 +124,8 @@ public static class WeightsFile
                         var size = numel < 0 ? -1 : checked(numel * TorchPickle.ElementSize(dtype));
                         if (size < 0 || entry.Length < size)
                             throw new HastError($"corrupt PyTorch checkpoint: {label} (storage data/{key} does not hold its {numel} elements)");
-                        var bytes = new byte[size];
-                        using (var s = entry.Open()) s.ReadExactly(bytes);
+                        var bytes = ReadVerified(entry, label);
+                        if (bytes.LongLength != size) bytes = bytes[..(int)size];
                         storages[key] = TorchPickle.StorageTensor(bytes, dtype);
                     }
                     return new TorchPickle.StorageRef(key, dtype, 0, numel);
@@ -133,7 +133,7 @@ public static class WeightsFile
 
                 object? result;
                 using (var reader = new TorchPickle.Reader(PersistentLoad))
-                using (var s = pkl.Open())
+                using (var s = new MemoryStream(ReadVerified(pkl, label), writable: false))
                     result = reader.load(s);
                 return TorchPickle.Resolve(result, k => storages[k], label);
             }
@@ -149,6 +149,32 @@ public static class WeightsFile
                 foreach (var t in storages.Values) t.Dispose();
             }
         }
+    }
+
+    /// An entry's bytes, checked against the CRC-32 the zip records for it (reading a stored entry does
+    /// not verify it, so a flipped byte in tensor data would otherwise load silently).
+    static byte[] ReadVerified(ZipArchiveEntry entry, string label)
+    {
+        var bytes = new byte[entry.Length];
+        using (var s = entry.Open()) s.ReadExactly(bytes);
+        if (Crc32(bytes) != entry.Crc32)
+            throw new HastError($"corrupt PyTorch checkpoint: {label} ({entry.FullName} fails its CRC check); copy or download it again");
+        return bytes;
+    }
+
+    static readonly uint[] CrcTable = Enumerable.Range(0, 256).Select(i =>
+    {
+        var c = (uint)i;
+        for (var k = 0; k < 8; k++) c = (c & 1) != 0 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        return c;
+    }).ToArray();
+
+    /// CRC-32 (IEEE 802.3, as in zip).
+    public static uint Crc32(ReadOnlySpan<byte> data)
+    {
+        var c = 0xFFFFFFFFu;
+        foreach (var b in data) c = CrcTable[(c ^ b) & 0xFF] ^ (c >> 8);
+        return c ^ 0xFFFFFFFFu;
     }
 
     /// Find the state_dict in an unpickled object; tensors not returned are disposed.

@@ -198,6 +198,18 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
         | Some v when v.Trim() <> "" -> v
         | _ -> failf "--%s is required (%s)" k what
     let arch = Registry.find (require "arch" (String.concat ", " Registry.names))
+    // settings that other choices leave unused (--epochs under --iters, --lr-floor under multistep, ...)
+    // are checked too: a wrong value never passes silently
+    r.TryInt "epochs" |> Option.iter (checkPositiveInt "--epochs" >> ignore)
+    if r.Has "lr-floor" then r.Float("lr-floor", 0.0) |> checkNonNegative "--lr-floor" |> ignore
+    if r.Has "lr-decay" then r.Float("lr-decay", 0.1) |> checkPositive "--lr-decay" |> ignore
+    if r.Has "milestones" then
+        for m in r.Ints("milestones", []) do
+            if m <= 0 then failf "--milestones must be positive epoch numbers (got %d)" m
+    if r.Has "generator-iters" then r.Int("generator-iters", 1) |> checkPositiveInt "--generator-iters" |> ignore
+    for k in [ "epsilon"; "clean-weight"; "perturbed-weight" ] do
+        if r.Has k then r.Float(k, 0.0) |> checkNonNegative ("--" + k) |> ignore
+    if r.Has "direction" then Promotion.parseDirection (r.String("direction", "")) |> ignore
     let classes = r.TryInt "classes" |> Option.map (checkPositiveInt "--classes")
     let ds = dataset arch.Name classes
     let d = FineTune.defaults
@@ -236,7 +248,10 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
                     match Double.TryParse(v, Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
                     | true, x -> x
                     | _ -> failf "--crop-scale must be two numbers like 0.5,1 (got '%s')" s
-                p lo, p hi
+                let lo, hi = p lo, p hi
+                if not (lo > 0.0 && lo <= hi && hi <= 1.0) then
+                    failf "--crop-scale must be two numbers 0 < min <= max <= 1, like 0.5,1 (got '%s')" s
+                lo, hi
             | _ -> failf "--crop-scale must be two numbers like 0.5,1 (got '%s')" s
     let promotion =
         if r.Bool("promotion", true) then
@@ -276,6 +291,14 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
                 match Int32.TryParse samplesSpec with
                 | true, n -> checkPositiveInt "--samples" n
                 | _ -> failf "hast run --samples takes a number of samples to synthesize (got '%s'); to use a store, run `hast quantize`" samplesSpec
+            // checked here under their `run` names (the synthesis reader knows them as --batch, --iters, --lr)
+            r.TryInt "synth-batch" |> Option.iter (checkPositiveInt "--synth-batch" >> ignore)
+            r.TryInt "synth-iters" |> Option.iter (checkPositiveInt "--synth-iters" >> ignore)
+            if r.Has "synth-lr" then r.Float("synth-lr", 1.0) |> checkPositive "--synth-lr" |> ignore
+            match r.TryString "synth-augment" with
+            | Some s when not (List.contains (s.ToLowerInvariant()) [ "none"; "false"; "off"; "batch"; "shared"; "sample"; "per-sample"; "true"; "on" ]) ->
+                failf "--synth-augment must be none, batch or sample (got '%s')" s
+            | _ -> ()
             let synthLayer =
                 [ "samples", string n ]
                 @ ([ "synth-batch", "batch"; "synth-iters", "iters"; "synth-lr", "lr"; "beta", "beta"; "gamma", "gamma"; "synth-augment", "augment" ]

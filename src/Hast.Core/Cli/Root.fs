@@ -35,19 +35,35 @@ type HastArgs =
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
+let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info" ]
+
+/// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
+/// and where to find help, e.g. `hast: parameter '--lr' must be followed by <double>, but was 'inf'; see hast run --help`.
+let private oneLine (argv: string[]) (message: string) =
+    let first =
+        message.Split('\n')
+        |> Array.map (fun l -> l.Trim())
+        |> Array.tryFind (fun l -> l <> "")
+        |> Option.defaultValue "invalid arguments"
+    let first = (if first.StartsWith("ERROR: ") then first.Substring 7 else first).TrimEnd('.')
+    let cmd = argv |> Array.takeWhile commandWords.Contains |> Array.map (fun w -> w + " ") |> String.concat ""
+    sprintf "hast: %s; see hast %s--help" first cmd
+
 /// Parse argv into a command. `readFile` reads a `--config` file (the shell's IO). Raises `CliUsage`
 /// for --help or malformed arguments and `HastError` for well-formed but invalid values; nothing else.
 let parse (readFile: string -> string) (argv: string[]) : Command =
-    let results =
-        try
-            parser().ParseCommandLine(argv, raiseOnUsage = true)
-        with :? ArguParseException as e ->
-            raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
-    match results.GetSubCommand() with
-    | HastArgs.Eval r -> Command.Eval(EvalCli.ofResults r)
-    | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
-    | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
-    | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false readFile r)
-    | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
-    | HastArgs.Download r -> Command.Download(DownloadCli.ofResults r)
-    | HastArgs.Bench r -> Command.Bench(BenchCli.ofResults r)
+    // Argu raises ArguParseException while parsing, and also later when a sub-command's mandatory
+    // argument is read (`GetResult`); both are usage errors
+    try
+        let results = parser().ParseCommandLine(argv, raiseOnUsage = true)
+        match results.GetSubCommand() with
+        | HastArgs.Eval r -> Command.Eval(EvalCli.ofResults r)
+        | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
+        | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
+        | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false readFile r)
+        | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
+        | HastArgs.Download r -> Command.Download(DownloadCli.ofResults r)
+        | HastArgs.Bench r -> Command.Bench(BenchCli.ofResults r)
+    with :? ArguParseException as e ->
+        if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
+        else raise (CliUsage(oneLine argv e.Message, false))

@@ -1,0 +1,504 @@
+/// Reliability (issue 5): bad input gets one clear line and leaves no partial output; a killed run
+/// resumes to exactly the result of an uninterrupted one; fine-tuning memory stays flat.
+module Hast.Tests.ReliabilityTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Security.Cryptography
+open Expecto
+open TorchSharp
+open Hast.Core
+open Hast.Tests.TestUtil
+
+// ---------------------------------------------------------------------------------------------
+// Running the CLI in-process
+
+/// Run `hast args` in-process; (exit code, stdout, stderr).
+let runCli (args: string list) : int * string * string =
+    use out = new StringWriter()
+    use err = new StringWriter()
+    let code = Hast.App.Program.Run(Array.ofList args, out, err)
+    code, out.ToString(), err.ToString()
+
+/// Every file under `path` (or the file itself) with its sha256; None when `path` does not exist.
+let snapshot (path: string) : (string * string) list option =
+    let hash (f: string) = Convert.ToHexString(SHA256.HashData(File.ReadAllBytes f))
+    if File.Exists path then Some [ path, hash path ]
+    elif Directory.Exists path then
+        Some
+            [ for e in Directory.GetFileSystemEntries(path, "*", SearchOption.AllDirectories) |> Array.sort ->
+                e, (if File.Exists e then hash e else "<dir>") ]
+    else None
+
+/// The command fails with a non-zero exit code and exactly one stderr line (no stack trace) that contains
+/// every fragment of `expect` (case-insensitive); every path in `watch` is as before (absent stays absent).
+let expectCleanFailure (args: string list) (watch: string list) (expect: string list) : string =
+    let before = watch |> List.map snapshot
+    let code, _, err = runCli args
+    let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> Array.map (fun l -> l.TrimEnd('\r'))
+    let shown = String.Join(" ", args)
+    Expect.notEqual code 0 (sprintf "exit code of: hast %s" shown)
+    Expect.equal lines.Length 1 (sprintf "exactly one stderr line for: hast %s\n%s" shown err)
+    let line = lines[0]
+    Expect.isFalse (line.Contains "   at " || line.Contains "Exception") (sprintf "no stack trace / exception name: %s" line)
+    for e in expect do
+        Expect.stringContains (line.ToLowerInvariant()) (e.ToLowerInvariant()) (sprintf "message of hast %s" shown)
+    List.zip watch before
+    |> List.iter (fun (p, b) -> Expect.equal (snapshot p) b (sprintf "%s unchanged after: hast %s" p shown))
+    line
+
+// ---------------------------------------------------------------------------------------------
+// Damaged copies of files
+
+let arch = "cifar-resnet20-a"
+
+let writeBytes (path: string) (bytes: byte[]) =
+    File.WriteAllBytes(path, bytes)
+    path
+
+let truncated (src: string) (keep: int) (dst: string) = writeBytes dst (File.ReadAllBytes(src)[.. keep - 1])
+
+/// A copy of `src` with the bytes at `offsets` inverted.
+let flipped (src: string) (offsets: int list) (dst: string) =
+    let b = File.ReadAllBytes src
+    for o in offsets do b[o] <- ~~~b[o]
+    writeBytes dst b
+
+/// The first `n` records of the shared CIFAR-10 test head (a fast test set).
+let smallTest (dir: TempDir) (n: int) = truncated cifarTest (n * 3073) (dir.File "test-small.bin")
+
+/// A tiny quantized checkpoint of the shared model (W4A4, calibrated on a few random inputs), as
+/// `hast run` writes it.
+let makeCheckpoint (path: string) =
+    let fp = Hast.App.ModelFiles.LoadWeights(arch, zipWeights, Nullable(), torch.CPU)
+    let q = Hast.App.ModelFiles.Quantized(fp, 4, 4)
+    torch.manual_seed 1L |> ignore
+    Quantize.calibrate torch.CPU q.Net [ torch.randn(8L, 3L, 32L, 32L) ]
+    let meta = Hast.App.ModelFiles.CheckpointMeta(q, zipWeights, fp.Sha256)
+    Hast.App.IO.Checkpoint.Save(path, meta, q.Net)
+    path
+
+/// A sample store of the shared teacher with 2 batches of 4 random samples (no synthesis needed).
+let makeStore (dir: string) =
+    let sha = Hast.App.ModelFiles.Sha256Of zipWeights
+    let store =
+        Hast.App.IO.SampleStore.CreateOrResume(dir, Hast.App.IO.SampleStore.Teacher(arch, Path.GetFileName zipWeights, sha),
+                                               [| 3; 32; 32 |], 10, 0L, Text.Json.Nodes.JsonObject())
+    for b in 0 .. 1 do
+        use g = generator (int64 b)
+        use x = torch.randn([| 4L; 3L; 32L; 32L |], generator = g)
+        use y = torch.randint(10L, [| 4L |], generator = g)
+        use d = torch.rand([| 4L |], generator = g)
+        store.Append(b, x, y, d)
+    dir
+
+// ---------------------------------------------------------------------------------------------
+// 1. Input validation
+
+let private evalArgs (weights: string) (test: string) (report: string) =
+    [ "eval"; "--arch"; arch; "--weights"; weights; "--test"; test; "--report"; report ]
+
+let weightsCases =
+    testCase "damaged or missing weights: one line, no report" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let report = d.File "report.json"
+        let size = int (FileInfo(zipWeights).Length)
+        let legacySize = int (FileInfo(legacyWeights).Length)
+        let cases =
+            [ "missing", d.File "nope.pth", [ "not found"; "nope.pth" ]
+              "a folder", (Directory.CreateDirectory(d.File "w.pth")).FullName, [ "folder" ]
+              "empty", writeBytes (d.File "empty.pth") [||], [ "empty" ]
+              "text", writeBytes (d.File "text.pth") (Text.Encoding.ASCII.GetBytes "hello, not weights\n"), [ "not a pytorch checkpoint" ]
+              "zip cut in half", truncated zipWeights (size / 2) (d.File "half.pth"), [ "half.pth" ]
+              "zip cut at 100 bytes", truncated zipWeights 100 (d.File "head.pth"), [ "head.pth" ]
+              "zip missing last byte", truncated zipWeights (size - 1) (d.File "last.pth"), [ "last.pth" ]
+              "legacy cut in half", truncated legacyWeights (legacySize / 2) (d.File "half.th"), [ "half.th" ]
+              "legacy cut at 40 bytes", truncated legacyWeights 40 (d.File "head.th"), [ "head.th" ]
+              "zip end record flipped", flipped zipWeights [ size - 22 ] (d.File "cd.pth"), [ "cd.pth" ]
+              "zip tensor data flipped", flipped zipWeights [ size / 2; size / 2 + 1 ] (d.File "data.pth"), [ "data.pth" ]
+              "legacy pickle flipped", flipped legacyWeights [ 30; 31; 200 ] (d.File "pickle.th"), [ "pickle.th" ] ]
+        for name, w, expect in cases do
+            let line = expectCleanFailure (evalArgs w test report) [ report ] expect
+            printfn "  weights %-30s -> %s" name line
+
+let checkpointCases =
+    testCase "truncated or corrupt checkpoint: one line, no report" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let good = makeCheckpoint (d.File "quantized.ckpt")
+        let report = d.File "report.json"
+        // control: the undamaged checkpoint evaluates
+        let code, _, err = runCli [ "eval"; "--checkpoint"; good; "--test"; test; "--report"; report ]
+        Expect.equal code 0 (sprintf "good checkpoint evaluates: %s" err)
+        File.Delete report
+        let size = int (FileInfo(good).Length)
+        let damaged =
+            [ for k in [ 1; 2; 4; 7 ] -> sprintf "cut to %d/8" k, truncated good (size * k / 8) (d.File(sprintf "cut%d.ckpt" k)) ]
+            @ [ "cut by 1 byte", truncated good (size - 1) (d.File "cut-1.ckpt") ]
+            @ [ for k in 1 .. 9 ->
+                    let o = size * k / 10
+                    sprintf "bytes flipped at %d/10" k, flipped good [ o; o + 1; o + 2 ] (d.File(sprintf "flip%d.ckpt" k)) ]
+            @ [ "zip end record flipped", flipped good [ size - 22 ] (d.File "flipcd.ckpt")
+                "weights file as checkpoint", zipWeights ]
+        for name, ck in damaged do
+            let line = expectCleanFailure [ "eval"; "--checkpoint"; ck; "--test"; test; "--report"; report ] [ report ] [ "checkpoint" ]
+            printfn "  checkpoint %-26s -> %s" name line
+
+let storeCases =
+    testCase "corrupt sample store: one line, no output folder" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "out"
+        let quantize store =
+            [ "quantize"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--samples"; store; "--out"; out
+              "--batch"; "4"; "--iters"; "1"; "--calib-batches"; "1"; "--calib-batch"; "4" ]
+        let fresh name = makeStore (d.File name)
+        let batchFile (s: string) = Path.Combine(s, "batch-0-000001.bin")
+        let cases =
+            [ "batch byte flipped", (fun () -> let s = fresh "flip" in flipped (batchFile s) [ 100 ] (batchFile s) |> ignore; s), [ "checksum"; "batch-0-000001.bin" ]
+              "batch file deleted", (fun () -> let s = fresh "del" in File.Delete(batchFile s); s), [ "missing"; "batch-0-000001.bin" ]
+              "batch file truncated", (fun () -> let s = fresh "cut" in truncated (batchFile s) 50 (batchFile s) |> ignore; s), [ "batch-0-000001.bin" ]
+              "store.json garbage", (fun () -> let s = fresh "garbage" in File.WriteAllText(Path.Combine(s, "store.json"), "{\"format\": [1,"); s), [ "store.json" ]
+              "store.json empty", (fun () -> let s = fresh "empty" in File.WriteAllText(Path.Combine(s, "store.json"), ""); s), [ "store.json" ]
+              "store.json wrong types", (fun () -> let s = fresh "types" in File.WriteAllText(Path.Combine(s, "store.json"), "{\"format\":\"hast-samples\",\"version\":1,\"image_shape\":\"x\",\"classes\":[],\"teacher\":3,\"sources\":{},\"batches\":7}"); s), [ "store.json" ]
+              "no store", (fun () -> d.File "none"), [ "does not exist" ] ]
+        for name, make, expect in cases do
+            let s = make ()
+            let line = expectCleanFailure (quantize s) [ out; s ] expect
+            printfn "  store %-26s -> %s" name line
+        // samples info / merge on a damaged manifest also answer in one line
+        let g = fresh "garbage2"
+        File.WriteAllText(Path.Combine(g, "store.json"), "not json")
+        expectCleanFailure [ "samples"; "info"; g ] [ g ] [ "store.json" ] |> ignore
+        let f = fresh "flip2"
+        flipped (batchFile f) [ 30 ] (batchFile f) |> ignore
+        expectCleanFailure [ "samples"; "merge"; f; "--out"; d.File "merged" ] [ d.File "merged"; f ] [ "checksum" ] |> ignore
+
+let modelDataCases =
+    testCase "architecture, classes and test data that do not fit: one line naming the misfit" <| fun () ->
+        use d = new TempDir()
+        let report = d.File "report.json"
+        let test = smallTest d 8
+        let ragged = writeBytes (d.File "ragged.bin") (File.ReadAllBytes(cifarTest)[.. 3073 * 2 + 4])
+        let folder3 = d.File "three"
+        for c in [ "airplane"; "bird"; "cat" ] do
+            Directory.CreateDirectory(Path.Combine(folder3, c)) |> ignore
+            File.Copy(Path.Combine(trainJpeg, c, "0000.jpg"), Path.Combine(folder3, c, "0000.jpg"))
+        let cases =
+            [ "resnet20 (option B) on option A weights", evalArgs zipWeights test report |> List.map (fun a -> if a = arch then "cifar-resnet20" else a), [ "weights do not fit"; "first difference features.init_block.conv.weight" ]
+              "resnet18 on CIFAR weights", evalArgs zipWeights test report |> List.map (fun a -> if a = arch then "resnet18" else a), [ "weights do not fit"; "first difference conv1.weight (expected [64, 3, 7, 7], got [16, 3, 3, 3])" ]
+              "--classes 100 on 10-class weights", evalArgs zipWeights test report @ [ "--classes"; "100" ], [ "linear.weight"; "[100, 64]"; "[10, 64]" ]
+              "--classes 7", evalArgs zipWeights test report @ [ "--classes"; "7" ], [ "7" ]
+              "image folder with 3 classes", evalArgs zipWeights folder3 report, [ "3 classes"; "10" ]
+              "test file of 2 records + 4 bytes", evalArgs zipWeights ragged report, [ "whole number"; "ragged.bin" ]
+              "empty test folder", evalArgs zipWeights (Directory.CreateDirectory(d.File "emptyfolder")).FullName report, [ "emptyfolder" ]
+              "missing test file", evalArgs zipWeights (d.File "nope.bin") report, [ "nope.bin" ]
+              "unknown architecture", evalArgs zipWeights test report |> List.map (fun a -> if a = arch then "resnet-9000" else a), [ "resnet-9000" ] ]
+        for name, args, expect in cases do
+            let line = expectCleanFailure args [ report ] expect
+            printfn "  %-40s -> %s" name line
+
+/// Arguments of a `hast run` that would work, with `extra` appended (flags given later override).
+let private runArgs (test: string) (out: string) (extra: string list) =
+    [ "run"; "--preset"; "tiny"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out ] @ extra
+
+let valueCases =
+    testCase "bits, sizes and hyper-parameters out of range: one line naming the flag, nothing written" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "out"
+        let cases =
+            [ for b in [ "0"; "1"; "9"; "16"; "-4"; "31"; "33" ] do
+                  yield [ "--wbits"; b ], "--wbits"
+                  yield [ "--abits"; b ], "--abits"
+              for flag, v in
+                  [ "--samples", "-1"; "--samples", "0"; "--samples", "abc"; "--batch", "0"; "--batch", "-8"
+                    "--lr", "nan"; "--lr", "NaN"; "--lr", "-0.1"; "--lr", "0"; "--lr", "inf"; "--lr", "Infinity"
+                    "--epsilon", "-1"; "--epsilon", "nan"; "--momentum", "-0.5"; "--weight-decay", "-1"
+                    "--temperature", "0"; "--alpha", "-1"; "--lambda", "nan"; "--iters", "0"; "--iters", "-5"
+                    "--epochs", "0"; "--iters-per-epoch", "0"; "--calib-batches", "0"; "--calib-batch", "-1"
+                    "--synth-batch", "0"; "--synth-iters", "-1"; "--synth-lr", "nan"; "--beta", "-1"; "--gamma", "inf"
+                    "--eval-every", "0"; "--lr-decay", "0"; "--lr-floor", "-1"; "--clean-weight", "nan"
+                    "--perturbed-weight", "-2"; "--crop-scale", "0.5"; "--crop-scale", "1,0.5"; "--crop-scale", "nan,1"
+                    "--crop-scale", "0,0"; "--crop-scale", "-1,2"; "--milestones", "0,5"; "--milestones", "a,b"
+                    "--schedule", "linear"; "--alignment", "sideways"; "--direction", "up"; "--method", "magic"
+                    "--calibration", "guess"; "--classes", "0"; "--classes", "-10"; "--synth-augment", "maybe"
+                    "--promotion", "perhaps"; "--seed", "x"; "--device", "tpu" ] do
+                  yield [ flag; v ], flag ]
+        for extra, flag in cases do
+            let line = expectCleanFailure (runArgs test out extra) [ out ] [ flag.TrimStart('-') ]
+            printfn "  %-28s -> %s" (String.Join(" ", extra)) line
+        // the other commands check their numbers too
+        let other =
+            [ [ "eval"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--wbits"; "1" ], "--wbits"
+              [ "eval"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--batch-size"; "0" ], "--batch-size"
+              [ "eval"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--calib-batches"; "-1" ], "--calib-batches"
+              [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--samples"; "0" ], "--samples"
+              [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--lr"; "nan" ], "--lr"
+              [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--beta"; "-1" ], "--beta"
+              [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--iters"; "0" ], "--iters"
+              [ "samples"; "merge"; d.Path; "--out"; out; "--take"; "0" ], "--take" ]
+        for args, flag in other do
+            expectCleanFailure args [ out ] [ flag.TrimStart('-') ] |> ignore
+        // 32 bits means "not quantized" and is accepted
+        match Cli.Root.parse (fun _ -> "") (Array.ofList (runArgs test out [ "--wbits"; "32"; "--abits"; "32" ])) with
+        | Cli.Root.Command.Run c -> Expect.equal (c.WBits, c.ABits) (32, 32) "32 bits accepted"
+        | other -> failtestf "parsed as %A" other
+        for b in 2 .. 8 do
+            match Cli.Root.parse (fun _ -> "") (Array.ofList (runArgs test out [ "--wbits"; string b ])) with
+            | Cli.Root.Command.Run c -> Expect.equal c.WBits b "bits 2..8 accepted"
+            | other -> failtestf "parsed as %A" other
+
+let outputCases =
+    testCase "unwritable outputs, presets and config files: one line, nothing written" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let file = writeBytes (d.File "a-file") [| 1uy |]
+        let cfg (name: string) (text: string) =
+            let p = d.File name
+            File.WriteAllText(p, text)
+            p
+        let out = d.File "out"
+        let cases =
+            [ "--out under a regular file", runArgs test (Path.Combine(file, "out")) [], [ "a-file" ]
+              "--out is a regular file", runArgs test file [], [ "a-file" ]
+              "--out two levels under a file", runArgs test (Path.Combine(file, "x", "y")) [], [ "a-file" ]
+              "--report under a regular file", runArgs test out [ "--report"; Path.Combine(file, "r.json") ], [ "a-file" ]
+              "eval --report under a file", evalArgs zipWeights test (Path.Combine(file, "r.json")), [ "a-file" ]
+              "synthesize --out under a file", [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; Path.Combine(file, "s") ], [ "a-file" ]
+              "merge --out under a file", [ "samples"; "merge"; d.Path; "--out"; Path.Combine(file, "m") ], [ "a-file" ]
+              "unknown preset", runArgs test out [ "--preset"; "huge" ], [ "huge" ]
+              "config: invalid JSON", runArgs test out [ "--config"; cfg "bad.json" "{\"lr\": 0.1," ], [ "bad.json"; "json" ]
+              "config: unknown key", runArgs test out [ "--config"; cfg "typo.json" "{\"learning-rate\": 0.1}" ], [ "learning-rate" ]
+              "config: an array", runArgs test out [ "--config"; cfg "array.json" "[1, 2]" ], [ "array.json" ]
+              "config: a nested object", runArgs test out [ "--config"; cfg "nested.json" "{\"lr\": {\"x\": 1}}" ], [ "lr" ]
+              "config: a null value", runArgs test out [ "--config"; cfg "null.json" "{\"lr\": null}" ], [ "lr" ]
+              "config: bad value", runArgs test out [ "--config"; cfg "nan.json" "{\"lr\": \"nan\"}" ], [ "lr" ]
+              "config: empty file", runArgs test out [ "--config"; cfg "empty.json" "" ], [ "empty.json" ]
+              "config: missing file", runArgs test out [ "--config"; d.File "none.json" ], [ "none.json" ]
+              "config: a folder", runArgs test out [ "--config"; d.Path ], [ d.Path ] ]
+        for name, args, expect in cases do
+            let line = expectCleanFailure args [ out; file ] expect
+            printfn "  %-32s -> %s" name line
+
+let resumeCases =
+    testCase "runs refuse to overwrite or mis-resume, and leave earlier outputs intact" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "out"
+        Directory.CreateDirectory out |> ignore
+        let ck = makeCheckpoint (Path.Combine(out, "quantized.ckpt"))
+        File.WriteAllText(Path.Combine(out, "report.json"), "{}\n")
+        // a finished run is not resumed or overwritten
+        expectCleanFailure (runArgs test out [ "--resume" ]) [ out ] [ "finished" ] |> ignore
+        // a damaged train checkpoint is reported, not silently restarted
+        let out2 = d.File "out2"
+        Directory.CreateDirectory out2 |> ignore
+        File.Copy(ck, Path.Combine(out2, "train.ckpt"))
+        truncated ck 1000 (Path.Combine(out2, "train.ckpt")) |> ignore
+        expectCleanFailure (runArgs test out2 [ "--resume" ]) [ Path.Combine(out2, "train.ckpt") ] [ "train.ckpt" ] |> ignore
+        // an existing train checkpoint without --resume is refused
+        expectCleanFailure (runArgs test out2 []) [ out2 ] [ "--resume" ] |> ignore
+
+let validationTests = [ weightsCases; checkpointCases; storeCases; modelDataCases; valueCases; outputCases; resumeCases ]
+
+// ---------------------------------------------------------------------------------------------
+// 2. Crash safety: `hast run` killed with SIGKILL at random moments, resumed, equals an uninterrupted run
+
+/// `dotnet hast.dll args` as a child process; its output is collected (and must be drained).
+type HastProcess(args: string list) =
+    let output = Text.StringBuilder()
+    let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+    do
+        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "hast.dll"))
+        for a in args do psi.ArgumentList.Add a
+    let p = new Process(StartInfo = psi)
+    let add (e: DataReceivedEventArgs) = if not (isNull e.Data) then lock output (fun () -> output.AppendLine e.Data |> ignore)
+    do
+        p.OutputDataReceived.Add add
+        p.ErrorDataReceived.Add add
+        p.Start() |> ignore
+        p.BeginOutputReadLine()
+        p.BeginErrorReadLine()
+    member _.HasExited = p.HasExited
+    member _.Kill() = try p.Kill(true) with :? InvalidOperationException -> ()
+    member _.Wait() =
+        p.WaitForExit()
+        p.ExitCode
+    member _.Output = lock output (fun () -> output.ToString())
+    interface IDisposable with
+        member _.Dispose() = p.Dispose()
+
+/// Text appended to `path` since it had `from` bytes ("" when absent).
+let private appended (path: string) (from: int64) =
+    if not (File.Exists path) then ""
+    else
+        use f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite ||| FileShare.Delete)
+        if f.Length <= from then ""
+        else
+            f.Seek(from, SeekOrigin.Begin) |> ignore
+            use r = new StreamReader(f)
+            r.ReadToEnd()
+
+let private lengthOf (path: string) = if File.Exists path then FileInfo(path).Length else 0L
+
+/// Seconds between the log line containing `a` and the first later line containing `b` (log.txt lines
+/// start with an ISO timestamp).
+let private stageSeconds (log: string) (a: string) (b: string) =
+    let lines = File.ReadAllLines log
+    let time (l: string) = DateTime.Parse(l.Substring(0, l.IndexOf ' '), Globalization.CultureInfo.InvariantCulture, Globalization.DateTimeStyles.RoundtripKind)
+    let i = lines |> Array.findIndex (fun l -> l.Contains a)
+    let j = lines |> Array.findIndexBack (fun l -> l.Contains b)
+    (time lines[j] - time lines[i]).TotalSeconds
+
+/// Same shape, dtype and values, bit for bit.
+let identical (x: torch.Tensor) (y: torch.Tensor) =
+    x.shape = y.shape && x.dtype = y.dtype
+    && (use e = x.eq(y) in use a = e.all() in a.item<bool>())
+
+let private compareRuns (refOut: string) (out: string) =
+    let report (dir: string) =
+        let o = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "report.json"))).AsObject()
+        o.Remove "seconds" |> ignore
+        o.ToJsonString()
+    Expect.equal (report out) (report refOut) "report.json equal except seconds"
+    use a = Hast.App.IO.Checkpoint.Load(Path.Combine(refOut, "quantized.ckpt"))
+    use b = Hast.App.IO.Checkpoint.Load(Path.Combine(out, "quantized.ckpt"))
+    Expect.sequenceEqual (b.State.Keys |> Seq.sort) (a.State.Keys |> Seq.sort) "same tensors"
+    let differing = [ for kv in a.State do if not (identical kv.Value b.State[kv.Key]) then yield kv.Key ]
+    Expect.isEmpty differing (sprintf "quantized.ckpt tensors identical (differing: %A)" differing)
+    let batches (dir: string) =
+        Hast.App.IO.SampleStore.Open(Path.Combine(dir, "samples")).Batches |> Seq.map (fun e -> e.File, e.Sha256) |> Seq.sort |> List.ofSeq
+    Expect.equal (batches out) (batches refOut) "sample batches identical"
+    Expect.isFalse (File.Exists(Path.Combine(out, "train.ckpt"))) "train.ckpt removed at the end"
+    a.State.Count
+
+/// Where a planned kill waits before its short random delay: the `Count`-th occurrence of `Text` in
+/// what the run appended to a file (progress events, so kills land in the intended stage at any speed).
+type private Trigger =
+    { Name: string; File: string; Text: string; Count: int }
+
+let private occurrences (text: string) (s: string) =
+    let rec go (from: int) n = match s.IndexOf(text, from, StringComparison.Ordinal) with -1 -> n | i -> go (i + text.Length) (n + 1)
+    go 0 0
+
+let crashTest =
+    testCase "hast run killed (SIGKILL) at random moments and resumed equals an uninterrupted run" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 50
+        let args (out: string) =
+            [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
+              "--samples"; "24"; "--synth-batch"; "8"; "--synth-iters"; "12"; "--batch"; "8"
+              "--iters"; "15"; "--iters-per-epoch"; "3"; "--eval-every"; "2"
+              "--calib-batches"; "1"; "--calib-batch"; "8"; "--seed"; "3" ]
+        // the uninterrupted reference
+        let refOut = d.File "reference"
+        let sw = Stopwatch.StartNew()
+        using (new HastProcess(args refOut)) (fun p ->
+            let code = p.Wait()
+            Expect.equal code 0 (sprintf "reference run succeeds:\n%s" p.Output))
+        printfn "  reference run: %.1fs" sw.Elapsed.TotalSeconds
+        let out = d.File "killed"
+        let outLog, outMetrics = Path.Combine(out, "log.txt"), Path.Combine(out, "metrics.jsonl")
+        let storeLog, storeMetrics = Path.Combine(out, "samples", "log.txt"), Path.Combine(out, "samples", "metrics.jsonl")
+        let event (name: string) = sprintf "\"event\":\"%s\"" name
+        // the kill plan (seeded): which progress event of the run to wait for, then a delay of 0..0.3 s
+        let rng = Random(20231)
+        let plan =
+            [ { Name = "synthesis iteration event"; File = storeMetrics; Text = event "iter"; Count = rng.Next(1, 3) }
+              { Name = "synthesized batch"; File = storeMetrics; Text = event "batch"; Count = 1 }
+              { Name = "start of eval+calibration"; File = outLog; Text = "== eval fp"; Count = 1 }
+              { Name = "finished epoch"; File = outMetrics; Text = event "epoch"; Count = 1 }
+              { Name = "fine-tune iteration event"; File = outMetrics; Text = event "iter"; Count = rng.Next(1, 3) }
+              { Name = "finished epoch"; File = outMetrics; Text = event "epoch"; Count = 1 } ]
+            |> List.map (fun t -> t, 0.3 * rng.NextDouble())
+        let files = [ outLog; outMetrics; storeLog; storeMetrics ]
+        /// the stage a run is in, from what it appended to the logs since `from`
+        let stageNow (from: Map<string, int64>) =
+            let o = appended outLog from[outLog]
+            if o.Contains "== fine-tune" then "fine-tune"
+            elif o.Contains "== eval" then "eval/calibration"
+            elif (appended storeLog from[storeLog]).Contains "== synthesis" then "synthesis"
+            else "start-up"
+        let landed = Collections.Generic.List<string>()
+        let mutable finished = false
+        let mutable runs = 0
+        for (trigger, delay) in plan do
+            if not finished then
+                let from = files |> List.map (fun p -> p, lengthOf p) |> Map.ofList
+                use p = new HastProcess(args out @ (if runs > 0 then [ "--resume" ] else []))
+                runs <- runs + 1
+                let wait = Stopwatch.StartNew()
+                while not p.HasExited && occurrences trigger.Text (appended trigger.File from[trigger.File]) < trigger.Count
+                      && wait.Elapsed.TotalSeconds < 600.0 do
+                    Threading.Thread.Sleep 5
+                let seen = Stopwatch.StartNew()
+                while not p.HasExited && seen.Elapsed.TotalSeconds < delay do
+                    Threading.Thread.Sleep 5
+                if p.HasExited then
+                    let code = p.Wait()
+                    Expect.equal code 0 (sprintf "run %d ended on its own:\n%s" runs p.Output)
+                    printfn "  run %d: finished before the planned kill (%s #%d + %.2fs)" runs trigger.Name trigger.Count delay
+                    finished <- true
+                else
+                    let at = stageNow from
+                    p.Kill()
+                    p.Wait() |> ignore
+                    landed.Add at
+                    printfn "  run %d: SIGKILL %.2fs after %s #%d, %.1fs into the run: in %s" runs delay trigger.Name trigger.Count wait.Elapsed.TotalSeconds at
+        // resume until done
+        while not finished do
+            Expect.isLessThan runs 12 "the run completes after a few resumes"
+            use p = new HastProcess(args out @ [ "--resume" ])
+            runs <- runs + 1
+            let code = p.Wait()
+            Expect.equal code 0 (sprintf "resumed run %d completes:\n%s" runs p.Output)
+            printfn "  run %d: resumed to the end" runs
+            finished <- true
+        printfn "  %d kills (%s), %d processes in all" landed.Count (String.Join(", ", landed)) runs
+        Expect.isGreaterThanOrEqual landed.Count 5 "at least 5 kills landed"
+        Expect.contains landed "synthesis" "a kill landed in synthesis"
+        Expect.contains landed "fine-tune" "a kill landed in fine-tuning"
+        let n = compareRuns refOut out
+        printfn "  report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs" n sw.Elapsed.TotalSeconds
+
+// ---------------------------------------------------------------------------------------------
+// 4. Memory: resident memory is flat over 500 fine-tune iterations
+
+/// Resident set size of this process in MB (VmRSS of /proc/self/status), after a full GC.
+let residentMB () =
+    GC.Collect()
+    GC.WaitForPendingFinalizers()
+    GC.Collect()
+    File.ReadAllLines "/proc/self/status"
+    |> Array.find (fun l -> l.StartsWith "VmRSS:")
+    |> fun l -> float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0
+
+let memoryTest =
+    testCase "fine-tuning memory is flat: RSS after 100 and after 500 iterations within 10%, no tensors accumulate" <| fun () ->
+        let teacher = loadSharedModel ()
+        let a = Models.Registry.find arch
+        let student = Quantize.quantize a 10L teacher 4 4
+        use g = generator 5L
+        use images = torch.randn([| 24L; 3L; 32L; 32L |], generator = g)
+        use labels = torch.randint(10L, [| 24L |], generator = g)
+        Quantize.calibrate torch.CPU student [ images.slice(0L, 0L, 8L, 1L) ]
+        let cfg = { FineTune.defaults with BatchSize = 4; ItersPerEpoch = 100; Epochs = 5; Seed = 1L }
+        let opt = FineTune.optimizer cfg student
+        let rss = Collections.Generic.List<float>()
+        let live = Collections.Generic.List<int64>()
+        let sw = Stopwatch.StartNew()
+        for ep in 0 .. cfg.Epochs - 1 do
+            FineTune.epoch torch.CPU cfg teacher student opt images labels ep ignore |> ignore
+            rss.Add(residentMB ())
+            live.Add torch.Tensor.TotalCount
+            printfn "  after %d iterations: RSS %.1f MB, %d live tensors (%.0fs)" ((ep + 1) * cfg.ItersPerEpoch) rss[ep] live[ep] sw.Elapsed.TotalSeconds
+        let r100, r500 = rss[0], rss[rss.Count - 1]
+        let change = (r500 - r100) / r100
+        printfn "  RSS after 100 iterations %.1f MB, after 500 %.1f MB: %+.1f%%" r100 r500 (100.0 * change)
+        Expect.isLessThan (abs change) 0.10 "RSS flat within 10%"
+        Expect.isLessThanOrEqual live[live.Count - 1] (live[0] + 8L) "no tensors accumulate between iteration 100 and 500"
+
+let tests : Test list = validationTests @ [ crashTest; memoryTest ]
