@@ -15,9 +15,9 @@ let private flagsOf (t: Type) =
 
 let allFlags =
     [ typeof<EvalCli.EvalArgs>; typeof<SynthesizeCli.SynthesizeArgs>; typeof<QuantizeCli.QuantizeArgs>
-      typeof<SamplesCli.MergeArgs>; typeof<SamplesCli.InfoArgs> ]
+      typeof<SamplesCli.MergeArgs>; typeof<SamplesCli.InfoArgs>; typeof<BenchCli.BenchArgs>; typeof<DownloadCli.DownloadArgs> ]
     |> List.collect flagsOf
-    |> List.filter (fun f -> f <> "--stores" && f <> "--store") // MainCommand cases are positional
+    |> List.filter (fun f -> f <> "--stores" && f <> "--store" && f <> "--items") // MainCommand cases are positional
     |> List.append [ "--help"; "-h"; "--config"; "--preset"; "--resume" ]
     |> List.distinct
 
@@ -45,6 +45,8 @@ let private ownFlags (cmd: string list) =
     | [ "synthesize" ] -> flagsOf typeof<SynthesizeCli.SynthesizeArgs>
     | [ "run" ] | [ "quantize" ] -> flagsOf typeof<QuantizeCli.QuantizeArgs>
     | [ "samples"; "merge" ] -> [ "--out"; "--take" ]
+    | [ "bench" ] -> flagsOf typeof<BenchCli.BenchArgs>
+    | [ "download" ] -> flagsOf typeof<DownloadCli.DownloadArgs>
     | _ -> allFlags
 
 /// Flags mostly of the command itself (so that many lines reach value checks), sometimes of any command.
@@ -60,7 +62,7 @@ let private genGroup (cmd: string list) : Gen<string list> =
 let private genCommand : Gen<string list> =
     Gen.elements
         [ [ "eval" ]; [ "synthesize" ]; [ "samples"; "merge" ]; [ "samples"; "info" ]; [ "samples" ]; [ "quantize" ]
-          [ "run" ]; [ "run" ]; [ "quantize" ]; []; [ "bogus" ]; [ "run"; "run" ] ]
+          [ "run" ]; [ "run" ]; [ "quantize" ]; [ "bench" ]; [ "download" ]; []; [ "bogus" ]; [ "run"; "run" ] ]
 
 /// Arguments that would parse, so that the generated groups often reach value validation.
 let private baseline (cmd: string list) =
@@ -130,6 +132,8 @@ let private valid (c: Root.Command) =
     | Root.Command.Eval e -> bits e.WBits && bits e.ABits && e.BatchSize > 0
     | Root.Command.Synthesize s -> s.Synthesis.Samples > 0 && s.Synthesis.BatchSize > 0 && s.Synthesis.Iterations > 0
     | Root.Command.Samples _ -> true
+    | Root.Command.Download d -> d.List || not d.Items.IsEmpty
+    | Root.Command.Bench _ -> true
 
 let private config = { FsCheckConfig.defaultConfig with maxTest = 2000; endSize = 40 }
 
