@@ -150,28 +150,6 @@ type IterInfo =
       /// fraction of G's images the teacher assigns to their label
       TeacherAccuracy: float }
 
-/// Number of classes of the teacher (width of its logits), from a forward of one zero image.
-let private classesOf (device: torch.Device) (teacher: Net) (side: int) : int64 =
-    use _ = torch.NewDisposeScope()
-    use _ng = torch.no_grad ()
-    let logits = teacher.forward (torch.zeros([| 1L; 3L; int64 side; int64 side |], device = device))
-    if logits.dim () <> 2L then failf "the teacher must output (batch, classes) logits, got %d dimensions" (logits.dim ())
-    logits.shape[1]
-
-/// Run `f` with the teacher frozen: eval mode and requires_grad = false on all its parameters;
-/// the previous flags and mode are restored afterwards, also when `f` fails.
-let private withFrozen (teacher: Net) (f: unit -> 'a) : 'a =
-    let wasTraining = teacher.training
-    let ps = teacher.parameters () |> Seq.toArray
-    let flags = ps |> Array.map (fun p -> p.requires_grad)
-    try
-        teacher.eval ()
-        for p in ps do p.requires_grad <- false
-        f ()
-    finally
-        Array.iter2 (fun (p: Parameter) flag -> p.requires_grad <- flag) ps flags
-        teacher.train wasTraining
-
 /// Train a fresh generator against `teacher` for `cfg.Iterations` steps and calibrate `student`'s
 /// activation ranges on its images: the old ranges are forgotten, and after every generator step the
 /// student (in eval mode, without gradients, quantizers Calibrating) runs on the step's images
@@ -194,8 +172,8 @@ let calibrateWithGenerator
         fail "the generator warm-up needs a separate quantized student; pass the quantized model, not the teacher"
     if List.isEmpty (Quantizers.actQuantizers student) then
         fail "the student has no activation quantizers to calibrate; quantize the model first"
-    withFrozen teacher (fun () ->
-        let classes = classesOf device teacher side
+    Teacher.withFrozen teacher (fun () ->
+        let classes = Teacher.classesOf device teacher side
         use gInit = generator (deriveSeed cfg.Seed [ 0L ])
         use gData = generator (deriveSeed cfg.Seed [ 1L ])
         use gen = new Generator(classes, side, cfg.Latent)

@@ -114,3 +114,28 @@ module LayerKit =
             function
             | Relu -> ReLU() :> Module<Tensor, Tensor>
             | Relu6 -> ReLU6() :> Module<Tensor, Tensor> }
+
+/// A full-precision teacher used by a stage (synthesis, generator warm-up) that must leave it unchanged.
+module Teacher =
+    /// Number of classes of the teacher (width of its logits), from a forward of one zero image.
+    let classesOf (device: torch.Device) (teacher: Net) (side: int) : int64 =
+        use _ = torch.NewDisposeScope()
+        use _ng = torch.no_grad ()
+        let logits = teacher.forward (torch.zeros([| 1L; 3L; int64 side; int64 side |], device = device))
+        if logits.dim () <> 2L then
+            Prelude.failf "the teacher must output (batch, classes) logits, got %d dimensions" (logits.dim ())
+        logits.shape[1]
+
+    /// Run `f` with the teacher frozen: eval mode and requires_grad = false on all its parameters;
+    /// the previous flags and mode are restored afterwards, also when `f` fails.
+    let withFrozen (teacher: Net) (f: unit -> 'a) : 'a =
+        let wasTraining = teacher.training
+        let ps = teacher.parameters () |> Seq.toArray
+        let flags = ps |> Array.map (fun p -> p.requires_grad)
+        try
+            teacher.eval ()
+            for p in ps do p.requires_grad <- false
+            f ()
+        finally
+            Array.iter2 (fun (p: Parameter) flag -> p.requires_grad <- flag) ps flags
+            teacher.train wasTraining

@@ -155,28 +155,6 @@ module Plateau =
             { s with Lr = (if s.Lr - lr > eps then lr else s.Lr); Bad = 0 }
         else s
 
-/// Number of classes of the teacher (width of its logits), from a forward of one zero image.
-let private classesOf (device: torch.Device) (teacher: Net) (side: int) : int64 =
-    use _ = torch.NewDisposeScope()
-    use _ng = torch.no_grad ()
-    let logits = teacher.forward (torch.zeros([| 1L; 3L; int64 side; int64 side |], device = device))
-    if logits.dim () <> 2L then failf "the teacher must output (batch, classes) logits, got %d dimensions" (logits.dim ())
-    logits.shape[1]
-
-/// Run `f` with the teacher frozen: eval mode and requires_grad = false on all its parameters.
-/// The previous flags are restored afterwards, also when `f` fails.
-let private withFrozen (teacher: Net) (f: unit -> 'a) : 'a =
-    let wasTraining = teacher.training
-    let ps = teacher.parameters () |> Seq.toArray
-    let flags = ps |> Array.map (fun p -> p.requires_grad)
-    try
-        teacher.eval ()
-        for p in ps do p.requires_grad <- false
-        f ()
-    finally
-        Array.iter2 (fun (p: Modules.Parameter) flag -> p.requires_grad <- flag) ps flags
-        teacher.train wasTraining
-
 /// Loss tensors of one forward: (bns, ce, total).
 let private losses (cfg: Config) (out: Outputs) (labels: Tensor) =
     let bns = Losses.bnsLoss out.Bn
@@ -204,9 +182,9 @@ let synthesizeBatch
     if count <= 0 then failf "a synthesis batch needs a positive number of samples (got %d)" count
     if side <= 0 then failf "the image side must be positive (got %d)" side
     if batchIndex < 0 then failf "the batch index must be >= 0 (got %d)" batchIndex
-    withFrozen teacher (fun () ->
+    Teacher.withFrozen teacher (fun () ->
         use _ = torch.NewDisposeScope()
-        let classes = classesOf device teacher side
+        let classes = Teacher.classesOf device teacher side
         use g = generator (batchSeed cfg batchIndex)
         // draw on the CPU so a batch is the same on every device
         let noise = torch.randn([| int64 count; 3L; int64 side; int64 side |], generator = g)
