@@ -468,10 +468,16 @@ let crashTest =
 // 4. Memory: resident memory is flat over 500 fine-tune iterations
 
 /// Resident set size of this process in MB (VmRSS of /proc/self/status), after a full GC.
+/// glibc: return freed heap pages to the OS, so that RSS reflects live memory rather than what earlier
+/// tests in this process freed (the allocator otherwise gives it back at unpredictable moments).
+[<System.Runtime.InteropServices.DllImport("libc", EntryPoint = "malloc_trim")>]
+extern int private mallocTrim(unativeint pad)
+
 let residentMB () =
     GC.Collect()
     GC.WaitForPendingFinalizers()
     GC.Collect()
+    if OperatingSystem.IsLinux() then mallocTrim 0un |> ignore
     File.ReadAllLines "/proc/self/status"
     |> Array.find (fun l -> l.StartsWith "VmRSS:")
     |> fun l -> float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0
