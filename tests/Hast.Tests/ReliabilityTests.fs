@@ -507,4 +507,26 @@ let memoryTest =
         Expect.isLessThan (abs change) 0.10 "RSS flat within 10%"
         Expect.isLessThanOrEqual live[live.Count - 1] (live[0] + 8L) "no tensors accumulate between iteration 100 and 500"
 
-let tests : Test list = validationTests @ [ crashTest; memoryTest ]
+/// Fine-tuning that diverges (an absurd learning rate) stops within the step with one clear line, and
+/// the last good checkpoint (written after calibration) stays loadable; no final outputs appear.
+let divergenceTest =
+    testCase "a diverging fine-tune stops with a clear message and keeps the last good checkpoint" <| fun () ->
+        use tmp = new TempDir()
+        let out = tmp.File "run"
+        let code, _, err =
+            runCli
+                [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest; "--out"; out
+                  "--samples"; "8"; "--synth-batch"; "8"; "--synth-iters"; "2"; "--calib-batches"; "1"; "--calib-batch"; "8"
+                  "--batch"; "8"; "--iters"; "6"; "--iters-per-epoch"; "3"; "--lr"; "1e6"; "--seed"; "2" ]
+        Expect.notEqual code 0 "non-zero exit"
+        let line = err.Trim()
+        Expect.stringContains line "diverged" "names the problem"
+        Expect.isFalse (line.Contains "\n" || line.Contains "   at ") "one line, no stack trace"
+        let train = Path.Combine(out, "train.ckpt")
+        Expect.isTrue (File.Exists train) "last good checkpoint kept"
+        use ck = Hast.App.IO.Checkpoint.Load train
+        Expect.equal (int ck.Meta["epochs_done"]) 0 "the checkpoint is the last good state (after calibration)"
+        Expect.isFalse (File.Exists(Path.Combine(out, "quantized.ckpt"))) "no final checkpoint"
+        Expect.isFalse (File.Exists(Path.Combine(out, "report.json"))) "no report"
+
+let tests : Test list = validationTests @ [ crashTest; divergenceTest; memoryTest ]
