@@ -115,6 +115,26 @@ module LayerKit =
             | Relu -> ReLU() :> Module<Tensor, Tensor>
             | Relu6 -> ReLU6() :> Module<Tensor, Tensor> }
 
+/// Convolution + BatchNorm (+ activation), the unit most architectures repeat. `names` are the
+/// PyTorch names of the three children: pytorchcv uses ("conv", "bn", "activ"), torchvision's
+/// Conv2dNormActivation ("0", "1", "2").
+type ConvBnAct(spec: ConvSpec, act: Activation option, names: string * string * string, kit: LayerKit) as this =
+    inherit Block("ConvBnAct")
+    let convName, bnName, actName = names
+    let conv = kit.Conv spec
+    let bn = BatchNorm2d(spec.OutChannels)
+    let activ = act |> Option.map kit.Act
+    do
+        this.register_module(convName, conv)
+        this.register_module(bnName, bn)
+        activ |> Option.iter (fun a -> this.register_module(actName, a))
+    member _.Run(x: Tensor, tape: Tape) : Tensor =
+        let y = tape.Bn(bn, conv.forward x)
+        match activ with
+        | Some a -> a.forward y
+        | None -> y
+    override this.forward x = this.Run(x, Tape.Off)
+
 /// A full-precision teacher used by a stage (synthesis, generator warm-up) that must leave it unchanged.
 module Teacher =
     /// Number of classes of the teacher (width of its logits), from a forward of one zero image.

@@ -70,32 +70,19 @@ type CifarResNetA(n: int, numClasses: int64, kit: LayerKit) as this =
         let h = layers |> List.concat |> List.fold (fun h (b: BasicBlockA) -> b.Run(h, tape)) h0
         linear.forward (torch.nn.functional.adaptive_avg_pool2d(h, [| 1L; 1L |]).flatten(1))
 
-/// pytorchcv ConvBlock: conv (no bias) + BN (+ activation). Parameter names: conv, bn.
-type ConvBlock(spec: ConvSpec, act: Activation option, kit: LayerKit) as this =
-    inherit Block("ConvBlock")
-    let conv = kit.Conv spec
-    let bn = bn spec.OutChannels
-    let activ = act |> Option.map kit.Act
-    do
-        this.register_module("conv", conv)
-        this.register_module("bn", bn)
-        activ |> Option.iter (fun a -> this.register_module("activ", a))
-    member _.Run(x: Tensor, tape: Tape) : Tensor =
-        let y = tape.Bn(bn, conv.forward x)
-        match activ with
-        | Some a -> a.forward y
-        | None -> y
-    override this.forward x = this.Run(x, Tape.Off)
+/// pytorchcv ConvBlock: conv (no bias) + BN (+ activation). Parameter names: conv, bn, activ.
+let private convBlock (spec: ConvSpec) (act: Activation option) (kit: LayerKit) =
+    new ConvBnAct(spec, act, ("conv", "bn", "activ"), kit)
 
 /// pytorchcv ResUnit (non-bottleneck): body = conv1 (3x3, stride) + conv2 (3x3, no activation);
 /// identity_conv = 1x1 conv + BN when the shape changes; then add and ReLU.
 type ResUnit(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
     inherit Block("ResUnit")
-    let conv1 = new ConvBlock(ConvSpec.make cin cout 3L stride 1L, Some Relu, kit)
-    let conv2 = new ConvBlock(ConvSpec.make cout cout 3L 1L 1L, None, kit)
+    let conv1 = convBlock (ConvSpec.make cin cout 3L stride 1L) (Some Relu) kit
+    let conv2 = convBlock (ConvSpec.make cout cout 3L 1L 1L) None kit
     let body = new Node([ "conv1", conv1 :> Module; "conv2", conv2 :> Module ])
     let resize = cin <> cout || stride <> 1L
-    let identity = if resize then Some(new ConvBlock(ConvSpec.make cin cout 1L stride 0L, None, kit)) else None
+    let identity = if resize then Some(convBlock (ConvSpec.make cin cout 1L stride 0L) None kit) else None
     let activ = kit.Act Relu
     do
         this.register_module("body", body)
@@ -111,7 +98,7 @@ type ResUnit(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
 /// pytorchcv CIFARResNet with basic units. `n` units per stage: depth = 6n + 2.
 type CifarResNet(n: int, numClasses: int64, kit: LayerKit) as this =
     inherit Net(sprintf "cifar_resnet%d" (6 * n + 2))
-    let init = new ConvBlock(ConvSpec.make 3L 16L 3L 1L 1L, Some Relu, kit)
+    let init = convBlock (ConvSpec.make 3L 16L 3L 1L 1L) (Some Relu) kit
     let stages =
         [ for (i, (cin, cout)) in List.indexed [ (16L, 16L); (16L, 32L); (32L, 64L) ] ->
             [ for j in 0 .. n - 1 ->

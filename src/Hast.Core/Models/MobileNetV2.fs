@@ -11,23 +11,9 @@ open type TorchSharp.torch.nn
 
 /// torchvision Conv2dNormActivation: conv (no bias, "same" padding) + BN (+ ReLU6).
 /// Parameter names: `0` (conv), `1` (BN), `2` (activation).
-type ConvBnAct(cin: int64, cout: int64, kernel: int64, stride: int64, groups: int64, act: bool, kit: LayerKit) as this =
-    inherit Block("ConvBnAct")
-    let conv = kit.Conv { ConvSpec.make cin cout kernel stride ((kernel - 1L) / 2L) with Groups = groups }
-    let bn = BatchNorm2d(cout)
-    let activ = if act then Some(kit.Act Relu6) else None
-    do
-        this.register_module("0", conv)
-        this.register_module("1", bn)
-        activ |> Option.iter (fun a -> this.register_module("2", a))
-    /// Children are registered explicitly above; this stops TorchSharp from also registering
-    /// the `let` fields under their field names when this module is registered in its parent.
-    member _.Run(x: Tensor, tape: Tape) : Tensor =
-        let y = tape.Bn(bn, conv.forward x)
-        match activ with
-        | Some a -> a.forward y
-        | None -> y
-    override this.forward x = this.Run(x, Tape.Off)
+let private convBnAct (cin: int64) (cout: int64) (kernel: int64) (stride: int64) (groups: int64) (act: bool) (kit: LayerKit) =
+    new ConvBnAct({ ConvSpec.make cin cout kernel stride ((kernel - 1L) / 2L) with Groups = groups },
+                  (if act then Some Relu6 else None), ("0", "1", "2"), kit)
 
 /// torchvision InvertedResidual: [1x1 expand conv-bn-relu6 when t <> 1] - 3x3 depthwise conv-bn-relu6
 /// (stride) - 1x1 linear projection conv-bn; plus the input when stride = 1 and cin = cout.
@@ -35,8 +21,8 @@ type ConvBnAct(cin: int64, cout: int64, kernel: int64, stride: int64, groups: in
 type InvertedResidual(cin: int64, cout: int64, stride: int64, expand: int64, kit: LayerKit) as this =
     inherit Block("InvertedResidual")
     let hidden = cin * expand
-    let expandLayer = if expand <> 1L then Some(new ConvBnAct(cin, hidden, 1L, 1L, 1L, true, kit)) else None
-    let depthwise = new ConvBnAct(hidden, hidden, 3L, stride, hidden, true, kit)
+    let expandLayer = if expand <> 1L then Some(convBnAct cin hidden 1L 1L 1L true kit) else None
+    let depthwise = convBnAct hidden hidden 3L stride hidden true kit
     let project = kit.Conv(ConvSpec.make hidden cout 1L 1L 0L)
     let projectBn = BatchNorm2d(cout)
     let residual = stride = 1L && cin = cout
@@ -45,7 +31,6 @@ type InvertedResidual(cin: int64, cout: int64, stride: int64, expand: int64, kit
             (Option.toList expandLayer |> List.map (fun m -> m :> Module))
             @ [ depthwise :> Module; project :> Module; projectBn :> Module ]
         this.register_module("conv", new Node(layers |> List.mapi (fun i m -> (string i, m))))
-    /// Children are registered explicitly (see `ConvBnAct`).
     /// Whether this block adds its input (then its body output is a feature-alignment target).
     member _.Residual = residual
     member _.Run(x: Tensor, tape: Tape) : Tensor =
@@ -68,7 +53,7 @@ let settings : (int64 * int64 * int * int64) list =
 /// blocks - 1x1 conv to 1280; global average pool; `classifier` = dropout 0.2 - linear.
 type MobileNetV2(numClasses: int64, kit: LayerKit) as this =
     inherit Net("mobilenet_v2")
-    let stem = new ConvBnAct(3L, 32L, 3L, 2L, 1L, true, kit)
+    let stem = convBnAct 3L 32L 3L 2L 1L true kit
     let blocks =
         settings
         |> List.fold
@@ -77,7 +62,7 @@ type MobileNetV2(numClasses: int64, kit: LayerKit) as this =
                 (c, acc @ bs))
             (32L, [])
         |> snd
-    let head = new ConvBnAct(320L, 1280L, 1L, 1L, 1L, true, kit)
+    let head = convBnAct 320L 1280L 1L 1L 1L true kit
     let dropout = Dropout(0.2)
     let fc = kit.Linear 1280L numClasses
     do
