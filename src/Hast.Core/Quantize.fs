@@ -25,6 +25,11 @@ let quantize (arch: Registry.Arch) (classes: int64) (fp: Net) (wbits: int) (abit
 /// Calibrating, run `batches` (moved to `device`) through the model in eval mode without gradients,
 /// then freeze. The model's train/eval mode is restored afterwards. Needs at least one batch when
 /// the model has activation quantizers.
+///
+/// The batch size matters: each batch's min/max enters the EMA, so the range approximates the
+/// extreme value of an *average batch*. Small batches (one image each) give tighter ranges and much
+/// finer low-bit grids than large ones (docs/results.md: W3A3 calibration-only 68.9% with single
+/// images against 52.5% with batches of 64).
 let calibrate (device: torch.Device) (model: Net) (batches: seq<Tensor>) : unit =
     let quantizers = Quantizers.actQuantizers model
     let wasTraining = model.training

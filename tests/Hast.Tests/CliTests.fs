@@ -173,6 +173,26 @@ let tests : Test list =
             Expect.isTrue isHelp "help"
             Expect.stringContains text "--synth-iters" "full usage text"
 
+      testCase "preset cpu-30min: the settings docs/results.md measured; flags still override it" <| fun () ->
+        let baseArgs = [ "run"; "--preset"; "cpu-30min"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o" ]
+        match Root.parse (fun _ -> "") (Array.ofList baseArgs) with
+        | Root.Command.Run p ->
+            match p.Samples with
+            | QuantizeCli.Synthesize s ->
+                Expect.equal (s.Samples, s.BatchSize, s.Iterations) (1024, 256, 200) "1024 samples x 200 iterations at batch 256"
+            | other -> failtestf "synthesizes, got %A" other
+            Expect.equal p.Calibration (QuantizeCli.FromSamples(512, 1)) "per-sample calibration on 512 samples"
+            Expect.equal (FineTune.totalIterations p.FineTune) 2400 "2400 fine-tune iterations"
+            Expect.equal p.FineTune.Schedule (FineTune.Cosine 0.0) "cosine to 0"
+            Expect.equal (p.FineTune.Lr, p.FineTune.BatchSize) (1e-5, 64) "authors' lr and batch"
+            Expect.isSome p.FineTune.Promotion "promotion on"
+        | other -> failtestf "a run, got %A" other
+        match Root.parse (fun _ -> "") (Array.ofList (baseArgs @ [ "--calib-batch"; "8"; "--iters"; "400" ])) with
+        | Root.Command.Run p ->
+            Expect.equal p.Calibration (QuantizeCli.FromSamples(512, 8)) "flag overrides the preset's batch"
+            Expect.equal (FineTune.totalIterations p.FineTune) 400 "flag overrides the preset's iterations"
+        | other -> failtestf "a run, got %A" other
+
       testCase "parse: values hidden behind other choices are still checked" <| fun () ->
         let baseArgs = [ "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--samples"; "8" ]
         for extra, flag in

@@ -55,16 +55,16 @@ let presets : (string * string * Layer) list =
             "schedule", "multistep"; "milestones", "20,40,60"; "lr-decay", "0.1"
             "calibration", "samples" ]
       "cpu-30min",
-      "end to end in <= 30 minutes on 2 CPU cores: 1024 samples x 200 iterations, 1200 fine-tune iterations at the authors' lr",
+      "end to end in <= 30 minutes on 2 CPU cores: 1024 samples x 200 iterations, per-sample calibration, 2400 fine-tune iterations at the authors' lr, cosine",
       Map.ofList
           [ "samples", "1024"; "synth-batch", "256"; "synth-iters", "200"
-            "batch", "64"; "lr", "1e-5"; "iters", "1200"; "iters-per-epoch", "200"
-            "schedule", "multistep"; "milestones", "5"; "lr-decay", "0.1"; "calibration", "samples" ]
+            "calibration", "samples"; "calib-batch", "1"; "calib-batches", "512"
+            "batch", "64"; "lr", "1e-5"; "iters", "2400"; "iters-per-epoch", "200"; "schedule", "cosine" ]
       "tiny",
       "a smoke test in seconds (not for accuracy)",
       Map.ofList
           [ "samples", "32"; "synth-batch", "32"; "synth-iters", "10"; "batch", "16"; "iters", "10"
-            "iters-per-epoch", "5"; "calib-batches", "2"; "calib-batch", "16" ] ]
+            "iters-per-epoch", "5"; "calib-batches", "32"; "calib-batch", "1" ] ]
 
 let presetNames = presets |> List.map (fun (n, _, _) -> n)
 
@@ -142,8 +142,8 @@ type QuantizeArgs =
             | Wbits _ -> "weight bits, 2..8 or 32 = off (default: 4)"
             | Abits _ -> "activation bits, 2..8 or 32 = off (default: 4)"
             | Calibration _ -> "samples (EMA of min/max on synthetic samples) | generator (authors' warm-up) (default: samples)"
-            | Calib_Batches _ -> "batches used to calibrate activation ranges (default: 4)"
-            | Calib_Batch _ -> "calibration batch size (default: 64)"
+            | Calib_Batches _ -> "calibration batches: --calibration samples folds this many batches of the store into the ranges (default: 512)"
+            | Calib_Batch _ -> "calibration batch size; each batch's min/max enters the EMA, so small batches give tighter ranges (default: samples 1, generator 64)"
             | Generator_Iters _ -> "generator warm-up iterations with --calibration generator (default: 800)"
             | Batch _ -> sprintf "fine-tune batch size (default: %d)" f.BatchSize
             | Lr _ -> sprintf "fine-tune learning rate, SGD with Nesterov momentum (default: %g)" f.Lr
@@ -311,8 +311,8 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
     let calibration =
         match r.String("calibration", "samples").ToLowerInvariant() with
         | "samples" ->
-            FromSamples(r.Int("calib-batches", 4) |> checkPositiveInt "--calib-batches",
-                        r.Int("calib-batch", 64) |> checkPositiveInt "--calib-batch")
+            FromSamples(r.Int("calib-batches", 512) |> checkPositiveInt "--calib-batches",
+                        r.Int("calib-batch", 1) |> checkPositiveInt "--calib-batch")
         | "generator" ->
             FromGenerator(r.Int("generator-iters", 800) |> checkPositiveInt "--generator-iters",
                           r.Int("calib-batch", 64) |> checkPositiveInt "--calib-batch")
