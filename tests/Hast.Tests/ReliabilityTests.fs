@@ -502,9 +502,11 @@ let memoryTest =
             live.Add torch.Tensor.TotalCount
             printfn "  after %d iterations: RSS %.1f MB, %d live tensors (%.0fs)" ((ep + 1) * cfg.ItersPerEpoch) rss[ep] live[ep] sw.Elapsed.TotalSeconds
         let r100, r500 = rss[0], rss[rss.Count - 1]
-        let change = (r500 - r100) / r100
-        printfn "  RSS after 100 iterations %.1f MB, after 500 %.1f MB: %+.1f%%" r100 r500 (100.0 * change)
-        Expect.isLessThan (abs change) 0.10 "RSS flat within 10%"
+        // a leak shows as growth; RSS may also shrink (the allocator returns pages under memory pressure)
+        let peakLater = Seq.max (Seq.skip 1 rss)
+        let growth = (peakLater - r100) / r100
+        printfn "  RSS after 100 iterations %.1f MB, after 500 %.1f MB, highest after 100: %.1f MB (%+.1f%%)" r100 r500 peakLater (100.0 * growth)
+        Expect.isLessThan growth 0.10 "RSS never grows more than 10% above its level at iteration 100"
         Expect.isLessThanOrEqual live[live.Count - 1] (live[0] + 8L) "no tensors accumulate between iteration 100 and 500"
 
 /// Fine-tuning that diverges (an absurd learning rate) stops within the step with one clear line, and
