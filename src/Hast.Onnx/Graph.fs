@@ -64,12 +64,13 @@ let weight (b: Builder) (name: string) (w: Tensor) (bits: int) : string =
         b.Op("DequantizeLinear", name, [ qn; sn; zn ], [ intAttr "axis" 0L ])
 
 /// Hast's per-tensor activation quantizer (`Quantizers.fakeQuant` on the grid `scale`, `zp`) as
-/// QuantizeLinear -> DequantizeLinear. The codes use the smallest unsigned container; when that holds
-/// more than the 2^b levels (e.g. 3 bits in uint4, 6 bits in uint8) a Clip to the float values of
-/// codes 0 and 2^b - 1 comes first, so the output never leaves the b-bit grid. Clip then quantize
-/// gives the same code as Hast's quantize then clamp. Returns the dequantized output's name.
+/// QuantizeLinear -> DequantizeLinear. The codes use `Proto.activationContainer` (uint8 up to 8
+/// bits); when the container holds more than the 2^b levels (e.g. 3 or 4 bits in uint8) a Clip to
+/// the float values of codes 0 and 2^b - 1 comes first, so the output never leaves the
+/// b-bit grid. Clip then quantize gives the same code as Hast's quantize then clamp. Returns the
+/// dequantized output's name.
 let actQuant (b: Builder) (name: string) (scale: float32) (zp: int) (bits: int) (x: string) : string =
-    let t = container bits
+    let t = activationContainer bits
     let qmax = (1 <<< bits) - 1
     if zp < 0 || zp > qmax then invalidArg "zp" (sprintf "%s: zero point %d outside [0, %d]" name zp qmax)
     let clipped =

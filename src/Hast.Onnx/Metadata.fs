@@ -61,10 +61,12 @@ let private preprocessJson (p: Registry.Preprocess) : string =
 let private describe (bits: int) (what: string) =
     if bits = Quantizers.fullPrecisionBits then "float32"
     else
-        let c = (sprintf "%A" (Proto.container bits)).ToLowerInvariant()
+        let name (t: Proto.DataType) = (sprintf "%A" t).ToLowerInvariant()
         match what with
-        | "weights" -> sprintf "%d-bit codes in %s, per-output-channel scale and zero point, DequantizeLinear axis 0" bits c
-        | _ -> sprintf "%d-bit per-tensor QuantizeLinear/DequantizeLinear in %s (clipped to %d levels)" bits c (1 <<< bits)
+        | "weights" ->
+            sprintf "%d-bit codes in %s, per-output-channel scale and zero point, DequantizeLinear axis 0" bits (name (Proto.container bits))
+        | _ ->
+            sprintf "%d-bit per-tensor QuantizeLinear/DequantizeLinear in %s, %d levels" bits (name (Proto.activationContainer bits)) (1 <<< bits)
 
 /// The metadata entries of `info`, in a fixed order.
 let toProps (info: Info) : (string * string) list =

@@ -22,6 +22,16 @@ let container (bits: int) : DataType =
     elif bits <= 16 then DataType.Uint16
     else invalidArg "bits" (sprintf "no integer container for %d bits" bits)
 
+/// Unsigned integer container for a `bits`-bit activation quantizer: uint8 up to 8 bits (with a Clip
+/// to the 2^b levels, `Graph.actQuant`), uint16 above. Not uint4 for 4 bits and below: ONNX Runtime
+/// 1.31 then fails to load the graph at its extended level or higher (it moves MaxPool across a
+/// uint4 DequantizeLinear, "Type 'tensor(uint4)' of input parameter ... of operator (MaxPool) is
+/// invalid", and its Clip/QuantizeLinear fusion rejects uint4 zero points), and uint8 is what
+/// deployment runtimes accept for QDQ activations. Activations are not stored in the file, so the
+/// container does not change its size.
+let activationContainer (bits: int) : DataType =
+    if bits >= 1 && bits <= 8 then DataType.Uint8 else container bits
+
 /// Number of levels the container itself clamps to (its saturation range is [0, levels - 1]).
 let containerLevels (t: DataType) : int =
     match t with

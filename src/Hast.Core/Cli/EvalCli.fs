@@ -27,7 +27,7 @@ type EvalConfig =
       Report: string option }
 
 let defaults =
-    { Arch = None; Weights = None; Checkpoint = None; Onnx = None; OrtOpt = "basic"; Threads = None; Test = ""; Classes = None
+    { Arch = None; Weights = None; Checkpoint = None; Onnx = None; OrtOpt = "all"; Threads = None; Test = ""; Classes = None
       WBits = 32; ABits = 32; CalibBatches = 4; BatchSize = 200; Device = "cpu"; Report = None }
 
 type EvalArgs =
