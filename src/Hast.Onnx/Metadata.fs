@@ -44,7 +44,7 @@ let defaultClassNames (arch: Registry.Arch) (classes: int64) : string list =
     if arch.Family = Registry.Cifar && classes = 10L then Data.cifar10Classes
     else [ for i in 0L .. classes - 1L -> string i ]
 
-let private floatsJson (xs: float32[]) = JsonArray(xs |> Array.map (fun x -> JsonValue.Create(float x) :> JsonNode))
+let private floatsJson (xs: float32[]) = JsonArray(xs |> Array.map (fun x -> JsonValue.Create<float32> x :> JsonNode))
 
 let private preprocessJson (p: Registry.Preprocess) : string =
     let opt (v: int option) = match v with Some n -> JsonValue.Create n :> JsonNode | None -> null
