@@ -161,7 +161,7 @@ let outputName = "logits"
 /// `input` (N, 3, S, S), already normalised as `info.Input` says; output `logits` (N, classes).
 /// Fails (HastError) on a model with an uncalibrated activation quantizer.
 let export (info: Metadata.Info) (net: Net) : ModelProto =
-    checkCalibrated (sprintf "the %s model" info.Arch) net
+    checkCalibrated (sprintf "%s (%s)" info.Source info.Arch) net
     use _ = torch.NewDisposeScope()
     use _ng = torch.no_grad ()
     let b = Builder()

@@ -18,17 +18,7 @@ public static class EvalCommand
         if (c.Onnx is { } onnx) return RunOnnx(c, onnx.Value, report, stdout);
         var device = Prelude.device(c.Device);
 
-        LoadedModel model;
-        if (c.Checkpoint is { } ck)
-        {
-            var (m, checkpoint) = ModelFiles.LoadCheckpoint(ck.Value, device);
-            checkpoint.Dispose();
-            model = m;
-        }
-        else
-        {
-            model = ModelFiles.LoadWeights(c.Arch!.Value, c.Weights!.Value, c.Classes is { } n ? n.Value : null, device);
-        }
+        var model = LoadModel(c.Checkpoint, c.Arch, c.Weights, c.Classes, device);
         var test = Datasets.Open(c.Test, model.Arch.Input, model.Classes);
         Data.checkClasses(c.Test, test.Dataset, model.Classes);
 
@@ -53,6 +43,20 @@ public static class EvalCommand
         log.Info($"{model.Arch.Name} W{model.WBits}A{model.ABits} on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
         if (report is not null) AtomicFile.WriteAllText(report, Report(acc).ToJsonString() + "\n");
         return Program.ExitOk;
+    }
+
+    /// The model of a command that takes `--checkpoint C`, or `--arch A --weights W [--classes N]`
+    /// (the CLI has checked that exactly one of the two is given).
+    public static LoadedModel LoadModel(FSharpOption<string>? checkpoint, FSharpOption<string>? arch,
+                                        FSharpOption<string>? weights, FSharpOption<int>? classes, Device device)
+    {
+        if (checkpoint is { } ck)
+        {
+            var (m, saved) = ModelFiles.LoadCheckpoint(ck.Value, device);
+            saved.Dispose();
+            return m;
+        }
+        return ModelFiles.LoadWeights(arch!.Value, weights!.Value, classes is { } n ? n.Value : null, device);
     }
 
     static JsonObject Report(Evaluate.Accuracy acc) => new()

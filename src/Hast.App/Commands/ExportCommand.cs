@@ -1,10 +1,8 @@
 using System.Reflection;
 using Google.Protobuf;
 using Hast.App.IO;
-using Hast.Core;
 using Hast.Core.Cli;
 using Hast.Onnx;
-using Microsoft.FSharp.Collections;
 using static TorchSharp.torch;
 
 namespace Hast.App;
@@ -23,17 +21,7 @@ public static class ExportCommand
     public static int Run(ExportCli.ExportConfig c, TextWriter stdout)
     {
         var output = OutputPaths.CheckWritableFile(c.Out, "--out");
-        LoadedModel model;
-        if (c.Checkpoint is { } ck)
-        {
-            var (m, checkpoint) = ModelFiles.LoadCheckpoint(ck.Value, CPU);
-            checkpoint.Dispose();
-            model = m;
-        }
-        else
-        {
-            model = ModelFiles.LoadWeights(c.Arch!.Value, c.Weights!.Value, c.Classes is { } n ? n.Value : null, CPU);
-        }
+        var model = EvalCommand.LoadModel(c.Checkpoint, c.Arch, c.Weights, c.Classes, CPU);
 
         var info = new Metadata.Info(
             model.Arch.Name, model.Classes, Metadata.defaultClassNames(model.Arch, model.Classes),
