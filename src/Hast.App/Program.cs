@@ -41,6 +41,7 @@ public static class Program
                 Root.Command.Run c => PipelineCommand.Run(c.Item, isRun: true, stdout),
                 Root.Command.Download c => DownloadCommand.Run(c.Item, stdout),
                 Root.Command.Bench c => BenchCommand.Run(c.Item, stdout),
+                Root.Command.Export c => ExportCommand.Run(c.Item, stdout),
                 _ => throw new HastError("unknown command"),
             };
         }

@@ -63,22 +63,36 @@ let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
         |> ignore
         out.MoveToOuterDisposeScope()
 
+/// The integer codes of `x` on the grid of [lo, hi]: `q = clamp(round(x / scale) + zp, 0, 2^b - 1)`
+/// (float tensor of whole numbers), with the grid's `scale` and `zp` (from `qparams`). The same
+/// operations in the same order as `fakeQuant`, so `(q - zp) * scale` equals `fakeQuant x lo hi bits`
+/// bit for bit. Detached; for export of a quantized model as integers. `bits` must not be 32.
+let quantCodes (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor * Tensor =
+    checkBits "quantizer" bits
+    if bits = fullPrecisionBits then fail "a full-precision quantizer (32 bits) has no integer codes"
+    let scale, zp = qparams lo hi bits
+    x.detach().div(scale).round_().add_(zp).clamp_((0.0).ToScalar(), (qmaxOf bits).ToScalar()), scale, zp
+
+/// Per-output-channel range of a weight: the min and max of each slice `w[c]` over all other dims
+/// (detached), shaped (C, 1, ..., 1) to broadcast against `w`; 0-d (whole tensor) below 2 dims.
+let weightRange (w: Tensor) : Tensor * Tensor =
+    let d = w.detach()
+    if d.dim () < 2L then d.min (), d.max ()
+    else
+        // one pass for both ends: (C, rest) -> aminmax over dim 1, then back to (C, 1, ..., 1)
+        let struct (lo, hi) = d.reshape(d.shape[0], -1L).aminmax(1L, keepdim = true)
+        let keep = Array.append [| d.shape[0] |] (Array.create (int (d.dim ()) - 1) 1L)
+        lo.view keep, hi.view keep
+
 /// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
-/// the min/max over all other dims of the current (detached) weight.
+/// the min/max over all other dims of the current (detached) weight (`weightRange`).
 let weightFakeQuant (w: Tensor) (bits: int) : Tensor =
     checkBits "weight" bits
     if bits = fullPrecisionBits then w
-    elif w.dim () < 2L then
-        use _ = torch.NewDisposeScope()
-        let d = w.detach()
-        (fakeQuant w (d.min ()) (d.max ()) bits).MoveToOuterDisposeScope()
     else
         use _ = torch.NewDisposeScope()
-        let d = w.detach()
-        // one pass for both ends: (C, rest) -> aminmax over dim 1, then back to (C, 1, ..., 1)
-        let struct (lo, hi) = d.reshape(d.shape[0], -1L).aminmax(1L, keepdim = true)
-        let keep = Array.append [| d.shape[0] |] (Array.create (int (w.dim ()) - 1) 1L)
-        (fakeQuant w (lo.view keep) (hi.view keep) bits).MoveToOuterDisposeScope()
+        let lo, hi = weightRange w
+        (fakeQuant w lo hi bits).MoveToOuterDisposeScope()
 
 /// A layer whose weight is fake-quantized in the forward pass.
 type IWeightQuantized =
@@ -166,6 +180,8 @@ type ActQuant(bits: int, momentum: float) as this =
     member this.Steps : int64 = (this.get_buffer "ema_steps").item<int64> ()
     /// Current (lo, hi) range.
     member this.Range : float * float = scalar (this.get_buffer "act_min"), scalar (this.get_buffer "act_max")
+    /// The grid the current range gives, as `fakeQuant` uses it: (scale, zp), 0-d float32 tensors.
+    member this.Grid : Tensor * Tensor = qparams (this.get_buffer "act_min") (this.get_buffer "act_max") bits
     /// Forget the range (back to uncalibrated).
     member this.Reset() : unit =
         use _ = torch.no_grad ()

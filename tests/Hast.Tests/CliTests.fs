@@ -134,6 +134,7 @@ let private valid (c: Root.Command) =
     | Root.Command.Samples _ -> true
     | Root.Command.Download d -> d.List || not d.Items.IsEmpty
     | Root.Command.Bench _ -> true
+    | Root.Command.Export x -> x.Classes |> Option.forall (fun n -> n > 0)
 
 let private config = { FsCheckConfig.defaultConfig with maxTest = 2000; endSize = 40 }
 

@@ -23,6 +23,8 @@ let all =
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
         testList "end to end" EndToEndTests.tests
+        testList "onnx" OnnxTests.tests
+        testList "export" ExportTests.tests
     ]
 
 [<EntryPoint>]

@@ -2,30 +2,23 @@ using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
 using Hast.Core.Cli;
+using Hast.Onnx;
 using Microsoft.FSharp.Core;
 using static TorchSharp.torch;
 
 namespace Hast.App;
 
-/// `hast eval`: top-1/top-5 of a full-precision model, a quantized+calibrated one, or a Hast checkpoint.
+/// `hast eval`: top-1/top-5 of a full-precision model, a quantized+calibrated one, a Hast checkpoint,
+/// or an exported ONNX file (run in ONNX Runtime).
 public static class EvalCommand
 {
     public static int Run(EvalCli.EvalConfig c, TextWriter stdout)
     {
-        var device = Prelude.device(c.Device);
         var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
+        if (c.Onnx is { } onnx) return RunOnnx(c, onnx.Value, report, stdout);
+        var device = Prelude.device(c.Device);
 
-        LoadedModel model;
-        if (c.Checkpoint is { } ck)
-        {
-            var (m, checkpoint) = ModelFiles.LoadCheckpoint(ck.Value, device);
-            checkpoint.Dispose();
-            model = m;
-        }
-        else
-        {
-            model = ModelFiles.LoadWeights(c.Arch!.Value, c.Weights!.Value, c.Classes is { } n ? n.Value : null, device);
-        }
+        var model = LoadModel(c.Checkpoint, c.Arch, c.Weights, c.Classes, device);
         var test = Datasets.Open(c.Test, model.Arch.Input, model.Classes);
         Data.checkClasses(c.Test, test.Dataset, model.Classes);
 
@@ -48,14 +41,62 @@ public static class EvalCommand
         var acc = Evaluate.accuracy(device, c.BatchSize,
             FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), model.Net, test.Dataset);
         log.Info($"{model.Arch.Name} W{model.WBits}A{model.ABits} on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
+        if (report is not null) AtomicFile.WriteAllText(report, Report(acc).ToJsonString() + "\n");
+        return Program.ExitOk;
+    }
+
+    /// The model of a command that takes `--checkpoint C`, or `--arch A --weights W [--classes N]`
+    /// (the CLI has checked that exactly one of the two is given).
+    public static LoadedModel LoadModel(FSharpOption<string>? checkpoint, FSharpOption<string>? arch,
+                                        FSharpOption<string>? weights, FSharpOption<int>? classes, Device device)
+    {
+        if (checkpoint is { } ck)
+        {
+            var (m, saved) = ModelFiles.LoadCheckpoint(ck.Value, device);
+            saved.Dispose();
+            return m;
+        }
+        return ModelFiles.LoadWeights(arch!.Value, weights!.Value, classes is { } n ? n.Value : null, device);
+    }
+
+    static JsonObject Report(Evaluate.Accuracy acc) => new()
+    {
+        ["top1"] = Math.Round(acc.Top1, 4),
+        ["top5"] = Math.Round(acc.Top5, 4),
+        ["count"] = acc.Count,
+    };
+
+    /// An exported model in ONNX Runtime (CPU): preprocessing and class count from the file's metadata;
+    /// prints top-1/top-5 and the images/s of ONNX Runtime itself (time inside the session's Run only).
+    static int RunOnnx(EvalCli.EvalConfig c, string path, string? report, TextWriter stdout)
+    {
+        if (Directory.Exists(path)) throw new HastError($"--onnx {path} is a folder; give the .onnx file itself");
+        if (!File.Exists(path)) throw new HastError($"ONNX file '{path}' not found; `hast export --out FILE` writes one");
+        var bytes = File.ReadAllBytes(path);
+        if (bytes.Length == 0) throw new HastError($"{path} is empty, not an ONNX model; re-export it with hast export");
+        var settings = new Runtime.Settings(Runtime.OptimizationModule.parse(c.OrtOpt),
+            c.Threads is { } t ? FSharpOption<int>.Some(t.Value) : FSharpOption<int>.None);
+        using var session = new Runtime.Session(bytes, path, settings);
+        var info = Metadata.ofProps(path, session.Metadata);
+        var test = Datasets.Open(c.Test, info.Input, info.Classes);
+        Data.checkClasses(c.Test, test.Dataset, info.Classes);
+
+        using var log = new RunLog(null, stdout);
+        log.Stage("eval (ONNX Runtime)");
+        var acc = Evaluate.accuracy(TorchSharp.torch.CPU, c.BatchSize,
+            FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), new Runtime.OnnxNet(session), test.Dataset);
+        var perSecond = session.Seconds > 0 ? session.Images / session.Seconds : 0.0;
+        var threads = c.Threads is { } n ? n.Value.ToString() : "default";
+        log.Info($"{Path.GetFileName(path)} ({info.Arch} W{info.WBits}A{info.ABits}) in ONNX Runtime on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
+        log.Info($"ONNX Runtime: {perSecond:F1} images/s (inference only, batch {c.BatchSize}, optimisation {c.OrtOpt}, threads {threads})");
         if (report is not null)
         {
-            AtomicFile.WriteAllText(report, new JsonObject
-            {
-                ["top1"] = Math.Round(acc.Top1, 4),
-                ["top5"] = Math.Round(acc.Top5, 4),
-                ["count"] = acc.Count,
-            }.ToJsonString() + "\n");
+            var json = Report(acc);
+            json["images_per_second"] = Math.Round(perSecond, 2);
+            json["batch_size"] = c.BatchSize;
+            json["ort_optimization"] = c.OrtOpt;
+            json["threads"] = threads;
+            AtomicFile.WriteAllText(report, json.ToJsonString() + "\n");
         }
         return Program.ExitOk;
     }

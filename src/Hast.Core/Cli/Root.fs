@@ -12,6 +12,7 @@ type Command =
     | Run of QuantizeCli.PipelineConfig
     | Download of DownloadCli.DownloadConfig
     | Bench of BenchCli.BenchConfig
+    | Export of ExportCli.ExportConfig
 
 [<RequireSubcommand>]
 type HastArgs =
@@ -22,6 +23,7 @@ type HastArgs =
     | [<CliPrefix(CliPrefix.None)>] Run of ParseResults<QuantizeCli.QuantizeArgs>
     | [<CliPrefix(CliPrefix.None)>] Download of ParseResults<DownloadCli.DownloadArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCli.BenchArgs>
+    | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportCli.ExportArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -32,10 +34,11 @@ type HastArgs =
             | Run _ -> "synthesize hard samples, then quantize and fine-tune: the whole zero-shot pipeline"
             | Download _ -> "fetch pretrained weights or test sets from their public homes (checksummed, resumable)"
             | Bench _ -> "time the training steps (fine-tune, synthesis, eval) on this machine"
+            | Export _ -> "write a model as ONNX: integer weights and QDQ activations for a quantized checkpoint, float for FP"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
-let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info" ]
+let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export" ]
 
 /// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
 /// and where to find help, e.g. `hast: parameter '--lr' must be followed by <double>, but was 'inf'; see hast run --help`.
@@ -64,6 +67,7 @@ let parse (readFile: string -> string) (argv: string[]) : Command =
         | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
         | HastArgs.Download r -> Command.Download(DownloadCli.ofResults r)
         | HastArgs.Bench r -> Command.Bench(BenchCli.ofResults r)
+        | HastArgs.Export r -> Command.Export(ExportCli.ofResults r)
     with :? ArguParseException as e ->
         if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
         else raise (CliUsage(oneLine argv e.Message, false))

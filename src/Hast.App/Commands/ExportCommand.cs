@@ -1,0 +1,38 @@
+using System.Reflection;
+using Google.Protobuf;
+using Hast.App.IO;
+using Hast.Core.Cli;
+using Hast.Onnx;
+using static TorchSharp.torch;
+
+namespace Hast.App;
+
+/// `hast export`: a Hast checkpoint (or full-precision weights) as an ONNX file. The graph is built by
+/// Hast.Onnx (pure); here the model is loaded, the bytes are checked to load in ONNX Runtime, and the
+/// file is written atomically (no partial file on failure).
+public static class ExportCommand
+{
+    /// Hast's version as recorded in exported files (the assembly's informational version, which
+    /// carries the source commit when built from a git checkout).
+    public static string HastVersion =>
+        typeof(ExportCommand).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion
+        ?? typeof(ExportCommand).Assembly.GetName().Version?.ToString() ?? "unknown";
+
+    public static int Run(ExportCli.ExportConfig c, TextWriter stdout)
+    {
+        var output = OutputPaths.CheckWritableFile(c.Out, "--out");
+        var model = EvalCommand.LoadModel(c.Checkpoint, c.Arch, c.Weights, c.Classes, CPU);
+
+        var info = new Metadata.Info(
+            model.Arch.Name, model.Classes, Metadata.defaultClassNames(model.Arch, model.Classes),
+            model.WBits, model.ABits, model.Arch.Input, HastVersion, Path.GetFileName(model.Source), model.Sha256);
+        var bytes = Export.export(info, model.Net).ToByteArray();
+        // the file must be one ONNX Runtime accepts; check before anything is written
+        using (new Runtime.Session(bytes, "the exported model", new Runtime.Settings(Runtime.Optimization.Disabled, null))) { }
+        AtomicFile.WriteAllBytes(output, bytes);
+
+        var precision = model.WBits == 32 && model.ABits == 32 ? "full precision" : $"W{model.WBits}A{model.ABits}";
+        stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
+        return Program.ExitOk;
+    }
+}

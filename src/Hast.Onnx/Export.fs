@@ -1,0 +1,192 @@
+/// A Hast model as an ONNX model (opset 21): a pure function of the model's weights, quantizer
+/// state and metadata; nothing is written here (the shell writes the bytes).
+///
+/// The graph mirrors the model's forward pass layer by layer:
+///  - a full-precision layer becomes its float ONNX operator (Conv, Gemm, BatchNormalization,
+///    Relu, Clip for ReLU6, MaxPool, Add);
+///  - a quantized conv / linear keeps its float operator, fed by its weight as integer codes through
+///    DequantizeLinear (see `Graph.weight`); BatchNorm stays a separate float node as in Hast
+///    (folding it into the weights would change the quantized weights);
+///  - an activation quantizer becomes QuantizeLinear -> DequantizeLinear on its calibrated range
+///    (`Graph.actQuant`);
+///  - the option-A shortcut is Slice (stride-2 subsampling) + Pad (zero channels);
+///  - every supported net ends in global average pooling and flatten before its linear classifier
+///    (a Linear on a spatial value gets them first); Dropout is the identity at inference.
+/// The walk goes through the modules in registration order, which is execution order in every Hast
+/// model except inside residual blocks, which have their own emitters. An unknown module type fails.
+module Hast.Onnx.Export
+
+open TorchSharp
+open TorchSharp.Modules
+open Onnx
+open Hast.Core
+open Hast.Core.Models
+open Hast.Onnx.Graph
+
+/// A value flowing through the graph: its name and whether it is still (N, C, H, W).
+type private Value = { Name: string; Spatial: bool }
+
+let private childrenOf (m: torch.nn.Module) : (string * torch.nn.Module) list =
+    [ for struct (name, c) in m.named_children () -> name, c ]
+
+let private child (m: torch.nn.Module) (path: string) (name: string) : torch.nn.Module =
+    match childrenOf m |> List.tryFind (fun (n, _) -> n = name) with
+    | Some(_, c) -> c
+    | None -> invalidOp (sprintf "cannot export %s: it has no child '%s'" path name)
+
+let private tryChild (m: torch.nn.Module) (name: string) : torch.nn.Module option =
+    childrenOf m |> List.tryFind (fun (n, _) -> n = name) |> Option.map snd
+
+let private join (path: string) (name: string) = if path = "" then name else path + "." + name
+
+/// Hyper-parameters of a full-precision or quantized 2-D convolution.
+let convSpec (m: torch.nn.Module) : ConvSpec option =
+    match m with
+    | :? Quantizers.QConv2d as q -> Some q.Spec
+    | :? Conv2d as c ->
+        let square (what: string) (v: int64[]) =
+            if v.Length <> 2 || v[0] <> v[1] then invalidOp (sprintf "only square conv %s is exported (got %A)" what v)
+            v[0]
+        if c.dilation |> Array.exists (fun d -> d <> 1L) then invalidOp "only dilation 1 is exported"
+        Some
+            { InChannels = c.in_channels
+              OutChannels = c.out_channels
+              Kernel = square "kernel" c.kernel_size
+              Stride = square "stride" c.stride
+              Padding = square "padding" c.padding
+              Groups = c.groups
+              Bias = not (isNull c.bias) }
+    | _ -> None
+
+let private weightBits (m: torch.nn.Module) =
+    match box m with
+    | :? Quantizers.IWeightQuantized as q -> q.WeightBits
+    | _ -> Quantizers.fullPrecisionBits
+
+/// Check that every activation quantizer of `net` that quantizes has a calibrated range;
+/// `what` names the model in the message.
+let checkCalibrated (what: string) (net: torch.nn.Module) : unit =
+    let uncalibrated =
+        [ for struct (name, m) in net.named_modules () do
+            match m with
+            | :? Quantizers.ActQuant as q when q.Bits <> Quantizers.fullPrecisionBits && q.Steps = 0L -> yield name
+            | _ -> () ]
+    match uncalibrated with
+    | [] -> ()
+    | first :: _ ->
+        failf "%s is not calibrated (%d activation quantizers without a range, first %s); calibrate it (hast quantize / hast run) before export"
+            what uncalibrated.Length first
+
+let rec private emit (b: Builder) (path: string) (m: torch.nn.Module) (x: Value) : Value =
+    let flat (v: Value) =
+        if v.Spatial then { Name = globalPool b (join path "pool") v.Name; Spatial = false } else v
+    match m with
+    | :? Quantizers.QConv2d
+    | :? Conv2d ->
+        let spec = (convSpec m).Value
+        let w = weight b (join path "weight") (m.get_parameter "weight") (weightBits m)
+        let bias =
+            if spec.Bias then
+                let t = m.get_parameter "bias"
+                Some(b.Init(Proto.floatTensor (join path "bias") t.shape (floats t)))
+            else None
+        { x with Name = conv b path spec w bias x.Name }
+    | :? Quantizers.QLinear
+    | :? Linear ->
+        let x = flat x
+        let w = weight b (join path "weight") (m.get_parameter "weight") (weightBits m)
+        let bt = m.get_parameter "bias"
+        let bias = b.Init(Proto.floatTensor (join path "bias") bt.shape (floats bt))
+        { x with Name = gemm b path w bias x.Name }
+    | :? BatchNorm2d as bn -> { x with Name = batchNorm b path bn x.Name }
+    | :? ReLU -> { x with Name = relu b path x.Name }
+    | :? ReLU6 -> { x with Name = relu6 b path x.Name }
+    | :? Quantizers.ActQuant as q ->
+        if q.Bits = Quantizers.fullPrecisionBits then x
+        else
+            if q.Steps = 0L then failf "cannot export %s: its activation quantizer was never calibrated" path
+            let scale, zp = q.Grid
+            { x with Name = actQuant b path (float32 (scalar scale)) (int (scalar zp)) q.Bits x.Name }
+    | :? MaxPool2d as p ->
+        let one (what: string) (v: int64[]) =
+            if v.Length = 1 || (v.Length = 2 && v[0] = v[1]) then v[0]
+            else invalidOp (sprintf "cannot export %s: only square max-pool %s is exported" path what)
+        if p.ceil_mode then invalidOp (sprintf "cannot export %s: ceil_mode is not exported" path)
+        { x with Name = maxPool b path (one "kernel" p.kernel_size) (one "stride" p.stride) (one "padding" p.padding) x.Name }
+    | :? Dropout -> x
+    | :? CifarResNet.BasicBlockA -> basicBlockA b path m x
+    | :? CifarResNet.ResUnit -> residual b path m x [ "body" ] "identity_conv" "activ"
+    | :? ResNet.BasicBlock -> residual b path m x [ "conv1"; "bn1"; "act1"; "conv2"; "bn2" ] "downsample" "act2"
+    | :? MobileNetV2.InvertedResidual as ir ->
+        let body = emit b (join path "conv") (child m path "conv") x
+        if ir.Residual then { body with Name = add b (join path "add") x.Name body.Name } else body
+    // containers whose children run in registration order: Node, ConvBnAct, QAct, the nets
+    | :? Node
+    | :? ConvBnAct
+    | :? Quantizers.QAct
+    | :? Net -> sequence b path (childrenOf m) x
+    | _ -> invalidOp (sprintf "cannot export %s: module type %s is not supported" path (m.GetType().Name))
+
+and private sequence (b: Builder) (path: string) (children: (string * torch.nn.Module) list) (x: Value) : Value =
+    children |> List.fold (fun v (name, c) -> emit b (join path name) c v) x
+
+/// body(x) + shortcut(x), then the activation: the body is the named children in order, the
+/// shortcut the child `shortcut` when the block has one (a projection), else the identity.
+and private residual b path m x (body: string list) (shortcut: string) (actName: string) : Value =
+    let h = sequence b path (body |> List.map (fun n -> n, child m path n)) x
+    let sc =
+        match tryChild m shortcut with
+        | Some s -> emit b (join path shortcut) s x
+        | None -> x
+    let sum = { h with Name = add b (join path "add") h.Name sc.Name }
+    emit b (join path actName) (child m path actName) sum
+
+/// akamaster BasicBlock: conv1-bn1-act1-conv2-bn2, + option-A shortcut (stride-2 subsampling and
+/// zero channel padding when the shape changes), act2.
+and private basicBlockA b path m x : Value =
+    let spec = (convSpec (child m path "conv1")).Value
+    let h = sequence b path ([ "conv1"; "bn1"; "act1"; "conv2"; "bn2" ] |> List.map (fun n -> n, child m path n)) x
+    let sc =
+        if spec.Stride <> 1L || spec.InChannels <> spec.OutChannels then
+            { x with Name = subsampleAndPadChannels b (join path "shortcut") spec.Stride ((spec.OutChannels - spec.InChannels) / 2L) x.Name }
+        else x
+    let sum = { h with Name = add b (join path "add") h.Name sc.Name }
+    emit b (join path "act2") (child m path "act2") sum
+
+/// Name of the graph's input and output.
+let inputName = "input"
+let outputName = "logits"
+
+/// The ONNX model of `net` (in eval mode, on any device) with `info` as metadata. Float input
+/// `input` (N, 3, S, S), already normalised as `info.Input` says; output `logits` (N, classes).
+/// Fails (HastError) on a model with an uncalibrated activation quantizer.
+let export (info: Metadata.Info) (net: Net) : ModelProto =
+    checkCalibrated (sprintf "%s (%s)" info.Source info.Arch) net
+    use _ = torch.NewDisposeScope()
+    use _ng = torch.no_grad ()
+    let b = Builder()
+    let out = emit b "" net { Name = inputName; Spatial = true }
+    if out.Spatial then invalidOp "the exported graph ends in a spatial value, not logits"
+    b.Op("Identity", outputName, [ out.Name ]) |> ignore
+    let side = int64 info.Input.Size
+    let graph = GraphProto(Name = info.Arch)
+    graph.Input.Add(Proto.floatValue inputName [ Choice2Of2 "N"; Choice1Of2 3L; Choice1Of2 side; Choice1Of2 side ])
+    graph.Output.Add(Proto.floatValue outputName [ Choice2Of2 "N"; Choice1Of2 info.Classes ])
+    graph.Node.AddRange b.Nodes
+    graph.Initializer.AddRange b.Initializers
+    let precision =
+        if info.WBits = Quantizers.fullPrecisionBits && info.ABits = Quantizers.fullPrecisionBits then "full precision"
+        else sprintf "W%dA%d" info.WBits info.ABits
+    let model =
+        ModelProto(
+            IrVersion = Proto.irVersion,
+            ProducerName = "hast",
+            ProducerVersion = info.HastVersion,
+            Domain = "hast",
+            ModelVersion = 1L,
+            DocString = sprintf "%s %s, %d classes, exported by Hast from %s" info.Arch precision info.Classes info.Source,
+            Graph = graph)
+    model.OpsetImport.Add(OperatorSetIdProto(Domain = "", Version = Proto.opset))
+    for k, v in Metadata.toProps info do
+        model.MetadataProps.Add(StringStringEntryProto(Key = k, Value = v))
+    model
