@@ -10,7 +10,11 @@ public static class Program
 {
     public const int ExitOk = 0, ExitFailure = 1, ExitUsage = 2;
 
-    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+    public static int Main(string[] args)
+    {
+        using var stop = StopSignal.Register();
+        return Run(args, Console.Out, Console.Error);
+    }
 
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
@@ -32,6 +36,7 @@ public static class Program
 
         try
         {
+            Faults.Arm(Environment.GetEnvironmentVariable("HAST_FAULT"));
             return command switch
             {
                 Root.Command.Eval c => EvalCommand.Run(c.Item, stdout),
@@ -44,12 +49,35 @@ public static class Program
                 _ => throw new HastError("unknown command"),
             };
         }
+        catch (RunStopped s)
+        {
+            stderr.WriteLine($"hast: {s.Message}");
+            if (ResumeCommand(command, args) is { } resume) stderr.WriteLine($"hast: resume with: {resume}");
+            return s.ExitCode;
+        }
         catch (Exception e) when (Errors.UserMessage(e) is { } msg)
         {
             stderr.WriteLine($"hast: {msg}");
             return ExitFailure;
         }
+        finally
+        {
+            Faults.Disarm();
+        }
     }
+
+    /// The command line that continues an interrupted command: the same arguments, plus `--resume` for
+    /// run/quantize (a synthesis resumes its store by itself); null for commands that do not resume.
+    public static string? ResumeCommand(Root.Command command, string[] args)
+    {
+        var resumable = command is Root.Command.Run or Root.Command.Quantize;
+        if (!resumable && command is not Root.Command.Synthesize) return null;
+        var full = resumable && !args.Contains("--resume") ? [.. args, "--resume"] : args;
+        return "hast " + string.Join(" ", full.Select(Quote));
+    }
+
+    static string Quote(string a) =>
+        a.Length > 0 && a.All(ch => char.IsLetterOrDigit(ch) || "-_./=:,+@%".Contains(ch)) ? a : "'" + a.Replace("'", "'\\''") + "'";
 
     static string ReadConfig(string path)
     {

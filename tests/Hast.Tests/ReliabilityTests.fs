@@ -1,5 +1,5 @@
-/// Reliability (issue 5): bad input gets one clear line and leaves no partial output; a killed run
-/// resumes to exactly the result of an uninterrupted one; fine-tuning memory stays flat.
+/// Reliability (issues 5, 14): bad input gets one clear line and leaves no partial output; a run killed at
+/// any fault point resumes to exactly the result of an uninterrupted one; fine-tuning memory stays flat.
 module Hast.Tests.ReliabilityTests
 
 open System
@@ -302,18 +302,35 @@ let resumeCases =
         // an existing train checkpoint without --resume is refused
         expectCleanFailure (runArgs test out2 []) [ out2 ] [ "--resume" ] |> ignore
 
-let validationTests = [ weightsCases; checkpointCases; storeCases; modelDataCases; valueCases; outputCases; resumeCases ]
+/// Run `f` with the environment variable `name` set to `value` (restored afterwards).
+let withEnv (name: string) (value: string) (f: unit -> 'a) : 'a =
+    let before = Environment.GetEnvironmentVariable name
+    Environment.SetEnvironmentVariable(name, value)
+    try f () finally Environment.SetEnvironmentVariable(name, before)
+
+let faultSpecCases =
+    testCase "a malformed HAST_FAULT: one line naming the expected form, nothing written" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "out"
+        for spec in [ "bogus"; "ft-iter"; "ft-iter:0"; "ft-iter:x"; "nowhere:1"; "ft-iter:1:explode"; "ft-iter:1:kill:2" ] do
+            let line = withEnv "HAST_FAULT" spec (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "<point>:<n>" ])
+            printfn "  HAST_FAULT=%-18s -> %s" spec line
+
+let validationTests = [ faultSpecCases; weightsCases; checkpointCases; storeCases; modelDataCases; valueCases; outputCases; resumeCases ]
 
 // ---------------------------------------------------------------------------------------------
-// 2. Crash safety: `hast run` killed with SIGKILL at random moments, resumed, equals an uninterrupted run
+// 2. Crash safety: `hast run` killed (SIGKILL) at exact events, resumed, equals an uninterrupted run
 
-/// `dotnet hast.dll args` as a child process; its output is collected (and must be drained).
-type HastProcess(args: string list) =
+/// `dotnet hast.dll args` as a child process with extra environment variables; its output is collected.
+type HastProcess(args: string list, env: (string * string) list) =
     let output = Text.StringBuilder()
     let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
     do
         psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "hast.dll"))
         for a in args do psi.ArgumentList.Add a
+        psi.Environment.Remove "HAST_FAULT" |> ignore
+        for k, v in env do psi.Environment[k] <- v
     let p = new Process(StartInfo = psi)
     let add (e: DataReceivedEventArgs) = if not (isNull e.Data) then lock output (fun () -> output.AppendLine e.Data |> ignore)
     do
@@ -322,8 +339,8 @@ type HastProcess(args: string list) =
         p.Start() |> ignore
         p.BeginOutputReadLine()
         p.BeginErrorReadLine()
-    member _.HasExited = p.HasExited
-    member _.Kill() = try p.Kill(true) with :? InvalidOperationException -> ()
+    member _.Id = p.Id
+    /// Wait for the end (and for all output); the exit code (128 + n when killed by signal n).
     member _.Wait() =
         p.WaitForExit()
         p.ExitCode
@@ -331,27 +348,11 @@ type HastProcess(args: string list) =
     interface IDisposable with
         member _.Dispose() = p.Dispose()
 
-/// Text appended to `path` since it had `from` bytes ("" when absent).
-let private appended (path: string) (from: int64) =
-    if not (File.Exists path) then ""
-    else
-        use f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite ||| FileShare.Delete)
-        if f.Length <= from then ""
-        else
-            f.Seek(from, SeekOrigin.Begin) |> ignore
-            use r = new StreamReader(f)
-            r.ReadToEnd()
-
-let private lengthOf (path: string) = if File.Exists path then FileInfo(path).Length else 0L
-
-/// Seconds between the log line containing `a` and the first later line containing `b` (log.txt lines
-/// start with an ISO timestamp).
-let private stageSeconds (log: string) (a: string) (b: string) =
-    let lines = File.ReadAllLines log
-    let time (l: string) = DateTime.Parse(l.Substring(0, l.IndexOf ' '), Globalization.CultureInfo.InvariantCulture, Globalization.DateTimeStyles.RoundtripKind)
-    let i = lines |> Array.findIndex (fun l -> l.Contains a)
-    let j = lines |> Array.findIndexBack (fun l -> l.Contains b)
-    (time lines[j] - time lines[i]).TotalSeconds
+/// Run `hast args` as a child process to its end: (exit code, output).
+let runChild (args: string list) (env: (string * string) list) =
+    use p = new HastProcess(args, env)
+    let code = p.Wait()
+    code, p.Output
 
 /// Same shape, dtype and values, bit for bit.
 let identical (x: torch.Tensor) (y: torch.Tensor) =
@@ -375,94 +376,56 @@ let private compareRuns (refOut: string) (out: string) =
     Expect.isFalse (File.Exists(Path.Combine(out, "train.ckpt"))) "train.ckpt removed at the end"
     a.State.Count
 
-/// Where a planned kill waits before its short random delay: the `Count`-th occurrence of `Text` in
-/// what the run appended to a file (progress events, so kills land in the intended stage at any speed).
-type private Trigger =
-    { Name: string; File: string; Text: string; Count: int }
+/// A tiny `hast run` (24 samples in 3 synthesis batches of 8 x 12 iterations, calibration on 8 samples,
+/// 5 epochs x 3 iterations of batch 8, 50 test images, seed 3).
+let private tinyRunArgs (test: string) (out: string) =
+    [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
+      "--samples"; "24"; "--synth-batch"; "8"; "--synth-iters"; "12"; "--batch"; "8"
+      "--iters"; "15"; "--iters-per-epoch"; "3"; "--eval-every"; "2"
+      "--calib-batches"; "1"; "--calib-batch"; "8"; "--seed"; "3" ]
 
-let private occurrences (text: string) (s: string) =
-    let rec go (from: int) n = match s.IndexOf(text, from, StringComparison.Ordinal) with -1 -> n | i -> go (i + text.Length) (n + 1)
-    go 0 0
+/// The kill plan: one process per fault point, each killed at the n-th time *it* reaches the point
+/// (`HAST_FAULT=point:n`); every process after the first resumes the one before. The comment says what
+/// the process has done by then. Rename points leave the temporary file (of the folder given) behind.
+let private killPlan =
+    [ "synth-iter", 5, None                           // batch 1, iteration 5 of 12: store has no batch yet
+      "store-batch", 2, Some("samples", "batch-0-")   // batch 1 redone and stored; batch 2 written, not renamed
+      "store-manifest", 1, Some("samples", "store.json") // batch 2's file renamed, its manifest entry not
+      "calibration", 1, None                          // batch 2 redone, batch 3; eval fp; first calibration batch
+      "train-ckpt", 1, Some("", "train.ckpt")         // calibrated, evaluated; first train.ckpt not renamed
+      "ft-iter", 4, None                              // calibration again, epoch 1 saved, epoch 2 iteration 1
+      "train-ckpt", 2, Some("", "train.ckpt")         // from epoch 1: epoch 2 saved, epoch 3's checkpoint not renamed
+      "final-ckpt", 1, Some("", "quantized.ckpt")     // from epoch 2: epochs 3-5, quantized.ckpt not renamed
+      "report", 1, Some("", "report.json") ]          // from epoch 5: quantized.ckpt renamed, report.json not
 
 let crashTest =
-    testCase "hast run killed (SIGKILL) at random moments and resumed equals an uninterrupted run" <| fun () ->
+    testCase "hast run killed (SIGKILL) at every fault point in turn and resumed equals an uninterrupted run" <| fun () ->
         use d = new TempDir()
         let test = smallTest d 50
-        let args (out: string) =
-            [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
-              "--samples"; "24"; "--synth-batch"; "8"; "--synth-iters"; "12"; "--batch"; "8"
-              "--iters"; "15"; "--iters-per-epoch"; "3"; "--eval-every"; "2"
-              "--calib-batches"; "1"; "--calib-batch"; "8"; "--seed"; "3" ]
-        // the uninterrupted reference
         let refOut = d.File "reference"
         let sw = Stopwatch.StartNew()
-        using (new HastProcess(args refOut)) (fun p ->
-            let code = p.Wait()
-            Expect.equal code 0 (sprintf "reference run succeeds:\n%s" p.Output))
+        let code, output = runChild (tinyRunArgs test refOut) []
+        Expect.equal code 0 (sprintf "reference run succeeds:\n%s" output)
         printfn "  reference run: %.1fs" sw.Elapsed.TotalSeconds
         let out = d.File "killed"
-        let outLog, outMetrics = Path.Combine(out, "log.txt"), Path.Combine(out, "metrics.jsonl")
-        let storeLog, storeMetrics = Path.Combine(out, "samples", "log.txt"), Path.Combine(out, "samples", "metrics.jsonl")
-        let event (name: string) = sprintf "\"event\":\"%s\"" name
-        // the kill plan (seeded): which progress event of the run to wait for, then a delay of 0..0.3 s
-        let rng = Random(20231)
-        let plan =
-            [ { Name = "synthesis iteration event"; File = storeMetrics; Text = event "iter"; Count = rng.Next(1, 3) }
-              { Name = "synthesized batch"; File = storeMetrics; Text = event "batch"; Count = 1 }
-              { Name = "start of eval+calibration"; File = outLog; Text = "== eval fp"; Count = 1 }
-              { Name = "finished epoch"; File = outMetrics; Text = event "epoch"; Count = 1 }
-              { Name = "fine-tune iteration event"; File = outMetrics; Text = event "iter"; Count = rng.Next(1, 3) }
-              { Name = "finished epoch"; File = outMetrics; Text = event "epoch"; Count = 1 } ]
-            |> List.map (fun t -> t, 0.3 * rng.NextDouble())
-        let files = [ outLog; outMetrics; storeLog; storeMetrics ]
-        /// the stage a run is in, from what it appended to the logs since `from`
-        let stageNow (from: Map<string, int64>) =
-            let o = appended outLog from[outLog]
-            if o.Contains "== fine-tune" then "fine-tune"
-            elif o.Contains "== eval" then "eval/calibration"
-            elif (appended storeLog from[storeLog]).Contains "== synthesis" then "synthesis"
-            else "start-up"
-        let landed = Collections.Generic.List<string>()
-        let mutable finished = false
-        let mutable runs = 0
-        for (trigger, delay) in plan do
-            if not finished then
-                let from = files |> List.map (fun p -> p, lengthOf p) |> Map.ofList
-                use p = new HastProcess(args out @ (if runs > 0 then [ "--resume" ] else []))
-                runs <- runs + 1
-                let wait = Stopwatch.StartNew()
-                while not p.HasExited && occurrences trigger.Text (appended trigger.File from[trigger.File]) < trigger.Count
-                      && wait.Elapsed.TotalSeconds < 600.0 do
-                    Threading.Thread.Sleep 5
-                let seen = Stopwatch.StartNew()
-                while not p.HasExited && seen.Elapsed.TotalSeconds < delay do
-                    Threading.Thread.Sleep 5
-                if p.HasExited then
-                    let code = p.Wait()
-                    Expect.equal code 0 (sprintf "run %d ended on its own:\n%s" runs p.Output)
-                    printfn "  run %d: finished before the planned kill (%s #%d + %.2fs)" runs trigger.Name trigger.Count delay
-                    finished <- true
-                else
-                    let at = stageNow from
-                    p.Kill()
-                    p.Wait() |> ignore
-                    landed.Add at
-                    printfn "  run %d: SIGKILL %.2fs after %s #%d, %.1fs into the run: in %s" runs delay trigger.Name trigger.Count wait.Elapsed.TotalSeconds at
-        // resume until done
-        while not finished do
-            Expect.isLessThan runs 12 "the run completes after a few resumes"
-            use p = new HastProcess(args out @ [ "--resume" ])
-            runs <- runs + 1
-            let code = p.Wait()
-            Expect.equal code 0 (sprintf "resumed run %d completes:\n%s" runs p.Output)
-            printfn "  run %d: resumed to the end" runs
-            finished <- true
-        printfn "  %d kills (%s), %d processes in all" landed.Count (String.Join(", ", landed)) runs
-        Expect.isGreaterThanOrEqual landed.Count 5 "at least 5 kills landed"
-        Expect.contains landed "synthesis" "a kill landed in synthesis"
-        Expect.contains landed "fine-tune" "a kill landed in fine-tuning"
+        killPlan
+        |> List.iteri (fun i (point, n, temp) ->
+            let fault = sprintf "%s:%d" point n
+            let code, output = runChild (tinyRunArgs test out @ (if i > 0 then [ "--resume" ] else [])) [ "HAST_FAULT", fault ]
+            Expect.equal code 137 (sprintf "run %d (HAST_FAULT=%s) ends by SIGKILL (exit code 137):\n%s" (i + 1) fault output)
+            Expect.stringContains output (sprintf "HAST_FAULT: SIGKILL at %s #%d" point n) "killed at the intended point"
+            match temp with
+            | Some(sub, name) ->
+                let leftovers = Directory.GetFiles(Path.Combine(out, sub), sprintf ".%s*.tmp" name)
+                Expect.isNonEmpty leftovers (sprintf "run %d: a temporary %s* is left, not yet renamed" (i + 1) name)
+            | None -> ()
+            printfn "  run %d: SIGKILL at %s #%d (exit code %d)" (i + 1) point n code)
+        let code, output = runChild (tinyRunArgs test out @ [ "--resume" ]) []
+        Expect.equal code 0 (sprintf "the last resume completes:\n%s" output)
+        printfn "  run %d: resumed to the end" (killPlan.Length + 1)
         let n = compareRuns refOut out
-        printfn "  report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs" n sw.Elapsed.TotalSeconds
+        printfn "  %d kills, %d processes; report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs"
+            killPlan.Length (killPlan.Length + 1) n sw.Elapsed.TotalSeconds
 
 // ---------------------------------------------------------------------------------------------
 // 4. Memory: resident memory is flat over 500 fine-tune iterations

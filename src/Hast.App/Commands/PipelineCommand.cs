@@ -118,6 +118,9 @@ public static class PipelineCommand
                             ["epoch"] = it.Epoch + 1, ["iteration"] = step, ["kl"] = s.KL, ["fa"] = s.FA, ["ce"] = s.CE,
                             ["total"] = s.Total, ["perturbed_total"] = Finite(s.PerturbedTotal), ["lr"] = s.Lr,
                         });
+                    Faults.At("ft-iter", $"epoch {it.Epoch + 1} iteration {it.Iteration + 1}");
+                    StopSignal.Check(() => $"in fine-tune epoch {it.Epoch + 1}/{ft.Epochs} after iteration {it.Iteration + 1}/{it.ItersPerEpoch} " +
+                                           $"({Path.Combine(c.Out, TrainCheckpoint)} holds {it.Epoch} finished epoch(s))");
                 }));
             var entry = new JsonObject
             {
@@ -201,7 +204,12 @@ public static class PipelineCommand
                 var n = Math.Min((long)s.batches * s.batchSize, images.shape[0]);
                 log.Info($"calibrating activation ranges on {n} synthetic samples (EMA of min/max, then frozen)");
                 Quantize.calibrate(device, student.Net, Enumerable.Range(0, (int)((n + s.batchSize - 1) / s.batchSize))
-                    .Select(i => images.slice(0, (long)i * s.batchSize, Math.Min(n, (long)(i + 1) * s.batchSize), 1)));
+                    .Select(i =>
+                    {
+                        Faults.At("calibration", $"batch {i + 1}");
+                        StopSignal.Check(() => $"in calibration (nothing of the run after the samples is kept yet)");
+                        return images.slice(0, (long)i * s.batchSize, Math.Min(n, (long)(i + 1) * s.batchSize), 1);
+                    }));
                 break;
             case QuantizeCli.Calibration.FromGenerator g:
                 var d = Hast.Core.Generator.defaults;

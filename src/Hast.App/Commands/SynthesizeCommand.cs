@@ -79,6 +79,9 @@ public static class SynthesizeCommand
                             ["batch"] = it.Batch, ["iteration"] = it.Iteration, ["bns"] = it.Loss.Bns, ["ce"] = it.Loss.Ce,
                             ["total"] = it.Loss.Total, ["teacher_acc"] = it.Loss.Accuracy, ["lr"] = it.Lr,
                         });
+                    Faults.At("synth-iter", $"batch {it.Batch} iteration {it.Iteration}");
+                    StopSignal.Check(() => $"in synthesis batch {index + 1}/{plan.Count} after iteration {it.Iteration}/{it.Iterations} " +
+                                           $"(the batch is not kept; {store.Count} finished samples are in {dir})");
                 }));
             var meanDifficulty = (double)result.Difficulty.mean().item<float>();
             store.Append(index, result.Images, result.Labels, result.Difficulty,
