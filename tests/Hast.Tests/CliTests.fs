@@ -7,6 +7,7 @@ open Expecto
 open FsCheck
 open FsCheck.FSharp
 open Hast.Core
+open Hast.Tests.TestUtil
 open Hast.Core.Cli
 
 /// `--flag` names of an Argu union (as Argu spells them).
@@ -135,7 +136,7 @@ let private valid (c: Root.Command) =
     | Root.Command.Download d -> d.List || not d.Items.IsEmpty
     | Root.Command.Bench _ -> true
 
-let private config = { FsCheckConfig.defaultConfig with maxTest = 2000; endSize = 40 }
+let private config = { propertyConfig 2000 with endSize = 40 }
 
 let tests : Test list =
     [ testPropertyWithConfig config "parse: any arguments and config text give a command, CliUsage or HastError" <|

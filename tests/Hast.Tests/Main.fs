@@ -41,6 +41,7 @@ let main argv =
         match System.Environment.GetEnvironmentVariable "CI" with
         | null | "" -> argv
         | _ -> Array.append [| "--no-spinner"; "--colours"; "0" |] argv
+    printfn "property tests: FsCheck seed %A (HAST_PROPERTY_SEED=%d,%d reproduces a run)" TestUtil.propertySeed (fst TestUtil.propertySeed) (snd TestUtil.propertySeed)
     let code = runTestsWithCLIArgs [ CLIArguments.Sequenced; CLIArguments.Printer printer ] argv all
     // CI (.ci/run) prints this file's line last; it is also printed here on a line of its own.
     match System.Environment.GetEnvironmentVariable "HAST_TEST_SUMMARY" with
