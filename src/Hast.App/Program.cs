@@ -13,7 +13,10 @@ public static class Program
     public static int Main(string[] args)
     {
         using var stop = StopSignal.Register();
-        return Run(args, Console.Out, Console.Error);
+        // output that is not a terminal (CI logs, pipes) gets no escape codes, whatever a library writes
+        var stdout = Console.IsOutputRedirected ? new PlainText(Console.Out) : Console.Out;
+        var stderr = Console.IsErrorRedirected ? new PlainText(Console.Error) : Console.Error;
+        return Run(args, stdout, stderr);
     }
 
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)

@@ -317,7 +317,25 @@ let faultSpecCases =
             let line = withEnv "HAST_FAULT" spec (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "<point>:<n>" ])
             printfn "  HAST_FAULT=%-18s -> %s" spec line
 
-let validationTests = [ faultSpecCases; weightsCases; checkpointCases; storeCases; modelDataCases; valueCases; outputCases; resumeCases ]
+let plainTextCases =
+    testCase "output that is not a terminal loses its escape codes (PlainText)" <| fun () ->
+        let plain (chunks: string list) =
+            use sw = new StringWriter()
+            let w = new Hast.App.PlainText(sw)
+            for c in chunks do w.Write c
+            w.Flush()
+            sw.ToString()
+        let esc = "\u001b"
+        let cases =
+            [ [ esc + "[0m[02:37 INF] done" + esc + "[0m" ], "[02:37 INF] done"
+              [ esc + "[1000D" + esc + "[?25hline"; "\n" ], "line\n"
+              [ "a" + esc; "[3"; "1mb" + esc + "[0"; "mc" ], "abc" // sequences split across writes
+              [ esc + "]0;title\u0007x"; esc + "]8;;url" + esc + "\\y" ], "xy"
+              [ "plain text, [brackets] kept" ], "plain text, [brackets] kept" ]
+        for chunks, expected in cases do
+            Expect.equal (plain chunks) expected (sprintf "%A" chunks)
+
+let validationTests = [ plainTextCases; faultSpecCases; weightsCases; checkpointCases; storeCases; modelDataCases; valueCases; outputCases; resumeCases ]
 
 // ---------------------------------------------------------------------------------------------
 // 2. Crash safety: `hast run` killed (SIGKILL) at exact events, resumed, equals an uninterrupted run
@@ -406,6 +424,7 @@ let crashTest =
         let sw = Stopwatch.StartNew()
         let code, output = runChild (tinyRunArgs test refOut) []
         Expect.equal code 0 (sprintf "reference run succeeds:\n%s" output)
+        Expect.isFalse (output.Contains '\u001b') "no terminal escape codes in redirected output"
         printfn "  reference run: %.1fs" sw.Elapsed.TotalSeconds
         let out = d.File "killed"
         killPlan
