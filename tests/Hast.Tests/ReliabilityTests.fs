@@ -23,7 +23,10 @@ let runCli (args: string list) : int * string * string =
 
 /// Every file under `path` (or the file itself) with its sha256; None when `path` does not exist.
 let snapshot (path: string) : (string * string) list option =
-    let hash (f: string) = Convert.ToHexString(SHA256.HashData(File.ReadAllBytes f))
+    // a held run lock cannot be read by .NET (flock); it is empty anyway
+    let hash (f: string) =
+        if Hast.App.IO.RunLock.IsLockFile f && Path.GetFileName f = Hast.App.IO.RunLock.LockName then "<lock>"
+        else Convert.ToHexString(SHA256.HashData(File.ReadAllBytes f))
     if File.Exists path then Some [ path, hash path ]
     elif Directory.Exists path then
         Some
@@ -443,8 +446,50 @@ let crashTest =
         Expect.equal code 0 (sprintf "the last resume completes:\n%s" output)
         printfn "  run %d: resumed to the end" (killPlan.Length + 1)
         let n = compareRuns refOut out
+        Expect.isEmpty (Directory.GetFiles(out, "*.tmp", SearchOption.AllDirectories)) "no temporary files left at the end"
         printfn "  %d kills, %d processes; report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs"
             killPlan.Length (killPlan.Length + 1) n sw.Elapsed.TotalSeconds
+
+// ---------------------------------------------------------------------------------------------
+// 3. One run per output folder
+
+let private synthArgs (out: string) =
+    [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--samples"; "4"; "--batch"; "4"; "--iters"; "2"; "--seed"; "1" ]
+
+let lockCases =
+    testCase "a folder in use stops a second run at once, naming the other process; a stale lock is taken over" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "busy"
+        let quantizeArgs =
+            [ "quantize"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--samples"; makeStore (d.File "store"); "--out"; out
+              "--batch"; "4"; "--iters"; "1"; "--calib-batches"; "1"; "--calib-batch"; "4" ]
+        let pid = string Environment.ProcessId
+        using (Hast.App.IO.RunLock.Acquire(out, "--out", "the test's holder")) (fun _ ->
+            // in-process: run, quantize and synthesize on the held folder
+            for args in [ runArgs test out []; runArgs test out [ "--resume" ]; quantizeArgs; synthArgs out ] do
+                let line = expectCleanFailure args [ out ] [ "in use"; "pid " + pid; "the test's holder" ]
+                printfn "  %-10s on a held folder -> %s" (List.head args) line
+            // a child process on the same folder
+            let code, output = runChild (runArgs test out []) []
+            Expect.equal code 1 (sprintf "a child run on the held folder fails:\n%s" output)
+            Expect.stringContains output (sprintf "in use by another hast process (pid %s" pid) "names the holder"
+            printfn "  child run  on a held folder -> %s" (output.Trim()))
+        // released: the owner file is gone, the folder is free again
+        Expect.isFalse (File.Exists(Path.Combine(out, Hast.App.IO.RunLock.OwnerName))) "owner file removed on release"
+        // a stale lock: lock and owner files of a process that no longer runs (a pid above the kernel's limit)
+        let stale = d.File "stale"
+        Directory.CreateDirectory stale |> ignore
+        File.WriteAllText(Path.Combine(stale, Hast.App.IO.RunLock.LockName), "")
+        File.WriteAllText(Path.Combine(stale, Hast.App.IO.RunLock.OwnerName), "pid 99999999, hast synthesize, since 2026-01-01 00:00:00 UTC\n")
+        File.WriteAllText(Path.Combine(stale, ".batch-0-000000.bin.0123.tmp"), "left by the dead run")
+        let code, stdout, err = runCli (synthArgs stale)
+        Expect.equal code 0 (sprintf "a stale lock is taken over: %s" err)
+        Expect.stringContains stdout "took over" "the takeover is logged"
+        Expect.stringContains stdout "pid 99999999" "naming the dead owner"
+        Expect.isEmpty (Directory.GetFiles(stale, "*.tmp")) "the dead run's temporary files are deleted"
+        Expect.equal (Hast.App.IO.SampleStore.Open(stale).Count) 4 "the synthesis completed"
+        printfn "  stale lock -> %s" (stdout.Split('\n') |> Array.find (fun l -> l.Contains "took over"))
 
 // ---------------------------------------------------------------------------------------------
 // 4. Memory: resident memory is flat over 500 fine-tune iterations
@@ -513,4 +558,4 @@ let divergenceTest =
         Expect.isFalse (File.Exists(Path.Combine(out, "quantized.ckpt"))) "no final checkpoint"
         Expect.isFalse (File.Exists(Path.Combine(out, "report.json"))) "no report"
 
-let tests : Test list = validationTests @ [ crashTest; divergenceTest; memoryTest ]
+let tests : Test list = validationTests @ [ crashTest; lockCases; divergenceTest; memoryTest ]

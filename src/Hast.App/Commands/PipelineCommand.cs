@@ -23,6 +23,7 @@ public static class PipelineCommand
         var device = Prelude.device(c.Device);
         // ---- validate everything before any work
         var outDir = OutputPaths.CheckWritableDir(c.Out, "--out");
+        RunLock.CheckFree(outDir, "--out");
         var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
         var trainPath = Path.Combine(outDir, TrainCheckpoint);
         if (File.Exists(trainPath) && !c.Resume)
@@ -50,7 +51,9 @@ public static class PipelineCommand
             preread = (i0, l0);
         }
 
+        using var runLock = RunLock.Acquire(outDir, "--out", isRun ? "hast run" : "hast quantize");
         using var log = new RunLog(outDir, stdout);
+        if (runLock.TookOverFrom is { } previous) log.Info($"took over {c.Out} from a run that is no longer running ({previous})");
         log.Info($"hast {(isRun ? "run" : "quantize")}: {teacher.Arch.Name} W{c.WBits}A{c.ABits}, teacher {Path.GetFileName(c.Weights)}, " +
                  $"{c.FineTune.Epochs} epoch(s) x {c.FineTune.ItersPerEpoch} iterations, batch {c.FineTune.BatchSize}, seed {c.FineTune.Seed}" +
                  (c.Preset is { } p ? $", preset {p.Value}" : ""));

@@ -73,8 +73,8 @@ public sealed class SampleStore
                 throw new HastError($"{dir} was synthesized with other settings (seed or hyper-parameters); use a new --out folder or the same settings to resume");
             return s;
         }
-        // a temporary file left by a run killed while writing the first manifest does not count
-        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any(e => !IsLeftoverTemp(e)))
+        // a temporary file left by a run killed while writing the first manifest does not count, nor a lock
+        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any(e => !IsLeftoverTemp(e) && !RunLock.IsLockFile(e)))
             throw new HastError($"output folder {dir} is not empty and holds no sample store; choose an empty or new folder");
         Directory.CreateDirectory(dir);
         var m = new JsonObject
