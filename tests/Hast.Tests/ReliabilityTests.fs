@@ -405,22 +405,33 @@ let private tinyRunArgs (test: string) (out: string) =
       "--iters"; "15"; "--iters-per-epoch"; "3"; "--eval-every"; "2"
       "--calib-batches"; "1"; "--calib-batch"; "8"; "--seed"; "3" ]
 
-/// The kill plan: one process per fault point, each killed at the n-th time *it* reaches the point
-/// (`HAST_FAULT=point:n`); every process after the first resumes the one before. The comment says what
-/// the process has done by then. Rename points leave the temporary file (of the folder given) behind.
-let private killPlan =
-    [ "synth-iter", 5, None                           // batch 1, iteration 5 of 12: store has no batch yet
-      "store-batch", 2, Some("samples", "batch-0-")   // batch 1 redone and stored; batch 2 written, not renamed
-      "store-manifest", 1, Some("samples", "store.json") // batch 2's file renamed, its manifest entry not
-      "calibration", 1, None                          // batch 2 redone, batch 3; eval fp; first calibration batch
-      "train-ckpt", 1, Some("", "train.ckpt")         // calibrated, evaluated; first train.ckpt not renamed
-      "ft-iter", 4, None                              // calibration again, epoch 1 saved, epoch 2 iteration 1
-      "train-ckpt", 2, Some("", "train.ckpt")         // from epoch 1: epoch 2 saved, epoch 3's checkpoint not renamed
-      "final-ckpt", 1, Some("", "quantized.ckpt")     // from epoch 2: epochs 3-5, quantized.ckpt not renamed
-      "report", 1, Some("", "report.json") ]          // from epoch 5: quantized.ckpt renamed, report.json not
+/// The plan: one process per fault point, each stopped at the n-th time *it* reaches the point
+/// (`HAST_FAULT=point:n[:action]`); every process after the first resumes the one before. `kill` is
+/// SIGKILL (exit 137); `term` / `int` send SIGTERM / SIGINT, after which the run stops at its next safe
+/// point (exit 143 / 130) and prints the command that resumes it. The comment says what the process has
+/// done by then. Rename points leave the temporary file (in the folder given) behind after a SIGKILL.
+let private faultPlan =
+    [ "synth-iter", 5, "kill", Some ""                       // batch 1, iteration 5 of 12: store has no batch yet
+      "synth-iter", 3, "term", None                          // batch 1, iteration 3: stops, the batch is not kept
+      "store-batch", 2, "kill", Some "samples/.batch-0-"     // batch 1 stored; batch 2 written, not renamed
+      "store-manifest", 1, "kill", Some "samples/.store.json" // batch 2's file renamed, its manifest entry not
+      "calibration", 1, "kill", Some ""                      // batch 2 redone, batch 3; eval fp; first calibration batch
+      "train-ckpt", 1, "kill", Some ".train.ckpt"            // calibrated, evaluated; first train.ckpt not renamed
+      "ft-iter", 4, "kill", Some ""                          // calibration again, epoch 1 saved, epoch 2 iteration 1
+      "train-ckpt", 1, "term", None                          // from epoch 1: SIGTERM while epoch 2 is saved; stops after it
+      "ft-iter", 2, "int", None                              // from epoch 2: Ctrl-C in epoch 3 iteration 2; stops after it
+      "train-ckpt", 2, "kill", Some ".train.ckpt"            // from epoch 2: epoch 3 saved, epoch 4's checkpoint not renamed
+      "final-ckpt", 1, "kill", Some ".quantized.ckpt"        // from epoch 3: epochs 4-5, quantized.ckpt not renamed
+      "report", 1, "kill", Some ".report.json" ]             // from epoch 5: quantized.ckpt renamed, report.json not
+
+/// The safe point a SIGTERM/SIGINT step of `faultPlan` stops at (as printed).
+let private stopsAt =
+    Map [ ("synth-iter", 3), "in synthesis batch 1/3 after iteration 3/12"
+          ("train-ckpt", 1), "after fine-tune epoch 2/5"
+          ("ft-iter", 2), "in fine-tune epoch 3/5 after iteration 2/3" ]
 
 let crashTest =
-    testCase "hast run killed (SIGKILL) at every fault point in turn and resumed equals an uninterrupted run" <| fun () ->
+    testCase "hast run killed (SIGKILL) or stopped (SIGTERM, SIGINT) at fault points in turn and resumed equals an uninterrupted run" <| fun () ->
         use d = new TempDir()
         let test = smallTest d 50
         let refOut = d.File "reference"
@@ -430,25 +441,43 @@ let crashTest =
         Expect.isFalse (output.Contains '\u001b') "no terminal escape codes in redirected output"
         printfn "  reference run: %.1fs" sw.Elapsed.TotalSeconds
         let out = d.File "killed"
-        killPlan
-        |> List.iteri (fun i (point, n, temp) ->
-            let fault = sprintf "%s:%d" point n
-            let code, output = runChild (tinyRunArgs test out @ (if i > 0 then [ "--resume" ] else [])) [ "HAST_FAULT", fault ]
-            Expect.equal code 137 (sprintf "run %d (HAST_FAULT=%s) ends by SIGKILL (exit code 137):\n%s" (i + 1) fault output)
-            Expect.stringContains output (sprintf "HAST_FAULT: SIGKILL at %s #%d" point n) "killed at the intended point"
-            match temp with
-            | Some(sub, name) ->
-                let leftovers = Directory.GetFiles(Path.Combine(out, sub), sprintf ".%s*.tmp" name)
-                Expect.isNonEmpty leftovers (sprintf "run %d: a temporary %s* is left, not yet renamed" (i + 1) name)
-            | None -> ()
-            printfn "  run %d: SIGKILL at %s #%d (exit code %d)" (i + 1) point n code)
-        let code, output = runChild (tinyRunArgs test out @ [ "--resume" ]) []
+        let temps () = Directory.GetFiles(out, "*.tmp", SearchOption.AllDirectories)
+        let mutable next = tinyRunArgs test out
+        faultPlan
+        |> List.iteri (fun i (point, n, action, leftover) ->
+            let fault = sprintf "%s:%d:%s" point n action
+            let code, output = runChild next [ "HAST_FAULT", fault ]
+            let run = sprintf "run %d (HAST_FAULT=%s)" (i + 1) fault
+            match action with
+            | "kill" ->
+                Expect.equal code 137 (sprintf "%s ends by SIGKILL (exit code 137):\n%s" run output)
+                Expect.stringContains output (sprintf "HAST_FAULT: SIGKILL at %s #%d" point n) "killed at the intended point"
+                match leftover with
+                | Some prefix when prefix <> "" ->
+                    let dir, name = Path.GetDirectoryName(Path.Combine(out, prefix)), Path.GetFileName prefix
+                    Expect.isNonEmpty (Directory.GetFiles(dir, name + "*.tmp")) (sprintf "%s: its temporary %s* is left, not renamed" run name)
+                | _ -> ()
+                printfn "  run %d: SIGKILL at %s #%d (exit code %d)" (i + 1) point n code
+                next <- tinyRunArgs test out @ [ "--resume" ]
+            | signal ->
+                let name, expectedCode = if signal = "term" then "SIGTERM", 143 else "SIGINT", 130
+                Expect.equal code expectedCode (sprintf "%s ends with exit code %d:\n%s" run expectedCode output)
+                Expect.stringContains output (sprintf "HAST_FAULT: %s at %s #%d" name point n) "signalled at the intended point"
+                Expect.stringContains output (sprintf "stopped by %s %s" name stopsAt[(point, n)]) "stopped at the next safe point, saying where"
+                Expect.isEmpty (temps ()) (sprintf "%s: nothing half-written" run)
+                let resume = output.Split('\n') |> Array.map _.Trim() |> Array.find (fun l -> l.StartsWith "hast: resume with: hast ")
+                let resumeArgs = resume.Substring("hast: resume with: hast ".Length).Split(' ') |> List.ofArray
+                Expect.equal resumeArgs (tinyRunArgs test out @ [ "--resume" ]) "the printed command resumes the run"
+                let stopped = (output.Split('\n') |> Array.find (fun l -> l.Contains "stopped by")).Trim()
+                printfn "  run %d: %s at %s #%d -> exit code %d, %s" (i + 1) name point n code stopped
+                next <- resumeArgs)
+        let code, output = runChild next []
         Expect.equal code 0 (sprintf "the last resume completes:\n%s" output)
-        printfn "  run %d: resumed to the end" (killPlan.Length + 1)
+        printfn "  run %d: resumed to the end" (faultPlan.Length + 1)
         let n = compareRuns refOut out
-        Expect.isEmpty (Directory.GetFiles(out, "*.tmp", SearchOption.AllDirectories)) "no temporary files left at the end"
-        printfn "  %d kills, %d processes; report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs"
-            killPlan.Length (killPlan.Length + 1) n sw.Elapsed.TotalSeconds
+        Expect.isEmpty (temps ()) "no temporary files left at the end"
+        printfn "  %d faults, %d processes; report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs"
+            faultPlan.Length (faultPlan.Length + 1) n sw.Elapsed.TotalSeconds
 
 // ---------------------------------------------------------------------------------------------
 // 3. One run per output folder

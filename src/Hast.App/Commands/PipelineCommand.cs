@@ -142,6 +142,7 @@ public static class PipelineCommand
             history.Add(entry);
             log.Metric("epoch", entry);
             SaveTrain(trainPath, student, opt, settings, store, fpTop1, calibTop1, history, epoch + 1, secondsBefore + Elapsed(started), c);
+            if (epoch + 1 < ft.Epochs) StopSignal.Check(() => $"after fine-tune epoch {epoch + 1}/{ft.Epochs} (saved in {Path.Combine(c.Out, TrainCheckpoint)})");
         }
 
         // ---- results
@@ -187,7 +188,11 @@ public static class PipelineCommand
     static JsonNode? Finite(double v) => double.IsFinite(v) ? JsonValue.Create(v) : null;
 
     static Evaluate.Accuracy Eval(LoadedModel m, Data.Dataset data, Device device, RunLog? log) =>
-        Evaluate.accuracy(device, 250, FuncConvert.FromAction<long, long>((d, t) => log?.Progress(d, t, [])), m.Net, data);
+        Evaluate.accuracy(device, 250, FuncConvert.FromAction<long, long>((d, t) =>
+        {
+            log?.Progress(d, t, []);
+            StopSignal.Check(() => "in an evaluation (the run resumes from its last saved state)");
+        }), m.Net, data);
 
     static void CheckStore(SampleStore store, LoadedModel teacher, int? take)
     {
@@ -210,7 +215,7 @@ public static class PipelineCommand
                     .Select(i =>
                     {
                         Faults.At("calibration", $"batch {i + 1}");
-                        StopSignal.Check(() => $"in calibration (nothing of the run after the samples is kept yet)");
+                        StopSignal.Check(() => "in calibration (the samples are kept; a resumed run calibrates again)");
                         return images.slice(0, (long)i * s.batchSize, Math.Min(n, (long)(i + 1) * s.batchSize), 1);
                     }));
                 break;
@@ -223,6 +228,7 @@ public static class PipelineCommand
                     FuncConvert.FromAction<Hast.Core.Generator.IterInfo>(it =>
                     {
                         log.Progress(it.Iteration, it.Total, [("ce", it.Ce), ("bns", it.Bns), ("loss", it.Loss), ("acc", it.TeacherAccuracy)]);
+                        StopSignal.Check(() => "in generator calibration (the samples are kept; a resumed run calibrates again)");
                         if (it.Iteration % 10 == 0 || it.Iteration == it.Total)
                             log.Metric("generator", new JsonObject { ["iteration"] = it.Iteration, ["ce"] = it.Ce, ["bns"] = it.Bns, ["loss"] = it.Loss, ["teacher_acc"] = it.TeacherAccuracy });
                     }));

@@ -100,6 +100,7 @@ public static class SynthesizeCommand
                 ["teacher_top1"] = result.Final.Accuracy * 100, ["mean_difficulty"] = meanDifficulty,
                 ["seconds"] = sw.Elapsed.TotalSeconds,
             });
+            StopSignal.Check(() => $"after synthesis batch {index + 1}/{plan.Count} ({store.Count} samples stored in {dir})");
         }
         var s = Summary(store, log.Elapsed.TotalSeconds);
         log.Info($"store {dir}: {s["samples"]} samples, teacher top-1 {s["teacher_top1"]}%, mean difficulty {s["mean_difficulty"]}");
