@@ -33,7 +33,7 @@ public static class Program
         }
         catch (Exception e) when (Errors.UserMessage(e) is { } msg)
         {
-            stderr.WriteLine($"hast: {msg}");
+            stderr.WriteLine($"hast: {OneLine(msg)}");
             return ExitUsage;
         }
 
@@ -60,7 +60,7 @@ public static class Program
         }
         catch (Exception e) when (Errors.UserMessage(e) is { } msg)
         {
-            stderr.WriteLine($"hast: {msg}");
+            stderr.WriteLine($"hast: {OneLine(msg)}");
             return ExitFailure;
         }
         finally
@@ -78,6 +78,10 @@ public static class Program
         var full = resumable && !args.Contains("--resume") ? [.. args, "--resume"] : args;
         return "hast " + string.Join(" ", full.Select(Quote));
     }
+
+    /// A message on one line, whatever text from a damaged file it quotes.
+    static string OneLine(string msg) =>
+        string.Concat(msg.Trim().Select(ch => char.IsControl(ch) ? (ch is '\n' or '\r' or '\t' ? " " : "?") : ch.ToString()));
 
     static string Quote(string a) =>
         a.Length > 0 && a.All(ch => char.IsLetterOrDigit(ch) || "-_./=:,+@%".Contains(ch)) ? a : "'" + a.Replace("'", "'\\''") + "'";
