@@ -25,7 +25,7 @@ public static class Faults
 
     public enum Action { Kill, Term, Int, Enospc }
 
-    public const int Enospc = 28;
+    const int Enospc = 28; // errno, which .NET puts in IOException.HResult on Unix
 
     sealed class Plan(string point, int n, Action action)
     {
@@ -64,7 +64,7 @@ public static class Faults
         switch (p.Action)
         {
             case Action.Enospc:
-                throw new IOException($"No space left on device : '{detail}' (HAST_FAULT at {where})", Enospc);
+                throw new IOException($"No space left on device : '{detail}' (HAST_FAULT at {point} #{p.N})", Enospc);
             case Action.Kill:
                 Console.Error.WriteLine($"hast: HAST_FAULT: SIGKILL at {where}");
                 Console.Error.Flush();

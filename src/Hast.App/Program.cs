@@ -58,6 +58,13 @@ public static class Program
             if (ResumeCommand(command, args) is { } resume) stderr.WriteLine($"hast: resume with: {resume}");
             return s.ExitCode;
         }
+        catch (IOException e) when (Errors.IsDiskFull(e))
+        {
+            // every result file is written atomically, so what was saved before is intact
+            var then = ResumeCommand(command, args) is { } resume ? $"resume with: {resume}" : "run the command again";
+            stderr.WriteLine($"hast: the disk is full ({OneLine(e.Message)}); the files saved so far are intact; free space, then {then}");
+            return ExitFailure;
+        }
         catch (Exception e) when (Errors.UserMessage(e) is { } msg)
         {
             stderr.WriteLine($"hast: {OneLine(msg)}");

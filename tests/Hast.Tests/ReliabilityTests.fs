@@ -521,6 +521,89 @@ let lockCases =
         printfn "  stale lock -> %s" (stdout.Split('\n') |> Array.find (fun l -> l.Contains "took over"))
 
 // ---------------------------------------------------------------------------------------------
+// 3b. A full disk
+
+/// The one stderr line of a run that hit a full disk; asserts its content.
+let private diskFullLine (code: int) (err: string) =
+    Expect.equal code 1 (sprintf "exit code 1 on a full disk: %s" err)
+    let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+    Expect.equal lines.Length 1 (sprintf "one line: %s" err)
+    Expect.stringContains lines[0] "the disk is full" "says so"
+    Expect.stringContains lines[0] "resume with: hast run" "gives the resume command"
+    lines[0].Trim()
+
+/// After a failed write: the store reads back (checksums verified), train.ckpt loads with `epochs`
+/// finished epochs, and no temporary file is left.
+let private intactAfterFailure (out: string) (batches: int) (epochs: int option) =
+    let store = Hast.App.IO.SampleStore.Open(Path.Combine(out, "samples"))
+    Expect.equal store.Batches.Count batches "the store keeps its finished batches"
+    if batches > 0 then
+        let struct (i, l, df) = store.ReadAll()
+        i.Dispose(); l.Dispose(); df.Dispose()
+    match epochs with
+    | Some e ->
+        use ck = Hast.App.IO.Checkpoint.Load(Path.Combine(out, "train.ckpt"))
+        Expect.equal (int ck.Meta["epochs_done"]) e "train.ckpt is the last good checkpoint"
+    | None -> Expect.isFalse (File.Exists(Path.Combine(out, "train.ckpt"))) "no train.ckpt yet"
+    Expect.isEmpty (Directory.GetFiles(out, "*.tmp", SearchOption.AllDirectories)) "no temporary file left"
+
+let diskFullFaultTest =
+    testCase "a write that fails for lack of space (ENOSPC) stops the run with one line; saved files intact; resumes" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "out"
+        let args =
+            [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out; "--samples"; "16"; "--synth-batch"; "8"
+              "--synth-iters"; "2"; "--batch"; "8"; "--iters"; "4"; "--iters-per-epoch"; "2"; "--calib-batches"; "1"; "--calib-batch"; "8"; "--seed"; "4" ]
+        let code, _, err = withEnv "HAST_FAULT" "store-batch:2:enospc" (fun () -> runCli args)
+        printfn "  store batch 2: %s" (diskFullLine code err)
+        intactAfterFailure out 1 None
+        let code, _, err = withEnv "HAST_FAULT" "train-ckpt:2:enospc" (fun () -> runCli (args @ [ "--resume" ]))
+        printfn "  train.ckpt 2:  %s" (diskFullLine code err)
+        intactAfterFailure out 2 (Some 0)
+        let code, _, err = withEnv "HAST_FAULT" "final-ckpt:1:enospc" (fun () -> runCli (args @ [ "--resume" ]))
+        printfn "  quantized.ckpt: %s" (diskFullLine code err)
+        intactAfterFailure out 2 (Some 2)
+        Expect.isFalse (File.Exists(Path.Combine(out, "quantized.ckpt"))) "no partial quantized.ckpt"
+        let code, _, err = runCli (args @ [ "--resume" ])
+        Expect.equal code 0 (sprintf "resumes to the end once there is space: %s" err)
+        Expect.isTrue (File.Exists(Path.Combine(out, "report.json"))) "finished"
+
+/// `mount`/`umount` (root only); None when it works, else the reason.
+let private mountCmd (args: string list) =
+    try
+        let psi = ProcessStartInfo((if List.head args = "umount" then "umount" else "mount"), RedirectStandardError = true, UseShellExecute = false)
+        for a in List.tail args do psi.ArgumentList.Add a
+        use p = Process.Start psi
+        let err = p.StandardError.ReadToEnd()
+        p.WaitForExit()
+        if p.ExitCode = 0 then None else Some(err.Trim())
+    with e -> Some e.Message
+
+let tmpfsTest =
+    testCase "a run on a file system that fills (3 MB tmpfs) stops with one line, keeps its last checkpoint and store, resumes when space is freed" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 50
+        let mnt = d.File "tmpfs"
+        Directory.CreateDirectory mnt |> ignore
+        match mountCmd [ "mount"; "-t"; "tmpfs"; "-o"; "size=3m"; "tmpfs"; mnt ] with
+        | Some why -> skiptestf "cannot mount a tmpfs here (needs root): %s" why
+        | None ->
+            try
+                let out = Path.Combine(mnt, "run")
+                // 24 samples (300 KB), train.ckpt after calibration (1 MB); the next one (2 MB, with momentum) does not fit
+                let code, _, err = runCli (tinyRunArgs test out)
+                printfn "  full: %s" (diskFullLine code err)
+                intactAfterFailure out 3 (Some 0)
+                Expect.isNone (mountCmd [ "mount"; "-o"; "remount,size=32m"; mnt ]) "space freed (remount with 32 MB)"
+                let code, _, err = runCli (tinyRunArgs test out @ [ "--resume" ])
+                Expect.equal code 0 (sprintf "resumes to the end once space is freed: %s" err)
+                Expect.isTrue (File.Exists(Path.Combine(out, "quantized.ckpt"))) "finished"
+                printfn "  remounted with 32 MB: resumed to the end"
+            finally
+                mountCmd [ "umount"; mnt ] |> ignore
+
+// ---------------------------------------------------------------------------------------------
 // 4. Memory: resident memory is flat over 500 fine-tune iterations
 
 /// Resident set size of this process in MB (VmRSS of /proc/self/status), after a full GC.
@@ -587,4 +670,4 @@ let divergenceTest =
         Expect.isFalse (File.Exists(Path.Combine(out, "quantized.ckpt"))) "no final checkpoint"
         Expect.isFalse (File.Exists(Path.Combine(out, "report.json"))) "no report"
 
-let tests : Test list = validationTests @ [ crashTest; lockCases; divergenceTest; memoryTest ]
+let tests : Test list = validationTests @ [ crashTest; lockCases; diskFullFaultTest; tmpfsTest; divergenceTest; memoryTest ]
