@@ -50,6 +50,8 @@ public static class Faults
         } : Action.Kill;
         if (parts.Length is < 2 or > 3 || !Points.Contains(parts[0]) || !int.TryParse(parts[1], out var n) || n < 1 || action is null)
             throw new HastError($"HAST_FAULT='{spec}' is not <point>:<n>[:kill|term|int|enospc] with n >= 1 and point one of {string.Join(", ", Points)}; unset it for a normal run");
+        if (action is Action.Term or Action.Int && StopSignal.Current is null)
+            throw new HastError($"HAST_FAULT='{spec}' sends a signal, which only the hast process handles (not an in-process Program.Run)");
         armed = new Plan(parts[0], n, action.Value);
     }
 

@@ -319,6 +319,9 @@ let faultSpecCases =
         for spec in [ "bogus"; "ft-iter"; "ft-iter:0"; "ft-iter:x"; "nowhere:1"; "ft-iter:1:explode"; "ft-iter:1:kill:2" ] do
             let line = withEnv "HAST_FAULT" spec (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "<point>:<n>" ])
             printfn "  HAST_FAULT=%-18s -> %s" spec line
+        // in-process there is no signal handler: a signal fault would end the caller, so it is refused
+        let line = withEnv "HAST_FAULT" "ft-iter:1:term" (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "signal" ])
+        printfn "  HAST_FAULT=%-18s -> %s" "ft-iter:1:term" line
 
 let plainTextCases =
     testCase "output that is not a terminal loses its escape codes (PlainText)" <| fun () ->
