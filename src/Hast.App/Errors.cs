@@ -6,6 +6,11 @@ namespace Hast.App;
 /// Anything else is a bug and keeps its stack trace.
 public static class Errors
 {
+    const int Enospc = 28, Edquot = 122, ErrorDiskFull = unchecked((int)0x80070070), ErrorHandleDiskFull = unchecked((int)0x80070027);
+
+    /// No space left on the device (ENOSPC, or a disk quota: EDQUOT), as .NET reports it (HResult = errno on Unix).
+    public static bool IsDiskFull(IOException e) => e.HResult is Enospc or Edquot or ErrorDiskFull or ErrorHandleDiskFull;
+
     public static string? UserMessage(Exception e) => e switch
     {
         HastError h => h.Message,

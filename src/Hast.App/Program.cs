@@ -10,7 +10,14 @@ public static class Program
 {
     public const int ExitOk = 0, ExitFailure = 1, ExitUsage = 2;
 
-    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+    public static int Main(string[] args)
+    {
+        using var stop = StopSignal.Register();
+        // output that is not a terminal (CI logs, pipes) gets no escape codes, whatever a library writes
+        var stdout = Console.IsOutputRedirected ? new PlainText(Console.Out) : Console.Out;
+        var stderr = Console.IsErrorRedirected ? new PlainText(Console.Error) : Console.Error;
+        return Run(args, stdout, stderr);
+    }
 
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
@@ -26,12 +33,13 @@ public static class Program
         }
         catch (Exception e) when (Errors.UserMessage(e) is { } msg)
         {
-            stderr.WriteLine($"hast: {msg}");
+            stderr.WriteLine($"hast: {OneLine(msg)}");
             return ExitUsage;
         }
 
         try
         {
+            Faults.Arm(Environment.GetEnvironmentVariable("HAST_FAULT"));
             return command switch
             {
                 Root.Command.Eval c => EvalCommand.Run(c.Item, stdout),
@@ -45,12 +53,46 @@ public static class Program
                 _ => throw new HastError("unknown command"),
             };
         }
-        catch (Exception e) when (Errors.UserMessage(e) is { } msg)
+        catch (RunStopped s)
         {
-            stderr.WriteLine($"hast: {msg}");
+            stderr.WriteLine($"hast: {s.Message}");
+            if (ResumeCommand(command, args) is { } resume) stderr.WriteLine($"hast: resume with: {resume}");
+            return s.ExitCode;
+        }
+        catch (IOException e) when (Errors.IsDiskFull(e))
+        {
+            // every result file is written atomically, so what was saved before is intact
+            var then = ResumeCommand(command, args) is { } resume ? $"resume with: {resume}" : "run the command again";
+            stderr.WriteLine($"hast: the disk is full ({OneLine(e.Message)}); the files saved so far are intact; free space, then {then}");
             return ExitFailure;
         }
+        catch (Exception e) when (Errors.UserMessage(e) is { } msg)
+        {
+            stderr.WriteLine($"hast: {OneLine(msg)}");
+            return ExitFailure;
+        }
+        finally
+        {
+            Faults.Disarm();
+        }
     }
+
+    /// The command line that continues an interrupted command: the same arguments, plus `--resume` for
+    /// run/quantize (a synthesis resumes its store by itself); null for commands that do not resume.
+    public static string? ResumeCommand(Root.Command command, string[] args)
+    {
+        var resumable = command is Root.Command.Run or Root.Command.Quantize;
+        if (!resumable && command is not Root.Command.Synthesize) return null;
+        var full = resumable && !args.Contains("--resume") ? [.. args, "--resume"] : args;
+        return "hast " + string.Join(" ", full.Select(Quote));
+    }
+
+    /// A message on one line, whatever text from a damaged file it quotes.
+    static string OneLine(string msg) =>
+        string.Concat(msg.Trim().Select(ch => char.IsControl(ch) ? (ch is '\n' or '\r' or '\t' ? " " : "?") : ch.ToString()));
+
+    static string Quote(string a) =>
+        a.Length > 0 && a.All(ch => char.IsLetterOrDigit(ch) || "-_./=:,+@%".Contains(ch)) ? a : "'" + a.Replace("'", "'\\''") + "'";
 
     static string ReadConfig(string path)
     {

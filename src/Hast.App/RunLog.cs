@@ -99,7 +99,8 @@ public sealed class RunLog : IDisposable
     public void Dispose()
     {
         ClearBar();
-        log?.Dispose();
-        metrics?.Dispose();
+        // on a full disk the last buffered line cannot be written; that must not hide the error in flight
+        foreach (var w in new[] { log, metrics })
+            try { w?.Dispose(); } catch (IOException) { }
     }
 }

@@ -7,6 +7,7 @@ open Expecto
 open FsCheck
 open FsCheck.FSharp
 open Hast.Core
+open Hast.Tests.TestUtil
 open Hast.Core.Cli
 
 /// `--flag` names of an Argu union (as Argu spells them).
@@ -136,7 +137,7 @@ let private valid (c: Root.Command) =
     | Root.Command.Bench _ -> true
     | Root.Command.Export x -> x.Classes |> Option.forall (fun n -> n > 0)
 
-let private config = { FsCheckConfig.defaultConfig with maxTest = 2000; endSize = 40 }
+let private config = { propertyConfig 2000 with endSize = 40 }
 
 let tests : Test list =
     [ testPropertyWithConfig config "parse: any arguments and config text give a command, CliUsage or HastError" <|

@@ -4,6 +4,7 @@ open Expecto
 open TorchSharp
 open TorchSharp.Modules
 open Hast.Core
+open Hast.Tests.TestUtil
 
 let private f64 (t: torch.Tensor) = t.to_type(torch.float64)
 
@@ -99,7 +100,7 @@ let tests : Test list =
           Expect.throwsT<HastError> (fun () -> Losses.bnsLoss [] |> ignore) "empty tap list is a user error"
       }
 
-      testProperty "(1-p)^gamma is non-increasing in p and within [0, 1]" <| fun (a: uint16) (b: uint16) (c: uint16) ->
+      testPropertyWithConfig (propertyConfig 100) "(1-p)^gamma is non-increasing in p and within [0, 1]" <| fun (a: uint16) (b: uint16) (c: uint16) ->
           let p1 = float (a % 1001us) / 1000.0
           let p2 = float (b % 1001us) / 1000.0
           let gamma = float (c % 501us) / 100.0

@@ -22,6 +22,7 @@ let all =
         testList "study" StudyTests.tests
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
+        testList "fuzz" FuzzTests.tests
         testList "end to end" EndToEndTests.tests
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
@@ -38,11 +39,14 @@ let main argv =
                     line <- sprintf "%d passed, %d failed" s.passed.Length (s.failed.Length + s.errored.Length)
                     p.summary cfg s }
     // TorchSharp parallelises inside each op; running tests in parallel would only contend.
-    // Under CI (no terminal) drop the spinner and colour codes so the log stays plain text.
-    let argv =
-        match System.Environment.GetEnvironmentVariable "CI" with
-        | null | "" -> argv
-        | _ -> Array.append [| "--no-spinner"; "--colours"; "0" |] argv
+    // Under CI or when the output is not a terminal, drop the spinner and colours, and filter out the
+    // escape codes Expecto writes even then (a colour reset after each message), so the log is plain text.
+    let plain =
+        System.Console.IsOutputRedirected
+        || not (System.String.IsNullOrEmpty(System.Environment.GetEnvironmentVariable "CI"))
+    let argv = if plain then Array.append [| "--no-spinner"; "--colours"; "0" |] argv else argv
+    if plain then System.Console.SetOut(new Hast.App.PlainText(System.Console.Out))
+    printfn "property tests: FsCheck seed %A (HAST_PROPERTY_SEED=%d,%d reproduces a run)" TestUtil.propertySeed (fst TestUtil.propertySeed) (snd TestUtil.propertySeed)
     let code = runTestsWithCLIArgs [ CLIArguments.Sequenced; CLIArguments.Printer printer ] argv all
     // CI (.ci/run) prints this file's line last; it is also printed here on a line of its own.
     match System.Environment.GetEnvironmentVariable "HAST_TEST_SUMMARY" with

@@ -6,6 +6,7 @@ open FsCheck
 open FsCheck.FSharp
 open TorchSharp
 open Hast.Core
+open Hast.Tests.TestUtil
 open Hast.Core.Quantizers
 
 // ---------- generators: small float arrays of varied magnitude and sign, bits 2..8 ----------
@@ -29,7 +30,7 @@ let private genCase =
         return { Values = v; Bits = b }
     }
 
-let private config = { FsCheckConfig.defaultConfig with maxTest = 100 }
+let private config = propertyConfig 100
 let private prop name (body: Case -> bool) =
     testPropertyWithConfig config name (Prop.forAll (Arb.fromGen genCase) body)
 

@@ -1,5 +1,5 @@
-/// Reliability (issue 5): bad input gets one clear line and leaves no partial output; a killed run
-/// resumes to exactly the result of an uninterrupted one; fine-tuning memory stays flat.
+/// Reliability (issues 5, 14): bad input gets one clear line and leaves no partial output; a run killed at
+/// any fault point resumes to exactly the result of an uninterrupted one; fine-tuning memory stays flat.
 module Hast.Tests.ReliabilityTests
 
 open System
@@ -23,7 +23,10 @@ let runCli (args: string list) : int * string * string =
 
 /// Every file under `path` (or the file itself) with its sha256; None when `path` does not exist.
 let snapshot (path: string) : (string * string) list option =
-    let hash (f: string) = Convert.ToHexString(SHA256.HashData(File.ReadAllBytes f))
+    // a held run lock cannot be read by .NET (flock); it is empty anyway
+    let hash (f: string) =
+        if Hast.App.IO.RunLock.IsLockFile f && Path.GetFileName f = Hast.App.IO.RunLock.LockName then "<lock>"
+        else Convert.ToHexString(SHA256.HashData(File.ReadAllBytes f))
     if File.Exists path then Some [ path, hash path ]
     elif Directory.Exists path then
         Some
@@ -302,18 +305,56 @@ let resumeCases =
         // an existing train checkpoint without --resume is refused
         expectCleanFailure (runArgs test out2 []) [ out2 ] [ "--resume" ] |> ignore
 
-let validationTests = [ weightsCases; checkpointCases; storeCases; modelDataCases; valueCases; outputCases; resumeCases ]
+/// Run `f` with the environment variable `name` set to `value` (restored afterwards).
+let withEnv (name: string) (value: string) (f: unit -> 'a) : 'a =
+    let before = Environment.GetEnvironmentVariable name
+    Environment.SetEnvironmentVariable(name, value)
+    try f () finally Environment.SetEnvironmentVariable(name, before)
+
+let faultSpecCases =
+    testCase "a malformed HAST_FAULT: one line naming the expected form, nothing written" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "out"
+        for spec in [ "bogus"; "ft-iter"; "ft-iter:0"; "ft-iter:x"; "nowhere:1"; "ft-iter:1:explode"; "ft-iter:1:kill:2" ] do
+            let line = withEnv "HAST_FAULT" spec (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "<point>:<n>" ])
+            printfn "  HAST_FAULT=%-18s -> %s" spec line
+        // in-process there is no signal handler: a signal fault would end the caller, so it is refused
+        let line = withEnv "HAST_FAULT" "ft-iter:1:term" (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "signal" ])
+        printfn "  HAST_FAULT=%-18s -> %s" "ft-iter:1:term" line
+
+let plainTextCases =
+    testCase "output that is not a terminal loses its escape codes (PlainText)" <| fun () ->
+        let plain (chunks: string list) =
+            use sw = new StringWriter()
+            let w = new Hast.App.PlainText(sw)
+            for c in chunks do w.Write c
+            w.Flush()
+            sw.ToString()
+        let esc = "\u001b"
+        let cases =
+            [ [ esc + "[0m[02:37 INF] done" + esc + "[0m" ], "[02:37 INF] done"
+              [ esc + "[1000D" + esc + "[?25hline"; "\n" ], "line\n"
+              [ "a" + esc; "[3"; "1mb" + esc + "[0"; "mc" ], "abc" // sequences split across writes
+              [ esc + "]0;title\u0007x"; esc + "]8;;url" + esc + "\\y" ], "xy"
+              [ "plain text, [brackets] kept" ], "plain text, [brackets] kept" ]
+        for chunks, expected in cases do
+            Expect.equal (plain chunks) expected (sprintf "%A" chunks)
+
+let validationTests = [ plainTextCases; faultSpecCases; weightsCases; checkpointCases; storeCases; modelDataCases; valueCases; outputCases; resumeCases ]
 
 // ---------------------------------------------------------------------------------------------
-// 2. Crash safety: `hast run` killed with SIGKILL at random moments, resumed, equals an uninterrupted run
+// 2. Crash safety: `hast run` killed (SIGKILL) at exact events, resumed, equals an uninterrupted run
 
-/// `dotnet hast.dll args` as a child process; its output is collected (and must be drained).
-type HastProcess(args: string list) =
+/// `dotnet hast.dll args` as a child process with extra environment variables; its output is collected.
+type HastProcess(args: string list, env: (string * string) list) =
     let output = Text.StringBuilder()
     let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
     do
         psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "hast.dll"))
         for a in args do psi.ArgumentList.Add a
+        psi.Environment.Remove "HAST_FAULT" |> ignore
+        for k, v in env do psi.Environment[k] <- v
     let p = new Process(StartInfo = psi)
     let add (e: DataReceivedEventArgs) = if not (isNull e.Data) then lock output (fun () -> output.AppendLine e.Data |> ignore)
     do
@@ -322,8 +363,8 @@ type HastProcess(args: string list) =
         p.Start() |> ignore
         p.BeginOutputReadLine()
         p.BeginErrorReadLine()
-    member _.HasExited = p.HasExited
-    member _.Kill() = try p.Kill(true) with :? InvalidOperationException -> ()
+    member _.Id = p.Id
+    /// Wait for the end (and for all output); the exit code (128 + n when killed by signal n).
     member _.Wait() =
         p.WaitForExit()
         p.ExitCode
@@ -331,27 +372,11 @@ type HastProcess(args: string list) =
     interface IDisposable with
         member _.Dispose() = p.Dispose()
 
-/// Text appended to `path` since it had `from` bytes ("" when absent).
-let private appended (path: string) (from: int64) =
-    if not (File.Exists path) then ""
-    else
-        use f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite ||| FileShare.Delete)
-        if f.Length <= from then ""
-        else
-            f.Seek(from, SeekOrigin.Begin) |> ignore
-            use r = new StreamReader(f)
-            r.ReadToEnd()
-
-let private lengthOf (path: string) = if File.Exists path then FileInfo(path).Length else 0L
-
-/// Seconds between the log line containing `a` and the first later line containing `b` (log.txt lines
-/// start with an ISO timestamp).
-let private stageSeconds (log: string) (a: string) (b: string) =
-    let lines = File.ReadAllLines log
-    let time (l: string) = DateTime.Parse(l.Substring(0, l.IndexOf ' '), Globalization.CultureInfo.InvariantCulture, Globalization.DateTimeStyles.RoundtripKind)
-    let i = lines |> Array.findIndex (fun l -> l.Contains a)
-    let j = lines |> Array.findIndexBack (fun l -> l.Contains b)
-    (time lines[j] - time lines[i]).TotalSeconds
+/// Run `hast args` as a child process to its end: (exit code, output).
+let runChild (args: string list) (env: (string * string) list) =
+    use p = new HastProcess(args, env)
+    let code = p.Wait()
+    code, p.Output
 
 /// Same shape, dtype and values, bit for bit.
 let identical (x: torch.Tensor) (y: torch.Tensor) =
@@ -375,94 +400,211 @@ let private compareRuns (refOut: string) (out: string) =
     Expect.isFalse (File.Exists(Path.Combine(out, "train.ckpt"))) "train.ckpt removed at the end"
     a.State.Count
 
-/// Where a planned kill waits before its short random delay: the `Count`-th occurrence of `Text` in
-/// what the run appended to a file (progress events, so kills land in the intended stage at any speed).
-type private Trigger =
-    { Name: string; File: string; Text: string; Count: int }
+/// A tiny `hast run` (24 samples in 3 synthesis batches of 8 x 12 iterations, calibration on 8 samples,
+/// 5 epochs x 3 iterations of batch 8, 50 test images, seed 3).
+let private tinyRunArgs (test: string) (out: string) =
+    [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
+      "--samples"; "24"; "--synth-batch"; "8"; "--synth-iters"; "12"; "--batch"; "8"
+      "--iters"; "15"; "--iters-per-epoch"; "3"; "--eval-every"; "2"
+      "--calib-batches"; "1"; "--calib-batch"; "8"; "--seed"; "3" ]
 
-let private occurrences (text: string) (s: string) =
-    let rec go (from: int) n = match s.IndexOf(text, from, StringComparison.Ordinal) with -1 -> n | i -> go (i + text.Length) (n + 1)
-    go 0 0
+/// The plan: one process per fault point, each stopped at the n-th time *it* reaches the point
+/// (`HAST_FAULT=point:n[:action]`); every process after the first resumes the one before. `kill` is
+/// SIGKILL (exit 137); `term` / `int` send SIGTERM / SIGINT, after which the run stops at its next safe
+/// point (exit 143 / 130) and prints the command that resumes it. The comment says what the process has
+/// done by then. Rename points leave the temporary file (in the folder given) behind after a SIGKILL.
+let private faultPlan =
+    [ "synth-iter", 5, "kill", Some ""                       // batch 1, iteration 5 of 12: store has no batch yet
+      "synth-iter", 3, "term", None                          // batch 1, iteration 3: stops, the batch is not kept
+      "store-batch", 2, "kill", Some "samples/.batch-0-"     // batch 1 stored; batch 2 written, not renamed
+      "store-manifest", 1, "kill", Some "samples/.store.json" // batch 2's file renamed, its manifest entry not
+      "calibration", 1, "kill", Some ""                      // batch 2 redone, batch 3; eval fp; first calibration batch
+      "train-ckpt", 1, "kill", Some ".train.ckpt"            // calibrated, evaluated; first train.ckpt not renamed
+      "ft-iter", 4, "kill", Some ""                          // calibration again, epoch 1 saved, epoch 2 iteration 1
+      "train-ckpt", 1, "term", None                          // from epoch 1: SIGTERM while epoch 2 is saved; stops after it
+      "ft-iter", 2, "int", None                              // from epoch 2: Ctrl-C in epoch 3 iteration 2; stops after it
+      "train-ckpt", 2, "kill", Some ".train.ckpt"            // from epoch 2: epoch 3 saved, epoch 4's checkpoint not renamed
+      "final-ckpt", 1, "kill", Some ".quantized.ckpt"        // from epoch 3: epochs 4-5, quantized.ckpt not renamed
+      "report", 1, "kill", Some ".report.json" ]             // from epoch 5: quantized.ckpt renamed, report.json not
+
+/// The safe point a SIGTERM/SIGINT step of `faultPlan` stops at (as printed).
+let private stopsAt =
+    Map [ ("synth-iter", 3), "in synthesis batch 1/3 after iteration 3/12"
+          ("train-ckpt", 1), "after fine-tune epoch 2/5"
+          ("ft-iter", 2), "in fine-tune epoch 3/5 after iteration 2/3" ]
 
 let crashTest =
-    testCase "hast run killed (SIGKILL) at random moments and resumed equals an uninterrupted run" <| fun () ->
+    testCase "hast run killed (SIGKILL) or stopped (SIGTERM, SIGINT) at fault points in turn and resumed equals an uninterrupted run" <| fun () ->
         use d = new TempDir()
         let test = smallTest d 50
-        let args (out: string) =
-            [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
-              "--samples"; "24"; "--synth-batch"; "8"; "--synth-iters"; "12"; "--batch"; "8"
-              "--iters"; "15"; "--iters-per-epoch"; "3"; "--eval-every"; "2"
-              "--calib-batches"; "1"; "--calib-batch"; "8"; "--seed"; "3" ]
-        // the uninterrupted reference
         let refOut = d.File "reference"
         let sw = Stopwatch.StartNew()
-        using (new HastProcess(args refOut)) (fun p ->
-            let code = p.Wait()
-            Expect.equal code 0 (sprintf "reference run succeeds:\n%s" p.Output))
+        let code, output = runChild (tinyRunArgs test refOut) []
+        Expect.equal code 0 (sprintf "reference run succeeds:\n%s" output)
+        Expect.isFalse (output.Contains '\u001b') "no terminal escape codes in redirected output"
         printfn "  reference run: %.1fs" sw.Elapsed.TotalSeconds
         let out = d.File "killed"
-        let outLog, outMetrics = Path.Combine(out, "log.txt"), Path.Combine(out, "metrics.jsonl")
-        let storeLog, storeMetrics = Path.Combine(out, "samples", "log.txt"), Path.Combine(out, "samples", "metrics.jsonl")
-        let event (name: string) = sprintf "\"event\":\"%s\"" name
-        // the kill plan (seeded): which progress event of the run to wait for, then a delay of 0..0.3 s
-        let rng = Random(20231)
-        let plan =
-            [ { Name = "synthesis iteration event"; File = storeMetrics; Text = event "iter"; Count = rng.Next(1, 3) }
-              { Name = "synthesized batch"; File = storeMetrics; Text = event "batch"; Count = 1 }
-              { Name = "start of eval+calibration"; File = outLog; Text = "== eval fp"; Count = 1 }
-              { Name = "finished epoch"; File = outMetrics; Text = event "epoch"; Count = 1 }
-              { Name = "fine-tune iteration event"; File = outMetrics; Text = event "iter"; Count = rng.Next(1, 3) }
-              { Name = "finished epoch"; File = outMetrics; Text = event "epoch"; Count = 1 } ]
-            |> List.map (fun t -> t, 0.3 * rng.NextDouble())
-        let files = [ outLog; outMetrics; storeLog; storeMetrics ]
-        /// the stage a run is in, from what it appended to the logs since `from`
-        let stageNow (from: Map<string, int64>) =
-            let o = appended outLog from[outLog]
-            if o.Contains "== fine-tune" then "fine-tune"
-            elif o.Contains "== eval" then "eval/calibration"
-            elif (appended storeLog from[storeLog]).Contains "== synthesis" then "synthesis"
-            else "start-up"
-        let landed = Collections.Generic.List<string>()
-        let mutable finished = false
-        let mutable runs = 0
-        for (trigger, delay) in plan do
-            if not finished then
-                let from = files |> List.map (fun p -> p, lengthOf p) |> Map.ofList
-                use p = new HastProcess(args out @ (if runs > 0 then [ "--resume" ] else []))
-                runs <- runs + 1
-                let wait = Stopwatch.StartNew()
-                while not p.HasExited && occurrences trigger.Text (appended trigger.File from[trigger.File]) < trigger.Count
-                      && wait.Elapsed.TotalSeconds < 600.0 do
-                    Threading.Thread.Sleep 5
-                let seen = Stopwatch.StartNew()
-                while not p.HasExited && seen.Elapsed.TotalSeconds < delay do
-                    Threading.Thread.Sleep 5
-                if p.HasExited then
-                    let code = p.Wait()
-                    Expect.equal code 0 (sprintf "run %d ended on its own:\n%s" runs p.Output)
-                    printfn "  run %d: finished before the planned kill (%s #%d + %.2fs)" runs trigger.Name trigger.Count delay
-                    finished <- true
-                else
-                    let at = stageNow from
-                    p.Kill()
-                    p.Wait() |> ignore
-                    landed.Add at
-                    printfn "  run %d: SIGKILL %.2fs after %s #%d, %.1fs into the run: in %s" runs delay trigger.Name trigger.Count wait.Elapsed.TotalSeconds at
-        // resume until done
-        while not finished do
-            Expect.isLessThan runs 12 "the run completes after a few resumes"
-            use p = new HastProcess(args out @ [ "--resume" ])
-            runs <- runs + 1
-            let code = p.Wait()
-            Expect.equal code 0 (sprintf "resumed run %d completes:\n%s" runs p.Output)
-            printfn "  run %d: resumed to the end" runs
-            finished <- true
-        printfn "  %d kills (%s), %d processes in all" landed.Count (String.Join(", ", landed)) runs
-        Expect.isGreaterThanOrEqual landed.Count 5 "at least 5 kills landed"
-        Expect.contains landed "synthesis" "a kill landed in synthesis"
-        Expect.contains landed "fine-tune" "a kill landed in fine-tuning"
+        let temps () = Directory.GetFiles(out, "*.tmp", SearchOption.AllDirectories)
+        let mutable next = tinyRunArgs test out
+        faultPlan
+        |> List.iteri (fun i (point, n, action, leftover) ->
+            let fault = sprintf "%s:%d:%s" point n action
+            let code, output = runChild next [ "HAST_FAULT", fault ]
+            let run = sprintf "run %d (HAST_FAULT=%s)" (i + 1) fault
+            match action with
+            | "kill" ->
+                Expect.equal code 137 (sprintf "%s ends by SIGKILL (exit code 137):\n%s" run output)
+                Expect.stringContains output (sprintf "HAST_FAULT: SIGKILL at %s #%d" point n) "killed at the intended point"
+                match leftover with
+                | Some prefix when prefix <> "" ->
+                    let dir, name = Path.GetDirectoryName(Path.Combine(out, prefix)), Path.GetFileName prefix
+                    Expect.isNonEmpty (Directory.GetFiles(dir, name + "*.tmp")) (sprintf "%s: its temporary %s* is left, not renamed" run name)
+                | _ -> ()
+                printfn "  run %d: SIGKILL at %s #%d (exit code %d)" (i + 1) point n code
+                next <- tinyRunArgs test out @ [ "--resume" ]
+            | signal ->
+                let name, expectedCode = if signal = "term" then "SIGTERM", 143 else "SIGINT", 130
+                Expect.equal code expectedCode (sprintf "%s ends with exit code %d:\n%s" run expectedCode output)
+                Expect.stringContains output (sprintf "HAST_FAULT: %s at %s #%d" name point n) "signalled at the intended point"
+                Expect.stringContains output (sprintf "stopped by %s %s" name stopsAt[(point, n)]) "stopped at the next safe point, saying where"
+                Expect.isEmpty (temps ()) (sprintf "%s: nothing half-written" run)
+                let resume = output.Split('\n') |> Array.map _.Trim() |> Array.find (fun l -> l.StartsWith "hast: resume with: hast ")
+                let resumeArgs = resume.Substring("hast: resume with: hast ".Length).Split(' ') |> List.ofArray
+                Expect.equal resumeArgs (tinyRunArgs test out @ [ "--resume" ]) "the printed command resumes the run"
+                let stopped = (output.Split('\n') |> Array.find (fun l -> l.Contains "stopped by")).Trim()
+                printfn "  run %d: %s at %s #%d -> exit code %d, %s" (i + 1) name point n code stopped
+                next <- resumeArgs)
+        let code, output = runChild next []
+        Expect.equal code 0 (sprintf "the last resume completes:\n%s" output)
+        printfn "  run %d: resumed to the end" (faultPlan.Length + 1)
         let n = compareRuns refOut out
-        printfn "  report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs" n sw.Elapsed.TotalSeconds
+        Expect.isEmpty (temps ()) "no temporary files left at the end"
+        printfn "  %d faults, %d processes; report.json equal (except seconds); %d quantized.ckpt tensors identical; sample batches identical; total %.0fs"
+            faultPlan.Length (faultPlan.Length + 1) n sw.Elapsed.TotalSeconds
+
+// ---------------------------------------------------------------------------------------------
+// 3. One run per output folder
+
+let private synthArgs (out: string) =
+    [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--samples"; "4"; "--batch"; "4"; "--iters"; "2"; "--seed"; "1" ]
+
+let lockCases =
+    testCase "a folder in use stops a second run at once, naming the other process; a stale lock is taken over" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "busy"
+        let quantizeArgs =
+            [ "quantize"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--samples"; makeStore (d.File "store"); "--out"; out
+              "--batch"; "4"; "--iters"; "1"; "--calib-batches"; "1"; "--calib-batch"; "4" ]
+        let pid = string Environment.ProcessId
+        using (Hast.App.IO.RunLock.Acquire(out, "--out", "the test's holder")) (fun _ ->
+            // in-process: run, quantize and synthesize on the held folder
+            for args in [ runArgs test out []; runArgs test out [ "--resume" ]; quantizeArgs; synthArgs out ] do
+                let line = expectCleanFailure args [ out ] [ "in use"; "pid " + pid; "the test's holder" ]
+                printfn "  %-10s on a held folder -> %s" (List.head args) line
+            // a child process on the same folder
+            let code, output = runChild (runArgs test out []) []
+            Expect.equal code 1 (sprintf "a child run on the held folder fails:\n%s" output)
+            Expect.stringContains output (sprintf "in use by another hast process (pid %s" pid) "names the holder"
+            printfn "  child run  on a held folder -> %s" (output.Trim()))
+        // released: the owner file is gone, the folder is free again
+        Expect.isFalse (File.Exists(Path.Combine(out, Hast.App.IO.RunLock.OwnerName))) "owner file removed on release"
+        // a stale lock: lock and owner files of a process that no longer runs (a pid above the kernel's limit)
+        let stale = d.File "stale"
+        Directory.CreateDirectory stale |> ignore
+        File.WriteAllText(Path.Combine(stale, Hast.App.IO.RunLock.LockName), "")
+        File.WriteAllText(Path.Combine(stale, Hast.App.IO.RunLock.OwnerName), "pid 99999999, hast synthesize, since 2026-01-01 00:00:00 UTC\n")
+        File.WriteAllText(Path.Combine(stale, ".batch-0-000000.bin.0123.tmp"), "left by the dead run")
+        let code, stdout, err = runCli (synthArgs stale)
+        Expect.equal code 0 (sprintf "a stale lock is taken over: %s" err)
+        Expect.stringContains stdout "took over" "the takeover is logged"
+        Expect.stringContains stdout "pid 99999999" "naming the dead owner"
+        Expect.isEmpty (Directory.GetFiles(stale, "*.tmp")) "the dead run's temporary files are deleted"
+        Expect.equal (Hast.App.IO.SampleStore.Open(stale).Count) 4 "the synthesis completed"
+        printfn "  stale lock -> %s" (stdout.Split('\n') |> Array.find (fun l -> l.Contains "took over"))
+
+// ---------------------------------------------------------------------------------------------
+// 3b. A full disk
+
+/// The one stderr line of a run that hit a full disk; asserts its content.
+let private diskFullLine (code: int) (err: string) =
+    Expect.equal code 1 (sprintf "exit code 1 on a full disk: %s" err)
+    let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+    Expect.equal lines.Length 1 (sprintf "one line: %s" err)
+    Expect.stringContains lines[0] "the disk is full" "says so"
+    Expect.stringContains lines[0] "resume with: hast run" "gives the resume command"
+    lines[0].Trim()
+
+/// After a failed write: the store reads back (checksums verified), train.ckpt loads with `epochs`
+/// finished epochs, and no temporary file is left.
+let private intactAfterFailure (out: string) (batches: int) (epochs: int option) =
+    let store = Hast.App.IO.SampleStore.Open(Path.Combine(out, "samples"))
+    Expect.equal store.Batches.Count batches "the store keeps its finished batches"
+    if batches > 0 then
+        let struct (i, l, df) = store.ReadAll()
+        i.Dispose(); l.Dispose(); df.Dispose()
+    match epochs with
+    | Some e ->
+        use ck = Hast.App.IO.Checkpoint.Load(Path.Combine(out, "train.ckpt"))
+        Expect.equal (int ck.Meta["epochs_done"]) e "train.ckpt is the last good checkpoint"
+    | None -> Expect.isFalse (File.Exists(Path.Combine(out, "train.ckpt"))) "no train.ckpt yet"
+    Expect.isEmpty (Directory.GetFiles(out, "*.tmp", SearchOption.AllDirectories)) "no temporary file left"
+
+let diskFullFaultTest =
+    testCase "a write that fails for lack of space (ENOSPC) stops the run with one line; saved files intact; resumes" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 8
+        let out = d.File "out"
+        let args =
+            [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out; "--samples"; "16"; "--synth-batch"; "8"
+              "--synth-iters"; "2"; "--batch"; "8"; "--iters"; "4"; "--iters-per-epoch"; "2"; "--calib-batches"; "1"; "--calib-batch"; "8"; "--seed"; "4" ]
+        let code, _, err = withEnv "HAST_FAULT" "store-batch:2:enospc" (fun () -> runCli args)
+        printfn "  store batch 2: %s" (diskFullLine code err)
+        intactAfterFailure out 1 None
+        let code, _, err = withEnv "HAST_FAULT" "train-ckpt:2:enospc" (fun () -> runCli (args @ [ "--resume" ]))
+        printfn "  train.ckpt 2:  %s" (diskFullLine code err)
+        intactAfterFailure out 2 (Some 0)
+        let code, _, err = withEnv "HAST_FAULT" "final-ckpt:1:enospc" (fun () -> runCli (args @ [ "--resume" ]))
+        printfn "  quantized.ckpt: %s" (diskFullLine code err)
+        intactAfterFailure out 2 (Some 2)
+        Expect.isFalse (File.Exists(Path.Combine(out, "quantized.ckpt"))) "no partial quantized.ckpt"
+        let code, _, err = runCli (args @ [ "--resume" ])
+        Expect.equal code 0 (sprintf "resumes to the end once there is space: %s" err)
+        Expect.isTrue (File.Exists(Path.Combine(out, "report.json"))) "finished"
+
+/// `mount`/`umount` (root only); None when it works, else the reason.
+let private mountCmd (args: string list) =
+    try
+        let psi = ProcessStartInfo((if List.head args = "umount" then "umount" else "mount"), RedirectStandardError = true, UseShellExecute = false)
+        for a in List.tail args do psi.ArgumentList.Add a
+        use p = Process.Start psi
+        let err = p.StandardError.ReadToEnd()
+        p.WaitForExit()
+        if p.ExitCode = 0 then None else Some(err.Trim())
+    with e -> Some e.Message
+
+let tmpfsTest =
+    testCase "a run on a file system that fills (3 MB tmpfs) stops with one line, keeps its last checkpoint and store, resumes when space is freed" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 50
+        let mnt = d.File "tmpfs"
+        Directory.CreateDirectory mnt |> ignore
+        match mountCmd [ "mount"; "-t"; "tmpfs"; "-o"; "size=3m"; "tmpfs"; mnt ] with
+        | Some why -> skiptestf "cannot mount a tmpfs here (needs root): %s" why
+        | None ->
+            try
+                let out = Path.Combine(mnt, "run")
+                // 24 samples (300 KB), train.ckpt after calibration (1 MB); the next one (2 MB, with momentum) does not fit
+                let code, _, err = runCli (tinyRunArgs test out)
+                printfn "  full: %s" (diskFullLine code err)
+                intactAfterFailure out 3 (Some 0)
+                Expect.isNone (mountCmd [ "mount"; "-o"; "remount,size=32m"; mnt ]) "space freed (remount with 32 MB)"
+                let code, _, err = runCli (tinyRunArgs test out @ [ "--resume" ])
+                Expect.equal code 0 (sprintf "resumes to the end once space is freed: %s" err)
+                Expect.isTrue (File.Exists(Path.Combine(out, "quantized.ckpt"))) "finished"
+                printfn "  remounted with 32 MB: resumed to the end"
+            finally
+                mountCmd [ "umount"; mnt ] |> ignore
 
 // ---------------------------------------------------------------------------------------------
 // 4. Memory: resident memory is flat over 500 fine-tune iterations
@@ -531,4 +673,4 @@ let divergenceTest =
         Expect.isFalse (File.Exists(Path.Combine(out, "quantized.ckpt"))) "no final checkpoint"
         Expect.isFalse (File.Exists(Path.Combine(out, "report.json"))) "no report"
 
-let tests : Test list = validationTests @ [ crashTest; divergenceTest; memoryTest ]
+let tests : Test list = validationTests @ [ crashTest; lockCases; diskFullFaultTest; tmpfsTest; divergenceTest; memoryTest ]

@@ -23,6 +23,21 @@ let legacyWeights = shared "models/resnet20-12fca82f.th"
 let cifarTest = shared "data/cifar10/test_batch_head932.bin"
 let trainJpeg = shared "data/cifar10/train_jpeg5k"
 
+/// The FsCheck seed (seed, gamma) of every property test, fixed so that a failure reproduces; printed at
+/// the start of each test run (and by Expecto beside a failure). `HAST_PROPERTY_SEED=<seed>,<gamma>`
+/// runs the properties with another one.
+let propertySeed : uint64 * uint64 =
+    match Environment.GetEnvironmentVariable "HAST_PROPERTY_SEED" with
+    | null | "" -> 20231127UL, 0x9E3779B97F4A7C15UL
+    | s ->
+        match s.Split ',' |> Array.map (fun v -> UInt64.TryParse(v.Trim())) with
+        | [| true, seed; true, gamma |] -> seed, gamma
+        | _ -> failwithf "HAST_PROPERTY_SEED=%s is not <seed>,<gamma> (two unsigned integers)" s
+
+/// FsCheck settings of a property test: `maxTest` cases from the fixed `propertySeed`.
+let propertyConfig (maxTest: int) : Expecto.FsCheckConfig =
+    { Expecto.FsCheckConfig.defaultConfig with maxTest = maxTest; replay = Some(fst propertySeed, snd propertySeed, None) }
+
 /// A fresh temporary folder, deleted by the caller's `use`.
 type TempDir() =
     let path = Path.Combine(Path.GetTempPath(), "hast-test-" + Guid.NewGuid().ToString("N"))

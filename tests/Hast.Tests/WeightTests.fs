@@ -251,7 +251,7 @@ let private legacyBytes = lazy (File.ReadAllBytes TestUtil.legacyWeights)
 let private bytesOf (format: string) = if format = "zip" then zipBytes.Force() else legacyBytes.Force()
 
 let damageTests = [
-    let config = { FsCheckConfig.defaultConfig with maxTest = 40 }
+    let config = TestUtil.propertyConfig 40
     for format in [ "zip"; "legacy" ] do
         let length = (bytesOf format).Length
         testPropertyWithConfig config (sprintf "%s: any cut gives tensors or a HastError" format) <|

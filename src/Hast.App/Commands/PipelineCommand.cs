@@ -23,6 +23,7 @@ public static class PipelineCommand
         var device = Prelude.device(c.Device);
         // ---- validate everything before any work
         var outDir = OutputPaths.CheckWritableDir(c.Out, "--out");
+        RunLock.CheckFree(outDir, "--out");
         var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
         var trainPath = Path.Combine(outDir, TrainCheckpoint);
         if (File.Exists(trainPath) && !c.Resume)
@@ -50,7 +51,9 @@ public static class PipelineCommand
             preread = (i0, l0);
         }
 
+        using var runLock = RunLock.Acquire(outDir, "--out", isRun ? "hast run" : "hast quantize");
         using var log = new RunLog(outDir, stdout);
+        if (runLock.TookOverFrom is { } previous) log.Info($"took over {c.Out} from a run that is no longer running ({previous})");
         log.Info($"hast {(isRun ? "run" : "quantize")}: {teacher.Arch.Name} W{c.WBits}A{c.ABits}, teacher {Path.GetFileName(c.Weights)}, " +
                  $"{c.FineTune.Epochs} epoch(s) x {c.FineTune.ItersPerEpoch} iterations, batch {c.FineTune.BatchSize}, seed {c.FineTune.Seed}" +
                  (c.Preset is { } p ? $", preset {p.Value}" : ""));
@@ -118,6 +121,9 @@ public static class PipelineCommand
                             ["epoch"] = it.Epoch + 1, ["iteration"] = step, ["kl"] = s.KL, ["fa"] = s.FA, ["ce"] = s.CE,
                             ["total"] = s.Total, ["perturbed_total"] = Finite(s.PerturbedTotal), ["lr"] = s.Lr,
                         });
+                    Faults.At("ft-iter", $"epoch {it.Epoch + 1} iteration {it.Iteration + 1}");
+                    StopSignal.Check(() => $"in fine-tune epoch {it.Epoch + 1}/{ft.Epochs} after iteration {it.Iteration + 1}/{it.ItersPerEpoch} " +
+                                           $"({Path.Combine(c.Out, TrainCheckpoint)} holds {it.Epoch} finished epoch(s))");
                 }));
             var entry = new JsonObject
             {
@@ -136,6 +142,7 @@ public static class PipelineCommand
             history.Add(entry);
             log.Metric("epoch", entry);
             SaveTrain(trainPath, student, opt, settings, store, fpTop1, calibTop1, history, epoch + 1, secondsBefore + Elapsed(started), c);
+            if (epoch + 1 < ft.Epochs) StopSignal.Check(() => $"after fine-tune epoch {epoch + 1}/{ft.Epochs} (saved in {Path.Combine(c.Out, TrainCheckpoint)})");
         }
 
         // ---- results
@@ -181,7 +188,11 @@ public static class PipelineCommand
     static JsonNode? Finite(double v) => double.IsFinite(v) ? JsonValue.Create(v) : null;
 
     static Evaluate.Accuracy Eval(LoadedModel m, Data.Dataset data, Device device, RunLog? log) =>
-        Evaluate.accuracy(device, 250, FuncConvert.FromAction<long, long>((d, t) => log?.Progress(d, t, [])), m.Net, data);
+        Evaluate.accuracy(device, 250, FuncConvert.FromAction<long, long>((d, t) =>
+        {
+            log?.Progress(d, t, []);
+            StopSignal.Check(() => "in an evaluation (the run resumes from its last saved state)");
+        }), m.Net, data);
 
     static void CheckStore(SampleStore store, LoadedModel teacher, int? take)
     {
@@ -201,7 +212,12 @@ public static class PipelineCommand
                 var n = Math.Min((long)s.batches * s.batchSize, images.shape[0]);
                 log.Info($"calibrating activation ranges on {n} synthetic samples (EMA of min/max, then frozen)");
                 Quantize.calibrate(device, student.Net, Enumerable.Range(0, (int)((n + s.batchSize - 1) / s.batchSize))
-                    .Select(i => images.slice(0, (long)i * s.batchSize, Math.Min(n, (long)(i + 1) * s.batchSize), 1)));
+                    .Select(i =>
+                    {
+                        Faults.At("calibration", $"batch {i + 1}");
+                        StopSignal.Check(() => "in calibration (the samples are kept; a resumed run calibrates again)");
+                        return images.slice(0, (long)i * s.batchSize, Math.Min(n, (long)(i + 1) * s.batchSize), 1);
+                    }));
                 break;
             case QuantizeCli.Calibration.FromGenerator g:
                 var d = Hast.Core.Generator.defaults;
@@ -212,6 +228,7 @@ public static class PipelineCommand
                     FuncConvert.FromAction<Hast.Core.Generator.IterInfo>(it =>
                     {
                         log.Progress(it.Iteration, it.Total, [("ce", it.Ce), ("bns", it.Bns), ("loss", it.Loss), ("acc", it.TeacherAccuracy)]);
+                        StopSignal.Check(() => "in generator calibration (the samples are kept; a resumed run calibrates again)");
                         if (it.Iteration % 10 == 0 || it.Iteration == it.Total)
                             log.Metric("generator", new JsonObject { ["iteration"] = it.Iteration, ["ce"] = it.Ce, ["bns"] = it.Bns, ["loss"] = it.Loss, ["teacher_acc"] = it.TeacherAccuracy });
                     }));

@@ -16,7 +16,7 @@ public static class SynthesizeCommand
     {
         var device = Prelude.device(c.Device);
         var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
-        OutputPaths.CheckWritableDir(c.Out, "--out");
+        RunLock.CheckFree(OutputPaths.CheckWritableDir(c.Out, "--out"), "--out");
         var teacher = ModelFiles.LoadWeights(c.Arch, c.Weights, c.Classes is { } n ? n.Value : null, device);
         var store = Synthesize(teacher, c.Synthesis, c.Out, device, stdout);
         var summary = Summary(store, ResumedSeconds: null);
@@ -52,7 +52,9 @@ public static class SynthesizeCommand
         var store = SampleStore.CreateOrResume(dir,
             new SampleStore.Teacher(teacher.Arch.Name, Path.GetFileName(teacher.Source), teacher.Sha256),
             [3, side, side], (int)teacher.Classes, cfg.Seed, ConfigJson(cfg));
+        using var runLock = RunLock.Acquire(dir, "--out", "hast synthesize");
         using var log = new RunLog(dir, stdout);
+        if (runLock.TookOverFrom is { } previous) log.Info($"took over {dir} from a synthesis that is no longer running ({previous})");
         var plan = Synthesis.plan(cfg).ToList();
         var done = store.DoneIndices();
         var todo = plan.Where(p => !done.Contains(p.Item1)).ToList();
@@ -79,6 +81,9 @@ public static class SynthesizeCommand
                             ["batch"] = it.Batch, ["iteration"] = it.Iteration, ["bns"] = it.Loss.Bns, ["ce"] = it.Loss.Ce,
                             ["total"] = it.Loss.Total, ["teacher_acc"] = it.Loss.Accuracy, ["lr"] = it.Lr,
                         });
+                    Faults.At("synth-iter", $"batch {it.Batch} iteration {it.Iteration}");
+                    StopSignal.Check(() => $"in synthesis batch {index + 1}/{plan.Count} after iteration {it.Iteration}/{it.Iterations} " +
+                                           $"(the batch is not kept; {store.Count} finished samples are in {dir})");
                 }));
             var meanDifficulty = (double)result.Difficulty.mean().item<float>();
             store.Append(index, result.Images, result.Labels, result.Difficulty,
@@ -95,6 +100,7 @@ public static class SynthesizeCommand
                 ["teacher_top1"] = result.Final.Accuracy * 100, ["mean_difficulty"] = meanDifficulty,
                 ["seconds"] = sw.Elapsed.TotalSeconds,
             });
+            StopSignal.Check(() => $"after synthesis batch {index + 1}/{plan.Count} ({store.Count} samples stored in {dir})");
         }
         var s = Summary(store, log.Elapsed.TotalSeconds);
         log.Info($"store {dir}: {s["samples"]} samples, teacher top-1 {s["teacher_top1"]}%, mean difficulty {s["mean_difficulty"]}");

@@ -22,6 +22,7 @@ public static class AtomicFile
                 writer(fs);
                 fs.Flush(flushToDisk: true);
             }
+            Faults.BeforeRename(full, temp);
             File.Move(temp, full, overwrite: true);
         }
         catch

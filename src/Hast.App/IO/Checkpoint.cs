@@ -129,7 +129,10 @@ public sealed class Checkpoint : IDisposable
         JsonObject doc;
         try
         {
-            doc = JsonNode.Parse(ReadEntry(metaEntry)) as JsonObject ?? throw new HastError(Corrupt("meta.json is not an object"));
+            var metaBytes = ReadEntry(metaEntry);
+            // meta.json is deflated and carries no hash of its own; a flipped byte can inflate to other JSON
+            if (WeightsFile.Crc32(metaBytes) != metaEntry.Crc32) throw new HastError(Corrupt("meta.json fails its CRC check"));
+            doc = JsonNode.Parse(metaBytes) as JsonObject ?? throw new HastError(Corrupt("meta.json is not an object"));
         }
         catch (Exception e) when (e is JsonException or InvalidDataException or IOException)
         {

@@ -120,7 +120,7 @@ internal static class TorchPickle
             "BoolStorage" => ScalarType.Bool,
             "ComplexDoubleStorage" => ScalarType.ComplexFloat64,
             "ComplexFloatStorage" => ScalarType.ComplexFloat32,
-            _ => throw new HastError($"unsupported tensor storage type '{name}' in PyTorch checkpoint"),
+            _ => throw new HastError($"unsupported tensor storage type '{LegacyTorch.Shown(name)}' in PyTorch checkpoint"),
         };
     }
 
@@ -273,11 +273,11 @@ public static class LegacyTorch
             foreach (var k in keys.Cast<object>().Select(k => k.ToString()!))
             {
                 if (!roots.TryGetValue(k, out var root))
-                    throw new HastError($"corrupt PyTorch checkpoint: {label} (storage '{k}' is not referenced)");
+                    throw new HastError($"corrupt PyTorch checkpoint: {label} (storage '{Shown(k)}' is not referenced)");
                 stream.ReadExactly(header);
                 var count = BinaryPrimitives.ReadInt64LittleEndian(header);
                 if (count != root.Numel)
-                    throw new HastError($"corrupt PyTorch checkpoint: {label} (storage '{k}' holds {count} elements, expected {root.Numel})");
+                    throw new HastError($"corrupt PyTorch checkpoint: {label} (storage '{Shown(k)}' holds {count} elements, expected {root.Numel})");
                 var size = checked(count * TorchPickle.ElementSize(root.Dtype));
                 if (stream.CanSeek && size > stream.Length - stream.Position)
                     throw new HastError($"truncated PyTorch checkpoint: {label} ends early; copy or download it again");
@@ -288,7 +288,7 @@ public static class LegacyTorch
 
             Tensor Storage(string key) => storages.TryGetValue(key, out var t)
                 ? t
-                : throw new HastError($"corrupt PyTorch checkpoint: {label} (data of storage '{key}' is missing)");
+                : throw new HastError($"corrupt PyTorch checkpoint: {label} (data of storage '{Shown(key)}' is missing)");
             return TorchPickle.Resolve(result, Storage, label);
         }
         catch (EndOfStreamException)
@@ -314,6 +314,14 @@ public static class LegacyTorch
         e is PickleException
             ? new HastError($"unsupported PyTorch checkpoint content in {label} ({FirstLine(e.Message)}); save the weights with torch.save(model.state_dict(), path)")
             : new HastError($"corrupt PyTorch checkpoint: {label} ({FirstLine(e.Message)})");
+
+    /// Text read from a (possibly damaged) file, fit for a one-line message: control characters escaped,
+    /// at most 60 characters.
+    internal static string Shown(object? text)
+    {
+        var s = string.Concat((text?.ToString() ?? "").Select(ch => char.IsControl(ch) ? $"\\x{(int)ch:x2}" : ch.ToString()));
+        return s.Length > 60 ? s[..60] + "..." : s;
+    }
 
     internal static string FirstLine(string s)
     {

@@ -73,8 +73,8 @@ public sealed class SampleStore
                 throw new HastError($"{dir} was synthesized with other settings (seed or hyper-parameters); use a new --out folder or the same settings to resume");
             return s;
         }
-        // a temporary file left by a run killed while writing the first manifest does not count
-        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any(e => !IsLeftoverTemp(e)))
+        // a temporary file left by a run killed while writing the first manifest does not count, nor a lock
+        if (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any(e => !IsLeftoverTemp(e) && !RunLock.IsLockFile(e)))
             throw new HastError($"output folder {dir} is not empty and holds no sample store; choose an empty or new folder");
         Directory.CreateDirectory(dir);
         var m = new JsonObject
@@ -121,8 +121,13 @@ public sealed class SampleStore
         try
         {
             // every typed view must read: a hand-edited or damaged manifest fails here, in one line
-            _ = (store.ImageShape.Length == 3 ? 0 : throw new FormatException("image_shape is not [C,H,W]"), store.Classes,
-                 store.TeacherInfo, store.Sources.Select(src => (long)src!["seed"]!).Count(), store.Batches.Count, store.BatchStats().Count);
+            _ = (store.ImageShape.Length == 3 && store.ImageShape.All(v => v > 0) ? 0 : throw new FormatException("image_shape is not [C,H,W]"),
+                 store.Classes > 0 ? 0 : throw new FormatException("classes is not positive"),
+                 store.TeacherInfo is { Arch: not null, File: not null, Sha256: not null } ? 0 : throw new FormatException("teacher lacks arch, file or sha256"),
+                 store.Sources.Select(src => (long)src!["seed"]!).Count(), store.BatchStats().Count);
+            foreach (var b in store.Batches)
+                if (b.File is null || b.File.Length == 0 || Path.GetFileName(b.File) != b.File || b.File.StartsWith('.') || b.Sha256 is null || b.Count <= 0)
+                    throw new FormatException($"a batch entry has no plain file name, sha256 or positive count ({b.File})");
         }
         catch (Exception e) when (e is InvalidOperationException or FormatException or NullReferenceException or InvalidCastException
                                       or ArgumentException or OverflowException)

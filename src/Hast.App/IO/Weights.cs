@@ -93,23 +93,32 @@ public static class WeightsFile
 
         using (zip)
         {
-            var pkl = zip.Entries
+            IReadOnlyCollection<ZipArchiveEntry> entries;
+            try
+            {
+                entries = zip.Entries; // the central directory is read (and can fail) here, lazily
+            }
+            catch (InvalidDataException e)
+            {
+                throw new HastError($"corrupt PyTorch checkpoint: {label} (its zip directory is damaged: {LegacyTorch.FirstLine(e.Message)}); copy or download it again");
+            }
+            var pkl = entries
                 .Where(e => e.FullName == "data.pkl" || e.FullName.EndsWith("/data.pkl", StringComparison.Ordinal))
                 .OrderBy(e => e.FullName.Length)
                 .FirstOrDefault();
             if (pkl is null)
                 throw new HastError($"not a PyTorch checkpoint: {label} is a zip without data.pkl");
             var prefix = pkl.FullName[..^"data.pkl".Length];
-            if (zip.GetEntry(prefix + "byteorder") is { } bo)
-            {
-                using var r = new StreamReader(bo.Open());
-                if (r.ReadToEnd().Trim() == "big")
-                    throw new HastError($"unsupported PyTorch checkpoint: {label} was written on a big-endian machine");
-            }
-
             var storages = new Dictionary<string, Tensor>();
             try
             {
+                if (zip.GetEntry(prefix + "byteorder") is { } bo)
+                {
+                    using var r = new StreamReader(bo.Open());
+                    if (r.ReadToEnd().Trim() == "big")
+                        throw new HastError($"unsupported PyTorch checkpoint: {label} was written on a big-endian machine");
+                }
+
                 object PersistentLoad(object[] id)
                 {
                     if (id.Length < 5 || id[0] as string != "storage")
@@ -120,10 +129,10 @@ public static class WeightsFile
                     if (!storages.ContainsKey(key))
                     {
                         var entry = zip.GetEntry(prefix + "data/" + key)
-                                    ?? throw new HastError($"corrupt PyTorch checkpoint: {label} (storage data/{key} is missing)");
+                                    ?? throw new HastError($"corrupt PyTorch checkpoint: {label} (storage data/{LegacyTorch.Shown(key)} is missing)");
                         var size = numel < 0 ? -1 : checked(numel * TorchPickle.ElementSize(dtype));
                         if (size < 0 || entry.Length < size)
-                            throw new HastError($"corrupt PyTorch checkpoint: {label} (storage data/{key} does not hold its {numel} elements)");
+                            throw new HastError($"corrupt PyTorch checkpoint: {label} (storage data/{LegacyTorch.Shown(key)} does not hold its {numel} elements)");
                         var bytes = ReadVerified(entry, label);
                         if (bytes.LongLength != size) bytes = bytes[..(int)size];
                         storages[key] = TorchPickle.StorageTensor(bytes, dtype);

@@ -1,0 +1,109 @@
+using System.Runtime.InteropServices;
+using Hast.Core;
+
+namespace Hast.App;
+
+/// Fault injection for the crash tests (docs/reliability.md): `HAST_FAULT=<point>:<n>[:<action>]` makes
+/// the run fail at the n-th time it reaches `point`, at an exact event rather than after a delay, so the
+/// tests behave the same on fast and slow machines. Unset: nothing happens. Points:
+///   synth-iter      a synthesis iteration finished (counted over all batches of this process)
+///   store-batch     a sample-store batch file is written to its temporary file, not yet renamed
+///   store-manifest  store.json likewise
+///   calibration     a calibration batch is about to go through the student
+///   ft-iter         a fine-tune iteration finished
+///   train-ckpt      train.ckpt is written to its temporary file, not yet renamed
+///   final-ckpt      quantized.ckpt likewise
+///   report          report.json likewise
+/// Actions: `kill` (default: SIGKILL to itself, an abrupt death with no cleanup), `term` / `int`
+/// (SIGTERM / SIGINT to itself; the run then stops at its next safe point), `enospc` (an IOException
+/// "No space left on device", as a full disk gives). The plan is read when a command starts
+/// (`Program.Run`); each armed plan counts its own hits.
+public static class Faults
+{
+    public static readonly string[] Points =
+        ["synth-iter", "store-batch", "store-manifest", "calibration", "ft-iter", "train-ckpt", "final-ckpt", "report"];
+
+    public enum Action { Kill, Term, Int, Enospc }
+
+    const int Enospc = 28; // errno, which .NET puts in IOException.HResult on Unix
+
+    sealed class Plan(string point, int n, Action action)
+    {
+        public readonly string Point = point;
+        public readonly int N = n;
+        public readonly Action Action = action;
+        public int Hits;
+    }
+
+    static Plan? armed;
+
+    /// Read `HAST_FAULT` (or `spec`) and arm it; a malformed value is a HastError naming the expected form.
+    public static void Arm(string? spec)
+    {
+        armed = null;
+        if (string.IsNullOrEmpty(spec)) return;
+        var parts = spec.Split(':');
+        var action = parts.Length == 3 ? parts[2] switch
+        {
+            "kill" => Action.Kill, "term" => Action.Term, "int" => Action.Int, "enospc" => Action.Enospc,
+            _ => (Action?)null,
+        } : Action.Kill;
+        if (parts.Length is < 2 or > 3 || !Points.Contains(parts[0]) || !int.TryParse(parts[1], out var n) || n < 1 || action is null)
+            throw new HastError($"HAST_FAULT='{spec}' is not <point>:<n>[:kill|term|int|enospc] with n >= 1 and point one of {string.Join(", ", Points)}; unset it for a normal run");
+        if (action is Action.Term or Action.Int && StopSignal.Current is null)
+            throw new HastError($"HAST_FAULT='{spec}' sends a signal, which only the hast process handles (not an in-process Program.Run)");
+        armed = new Plan(parts[0], n, action.Value);
+    }
+
+    public static void Disarm() => armed = null;
+
+    /// The run reached `point` (`detail` says where, for the message printed before the fault).
+    public static void At(string point, string detail = "")
+    {
+        var p = armed;
+        if (p is null || p.Point != point || Interlocked.Increment(ref p.Hits) != p.N) return;
+        var where = $"{point} #{p.N}{(detail.Length > 0 ? $" ({detail})" : "")}";
+        switch (p.Action)
+        {
+            case Action.Enospc:
+                throw new IOException($"No space left on device : '{detail}' (HAST_FAULT at {point} #{p.N})", Enospc);
+            case Action.Kill:
+                Console.Error.WriteLine($"hast: HAST_FAULT: SIGKILL at {where}");
+                Console.Error.Flush();
+                Signal(9);
+                Thread.Sleep(Timeout.Infinite); // not reached: SIGKILL to oneself is delivered before kill() returns
+                break;
+            default:
+                Console.Error.WriteLine($"hast: HAST_FAULT: {(p.Action == Action.Term ? "SIGTERM" : "SIGINT")} at {where}");
+                Signal(p.Action == Action.Term ? 15 : 2);
+                // the signal handler runs on another thread; wait for it, so the stop happens at the next safe
+                // point after this event whatever the machine's speed
+                StopSignal.Current?.WaitRequested();
+                break;
+        }
+    }
+
+    /// An atomic write of `target` has its complete temporary file `temp` and is about to rename it.
+    public static void BeforeRename(string target, string temp)
+    {
+        var name = Path.GetFileName(target);
+        var point = name switch
+        {
+            "store.json" => "store-manifest",
+            "train.ckpt" => "train-ckpt",
+            "quantized.ckpt" => "final-ckpt",
+            "report.json" => "report",
+            _ when name.StartsWith("batch-", StringComparison.Ordinal) && name.EndsWith(".bin", StringComparison.Ordinal) => "store-batch",
+            _ => null,
+        };
+        if (point is not null) At(point, temp);
+    }
+
+    static void Signal(int sig)
+    {
+        if (kill(Environment.ProcessId, sig) != 0) throw new InvalidOperationException($"kill({sig}) failed");
+    }
+
+    [DllImport("libc", SetLastError = true)]
+    static extern int kill(int pid, int sig);
+}
