@@ -22,6 +22,7 @@ let all =
         testList "study" StudyTests.tests
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
+        testList "budget" BudgetTests.tests
         testList "end to end" EndToEndTests.tests
     ]
 
