@@ -305,6 +305,8 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
             match Budget.parseDuration spec with
             | Some s -> Some s
             | None -> failf "--time-budget must be a duration like 90s, 30m, 2h or 1h30m (got '%s')" spec
+        | Some _ when not (r.Has "iters" || r.Has "epochs") ->
+            fail "the preset plans a whole `hast run` to a time budget; for `hast quantize` give --iters (or --epochs)"
         | _ -> None
     let samplesSpec =
         match r.TryString "samples", budgetSeconds with
