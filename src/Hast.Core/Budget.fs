@@ -103,8 +103,10 @@ type Plan =
 
 /// Epochs and iterations per epoch for `total` iterations at most `itersPerEpoch` per epoch (the last
 /// epochs are evened out, so epochs x iterations >= total, by less than the number of epochs).
+/// At least one epoch (of 0 iterations when total <= 0).
 let epochsFor (total: int) (itersPerEpoch: int) : int * int =
-    let e = (total + itersPerEpoch - 1) / itersPerEpoch
+    let total, itersPerEpoch = max 0 total, max 1 itersPerEpoch
+    let e = max 1 ((total + itersPerEpoch - 1) / itersPerEpoch)
     e, (total + e - 1) / e
 
 /// Student evaluations on the test set over `epochs` epochs (after epochs k*evalEvery and the last).
