@@ -31,6 +31,7 @@ let private interesting =
       "Infinity"; "-Infinity"; "2147483647"; "2147483648"; "-2147483649"; "9223372036854775808"; "99999999999999999999"
       "0x10"; "1_000"; "1,2"; "0.5,1"; "1,0.5"; ",,"; "0,0"; "nan,1"; "20,40,60"; "a,b"; ""; " "; "true"; "false"; "yes"
       "tiny"; "paper"; "cpu-30min"; "cpu"; "cuda"; "tpu"; "cifar-resnet20-a"; "cifar-resnet20"; "resnet18"; "mobilenetv2"
+      "cifar-resnet110-a"; "90s"; "30m"; "1h30m"
       "multistep"; "cosine"; "relaxed"; "direct"; "none"; "kl"; "fa"; "kl+fa"; "hast"; "baseline"; "samples"; "generator"
       "batch"; "sample"; "cfg.json"; "/nonexistent/x"; "--"; "-"; "="; "--lr=3"; "é"; "\u0000"; "\n" ]
 
@@ -175,24 +176,54 @@ let tests : Test list =
             Expect.isTrue isHelp "help"
             Expect.stringContains text "--synth-iters" "full usage text"
 
-      testCase "preset cpu-30min: the settings docs/results.md measured; flags still override it" <| fun () ->
+      testCase "preset cpu-30min: a 30-minute budget with the settings docs/results.md measured; flags still override it" <| fun () ->
         let baseArgs = [ "run"; "--preset"; "cpu-30min"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o" ]
-        match Root.parse (fun _ -> "") (Array.ofList baseArgs) with
-        | Root.Command.Run p ->
-            match p.Samples with
-            | QuantizeCli.Synthesize s ->
-                Expect.equal (s.Samples, s.BatchSize, s.Iterations) (1024, 256, 200) "1024 samples x 200 iterations at batch 256"
-            | other -> failtestf "synthesizes, got %A" other
-            Expect.equal p.Calibration (QuantizeCli.FromSamples(512, 1)) "per-sample calibration on 512 samples"
-            Expect.equal (FineTune.totalIterations p.FineTune) 2400 "2400 fine-tune iterations"
-            Expect.equal p.FineTune.Schedule (FineTune.Cosine 0.0) "cosine to 0"
-            Expect.equal (p.FineTune.Lr, p.FineTune.BatchSize) (1e-5, 64) "authors' lr and batch"
-            Expect.isSome p.FineTune.Promotion "promotion on"
-        | other -> failtestf "a run, got %A" other
-        match Root.parse (fun _ -> "") (Array.ofList (baseArgs @ [ "--calib-batch"; "8"; "--iters"; "400" ])) with
-        | Root.Command.Run p ->
-            Expect.equal p.Calibration (QuantizeCli.FromSamples(512, 8)) "flag overrides the preset's batch"
-            Expect.equal (FineTune.totalIterations p.FineTune) 400 "flag overrides the preset's iterations"
+        let parseRun extra =
+            match Root.parse (fun _ -> "") (Array.ofList (baseArgs @ extra)) with
+            | Root.Command.Run p -> p
+            | other -> failtestf "a run, got %A" other
+        let p = parseRun []
+        Expect.equal p.TimeBudget (Some({ Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None } : QuantizeCli.TimeBudget))
+            "30 minutes; samples, synthesis and fine-tune iterations planned"
+        match p.Samples with
+        | QuantizeCli.Synthesize s -> Expect.equal s.BatchSize 256 "synthesis batch 256"
+        | other -> failtestf "synthesizes, got %A" other
+        Expect.equal p.Calibration (QuantizeCli.FromSamples(512, 1)) "per-sample calibration on 512 samples"
+        Expect.equal p.FineTune.ItersPerEpoch 200 "200 iterations per epoch"
+        Expect.equal p.FineTune.Schedule (FineTune.Cosine 0.0) "cosine to 0"
+        Expect.equal (p.FineTune.Lr, p.FineTune.BatchSize) (1e-5, 64) "authors' lr and batch"
+        Expect.isSome p.FineTune.Promotion "promotion on"
+        // the planned counts go in through withCounts
+        let planned = QuantizeCli.withCounts 1024 200 2400 p
+        match planned.Samples with
+        | QuantizeCli.Synthesize s -> Expect.equal (s.Samples, s.Iterations) (1024, 200) "planned synthesis"
+        | other -> failtestf "synthesizes, got %A" other
+        Expect.equal (planned.FineTune.Epochs, planned.FineTune.ItersPerEpoch) (12, 200) "planned fine-tuning"
+        let p = parseRun [ "--calib-batch"; "8"; "--iters"; "400" ]
+        Expect.equal p.Calibration (QuantizeCli.FromSamples(512, 8)) "flag overrides the preset's batch"
+        Expect.equal (FineTune.totalIterations p.FineTune) 400 "flag overrides the preset's iterations"
+        Expect.equal (p.TimeBudget |> Option.map (fun t -> t.FineTuneIters)) (Some(Some 400)) "a given count is kept, the rest planned"
+        // the measured fixed-count run: all three counts given, nothing left to plan
+        let p = parseRun [ "--samples"; "1024"; "--synth-iters"; "200"; "--iters"; "2400" ]
+        Expect.isNone p.TimeBudget "no planning"
+        match p.Samples with
+        | QuantizeCli.Synthesize s -> Expect.equal (s.Samples, s.BatchSize, s.Iterations) (1024, 256, 200) "1024 samples x 200 iterations at batch 256"
+        | other -> failtestf "synthesizes, got %A" other
+        Expect.equal (FineTune.totalIterations p.FineTune) 2400 "2400 fine-tune iterations"
+
+      testCase "--time-budget: durations only, hast run only" <| fun () ->
+        let runArgs = [ "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o" ]
+        for bad in [ "30"; "soon"; "0s" ] do
+            try
+                Root.parse (fun _ -> "") (Array.ofList (runArgs @ [ "--time-budget"; bad ])) |> ignore
+                failtestf "--time-budget %s accepted" bad
+            with HastError m -> Expect.stringContains m "--time-budget" "names the flag"
+        try
+            Root.parse (fun _ -> "") [| "quantize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--samples"; "s"; "--time-budget"; "5m" |] |> ignore
+            failtest "quantize --time-budget accepted"
+        with HastError m -> Expect.stringContains m "hast run" "says where it applies"
+        match Root.parse (fun _ -> "") (Array.ofList (runArgs @ [ "--time-budget"; "2h"; "--samples"; "512" ])) with
+        | Root.Command.Run p -> Expect.equal (p.TimeBudget |> Option.map (fun t -> t.Seconds, t.Samples)) (Some(7200.0, Some 512)) "2 hours, 512 samples kept"
         | other -> failtestf "a run, got %A" other
 
       testCase "parse: values hidden behind other choices are still checked" <| fun () ->

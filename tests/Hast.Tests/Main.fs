@@ -23,6 +23,7 @@ let all =
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
         testList "fuzz" FuzzTests.tests
+        testList "budget" BudgetTests.tests
         testList "end to end" EndToEndTests.tests
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests

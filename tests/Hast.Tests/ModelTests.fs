@@ -20,26 +20,37 @@ type private Expected =
 
 let private rep n x = List.replicate n x
 
-/// Parameter count of a CIFAR ResNet-20 from its layer shapes: 3x3 convs without bias, BN (weight + bias),
-/// linear with bias; `projection` adds the two 1x1 conv + BN shortcuts of the pytorchcv variant.
-let private cifarResnet20Params (classes: int64) (projection: bool) =
+/// Parameter count of a CIFAR ResNet with `n` blocks per stage from its layer shapes: 3x3 convs without
+/// bias, BN (weight + bias), linear with bias; `projection` adds the two 1x1 conv + BN shortcuts of the
+/// pytorchcv variant.
+let private cifarResnetParams (n: int64) (classes: int64) (projection: bool) =
     let conv cin cout k = cin * cout * k * k
-    let stage cin cout = conv cin cout 3L + 5L * conv cout cout 3L + 6L * 2L * cout
+    let stage cin cout = conv cin cout 3L + (2L * n - 1L) * conv cout cout 3L + 2L * n * 2L * cout
     let body = conv 3L 16L 3L + 2L * 16L + stage 16L 16L + stage 16L 32L + stage 32L 64L + 64L * classes + classes
     if projection then body + conv 16L 32L 1L + 2L * 32L + conv 32L 64L 1L + 2L * 64L else body
 
-let private cifarBlocks = rep 3 (16L, 32L) @ rep 3 (32L, 16L) @ rep 3 (64L, 8L)
+let private cifarResnet20Params = cifarResnetParams 3L
+
+let private cifarBlocksN (n: int) = rep n (16L, 32L) @ rep n (32L, 16L) @ rep n (64L, 8L)
+let private cifarBlocks = cifarBlocksN 3
+
+/// Parameter counts for 10 classes; akamaster/pytorch_resnet_cifar10 publishes them rounded (0.27M, 0.46M,
+/// 0.66M, 0.85M, 1.7M); the exact values follow from the layer shapes (`cifarResnetParams`, tested below).
+let private akamasterParams = Map [ 20, 269_722L; 32, 464_154L; 44, 658_586L; 56, 853_018L; 110, 1_727_962L ]
 
 let private expected =
-    Map [ "cifar-resnet20-a", { Classes = 10L; Blocks = cifarBlocks; BnTaps = 19; Params = 269_722L }
-          "cifar-resnet20", { Classes = 10L; Blocks = cifarBlocks; BnTaps = 21; Params = 272_474L }
-          "resnet18",
+    Map [ for depth in Registry.cifarDepthsA do
+            let n = (depth - 2) / 6
+            yield sprintf "cifar-resnet%d-a" depth,
+                  { Classes = 10L; Blocks = cifarBlocksN n; BnTaps = 6 * n + 1; Params = akamasterParams[depth] }
+          yield "cifar-resnet20", { Classes = 10L; Blocks = cifarBlocks; BnTaps = 21; Params = 272_474L }
+          yield "resnet18",
           { Classes = 1000L
             Blocks = rep 2 (64L, 56L) @ rep 2 (128L, 28L) @ rep 2 (256L, 14L) @ rep 2 (512L, 7L)
             BnTaps = 20
             Params = 11_689_512L }
           // residual blocks are the repeats (n - 1 per stage); BN: stem + 2 (first block, t = 1) + 3 x 16 + head
-          "mobilenetv2",
+          yield "mobilenetv2",
           { Classes = 1000L
             Blocks = [ (24L, 56L); (32L, 28L); (32L, 28L) ] @ rep 3 (64L, 14L) @ rep 2 (96L, 14L) @ rep 2 (160L, 7L)
             BnTaps = 52
@@ -141,8 +152,79 @@ let private torchvisionResnet18Keys =
       yield "fc.weight"
       yield "fc.bias" ]
 
+/// akamaster's `resnet{depth}` state_dict (in PyTorch's order, with shapes; num_batches_tracked left out, as
+/// pre-0.4.1 checkpoints lack it), derived from its source: conv1, bn1, layer{1,2,3}.{0..n-1}.{conv1,
+/// bn1, conv2, bn2}, linear.
+let private akamasterState (depth: int) (classes: int64) : (string * int64 list) list =
+    let n = (depth - 2) / 6
+    let bn p c = [ for s in [ "weight"; "bias"; "running_mean"; "running_var" ] -> sprintf "%s.%s" p s, [ c ] ]
+    [ yield "conv1.weight", [ 16L; 3L; 3L; 3L ]
+      yield! bn "bn1" 16L
+      for (l, (cin, cout)) in List.indexed [ (16L, 16L); (16L, 32L); (32L, 64L) ] do
+          for b in 0 .. n - 1 do
+              let p = sprintf "layer%d.%d" (l + 1) b
+              yield p + ".conv1.weight", [ cout; (if b = 0 then cin else cout); 3L; 3L ]
+              yield! bn (p + ".bn1") cout
+              yield p + ".conv2.weight", [ cout; cout; 3L; 3L ]
+              yield! bn (p + ".bn2") cout
+      yield "linear.weight", [ classes; 64L ]
+      yield "linear.bias", [ classes ] ]
+
+let private stateWithShapes (net: Net) =
+    let sd = net.state_dict ()
+    stateKeys net |> List.map (fun k -> k, List.ofArray sd[k].shape)
+
+/// `hast eval` in-process; (exit code, stdout, stderr).
+let private hastEval (args: string list) =
+    use out = new System.IO.StringWriter()
+    use err = new System.IO.StringWriter()
+    let code = Hast.App.Program.Run(Array.ofList ("eval" :: args), out, err)
+    code, out.ToString(), err.ToString()
+
 let tests : Test list =
     [ yield! Registry.all |> List.map archTests
+
+      testCase "cifar-resnet{20,32,44,56,110}-a have akamaster's state_dict names, order and shapes" <| fun () ->
+          for depth in Registry.cifarDepthsA do
+              for classes in [ 10L; 100L ] do
+                  use _ = torch.NewDisposeScope()
+                  let arch = Registry.find (sprintf "cifar-resnet%d-a" depth)
+                  let net = arch.Build classes LayerKit.fullPrecision
+                  let expectedState = akamasterState depth classes
+                  let got = stateWithShapes net
+                  let what = sprintf "%s, %d classes" arch.Name classes
+                  Expect.equal got.Length expectedState.Length what
+                  Expect.equal (Set.ofList got) (Set.ofList expectedState) what
+                  // TorchSharp lists buffers after all parameters; the parameters are in PyTorch's order
+                  let isParam (k: string, _) = not (k.EndsWith "running_mean" || k.EndsWith "running_var")
+                  let parameters = net.named_parameters () |> Seq.map (fun struct (k, p) -> k, List.ofArray p.shape) |> List.ofSeq
+                  Expect.equal parameters (List.filter isParam expectedState) (what + ": parameters in PyTorch's order")
+                  Expect.equal expectedState.Length (5 * (6 * ((depth - 2) / 6) + 1) + 2) "conv + 4 BN names per conv layer, linear weight and bias (97 for ResNet-20)"
+                  Expect.equal (net.parameters () |> Seq.length) (3 * (6 * ((depth - 2) / 6) + 1) + 2) "parameter tensors"
+
+      testCase "the shared ResNet-32 checkpoint has exactly cifar-resnet32-a's names and shapes" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          let w = Hast.App.IO.WeightsFile.Read(TestUtil.shared "models/resnet32-d509ac18.th")
+          let given =
+              w |> Seq.map (fun kv -> StateDict.normalizeName kv.Key, List.ofArray kv.Value.shape)
+                |> Seq.filter (fun (k, _) -> not (k.EndsWith "num_batches_tracked")) |> List.ofSeq
+          Expect.equal (Set.ofList given) (Set.ofList (akamasterState 32 10L)) "checkpoint = akamaster layout of depth 32"
+          Expect.equal (Set.ofList given) (Set.ofList (stateWithShapes (CifarResNet.resnetA 32 10L LayerKit.fullPrecision))) "= the model"
+
+      testCase "hast eval of the shared ResNet-32 gives 867/932, as PyTorch" <| fun () ->
+          let code, out, err =
+              hastEval [ "--arch"; "cifar-resnet32-a"; "--weights"; TestUtil.shared "models/resnet32-d509ac18.th"
+                         "--test"; TestUtil.cifarTest ]
+          Expect.equal code 0 (sprintf "hast eval succeeds (%s)" (err.Trim()))
+          Expect.stringContains out "top-1 93.03% (867/932)" "867 of 932 correct"
+
+      testCase "CIFAR ResNet depths other than 6n + 2 are refused with one clear message" <| fun () ->
+          for depth in [ 0; 2; 19; 21; -4 ] do
+              let e = Expect.throwsC (fun () -> CifarResNet.resnetA depth 10L LayerKit.fullPrecision |> ignore) id
+              match e with
+              | HastError m -> Expect.stringContains m "6n + 2" (sprintf "depth %d" depth)
+              | other -> failtestf "depth %d: %O" depth other
+          Expect.equal (List.map CifarResNet.blocksPerStage Registry.cifarDepthsA) [ 3; 5; 7; 9; 18 ] "n = (depth - 2) / 6"
 
       testCase "resnet18 has exactly torchvision's state_dict names" <| fun () ->
           use _ = torch.NewDisposeScope()
@@ -224,7 +306,9 @@ let tests : Test list =
           Expect.equal (paramCount net) 278_324L "parameters (pytorchcv resnet20_cifar100)"
           Expect.equal (cifarResnet20Params 100L true) 278_324L "derived from layer shapes"
 
-      testCase "CIFAR ResNet-20 parameter counts follow from the layer shapes" <| fun () ->
+      testCase "CIFAR ResNet parameter counts follow from the layer shapes" <| fun () ->
+          for depth in Registry.cifarDepthsA do
+              Expect.equal (cifarResnetParams (int64 ((depth - 2) / 6)) 10L false) akamasterParams[depth] (sprintf "option A, depth %d" depth)
           Expect.equal (cifarResnet20Params 10L false) expected["cifar-resnet20-a"].Params "option A"
           Expect.equal (cifarResnet20Params 10L true) expected["cifar-resnet20"].Params "pytorchcv"
 

@@ -16,6 +16,8 @@ namespace Hast.App;
 public static class PipelineCommand
 {
     const string TrainCheckpoint = "train.ckpt", FinalCheckpoint = "quantized.ckpt", ReportFile = "report.json";
+    /// seconds a budgeted run keeps for the final checkpoint and report after its last epoch
+    const double BudgetFinalReserve = 2.0;
 
     public static int Run(QuantizeCli.PipelineConfig c, bool isRun, TextWriter stdout)
     {
@@ -33,6 +35,10 @@ public static class PipelineCommand
         var teacher = ModelFiles.LoadWeights(c.Arch, c.Weights, c.Classes is { } n ? n.Value : null, device);
         var test = Datasets.Open(c.Test, teacher.Arch.Input, teacher.Classes);
         Data.checkClasses(c.Test, test.Dataset, teacher.Classes);
+        // --time-budget: probe the steps and plan the counts before anything depends on them
+        var clock = BudgetProbe.ClockStart(started);
+        var planned = c.TimeBudget is { } tb ? BudgetProbe.Plan(c, tb.Value, teacher, test.Dataset, device, outDir, clock) : null;
+        if (planned is not null) c = planned.Config;
         var storeDir = c.Samples is QuantizeCli.SampleSource.Store st ? st.dir : Path.Combine(outDir, "samples");
         int? take = c.Samples is QuantizeCli.SampleSource.Store st2 && st2.take is { } t ? t.Value : null;
         var settings = SettingsJson(c, isRun);
@@ -58,6 +64,11 @@ public static class PipelineCommand
                  $"{c.FineTune.Epochs} epoch(s) x {c.FineTune.ItersPerEpoch} iterations, batch {c.FineTune.BatchSize}, seed {c.FineTune.Seed}" +
                  (c.Preset is { } p ? $", preset {p.Value}" : ""));
         log.Metric("settings", settings);
+        if (planned is not null)
+        {
+            foreach (var line in planned.Lines) log.Info(line);
+            log.Metric("plan", planned.Json);
+        }
 
         // ---- samples
         if (c.Samples is QuantizeCli.SampleSource.Synthesize syn)
@@ -106,6 +117,8 @@ public static class PipelineCommand
         var ft = c.FineTune;
         long total = (long)ft.Epochs * ft.ItersPerEpoch;
         log.Stage("fine-tune", (long)startEpoch * ft.ItersPerEpoch);
+        var epochsDone = ft.Epochs;
+        var fineTuneStart = Elapsed(clock);
         for (int epoch = startEpoch; epoch < ft.Epochs; epoch++)
         {
             var stats = FineTune.epoch(device, ft, teacher.Net, student.Net, opt, images, labels, epoch,
@@ -142,6 +155,18 @@ public static class PipelineCommand
             history.Add(entry);
             log.Metric("epoch", entry);
             SaveTrain(trainPath, student, opt, settings, store, fpTop1, calibTop1, history, epoch + 1, secondsBefore + Elapsed(started), c);
+            // behind the plan: stop at this epoch boundary rather than overrun the budget
+            if (c.TimeBudget is { } budget && epoch + 1 < ft.Epochs)
+            {
+                var perEpoch = (Elapsed(clock) - fineTuneStart) / (epoch + 1 - startEpoch);
+                var left = budget.Value.Seconds - secondsBefore - Elapsed(clock);
+                if (perEpoch + BudgetFinalReserve > left)
+                {
+                    epochsDone = epoch + 1;
+                    log.Info($"time budget: stopping after epoch {epochsDone}/{ft.Epochs}: {left:F0}s left, an epoch takes {perEpoch:F0}s");
+                    break;
+                }
+            }
             if (epoch + 1 < ft.Epochs) StopSignal.Check(() => $"after fine-tune epoch {epoch + 1}/{ft.Epochs} (saved in {Path.Combine(c.Out, TrainCheckpoint)})");
         }
 
@@ -159,10 +184,17 @@ public static class PipelineCommand
             ["best_top1"] = Math.Round(best, 4),
             ["best_top1_note"] = "best epoch selected on the test set; the headline is final_top1",
             ["best_epoch"] = bestEpoch,
-            ["iterations"] = total,
+            ["iterations"] = (long)epochsDone * ft.ItersPerEpoch,
             ["seconds"] = seconds,
             ["wbits"] = c.WBits, ["abits"] = c.ABits, ["seed"] = ft.Seed, ["samples"] = images.shape[0],
         };
+        if (planned is not null)
+        {
+            var plan = planned.Json.DeepClone().AsObject();
+            plan["used_s"] = Math.Round(secondsBefore + Elapsed(clock), 1);
+            if (epochsDone < ft.Epochs) plan["stopped_after_epoch"] = epochsDone;
+            result["time_budget"] = plan;
+        }
         var finalMeta = ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256);
         finalMeta["result"] = result.DeepClone();
         finalMeta["settings"] = settings.DeepClone();

@@ -24,6 +24,14 @@ type Calibration =
     /// the authors' warm-up: a label-conditional generator trained with BNS + CE; its images calibrate
     | FromGenerator of iterations: int * batchSize: int
 
+/// `hast run --time-budget`: the wall time of the whole run, and the counts given explicitly (kept);
+/// the others are planned from timed probes (`Budget.plan`, in the shell) and set with `withCounts`.
+type TimeBudget =
+    { Seconds: float
+      Samples: int option
+      SynthIters: int option
+      FineTuneIters: int option }
+
 type PipelineConfig =
     { Arch: string
       Weights: string
@@ -41,9 +49,14 @@ type PipelineConfig =
       Resume: bool
       /// evaluate on the test set every this many epochs (and always after the last)
       EvalEvery: int
+      /// plan the counts to this wall time (`hast run` only); until planned, the counts not given
+      /// explicitly hold placeholders
+      TimeBudget: TimeBudget option
       Preset: string option }
 
-/// Built-in settings layers. `cpu-30min`: end to end in <= 30 min on 2 CPU cores (see docs/results.md).
+/// Built-in settings layers. `cpu-30min`: the settings measured best on 2 CPU cores (docs/results.md),
+/// with samples, synthesis and fine-tune iterations planned to a 30-minute budget on this machine and
+/// model; the measured fixed-count run is this preset plus `--samples 1024 --synth-iters 200 --iters 2400`.
 /// `paper`: the authors' full budget and schedule (lihuantong/HAST, config/cifar10_resnet20.hocon).
 /// `tiny`: seconds; for smoke tests.
 let presets : (string * string * Layer) list =
@@ -55,11 +68,11 @@ let presets : (string * string * Layer) list =
             "schedule", "multistep"; "milestones", "20,40,60"; "lr-decay", "0.1"
             "calibration", "samples" ]
       "cpu-30min",
-      "end to end in <= 30 minutes on 2 CPU cores: 1024 samples x 200 iterations, per-sample calibration, 2400 fine-tune iterations at the authors' lr, cosine",
+      "end to end in 30 minutes on this machine (--time-budget 30m plans samples and iterations; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), per-sample calibration, the authors' lr, cosine",
       Map.ofList
-          [ "samples", "1024"; "synth-batch", "256"; "synth-iters", "200"
+          [ "time-budget", "30m"; "synth-batch", "256"
             "calibration", "samples"; "calib-batch", "1"; "calib-batches", "512"
-            "batch", "64"; "lr", "1e-5"; "iters", "2400"; "iters-per-epoch", "200"; "schedule", "cosine" ]
+            "batch", "64"; "lr", "1e-5"; "iters-per-epoch", "200"; "schedule", "cosine" ]
       "tiny",
       "a smoke test in seconds (not for accuracy)",
       Map.ofList
@@ -122,6 +135,7 @@ type QuantizeArgs =
     | Beta of float
     | Gamma of float
     | Synth_Augment of mode: string
+    | Time_Budget of duration: string
     interface IArgParserTemplate with
         member a.Usage =
             let f = FineTune.defaults
@@ -175,6 +189,8 @@ type QuantizeArgs =
             | Beta _ -> "run: hard-sample CE weight (default: CIFAR 10, ImageNet 0.1)"
             | Gamma _ -> "run: difficulty exponent (default: CIFAR 2, ImageNet 0.5)"
             | Synth_Augment _ -> "run: synthesis augmentation none | batch | sample (default: CIFAR none, ImageNet sample)"
+            | Time_Budget _ ->
+                "run: wall time of the whole run, e.g. 90s, 30m, 2h: --samples, --synth-iters and --iters not given are planned from short timed probes on this machine (all three given: no planning)"
 
 /// Every setting name (for config-file validation).
 let knownKeys : string list =
@@ -221,10 +237,7 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
     let itersPerEpoch = r.Int("iters-per-epoch", d.ItersPerEpoch) |> checkPositiveInt "--iters-per-epoch"
     let epochs, itersPerEpoch =
         match r.TryInt "iters" with
-        | Some total ->
-            let total = checkPositiveInt "--iters" total
-            let e = (total + itersPerEpoch - 1) / itersPerEpoch
-            e, (total + e - 1) / e
+        | Some total -> Budget.epochsFor (checkPositiveInt "--iters" total) itersPerEpoch
         | None -> r.Int("epochs", d.Epochs) |> checkPositiveInt "--epochs", itersPerEpoch
     let schedule =
         match r.String("schedule", "multistep").ToLowerInvariant() with
@@ -284,7 +297,21 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
         | "baseline" -> FineTune.baseline ft
         | other -> failf "--method must be hast or baseline (got '%s')" other
     FineTune.validate ft |> ignore
-    let samplesSpec = require "samples" (if isRun then "number of samples to synthesize" else "a sample store folder from `hast synthesize`")
+    // --time-budget (run only; from a preset it is ignored by `quantize`): counts not given are planned
+    // by the shell and hold placeholders until then
+    let budgetSeconds =
+        match r.TryString "time-budget" with
+        | Some spec when isRun ->
+            match Budget.parseDuration spec with
+            | Some s -> Some s
+            | None -> failf "--time-budget must be a duration like 90s, 30m, 2h or 1h30m (got '%s')" spec
+        | Some _ when not (r.Has "iters" || r.Has "epochs") ->
+            fail "the preset plans a whole `hast run` to a time budget; for `hast quantize` give --iters (or --epochs)"
+        | _ -> None
+    let samplesSpec =
+        match r.TryString "samples", budgetSeconds with
+        | None, Some _ -> string Budget.measured.RefSamples
+        | _ -> require "samples" (if isRun then "number of samples to synthesize" else "a sample store folder from `hast synthesize`")
     let samples =
         if isRun then
             let n =
@@ -317,6 +344,20 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
             FromGenerator(r.Int("generator-iters", 800) |> checkPositiveInt "--generator-iters",
                           r.Int("calib-batch", 64) |> checkPositiveInt "--calib-batch")
         | other -> failf "--calibration must be samples or generator (got '%s')" other
+    let timeBudget =
+        match budgetSeconds with
+        | Some seconds ->
+            match calibration with
+            | FromGenerator _ -> fail "--time-budget plans runs calibrated on samples; drop --calibration generator or give the counts"
+            | FromSamples _ -> ()
+            let given =
+                { Seconds = seconds
+                  Samples = if r.Has "samples" then (match samples with Synthesize s -> Some s.Samples | Store _ -> None) else None
+                  SynthIters = r.TryInt "synth-iters"
+                  FineTuneIters = if r.Has "iters" || r.Has "epochs" then Some(FineTune.totalIterations ft) else None }
+            // all three given: nothing left to plan, the run is the fixed-count run
+            if given.Samples.IsSome && given.SynthIters.IsSome && given.FineTuneIters.IsSome then None else Some given
+        | None -> None
     { Arch = arch.Name
       Weights = require "weights" "the full-precision PyTorch checkpoint"
       Classes = classes
@@ -331,7 +372,34 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
       FineTune = ft
       Resume = r.Bool("resume", false)
       EvalEvery = r.Int("eval-every", 1) |> checkPositiveInt "--eval-every"
+      TimeBudget = timeBudget
       Preset = r.TryString "preset" }
+
+/// The config with the planned counts (from `Budget.plan`, or a resumed run's recorded plan).
+let withCounts (samples: int) (synthIters: int) (fineTuneIters: int) (c: PipelineConfig) : PipelineConfig =
+    let epochs, ipe = Budget.epochsFor fineTuneIters c.FineTune.ItersPerEpoch
+    { c with
+        Samples =
+            match c.Samples with
+            | Synthesize s -> Synthesize { s with Samples = samples; Iterations = synthIters }
+            | store -> store
+        FineTune = { c.FineTune with Epochs = epochs; ItersPerEpoch = ipe } }
+
+/// What the planner is asked, `spent` seconds into the run.
+let budgetRequest (c: PipelineConfig) (tb: TimeBudget) (spent: float) : Budget.Request =
+    let calibBatches, calibBatch =
+        match c.Calibration with
+        | FromSamples(k, b) -> k, b
+        | FromGenerator(_, b) -> 0, b
+    { Budget = tb.Seconds
+      Spent = spent
+      Samples = tb.Samples
+      SynthIters = tb.SynthIters
+      FineTuneIters = tb.FineTuneIters
+      ItersPerEpoch = c.FineTune.ItersPerEpoch
+      EvalEvery = c.EvalEvery
+      CalibBatches = calibBatches
+      CalibBatchSize = calibBatch }
 
 let private synthesisKeys = [ "synth-batch"; "synth-iters"; "synth-lr"; "beta"; "gamma"; "synth-augment" ]
 
@@ -341,6 +409,7 @@ let layers (isRun: bool) (readFile: string -> string) (res: ParseResults<Quantiz
     if not isRun then
         for k in synthesisKeys @ [ "synth-batch" ] do
             if flags.ContainsKey k then failf "--%s applies to `hast run` (synthesis), not to `hast quantize`" k
+        if flags.ContainsKey "time-budget" then fail "--time-budget applies to `hast run`; `hast quantize` takes --iters"
     elif flags.ContainsKey "take" then fail "--take applies to `hast quantize --samples DIR`; `hast run --samples N` synthesizes exactly N"
     let preset = flags |> Map.tryFind "preset" |> Option.map findPreset |> Option.defaultValue Map.empty
     let file =

@@ -118,8 +118,18 @@ type CifarResNet(n: int, numClasses: int64, kit: LayerKit) as this =
         let h = stages |> List.concat |> List.fold (fun h (u: ResUnit) -> u.Run(h, tape)) (init.Run(x, tape))
         output.forward (torch.nn.functional.adaptive_avg_pool2d(h, [| 1L; 1L |]).flatten(1))
 
+/// Blocks per stage of a CIFAR ResNet of `depth` layers (depth = 6n + 2: 20, 32, 44, 56, 110, ...).
+let blocksPerStage (depth: int) : int =
+    if depth < 8 || (depth - 2) % 6 <> 0 then
+        failf "a CIFAR ResNet has depth 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), not %d" depth
+    (depth - 2) / 6
+
+/// `cifar-resnet{depth}-a`: the akamaster ResNet of `depth` layers (option A): 3 stages of
+/// (depth - 2) / 6 basic blocks, parameter names `layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2}`.
+let resnetA (depth: int) (numClasses: int64) (kit: LayerKit) : Net = new CifarResNetA(blocksPerStage depth, numClasses, kit)
+
 /// `cifar-resnet20-a`: the akamaster ResNet-20 (option A), 10 classes by default.
-let resnet20a (numClasses: int64) (kit: LayerKit) : Net = new CifarResNetA(3, numClasses, kit)
+let resnet20a (numClasses: int64) (kit: LayerKit) : Net = resnetA 20 numClasses kit
 
 /// `cifar-resnet20`: the pytorchcv ResNet-20 (projection shortcuts), 10 or 100 classes.
 let resnet20 (numClasses: int64) (kit: LayerKit) : Net = new CifarResNet(3, numClasses, kit)

@@ -33,14 +33,21 @@ let private cifarNorm = [| 0.4914f; 0.4822f; 0.4465f |], [| 0.2023f; 0.1994f; 0.
 let private cifarInput (mean, std) = { Resize = None; CenterCrop = None; Size = 32; Mean = mean; Std = std }
 let private imagenetInput = { Resize = Some 256; CenterCrop = Some 224; Size = 224; Mean = fst imagenetNorm; Std = snd imagenetNorm }
 
+/// Depths of the akamaster CIFAR ResNets (option A) the registry lists (`cifar-resnet{depth}-a`).
+let cifarDepthsA = [ 20; 32; 44; 56; 110 ]
+
+/// `cifar-resnet{depth}-a`: one entry per depth, all from the one builder `CifarResNet.resnetA`.
+let private cifarResNetA (depth: int) : Arch =
+    { Name = sprintf "cifar-resnet%d-a" depth
+      Family = Cifar
+      DefaultClasses = 10L
+      AllowedClasses = [ 10L; 100L ]
+      // the akamaster checkpoints were trained with ImageNet mean/std normalisation
+      Input = cifarInput imagenetNorm
+      Build = CifarResNet.resnetA depth }
+
 let all : Arch list =
-    [ { Name = "cifar-resnet20-a"
-        Family = Cifar
-        DefaultClasses = 10L
-        AllowedClasses = [ 10L; 100L ]
-        // the akamaster checkpoints were trained with ImageNet mean/std normalisation
-        Input = cifarInput imagenetNorm
-        Build = CifarResNet.resnet20a }
+    [ yield! cifarDepthsA |> List.map cifarResNetA
       { Name = "cifar-resnet20"
         Family = Cifar
         DefaultClasses = 10L

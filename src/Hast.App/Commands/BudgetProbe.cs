@@ -1,0 +1,160 @@
+using System.Diagnostics;
+using System.Reflection;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Hast.App.IO;
+using Hast.Core;
+using Hast.Core.Cli;
+using Microsoft.FSharp.Core;
+using static TorchSharp.torch;
+
+namespace Hast.App;
+
+/// `hast run --time-budget`: times a few iterations of each step on this machine and model (the
+/// probes), asks the pure planner (`Budget.plan`) for the counts, and records the plan in OUT/plan.json,
+/// so that `--resume` continues with the same counts.
+public static class BudgetProbe
+{
+    public const string PlanFile = "plan.json";
+    const int Warmup = 1, Timed = 3, CalibTimed = 8, SynthProbeBatch = 128, EvalProbeImages = 250;
+
+    /// A planned config, the plan as JSON (for plan.json, metrics and the report) and as lines for people.
+    public sealed record Planned(QuantizeCli.PipelineConfig Config, JsonObject Json, IReadOnlyList<string> Lines);
+
+    /// When the budget's clock started: at the process start when `hast` is the program (its start-up
+    /// counts), else (`hast run` called in-process, as the tests do) at `commandStart`.
+    public static DateTime ClockStart(DateTime commandStart)
+    {
+        if (Assembly.GetEntryAssembly() != typeof(Program).Assembly) return commandStart;
+        var process = Process.GetCurrentProcess().StartTime.ToUniversalTime();
+        return process < commandStart ? process : commandStart;
+    }
+
+    /// Plan `c` to its time budget `tb`, or, resuming, reuse the plan recorded in `outDir`.
+    public static Planned Plan(QuantizeCli.PipelineConfig c, QuantizeCli.TimeBudget tb, LoadedModel teacher, Data.Dataset test,
+                               Device device, string outDir, DateTime clockStart)
+    {
+        var planPath = Path.Combine(outDir, PlanFile);
+        if (c.Resume && File.Exists(planPath))
+        {
+            var recorded = JsonNode.Parse(File.ReadAllText(planPath))!.AsObject();
+            var resumed = QuantizeCli.withCounts((int)recorded["samples"]!, (int)recorded["synth_iters"]!, (int)recorded["fine_tune_iters"]!, c);
+            return new Planned(resumed, recorded, [$"time budget: resuming with the recorded plan ({planPath})"]);
+        }
+        Directory.CreateDirectory(outDir);
+        var probes = Measure(c, teacher, test, device, outDir);
+        var spent = (DateTime.UtcNow - clockStart).TotalSeconds;
+        var result = Budget.plan(Budget.measured, probes, QuantizeCli.budgetRequest(c, tb, spent));
+        if (result.IsError) throw new HastError(result.ErrorValue);
+        var plan = result.ResultValue;
+        var json = Json(plan, probes);
+        AtomicFile.WriteAllText(planPath, json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        return new Planned(QuantizeCli.withCounts(plan.Samples, plan.SynthIters, plan.FineTuneIters, c), json, Budget.describe(plan).ToList());
+    }
+
+    /// Seconds per step, from `Warmup` untimed and a few timed iterations of each, on a throwaway
+    /// quantized copy of the teacher (the run's own student is made later, untouched by the probes).
+    static Budget.Probes Measure(QuantizeCli.PipelineConfig c, LoadedModel teacher, Data.Dataset test, Device device, string outDir)
+    {
+        using var scope = NewDisposeScope();
+        var side = teacher.Arch.Input.Size;
+        var student = ModelFiles.Quantized(teacher, c.WBits, c.ABits);
+        try
+        {
+            using var gen = Prelude.generator(c.FineTune.Seed);
+            Tensor Noise(long n) => randn([n, 3, side, side], generator: gen);
+
+            // calibration batches at the run's calibration batch size (this also calibrates the probe student)
+            var calibBatch = c.Calibration is QuantizeCli.Calibration.FromSamples s ? s.batchSize : 1;
+            var clock = new Stopwatch();
+            Quantize.calibrate(device, student.Net, Enumerable.Range(0, Warmup + CalibTimed).Select(i =>
+            {
+                if (i == Warmup) clock.Start();
+                return Noise(calibBatch);
+            }));
+            var calib = clock.Elapsed.TotalSeconds / CalibTimed;
+
+            // test-set evaluation, timed on the first images and scaled to the whole set
+            var n = Math.Min(test.Count, EvalProbeImages);
+            double EvalSeconds(Net net)
+            {
+                Evaluate.accuracy(device, EvalProbeImages, FuncConvert.FromAction<long, long>((_, _) => { }), net, new Data.Dataset(Math.Min(n, 8), test.Classes, test.Load));
+                var t = Stopwatch.StartNew();
+                Evaluate.accuracy(device, EvalProbeImages, FuncConvert.FromAction<long, long>((_, _) => { }), net, new Data.Dataset(n, test.Classes, test.Load));
+                return t.Elapsed.TotalSeconds * test.Count / n;
+            }
+            var fpEval = EvalSeconds(teacher.Net);
+            var eval = EvalSeconds(student.Net);
+
+            // fine-tune iterations at the run's settings, on noise images
+            var ft = Budget.fineTuneProbe(c.FineTune, Warmup + Timed);
+            var pool = Math.Max(4L * ft.BatchSize, 64L);
+            var images = Noise(pool);
+            var labels = randint(teacher.Classes, [pool], generator: gen);
+            using var opt = FineTune.optimizer(ft, student.Net);
+            var ftLaps = Laps(onLap => FineTune.epoch(device, ft, teacher.Net, student.Net, opt, images, labels, 0,
+                FuncConvert.FromAction<FineTune.IterInfo>(it => onLap(it.Iteration >= Warmup))));
+
+            // synthesis iterations, per sample (a batch of at most 128: larger batches cost no more per sample)
+            var synth = c.Samples is QuantizeCli.SampleSource.Synthesize syn ? syn.Item : Synthesis.defaultsFor(teacher.Arch.Family);
+            var batch = Math.Min(synth.BatchSize, SynthProbeBatch);
+            var synthLaps = Laps(onLap =>
+            {
+                using var r = Synthesis.synthesizeBatch(device, teacher.Net, Budget.synthesisProbe(synth, batch, Warmup + Timed), side, 0, batch,
+                    FuncConvert.FromAction<Synthesis.IterInfo>(it => onLap(it.Iteration > Warmup)));
+            });
+
+            // a checkpoint (twice: train checkpoints also hold the optimizer state)
+            var tmp = Path.Combine(outDir, ".budget-probe.ckpt");
+            var saveClock = Stopwatch.StartNew();
+            try { Checkpoint.Save(tmp, ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256), student.Net); }
+            finally { File.Delete(tmp); }
+            var save = 2 * saveClock.Elapsed.TotalSeconds;
+
+            return new Budget.Probes(synthLaps / batch, ftLaps, calib, fpEval, eval, save);
+        }
+        finally
+        {
+            student.Net.Dispose();
+        }
+    }
+
+    /// Mean seconds between successive laps that `run` marks as timed (a lap runs from the previous call).
+    static double Laps(Action<Action<bool>> run)
+    {
+        var laps = new List<double>();
+        var clock = Stopwatch.StartNew();
+        run(timed =>
+        {
+            if (timed) laps.Add(clock.Elapsed.TotalSeconds);
+            clock.Restart();
+        });
+        return laps.Average();
+    }
+
+    static JsonObject Json(Budget.Plan p, Budget.Probes probes)
+    {
+        static double R(double v) => Math.Round(v, 6);
+        return new JsonObject
+        {
+            ["budget_s"] = R(p.BudgetSeconds),
+            ["samples"] = p.Samples,
+            ["synth_iters"] = p.SynthIters,
+            ["fine_tune_iters"] = p.FineTuneIters,
+            ["epochs"] = p.Epochs,
+            ["iters_per_epoch"] = p.ItersPerEpoch,
+            ["calib_batches"] = p.CalibBatches,
+            ["evaluations"] = p.Evaluations,
+            ["predicted_s"] = new JsonObject
+            {
+                ["spent_before_plan"] = R(p.SpentSeconds), ["synthesis"] = R(p.SynthesisSeconds), ["calibration"] = R(p.CalibrationSeconds),
+                ["fine_tune"] = R(p.FineTuneSeconds), ["fixed"] = R(p.FixedSeconds), ["total"] = R(p.TotalSeconds),
+            },
+            ["probes_s"] = new JsonObject
+            {
+                ["synth_iter_per_sample"] = R(probes.SynthIterPerSample), ["fine_tune_iter"] = R(probes.FineTuneIter),
+                ["calib_batch"] = R(probes.CalibBatch), ["fp_eval"] = R(probes.FpEval), ["eval"] = R(probes.Eval), ["save"] = R(probes.Save),
+            },
+        };
+    }
+}

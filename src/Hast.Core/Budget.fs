@@ -1,0 +1,263 @@
+/// Planning a `hast run` to a wall-time budget. Pure: given how long each step took in short timed
+/// probes on this machine and model (the shell measures them), choose the number of samples, synthesis
+/// iterations and fine-tune iterations so that the predicted run time fits the budget.
+///
+/// The split follows the measured `cpu-30min` run of docs/results.md (ResNet-20, 2 cores, 21 min 15 s):
+/// synthesis of 1024 samples x 200 iterations took 7 min 31 s (451 s); the fine-tuning stage (2400
+/// iterations at ~0.33 s, 12 test evaluations, a checkpoint per epoch) ~800 s; start-up, weight loading,
+/// the full-precision evaluation, 512 per-sample calibration forwards, the calibration-only evaluation and
+/// the final save the remaining ~25 s. So synthesis gets 451 / (451 + 800) = 36% of the time the
+/// fixed steps leave, fine-tuning (with its evaluations) 64%; each at least its minimum counts.
+///
+/// Within synthesis, samples and iterations grow together as the square root of the time
+/// (samples / iterations stays ~5): this passes through both the measured 1024 x 200 and the authors'
+/// 5120 x 1000 (25 times the sample-iterations); iterations stop growing at the authors' 1000.
+module Hast.Core.Budget
+
+open System
+open System.Globalization
+open System.Text.RegularExpressions
+
+/// Seconds each step took in the probes, on this machine and model.
+type Probes =
+    { /// one synthesis iteration, per sample of the batch
+      SynthIterPerSample: float
+      /// one fine-tune iteration at the run's batch size
+      FineTuneIter: float
+      /// one calibration batch at the run's calibration batch size
+      CalibBatch: float
+      /// the full-precision teacher on the whole test set
+      FpEval: float
+      /// the quantized student on the whole test set
+      Eval: float
+      /// writing one checkpoint
+      Save: float }
+
+/// The shape of a plan: the measured best run, the smallest useful counts, the safety margin.
+type Policy =
+    { /// fraction of the stage time (synthesis + fine-tuning stage) given to synthesis
+      SynthesisShare: float
+      /// the measured run's synthesis: samples x iterations
+      RefSamples: int
+      RefSynthIters: int
+      /// synthesis iterations stop growing here (the authors' 1000)
+      MaxSynthIters: int
+      MinSamples: int
+      MinSynthIters: int
+      MinFineTuneIters: int
+      /// fraction of the budget held back against the probes' noise
+      Margin: float
+      /// seconds held back in any case (process exit, small unprobed steps)
+      MarginSeconds: float }
+
+/// The policy derived from docs/results.md (see the module comment).
+let measured : Policy =
+    { SynthesisShare = 0.36
+      RefSamples = 1024
+      RefSynthIters = 200
+      MaxSynthIters = 1000
+      MinSamples = 64
+      MinSynthIters = 20
+      MinFineTuneIters = 20
+      // the probes ran 10-20% faster than the stages in the first runs on a loaded machine; a fine-tuning
+      // stage that falls behind also stops at an epoch boundary, but a one-epoch run has only this margin
+      Margin = 0.07
+      MarginSeconds = 2.0 }
+
+/// What a run asks for: the budget, what was spent before planning, and the counts given explicitly
+/// (fixed; the others are planned).
+type Request =
+    { /// seconds for the whole run
+      Budget: float
+      /// seconds already spent when the plan is made (start-up, loading, probes)
+      Spent: float
+      Samples: int option
+      SynthIters: int option
+      FineTuneIters: int option
+      ItersPerEpoch: int
+      EvalEvery: int
+      CalibBatches: int
+      CalibBatchSize: int }
+
+type Plan =
+    { Samples: int
+      SynthIters: int
+      /// total fine-tune iterations (= Epochs x ItersPerEpoch)
+      FineTuneIters: int
+      Epochs: int
+      ItersPerEpoch: int
+      /// calibration batches actually run (the samples may be fewer than asked for)
+      CalibBatches: int
+      /// test-set evaluations of the student: after calibration, and every EvalEvery epochs and the last
+      Evaluations: int
+      /// predicted seconds of each part
+      SynthesisSeconds: float
+      CalibrationSeconds: float
+      /// fine-tune iterations, their evaluations and per-epoch checkpoints
+      FineTuneSeconds: float
+      /// full-precision evaluation, calibration-only evaluation, the first and the final checkpoint
+      FixedSeconds: float
+      SpentSeconds: float
+      TotalSeconds: float
+      BudgetSeconds: float }
+
+/// Epochs and iterations per epoch for `total` iterations at most `itersPerEpoch` per epoch (the last
+/// epochs are evened out, so epochs x iterations >= total, by less than the number of epochs).
+/// At least one epoch (of 0 iterations when total <= 0).
+let epochsFor (total: int) (itersPerEpoch: int) : int * int =
+    let total, itersPerEpoch = max 0 total, max 1 itersPerEpoch
+    let e = max 1 ((total + itersPerEpoch - 1) / itersPerEpoch)
+    e, (total + e - 1) / e
+
+/// Student evaluations on the test set over `epochs` epochs (after epochs k*evalEvery and the last).
+let evaluationsFor (epochs: int) (evalEvery: int) : int =
+    epochs / evalEvery + (if epochs % evalEvery = 0 then 0 else 1)
+
+/// Seconds of the fine-tuning stage for `total` iterations: iterations, evaluations, checkpoints.
+let fineTuneSeconds (p: Probes) (r: Request) (total: int) : float =
+    let e, ipe = epochsFor total r.ItersPerEpoch
+    float (e * ipe) * p.FineTuneIter + float (evaluationsFor e r.EvalEvery) * p.Eval + float e * p.Save
+
+/// Seconds of synthesizing `samples` x `iters` (plus one final forward per sample, counted as an iteration).
+let synthesisSeconds (p: Probes) (samples: int) (iters: int) : float =
+    float samples * float (iters + 1) * p.SynthIterPerSample
+
+let private calibBatches (r: Request) (samples: int) =
+    let n = min (int64 r.CalibBatches * int64 r.CalibBatchSize) (int64 samples)
+    int ((n + int64 r.CalibBatchSize - 1L) / int64 r.CalibBatchSize)
+
+let private fixedSeconds (p: Probes) = p.FpEval + p.Eval + 2.0 * p.Save
+
+/// The prediction of a run with these counts.
+let predict (p: Probes) (r: Request) (samples: int) (synthIters: int) (fineTuneIters: int) : Plan =
+    let e, ipe = epochsFor fineTuneIters r.ItersPerEpoch
+    let calib = calibBatches r samples
+    let synth = synthesisSeconds p samples synthIters
+    let cal = float calib * p.CalibBatch
+    let ft = fineTuneSeconds p r fineTuneIters
+    let fixedS = fixedSeconds p
+    { Samples = samples
+      SynthIters = synthIters
+      FineTuneIters = e * ipe
+      Epochs = e
+      ItersPerEpoch = ipe
+      CalibBatches = calib
+      Evaluations = 1 + evaluationsFor e r.EvalEvery
+      SynthesisSeconds = synth
+      CalibrationSeconds = cal
+      FineTuneSeconds = ft
+      FixedSeconds = fixedS
+      SpentSeconds = r.Spent
+      TotalSeconds = r.Spent + fixedS + cal + synth + ft
+      BudgetSeconds = r.Budget }
+
+/// The most fine-tune iterations whose stage fits in `seconds` (0 if none does).
+let private fineTuneFitting (p: Probes) (r: Request) (seconds: float) : int =
+    // fineTuneSeconds grows with the iterations: bisect on [0, seconds / per-iteration]
+    let hi0 = int (min 1e8 (Math.Max(0.0, seconds) / p.FineTuneIter)) + 1
+    let rec go lo hi = // fits lo, not hi
+        if hi - lo <= 1 then lo
+        else
+            let mid = lo + (hi - lo) / 2
+            if fineTuneSeconds p r mid <= seconds then go mid hi else go lo mid
+    if hi0 <= 1 || fineTuneSeconds p r 1 > seconds then 0 else go 1 (hi0 + 1)
+
+/// Samples and synthesis iterations filling `seconds` (either may be fixed).
+let private synthesisFitting (pol: Policy) (p: Probes) (r: Request) (seconds: float) : int * int =
+    let perSample k = float (k + 1) * p.SynthIterPerSample
+    let samplesFor k = int (Math.Floor(Math.Max(0.0, seconds) / perSample k))
+    let itersFor s = int (Math.Floor(Math.Max(0.0, seconds) / (float s * p.SynthIterPerSample))) - 1
+    match r.Samples, r.SynthIters with
+    | Some s, Some k -> s, k
+    | Some s, None -> s, min pol.MaxSynthIters (itersFor s)
+    | None, Some k -> samplesFor k, k
+    | None, None ->
+        let refCost = float pol.RefSamples * float (pol.RefSynthIters + 1)
+        let scale = Math.Sqrt(Math.Max(0.0, seconds) / p.SynthIterPerSample / refCost)
+        let s = max pol.MinSamples (int (Math.Floor(float pol.RefSamples * scale)))
+        let k = itersFor s
+        if k > pol.MaxSynthIters then samplesFor pol.MaxSynthIters, pol.MaxSynthIters
+        elif k < pol.MinSynthIters then samplesFor pol.MinSynthIters, pol.MinSynthIters
+        else s, k
+
+/// Seconds as 1h05m / 2m30s / 45s, rounded up (to the minute above an hour).
+let private durationText (s: float) =
+    let s = int (Math.Ceiling s)
+    if s >= 3600 then
+        let m = (s + 59) / 60
+        sprintf "%dh%02dm" (m / 60) (m % 60)
+    elif s >= 60 then sprintf "%dm%02ds" (s / 60) (s % 60)
+    else sprintf "%ds" s
+
+/// The plan for a budget, or why none fits. The predicted total never exceeds the budget less the
+/// margin; every planned count is at least the policy's minimum; given counts are kept.
+let plan (pol: Policy) (p: Probes) (r: Request) : Result<Plan, string> =
+    let avail = r.Budget * (1.0 - pol.Margin) - pol.MarginSeconds
+    // calibration depends on the samples: count it at its largest while the samples are open
+    let calibMax =
+        float (match r.Samples with
+               | Some s -> calibBatches r s
+               | None -> r.CalibBatches) * p.CalibBatch
+    let overhead = r.Spent + fixedSeconds p + calibMax
+    let pool = avail - overhead
+    let synthFixed = match r.Samples, r.SynthIters with Some s, Some k -> Some(synthesisSeconds p s k) | _ -> None
+    let ftFixed = r.FineTuneIters |> Option.map (fineTuneSeconds p r)
+    // the least time each stage needs (the given counts, else the minimums), and the least pool
+    let synthMin = defaultArg synthFixed (synthesisSeconds p (defaultArg r.Samples pol.MinSamples) (defaultArg r.SynthIters pol.MinSynthIters))
+    let ftMin = defaultArg ftFixed (fineTuneSeconds p r pol.MinFineTuneIters)
+    let poolNeed = synthMin + ftMin
+    let tooShort () =
+        // one second more than the least budget, against rounding in the counts
+        let need = (overhead + poolNeed + pol.MarginSeconds) / (1.0 - pol.Margin) + 1.0
+        Error(sprintf "a time budget of %s is too short here: start-up, probes, evaluations and calibration take %s and the smallest run %s more; give at least %s, or fewer samples/iterations"
+                  (durationText r.Budget) (durationText overhead) (durationText poolNeed) (durationText need))
+    if pool < poolNeed then tooShort ()
+    else
+        let synthBudget, ftBudget =
+            match synthFixed, ftFixed with
+            | Some s, Some f -> s, f
+            | Some s, None -> s, pool - s
+            | None, Some f -> pool - f, f
+            | None, None ->
+                // the measured share, but never less than a stage's minimum (small budgets); a hair
+                // above the minimum so that rounding the counts down cannot fall below it
+                let synth = min (max (pol.SynthesisShare * pool) (synthMin * (1.0 + 1e-9))) (pool - ftMin)
+                synth, pool - synth
+        let samples, synthIters = synthesisFitting pol p r synthBudget
+        let ftIters = match r.FineTuneIters with Some i -> i | None -> fineTuneFitting p r ftBudget
+        let result = predict p r samples synthIters ftIters
+        // planned counts below their minimum (only rounding at the least budget gets here)
+        let below (given: int option) v least = given.IsNone && v < least
+        if below r.Samples samples pol.MinSamples || below r.SynthIters synthIters pol.MinSynthIters
+           || below r.FineTuneIters ftIters pol.MinFineTuneIters || result.TotalSeconds > avail then tooShort ()
+        else Ok result
+
+/// The fine-tune settings of a probe: `iterations` steps of one epoch, everything else as the run.
+let fineTuneProbe (c: FineTune.Config) (iterations: int) : FineTune.Config = { c with Epochs = 1; ItersPerEpoch = iterations }
+
+/// The synthesis settings of a probe: one batch of `batch` samples, `iterations` steps.
+let synthesisProbe (c: Synthesis.Config) (batch: int) (iterations: int) : Synthesis.Config =
+    { c with Samples = batch; BatchSize = batch; Iterations = iterations }
+
+/// A duration like `90s`, `30m`, `2h`, `1h30m`, `1.5h` in seconds; None if it is not one (or not > 0).
+let parseDuration (text: string) : float option =
+    let t = if isNull text then "" else text.Trim().ToLowerInvariant()
+    let m = Regex.Match(t, @"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?$")
+    if t = "" || not m.Success then None
+    else
+        let part (i: int) (unit: float) =
+            if m.Groups[i].Success then Double.Parse(m.Groups[i].Value, CultureInfo.InvariantCulture) * unit else 0.0
+        let s = part 1 3600.0 + part 2 60.0 + part 3 1.0
+        if s > 0.0 && Double.IsFinite s then Some s else None
+
+/// The plan in a few lines for people: what was chosen and the time each stage is expected to take.
+let describe (p: Plan) : string list =
+    let d = durationText
+    [ sprintf "time budget %s: planned %s (%.0f%%), from timed probes on this machine" (d p.BudgetSeconds) (d p.TotalSeconds)
+          (100.0 * p.TotalSeconds / p.BudgetSeconds)
+      sprintf "  start-up, loading, probes  %8s (spent)" (d p.SpentSeconds)
+      sprintf "  synthesis                  %8s  %d samples x %d iterations" (d p.SynthesisSeconds) p.Samples p.SynthIters
+      sprintf "  calibration                %8s  %d batches" (d p.CalibrationSeconds) p.CalibBatches
+      sprintf "  fine-tuning                %8s  %d iterations (%d epoch(s) x %d), %d test evaluations" (d p.FineTuneSeconds)
+          p.FineTuneIters p.Epochs p.ItersPerEpoch (p.Evaluations - 1)
+      sprintf "  FP/calibration eval, saves %8s" (d p.FixedSeconds) ]

@@ -1,0 +1,190 @@
+/// The time-budget planner (`Budget`): properties of the pure plan over random probe timings and
+/// budgets, the measured run it reproduces, duration parsing, and a `hast run --time-budget 90s` on the
+/// shared model that ends within its budget.
+module Hast.Tests.BudgetTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+open Expecto
+open FsCheck
+open FsCheck.FSharp
+open Hast.Core
+open Hast.Tests.TestUtil
+open Hast.Tests.ReliabilityTests
+
+let private pol = Budget.measured
+
+/// Log-uniform in [lo, hi].
+let private logUniform (lo: float) (hi: float) =
+    Gen.choose (0, 1_000_000) |> Gen.map (fun i -> lo * Math.Pow(hi / lo, float i / 1e6))
+
+/// Probe timings from a fast GPU-like machine to a slow deep model on a loaded CPU.
+let private genProbes : Gen<Budget.Probes> =
+    gen {
+        let! synth = logUniform 1e-5 0.05
+        let! ft = logUniform 0.005 10.0
+        let! calib = logUniform 1e-4 0.2
+        let! fpEval = logUniform 0.05 60.0
+        let! evalFactor = logUniform 1.0 5.0
+        let! save = logUniform 0.001 2.0
+        return
+            { Budget.Probes.SynthIterPerSample = synth; FineTuneIter = ft; CalibBatch = calib
+              FpEval = fpEval; Eval = fpEval * evalFactor; Save = save }
+    }
+
+let private genRequest : Gen<Budget.Request> =
+    gen {
+        let! budget = logUniform 30.0 (8.0 * 3600.0)
+        let! spent = logUniform 0.5 60.0
+        let! samples = Gen.frequency [ 4, Gen.constant None; 1, Gen.choose (1, 4096) |> Gen.map Some ]
+        let! synthIters = Gen.frequency [ 4, Gen.constant None; 1, Gen.choose (1, 1000) |> Gen.map Some ]
+        let! ftIters = Gen.frequency [ 4, Gen.constant None; 1, Gen.choose (1, 5000) |> Gen.map Some ]
+        let! ipe = Gen.elements [ 1; 7; 50; 200; 1000 ]
+        let! evalEvery = Gen.elements [ 1; 1; 2; 5 ]
+        let! calibBatches = Gen.elements [ 1; 4; 64; 512 ]
+        let! calibBatch = Gen.elements [ 1; 8; 64 ]
+        return
+            { Budget.Request.Budget = budget; Spent = spent; Samples = samples; SynthIters = synthIters; FineTuneIters = ftIters
+              ItersPerEpoch = ipe; EvalEvery = evalEvery; CalibBatches = calibBatches; CalibBatchSize = calibBatch }
+    }
+
+let private config = { FsCheckConfig.defaultConfig with maxTest = 500 }
+
+let private property name (g: Gen<'a>) (body: 'a -> bool) =
+    testPropertyWithConfig config name (Prop.forAll (Arb.fromGen g) body)
+
+let private planOf probes request =
+    match Budget.plan pol probes request with
+    | Ok p -> Some p
+    | Error _ -> None
+
+/// The timings of the measured cpu-30min run (docs/results.md: ResNet-20 W4A4 on 2 idle cores, 21 min 15 s;
+/// synthesis 451 s for 1024 samples x 200 iterations, ~0.33 s per fine-tune iteration).
+let private measuredRun : Budget.Probes =
+    { SynthIterPerSample = 451.0 / (1024.0 * 201.0); FineTuneIter = 0.33; CalibBatch = 0.01
+      FpEval = 2.0; Eval = 2.5; Save = 0.1 }
+
+let private cpu30minRequest (budget: float) : Budget.Request =
+    { Budget = budget; Spent = 5.0; Samples = None; SynthIters = None; FineTuneIters = None
+      ItersPerEpoch = 200; EvalEvery = 1; CalibBatches = 512; CalibBatchSize = 1 }
+
+let tests : Test list =
+    [ property "a plan's predicted time never exceeds the budget (less the margin)" (Gen.zip genProbes genRequest) (fun (p, r) ->
+        match Budget.plan pol p r with
+        | Ok plan ->
+            plan.TotalSeconds <= r.Budget * (1.0 - pol.Margin) - pol.MarginSeconds
+            && plan.TotalSeconds <= r.Budget && plan.BudgetSeconds = r.Budget
+        | Error msg -> msg.Contains "too short" && msg.Contains "give at least")
+
+      property "planned counts respect the minimums; given counts are kept" (Gen.zip genProbes genRequest) (fun (p, r) ->
+        match planOf p r with
+        | None -> true
+        | Some plan ->
+            let keeps (given: int option) (v: int) (least: int) = match given with Some g -> v = g | None -> v >= least
+            keeps r.Samples plan.Samples pol.MinSamples
+            && keeps r.SynthIters plan.SynthIters pol.MinSynthIters
+            && plan.SynthIters <= max pol.MaxSynthIters (defaultArg r.SynthIters 0)
+            && (match r.FineTuneIters with
+                | Some g -> plan.FineTuneIters >= g && plan.FineTuneIters < g + plan.Epochs
+                | None -> plan.FineTuneIters >= pol.MinFineTuneIters)
+            && plan.Epochs * plan.ItersPerEpoch = plan.FineTuneIters
+            && plan.ItersPerEpoch <= r.ItersPerEpoch)
+
+      property "the plan's figures are the prediction of its counts" (Gen.zip genProbes genRequest) (fun (p, r) ->
+        match planOf p r with
+        | None -> true
+        | Some plan -> Budget.predict p r plan.Samples plan.SynthIters plan.FineTuneIters = plan)
+
+      property "more budget never plans fewer samples or fine-tune iterations, nor fails where less succeeded"
+        (Gen.zip3 genProbes genRequest (logUniform 1.0 20.0)) (fun (p, r, factor) ->
+        let free = { r with Samples = None; SynthIters = None; FineTuneIters = None }
+        match planOf p free, planOf p { free with Budget = free.Budget * factor } with
+        | None, _ -> true
+        | Some _, None -> false
+        | Some a, Some b -> a.Samples <= b.Samples && a.FineTuneIters <= b.FineTuneIters)
+
+      property "the least budget an error names is enough" (Gen.zip genProbes genRequest) (fun (p, r) ->
+        match Budget.plan pol p r with
+        | Ok _ -> true
+        | Error msg ->
+            let need = msg.Substring(msg.IndexOf "give at least " + 14).Split(',')[0]
+            match Budget.parseDuration need with
+            | Some s -> (planOf p { r with Budget = s }).IsSome
+            | None -> false)
+
+      property "synthesis and fine-tuning share the time as in the measured run (each at least its minimum) when both are planned" (Gen.zip genProbes genRequest) (fun (p, r) ->
+        let free = { r with Samples = None; SynthIters = None; FineTuneIters = None }
+        match planOf p free with
+        | None -> true
+        | Some plan ->
+            // each stage fills its share of what the fixed steps leave, up to one unit of its counts
+            let pool = free.Budget * (1.0 - pol.Margin) - pol.MarginSeconds - free.Spent - plan.FixedSeconds
+                       - float free.CalibBatches * p.CalibBatch
+            let synthMin = Budget.synthesisSeconds p pol.MinSamples pol.MinSynthIters
+            let ftMin = Budget.fineTuneSeconds p free pol.MinFineTuneIters
+            let synthShare = min (max (pol.SynthesisShare * pool) synthMin) (pool - ftMin)
+            plan.SynthesisSeconds <= synthShare + 1e-6
+            && plan.SynthesisSeconds >= synthShare - float (plan.SynthIters + 1 + plan.Samples) * p.SynthIterPerSample
+            && plan.FineTuneSeconds <= pool - synthShare + 1e-6
+            && plan.FineTuneSeconds >= pool - synthShare - p.FineTuneIter - p.Eval - p.Save - float plan.Epochs * p.FineTuneIter)
+
+      testCase "at the measured run's speeds and length the plan is the measured cpu-30min run (within 10%)" <| fun () ->
+        // the budget whose usable part (less the margin) is the measured run's 21 min 15 s
+        let budget = (21.0 * 60.0 + 15.0 + pol.MarginSeconds) / (1.0 - pol.Margin)
+        match Budget.plan pol measuredRun (cpu30minRequest budget) with
+        | Error e -> failtest e
+        | Ok plan ->
+            printfn "  plan for 21m15s (usable) at the measured speeds: %d samples x %d iterations, %d fine-tune iterations" plan.Samples plan.SynthIters plan.FineTuneIters
+            let near (v: int) (target: float) what = Expect.isLessThanOrEqual (abs (float v - target) / target) 0.10 (sprintf "%s %d vs %g" what v target)
+            near plan.Samples 1024.0 "samples"
+            near plan.SynthIters 200.0 "synthesis iterations"
+            near plan.FineTuneIters 2400.0 "fine-tune iterations"
+
+      testCase "30 minutes at the measured speeds: more of everything than the 21-minute run; 2 hours: more still" <| fun () ->
+        let at b = match Budget.plan pol measuredRun (cpu30minRequest b) with Ok p -> p | Error e -> failtest e
+        let p30, p120 = at 1800.0, at 7200.0
+        for a, b in [ at 1275.0, p30; p30, p120 ] do
+            Expect.isGreaterThan b.Samples a.Samples "samples"
+            Expect.isGreaterThan b.SynthIters a.SynthIters "synthesis iterations"
+            Expect.isGreaterThan b.FineTuneIters a.FineTuneIters "fine-tune iterations"
+        Expect.isGreaterThan p30.TotalSeconds (0.9 * 1800.0) "30 minutes are used"
+
+      testCase "durations: 90s, 30m, 2h, 1h30m, 1.5h; anything else is refused" <| fun () ->
+        for text, seconds in [ "90s", 90.0; "30m", 1800.0; "2h", 7200.0; "1h30m", 5400.0; "1.5h", 5400.0; "45min", 2700.0; " 2H ", 7200.0
+                               "1m30s", 90.0 ] do
+            Expect.equal (Budget.parseDuration text) (Some seconds) text
+        for text in [ ""; "30"; "m"; "-5m"; "0s"; "0h0m"; "5x"; "1e3s"; "30 m"; "h30m"; null ] do
+            Expect.isNone (Budget.parseDuration text) (sprintf "%A" text)
+
+      testCase "hast run --time-budget 90s on the shared model ends within the budget (+5%)" <| fun () ->
+        // On a machine too slow (or too loaded) for the smallest meaningful run in 90 s, the contract is to
+        // refuse at planning time, within the budget, naming the least budget; otherwise to finish in it.
+        use tmp = new TempDir()
+        let out = tmp.File "run"
+        let budget = 90.0
+        let clock = Stopwatch.StartNew()
+        let code, stdout, err =
+            runCli [ "run"; "--time-budget"; "90s"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest
+                     "--wbits"; "4"; "--abits"; "4"; "--calib-batch"; "1"; "--calib-batches"; "512"
+                     "--lr"; "1e-5"; "--schedule"; "cosine"; "--out"; out ]
+        let wall = clock.Elapsed.TotalSeconds
+        Expect.isLessThanOrEqual wall (budget * 1.05) "the whole run ends within the budget + 5%"
+        if code <> 0 && err.Contains "too short here" then
+            let need = err.Substring(err.IndexOf "give at least " + 14).Split(',')[0]
+            Expect.isGreaterThan (defaultArg (Budget.parseDuration need) 0.0) budget "the refusal names a larger budget"
+            Expect.isFalse (File.Exists(Path.Combine(out, "report.json"))) "no result"
+            printfn "  NOTE: --time-budget 90s refused on this machine after %.1f s (%s); the run itself is checked on a faster or idle machine" wall (err.Trim())
+        else
+            Expect.equal code 0 (sprintf "hast run succeeds (%s)" (err.Trim()))
+            use report = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "report.json")))
+            let plan = report.RootElement.GetProperty "time_budget"
+            let predicted = plan.GetProperty("predicted_s").GetProperty("total").GetDouble()
+            printfn "  --time-budget 90s: wall %.1f s, predicted %.1f s, %d samples x %d synthesis iterations, %d fine-tune iterations, final top-1 %.2f%%"
+                wall predicted (plan.GetProperty("samples").GetInt32()) (plan.GetProperty("synth_iters").GetInt32())
+                (plan.GetProperty("fine_tune_iters").GetInt32()) (report.RootElement.GetProperty("final_top1").GetDouble())
+            Expect.stringContains stdout "time budget 1m30s: planned" "the plan is printed before the run"
+            Expect.isLessThanOrEqual predicted budget "the plan fits"
+            Expect.equal (plan.GetProperty("samples").GetInt32()) (report.RootElement.GetProperty("samples").GetInt32()) "the plan's samples were used"
+            Expect.isTrue (File.Exists(Path.Combine(out, "plan.json"))) "plan.json records the plan" ]
