@@ -113,46 +113,20 @@ let promotionTests = [
     }
 ]
 
-/// conv(3→4)-BN-ReLU, then a residual block with body conv(4→4)-BN (both BN outputs recorded as
-/// blocks for feature alignment), ReLU, global average pool, linear 4→5. On 3×6×6 inputs.
-type private SmallNet(kit: LayerKit) as this =
-    inherit Net("small")
-    let conv1 = kit.Conv(ConvSpec.make 3L 4L 3L 1L 1L)
-    let bn1 = torch.nn.BatchNorm2d(4L)
-    let act1 = kit.Act Relu
-    let conv2 = kit.Conv(ConvSpec.make 4L 4L 3L 1L 1L)
-    let bn2 = torch.nn.BatchNorm2d(4L)
-    let act2 = kit.Act Relu
-    let fc = kit.Linear 4L 5L
-    do
-        this.register_module("conv1", conv1)
-        this.register_module("bn1", bn1)
-        this.register_module("act1", act1)
-        this.register_module("conv2", conv2)
-        this.register_module("bn2", bn2)
-        this.register_module("act2", act2)
-        this.register_module("fc", fc)
-    override _.Run(x: Tensor, tape: Tape) : Tensor =
-        let h = act1.forward (tape.Block(tape.Bn(bn1, conv1.forward x)))
-        let y = act2.forward (tape.Block(tape.Bn(bn2, conv2.forward h)) + h)
-        fc.forward (y.mean([| 2L; 3L |]))
+/// The shared model and its W4A4 student in float64 (calibrated on seeded noise), for exact gradient
+/// comparisons on small 8×8 inputs (the network is fully convolutional up to the global pool).
+let private float64Pair () =
+    let teacher = TestUtil.loadSharedModel ()
+    teacher.``to``(torch.float64) |> ignore
+    let student = Quantize.quantize (Registry.find "cifar-resnet20-a") 10L teacher 4 4
+    student.``to``(torch.float64) |> ignore
+    torch.random.manual_seed 2L |> ignore
+    Quantize.calibrate torch.CPU student [ for _ in 1 .. 4 -> torch.randn([| 2L; 3L; 8L; 8L |], dtype = torch.float64) ]
+    teacher, student
 
-/// A small float64 net in eval mode with seeded weights and BN statistics; a quantized one is
-/// calibrated on seeded noise.
-let private small (seed: int64) (kit: LayerKit) : Net =
+let private input64 (seed: int64) =
     torch.random.manual_seed seed |> ignore
-    let n = new SmallNet(kit)
-    n.``to``(torch.float64) |> ignore
-    (
-        use _ = torch.no_grad ()
-        for struct (name, b) in n.named_buffers () do
-            if name.EndsWith "running_mean" then b.copy_(torch.randn(4L, dtype = torch.float64) * 0.1) |> ignore
-            if name.EndsWith "running_var" then b.copy_(torch.rand(4L, dtype = torch.float64) + 0.5) |> ignore
-    )
-    n.eval ()
-    if not (List.isEmpty (Quantizers.actQuantizers n)) then
-        Quantize.calibrate torch.CPU n [ for _ in 1 .. 4 -> torch.randn([| 2L; 3L; 6L; 6L |], dtype = torch.float64) ]
-    n :> Net
+    torch.randn([| 6L; 3L; 8L; 8L |], dtype = torch.float64), torch.randint(10L, [| 6L |])
 
 /// The fine-tuning loss with KL and relaxed alignment written out in torch ops (config `c`'s T, α,
 /// λ), the teacher's outputs detached or not.
@@ -172,13 +146,10 @@ let private explicitLoss (c: FineTune.Config) (d: Promotion.Direction) (detachTe
     | Promotion.KLandFA -> kl + fa * c.Lambda
 
 let promotionGradTests = [
-    test "δ equals ε·sign of the explicit input gradient: through both networks, or the student only with teacher outputs detached (every direction, a = 0 and a > 0)" {
+    test "δ equals ε·sign of the explicit input gradient: through both networks, or the student only with teacher outputs detached (every direction, a = 0 and a > 0; float64)" {
         use _ = torch.NewDisposeScope()
-        let teacher = small 1L LayerKit.fullPrecision
-        let student = small 2L (Quantizers.LayerKit.quantized 4 4)
-        torch.random.manual_seed 3L |> ignore
-        let x = torch.randn([| 6L; 3L; 6L; 6L |], dtype = torch.float64)
-        let labels = torch.randint(5L, [| 6L |])
+        let teacher, student = float64Pair ()
+        let x, labels = input64 3L
         let eps = 0.01
         let deltas = System.Collections.Generic.Dictionary<_, Tensor>()
         for g in grads do
@@ -220,14 +191,12 @@ let promotionGradTests = [
     }
     test "after a step in either mode the teacher's parameters are bit-identical and have no gradient; the student moved" {
         use _ = torch.NewDisposeScope()
-        let teacher = small 1L LayerKit.fullPrecision
+        let teacher, _ = float64Pair ()
         let tBefore = paramsOf teacher
-        torch.random.manual_seed 4L |> ignore
-        let x = torch.randn([| 6L; 3L; 6L; 6L |], dtype = torch.float64)
-        let labels = torch.randint(5L, [| 6L |])
+        let x, labels = input64 4L
         for g in grads do
             for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] do
-                let student = small 2L (Quantizers.LayerKit.quantized 4 4)
+                let _, student = float64Pair ()
                 let sBefore = paramsOf student
                 let c = { FineTune.defaults with Promotion = Some { Promotion.defaults with Grad = g; Direction = d } }
                 let s = FineTune.step c teacher student (FineTune.optimizer c student) 1e-3 x labels
