@@ -64,7 +64,7 @@ let defaults : Config =
       Lambda = 1000.0
       Alignment = Relaxed
       CeWeight = 0.0
-      Promotion = Some { Epsilon = 0.01; Direction = KLandFA; CleanWeight = 1.0; PerturbedWeight = 1.0 }
+      Promotion = Some Promotion.defaults
       Crop = Augment.CropSpec.fineTune
       Seed = 0L }
 
@@ -88,6 +88,8 @@ let validate (c: Config) : Config =
         requireNonNegative "epsilon" p.Epsilon
         requireNonNegative "clean weight a" p.CleanWeight
         requireNonNegative "perturbed weight b" p.PerturbedWeight
+        if p.CleanWeight = 0.0 && p.PerturbedWeight = 0.0 then
+            fail "clean weight a and perturbed weight b are both 0: the fine-tuning loss would be 0; make one positive, or turn promotion off"
     | None -> ()
     match c.Schedule with
     | MultiStep(ms, d) ->
@@ -135,7 +137,8 @@ let terms (c: Config) (s: Outputs) (t: Outputs) (labels: Tensor) : Terms =
         else torch.nn.functional.cross_entropy(s.Logits, labels) * torch.tensor(c.CeWeight)
     { KL = kl; FA = fa; CE = ce; Total = kl + fa + ce }
 
-let private directionLoss (d: Direction) (t: Terms) =
+/// The loss whose input gradient sets the promotion direction.
+let directionLoss (d: Direction) (t: Terms) : Tensor =
     match d with
     | KL -> t.KL
     | FA -> t.FA
@@ -150,6 +153,34 @@ let private directionIsTotal (c: Config) (d: Direction) =
        | KL, NoAlignment -> true
        | _ -> false
 
+/// Teacher outputs on `input`. `graph = false`: under no_grad, constants for the loss. `graph = true`:
+/// with the autograd graph back to `input` (promotion through both networks); the caller freezes the
+/// teacher's parameters (`Teacher.withFrozen`) so that the graph reaches the input only. The
+/// teacher's intermediates are dropped at once; only what the loss reads survives the call (a graph
+/// keeps its own references to what its backward needs).
+let teacherOutputs (graph: bool) (teacher: Net) (input: Tensor) : Outputs =
+    use _ = if graph then null else torch.no_grad ()
+    use _ = torch.NewDisposeScope()
+    let o = teacher.Forward input
+    { Logits = o.Logits.MoveToOuterDisposeScope()
+      Blocks = o.Blocks |> List.map (fun b -> b.MoveToOuterDisposeScope())
+      Bn = [] }
+
+/// Whether the teacher's forward on the clean batch keeps a graph: promotion through both networks.
+let teacherGraph (c: Config) : bool =
+    match c.Promotion with
+    | Some { Grad = Both } -> true
+    | _ -> false
+
+/// ∇x `loss` for a leaf `x` that requires grad; zeros when `loss` does not depend on `x` (e.g. the FA
+/// direction without feature alignment). `retain` keeps the graph for a later backward.
+let inputGradient (retain: bool) (loss: Tensor) (x: Tensor) : Tensor =
+    let g =
+        if loss.requires_grad then
+            torch.autograd.grad([| loss |], [| x |], retain_graph = retain, allow_unused = true).[0]
+        else null
+    if isNull g || g.IsInvalid then torch.zeros_like x else g
+
 /// Scalar statistics of one iteration (for progress and metrics).
 type StepStats =
     { KL: float
@@ -158,59 +189,78 @@ type StepStats =
       Total: float
       /// total loss on the promoted batch x + δ (NaN without promotion)
       PerturbedTotal: float
+      /// promotion gain L(x + δ) / L(x): above 1 when promotion made the batch harder (NaN without)
+      PromotionGain: float
       Lr: float }
 
 let private ensureFinite (what: string) (v: float) =
     if Double.IsNaN v || Double.IsInfinity v then
         failf "fine-tuning diverged: %s is %g; lower the learning rate or check the samples" what v
 
-/// One optimisation step on batch `x` (already augmented, on the device). Gradients flow into the
-/// student only; the teacher is evaluated without a graph.
+/// The clean half of a promoted step on batch `x` (on the device): the loss terms L(x), with
+/// a·∇θ L(x) accumulated into the student's `.grad`, and the input gradient g that sets
+/// δ = ε·sign(g) — through both networks or the student only, as `p.Grad` says (g may be scaled by
+/// a > 0, which leaves its sign unchanged). Call with the teacher's parameters frozen.
+///
+/// Work: the clean teacher forward keeps a graph only with `Both`. When the direction loss is the
+/// total and a > 0, one backward gives both gradients; otherwise the input gradient comes from
+/// `autograd.grad` (graph retained only if a·L(x) still needs its backward, which then runs to the
+/// student's parameters only).
+let promotionGradient (c: Config) (p: Promotion) (teacher: Net) (student: Net) (x: Tensor) (labels: Tensor) : Terms * Tensor =
+    let xg = x.detach().requires_grad_(true)
+    let t = terms c (student.Forward xg) (teacherOutputs (p.Grad = Both) teacher xg) labels
+    ensureFinite "the loss" (scalar t.Total)
+    let a = p.CleanWeight
+    let grad =
+        if a > 0.0 && directionIsTotal c p.Direction then
+            (t.Total * a).backward ()
+            xg.grad
+        elif a > 0.0 then
+            let g = inputGradient true (directionLoss p.Direction t) xg
+            let ps = student.parameters () |> Seq.filter (fun q -> q.requires_grad) |> Seq.map (fun q -> q :> Tensor) |> Array.ofSeq
+            (t.Total * a).backward (inputs = ps)
+            g
+        else inputGradient false (directionLoss p.Direction t) xg
+    t, grad
+
+/// One optimisation step on batch `x` (already augmented, on the device): a·L(x) + b·L(x + δ) with
+/// promotion, L(x) without. Gradients flow into the student's parameters only; the teacher's
+/// parameters are frozen for the step (requires_grad false, restored afterwards) and never change.
+/// The teacher keeps a graph only for the clean forward with `Both`; on x + δ it runs under no_grad.
 let step (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer) (lr: float) (x: Tensor) (labels: Tensor) : StepStats =
     for g in opt.ParamGroups do g.LearningRate <- lr
     opt.zero_grad ()
     // channels-last activations: faster convolutions (same values up to float rounding)
     let x = Augment.channelsLast x
-    // the teacher's intermediates are dropped at once; only what the loss reads survives the call
-    let teacherOut (input: Tensor) : Outputs =
-        use _ = torch.no_grad ()
-        use _ = torch.NewDisposeScope()
-        let o = teacher.Forward input
-        { Logits = o.Logits.MoveToOuterDisposeScope()
-          Blocks = o.Blocks |> List.map (fun b -> b.MoveToOuterDisposeScope())
-          Bn = [] }
-    let clean (input: Tensor) = terms c (student.Forward input) (teacherOut input) labels
     let stats (t: Terms) (perturbed: float) =
-        { KL = scalar t.KL; FA = scalar t.FA; CE = scalar t.CE; Total = scalar t.Total
-          PerturbedTotal = perturbed; Lr = lr }
-    match c.Promotion with
-    | None ->
-        let t = clean x
-        let s = stats t nan
-        ensureFinite "the loss" s.Total
-        t.Total.backward ()
-        opt.step () |> ignore
-        s
-    | Some p ->
-        let xg = x.detach().requires_grad_(true)
-        let t = clean xg
-        let s0 = stats t nan
-        ensureFinite "the loss" s0.Total
-        let grad =
-            if p.CleanWeight > 0.0 && directionIsTotal c p.Direction then
-                (t.Total * p.CleanWeight).backward ()
-                xg.grad
-            else
-                let g = torch.autograd.grad([| directionLoss p.Direction t |], [| xg |], retain_graph = true).[0]
-                (t.Total * p.CleanWeight).backward ()
-                g
-        let x2 = Promotion.perturb p.Epsilon x grad
-        let t2 = clean x2
-        let perturbed = scalar t2.Total
-        ensureFinite "the promoted-sample loss" perturbed
-        (t2.Total * p.PerturbedWeight).backward ()
-        opt.step () |> ignore
-        { s0 with PerturbedTotal = perturbed }
+        let total = scalar t.Total
+        { KL = scalar t.KL; FA = scalar t.FA; CE = scalar t.CE; Total = total
+          PerturbedTotal = perturbed; PromotionGain = perturbed / total; Lr = lr }
+    Teacher.withFrozen teacher (fun () ->
+        match c.Promotion with
+        | None ->
+            let t = terms c (student.Forward x) (teacherOutputs false teacher x) labels
+            let s = stats t nan
+            ensureFinite "the loss" s.Total
+            t.Total.backward ()
+            opt.step () |> ignore
+            s
+        | Some p ->
+            let t, grad = promotionGradient c p teacher student x labels
+            let x2 = Promotion.perturb p.Epsilon x grad
+            let perturbedTerms () = terms c (student.Forward x2) (teacherOutputs false teacher x2) labels
+            let perturbed =
+                if p.PerturbedWeight > 0.0 then
+                    let t2 = perturbedTerms ()
+                    let v = scalar t2.Total
+                    ensureFinite "the promoted-sample loss" v
+                    (t2.Total * p.PerturbedWeight).backward ()
+                    v
+                else
+                    use _ = torch.no_grad ()
+                    scalar (perturbedTerms ()).Total
+            opt.step () |> ignore
+            stats t perturbed)
 
 // ---------------------------------------------------------------------------------------------
 // Epochs
@@ -228,7 +278,8 @@ type IterInfo =
       ItersPerEpoch: int
       Stats: StepStats }
 
-/// Mean statistics of a finished epoch.
+/// Mean statistics of a finished epoch (`Mean.PromotionGain` is the mean over iterations of
+/// L(x + δ) / L(x)).
 type EpochStats =
     { Epoch: int
       Mean: StepStats }
@@ -247,7 +298,7 @@ let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt:
     student.eval ()
     use gen = generator (deriveSeed c.Seed [ 2L; int64 ep ])
     use order = epochIndices c images.shape[0] ep gen
-    let mutable sum = { KL = 0.0; FA = 0.0; CE = 0.0; Total = 0.0; PerturbedTotal = 0.0; Lr = 0.0 }
+    let mutable sum = { KL = 0.0; FA = 0.0; CE = 0.0; Total = 0.0; PerturbedTotal = 0.0; PromotionGain = 0.0; Lr = 0.0 }
     for i in 0 .. c.ItersPerEpoch - 1 do
         use _ = torch.NewDisposeScope()
         let idx = order.slice(0L, int64 i * int64 c.BatchSize, int64 (i + 1) * int64 c.BatchSize, 1L)
@@ -258,10 +309,11 @@ let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt:
         let s = step c teacher student opt lr (xa.``to``(device)) yb
         sum <-
             { KL = sum.KL + s.KL; FA = sum.FA + s.FA; CE = sum.CE + s.CE; Total = sum.Total + s.Total
-              PerturbedTotal = sum.PerturbedTotal + s.PerturbedTotal; Lr = s.Lr }
+              PerturbedTotal = sum.PerturbedTotal + s.PerturbedTotal; PromotionGain = sum.PromotionGain + s.PromotionGain
+              Lr = s.Lr }
         onIter { Epoch = ep; Iteration = i; ItersPerEpoch = c.ItersPerEpoch; Stats = s }
     let n = float c.ItersPerEpoch
     { Epoch = ep
       Mean =
         { KL = sum.KL / n; FA = sum.FA / n; CE = sum.CE / n; Total = sum.Total / n
-          PerturbedTotal = sum.PerturbedTotal / n; Lr = sum.Lr } }
+          PerturbedTotal = sum.PerturbedTotal / n; PromotionGain = sum.PromotionGain / n; Lr = sum.Lr } }

@@ -99,10 +99,14 @@ let accuracy (logits: Tensor) (targets: Tensor) : float =
 // Fine-tuning losses (KL distillation, attention / feature alignment) — added by the fine-tune stage.
 // ---------------------------------------------------------------------------------------------
 
-/// KL(softmax(t/T) ‖ softmax(s/T)), averaged over the batch ("batchmean"). Teacher logits are constants.
+// Each fine-tuning loss is differentiable in both arguments: the gradient wrt the input flows
+// through the teacher's outputs too when they carry a graph (promotion through both networks, as in
+// the authors' trainer). Teacher outputs computed under no_grad are constants.
+
+/// KL(softmax(t/T) ‖ softmax(s/T)), averaged over the batch ("batchmean").
 let kl (temperature: float) (student: Tensor) (teacher: Tensor) : Tensor =
     let logS = torch.nn.functional.log_softmax(student / temperature, 1L)
-    let logT = torch.nn.functional.log_softmax(teacher.detach () / temperature, 1L)
+    let logT = torch.nn.functional.log_softmax(teacher / temperature, 1L)
     let pT = logT.exp ()
     (pT * (logT - logS)).sum(1L).mean ()
 
@@ -125,8 +129,8 @@ let private blockPairs (student: Tensor list) (teacher: Tensor list) =
 /// Relaxed feature alignment: Σ_b MSE(attn(s_b), attn(t_b)).
 let relaxedAlignment (student: Tensor list) (teacher: Tensor list) : Tensor =
     sumOver (blockPairs student teacher) (fun s t ->
-        torch.nn.functional.mse_loss(attention s, attention (t.detach ())))
+        torch.nn.functional.mse_loss(attention s, attention t))
 
 /// Direct feature alignment: Σ_b MSE(s_b, t_b) on raw body outputs.
 let directAlignment (student: Tensor list) (teacher: Tensor list) : Tensor =
-    sumOver (blockPairs student teacher) (fun s t -> torch.nn.functional.mse_loss(s, t.detach ()))
+    sumOver (blockPairs student teacher) (fun s t -> torch.nn.functional.mse_loss(s, t))

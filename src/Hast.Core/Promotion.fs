@@ -1,6 +1,10 @@
 /// Sample difficulty promotion (HAST section 3.3): each fine-tuning batch x is also trained on as
 /// x + δ with δ = ε·sign(∇x L_dir(x)), a one-step perturbation that makes the sample harder for the
 /// student; the loss direction L_dir is a choice studied in the supplement.
+///
+/// As in the authors' trainer, ∇x follows both networks by default: the teacher runs on the input that
+/// requires grad and neither its logits nor its attention vectors are detached, so δ grows the
+/// teacher–student discrepancy itself. The teacher's parameters never receive gradient.
 module Hast.Core.Promotion
 
 open TorchSharp
@@ -11,12 +15,25 @@ type Direction =
     | FA
     | KLandFA
 
-/// Promotion settings: `Weights = (a, b)` weigh the clean and perturbed losses, a·L(x) + b·L(x + δ).
+/// Which network(s) the input gradient ∇x L_dir(x) that sets δ flows through.
+type PromotionGrad =
+    /// teacher and student (the authors' trainer): the teacher's outputs on x are not constants
+    | Both
+    /// the student only: the teacher's outputs on x are constants (no graph through the teacher)
+    | StudentOnly
+
+/// Promotion settings: `CleanWeight`, `PerturbedWeight` = (a, b) weigh the clean and perturbed
+/// losses, a·L(x) + b·L(x + δ), on the student's parameters.
 type Promotion =
     { Epsilon: float
       Direction: Direction
+      Grad: PromotionGrad
       CleanWeight: float
       PerturbedWeight: float }
+
+/// The authors' settings (CIFAR-10 ε = 0.01, KL+FA direction through both networks, a = b = 1).
+let defaults : Promotion =
+    { Epsilon = 0.01; Direction = KLandFA; Grad = Both; CleanWeight = 1.0; PerturbedWeight = 1.0 }
 
 let parseDirection (s: string) : Direction =
     match s.Trim().ToLowerInvariant() with
@@ -30,6 +47,17 @@ let directionName =
     | KL -> "kl"
     | FA -> "fa"
     | KLandFA -> "kl+fa"
+
+let parseGrad (s: string) : PromotionGrad =
+    match s.Trim().ToLowerInvariant() with
+    | "both" | "teacher+student" -> Both
+    | "student" | "student-only" -> StudentOnly
+    | other -> failf "--promotion-grad must be both or student (got '%s')" other
+
+let gradName =
+    function
+    | Both -> "both"
+    | StudentOnly -> "student"
 
 /// δ = ε·sign(g): the promotion step for an input gradient g. ‖δ‖∞ = ε wherever g ≠ 0.
 let delta (epsilon: float) (grad: Tensor) : Tensor =

@@ -92,16 +92,7 @@ let private inEval (teacher: Net) (student: Net) (f: unit -> 'a) : 'a =
 /// The fine-tuning loss terms of the student on batch `x` (teacher evaluated without a graph).
 /// Models are used as they are (call in eval mode, as fine-tuning does).
 let termsOn (c: FineTune.Config) (teacher: Net) (student: Net) (x: Tensor) (labels: Tensor) : FineTune.Terms =
-    let t =
-        use _ = torch.no_grad ()
-        teacher.Forward x
-    FineTune.terms c (student.Forward x) t labels
-
-let private directionLoss (d: Promotion.Direction) (t: FineTune.Terms) : Tensor =
-    match d with
-    | Promotion.KL -> t.KL
-    | Promotion.FA -> t.FA
-    | Promotion.KLandFA -> t.KL + t.FA
+    FineTune.terms c (student.Forward x) (FineTune.teacherOutputs false teacher x) labels
 
 /// Gradient relations of one fine-tuning batch.
 type TermCosines =
@@ -123,17 +114,14 @@ let termCosines (c: FineTune.Config) (teacher: Net) (student: Net) (x: Tensor) (
     inEval teacher student (fun () ->
         use _ = torch.NewDisposeScope()
         let xg = x.detach().requires_grad_(true)
-        let t = termsOn c teacher student xg labels
+        // the teacher keeps a graph to xg when δ follows both networks (as in fine-tuning)
+        let t = Teacher.withFrozen teacher (fun () ->
+                    FineTune.terms c (student.Forward xg) (FineTune.teacherOutputs (FineTune.teacherGraph c) teacher xg) labels)
         let klFa = compareGradients ps t.KL t.FA
         let perturbed =
             c.Promotion
             |> Option.map (fun p ->
-                let dl = directionLoss p.Direction t
-                let gx =
-                    if dl.requires_grad then
-                        torch.autograd.grad([| dl |], [| xg |], retain_graph = true, allow_unused = true).[0]
-                    else null
-                let gx = if isNull gx || gx.IsInvalid then torch.zeros_like xg else gx
+                let gx = FineTune.inputGradient true (FineTune.directionLoss p.Direction t) xg
                 let x2 = Promotion.perturb p.Epsilon x gx
                 let t2 = termsOn c teacher student x2 labels
                 compareGradients ps t.Total t2.Total)

@@ -193,6 +193,7 @@ let tests : Test list =
         Expect.equal p.FineTune.Schedule (FineTune.Cosine 0.0) "cosine to 0"
         Expect.equal (p.FineTune.Lr, p.FineTune.BatchSize) (1e-5, 64) "authors' lr and batch"
         Expect.isSome p.FineTune.Promotion "promotion on"
+        Expect.equal (p.FineTune.Promotion |> Option.map (fun q -> q.Grad)) (Some Promotion.Both) "promotion through both networks"
         // the planned counts go in through withCounts
         let planned = QuantizeCli.withCounts 1024 200 2400 p
         match planned.Samples with
@@ -234,8 +235,32 @@ let tests : Test list =
               [ "--schedule"; "cosine"; "--milestones"; "0" ], "--milestones"
               [ "--promotion"; "false"; "--epsilon"; "-1" ], "--epsilon"
               [ "--synth-batch"; "0" ], "--synth-batch"
-              [ "--crop-scale"; "0.9,0.1" ], "--crop-scale" ] do
+              [ "--crop-scale"; "0.9,0.1" ], "--crop-scale"
+              [ "--promotion"; "false"; "--promotion-grad"; "teacher" ], "--promotion-grad" ] do
             try
                 Root.parse (fun _ -> "") (Array.ofList (baseArgs @ extra)) |> ignore
                 failtestf "%A accepted" extra
-            with HastError m -> Expect.stringContains m flag "names the flag" ]
+            with HastError m -> Expect.stringContains m flag "names the flag" 
+      testCase "--promotion-grad both|student: default both, flag, config key, bench; a bad value names the flag" <| fun () ->
+        let baseArgs = [ "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--samples"; "8" ]
+        let gradOf (readFile: string -> string) (extra: string list) =
+            match Root.parse readFile (Array.ofList (baseArgs @ extra)) with
+            | Root.Command.Run p -> p.FineTune.Promotion |> Option.map (fun q -> q.Grad)
+            | other -> failtestf "a run, got %A" other
+        Expect.equal (gradOf (fun _ -> "") []) (Some Promotion.Both) "default: through both networks"
+        Expect.equal (gradOf (fun _ -> "") [ "--promotion-grad"; "student" ]) (Some Promotion.StudentOnly) "flag"
+        Expect.equal (gradOf (fun _ -> "{\"promotion-grad\": \"student\"}") [ "--config"; "c.json" ]) (Some Promotion.StudentOnly) "config key"
+        Expect.equal (gradOf (fun _ -> "{\"promotion-grad\": \"student\"}") [ "--config"; "c.json"; "--promotion-grad"; "both" ]) (Some Promotion.Both) "flag overrides config"
+        try
+            gradOf (fun _ -> "") [ "--promotion-grad"; "teacher" ] |> ignore
+            failtest "a bad value accepted"
+        with HastError m ->
+            Expect.stringContains m "--promotion-grad" "names the flag"
+            Expect.isFalse (m.Contains '\n') "one line"
+        for value, expected in [ [], Promotion.Both; [ "--promotion-grad"; "student" ], Promotion.StudentOnly ] do
+            match Root.parse (fun _ -> "") (Array.ofList ([ "bench"; "--arch"; "cifar-resnet20-a"; "--weights"; "w" ] @ value)) with
+            | Root.Command.Bench b ->
+                Expect.equal b.PromotionGrad expected "bench flag"
+                Expect.equal ((BenchCli.fineTuneConfig b true).Promotion |> Option.map (fun q -> q.Grad)) (Some expected) "bench's promoted phase"
+                Expect.isNone (BenchCli.fineTuneConfig b false).Promotion "bench's plain phase"
+            | other -> failtestf "bench, got %A" other ]

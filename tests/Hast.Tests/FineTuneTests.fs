@@ -20,6 +20,8 @@ let private pair (wbits: int) (abits: int) =
 let private paramsOf (m: torch.nn.Module) =
     m.parameters () |> Seq.map (fun p -> p.detach().clone()) |> List.ofSeq
 
+let private grads = [ Promotion.Both; Promotion.StudentOnly ]
+
 let lossTests = [
     test "KL is 0 for equal logits and > 0 otherwise" {
         use _ = torch.NewDisposeScope()
@@ -76,19 +78,21 @@ let promotionTests = [
     }
     test "a = 1, b = 0 equals no promotion" {
         use _ = torch.NewDisposeScope()
-        let teacher, s1 = pair 4 4
-        let _, s2 = pair 4 4
+        let teacher, s2 = pair 4 4
         torch.random.manual_seed 7L |> ignore
         let x = torch.randn(8L, 3L, 32L, 32L)
         let labels = torch.randint(10L, [| 8L |])
         let cfg = { FineTune.defaults with Lr = 1e-3 }
-        let withAB = { cfg with Promotion = Some { Epsilon = 0.05; Direction = Promotion.KLandFA; CleanWeight = 1.0; PerturbedWeight = 0.0 } }
         let without = { cfg with Promotion = None }
-        FineTune.step withAB teacher s1 (FineTune.optimizer withAB s1) 1e-3 x labels |> ignore
         FineTune.step without teacher s2 (FineTune.optimizer without s2) 1e-3 x labels |> ignore
-        let p1, p2 = paramsOf s1, paramsOf s2
-        let diff = List.map2 (fun (a: Tensor) (b: Tensor) -> scalar ((a - b).abs().max())) p1 p2 |> List.max
-        Expect.isLessThan diff 1e-6 "same parameters after one step"
+        let p2 = paramsOf s2
+        for g in grads do
+            let _, s1 = pair 4 4
+            let withAB = { cfg with Promotion = Some { Promotion.defaults with Epsilon = 0.05; Grad = g; PerturbedWeight = 0.0 } }
+            FineTune.step withAB teacher s1 (FineTune.optimizer withAB s1) 1e-3 x labels |> ignore
+            let diff = List.map2 (fun (a: Tensor) (b: Tensor) -> scalar ((a - b).abs().max())) (paramsOf s1) p2 |> List.max
+            Expect.isLessThan diff 1e-6 (sprintf "%A: same parameters after one step" g)
+        let p1 = p2
         let before = paramsOf (snd (pair 4 4))
         let moved = List.map2 (fun (a: Tensor) (b: Tensor) -> scalar ((a - b).abs().max())) p1 before |> List.max
         Expect.isGreaterThan moved 1e-7 "the step changed the student"
@@ -101,11 +105,109 @@ let promotionTests = [
         let x = torch.randn(4L, 3L, 32L, 32L)
         let labels = torch.randint(10L, [| 4L |])
         for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] do
-            let cfg = { FineTune.defaults with Promotion = Some { Epsilon = 0.01; Direction = d; CleanWeight = 1.0; PerturbedWeight = 1.0 } }
+            let cfg = { FineTune.defaults with Promotion = Some { Promotion.defaults with Direction = d } }
             let s = FineTune.step cfg teacher student (FineTune.optimizer cfg student) 1e-5 x labels
             Expect.isTrue (System.Double.IsFinite s.Total && System.Double.IsFinite s.PerturbedTotal) (sprintf "%A finite" d)
         let diff = List.map2 (fun (a: Tensor) (b: Tensor) -> scalar ((a - b).abs().max())) tBefore (paramsOf teacher) |> List.max
         Expect.equal diff 0.0 "teacher unchanged"
+    }
+]
+
+/// The shared model and its W4A4 student in float64 (calibrated on seeded noise), for exact gradient
+/// comparisons on small 8×8 inputs (the network is fully convolutional up to the global pool).
+let private float64Pair () =
+    let teacher = TestUtil.loadSharedModel ()
+    teacher.``to``(torch.float64) |> ignore
+    let student = Quantize.quantize (Registry.find "cifar-resnet20-a") 10L teacher 4 4
+    student.``to``(torch.float64) |> ignore
+    torch.random.manual_seed 2L |> ignore
+    Quantize.calibrate torch.CPU student [ for _ in 1 .. 4 -> torch.randn([| 2L; 3L; 8L; 8L |], dtype = torch.float64) ]
+    teacher, student
+
+let private input64 (seed: int64) =
+    torch.random.manual_seed seed |> ignore
+    torch.randn([| 6L; 3L; 8L; 8L |], dtype = torch.float64), torch.randint(10L, [| 6L |])
+
+/// The fine-tuning loss with KL and relaxed alignment written out in torch ops (config `c`'s T, α,
+/// λ), the teacher's outputs detached or not.
+let private explicitLoss (c: FineTune.Config) (d: Promotion.Direction) (detachTeacher: bool) (s: Outputs) (t: Outputs) =
+    let tt (v: Tensor) = if detachTeacher then v.detach () else v
+    let temp = c.Temperature
+    let logS = torch.nn.functional.log_softmax(s.Logits / temp, 1L)
+    let logT = torch.nn.functional.log_softmax(tt t.Logits / temp, 1L)
+    let kl = (logT.exp () * (logT - logS)).sum(1L).mean() * (c.Alpha * temp * temp)
+    let att (f: Tensor) =
+        let a = (f * f).mean([| 2L; 3L |])
+        a / a.norm(1, keepdim = true).clamp_min(1e-12)
+    let fa = List.map2 (fun (sb: Tensor) (tb: Tensor) -> (att sb - att (tt tb)).square().mean()) s.Blocks t.Blocks |> List.reduce (+)
+    match d with
+    | Promotion.KL -> kl
+    | Promotion.FA -> fa * c.Lambda
+    | Promotion.KLandFA -> kl + fa * c.Lambda
+
+let promotionGradTests = [
+    test "δ equals ε·sign of the explicit input gradient: through both networks, or the student only with teacher outputs detached (every direction, a = 0 and a > 0; float64)" {
+        use _ = torch.NewDisposeScope()
+        let teacher, student = float64Pair ()
+        let x, labels = input64 3L
+        let eps = 0.01
+        let deltas = System.Collections.Generic.Dictionary<_, Tensor>()
+        for g in grads do
+            for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] do
+                for a in [ 0.0; 0.5; 1.0 ] do
+                    let p = { Promotion.defaults with Epsilon = eps; Direction = d; Grad = g; CleanWeight = a }
+                    let c = { FineTune.defaults with Promotion = Some p }
+                    let xe = x.detach().clone().requires_grad_(true)
+                    let loss = explicitLoss c d (g = Promotion.StudentOnly) (student.Forward xe) (teacher.Forward xe)
+                    let ge = torch.autograd.grad([| loss |], [| xe |]).[0]
+                    let expected = Promotion.delta eps ge
+                    let _, grad = Teacher.withFrozen teacher (fun () -> FineTune.promotionGradient c p teacher student x labels)
+                    let actual = Promotion.delta eps grad
+                    Expect.equal (scalar ((actual - expected).abs().max())) 0.0 (sprintf "%A %A a = %g: δ bit for bit" g d a)
+                    Expect.equal (scalar (expected.abs().max())) eps (sprintf "%A %A: a real δ" g d)
+                    deltas[(g, d, a)] <- actual
+        for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] do
+            let differ = scalar (deltas[(Promotion.Both, d, 1.0)].ne(deltas[(Promotion.StudentOnly, d, 1.0)]).sum())
+            Expect.isGreaterThan differ 0.0 (sprintf "%A: the teacher's path changes δ" d)
+    }
+    test "promotion through both networks makes a synthetic batch clearly harder for a W3A3 student (shared model)" {
+        // measured (64 samples x 60 synthesis iterations, seed 0, W3A3 calibrated per sample, ε = 0.01,
+        // KL+FA): gain 1.270 through both networks, 0.999 through the student only
+        use _ = torch.NewDisposeScope()
+        let teacher = TestUtil.loadSharedModel ()
+        let cfg = { Synthesis.defaultsFor Registry.Cifar with Samples = 64; BatchSize = 64; Iterations = 60; Seed = 0L }
+        let r = Synthesis.synthesizeBatch torch.CPU teacher cfg 32 0 64 ignore
+        let student = Quantize.quantize (Registry.find "cifar-resnet20-a") 10L teacher 3 3
+        Quantize.calibrate torch.CPU student [ for i in 0L .. 63L -> r.Images.slice(0L, i, i + 1L, 1L) ]
+        let gain g =
+            let c = { FineTune.defaults with Promotion = Some { Promotion.defaults with Grad = g } }
+            // lr 0: the statistics are those of the batch before any update
+            let s = FineTune.step c teacher student (FineTune.optimizer c student) 0.0 r.Images r.Labels
+            Expect.floatClose Accuracy.veryHigh s.PromotionGain (s.PerturbedTotal / s.Total) "gain = L(x+δ)/L(x)"
+            s.PromotionGain
+        let both, studentOnly = gain Promotion.Both, gain Promotion.StudentOnly
+        Expect.isGreaterThan both 1.10 (sprintf "L(x+δ) > 1.10·L(x) through both networks (gain %.4f; student only %.4f; seed 0)" both studentOnly)
+        Expect.isGreaterThan both studentOnly (sprintf "both %.4f vs student only %.4f" both studentOnly)
+    }
+    test "after a step in either mode the teacher's parameters are bit-identical and have no gradient; the student moved" {
+        use _ = torch.NewDisposeScope()
+        let teacher, _ = float64Pair ()
+        let tBefore = paramsOf teacher
+        let x, labels = input64 4L
+        for g in grads do
+            for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] do
+                let _, student = float64Pair ()
+                let sBefore = paramsOf student
+                let c = { FineTune.defaults with Promotion = Some { Promotion.defaults with Grad = g; Direction = d } }
+                let s = FineTune.step c teacher student (FineTune.optimizer c student) 1e-3 x labels
+                Expect.isTrue (System.Double.IsFinite s.PromotionGain) "finite gain"
+                let tAfter = teacher.parameters () |> List.ofSeq
+                Expect.isTrue (tAfter |> List.forall (fun p -> isNull p.grad || p.grad.IsInvalid)) (sprintf "%A %A: teacher has no gradient" g d)
+                Expect.isTrue (tAfter |> List.forall (fun p -> p.requires_grad)) "the teacher's requires_grad flags are restored"
+                for (a: Tensor), (b: Tensor) in List.zip tBefore (paramsOf teacher) do
+                    Expect.isTrue (a.eq(b).all().item<bool> ()) (sprintf "%A %A: teacher bit-identical" g d)
+                let moved = List.map2 (fun (a: Tensor) (b: Tensor) -> scalar ((a - b).abs().max())) sBefore (paramsOf student) |> List.max
+                Expect.isGreaterThan moved 0.0 "the student moved"
     }
 ]
 
@@ -122,4 +224,4 @@ let scheduleTests = [
 ]
 
 
-let tests : Test list = lossTests @ promotionTests @ scheduleTests
+let tests : Test list = lossTests @ promotionTests @ scheduleTests @ promotionGradTests

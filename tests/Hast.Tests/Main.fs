@@ -16,6 +16,7 @@ let all =
         testList "losses" LossTests.tests
         testList "synthesis" SynthesisTests.tests
         testList "store" StoreTests.tests
+        testList "promotion" PromotionTests.tests
         testList "finetune" FineTuneTests.tests
         testList "cli" CliTests.tests
         testList "generator" GeneratorTests.tests

@@ -117,7 +117,7 @@ let gradientTests = [
         student.train ()
         let x = input 2L 6L
         let promo eps : Promotion.Promotion option =
-            Some { Epsilon = eps; Direction = Promotion.KLandFA; CleanWeight = 1.0; PerturbedWeight = 1.0 }
+            Some { Promotion.defaults with Epsilon = eps }
         let c = { FineTune.defaults with Promotion = promo 0.0 }
         let r = Study.termCosines c teacher student x labels
         Expect.isTrue (r.KlFa.Cosine >= -1.0 && r.KlFa.Cosine <= 1.0) "KL/FA cosine in [-1, 1]"

@@ -100,6 +100,7 @@ public static class BenchCommand
                 ["abits"] = c.ABits,
                 ["device"] = c.Device,
                 ["warmup"] = c.Warmup,
+                ["promotion_grad"] = Promotion.gradName(c.PromotionGrad),
                 ["torch_threads"] = torch.get_num_threads(),
                 ["torch_interop_threads"] = torch.get_num_interop_threads(),
                 ["machine"] = machine,
@@ -149,7 +150,8 @@ public static class BenchCommand
         FineTune.epoch(device, cfg, teacher, student, opt, images, labels, 0,
             FuncConvert.FromAction<FineTune.IterInfo>(info => laps.Lap(info.Iteration >= c.Warmup)));
         var what = promoted
-            ? $"fine-tune step + promotion (batch {c.Batch}, FineTune.epoch: crop, 2x student fwd/bwd, 2x teacher fwd)"
+            ? $"fine-tune step + promotion, direction through {(c.PromotionGrad.IsBoth ? "teacher and student" : "the student only")} " +
+              $"(batch {c.Batch}, FineTune.epoch: crop, 2x student fwd/bwd, 2x teacher fwd{(c.PromotionGrad.IsBoth ? ", 1x teacher bwd to the input" : "")})"
             : $"fine-tune step, no promotion (batch {c.Batch}, FineTune.epoch)";
         return new PhaseResult(name, what, c.Batch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, laps.RssFirstKb, RssKb());
     }

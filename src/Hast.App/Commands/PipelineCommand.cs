@@ -127,12 +127,12 @@ public static class PipelineCommand
                     long step = (long)it.Epoch * it.ItersPerEpoch + it.Iteration + 1;
                     var s = it.Stats;
                     log.Progress(step, total,
-                        [("epoch", it.Epoch + 1), ("kl", s.KL), ("fa", s.FA), ("ce", s.CE), ("loss", s.Total), ("loss+d", s.PerturbedTotal), ("lr", s.Lr)]);
+                        [("epoch", it.Epoch + 1), ("kl", s.KL), ("fa", s.FA), ("ce", s.CE), ("loss", s.Total), ("loss+d", s.PerturbedTotal), ("gain", s.PromotionGain), ("lr", s.Lr)]);
                     if (it.Iteration % 10 == 0 || it.Iteration == it.ItersPerEpoch - 1)
                         log.Metric("iter", new JsonObject
                         {
                             ["epoch"] = it.Epoch + 1, ["iteration"] = step, ["kl"] = s.KL, ["fa"] = s.FA, ["ce"] = s.CE,
-                            ["total"] = s.Total, ["perturbed_total"] = Finite(s.PerturbedTotal), ["lr"] = s.Lr,
+                            ["total"] = s.Total, ["perturbed_total"] = Finite(s.PerturbedTotal), ["promotion_gain"] = Finite(s.PromotionGain), ["lr"] = s.Lr,
                         });
                     Faults.At("ft-iter", $"epoch {it.Epoch + 1} iteration {it.Iteration + 1}");
                     StopSignal.Check(() => $"in fine-tune epoch {it.Epoch + 1}/{ft.Epochs} after iteration {it.Iteration + 1}/{it.ItersPerEpoch} " +
@@ -142,14 +142,15 @@ public static class PipelineCommand
             {
                 ["epoch"] = epoch + 1, ["iterations"] = (long)(epoch + 1) * ft.ItersPerEpoch,
                 ["kl"] = stats.Mean.KL, ["fa"] = stats.Mean.FA, ["ce"] = stats.Mean.CE, ["total"] = stats.Mean.Total,
-                ["perturbed_total"] = Finite(stats.Mean.PerturbedTotal), ["lr"] = stats.Mean.Lr,
+                ["perturbed_total"] = Finite(stats.Mean.PerturbedTotal), ["promotion_gain"] = Finite(stats.Mean.PromotionGain), ["lr"] = stats.Mean.Lr,
             };
             if ((epoch + 1) % c.EvalEvery == 0 || epoch + 1 == ft.Epochs)
             {
                 var acc = Eval(student, test.Dataset, device, null);
                 entry["top1"] = acc.Top1;
                 entry["top5"] = acc.Top5;
-                log.Info($"epoch {epoch + 1}/{ft.Epochs}: loss {stats.Mean.Total:G4} (kl {stats.Mean.KL:G4}, fa {stats.Mean.FA:G4}) lr {stats.Mean.Lr:G3} " +
+                log.Info($"epoch {epoch + 1}/{ft.Epochs}: loss {stats.Mean.Total:G4} (kl {stats.Mean.KL:G4}, fa {stats.Mean.FA:G4}" +
+                         (double.IsFinite(stats.Mean.PromotionGain) ? $", promotion gain {stats.Mean.PromotionGain:F3}" : "") + $") lr {stats.Mean.Lr:G3} " +
                          $"-> test top-1 {acc.Top1:F2}% top-5 {acc.Top5:F2}%");
             }
             history.Add(entry);
@@ -290,7 +291,7 @@ public static class PipelineCommand
             ["temperature"] = ft.Temperature, ["alpha"] = ft.Alpha, ["lambda"] = ft.Lambda,
             ["alignment"] = ft.Alignment.ToString(), ["ce_weight"] = ft.CeWeight,
             ["promotion"] = ft.Promotion is { } p
-                ? new JsonObject { ["epsilon"] = p.Value.Epsilon, ["direction"] = Promotion.directionName(p.Value.Direction), ["a"] = p.Value.CleanWeight, ["b"] = p.Value.PerturbedWeight }
+                ? new JsonObject { ["epsilon"] = p.Value.Epsilon, ["direction"] = Promotion.directionName(p.Value.Direction), ["grad"] = Promotion.gradName(p.Value.Grad), ["a"] = p.Value.CleanWeight, ["b"] = p.Value.PerturbedWeight }
                 : null,
             ["crop_scale"] = new JsonArray(ft.Crop.Scale.Item1, ft.Crop.Scale.Item2),
             ["seed"] = ft.Seed,

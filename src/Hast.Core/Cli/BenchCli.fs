@@ -58,6 +58,8 @@ type BenchConfig =
       /// inter-op threads (None: TorchSharp's default)
       InteropThreads: int option
       Phases: Phase list
+      /// networks the promotion direction follows in the `ft-promo` phase
+      PromotionGrad: Hast.Core.Promotion.PromotionGrad
       Device: string
       Seed: int64
       Report: string option }
@@ -65,7 +67,7 @@ type BenchConfig =
 let defaults =
     { Arch = ""; Weights = ""; WBits = 4; ABits = 4; Batch = 64; Iters = 30; SynthBatch = 256; SynthIters = 20
       EvalBatch = 256; EvalIters = 10; Warmup = 3; Threads = None; InteropThreads = None; Phases = Phase.all
-      Device = "cpu"; Seed = 0L; Report = None }
+      PromotionGrad = Hast.Core.Promotion.defaults.Grad; Device = "cpu"; Seed = 0L; Report = None }
 
 type BenchArgs =
     | [<Mandatory>] Arch of name: string
@@ -82,6 +84,7 @@ type BenchArgs =
     | Threads of n: int
     | Interop_Threads of n: int
     | Phases of list: string
+    | Promotion_Grad of through: string
     | Device of name: string
     | Seed of n: int64
     | Report of path: string
@@ -102,6 +105,9 @@ type BenchArgs =
             | Threads _ -> "intra-op threads (torch.set_num_threads; default: TorchSharp's, usually the core count)"
             | Interop_Threads _ -> "inter-op threads (torch.set_num_interop_threads; default: TorchSharp's)"
             | Phases _ -> sprintf "phases to run, comma-separated: %s (default: all)" (Phase.all |> List.map Phase.name |> String.concat ",")
+            | Promotion_Grad _ ->
+                sprintf "ft-promo: promotion direction through both (teacher and student) | student (default: %s)"
+                    (Hast.Core.Promotion.gradName defaults.PromotionGrad)
             | Device _ -> sprintf "cpu or cuda (default: %s)" defaults.Device
             | Seed _ -> "seed of the random inputs (default: 0)"
             | Report _ -> "write the measured table as JSON to this file"
@@ -128,19 +134,21 @@ let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =
       Threads = r.TryGetResult <@ Threads @> |> Option.map (checkPositiveInt "--threads")
       InteropThreads = r.TryGetResult <@ Interop_Threads @> |> Option.map (checkPositiveInt "--interop-threads")
       Phases = phases
+      PromotionGrad =
+          r.TryGetResult <@ Promotion_Grad @> |> Option.map Hast.Core.Promotion.parseGrad |> Option.defaultValue defaults.PromotionGrad
       Device = getOr r <@ Device @> defaults.Device
       Seed = getOr r <@ Seed @> defaults.Seed
       Report = r.TryGetResult <@ Report @> }
 
 /// The fine-tune settings a bench phase runs: the defaults with the bench's batch size, one epoch of
-/// `Warmup + Iters` iterations, with or without promotion.
+/// `Warmup + Iters` iterations, with or without promotion (through the networks `PromotionGrad` says).
 let fineTuneConfig (c: BenchConfig) (promoted: bool) : Hast.Core.FineTune.Config =
     let d = Hast.Core.FineTune.defaults
     { d with
         BatchSize = c.Batch
         Epochs = 1
         ItersPerEpoch = c.Warmup + c.Iters
-        Promotion = (if promoted then d.Promotion else None)
+        Promotion = (if promoted then d.Promotion |> Option.map (fun p -> { p with Grad = c.PromotionGrad }) else None)
         Seed = c.Seed }
     |> Hast.Core.FineTune.validate
 

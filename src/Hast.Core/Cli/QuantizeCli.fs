@@ -68,11 +68,12 @@ let presets : (string * string * Layer) list =
             "schedule", "multistep"; "milestones", "20,40,60"; "lr-decay", "0.1"
             "calibration", "samples" ]
       "cpu-30min",
-      "end to end in 30 minutes on this machine (--time-budget 30m plans samples and iterations; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), per-sample calibration, the authors' lr, cosine",
+      "end to end in 30 minutes on this machine (--time-budget 30m plans samples and iterations; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), per-sample calibration, the authors' lr, cosine, promotion through both networks",
       Map.ofList
           [ "time-budget", "30m"; "synth-batch", "256"
             "calibration", "samples"; "calib-batch", "1"; "calib-batches", "512"
-            "batch", "64"; "lr", "1e-5"; "iters-per-epoch", "200"; "schedule", "cosine" ]
+            "batch", "64"; "lr", "1e-5"; "iters-per-epoch", "200"; "schedule", "cosine"
+            "promotion-grad", "both" ]
       "tiny",
       "a smoke test in seconds (not for accuracy)",
       Map.ofList
@@ -124,6 +125,7 @@ type QuantizeArgs =
     | Promotion of on: bool
     | Epsilon of float
     | Direction of loss: string
+    | Promotion_Grad of through: string
     | Clean_Weight of a: float
     | Perturbed_Weight of b: float
     | Crop_Scale of range: string
@@ -178,6 +180,7 @@ type QuantizeArgs =
             | Promotion _ -> "sample difficulty promotion on/off (default: true)"
             | Epsilon _ -> "promotion step epsilon (default: CIFAR-10 0.01, CIFAR-100 0.02, ImageNet 0.01)"
             | Direction _ -> "loss that sets the promotion direction: kl | fa | kl+fa (default: kl+fa)"
+            | Promotion_Grad _ -> "networks the promotion direction's input gradient flows through: both (teacher and student, as the authors' trainer) | student (teacher outputs constant) (default: both)"
             | Clean_Weight _ -> "weight a of the clean-batch loss (default: 1)"
             | Perturbed_Weight _ -> "weight b of the promoted-batch loss (default: 1)"
             | Crop_Scale _ -> "fine-tune random-resized-crop area range, e.g. 0.5,1 (default: 0.5,1)"
@@ -226,6 +229,7 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
     for k in [ "epsilon"; "clean-weight"; "perturbed-weight" ] do
         if r.Has k then r.Float(k, 0.0) |> checkNonNegative ("--" + k) |> ignore
     if r.Has "direction" then Promotion.parseDirection (r.String("direction", "")) |> ignore
+    if r.Has "promotion-grad" then Promotion.parseGrad (r.String("promotion-grad", "")) |> ignore
     let classes = r.TryInt "classes" |> Option.map (checkPositiveInt "--classes")
     let ds = dataset arch.Name classes
     let d = FineTune.defaults
@@ -270,9 +274,10 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
         if r.Bool("promotion", true) then
             Some
                 { Promotion.Epsilon = r.Float("epsilon", epsDefault) |> checkNonNegative "--epsilon"
-                  Promotion.Direction = Promotion.parseDirection (r.String("direction", "kl+fa"))
-                  Promotion.CleanWeight = r.Float("clean-weight", 1.0) |> checkNonNegative "--clean-weight"
-                  Promotion.PerturbedWeight = r.Float("perturbed-weight", 1.0) |> checkNonNegative "--perturbed-weight" }
+                  Promotion.Direction = Promotion.parseDirection (r.String("direction", Promotion.directionName Promotion.defaults.Direction))
+                  Promotion.Grad = Promotion.parseGrad (r.String("promotion-grad", Promotion.gradName Promotion.defaults.Grad))
+                  Promotion.CleanWeight = r.Float("clean-weight", Promotion.defaults.CleanWeight) |> checkNonNegative "--clean-weight"
+                  Promotion.PerturbedWeight = r.Float("perturbed-weight", Promotion.defaults.PerturbedWeight) |> checkNonNegative "--perturbed-weight" }
         else None
     let seed = r.Int64("seed", 0L)
     let ft =
