@@ -37,8 +37,8 @@ public static class BudgetProbe
         var planPath = Path.Combine(outDir, PlanFile);
         if (c.Resume && File.Exists(planPath))
         {
-            var recorded = JsonNode.Parse(File.ReadAllText(planPath))!.AsObject();
-            var resumed = QuantizeCli.withCounts((int)recorded["samples"]!, (int)recorded["synth_iters"]!, (int)recorded["fine_tune_iters"]!, c);
+            var (recorded, samples, synthIters, fineTuneIters) = ReadPlan(planPath);
+            var resumed = QuantizeCli.withCounts(samples, synthIters, fineTuneIters, c);
             return new Planned(resumed, recorded, [$"time budget: resuming with the recorded plan ({planPath})"]);
         }
         Directory.CreateDirectory(outDir);
@@ -50,6 +50,21 @@ public static class BudgetProbe
         var json = Json(plan, probes);
         AtomicFile.WriteAllText(planPath, json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
         return new Planned(QuantizeCli.withCounts(plan.Samples, plan.SynthIters, plan.FineTuneIters, c), json, Budget.describe(plan).ToList());
+    }
+
+    /// The recorded plan and its three counts; a damaged plan.json is one clear error, not a crash.
+    static (JsonObject Json, int Samples, int SynthIters, int FineTuneIters) ReadPlan(string path)
+    {
+        try
+        {
+            var o = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+            int Count(string key) => (int)o[key]! is var n and > 0 ? n : throw new FormatException($"'{key}' is not positive");
+            return (o, Count("samples"), Count("synth_iters"), Count("fine_tune_iters"));
+        }
+        catch (Exception e) when (e is JsonException or FormatException or InvalidOperationException or NullReferenceException)
+        {
+            throw new HastError($"{path} is damaged ({e.Message}); it records the run's planned counts: restore it, or start the run again in a new --out");
+        }
     }
 
     /// Seconds per step, from `Warmup` untimed and a few timed iterations of each, on a throwaway
