@@ -14,6 +14,8 @@ public static class Errors
     public static string? UserMessage(Exception e) => e switch
     {
         HastError h => h.Message,
+        // a setting the command line did not check itself: named as the flag of the same name
+        InvalidSetting s => $"--{s.Setting} {s.Problem}",
         FileNotFoundException f => $"file not found: {f.FileName ?? f.Message}",
         DirectoryNotFoundException d => $"folder not found: {d.Message}",
         UnauthorizedAccessException u => $"permission denied: {u.Message}",

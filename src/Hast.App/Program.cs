@@ -1,5 +1,5 @@
 using Hast.Core;
-using Hast.Core.Cli;
+using Hast.Cli;
 using Microsoft.FSharp.Core;
 
 namespace Hast.App;
@@ -45,8 +45,8 @@ public static class Program
                 Root.Command.Eval c => EvalCommand.Run(c.Item, stdout),
                 Root.Command.Synthesize c => SynthesizeCommand.Run(c.Item, stdout),
                 Root.Command.Samples c => SamplesCommand.Run(c.Item, stdout),
-                Root.Command.Quantize c => PipelineCommand.Run(c.Item, isRun: false, stdout),
-                Root.Command.Run c => PipelineCommand.Run(c.Item, isRun: true, stdout),
+                Root.Command.Quantize c => PipelineCommand.Run(c.Item, stdout),
+                Root.Command.Run c => PipelineCommand.Run(c.Item, stdout),
                 Root.Command.Download c => DownloadCommand.Run(c.Item, stdout),
                 Root.Command.Bench c => BenchCommand.Run(c.Item, stdout),
                 Root.Command.Export c => ExportCommand.Run(c.Item, stdout),

@@ -40,12 +40,12 @@ module CropSpec =
     let validate (s: CropSpec) =
         let lo, hi = s.Scale
         if not (lo > 0.0 && lo <= hi && hi <= 1.0) then
-            failf "crop scale range must satisfy 0 < min <= max <= 1 (got %g..%g)" lo hi
+            invalidf "crop-scale" "must satisfy 0 < min <= max <= 1 (got %g,%g)" lo hi
         let rlo, rhi = s.Ratio
         if not (rlo > 0.0 && rlo <= rhi && not (Double.IsInfinity rhi)) then
-            failf "crop aspect-ratio range must satisfy 0 < min <= max (got %g..%g)" rlo rhi
+            invalidf "crop-ratio" "must satisfy 0 < min <= max (got %g,%g)" rlo rhi
         if not (s.FlipProbability >= 0.0 && s.FlipProbability <= 1.0) then
-            failf "flip probability must be in [0, 1] (got %g)" s.FlipProbability
+            invalidf "flip-probability" "must be in [0, 1] (got %g)" s.FlipProbability
 
 /// A crop box in pixels.
 type CropBox = { Top: int64; Left: int64; Height: int64; Width: int64 }

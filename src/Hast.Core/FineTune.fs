@@ -56,7 +56,8 @@ let defaults : Config =
       Lr = 1e-5
       Momentum = 0.9
       WeightDecay = 1e-4
-      Epochs = 80
+      // the authors' 151 epochs less their 4 generator warm-up epochs (`--calibration generator`)
+      Epochs = 147
       ItersPerEpoch = 200
       Schedule = MultiStep([ 20; 40; 60 ], 0.1)
       Temperature = 20.0
@@ -72,30 +73,30 @@ let defaults : Config =
 let baseline (c: Config) = { c with Alignment = NoAlignment; CeWeight = 1.0; Promotion = None }
 
 let validate (c: Config) : Config =
-    if c.BatchSize <= 0 then failf "batch size must be positive (got %d)" c.BatchSize
-    if c.Epochs <= 0 then failf "epochs must be positive (got %d)" c.Epochs
-    if c.ItersPerEpoch <= 0 then failf "iterations per epoch must be positive (got %d)" c.ItersPerEpoch
-    requirePositive "learning rate" c.Lr
+    requirePositiveInt "batch" c.BatchSize
+    requirePositiveInt "epochs" c.Epochs
+    requirePositiveInt "iters-per-epoch" c.ItersPerEpoch
+    requirePositive "lr" c.Lr
     requireNonNegative "momentum" c.Momentum
-    requireNonNegative "weight decay" c.WeightDecay
+    requireNonNegative "weight-decay" c.WeightDecay
     requirePositive "temperature" c.Temperature
     requireNonNegative "alpha" c.Alpha
     requireNonNegative "lambda" c.Lambda
-    requireNonNegative "CE weight" c.CeWeight
+    requireNonNegative "ce-weight" c.CeWeight
     Augment.CropSpec.validate c.Crop
     match c.Promotion with
     | Some p ->
         requireNonNegative "epsilon" p.Epsilon
-        requireNonNegative "clean weight a" p.CleanWeight
-        requireNonNegative "perturbed weight b" p.PerturbedWeight
+        requireNonNegative "clean-weight" p.CleanWeight
+        requireNonNegative "perturbed-weight" p.PerturbedWeight
         if p.CleanWeight = 0.0 && p.PerturbedWeight = 0.0 then
-            fail "clean weight a and perturbed weight b are both 0: the fine-tuning loss would be 0; make one positive, or turn promotion off"
+            invalid "perturbed-weight" "and clean-weight are both 0: the fine-tuning loss would be 0; make one positive, or turn promotion off"
     | None -> ()
     match c.Schedule with
     | MultiStep(ms, d) ->
-        requirePositive "LR decay" d
-        if ms |> List.exists (fun m -> m <= 0) then fail "LR milestones must be positive epochs"
-    | Cosine f -> requireNonNegative "cosine floor" f
+        requirePositive "lr-decay" d
+        if ms |> List.exists (fun m -> m <= 0) then invalid "milestones" "must be positive epoch numbers"
+    | Cosine f -> requireNonNegative "lr-floor" f
     c
 
 let totalIterations (c: Config) = c.Epochs * c.ItersPerEpoch
@@ -194,8 +195,7 @@ type StepStats =
       Lr: float }
 
 let private ensureFinite (what: string) (v: float) =
-    if Double.IsNaN v || Double.IsInfinity v then
-        failf "fine-tuning diverged: %s is %g; lower the learning rate or check the samples" what v
+    requireFinite "fine-tuning" what "lower the learning rate or check the samples" v
 
 /// The clean half of a promoted step on batch `x` (on the device): the loss terms L(x), with
 /// a·∇θ L(x) accumulated into the student's `.grad`, and the input gradient g that sets

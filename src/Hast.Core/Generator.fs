@@ -50,14 +50,14 @@ let defaults : Config =
 
 /// Fail with one line naming the first invalid setting.
 let validate (cfg: Config) : unit =
-    if cfg.Iterations <= 0 then failf "the number of generator iterations must be positive (got %d)" cfg.Iterations
+    requirePositiveInt "generator-iters" cfg.Iterations
     if cfg.BatchSize < 2 then
-        failf "the generator batch size must be at least 2, its BatchNorm layers need batch statistics (got %d)" cfg.BatchSize
-    if cfg.Latent <= 0 then failf "the generator latent size must be positive (got %d)" cfg.Latent
-    requirePositive "the generator learning rate" cfg.Lr
-    if not (cfg.Beta1 >= 0.0 && cfg.Beta1 < 1.0) then failf "the generator Adam beta1 must be in [0, 1) (got %g)" cfg.Beta1
-    if not (cfg.Beta2 >= 0.0 && cfg.Beta2 < 1.0) then failf "the generator Adam beta2 must be in [0, 1) (got %g)" cfg.Beta2
-    requireNonNegative "the BN-statistics weight" cfg.BnsWeight
+        invalidf "calib-batch" "must be at least 2 for the generator, its BatchNorm layers need batch statistics (got %d)" cfg.BatchSize
+    requirePositiveInt "generator-latent" cfg.Latent
+    requirePositive "generator-lr" cfg.Lr
+    if not (cfg.Beta1 >= 0.0 && cfg.Beta1 < 1.0) then invalidf "generator-beta1" "must be in [0, 1) (got %g)" cfg.Beta1
+    if not (cfg.Beta2 >= 0.0 && cfg.Beta2 < 1.0) then invalidf "generator-beta2" "must be in [0, 1) (got %g)" cfg.Beta2
+    requireNonNegative "generator-bns-weight" cfg.BnsWeight
 
 /// Check the image side the generator can produce (a multiple of 4).
 let checkSide (side: int) : unit =
@@ -197,8 +197,7 @@ let calibrateWithGenerator
                 let bns = Losses.bnsLoss out.Bn
                 let loss = ce + bns * cfg.BnsWeight
                 let lossV = scalar loss
-                if Double.IsNaN lossV || Double.IsInfinity lossV then
-                    failf "the generator warm-up diverged: loss is %g at iteration %d; lower the generator learning rate" lossV it
+                requireFinite "the generator warm-up" (sprintf "the loss at iteration %d" it) "lower the generator learning rate" lossV
                 opt.zero_grad ()
                 loss.backward ()
                 opt.step () |> ignore

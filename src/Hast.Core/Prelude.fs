@@ -8,6 +8,12 @@ open TorchSharp
 /// The shell prints `Message` and exits non-zero; it never shows a stack trace for these.
 exception HastError of Message: string
 
+/// A setting with a value it cannot take: the setting's name as the configuration names it (the keys
+/// of a run's config.json: `lr`, `synth-iters`, `wbits`, ...) and what is wrong ("must be positive
+/// (got -1)"). The command line turns the name into its flag; the message reads "setting 'lr' ...".
+exception InvalidSetting of Setting: string * Problem: string with
+    override e.Message = sprintf "setting '%s' %s" e.Setting e.Problem
+
 [<AutoOpen>]
 module Prelude =
     /// Raise a user-facing error (one line).
@@ -15,15 +21,21 @@ module Prelude =
 
     let failf fmt = Printf.ksprintf fail fmt
 
+    /// Raise `InvalidSetting` for `setting`.
+    let invalid (setting: string) (problem: string) : 'a = raise (InvalidSetting(setting, problem))
+
+    /// `invalid` with a format: `invalidf "lr" "must be positive (got %g)" v`.
+    let invalidf (setting: string) fmt = Printf.ksprintf (invalid setting) fmt
+
     /// `torch.Device` from a user string ("cpu", "cuda", "cuda:1").
     let device (name: string) : torch.Device =
         match name.Trim().ToLowerInvariant() with
         | "cpu" -> torch.CPU
         | s when s.StartsWith "cuda" ->
             if not (torch.cuda.is_available ()) then
-                fail "device 'cuda' requested but no CUDA device/TorchSharp-cuda build is available; use --device cpu or build with -p:HastTorchBackend=cuda"
+                fail "device 'cuda' requested but no CUDA device/TorchSharp-cuda build is available; use device cpu, or build with -p:HastTorchBackend=cuda"
             torch.Device(s)
-        | s -> failf "unknown device '%s'; use cpu or cuda" s
+        | s -> invalidf "device" "must be cpu or cuda (got '%s')" s
 
     /// Deterministic 64-bit seed derived from a base seed and a path of indices
     /// (e.g. seed, stage, batch). Used so that every batch/epoch is reproducible on its own,
@@ -40,14 +52,23 @@ module Prelude =
     /// A fresh torch generator seeded deterministically.
     let generator (seed: int64) : torch.Generator = new torch.Generator(uint64 seed)
 
-    /// Validate a positive finite number; used by configuration records.
-    let requirePositive (name: string) (v: float) =
+    /// Validate a positive finite number; `setting` names it (raises `InvalidSetting`).
+    let requirePositive (setting: string) (v: float) =
         if Double.IsNaN v || Double.IsInfinity v || v <= 0.0 then
-            failf "%s must be a positive finite number (got %g)" name v
+            invalidf setting "must be a positive finite number (got %g)" v
 
-    let requireNonNegative (name: string) (v: float) =
+    let requireNonNegative (setting: string) (v: float) =
         if Double.IsNaN v || Double.IsInfinity v || v < 0.0 then
-            failf "%s must be a non-negative finite number (got %g)" name v
+            invalidf setting "must be a non-negative finite number (got %g)" v
+
+    /// The one finiteness check of the stages: fail with one line when a loss value is NaN or
+    /// infinite, e.g. "fine-tuning diverged: the loss is nan; lower the learning rate".
+    let requireFinite (stage: string) (what: string) (fix: string) (v: float) =
+        if Double.IsNaN v || Double.IsInfinity v then failf "%s diverged: %s is %g; %s" stage what v fix
+
+    /// Validate a positive whole number; `setting` names it (raises `InvalidSetting`).
+    let requirePositiveInt (setting: string) (v: int) =
+        if v <= 0 then invalidf setting "must be a positive integer (got %d)" v
 
     /// True when every element is finite.
     let allFinite (t: torch.Tensor) : bool =

@@ -40,7 +40,7 @@ let parseDirection (s: string) : Direction =
     | "kl" -> KL
     | "fa" -> FA
     | "kl+fa" | "klandfa" | "kl_fa" | "both" -> KLandFA
-    | other -> failf "unknown perturbation direction '%s'; use kl, fa or kl+fa" other
+    | other -> invalidf "direction" "must be kl, fa or kl+fa (got '%s')" other
 
 let directionName =
     function
@@ -52,7 +52,7 @@ let parseGrad (s: string) : PromotionGrad =
     match s.Trim().ToLowerInvariant() with
     | "both" | "teacher+student" -> Both
     | "student" | "student-only" -> StudentOnly
-    | other -> failf "--promotion-grad must be both or student (got '%s')" other
+    | other -> invalidf "promotion-grad" "must be both or student (got '%s')" other
 
 let gradName =
     function

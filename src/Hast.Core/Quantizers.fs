@@ -2,7 +2,7 @@
 /// layers built on them, and the quantized `LayerKit`.
 ///
 /// Conventions (all quantizers):
-///  - `bits` is 1..16, or 32 meaning "off" (identity, no rounding at all);
+///  - `bits` is 2..8, or 32 meaning "off" (identity, no rounding at all);
 ///  - the grid is asymmetric, `scale = (hi - lo) / (2^b - 1)`, `zp = round(-lo / scale)`,
 ///    `q = clamp(round(x / scale) + zp, 0, 2^b - 1)`, value `(q - zp) * scale`;
 ///  - the range is first widened to contain 0 (`lo <= 0 <= hi`), so 0 is always exactly
@@ -25,10 +25,14 @@ let fullPrecisionBits = 32
 /// Smallest quantization step; guards a collapsed range (hi = lo = 0).
 let minScale = 1e-8
 
-/// Fail unless `bits` is 1..16 or 32. `what` names the quantizer ("weight", "activation").
-let checkBits (what: string) (bits: int) : unit =
-    if not (bits = fullPrecisionBits || (bits >= 1 && bits <= 16)) then
-        failf "%s bit width must be between 1 and 16, or 32 for full precision (got %d)" what bits
+/// The bit width of weights and activations when none is given (W4A4).
+let defaultBits = 4
+
+/// The one rule for bit widths: 2..8 (what the integer export holds), or 32 for full precision.
+/// `setting` names the setting (`wbits`, `abits`); raises `InvalidSetting`.
+let checkBits (setting: string) (bits: int) : unit =
+    if not (bits = fullPrecisionBits || (bits >= 2 && bits <= 8)) then
+        invalidf setting "must be 2..8, or 32 for full precision (got %d)" bits
 
 /// Number of the largest level, 2^b - 1.
 let private qmaxOf (bits: int) = float ((1L <<< bits) - 1L)
@@ -52,7 +56,7 @@ let qparams (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor =
 /// order, as the out-of-place formula, so the values are identical). No intermediate tensor of
 /// `x`'s size survives the call (they would otherwise be held by the caller's dispose scope).
 let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
-    checkBits "quantizer" bits
+    checkBits "bits" bits
     if bits = fullPrecisionBits then x
     else
         use _ = torch.NewDisposeScope()
@@ -68,7 +72,7 @@ let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
 /// operations in the same order as `fakeQuant`, so `(q - zp) * scale` equals `fakeQuant x lo hi bits`
 /// bit for bit. Detached; for export of a quantized model as integers. `bits` must not be 32.
 let quantCodes (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor * Tensor =
-    checkBits "quantizer" bits
+    checkBits "bits" bits
     if bits = fullPrecisionBits then fail "a full-precision quantizer (32 bits) has no integer codes"
     let scale, zp = qparams lo hi bits
     x.detach().div(scale).round_().add_(zp).clamp_((0.0).ToScalar(), (qmaxOf bits).ToScalar()), scale, zp
@@ -87,7 +91,7 @@ let weightRange (w: Tensor) : Tensor * Tensor =
 /// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
 /// the min/max over all other dims of the current (detached) weight (`weightRange`).
 let weightFakeQuant (w: Tensor) (bits: int) : Tensor =
-    checkBits "weight" bits
+    checkBits "wbits" bits
     if bits = fullPrecisionBits then w
     else
         use _ = torch.NewDisposeScope()
@@ -102,7 +106,7 @@ type IWeightQuantized =
 /// `bias` (only when `spec.Bias`), as in torch.nn.Conv2d, so FP state_dicts fit.
 type QConv2d(spec: ConvSpec, wbits: int) as this =
     inherit Module<Tensor, Tensor>("QConv2d")
-    do checkBits "weight" wbits
+    do checkBits "wbits" wbits
     do
         use _ = torch.no_grad ()
         let w = torch.empty([| spec.OutChannels; spec.InChannels / spec.Groups; spec.Kernel; spec.Kernel |])
@@ -126,7 +130,7 @@ type QConv2d(spec: ConvSpec, wbits: int) as this =
 /// Linear with per-output-row fake-quantized weight. Parameters `weight` (out, in) and `bias` (out).
 type QLinear(inFeatures: int64, outFeatures: int64, wbits: int) as this =
     inherit Module<Tensor, Tensor>("QLinear")
-    do checkBits "weight" wbits
+    do checkBits "wbits" wbits
     do
         use _ = torch.no_grad ()
         let w = torch.empty([| outFeatures; inFeatures |])
@@ -161,7 +165,7 @@ type ActMode =
 type ActQuant(bits: int, momentum: float) as this =
     inherit Module<Tensor, Tensor>("ActQuant")
     do
-        checkBits "activation" bits
+        checkBits "abits" bits
         if not (momentum >= 0.0 && momentum < 1.0) then
             failf "activation EMA momentum must be in [0, 1) (got %g)" momentum
     let mutable mode = Frozen
@@ -253,7 +257,7 @@ module LayerKit =
     /// Fake-quantized layers: per-channel `wbits` weights, per-tensor `abits` activations after
     /// every ReLU/ReLU6. Parameter names match `LayerKit.fullPrecision`.
     let quantized (wbits: int) (abits: int) : LayerKit =
-        checkBits "weight" wbits
+        checkBits "wbits" wbits
         checkBits "activation" abits
         { Conv = fun c -> new QConv2d(c, wbits) :> Module<Tensor, Tensor>
           Linear = fun i o -> new QLinear(i, o, wbits) :> Module<Tensor, Tensor>

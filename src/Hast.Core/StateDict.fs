@@ -135,7 +135,7 @@ let load (label: string) (weights': IDictionary<string, Tensor>) (model: Module)
     let f = compare entries given isBatchCounter
     if not (Fit.isOk f) then
         let hint =
-            if f.Missing.IsEmpty && f.Unexpected.IsEmpty then "are --arch and --classes right?" else "is --arch right?"
+            if f.Missing.IsEmpty && f.Unexpected.IsEmpty then "are the architecture and class count right?" else "is the architecture right?"
         failf "weights do not fit %s: first difference %s; %s; %s" label (firstDifference entries given isBatchCounter) (describe f) hint
     copyAll entries given
 
@@ -157,6 +157,6 @@ let restore (state: IDictionary<string, Tensor>) (model: Module) : unit =
     let entries = fullState model
     let f = compare entries given (fun _ -> false)
     if not (Fit.isOk f) then
-        failf "checkpoint state does not fit %s: first difference %s; %s; was it saved for another --arch, --classes or bit width?"
+        failf "checkpoint state does not fit %s: first difference %s; %s; was it saved for another architecture, class count or bit width?"
             (model.GetName()) (firstDifference entries given (fun _ -> false)) (describe f)
     copyAll entries given

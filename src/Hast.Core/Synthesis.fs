@@ -71,17 +71,17 @@ let defaultsFor (family: Family) : Config =
 
 /// Fail with one line naming the first invalid setting.
 let validate (cfg: Config) : unit =
-    if cfg.Samples <= 0 then failf "the number of samples must be positive (got %d)" cfg.Samples
-    if cfg.BatchSize <= 0 then failf "the synthesis batch size must be positive (got %d)" cfg.BatchSize
-    if cfg.Iterations <= 0 then failf "the number of synthesis iterations must be positive (got %d)" cfg.Iterations
-    if cfg.Patience < 0 then failf "the plateau patience must be >= 0 (got %d)" cfg.Patience
+    requirePositiveInt "samples" cfg.Samples
+    requirePositiveInt "synth-batch" cfg.BatchSize
+    requirePositiveInt "synth-iters" cfg.Iterations
+    if cfg.Patience < 0 then invalidf "synth-patience" "must be zero or a positive integer (got %d)" cfg.Patience
     requireNonNegative "beta" cfg.Beta
     requireNonNegative "gamma" cfg.Gamma
-    requirePositive "the synthesis learning rate" cfg.Lr
-    requirePositive "the minimum learning rate" cfg.MinLr
-    if not (cfg.Factor > 0.0 && cfg.Factor < 1.0) then failf "the plateau factor must be in (0, 1) (got %g)" cfg.Factor
+    requirePositive "synth-lr" cfg.Lr
+    requirePositive "synth-min-lr" cfg.MinLr
+    if not (cfg.Factor > 0.0 && cfg.Factor < 1.0) then invalidf "synth-factor" "must be in (0, 1) (got %g)" cfg.Factor
     if not (cfg.AugmentProbability >= 0.0 && cfg.AugmentProbability <= 1.0) then
-        failf "the augmentation probability must be in [0, 1] (got %g)" cfg.AugmentProbability
+        invalidf "synth-augment-probability" "must be in [0, 1] (got %g)" cfg.AugmentProbability
     match cfg.Augment with
     | NoAugmentation -> ()
     | SharedCrop s | PerSampleCrop s -> CropSpec.validate s
@@ -207,8 +207,7 @@ let synthesizeBatch
             let out = teacher.Forward input
             let bns, ce, total = losses cfg out labels
             let totalV = scalar total
-            if Double.IsNaN totalV || Double.IsInfinity totalV then
-                failf "synthesis diverged: loss is %g in batch %d at iteration %d; lower the learning rate or beta" totalV batchIndex it
+            requireFinite "synthesis" (sprintf "the loss in batch %d at iteration %d" batchIndex it) "lower the learning rate or beta" totalV
             opt.zero_grad ()
             total.backward ()
             opt.step () |> ignore

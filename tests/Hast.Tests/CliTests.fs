@@ -8,7 +8,7 @@ open FsCheck
 open FsCheck.FSharp
 open Hast.Core
 open Hast.Tests.TestUtil
-open Hast.Core.Cli
+open Hast.Cli
 
 /// `--flag` names of an Argu union (as Argu spells them).
 let private flagsOf (t: Type) =
@@ -129,8 +129,9 @@ let private valid (c: Root.Command) =
     let bits b = (b >= 2 && b <= 8) || b = 32
     match c with
     | Root.Command.Quantize p | Root.Command.Run p ->
-        bits p.WBits && bits p.ABits && p.FineTune.BatchSize > 0 && p.FineTune.Lr > 0.0 && Double.IsFinite p.FineTune.Lr
-        && p.FineTune.Epochs > 0 && p.FineTune.ItersPerEpoch > 0
+        let r = p.Run
+        bits r.WBits && bits r.ABits && r.FineTune.BatchSize > 0 && r.FineTune.Lr > 0.0 && Double.IsFinite r.FineTune.Lr
+        && r.FineTune.Epochs > 0 && r.FineTune.ItersPerEpoch > 0
     | Root.Command.Eval e -> bits e.WBits && bits e.ABits && e.BatchSize > 0
     | Root.Command.Synthesize s -> s.Synthesis.Samples > 0 && s.Synthesis.BatchSize > 0 && s.Synthesis.Iterations > 0
     | Root.Command.Samples _ -> true
@@ -180,35 +181,35 @@ let tests : Test list =
         let baseArgs = [ "run"; "--preset"; "cpu-30min"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o" ]
         let parseRun extra =
             match Root.parse (fun _ -> "") (Array.ofList (baseArgs @ extra)) with
-            | Root.Command.Run p -> p
+            | Root.Command.Run p -> p.Run
             | other -> failtestf "a run, got %A" other
         let p = parseRun []
-        Expect.equal p.TimeBudget (Some({ Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None } : QuantizeCli.TimeBudget))
+        Expect.equal p.TimeBudget (Some({ Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None } : Pipeline.TimeBudget))
             "30 minutes; samples, synthesis and fine-tune iterations planned"
         match p.Samples with
-        | QuantizeCli.Synthesize s -> Expect.equal s.BatchSize 256 "synthesis batch 256"
+        | Pipeline.Synthesize s -> Expect.equal s.BatchSize 256 "synthesis batch 256"
         | other -> failtestf "synthesizes, got %A" other
-        Expect.equal p.Calibration (QuantizeCli.FromSamples(512, 1)) "per-sample calibration on 512 samples"
+        Expect.equal p.Calibration (Pipeline.FromSamples { Batches = 512; BatchSize = 1 }) "per-sample calibration on 512 samples"
         Expect.equal p.FineTune.ItersPerEpoch 200 "200 iterations per epoch"
         Expect.equal p.FineTune.Schedule (FineTune.Cosine 0.0) "cosine to 0"
         Expect.equal (p.FineTune.Lr, p.FineTune.BatchSize) (1e-5, 64) "authors' lr and batch"
         Expect.isSome p.FineTune.Promotion "promotion on"
         Expect.equal (p.FineTune.Promotion |> Option.map (fun q -> q.Grad)) (Some Promotion.Both) "promotion through both networks"
         // the planned counts go in through withCounts
-        let planned = QuantizeCli.withCounts 1024 200 2400 p
+        let planned = Pipeline.withCounts 1024 200 2400 p
         match planned.Samples with
-        | QuantizeCli.Synthesize s -> Expect.equal (s.Samples, s.Iterations) (1024, 200) "planned synthesis"
+        | Pipeline.Synthesize s -> Expect.equal (s.Samples, s.Iterations) (1024, 200) "planned synthesis"
         | other -> failtestf "synthesizes, got %A" other
         Expect.equal (planned.FineTune.Epochs, planned.FineTune.ItersPerEpoch) (12, 200) "planned fine-tuning"
         let p = parseRun [ "--calib-batch"; "8"; "--iters"; "400" ]
-        Expect.equal p.Calibration (QuantizeCli.FromSamples(512, 8)) "flag overrides the preset's batch"
+        Expect.equal p.Calibration (Pipeline.FromSamples { Batches = 512; BatchSize = 8 }) "flag overrides the preset's batch"
         Expect.equal (FineTune.totalIterations p.FineTune) 400 "flag overrides the preset's iterations"
         Expect.equal (p.TimeBudget |> Option.map (fun t -> t.FineTuneIters)) (Some(Some 400)) "a given count is kept, the rest planned"
         // the measured fixed-count run: all three counts given, nothing left to plan
         let p = parseRun [ "--samples"; "1024"; "--synth-iters"; "200"; "--iters"; "2400" ]
         Expect.isNone p.TimeBudget "no planning"
         match p.Samples with
-        | QuantizeCli.Synthesize s -> Expect.equal (s.Samples, s.BatchSize, s.Iterations) (1024, 256, 200) "1024 samples x 200 iterations at batch 256"
+        | Pipeline.Synthesize s -> Expect.equal (s.Samples, s.BatchSize, s.Iterations) (1024, 256, 200) "1024 samples x 200 iterations at batch 256"
         | other -> failtestf "synthesizes, got %A" other
         Expect.equal (FineTune.totalIterations p.FineTune) 2400 "2400 fine-tune iterations"
 
@@ -224,7 +225,7 @@ let tests : Test list =
             failtest "quantize --time-budget accepted"
         with HastError m -> Expect.stringContains m "hast run" "says where it applies"
         match Root.parse (fun _ -> "") (Array.ofList (runArgs @ [ "--time-budget"; "2h"; "--samples"; "512" ])) with
-        | Root.Command.Run p -> Expect.equal (p.TimeBudget |> Option.map (fun t -> t.Seconds, t.Samples)) (Some(7200.0, Some 512)) "2 hours, 512 samples kept"
+        | Root.Command.Run p -> Expect.equal (p.Run.TimeBudget |> Option.map (fun t -> t.Seconds, t.Samples)) (Some(7200.0, Some 512)) "2 hours, 512 samples kept"
         | other -> failtestf "a run, got %A" other
 
       testCase "parse: values hidden behind other choices are still checked" <| fun () ->
@@ -245,7 +246,7 @@ let tests : Test list =
         let baseArgs = [ "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--samples"; "8" ]
         let gradOf (readFile: string -> string) (extra: string list) =
             match Root.parse readFile (Array.ofList (baseArgs @ extra)) with
-            | Root.Command.Run p -> p.FineTune.Promotion |> Option.map (fun q -> q.Grad)
+            | Root.Command.Run p -> p.Run.FineTune.Promotion |> Option.map (fun q -> q.Grad)
             | other -> failtestf "a run, got %A" other
         Expect.equal (gradOf (fun _ -> "") []) (Some Promotion.Both) "default: through both networks"
         Expect.equal (gradOf (fun _ -> "") [ "--promotion-grad"; "student" ]) (Some Promotion.StudentOnly) "flag"
@@ -264,3 +265,102 @@ let tests : Test list =
                 Expect.equal ((BenchCli.fineTuneConfig b true).Promotion |> Option.map (fun q -> q.Grad)) (Some expected) "bench's promoted phase"
                 Expect.isNone (BenchCli.fineTuneConfig b false).Promotion "bench's plain phase"
             | other -> failtestf "bench, got %A" other ]
+
+/// A command with every setting away from its default, written out field by field: a new field in
+/// any configuration record stops this from compiling until it is given here — and then the round
+/// trip below fails until `toLayer` / `ofLayer` carry it.
+let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : QuantizeCli.PipelineConfig =
+    let synthesis : Synthesis.Config =
+        { Samples = 96; BatchSize = 48; Iterations = 17; Beta = 3.5; Gamma = 1.5; Lr = 0.25; Patience = 7
+          Factor = 0.3; MinLr = 2e-4; Augment = Synthesis.SharedCrop Augment.CropSpec.synthesis; AugmentProbability = 0.75; Seed = 11L }
+    let generatorCfg : Generator.Config =
+        { Iterations = 33; BatchSize = 12; Latent = 64; Lr = 3e-3; Beta1 = 0.4; Beta2 = 0.99; BnsWeight = 0.2; Seed = 11L }
+    let fineTune : FineTune.Config =
+        { BatchSize = 24; Lr = 2e-5; Momentum = 0.8; WeightDecay = 5e-4; Epochs = 6; ItersPerEpoch = 7
+          Schedule = (if cosine then FineTune.Cosine 0.05 else FineTune.MultiStep([ 2; 4 ], 0.5))
+          Temperature = 4.0; Alpha = 3.0; Lambda = 250.0; Alignment = FineTune.Direct; CeWeight = 0.5
+          Promotion = Some { Epsilon = 0.03; Direction = Promotion.FA; Grad = Promotion.StudentOnly; CleanWeight = 2.0; PerturbedWeight = 0.5 }
+          Crop = { Scale = (0.3, 0.9); Ratio = (0.5, 2.0); FlipProbability = 0.25 }
+          Seed = 11L }
+    let run : Pipeline.Config =
+        { WBits = 3; ABits = 5
+          Samples = (if isRun then Pipeline.Synthesize synthesis else Pipeline.Store("/stores/s1", Some 80))
+          Calibration = (if generator then Pipeline.FromGenerator generatorCfg else Pipeline.FromSamples { Batches = 9; BatchSize = 3 })
+          FineTune = fineTune
+          Eval = { Every = 2; BatchSize = 100 }
+          TimeBudget = None }
+    { IsRun = isRun; Arch = "cifar-resnet32-a"; Weights = "/w/r32.th"; Classes = Some 10; Test = "/t/test.bin"; Device = "cpu"
+      Run = run; Out = "o"; Report = None; Resume = false; Preset = None }
+
+let configTests : Test list =
+    [ testCase "config.json: every setting round-trips (toLayer, then ofLayer gives the same command)" <| fun () ->
+        for isRun in [ true; false ] do
+            for generator in [ false; true ] do
+                for cosine in [ false; true ] do
+                    let c = everySetting isRun generator cosine
+                    let layer = QuantizeCli.toLayer c |> Map.add "out" "o"
+                    let back = QuantizeCli.ofLayer isRun layer
+                    Expect.equal back c (sprintf "run=%b generator=%b cosine=%b" isRun generator cosine)
+        // promotion off and the baseline method also survive
+        let c = everySetting true false false
+        let off = { c with Run = { c.Run with FineTune = FineTune.baseline c.Run.FineTune } }
+        Expect.equal (QuantizeCli.ofLayer true (QuantizeCli.toLayer off |> Map.add "out" "o")) off "baseline (no promotion, CE 1, no alignment)"
+
+      testCase "config.json: `--config OUT/config.json` reproduces the command; flags still override it" <| fun () ->
+        let c = everySetting true false true
+        let json =
+            "{" + (QuantizeCli.toLayer c |> Seq.map (fun kv -> sprintf "\"%s\": \"%s\"" kv.Key kv.Value) |> String.concat ", ") + "}"
+        match Root.parse (fun _ -> json) [| "run"; "--config"; "c.json"; "--out"; "o" |] with
+        | Root.Command.Run p -> Expect.equal p c "the same command"
+        | other -> failtestf "a run, got %A" other
+        match Root.parse (fun _ -> json) [| "run"; "--config"; "c.json"; "--out"; "o"; "--lr"; "3e-5" |] with
+        | Root.Command.Run p -> Expect.equal p.Run.FineTune.Lr 3e-5 "a flag overrides the file"
+        | other -> failtestf "a run, got %A" other
+
+      testCase "resume fingerprint: the first differing setting, with both values" <| fun () ->
+        let c = everySetting true false false
+        let a = QuantizeCli.toLayer c
+        Expect.isNone (QuantizeCli.firstDifference a a) "same settings"
+        let b = QuantizeCli.toLayer { c with Run = { c.Run with FineTune = { c.Run.FineTune with Lr = 3e-5 } } }
+        Expect.equal (QuantizeCli.firstDifference a b) (Some("lr", "2E-05", "3E-05")) "names lr and both values"
+        let b = QuantizeCli.toLayer { c with Run = { c.Run with FineTune = { c.Run.FineTune with Promotion = None } } }
+        Expect.equal (QuantizeCli.firstDifference a b) (Some("clean-weight", "2", "(not set)")) "a setting one side lacks"
+
+      testCase "presets are values of the configuration; --help shows the defaults of the records" <| fun () ->
+        let args = [| "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o" |]
+        let runOf extra =
+            match Root.parse (fun _ -> "") (Array.append args extra) with
+            | Root.Command.Run p -> p.Run
+            | other -> failtestf "a run, got %A" other
+        let plain = runOf [||]
+        let cifar = Pipeline.defaults Models.Registry.Family.Cifar 0L (Pipeline.synthesized Models.Registry.Family.Cifar)
+        Expect.equal plain cifar "no preset: the model's defaults"
+        for p in Presets.all do
+            let expected = p.Apply cifar
+            let expected = if p.Name = "cpu-30min" then expected else expected
+            Expect.equal (runOf [| "--preset"; p.Name |]) expected (sprintf "preset %s = its value applied to the defaults" p.Name)
+        let help =
+            try
+                Root.parse (fun _ -> "") [| "run"; "--help" |] |> ignore
+                ""
+            with Common.CliUsage(text, _) -> Text.RegularExpressions.Regex.Replace(text, @"\s+", " ")
+        Expect.stringContains help (sprintf "fine-tune epochs (default: %d)" FineTune.defaults.Epochs) "epochs from FineTune.defaults"
+        Expect.stringContains help "CIFAR-100 2000" "lambda from the per-dataset table"
+        Expect.stringContains help (sprintf "(default: %d)" Pipeline.sampleCalibrationDefaults.Batches) "calibration batches from the record"
+
+      testCase "core errors name settings; the command line names its flags" <| fun () ->
+        let fails argv =
+            try
+                Root.parse (fun _ -> "") argv |> ignore
+                failtestf "%A accepted" argv
+            with HastError m -> m
+        let synth = [| "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--out"; "o" |]
+        Expect.stringStarts (fails (Array.append synth [| "--iters"; "0" |])) "--iters " "hast synthesize calls synth-iters --iters"
+        Expect.stringStarts (fails (Array.append synth [| "--patience"; "-1" |])) "--patience " "and synth-patience --patience"
+        let run = [| "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o" |]
+        Expect.stringStarts (fails (Array.append run [| "--synth-iters"; "0" |])) "--synth-iters " "hast run calls it --synth-iters"
+        Expect.stringStarts (fails (Array.append run [| "--wbits"; "9" |])) "--wbits must be 2..8" "one rule for bits"
+        // patience 0 is valid everywhere (reduce at the first iteration without improvement)
+        match Root.parse (fun _ -> "") (Array.append synth [| "--patience"; "0" |]) with
+        | Root.Command.Synthesize s -> Expect.equal s.Synthesis.Patience 0 "patience 0"
+        | other -> failtestf "a synthesis, got %A" other ]

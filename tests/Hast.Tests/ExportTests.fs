@@ -91,7 +91,7 @@ let parityCase (bits: int) =
             Expect.isGreaterThanOrEqual a 0.995 (sprintf "W%dA%d agreement at %A" bits bits level)
         let test = cifarTest
         let hastTop1 = evalTop1 [ "--checkpoint"; ck; "--test"; test ] (d.File "hast.json")
-        for level in [ "disabled"; Hast.Core.Cli.EvalCli.defaults.OrtOpt ] |> List.distinct do
+        for level in [ "disabled"; Hast.Cli.EvalCli.defaults.OrtOpt ] |> List.distinct do
             let ortTop1 = evalTop1 [ "--onnx"; onnx; "--test"; test; "--ort-opt"; level; "--threads"; "1" ] (d.File "ort.json")
             Expect.isLessThanOrEqual (abs (ortTop1 - hastTop1)) 0.2 (sprintf "W%dA%d top-1: ONNX Runtime (%s) %.2f vs Hast %.2f" bits bits level ortTop1 hastTop1)
 

@@ -18,13 +18,14 @@ let all =
         testList "store" StoreTests.tests
         testList "promotion" PromotionTests.tests
         testList "finetune" FineTuneTests.tests
-        testList "cli" CliTests.tests
+        testList "cli" (CliTests.tests @ CliTests.configTests)
         testList "generator" GeneratorTests.tests
         testList "study" StudyTests.tests
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
         testList "fuzz" FuzzTests.tests
         testList "budget" BudgetTests.tests
+        testList "pipeline" PipelineTests.tests
         testList "end to end" EndToEndTests.tests
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests

@@ -62,7 +62,9 @@ let private throwsHast (f: unit -> unit) =
     try
         f ()
         false
-    with HastError _ -> true
+    with
+    | HastError _
+    | InvalidSetting _ -> true
 
 // ---------- properties of the fake quantizer ----------
 
@@ -211,12 +213,12 @@ let private actTests =
           let x = torch.tensor ([| -1.5f; 0.25f; 7.0f |])
           Expect.equal (toArray (off.forward x)) (toArray x) "32-bit activation quantizer is the identity"
 
-      testCase "invalid bit widths fail with a HastError" <| fun () ->
-          for b in [ 0; -1; 17; 31; 33 ] do
+      testCase "invalid bit widths fail, naming the setting" <| fun () ->
+          for b in [ 0; -1; 1; 9; 16; 17; 31; 33 ] do
               Expect.isTrue (throwsHast (fun () -> checkBits "weight" b)) (sprintf "bits %d must be rejected" b)
               Expect.isTrue (throwsHast (fun () -> LayerKit.quantized b 8 |> ignore)) (sprintf "kit with wbits %d" b)
-          for b in [ 1; 2; 8; 16; 32 ] do
-              checkBits "activation" b
+          for b in [ 2; 3; 4; 8; 32 ] do
+              checkBits "abits" b
 
       testCase "QAct = ReLU then quantizer; ReLU6 clips at 6" <| fun () ->
           use _ = torch.NewDisposeScope()

@@ -246,12 +246,12 @@ let valueCases =
         for args, flag in other do
             expectCleanFailure args [ out ] [ flag.TrimStart('-') ] |> ignore
         // 32 bits means "not quantized" and is accepted
-        match Cli.Root.parse (fun _ -> "") (Array.ofList (runArgs test out [ "--wbits"; "32"; "--abits"; "32" ])) with
-        | Cli.Root.Command.Run c -> Expect.equal (c.WBits, c.ABits) (32, 32) "32 bits accepted"
+        match Hast.Cli.Root.parse (fun _ -> "") (Array.ofList (runArgs test out [ "--wbits"; "32"; "--abits"; "32" ])) with
+        | Hast.Cli.Root.Command.Run c -> Expect.equal (c.Run.WBits, c.Run.ABits) (32, 32) "32 bits accepted"
         | other -> failtestf "parsed as %A" other
         for b in 2 .. 8 do
-            match Cli.Root.parse (fun _ -> "") (Array.ofList (runArgs test out [ "--wbits"; string b ])) with
-            | Cli.Root.Command.Run c -> Expect.equal c.WBits b "bits 2..8 accepted"
+            match Hast.Cli.Root.parse (fun _ -> "") (Array.ofList (runArgs test out [ "--wbits"; string b ])) with
+            | Hast.Cli.Root.Command.Run c -> Expect.equal c.Run.WBits b "bits 2..8 accepted"
             | other -> failtestf "parsed as %A" other
 
 let outputCases =

@@ -3,7 +3,7 @@ using System.Globalization;
 using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
-using Hast.Core.Cli;
+using Hast.Cli;
 using Microsoft.FSharp.Core;
 using TorchSharp;
 using static TorchSharp.torch;

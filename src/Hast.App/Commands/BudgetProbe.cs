@@ -4,7 +4,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
-using Hast.Core.Cli;
+using Hast.Cli;
 using Microsoft.FSharp.Core;
 using static TorchSharp.torch;
 
@@ -31,7 +31,7 @@ public static class BudgetProbe
     }
 
     /// Plan `c` to its time budget `tb`, or, resuming, reuse the plan recorded in `outDir`.
-    public static Planned Plan(QuantizeCli.PipelineConfig c, QuantizeCli.TimeBudget tb, LoadedModel teacher, Data.Dataset test,
+    public static Planned Plan(QuantizeCli.PipelineConfig c, Pipeline.TimeBudget tb, LoadedModel teacher, Data.Dataset test,
                                Device device, string outDir, DateTime clockStart)
     {
         var planPath = Path.Combine(outDir, PlanFile);
@@ -44,7 +44,7 @@ public static class BudgetProbe
         Directory.CreateDirectory(outDir);
         var probes = Measure(c, teacher, test, device, outDir);
         var spent = (DateTime.UtcNow - clockStart).TotalSeconds;
-        var result = Budget.plan(Budget.measured, probes, QuantizeCli.budgetRequest(c, tb, spent));
+        var result = Budget.plan(Budget.measured, probes, Pipeline.budgetRequest(c.Run, tb, spent));
         if (result.IsError) throw new HastError(result.ErrorValue);
         var plan = result.ResultValue;
         var json = Json(plan, probes);
@@ -73,14 +73,14 @@ public static class BudgetProbe
     {
         using var scope = NewDisposeScope();
         var side = teacher.Arch.Input.Size;
-        var student = ModelFiles.Quantized(teacher, c.WBits, c.ABits);
+        var student = ModelFiles.Quantized(teacher, c.Run.WBits, c.Run.ABits);
         try
         {
-            using var gen = Prelude.generator(c.FineTune.Seed);
+            using var gen = Prelude.generator(c.Run.FineTune.Seed);
             Tensor Noise(long n) => randn([n, 3, side, side], generator: gen);
 
             // calibration batches at the run's calibration batch size (this also calibrates the probe student)
-            var calibBatch = c.Calibration is QuantizeCli.Calibration.FromSamples s ? s.batchSize : 1;
+            var calibBatch = c.Run.Calibration is Pipeline.Calibration.FromSamples s ? s.Item.BatchSize : 1;
             var clock = new Stopwatch();
             Quantize.calibrate(device, student.Net, Enumerable.Range(0, Warmup + CalibTimed).Select(i =>
             {
@@ -93,16 +93,16 @@ public static class BudgetProbe
             var n = Math.Min(test.Count, EvalProbeImages);
             double EvalSeconds(Net net)
             {
-                Evaluate.accuracy(device, EvalProbeImages, FuncConvert.FromAction<long, long>((_, _) => { }), net, new Data.Dataset(Math.Min(n, 8), test.Classes, test.Load));
+                Evaluate.accuracy(device, Math.Min(EvalProbeImages, c.Run.Eval.BatchSize), FuncConvert.FromAction<long, long>((_, _) => { }), net, new Data.Dataset(Math.Min(n, 8), test.Classes, test.Load));
                 var t = Stopwatch.StartNew();
-                Evaluate.accuracy(device, EvalProbeImages, FuncConvert.FromAction<long, long>((_, _) => { }), net, new Data.Dataset(n, test.Classes, test.Load));
+                Evaluate.accuracy(device, Math.Min(EvalProbeImages, c.Run.Eval.BatchSize), FuncConvert.FromAction<long, long>((_, _) => { }), net, new Data.Dataset(n, test.Classes, test.Load));
                 return t.Elapsed.TotalSeconds * test.Count / n;
             }
             var fpEval = EvalSeconds(teacher.Net);
             var eval = EvalSeconds(student.Net);
 
             // fine-tune iterations at the run's settings, on noise images
-            var ft = Budget.fineTuneProbe(c.FineTune, Warmup + Timed);
+            var ft = Budget.fineTuneProbe(c.Run.FineTune, Warmup + Timed);
             var pool = Math.Max(4L * ft.BatchSize, 64L);
             var images = Noise(pool);
             var labels = randint(teacher.Classes, [pool], generator: gen);
@@ -111,7 +111,7 @@ public static class BudgetProbe
                 FuncConvert.FromAction<FineTune.IterInfo>(it => onLap(it.Iteration >= Warmup))));
 
             // synthesis iterations, per sample (a batch of at most 128: larger batches cost no more per sample)
-            var synth = c.Samples is QuantizeCli.SampleSource.Synthesize syn ? syn.Item : Synthesis.defaultsFor(teacher.Arch.Family);
+            var synth = c.Run.Samples is Pipeline.Samples.Synthesize syn ? syn.Item : Synthesis.defaultsFor(teacher.Arch.Family);
             var batch = Math.Min(synth.BatchSize, SynthProbeBatch);
             var synthLaps = Laps(onLap =>
             {

@@ -1,5 +1,5 @@
 using Hast.App.IO;
-using Hast.Core.Cli;
+using Hast.Cli;
 
 namespace Hast.App;
 

@@ -1,7 +1,7 @@
 using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
-using Hast.Core.Cli;
+using Hast.Cli;
 using Hast.Onnx;
 using Microsoft.FSharp.Core;
 using static TorchSharp.torch;

@@ -1,7 +1,7 @@
 using System.Reflection;
 using Google.Protobuf;
 using Hast.App.IO;
-using Hast.Core.Cli;
+using Hast.Cli;
 using Hast.Onnx;
 using static TorchSharp.torch;
 

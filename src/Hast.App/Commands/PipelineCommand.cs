@@ -2,26 +2,27 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
-using Hast.Core.Cli;
+using Hast.Cli;
 using Microsoft.FSharp.Core;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace Hast.App;
 
-/// `hast quantize` and `hast run`: (synthesize,) quantize, calibrate and fine-tune with HAST, evaluating
-/// after calibration and after each epoch. Each finished epoch is checkpointed atomically to
-/// OUT/train.ckpt (student state, optimizer state, history); `--resume` continues from there, and since
-/// every epoch's randomness derives from (seed, epoch), a resumed run ends where an uninterrupted one does.
+/// `hast quantize` and `hast run`: the files around the run itself (`Pipeline.run` in the core). This
+/// shell checks the paths, loads the teacher and test set, plans a time budget, writes OUT/config.json,
+/// saves the training state atomically to OUT/train.ckpt after calibration and after every epoch
+/// (`--resume` continues from there when every setting matches), shows progress and writes
+/// OUT/quantized.ckpt and OUT/report.json at the end.
 public static class PipelineCommand
 {
-    const string TrainCheckpoint = "train.ckpt", FinalCheckpoint = "quantized.ckpt", ReportFile = "report.json";
-    /// seconds a budgeted run keeps for the final checkpoint and report after its last epoch
-    const double BudgetFinalReserve = 2.0;
+    const string TrainCheckpoint = "train.ckpt", FinalCheckpoint = "quantized.ckpt", ReportFile = "report.json", ConfigFile = "config.json";
 
-    public static int Run(QuantizeCli.PipelineConfig c, bool isRun, TextWriter stdout)
+    public static int Run(QuantizeCli.PipelineConfig c, TextWriter stdout)
     {
         var started = DateTime.UtcNow;
+        c = QuantizeCli.withFullPaths(FuncConvert.FromFunc<string, string>(Path.GetFullPath), c);
+        var isRun = c.IsRun;
         var device = Prelude.device(c.Device);
         // ---- validate everything before any work
         var outDir = OutputPaths.CheckWritableDir(c.Out, "--out");
@@ -37,96 +38,164 @@ public static class PipelineCommand
         Data.checkClasses(c.Test, test.Dataset, teacher.Classes);
         // --time-budget: probe the steps and plan the counts before anything depends on them
         var clock = BudgetProbe.ClockStart(started);
-        var planned = c.TimeBudget is { } tb ? BudgetProbe.Plan(c, tb.Value, teacher, test.Dataset, device, outDir, clock) : null;
+        var planned = c.Run.TimeBudget is { } tb ? BudgetProbe.Plan(c, tb.Value, teacher, test.Dataset, device, outDir, clock) : null;
         if (planned is not null) c = planned.Config;
-        var storeDir = c.Samples is QuantizeCli.SampleSource.Store st ? st.dir : Path.Combine(outDir, "samples");
-        int? take = c.Samples is QuantizeCli.SampleSource.Store st2 && st2.take is { } t ? t.Value : null;
-        var settings = SettingsJson(c, isRun);
+        var storeDir = c.Run.Samples is Pipeline.Samples.Store st ? st.dir : Path.Combine(outDir, "samples");
+        int? take = c.Run.Samples is Pipeline.Samples.Store st2 && st2.take is { } t ? t.Value : null;
+        var settings = Settings(c);
         // a train checkpoint to resume from is read (checksums verified) and matched before any work
         using var resumeFrom = c.Resume && File.Exists(trainPath) ? Checkpoint.Load(trainPath) : null;
-        if (resumeFrom is not null && !JsonNode.DeepEquals(resumeFrom.Meta["settings"], settings))
-            throw new HastError($"{c.Out} was started with other settings; resume with the same flags/preset/config, or choose a new --out");
+        if (resumeFrom is not null) CheckSameSettings(c.Out, resumeFrom.Meta["settings"], settings);
         // quantize: the store is read (checksums verified) before anything is written
-        (Tensor Images, Tensor Labels)? preread = null;
+        Tuple<Tensor, Tensor>? preread = null;
+        SampleStore? givenStore = null;
         if (!isRun)
         {
-            var given = SampleStore.Open(storeDir);
-            CheckStore(given, teacher, take);
-            var (i0, l0, d0) = given.ReadAll(take);
-            d0.Dispose();
-            preread = (i0, l0);
+            givenStore = SampleStore.Open(storeDir);
+            CheckStore(givenStore, teacher, take);
+            preread = SynthesizeCommand.ReadSamples(givenStore, take);
         }
 
         using var runLock = RunLock.Acquire(outDir, "--out", isRun ? "hast run" : "hast quantize");
         using var log = new RunLog(outDir, stdout);
         if (runLock.TookOverFrom is { } previous) log.Info($"took over {c.Out} from a run that is no longer running ({previous})");
-        log.Info($"hast {(isRun ? "run" : "quantize")}: {teacher.Arch.Name} W{c.WBits}A{c.ABits}, teacher {Path.GetFileName(c.Weights)}, " +
-                 $"{c.FineTune.Epochs} epoch(s) x {c.FineTune.ItersPerEpoch} iterations, batch {c.FineTune.BatchSize}, seed {c.FineTune.Seed}" +
+        var ft = c.Run.FineTune;
+        log.Info($"hast {(isRun ? "run" : "quantize")}: {teacher.Arch.Name} W{c.Run.WBits}A{c.Run.ABits}, teacher {Path.GetFileName(c.Weights)}, " +
+                 $"{ft.Epochs} epoch(s) x {ft.ItersPerEpoch} iterations, batch {ft.BatchSize}, seed {ft.Seed}" +
                  (c.Preset is { } p ? $", preset {p.Value}" : ""));
         log.Metric("settings", settings);
+        AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
         if (planned is not null)
         {
             foreach (var line in planned.Lines) log.Info(line);
             log.Metric("plan", planned.Json);
         }
 
-        // ---- samples
-        if (c.Samples is QuantizeCli.SampleSource.Synthesize syn)
-            SynthesizeCommand.Synthesize(teacher, syn.Item, storeDir, device, stdout);
-        var store = SampleStore.Open(storeDir);
-        CheckStore(store, teacher, take);
-        var (images, labels) = preread ?? ReadSamples(store, take);
-        log.Info($"samples: {images.shape[0]} from {storeDir}");
-
-        // ---- resume or start
-        var student = ModelFiles.Quantized(teacher, c.WBits, c.ABits);
-        var opt = (OptimizerHelper)FineTune.optimizer(c.FineTune, student.Net);
-        var history = new JsonArray();
-        double fpTop1, calibTop1, secondsBefore = 0;
-        int startEpoch;
-        if (resumeFrom is { } ck)
+        // ---- the run: synthesis into OUT/samples (its own lock and log), or the given store
+        SynthesizeCommand.StoreSink? sink = null;
+        IDisposable? sinkGuard2 = null;
+        SampleStore store;
+        Pipeline.SampleStore storeHooks;
+        if (c.Run.Samples is Pipeline.Samples.Synthesize syn)
         {
-            var meta = ck.Meta;
-            if ((string?)meta["store_manifest_sha256"] != ManifestHash(store))
-                throw new HastError($"the sample store {storeDir} changed since {c.Out} was started; resume needs the same samples");
-            ck.RestoreInto(student.Net);
-            Quantizers.setCalibrating(student.Net, false);
-            RestoreOptimizer(opt, ck.Extra);
-            fpTop1 = (double)meta["fp_top1"]!;
-            calibTop1 = (double)meta["calib_top1"]!;
-            history = meta["history"]!.AsArray().DeepClone().AsArray();
-            startEpoch = (int)meta["epochs_done"]!;
-            secondsBefore = (double)meta["seconds"]!;
-            log.Info($"resuming {c.Out} after epoch {startEpoch}/{c.FineTune.Epochs}");
+            sink = SynthesizeCommand.StoreSink.Open(teacher, syn.Item, storeDir, stdout);
+            sinkGuard2 = sink;
+            store = sink.Store;
+            storeHooks = sink.Hooks(null);
         }
         else
         {
-            log.Stage("eval fp");
-            fpTop1 = Eval(teacher, test.Dataset, device, log).Top1;
-            log.Info($"full precision: top-1 {fpTop1:F2}%");
-            Calibrate(c, teacher, student, images, device, log);
-            log.Stage("eval calibrated");
-            calibTop1 = Eval(student, test.Dataset, device, log).Top1;
-            log.Info($"W{c.WBits}A{c.ABits} after calibration only: top-1 {calibTop1:F2}%");
-            log.Metric("eval", new JsonObject { ["epoch"] = 0, ["phase"] = "calibration", ["top1"] = calibTop1, ["fp_top1"] = fpTop1 });
-            startEpoch = 0;
-            SaveTrain(trainPath, student, opt, settings, store, fpTop1, calibTop1, history, 0, secondsBefore + Elapsed(started), c);
+            store = givenStore!;
+            var pre = preread!;
+            storeHooks = new Pipeline.SampleStore(
+                FuncConvert.FromFunc<int, bool>(_ => true),
+                FuncConvert.FromAction<Synthesis.BatchResult, double>((_, _) => throw new InvalidOperationException("a given store is not synthesized into")),
+                FuncConvert.FromFunc<Unit, Tuple<Tensor, Tensor>>(_ => pre));
         }
+        using var sinkGuard = sinkGuard2;
+        double secondsBefore = resumeFrom is { } rf0 ? (double)rf0.Meta["seconds"]! : 0;
+        var events = new Events(c, log, sink, store, storeDir);
+        var hooks = new Pipeline.Hooks(
+            FuncConvert.FromAction<Pipeline.Event>(events.On),
+            storeHooks,
+            FuncConvert.FromFunc<Net, TorchSharp.torch.optim.Optimizer, FSharpOption<Pipeline.Progress>>((student, opt) =>
+                resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, opt) : null),
+            FuncConvert.FromAction<Pipeline.Snapshot>(s =>
+                SaveTrain(trainPath, s, c, teacher, settings, store, secondsBefore + Elapsed(started))),
+            FuncConvert.FromFunc<Unit, double>(_ => secondsBefore + Elapsed(clock)));
+        var inputs = new Pipeline.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
+        var (result, studentNet) = Pipeline.run(inputs, c.Run, hooks).ToValueTuple();
+        using var _student = studentNet;
 
-        // ---- fine-tune
-        var ft = c.FineTune;
-        long total = (long)ft.Epochs * ft.ItersPerEpoch;
-        log.Stage("fine-tune", (long)startEpoch * ft.ItersPerEpoch);
-        var epochsDone = ft.Epochs;
-        var fineTuneStart = Elapsed(clock);
-        for (int epoch = startEpoch; epoch < ft.Epochs; epoch++)
+        // ---- results
+        var seconds = Math.Round(secondsBefore + Elapsed(started), 1);
+        var json = ResultJson(result, c, seconds);
+        if (planned is not null)
         {
-            var stats = FineTune.epoch(device, ft, teacher.Net, student.Net, opt, images, labels, epoch,
-                FuncConvert.FromAction<FineTune.IterInfo>(it =>
+            var plan = planned.Json.DeepClone().AsObject();
+            plan["used_s"] = Math.Round(secondsBefore + Elapsed(clock), 1);
+            if (result.StoppedByBudget) plan["stopped_after_epoch"] = result.EpochsDone;
+            json["time_budget"] = plan;
+        }
+        var student = teacher with { Net = studentNet, WBits = c.Run.WBits, ABits = c.Run.ABits };
+        var finalMeta = ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256);
+        finalMeta["result"] = json.DeepClone();
+        finalMeta["settings"] = settings.DeepClone();
+        Checkpoint.Save(Path.Combine(outDir, FinalCheckpoint), finalMeta, studentNet);
+        AtomicFile.WriteAllText(Path.Combine(outDir, ReportFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        if (report is not null) AtomicFile.WriteAllText(report, json.ToJsonString() + "\n");
+        File.Delete(trainPath);
+        log.Info($"final W{c.Run.WBits}A{c.Run.ABits} top-1 {result.FinalTop1:F2}% (full precision {result.FpTop1:F2}%, calibration only {result.CalibTop1:F2}%; " +
+                 $"best epoch {result.BestEpoch} {result.BestTop1:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}");
+        return Program.ExitOk;
+    }
+
+    /// The run's events: progress and log lines, metrics, fault points and stop checks.
+    sealed class Events(QuantizeCli.PipelineConfig c, RunLog log, SynthesizeCommand.StoreSink? sink, SampleStore store, string storeDir)
+    {
+        readonly FineTune.Config ft = c.Run.FineTune;
+        bool synthesizing;
+        double fpTop1 = double.NaN;
+
+        public void On(Pipeline.Event e)
+        {
+            switch (e)
+            {
+                case Pipeline.Event.StageStarted s when s.stage == "synthesis":
+                    synthesizing = true;
+                    sink?.OnEvent(e);
+                    break;
+                case Pipeline.Event.SynthesisIteration or Pipeline.Event.SynthesisBatchStored:
+                    sink?.OnEvent(e);
+                    break;
+                case Pipeline.Event.SamplesReady ready:
+                    if (synthesizing) { sink!.Finish(); synthesizing = false; }
+                    sink?.Dispose();
+                    log.Info($"samples: {ready.count} from {storeDir}");
+                    break;
+                case Pipeline.Event.StageStarted s:
+                    log.Stage(s.stage, s.stepsDone);
+                    break;
+                case Pipeline.Event.Resumed r:
+                    log.Info($"resuming {c.Out} after epoch {r.epochsDone}/{ft.Epochs}");
+                    break;
+                case Pipeline.Event.CalibrationStarted cs:
+                    if (cs.Item1 is Pipeline.Calibration.FromGenerator g)
+                        log.Info($"calibrating activation ranges with a label-conditional generator ({g.Item.Iterations} iterations x {g.Item.BatchSize}, BNS + CE)");
+                    else
+                        log.Info($"calibrating activation ranges on {cs.images} synthetic samples (EMA of min/max, then frozen)");
+                    break;
+                case Pipeline.Event.CalibrationBatch b:
+                    Faults.At("calibration", $"batch {b.index + 1}");
+                    StopSignal.Check(() => "in calibration (the samples are kept; a resumed run calibrates again)");
+                    break;
+                case Pipeline.Event.GeneratorIteration gi:
                 {
+                    var it = gi.Item;
+                    log.Progress(it.Iteration, it.Total, [("ce", it.Ce), ("bns", it.Bns), ("loss", it.Loss), ("acc", it.TeacherAccuracy)]);
+                    StopSignal.Check(() => "in generator calibration (the samples are kept; a resumed run calibrates again)");
+                    if (it.Iteration % 10 == 0 || it.Iteration == it.Total)
+                        log.Metric("generator", new JsonObject { ["iteration"] = it.Iteration, ["ce"] = it.Ce, ["bns"] = it.Bns, ["loss"] = it.Loss, ["teacher_acc"] = it.TeacherAccuracy });
+                    break;
+                }
+                case Pipeline.Event.EvaluationBatch eb:
+                    if (!eb.Item1.IsAfterEpoch) log.Progress(eb.imagesDone, eb.imagesTotal, []);
+                    StopSignal.Check(() => "in an evaluation (the run resumes from its last saved state)");
+                    break;
+                case Pipeline.Event.Evaluated ev when ev.Item1.IsFullPrecision:
+                    fpTop1 = ev.Item2.Top1;
+                    log.Info($"full precision: top-1 {fpTop1:F2}%");
+                    break;
+                case Pipeline.Event.Evaluated ev when ev.Item1.IsCalibrated:
+                    log.Info($"W{c.Run.WBits}A{c.Run.ABits} after calibration only: top-1 {ev.Item2.Top1:F2}%");
+                    log.Metric("eval", new JsonObject { ["epoch"] = 0, ["phase"] = "calibration", ["top1"] = ev.Item2.Top1, ["fp_top1"] = fpTop1 });
+                    break;
+                case Pipeline.Event.FineTuneIteration fi:
+                {
+                    var it = fi.Item;
                     long step = (long)it.Epoch * it.ItersPerEpoch + it.Iteration + 1;
                     var s = it.Stats;
-                    log.Progress(step, total,
+                    log.Progress(step, (long)ft.Epochs * ft.ItersPerEpoch,
                         [("epoch", it.Epoch + 1), ("kl", s.KL), ("fa", s.FA), ("ce", s.CE), ("loss", s.Total), ("loss+d", s.PerturbedTotal), ("gain", s.PromotionGain), ("lr", s.Lr)]);
                     if (it.Iteration % 10 == 0 || it.Iteration == it.ItersPerEpoch - 1)
                         log.Metric("iter", new JsonObject
@@ -137,95 +206,119 @@ public static class PipelineCommand
                     Faults.At("ft-iter", $"epoch {it.Epoch + 1} iteration {it.Iteration + 1}");
                     StopSignal.Check(() => $"in fine-tune epoch {it.Epoch + 1}/{ft.Epochs} after iteration {it.Iteration + 1}/{it.ItersPerEpoch} " +
                                            $"({Path.Combine(c.Out, TrainCheckpoint)} holds {it.Epoch} finished epoch(s))");
-                }));
-            var entry = new JsonObject
-            {
-                ["epoch"] = epoch + 1, ["iterations"] = (long)(epoch + 1) * ft.ItersPerEpoch,
-                ["kl"] = stats.Mean.KL, ["fa"] = stats.Mean.FA, ["ce"] = stats.Mean.CE, ["total"] = stats.Mean.Total,
-                ["perturbed_total"] = Finite(stats.Mean.PerturbedTotal), ["promotion_gain"] = Finite(stats.Mean.PromotionGain), ["lr"] = stats.Mean.Lr,
-            };
-            if ((epoch + 1) % c.EvalEvery == 0 || epoch + 1 == ft.Epochs)
-            {
-                var acc = Eval(student, test.Dataset, device, null);
-                entry["top1"] = acc.Top1;
-                entry["top5"] = acc.Top5;
-                log.Info($"epoch {epoch + 1}/{ft.Epochs}: loss {stats.Mean.Total:G4} (kl {stats.Mean.KL:G4}, fa {stats.Mean.FA:G4}" +
-                         (double.IsFinite(stats.Mean.PromotionGain) ? $", promotion gain {stats.Mean.PromotionGain:F3}" : "") + $") lr {stats.Mean.Lr:G3} " +
-                         $"-> test top-1 {acc.Top1:F2}% top-5 {acc.Top5:F2}%");
-            }
-            history.Add(entry);
-            log.Metric("epoch", entry);
-            SaveTrain(trainPath, student, opt, settings, store, fpTop1, calibTop1, history, epoch + 1, secondsBefore + Elapsed(started), c);
-            // behind the plan: stop at this epoch boundary rather than overrun the budget
-            if (c.TimeBudget is { } budget && epoch + 1 < ft.Epochs)
-            {
-                var perEpoch = (Elapsed(clock) - fineTuneStart) / (epoch + 1 - startEpoch);
-                var left = budget.Value.Seconds - secondsBefore - Elapsed(clock);
-                if (perEpoch + BudgetFinalReserve > left)
-                {
-                    epochsDone = epoch + 1;
-                    log.Info($"time budget: stopping after epoch {epochsDone}/{ft.Epochs}: {left:F0}s left, an epoch takes {perEpoch:F0}s");
                     break;
                 }
+                case Pipeline.Event.EpochFinished ef:
+                {
+                    var rec = ef.Item1;
+                    var m = rec.Mean;
+                    if (rec.Accuracy is { } acc)
+                        log.Info($"epoch {rec.Epoch}/{ef.epochs}: loss {m.Total:G4} (kl {m.KL:G4}, fa {m.FA:G4}" +
+                                 (double.IsFinite(m.PromotionGain) ? $", promotion gain {m.PromotionGain:F3}" : "") + $") lr {m.Lr:G3} " +
+                                 $"-> test top-1 {acc.Value.Top1:F2}% top-5 {acc.Value.Top5:F2}%");
+                    log.Metric("epoch", EpochJson(rec));
+                    break;
+                }
+                case Pipeline.Event.EpochSaved es:
+                    StopSignal.Check(() => $"after fine-tune epoch {es.epochsDone}/{es.epochs} (saved in {Path.Combine(c.Out, TrainCheckpoint)})");
+                    break;
+                case Pipeline.Event.StoppedForBudget sb:
+                    log.Info($"time budget: stopping after epoch {sb.epochsDone}/{sb.epochs}: {sb.secondsLeft:F0}s left, an epoch takes {sb.epochSeconds:F0}s");
+                    break;
             }
-            if (epoch + 1 < ft.Epochs) StopSignal.Check(() => $"after fine-tune epoch {epoch + 1}/{ft.Epochs} (saved in {Path.Combine(c.Out, TrainCheckpoint)})");
         }
-
-        // ---- results
-        var evaluated = history.Where(h => h!["top1"] is not null).ToList();
-        var final = evaluated.Count > 0 ? (double)evaluated[^1]!["top1"]! : calibTop1;
-        var best = evaluated.Select(h => (double)h!["top1"]!).DefaultIfEmpty(calibTop1).Max();
-        var bestEpoch = evaluated.Where(h => (double)h!["top1"]! == best).Select(h => (int)h!["epoch"]!).FirstOrDefault();
-        var seconds = Math.Round(secondsBefore + Elapsed(started), 1);
-        var result = new JsonObject
-        {
-            ["fp_top1"] = Math.Round(fpTop1, 4),
-            ["calib_top1"] = Math.Round(calibTop1, 4),
-            ["final_top1"] = Math.Round(final, 4),
-            ["best_top1"] = Math.Round(best, 4),
-            ["best_top1_note"] = "best epoch selected on the test set; the headline is final_top1",
-            ["best_epoch"] = bestEpoch,
-            ["iterations"] = (long)epochsDone * ft.ItersPerEpoch,
-            ["seconds"] = seconds,
-            ["wbits"] = c.WBits, ["abits"] = c.ABits, ["seed"] = ft.Seed, ["samples"] = images.shape[0],
-        };
-        if (planned is not null)
-        {
-            var plan = planned.Json.DeepClone().AsObject();
-            plan["used_s"] = Math.Round(secondsBefore + Elapsed(clock), 1);
-            if (epochsDone < ft.Epochs) plan["stopped_after_epoch"] = epochsDone;
-            result["time_budget"] = plan;
-        }
-        var finalMeta = ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256);
-        finalMeta["result"] = result.DeepClone();
-        finalMeta["settings"] = settings.DeepClone();
-        Checkpoint.Save(Path.Combine(outDir, FinalCheckpoint), finalMeta, student.Net);
-        AtomicFile.WriteAllText(Path.Combine(outDir, ReportFile), result.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
-        if (report is not null) AtomicFile.WriteAllText(report, result.ToJsonString() + "\n");
-        File.Delete(trainPath);
-        log.Info($"final W{c.WBits}A{c.ABits} top-1 {final:F2}% (full precision {fpTop1:F2}%, calibration only {calibTop1:F2}%; " +
-                 $"best epoch {bestEpoch} {best:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}");
-        images.Dispose(); labels.Dispose();
-        return Program.ExitOk;
     }
 
-    static (Tensor Images, Tensor Labels) ReadSamples(SampleStore store, int? take)
+    /// The command's resolved settings (OUT/config.json, the resume fingerprint): every setting under its
+    /// flag name, and the command.
+    static JsonObject Settings(QuantizeCli.PipelineConfig c)
     {
-        var (images, labels, difficulty) = store.ReadAll(take);
-        difficulty.Dispose();
-        return (images, labels);
+        var o = new JsonObject { ["command"] = c.IsRun ? "run" : "quantize" };
+        foreach (var kv in QuantizeCli.toLayer(c)) o[kv.Key] = kv.Value;
+        return o;
+    }
+
+    /// OUT/config.json: the resolved settings as a config file (`--config OUT/config.json` reproduces the run).
+    static string ConfigJson(QuantizeCli.PipelineConfig c)
+    {
+        var o = new JsonObject();
+        foreach (var kv in QuantizeCli.toLayer(c)) o[kv.Key] = kv.Value;
+        return o.ToJsonString(new JsonSerializerOptions { WriteIndented = true, Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }) + "\n";
+    }
+
+    /// A resumed run must have every setting of the run it continues; the message names the first that differs.
+    static void CheckSameSettings(string outDir, JsonNode? recorded, JsonObject now)
+    {
+        static Microsoft.FSharp.Collections.FSharpMap<string, string> Layer(JsonNode? n) =>
+            new((n as JsonObject ?? new JsonObject()).Select(kv => Tuple.Create(kv.Key, kv.Value?.ToString() ?? "")));
+        var diff = QuantizeCli.firstDifference(Layer(recorded), Layer(now));
+        if (diff is { } d)
+        {
+            var (name, was, isNow) = d.Value;
+            throw new HastError($"{outDir} was started with {(name == "command" ? "" : "--")}{name} {was}, this command gives {isNow}; " +
+                                $"resume with the run's settings (--config {Path.Combine(outDir, ConfigFile)}), or choose a new --out");
+        }
+    }
+
+    static FSharpOption<Pipeline.Progress> Restore(Checkpoint ck, SampleStore store, string storeDir, QuantizeCli.PipelineConfig c, Net student, TorchSharp.torch.optim.Optimizer opt)
+    {
+        var meta = ck.Meta;
+        if ((string?)meta["store_manifest_sha256"] != ManifestHash(store))
+            throw new HastError($"the sample store {storeDir} changed since {c.Out} was started; resume needs the same samples");
+        ck.RestoreInto(student);
+        RestoreOptimizer((OptimizerHelper)opt, ck.Extra);
+        var history = meta["history"]!.AsArray().Select(h => EpochOf(h!.AsObject()));
+        return new Pipeline.Progress((double)meta["fp_top1"]!, (double)meta["calib_top1"]!,
+            Microsoft.FSharp.Collections.ListModule.OfSeq(history), (int)meta["epochs_done"]!);
+    }
+
+    static JsonObject ResultJson(Pipeline.Result r, QuantizeCli.PipelineConfig c, double seconds) => new()
+    {
+        ["fp_top1"] = Math.Round(r.FpTop1, 4),
+        ["calib_top1"] = Math.Round(r.CalibTop1, 4),
+        ["final_top1"] = Math.Round(r.FinalTop1, 4),
+        ["best_top1"] = Math.Round(r.BestTop1, 4),
+        ["best_top1_note"] = "best epoch selected on the test set; the headline is final_top1",
+        ["best_epoch"] = r.BestEpoch,
+        ["iterations"] = r.Iterations,
+        ["seconds"] = seconds,
+        ["wbits"] = c.Run.WBits, ["abits"] = c.Run.ABits, ["seed"] = c.Run.FineTune.Seed, ["samples"] = r.Samples,
+    };
+
+    /// One epoch of the history as saved in train.ckpt and written to metrics.jsonl.
+    static JsonObject EpochJson(Pipeline.EpochRecord e)
+    {
+        var m = e.Mean;
+        var o = new JsonObject
+        {
+            ["epoch"] = e.Epoch, ["iterations"] = e.Iterations,
+            ["kl"] = m.KL, ["fa"] = m.FA, ["ce"] = m.CE, ["total"] = m.Total,
+            ["perturbed_total"] = Finite(m.PerturbedTotal), ["promotion_gain"] = Finite(m.PromotionGain), ["lr"] = m.Lr,
+        };
+        if (e.Accuracy is { } a)
+        {
+            o["top1"] = a.Value.Top1;
+            o["top5"] = a.Value.Top5;
+            o["top1_correct"] = a.Value.Top1Correct;
+            o["top5_correct"] = a.Value.Top5Correct;
+            o["count"] = a.Value.Count;
+        }
+        return o;
+    }
+
+    static Pipeline.EpochRecord EpochOf(JsonObject o)
+    {
+        double Num(string k) => o[k] is { } v ? (double)v : double.NaN;
+        var mean = new FineTune.StepStats(Num("kl"), Num("fa"), Num("ce"), Num("total"), Num("perturbed_total"), Num("promotion_gain"), Num("lr"));
+        var acc = o["count"] is { } count
+            ? new Evaluate.Accuracy((long)o["top1_correct"]!, (long)o["top5_correct"]!, (long)count)
+            : null;
+        return new Pipeline.EpochRecord((int)o["epoch"]!, (long)o["iterations"]!, mean, acc is null ? null : FSharpOption<Evaluate.Accuracy>.Some(acc));
     }
 
     static double Elapsed(DateTime since) => (DateTime.UtcNow - since).TotalSeconds;
 
     static JsonNode? Finite(double v) => double.IsFinite(v) ? JsonValue.Create(v) : null;
-
-    static Evaluate.Accuracy Eval(LoadedModel m, Data.Dataset data, Device device, RunLog? log) =>
-        Evaluate.accuracy(device, 250, FuncConvert.FromAction<long, long>((d, t) =>
-        {
-            log?.Progress(d, t, []);
-            StopSignal.Check(() => "in an evaluation (the run resumes from its last saved state)");
-        }), m.Net, data);
 
     static void CheckStore(SampleStore store, LoadedModel teacher, int? take)
     {
@@ -237,85 +330,25 @@ public static class PipelineCommand
         if (take > store.Count) throw new HastError($"--take {take} asks for more samples than {store.Dir} holds ({store.Count})");
     }
 
-    static void Calibrate(QuantizeCli.PipelineConfig c, LoadedModel teacher, LoadedModel student, Tensor images, Device device, RunLog log)
-    {
-        switch (c.Calibration)
-        {
-            case QuantizeCli.Calibration.FromSamples s:
-                var n = Math.Min((long)s.batches * s.batchSize, images.shape[0]);
-                log.Info($"calibrating activation ranges on {n} synthetic samples (EMA of min/max, then frozen)");
-                Quantize.calibrate(device, student.Net, Enumerable.Range(0, (int)((n + s.batchSize - 1) / s.batchSize))
-                    .Select(i =>
-                    {
-                        Faults.At("calibration", $"batch {i + 1}");
-                        StopSignal.Check(() => "in calibration (the samples are kept; a resumed run calibrates again)");
-                        return images.slice(0, (long)i * s.batchSize, Math.Min(n, (long)(i + 1) * s.batchSize), 1);
-                    }));
-                break;
-            case QuantizeCli.Calibration.FromGenerator g:
-                var d = Hast.Core.Generator.defaults;
-                var gcfg = new Hast.Core.Generator.Config(g.iterations, g.batchSize, d.Latent, d.Lr, d.Beta1, d.Beta2, d.BnsWeight, c.FineTune.Seed);
-                log.Info($"calibrating activation ranges with a label-conditional generator ({g.iterations} iterations x {g.batchSize}, BNS + CE)");
-                log.Stage("generator calibration");
-                Hast.Core.Generator.calibrateWithGenerator(device, gcfg, teacher.Net, student.Net, teacher.Arch.Input.Size,
-                    FuncConvert.FromAction<Hast.Core.Generator.IterInfo>(it =>
-                    {
-                        log.Progress(it.Iteration, it.Total, [("ce", it.Ce), ("bns", it.Bns), ("loss", it.Loss), ("acc", it.TeacherAccuracy)]);
-                        StopSignal.Check(() => "in generator calibration (the samples are kept; a resumed run calibrates again)");
-                        if (it.Iteration % 10 == 0 || it.Iteration == it.Total)
-                            log.Metric("generator", new JsonObject { ["iteration"] = it.Iteration, ["ce"] = it.Ce, ["bns"] = it.Bns, ["loss"] = it.Loss, ["teacher_acc"] = it.TeacherAccuracy });
-                    }));
-                break;
-            default:
-                throw new HastError("unknown calibration mode");
-        }
-    }
-
-    /// Every setting that determines the result (a resumed run must match it).
-    static JsonObject SettingsJson(QuantizeCli.PipelineConfig c, bool isRun)
-    {
-        var ft = c.FineTune;
-        return new JsonObject
-        {
-            ["command"] = isRun ? "run" : "quantize",
-            ["arch"] = c.Arch, ["wbits"] = c.WBits, ["abits"] = c.ABits,
-            ["samples"] = c.Samples switch
-            {
-                QuantizeCli.SampleSource.Synthesize s => new JsonObject { ["synthesize"] = s.Item.Samples, ["config"] = SynthesizeCommand.ConfigJson(s.Item), ["seed"] = s.Item.Seed },
-                QuantizeCli.SampleSource.Store s => new JsonObject { ["store"] = Path.GetFullPath(s.dir), ["take"] = s.take is { } t ? t.Value : null },
-                _ => null,
-            },
-            ["calibration"] = c.Calibration.ToString(),
-            ["batch"] = ft.BatchSize, ["lr"] = ft.Lr, ["momentum"] = ft.Momentum, ["weight_decay"] = ft.WeightDecay,
-            ["epochs"] = ft.Epochs, ["iters_per_epoch"] = ft.ItersPerEpoch, ["schedule"] = ft.Schedule.ToString(),
-            ["temperature"] = ft.Temperature, ["alpha"] = ft.Alpha, ["lambda"] = ft.Lambda,
-            ["alignment"] = ft.Alignment.ToString(), ["ce_weight"] = ft.CeWeight,
-            ["promotion"] = ft.Promotion is { } p
-                ? new JsonObject { ["epsilon"] = p.Value.Epsilon, ["direction"] = Promotion.directionName(p.Value.Direction), ["grad"] = Promotion.gradName(p.Value.Grad), ["a"] = p.Value.CleanWeight, ["b"] = p.Value.PerturbedWeight }
-                : null,
-            ["crop_scale"] = new JsonArray(ft.Crop.Scale.Item1, ft.Crop.Scale.Item2),
-            ["seed"] = ft.Seed,
-        };
-    }
-
     static string ManifestHash(SampleStore s) =>
         Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(Path.Combine(s.Dir, SampleStore.ManifestName))));
 
-    static void SaveTrain(string path, LoadedModel student, OptimizerHelper opt, JsonObject settings, SampleStore store,
-                          double fpTop1, double calibTop1, JsonArray history, int epochsDone, double seconds, QuantizeCli.PipelineConfig c)
+    static void SaveTrain(string path, Pipeline.Snapshot s, QuantizeCli.PipelineConfig c, LoadedModel teacher, JsonObject settings, SampleStore store, double seconds)
     {
-        var meta = ModelFiles.CheckpointMeta(student, c.Weights, student.Sha256);
+        var student = teacher with { Net = s.Student, WBits = c.Run.WBits, ABits = c.Run.ABits };
+        var meta = ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256);
+        var p = s.Progress;
         meta["settings"] = settings.DeepClone();
         meta["store_manifest_sha256"] = ManifestHash(store);
-        meta["fp_top1"] = fpTop1;
-        meta["calib_top1"] = calibTop1;
-        meta["history"] = history.DeepClone();
-        meta["epochs_done"] = epochsDone;
+        meta["fp_top1"] = p.FpTop1;
+        meta["calib_top1"] = p.CalibTop1;
+        meta["history"] = new JsonArray(p.History.Select(e => (JsonNode)EpochJson(e)).ToArray());
+        meta["epochs_done"] = p.EpochsDone;
         meta["seconds"] = seconds;
         using var ms = new MemoryStream();
-        using (var w = new BinaryWriter(ms, System.Text.Encoding.UTF8, leaveOpen: true)) opt.save_state_dict(w);
+        using (var w = new BinaryWriter(ms, System.Text.Encoding.UTF8, leaveOpen: true)) ((OptimizerHelper)s.Optimizer).save_state_dict(w);
         using var optBytes = tensor(ms.ToArray());
-        Checkpoint.Save(path, meta, student.Net, new Dictionary<string, Tensor> { ["optimizer"] = optBytes });
+        Checkpoint.Save(path, meta, s.Student, new Dictionary<string, Tensor> { ["optimizer"] = optBytes });
     }
 
     static void RestoreOptimizer(OptimizerHelper opt, Dictionary<string, Tensor> extra)

@@ -2,7 +2,8 @@ using System.Diagnostics;
 using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
-using Hast.Core.Cli;
+using Hast.Cli;
+using TorchSharp;
 using Microsoft.FSharp.Core;
 using static TorchSharp.torch;
 
@@ -48,29 +49,71 @@ public static class SynthesizeCommand
     /// Synthesize `cfg.Samples` samples of `teacher` into the store at `dir` (created or resumed).
     public static SampleStore Synthesize(LoadedModel teacher, Synthesis.Config cfg, string dir, Device device, TextWriter stdout)
     {
-        var side = teacher.Arch.Input.Size;
-        var store = SampleStore.CreateOrResume(dir,
-            new SampleStore.Teacher(teacher.Arch.Name, Path.GetFileName(teacher.Source), teacher.Sha256),
-            [3, side, side], (int)teacher.Classes, cfg.Seed, ConfigJson(cfg));
-        using var runLock = RunLock.Acquire(dir, "--out", "hast synthesize");
-        using var log = new RunLog(dir, stdout);
-        if (runLock.TookOverFrom is { } previous) log.Info($"took over {dir} from a synthesis that is no longer running ({previous})");
-        var plan = Synthesis.plan(cfg).ToList();
-        var done = store.DoneIndices();
-        var todo = plan.Where(p => !done.Contains(p.Item1)).ToList();
-        log.Info($"synthesize: {cfg.Samples} samples of {teacher.Arch.Name} in {plan.Count} batch(es) of {cfg.BatchSize}, " +
-                 $"{cfg.Iterations} iterations, beta={cfg.Beta} gamma={cfg.Gamma} seed={cfg.Seed}" +
-                 (done.Count > 0 ? $"; resuming: {plan.Count - todo.Count} batch(es) already in {dir}" : ""));
-        long total = (long)plan.Count * cfg.Iterations, step = (long)(plan.Count - todo.Count) * cfg.Iterations;
-        log.Stage("synthesis", step);
-        foreach (var (index, count) in todo)
+        using var sink = StoreSink.Open(teacher, cfg, dir, stdout);
+        Pipeline.synthesize(device, teacher.Net, teacher.Arch.Input.Size, cfg, sink.Hooks(null), FuncConvert.FromAction<Pipeline.Event>(sink.OnEvent));
+        sink.Finish();
+        return sink.Store;
+    }
+
+    /// A sample store being synthesized into: the store's files, its lock and its own log
+    /// (DIR/log.txt, DIR/metrics.jsonl), and the run's view of it (`Hooks`).
+    public sealed class StoreSink : IDisposable
+    {
+        public SampleStore Store { get; }
+        readonly Synthesis.Config cfg;
+        readonly string dir;
+        readonly RunLock runLock;
+        readonly RunLog log;
+        long step;
+
+        StoreSink(SampleStore store, Synthesis.Config cfg, string dir, RunLock runLock, RunLog log) =>
+            (Store, this.cfg, this.dir, this.runLock, this.log) = (store, cfg, dir, runLock, log);
+
+        public static StoreSink Open(LoadedModel teacher, Synthesis.Config cfg, string dir, TextWriter stdout)
         {
-            var sw = Stopwatch.StartNew();
-            using var result = Synthesis.synthesizeBatch(device, teacher.Net, cfg, side, index, count,
-                FuncConvert.FromAction<Synthesis.IterInfo>(it =>
+            var side = teacher.Arch.Input.Size;
+            var store = SampleStore.CreateOrResume(dir,
+                new SampleStore.Teacher(teacher.Arch.Name, Path.GetFileName(teacher.Source), teacher.Sha256),
+                [3, side, side], (int)teacher.Classes, cfg.Seed, ConfigJson(cfg));
+            var runLock = RunLock.Acquire(dir, "--out", "hast synthesize");
+            var log = new RunLog(dir, stdout);
+            if (runLock.TookOverFrom is { } previous) log.Info($"took over {dir} from a synthesis that is no longer running ({previous})");
+            var plan = Synthesis.plan(cfg).ToList();
+            var done = store.DoneIndices();
+            var already = plan.Count(p => done.Contains(p.Item1));
+            log.Info($"synthesize: {cfg.Samples} samples of {teacher.Arch.Name} in {plan.Count} batch(es) of {cfg.BatchSize}, " +
+                     $"{cfg.Iterations} iterations, beta={cfg.Beta} gamma={cfg.Gamma} seed={cfg.Seed}" +
+                     (already > 0 ? $"; resuming: {already} batch(es) already in {dir}" : ""));
+            return new StoreSink(store, cfg, dir, runLock, log);
+        }
+
+        /// The store as the run sees it; `ReadAll` reads `take` samples (all when null).
+        public Pipeline.SampleStore Hooks(int? take) => new(
+            FuncConvert.FromFunc<int, bool>(i => Store.DoneIndices().Contains(i)),
+            FuncConvert.FromAction<Synthesis.BatchResult, double>((r, seconds) => Store.Append(r.Index, r.Images, r.Labels, r.Difficulty,
+                stats: new JsonObject
                 {
+                    ["bns"] = r.Final.Bns, ["ce"] = r.Final.Ce, ["teacher_top1"] = r.Final.Accuracy * 100,
+                    ["mean_difficulty"] = MeanDifficulty(r), ["seconds"] = Math.Round(seconds, 2),
+                })),
+            FuncConvert.FromFunc<Unit, Tuple<Tensor, Tensor>>(_ => ReadSamples(Store, take)));
+
+        static double MeanDifficulty(Synthesis.BatchResult r) => (double)r.Difficulty.mean().item<float>();
+
+        /// Progress, metrics, fault points and stop checks of the synthesis stage.
+        public void OnEvent(Pipeline.Event e)
+        {
+            switch (e)
+            {
+                case Pipeline.Event.StageStarted s when s.stage == "synthesis":
+                    step = s.stepsDone;
+                    log.Stage("synthesis", step);
+                    break;
+                case Pipeline.Event.SynthesisIteration si:
+                {
+                    var it = si.Item1;
                     step++;
-                    log.Progress(step, total,
+                    log.Progress(step, (long)si.batches * cfg.Iterations,
                     [
                         ("batch", it.Batch), ("iter", it.Iteration), ("bns", it.Loss.Bns), ("ce", it.Loss.Ce),
                         ("loss", it.Loss.Total), ("acc", it.Loss.Accuracy), ("lr", it.Lr),
@@ -82,29 +125,53 @@ public static class SynthesizeCommand
                             ["total"] = it.Loss.Total, ["teacher_acc"] = it.Loss.Accuracy, ["lr"] = it.Lr,
                         });
                     Faults.At("synth-iter", $"batch {it.Batch} iteration {it.Iteration}");
-                    StopSignal.Check(() => $"in synthesis batch {index + 1}/{plan.Count} after iteration {it.Iteration}/{it.Iterations} " +
-                                           $"(the batch is not kept; {store.Count} finished samples are in {dir})");
-                }));
-            var meanDifficulty = (double)result.Difficulty.mean().item<float>();
-            store.Append(index, result.Images, result.Labels, result.Difficulty,
-                stats: new JsonObject
+                    StopSignal.Check(() => $"in synthesis batch {it.Batch + 1}/{si.batches} after iteration {it.Iteration}/{it.Iterations} " +
+                                           $"(the batch is not kept; {Store.Count} finished samples are in {dir})");
+                    break;
+                }
+                case Pipeline.Event.SynthesisBatchStored b:
                 {
-                    ["bns"] = result.Final.Bns, ["ce"] = result.Final.Ce, ["teacher_top1"] = result.Final.Accuracy * 100,
-                    ["mean_difficulty"] = meanDifficulty, ["seconds"] = Math.Round(sw.Elapsed.TotalSeconds, 2),
-                });
-            log.Info($"batch {index + 1}/{plan.Count}: {count} samples, bns={result.Final.Bns:G4} ce={result.Final.Ce:G4} " +
-                     $"teacher top-1 {result.Final.Accuracy * 100:F1}% mean difficulty {meanDifficulty:F4} ({sw.Elapsed.TotalSeconds:F0}s)");
-            log.Metric("batch", new JsonObject
-            {
-                ["batch"] = index, ["count"] = count, ["bns"] = result.Final.Bns, ["ce"] = result.Final.Ce,
-                ["teacher_top1"] = result.Final.Accuracy * 100, ["mean_difficulty"] = meanDifficulty,
-                ["seconds"] = sw.Elapsed.TotalSeconds,
-            });
-            StopSignal.Check(() => $"after synthesis batch {index + 1}/{plan.Count} ({store.Count} samples stored in {dir})");
+                    var r = b.Item1;
+                    var count = r.Labels.shape[0];
+                    var meanDifficulty = MeanDifficulty(r);
+                    log.Info($"batch {r.Index + 1}/{b.batches}: {count} samples, bns={r.Final.Bns:G4} ce={r.Final.Ce:G4} " +
+                             $"teacher top-1 {r.Final.Accuracy * 100:F1}% mean difficulty {meanDifficulty:F4} ({b.seconds:F0}s)");
+                    log.Metric("batch", new JsonObject
+                    {
+                        ["batch"] = r.Index, ["count"] = count, ["bns"] = r.Final.Bns, ["ce"] = r.Final.Ce,
+                        ["teacher_top1"] = r.Final.Accuracy * 100, ["mean_difficulty"] = meanDifficulty,
+                        ["seconds"] = b.seconds,
+                    });
+                    StopSignal.Check(() => $"after synthesis batch {r.Index + 1}/{b.batches} ({Store.Count} samples stored in {dir})");
+                    break;
+                }
+            }
         }
-        var s = Summary(store, log.Elapsed.TotalSeconds);
-        log.Info($"store {dir}: {s["samples"]} samples, teacher top-1 {s["teacher_top1"]}%, mean difficulty {s["mean_difficulty"]}");
-        return store;
+
+        /// The store's summary line.
+        public void Finish()
+        {
+            var s = Summary(Store, log.Elapsed.TotalSeconds);
+            log.Info($"store {dir}: {s["samples"]} samples, teacher top-1 {s["teacher_top1"]}%, mean difficulty {s["mean_difficulty"]}");
+        }
+
+        bool disposed;
+
+        public void Dispose()
+        {
+            if (disposed) return;
+            disposed = true;
+            log.Dispose();
+            runLock.Dispose();
+        }
+    }
+
+    /// All samples of a store (`take` of them when given): images and labels.
+    public static Tuple<Tensor, Tensor> ReadSamples(SampleStore store, int? take)
+    {
+        var (images, labels, difficulty) = store.ReadAll(take);
+        difficulty.Dispose();
+        return Tuple.Create(images, labels);
     }
 
     /// {samples, teacher_top1, mean_difficulty, seconds} over the whole store (all sources). Batches cut by

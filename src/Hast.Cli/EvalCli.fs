@@ -1,8 +1,8 @@
 /// `hast eval`: top-1/top-5 of a model (FP, or quantized and calibrated) on a test set.
-module Hast.Core.Cli.EvalCli
+module Hast.Cli.EvalCli
 
 open Argu
-open Hast.Core.Cli.Common
+open Hast.Cli.Common
 
 /// ONNX Runtime graph optimisation levels `--ort-opt` accepts (Hast.Onnx.Runtime.Optimization).
 let ortLevels = [ "disabled"; "basic"; "extended"; "all" ]

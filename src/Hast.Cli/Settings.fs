@@ -1,7 +1,7 @@
 /// Settings as layers of key/value pairs: a preset, then a config file, then command-line flags, each
 /// overriding the one before. Keys are the long flag names without dashes (`synth-iters`, `lr`).
 /// One typed reader per command turns the merged layers into a validated record.
-module Hast.Core.Cli.Settings
+module Hast.Cli.Settings
 
 open System
 open System.Globalization

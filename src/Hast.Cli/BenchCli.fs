@@ -1,9 +1,9 @@
 /// `hast bench`: time the training steps (fine-tune with/without promotion, synthesis, eval forward)
 /// of a quantized student built from full-precision weights, on random inputs.
-module Hast.Core.Cli.BenchCli
+module Hast.Cli.BenchCli
 
 open Argu
-open Hast.Core.Cli.Common
+open Hast.Cli.Common
 
 /// One timed phase of the benchmark.
 type Phase =

@@ -1,9 +1,9 @@
 /// `hast export`: a model as an ONNX file (QDQ form for a quantized Hast checkpoint, float for
 /// full-precision weights or an FP checkpoint).
-module Hast.Core.Cli.ExportCli
+module Hast.Cli.ExportCli
 
 open Argu
-open Hast.Core.Cli.Common
+open Hast.Cli.Common
 
 type ExportConfig =
     { Checkpoint: string option

@@ -1,6 +1,6 @@
 /// Shared pieces of the command-line schema. Parsing is pure: arguments in, a command record
 /// (or a usage/error message) out. The C# shell prints and exits.
-module Hast.Core.Cli.Common
+module Hast.Cli.Common
 
 open System
 open Argu
@@ -9,10 +9,18 @@ open Hast.Core
 /// Outcome of parsing that is not a command: `--help` text (exit 0) or a usage error (exit 2).
 exception CliUsage of Text: string * IsHelp: bool
 
-/// Bits must be 2..8, or 32 for "no quantization".
+/// Run `f`, turning the core's `InvalidSetting` (named by setting) into a one-line error naming the
+/// flag: `flagOf "synth-iters"` is `--iters` under `hast synthesize`, `--synth-iters` under `hast run`.
+let withFlags (flagOf: string -> string) (f: unit -> 'a) : 'a =
+    try f ()
+    with InvalidSetting(setting, problem) -> failf "%s %s" (flagOf setting) problem
+
+/// The flag of a setting where the names agree (`lr` -> `--lr`).
+let flagOf (setting: string) = "--" + setting
+
+/// The one rule for bit widths (`Quantizers.checkBits`), reported under the flag `what`.
 let checkBits (what: string) (b: int) =
-    if not ((b >= 2 && b <= 8) || b = 32) then
-        failf "%s must be 2..8, or 32 for full precision (got %d)" what b
+    withFlags (fun _ -> what) (fun () -> Quantizers.checkBits "bits" b)
     b
 
 let checkPositiveInt (what: string) (v: int) =

@@ -1,11 +1,11 @@
 /// `hast synthesize`: hard-sample synthesis into a durable sample store.
-module Hast.Core.Cli.SynthesizeCli
+module Hast.Cli.SynthesizeCli
 
 open Argu
 open Hast.Core
 open Hast.Core.Models
 open Hast.Core.Models.Registry
-open Hast.Core.Cli.Settings
+open Hast.Cli.Settings
 
 type SynthesizeConfig =
     { Arch: string
@@ -53,33 +53,35 @@ type SynthesizeArgs =
             | Device _ -> "cpu or cuda (default: cpu)"
             | Report _ -> "write {samples, teacher_top1, mean_difficulty, seconds} as JSON to this file"
 
-let knownKeys = [ "samples"; "batch"; "iters"; "beta"; "gamma"; "lr"; "patience"; "augment"; "seed" ]
+/// The core names synthesis settings as `hast run` does (`synth-iters`); `hast synthesize` calls them
+/// `--iters`, `--batch`, ...
+let private synthesizeFlag (setting: string) =
+    "--" + (if setting.StartsWith "synth-" then setting.Substring 6 else setting)
 
-/// Read synthesis hyper-parameters from settings (keys as above, optionally prefixed, e.g. `synth-`).
-let synthesisOf (family: Family) (prefix: string) (r: Reader) : Synthesis.Config =
+/// Synthesis settings of `hast synthesize` over the family's defaults, validated once (by the core).
+let synthesisOf (family: Family) (r: Reader) : Synthesis.Config =
     let d = Synthesis.defaultsFor family
-    let key k = prefix + k
     let augment =
-        match r.TryString(key "augment") with
+        match r.TryString "augment" with
         | None -> d.Augment
         | Some s ->
             match s.ToLowerInvariant() with
             | "none" | "false" | "off" -> Synthesis.NoAugmentation
             | "batch" | "shared" -> Synthesis.SharedCrop Augment.CropSpec.synthesis
             | "sample" | "per-sample" | "true" | "on" -> Synthesis.PerSampleCrop Augment.CropSpec.synthesis
-            | other -> failf "--%s must be none, batch or sample (got '%s')" (key "augment") other
+            | other -> failf "--augment must be none, batch or sample (got '%s')" other
     let cfg =
         { d with
-            Samples = r.Int(key "samples", d.Samples) |> Common.checkPositiveInt ("--" + key "samples")
-            BatchSize = r.Int(key "batch", d.BatchSize) |> Common.checkPositiveInt ("--" + key "batch")
-            Iterations = r.Int(key "iters", d.Iterations) |> Common.checkPositiveInt ("--" + key "iters")
-            Beta = r.Float(key "beta", d.Beta) |> Common.checkNonNegative ("--" + key "beta")
-            Gamma = r.Float(key "gamma", d.Gamma) |> Common.checkNonNegative ("--" + key "gamma")
-            Lr = r.Float(key "lr", d.Lr) |> Common.checkPositive ("--" + key "lr")
-            Patience = r.Int(key "patience", d.Patience) |> Common.checkPositiveInt ("--" + key "patience")
+            Samples = r.Int("samples", d.Samples)
+            BatchSize = r.Int("batch", d.BatchSize)
+            Iterations = r.Int("iters", d.Iterations)
+            Beta = r.Float("beta", d.Beta)
+            Gamma = r.Float("gamma", d.Gamma)
+            Lr = r.Float("lr", d.Lr)
+            Patience = r.Int("patience", d.Patience)
             Augment = augment
-            Seed = r.Int64(key "seed", d.Seed) }
-    Synthesis.validate cfg
+            Seed = r.Int64("seed", d.Seed) }
+    Common.withFlags synthesizeFlag (fun () -> Synthesis.validate cfg)
     cfg
 
 let ofResults (res: ParseResults<SynthesizeArgs>) : SynthesizeConfig =
@@ -91,4 +93,4 @@ let ofResults (res: ParseResults<SynthesizeArgs>) : SynthesizeConfig =
       Out = r.String("out", "")
       Report = r.TryString "report"
       Device = r.String("device", "cpu")
-      Synthesis = synthesisOf arch.Family "" r }
+      Synthesis = synthesisOf arch.Family r }

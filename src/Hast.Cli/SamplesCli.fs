@@ -1,5 +1,5 @@
 /// `hast samples`: manage sample stores (merge stores made on several machines, subset, inspect).
-module Hast.Core.Cli.SamplesCli
+module Hast.Cli.SamplesCli
 
 open Argu
 

@@ -1,8 +1,8 @@
 /// The `hast` command line: sub-commands, and the pure parse from argv to a `Command`.
-module Hast.Core.Cli.Root
+module Hast.Cli.Root
 
 open Argu
-open Hast.Core.Cli.Common
+open Hast.Cli.Common
 
 type Command =
     | Eval of EvalCli.EvalConfig

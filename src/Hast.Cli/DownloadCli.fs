@@ -1,6 +1,6 @@
 /// `hast download`: fetch weights or datasets from their public homes into the cache (checksummed,
 /// resumable). The catalogue lives in the shell (IO/KnownFiles.cs); this is only the schema.
-module Hast.Core.Cli.DownloadCli
+module Hast.Cli.DownloadCli
 
 open Argu
 

@@ -1,0 +1,429 @@
+/// The run itself: a whole zero-shot quantization as one function of one typed configuration.
+///
+///     samples (synthesized, or a store)  ->  quantize  ->  calibrate  ->  fine-tune, evaluating
+///     after calibration and every `Eval.Every` epochs  ->  a typed result
+///
+/// `run` holds the stage order, the calibration batching, the evaluation cadence, the history, the
+/// final/best rule, resuming and the time budget's epoch-boundary stop. It does no IO: the caller
+/// (the shell) gives it the loaded teacher and test set, a sample store to synthesize into / read
+/// from, a place to save and restore the training state, and an event sink for progress and
+/// metrics. Every epoch's randomness derives from (seed, epoch), so a run restored at an epoch
+/// boundary ends where an uninterrupted one does.
+module Hast.Core.Pipeline
+
+open System
+open TorchSharp
+open Hast.Core
+open Hast.Core.Models
+
+// ------------------------------------------------------------------------------------------------
+// configuration
+
+/// Where the fine-tuning samples come from.
+type Samples =
+    /// synthesized first (`hast run`), into the store the caller provides
+    | Synthesize of Synthesis.Config
+    /// an existing store (`hast quantize --samples DIR`), optionally only its first `take` samples
+    | Store of dir: string * take: int option
+
+/// Calibration of the activation ranges on the run's synthetic samples: an EMA of each batch's
+/// min/max over the first `Batches` batches of `BatchSize` samples, then frozen.
+type SampleCalibration = { Batches: int; BatchSize: int }
+
+/// How activation ranges are calibrated before fine-tuning.
+type Calibration =
+    /// on the run's samples (small batches give tighter ranges; docs/results.md)
+    | FromSamples of SampleCalibration
+    /// the authors' warm-up: a label-conditional generator trained with BNS + CE; its images calibrate
+    | FromGenerator of Generator.Config
+
+/// When the student is evaluated on the test set.
+type EvalConfig =
+    { /// every this many epochs, and always after the last
+      Every: int
+      /// images per evaluation batch
+      BatchSize: int }
+
+/// A wall time for the whole run: the counts given explicitly are kept; the others are planned from
+/// timed probes (`Budget.plan`, probes in the shell) and set with `withCounts`.
+type TimeBudget =
+    { Seconds: float
+      Samples: int option
+      SynthIters: int option
+      FineTuneIters: int option }
+
+/// Everything that determines a run's result, apart from the teacher's weights and the data.
+type Config =
+    { WBits: int
+      ABits: int
+      Samples: Samples
+      Calibration: Calibration
+      FineTune: FineTune.Config
+      Eval: EvalConfig
+      /// plan the counts to a wall time; until planned, the counts not given hold placeholders
+      TimeBudget: TimeBudget option }
+
+/// The defaults of the settings outside the stages' own records (those are `Synthesis.defaultsFor`,
+/// `FineTune.defaults`, `Generator.defaults`, `Quantizers.defaultBits`).
+let sampleCalibrationDefaults : SampleCalibration = { Batches = 512; BatchSize = 1 }
+
+let evalDefaults : EvalConfig = { Every = 1; BatchSize = 250 }
+
+/// The calibration the generator warm-up uses by default (authors: 4 warm-up epochs x 200 iterations).
+let generatorCalibrationDefaults : Generator.Config = { Generator.defaults with BatchSize = 64 }
+
+/// The datasets the per-dataset defaults are known for (the authors' configs).
+type Dataset =
+    | Cifar10
+    | Cifar100
+    | ImageNet
+
+/// Which dataset a model was trained on, from its family and class count.
+let datasetOf (family: Registry.Family) (classes: int64) : Dataset =
+    match family, classes with
+    | Registry.Family.ImageNet, _ -> ImageNet
+    | Registry.Family.Cifar, 100L -> Cifar100
+    | Registry.Family.Cifar, _ -> Cifar10
+
+/// The per-dataset settings of the authors' configs (lihuantong/HAST config/*.hocon).
+type DatasetDefaults =
+    { Lambda: float
+      Epsilon: float
+      Lr: float
+      BatchSize: int
+      Milestones: int list }
+
+let datasetDefaults (d: Dataset) : DatasetDefaults =
+    match d with
+    | Cifar10 -> { Lambda = 1000.0; Epsilon = 0.01; Lr = 1e-5; BatchSize = 64; Milestones = [ 20; 40; 60 ] }
+    | Cifar100 -> { Lambda = 2000.0; Epsilon = 0.02; Lr = 1e-5; BatchSize = 64; Milestones = [ 20; 40; 60 ] }
+    | ImageNet -> { Lambda = 4000.0; Epsilon = 0.01; Lr = 1e-6; BatchSize = 4; Milestones = [ 100; 200; 350 ] }
+
+let datasetName (d: Dataset) =
+    match d with
+    | Cifar10 -> "CIFAR-10"
+    | Cifar100 -> "CIFAR-100"
+    | ImageNet -> "ImageNet"
+
+/// The fine-tuning defaults for a dataset: `FineTune.defaults` with the dataset's λ, ε, lr, batch
+/// and milestones.
+let fineTuneDefaults (d: Dataset) : FineTune.Config =
+    let dd = datasetDefaults d
+    let f = FineTune.defaults
+    { f with
+        Lambda = dd.Lambda
+        Lr = dd.Lr
+        BatchSize = dd.BatchSize
+        Schedule =
+            match f.Schedule with
+            | FineTune.MultiStep(_, decay) -> FineTune.MultiStep(dd.Milestones, decay)
+            | s -> s
+        Promotion = f.Promotion |> Option.map (fun p -> { p with Epsilon = dd.Epsilon }) }
+
+/// The default configuration of a run on a model of `family` with `classes` classes, its samples
+/// synthesized (`synthesize = true`, `hast run`) or read from the store `storeDir`.
+let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Config =
+    { WBits = Quantizers.defaultBits
+      ABits = Quantizers.defaultBits
+      Samples = samples
+      Calibration = FromSamples sampleCalibrationDefaults
+      FineTune = fineTuneDefaults (datasetOf family classes)
+      Eval = evalDefaults
+      TimeBudget = None }
+
+/// The default synthesized samples of a family (`Synthesis.defaultsFor`).
+let synthesized (family: Registry.Family) : Samples = Synthesize(Synthesis.defaultsFor family)
+
+/// The seed of the run: synthesis and fine-tuning share it.
+let seed (c: Config) = c.FineTune.Seed
+
+/// Fail (`InvalidSetting`) naming the first invalid setting; the config otherwise.
+let validate (c: Config) : Config =
+    Quantizers.checkBits "wbits" c.WBits
+    Quantizers.checkBits "abits" c.ABits
+    match c.Samples with
+    | Synthesize s -> Synthesis.validate s
+    | Store(_, Some t) when t <= 0 -> invalid "take" (sprintf "must be a positive integer (got %d)" t)
+    | Store _ -> ()
+    match c.Calibration with
+    | FromSamples s ->
+        if s.Batches <= 0 then invalid "calib-batches" (sprintf "must be a positive integer (got %d)" s.Batches)
+        if s.BatchSize <= 0 then invalid "calib-batch" (sprintf "must be a positive integer (got %d)" s.BatchSize)
+    | FromGenerator g -> Generator.validate g
+    FineTune.validate c.FineTune |> ignore
+    if c.Eval.Every <= 0 then invalid "eval-every" (sprintf "must be a positive integer (got %d)" c.Eval.Every)
+    if c.Eval.BatchSize <= 0 then invalid "eval-batch" (sprintf "must be a positive integer (got %d)" c.Eval.BatchSize)
+    match c.TimeBudget with
+    | Some tb ->
+        requirePositive "time-budget" tb.Seconds
+        match c.Calibration with
+        | FromGenerator _ -> invalid "time-budget" "plans runs calibrated on samples; use sample calibration or give the counts"
+        | FromSamples _ -> ()
+    | None -> ()
+    c
+
+// ------------------------------------------------------------------------------------------------
+// time budget
+
+/// The config with the planned counts (from `Budget.plan`, or a resumed run's recorded plan).
+let withCounts (samples: int) (synthIters: int) (fineTuneIters: int) (c: Config) : Config =
+    let epochs, ipe = Budget.epochsFor fineTuneIters c.FineTune.ItersPerEpoch
+    { c with
+        Samples =
+            match c.Samples with
+            | Synthesize s -> Synthesize { s with Samples = samples; Iterations = synthIters }
+            | store -> store
+        FineTune = { c.FineTune with Epochs = epochs; ItersPerEpoch = ipe } }
+
+/// What the planner is asked, `spent` seconds into the run.
+let budgetRequest (c: Config) (tb: TimeBudget) (spent: float) : Budget.Request =
+    let calibBatches, calibBatch =
+        match c.Calibration with
+        | FromSamples s -> s.Batches, s.BatchSize
+        | FromGenerator g -> 0, g.BatchSize
+    { Budget = tb.Seconds
+      Spent = spent
+      Samples = tb.Samples
+      SynthIters = tb.SynthIters
+      FineTuneIters = tb.FineTuneIters
+      ItersPerEpoch = c.FineTune.ItersPerEpoch
+      EvalEvery = c.Eval.Every
+      CalibBatches = calibBatches
+      CalibBatchSize = calibBatch }
+
+/// Seconds a budgeted run keeps for the final checkpoint and report after its last epoch.
+let budgetFinalReserve = 2.0
+
+/// Behind the plan: stop at this epoch boundary rather than overrun the budget, when another epoch
+/// (at the mean epoch time so far) and the final reserve do not fit in what is left.
+let stopForBudget (epochSeconds: float) (secondsLeft: float) : bool = epochSeconds + budgetFinalReserve > secondsLeft
+
+// ------------------------------------------------------------------------------------------------
+// results
+
+/// When an evaluation happens.
+type Phase =
+    | FullPrecision
+    | Calibrated
+    | AfterEpoch of int
+
+/// One finished fine-tuning epoch: mean step statistics and, on evaluation epochs, test accuracy.
+type EpochRecord =
+    { /// 1-based
+      Epoch: int
+      /// fine-tune iterations done after this epoch
+      Iterations: int64
+      Mean: FineTune.StepStats
+      Accuracy: Evaluate.Accuracy option }
+
+/// The state saved after calibration and after each epoch, and restored to resume.
+type Progress =
+    { FpTop1: float
+      CalibTop1: float
+      /// finished epochs, oldest first
+      History: EpochRecord list
+      EpochsDone: int }
+
+/// What a run ends with.
+type Result =
+    { FpTop1: float
+      /// after calibration, before any fine-tuning
+      CalibTop1: float
+      /// the headline: the last evaluation (calibration only when no epoch was evaluated)
+      FinalTop1: float
+      /// the best evaluation, selected on the test set: reported beside the final one, labelled
+      BestTop1: float
+      /// 0 = calibration
+      BestEpoch: int
+      History: EpochRecord list
+      EpochsDone: int
+      Iterations: int64
+      Samples: int64
+      /// stopped before the planned epochs because the time budget ran out
+      StoppedByBudget: bool }
+
+/// The final/best rule over a run's progress: final = the last evaluated epoch, best = the best
+/// evaluated epoch (the earliest of equals); both are the calibration's when no epoch was evaluated.
+let summarize (c: Config) (samples: int64) (p: Progress) : Result =
+    let evaluated = p.History |> List.choose (fun e -> e.Accuracy |> Option.map (fun a -> e.Epoch, a.Top1))
+    let final = evaluated |> List.tryLast |> Option.map snd |> Option.defaultValue p.CalibTop1
+    let bestEpoch, best =
+        match evaluated with
+        | [] -> 0, p.CalibTop1
+        | _ ->
+            let best = evaluated |> List.map snd |> List.max
+            evaluated |> List.find (fun (_, v) -> v = best)
+    { FpTop1 = p.FpTop1
+      CalibTop1 = p.CalibTop1
+      FinalTop1 = final
+      BestTop1 = best
+      BestEpoch = bestEpoch
+      History = p.History
+      EpochsDone = p.EpochsDone
+      Iterations = int64 p.EpochsDone * int64 c.FineTune.ItersPerEpoch
+      Samples = samples
+      StoppedByBudget = p.EpochsDone < c.FineTune.Epochs }
+
+// ------------------------------------------------------------------------------------------------
+// the run
+
+/// What the run reports as it goes (progress display, metrics, fault points, stop checks: the sink
+/// may raise to stop the run at that point).
+type Event =
+    /// a stage starts: its name, steps already done (resuming), steps in total
+    | StageStarted of stage: string * stepsDone: int64 * stepsTotal: int64
+    | SynthesisIteration of Synthesis.IterInfo * batches: int
+    /// a synthesized batch was handed to the store
+    | SynthesisBatchStored of Synthesis.BatchResult * batches: int * seconds: float
+    | SamplesReady of count: int64
+    | Resumed of epochsDone: int
+    | CalibrationStarted of Calibration * images: int64
+    | CalibrationBatch of index: int
+    | GeneratorIteration of Generator.IterInfo
+    | EvaluationBatch of Phase * imagesDone: int64 * imagesTotal: int64
+    | Evaluated of Phase * Evaluate.Accuracy
+    | FineTuneIteration of FineTune.IterInfo
+    /// an epoch ended (its record is not saved yet)
+    | EpochFinished of EpochRecord * epochs: int
+    /// the state after `epochsDone` epochs is saved (a safe point to stop at)
+    | EpochSaved of epochsDone: int * epochs: int
+    | StoppedForBudget of epochsDone: int * epochs: int * secondsLeft: float * epochSeconds: float
+
+/// A sample store as the run sees it (the shell's files).
+type SampleStore =
+    { /// batch `i` of this synthesis is already stored (a resumed synthesis skips it)
+      HasBatch: int -> bool
+      /// keep a synthesized batch (the run disposes it afterwards)
+      Append: Synthesis.BatchResult -> float -> unit
+      /// all samples (images on the CPU, labels), `take` applied
+      ReadAll: unit -> Tensor * Tensor }
+
+/// The training state as saved: the student and its optimizer live in the run; `Progress` is the rest.
+type Snapshot =
+    { Student: Net
+      Optimizer: torch.optim.Optimizer
+      Progress: Progress }
+
+/// The shell's side of a run.
+type Hooks =
+    { Event: Event -> unit
+      Store: SampleStore
+      /// restore a saved state into the fresh student and optimizer; None starts from calibration
+      Restore: Net -> torch.optim.Optimizer -> Progress option
+      /// save the state (after calibration and after every epoch)
+      Save: Snapshot -> unit
+      /// seconds of the budget used so far (including before a resume); only read under a time budget
+      BudgetSecondsUsed: unit -> float }
+
+/// The teacher and test set of a run, loaded by the shell.
+type Inputs =
+    { Device: torch.Device
+      Arch: Registry.Arch
+      Classes: int64
+      Teacher: Net
+      Test: Data.Dataset }
+
+/// Synthesize `cfg.Samples` samples of `teacher` into `store`, skipping the batches it already holds.
+let synthesize (device: torch.Device) (teacher: Net) (side: int) (cfg: Synthesis.Config) (store: SampleStore) (event: Event -> unit) : unit =
+    let plan = Synthesis.plan cfg
+    let todo = plan |> List.filter (fun (i, _) -> not (store.HasBatch i))
+    let batches = plan.Length
+    event (StageStarted("synthesis", int64 (batches - todo.Length) * int64 cfg.Iterations, int64 batches * int64 cfg.Iterations))
+    for index, count in todo do
+        let clock = Diagnostics.Stopwatch.StartNew()
+        use result = Synthesis.synthesizeBatch device teacher cfg side index count (fun it -> event (SynthesisIteration(it, batches)))
+        let seconds = clock.Elapsed.TotalSeconds
+        store.Append result seconds
+        event (SynthesisBatchStored(result, batches, seconds))
+
+let private evaluate (inputs: Inputs) (c: Config) (event: Event -> unit) (phase: Phase) (model: Net) : Evaluate.Accuracy =
+    let acc = Evaluate.accuracy inputs.Device (int64 c.Eval.BatchSize) (fun d t -> event (EvaluationBatch(phase, d, t))) model inputs.Test
+    event (Evaluated(phase, acc))
+    acc
+
+/// Calibrate the student's activation ranges as `c.Calibration` says.
+let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (event: Event -> unit) : unit =
+    match c.Calibration with
+    | FromSamples s ->
+        let n = min (int64 s.Batches * int64 s.BatchSize) images.shape[0]
+        event (CalibrationStarted(c.Calibration, n))
+        let count = int ((n + int64 s.BatchSize - 1L) / int64 s.BatchSize)
+        Quantize.calibrate inputs.Device student (seq {
+            for i in 0 .. count - 1 do
+                event (CalibrationBatch i)
+                yield images.slice(0L, int64 i * int64 s.BatchSize, min n (int64 (i + 1) * int64 s.BatchSize), 1L) })
+    | FromGenerator g ->
+        event (CalibrationStarted(c.Calibration, int64 g.Iterations * int64 g.BatchSize))
+        event (StageStarted("generator calibration", 0L, int64 g.Iterations))
+        Generator.calibrateWithGenerator inputs.Device g inputs.Teacher student inputs.Arch.Input.Size (GeneratorIteration >> event)
+
+/// Run the pipeline: samples, quantize, calibrate (or restore), fine-tune with evaluations, result.
+/// The student is built here; the shell saves it through `hooks.Save` and gets it back in the result
+/// pair (the caller owns and disposes it).
+let run (inputs: Inputs) (c: Config) (hooks: Hooks) : Result * Net =
+    let c = validate c
+    let ft = c.FineTune
+    let event = hooks.Event
+    // ---- samples
+    match c.Samples with
+    | Synthesize s -> synthesize inputs.Device inputs.Teacher inputs.Arch.Input.Size s hooks.Store event
+    | Store _ -> ()
+    let images, labels = hooks.Store.ReadAll()
+    use images = images
+    use labels = labels
+    let samples = images.shape[0]
+    event (SamplesReady samples)
+    // ---- quantize, then restore or calibrate
+    let student = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+    student.eval ()
+    try
+        use opt = FineTune.optimizer ft student
+        let restored = hooks.Restore student opt
+        let start =
+            match restored with
+            | Some p ->
+                Quantizers.setCalibrating student false
+                event (Resumed p.EpochsDone)
+                p
+            | None ->
+                event (StageStarted("eval fp", 0L, inputs.Test.Count))
+                let fp = evaluate inputs c event FullPrecision inputs.Teacher
+                calibrate inputs c student images event
+                event (StageStarted("eval calibrated", 0L, inputs.Test.Count))
+                let calib = evaluate inputs c event Calibrated student
+                let p = { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; History = []; EpochsDone = 0 }
+                hooks.Save { Student = student; Optimizer = opt; Progress = p }
+                p
+        // ---- fine-tune, epoch by epoch
+        event (StageStarted("fine-tune", int64 start.EpochsDone * int64 ft.ItersPerEpoch, int64 (FineTune.totalIterations ft)))
+        let clock = Diagnostics.Stopwatch.StartNew()
+        let rec epochs (p: Progress) =
+            if p.EpochsDone >= ft.Epochs then p
+            else
+                let epoch = p.EpochsDone
+                let stats = FineTune.epoch inputs.Device ft inputs.Teacher student opt images labels epoch (FineTuneIteration >> event)
+                let evaluateNow = (epoch + 1) % c.Eval.Every = 0 || epoch + 1 = ft.Epochs
+                let acc = if evaluateNow then Some(evaluate inputs c event (AfterEpoch(epoch + 1)) student) else None
+                let record = { Epoch = epoch + 1; Iterations = int64 (epoch + 1) * int64 ft.ItersPerEpoch; Mean = stats.Mean; Accuracy = acc }
+                let p = { p with History = p.History @ [ record ]; EpochsDone = epoch + 1 }
+                event (EpochFinished(record, ft.Epochs))
+                hooks.Save { Student = student; Optimizer = opt; Progress = p }
+                let budgetStop =
+                    match c.TimeBudget with
+                    | Some budget when epoch + 1 < ft.Epochs ->
+                        let perEpoch = clock.Elapsed.TotalSeconds / float (epoch + 1 - start.EpochsDone)
+                        let left = budget.Seconds - hooks.BudgetSecondsUsed()
+                        if stopForBudget perEpoch left then Some(left, perEpoch) else None
+                    | _ -> None
+                match budgetStop with
+                | Some(left, perEpoch) ->
+                    event (StoppedForBudget(epoch + 1, ft.Epochs, left, perEpoch))
+                    p
+                | None ->
+                    if epoch + 1 < ft.Epochs then event (EpochSaved(epoch + 1, ft.Epochs))
+                    epochs p
+        let final = epochs start
+        summarize c samples final, student
+    with _ ->
+        student.Dispose()
+        reraise ()

@@ -1,0 +1,71 @@
+/// Named starting points for a run, as values of the configuration: a preset changes the defaults of
+/// a model's run (`Pipeline.defaults`); settings from a config file or the command line override it.
+module Hast.Core.Presets
+
+open Hast.Core.Pipeline
+
+type Preset =
+    { Name: string
+      Description: string
+      Apply: Config -> Config }
+
+let private synthesis (f: Synthesis.Config -> Synthesis.Config) (c: Config) =
+    match c.Samples with
+    | Synthesize s -> { c with Samples = Synthesize(f s) }
+    | Store _ -> c
+
+let private fineTune (f: FineTune.Config -> FineTune.Config) (c: Config) = { c with FineTune = f c.FineTune }
+
+/// The authors' budget and schedule (lihuantong/HAST, config/cifar10_resnet20.hocon): 5120 samples x
+/// 1000 iterations, 147 fine-tuning epochs x 200 iterations, multi-step lr at the dataset's milestones.
+let paper : Preset =
+    { Name = "paper"
+      Description = "authors' budget: 5120 samples x 1000 iterations, 147 epochs x 200 iterations, lr x0.1 at the dataset's milestones (CIFAR 20/40/60)"
+      Apply =
+        synthesis (fun s -> { s with Samples = 5120; BatchSize = 256; Iterations = 1000 })
+        >> fineTune (fun f ->
+            { f with
+                Epochs = 147
+                ItersPerEpoch = 200
+                Schedule =
+                    match f.Schedule with
+                    | FineTune.MultiStep _ as m -> m
+                    | FineTune.Cosine _ -> FineTune.defaults.Schedule })
+        >> fun c -> { c with Calibration = FromSamples sampleCalibrationDefaults } }
+
+/// The settings measured best on 2 CPU cores (docs/results.md), with samples, synthesis and
+/// fine-tuning iterations planned to a 30-minute budget on this machine and model; the measured
+/// fixed-count run is this preset plus `--samples 1024 --synth-iters 200 --iters 2400`.
+let cpu30min : Preset =
+    { Name = "cpu-30min"
+      Description =
+        "end to end in 30 minutes on this machine (--time-budget 30m plans samples and iterations; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), per-sample calibration, the authors' lr, cosine, promotion through both networks"
+      Apply =
+        synthesis (fun s -> { s with Samples = Budget.measured.RefSamples; BatchSize = 256 })
+        >> fineTune (fun f ->
+            { f with
+                BatchSize = 64
+                Lr = 1e-5
+                ItersPerEpoch = 200
+                Schedule = FineTune.Cosine 0.0
+                Promotion = f.Promotion |> Option.map (fun p -> { p with Grad = Promotion.Both }) })
+        >> fun c ->
+            { c with
+                Calibration = FromSamples { Batches = 512; BatchSize = 1 }
+                TimeBudget = Some { Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None } } }
+
+/// Seconds, for smoke tests (not for accuracy).
+let tiny : Preset =
+    { Name = "tiny"
+      Description = "a smoke test in seconds (not for accuracy)"
+      Apply =
+        synthesis (fun s -> { s with Samples = 32; BatchSize = 32; Iterations = 10 })
+        >> fineTune (fun f -> { f with BatchSize = 16; Epochs = 2; ItersPerEpoch = 5 })
+        >> fun c -> { c with Calibration = FromSamples { Batches = 32; BatchSize = 1 } } }
+
+let all : Preset list = [ paper; cpu30min; tiny ]
+
+let names = all |> List.map (fun p -> p.Name)
+
+let tryFind (name: string) : Preset option =
+    all |> List.tryFind (fun p -> System.String.Equals(p.Name, name, System.StringComparison.OrdinalIgnoreCase))

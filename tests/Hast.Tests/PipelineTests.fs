@@ -1,0 +1,188 @@
+/// The run itself (`Pipeline`): its configuration rules, the final/best rule, the budget's stop rule,
+/// and whole runs in memory on the shared model — including a run stopped after an epoch and
+/// restored from its saved state, which must end bit for bit where an uninterrupted run ends.
+module Hast.Tests.PipelineTests
+
+open System
+open System.IO
+open Expecto
+open TorchSharp
+open TorchSharp.Modules
+open Hast.Core
+open Hast.Core.Pipeline
+open Hast.Tests.TestUtil
+
+let private stats (total: float) : FineTune.StepStats =
+    { KL = total; FA = 0.0; CE = 0.0; Total = total; PerturbedTotal = nan; PromotionGain = nan; Lr = 1e-5 }
+
+let private acc (top1Correct: int64) : Evaluate.Accuracy = { Top1Correct = top1Correct; Top5Correct = 100L; Count = 100L }
+
+let private epoch (e: int) (top1: int64 option) : EpochRecord =
+    { Epoch = e; Iterations = int64 e * 10L; Mean = stats 1.0; Accuracy = top1 |> Option.map acc }
+
+let private cifar = Pipeline.defaults Models.Registry.Family.Cifar 10L (Pipeline.synthesized Models.Registry.Family.Cifar)
+
+let private settingOf (f: unit -> unit) =
+    try
+        f ()
+        None
+    with InvalidSetting(s, _) -> Some s
+
+/// A tiny run's configuration: a few samples and iterations, every setting from the defaults.
+let private tinyConfig (seed: int64) : Config =
+    let c = cifar
+    { c with
+        Samples =
+            match c.Samples with
+            | Synthesize s -> Synthesize { s with Samples = 16; BatchSize = 16; Iterations = 3; Seed = seed }
+            | s -> s
+        Calibration = FromSamples { Batches = 8; BatchSize = 1 }
+        FineTune = { c.FineTune with BatchSize = 8; Epochs = 2; ItersPerEpoch = 2; Seed = seed }
+        Eval = { Every = 1; BatchSize = 32 } }
+
+/// The training state as the shell would save it, kept in memory.
+type private Saved =
+    { State: (string * torch.Tensor) list
+      Optimizer: byte[]
+      Progress: Progress }
+
+let private save (s: Snapshot) : Saved =
+    use ms = new MemoryStream()
+    (using (new BinaryWriter(ms, Text.Encoding.UTF8, true)) (fun w -> (s.Optimizer :?> OptimizerHelper).save_state_dict w))
+    { State = [ for kv in s.Student.state_dict () -> kv.Key, kv.Value.detach().clone() ]
+      Optimizer = ms.ToArray()
+      Progress = s.Progress }
+
+let private restore (saved: Saved) (student: Net) (opt: torch.optim.Optimizer) : Progress option =
+    use _ = torch.no_grad ()
+    let sd = student.state_dict ()
+    for k, v in saved.State do sd[k].copy_ v |> ignore
+    use r = new BinaryReader(new MemoryStream(saved.Optimizer))
+    (opt :?> OptimizerHelper).load_state_dict r |> ignore
+    Some saved.Progress
+
+exception private Stop
+
+/// Run `c` on the shared model and the first 64 test images, in memory. `stopAt`: raise at the
+/// `EpochSaved` of that epoch; `from`: restore that state.
+let private runInMemory (c: Config) (stopAt: int option) (from: Saved option) =
+    let teacher = loadSharedModel ()
+    let x, y = loadSharedTest ()
+    use xs = x.slice(0L, 0L, 64L, 1L)
+    use ys = y.slice(0L, 0L, 64L, 1L)
+    let test : Data.Dataset = { Count = 64L; Classes = 10L; Load = fun s n -> xs.slice(0L, s, s + n, 1L).clone(), ys.slice(0L, s, s + n, 1L).clone() }
+    let arch = Models.Registry.find "cifar-resnet20-a"
+    let batches = Collections.Generic.Dictionary<int, torch.Tensor * torch.Tensor>()
+    let saves = Collections.Generic.List<Saved>()
+    let events = Collections.Generic.List<Event>()
+    let store : SampleStore =
+        { HasBatch = fun i -> batches.ContainsKey i
+          Append = fun r _ -> batches[r.Index] <- (r.Images.clone(), r.Labels.clone())
+          ReadAll =
+            fun () ->
+                let parts = batches |> Seq.sortBy (fun kv -> kv.Key) |> Seq.map (fun kv -> kv.Value) |> Array.ofSeq
+                torch.cat(parts |> Array.map fst, 0L), torch.cat(parts |> Array.map snd, 0L) }
+    let hooks =
+        { Event =
+            fun e ->
+                events.Add e
+                match e, stopAt with
+                | EpochSaved(n, _), Some s when n = s -> raise Stop
+                | _ -> ()
+          Store = store
+          Restore = fun student opt -> from |> Option.bind (fun f -> restore f student opt)
+          Save = fun s -> saves.Add(save s)
+          BudgetSecondsUsed = fun () -> 0.0 }
+    let inputs = { Device = torch.CPU; Arch = arch; Classes = 10L; Teacher = teacher; Test = test }
+    let outcome =
+        try
+            let result, student = Pipeline.run inputs c hooks
+            let parameters = [ for kv in student.state_dict () -> kv.Key, kv.Value.detach().clone() ]
+            student.Dispose()
+            Some(result, parameters)
+        with Stop -> None
+    outcome, List.ofSeq saves, List.ofSeq events
+
+let private sameTensors (a: (string * torch.Tensor) list) (b: (string * torch.Tensor) list) =
+    List.length a = List.length b
+    && List.forall2 (fun (ka: string, ta: torch.Tensor) (kb: string, tb: torch.Tensor) -> ka = kb && ta.shape = tb.shape && (use e = ta.eq tb in use all = e.all () in all.item<bool> ())) a b
+
+let tests : Test list =
+    [ testCase "defaults: the authors' per-dataset settings as data (λ, ε, lr, batch, milestones)" <| fun () ->
+        let d10, d100, di = datasetDefaults Cifar10, datasetDefaults Cifar100, datasetDefaults ImageNet
+        Expect.equal (d10.Lambda, d10.Epsilon, d10.Lr, d10.BatchSize, d10.Milestones) (1000.0, 0.01, 1e-5, 64, [ 20; 40; 60 ]) "CIFAR-10"
+        Expect.equal (d100.Lambda, d100.Epsilon, d100.Lr, d100.BatchSize) (2000.0, 0.02, 1e-5, 64) "CIFAR-100"
+        Expect.equal (di.Lambda, di.Epsilon, di.Lr, di.BatchSize, di.Milestones) (4000.0, 0.01, 1e-6, 4, [ 100; 200; 350 ]) "ImageNet"
+        Expect.equal (datasetOf Models.Registry.Family.Cifar 100L) Cifar100 "100 CIFAR classes"
+        Expect.equal (datasetOf Models.Registry.Family.ImageNet 1000L) ImageNet "ImageNet family"
+        let f = fineTuneDefaults Cifar100
+        Expect.equal (f.Lambda, f.Promotion |> Option.map (fun p -> p.Epsilon)) (2000.0, Some 0.02) "the fine-tuning defaults follow the table"
+        Expect.equal f.Epochs 147 "the authors' 151 epochs less the 4 warm-up epochs"
+        Expect.equal (cifar.WBits, cifar.ABits, cifar.Eval.Every) (4, 4, 1) "W4A4, every epoch evaluated"
+
+      testCase "validate: each invalid setting is named, as config.json and the flags name it" <| fun () ->
+        let cases : (string * (Config -> Config)) list =
+            [ "wbits", fun c -> { c with WBits = 9 }
+              "abits", fun c -> { c with ABits = 1 }
+              "calib-batches", fun c -> { c with Calibration = FromSamples { Batches = 0; BatchSize = 1 } }
+              "calib-batch", fun c -> { c with Calibration = FromGenerator { generatorCalibrationDefaults with BatchSize = 1 } }
+              "eval-every", fun c -> { c with Eval = { c.Eval with Every = 0 } }
+              "eval-batch", fun c -> { c with Eval = { c.Eval with BatchSize = -1 } }
+              "take", fun c -> { c with Samples = Store("s", Some 0) }
+              "synth-iters", fun c -> { c with Samples = (match c.Samples with Synthesize s -> Synthesize { s with Iterations = 0 } | s -> s) }
+              "lr", fun c -> { c with FineTune = { c.FineTune with Lr = nan } }
+              "epochs", fun c -> { c with FineTune = { c.FineTune with Epochs = 0 } }
+              "perturbed-weight", fun c -> { c with FineTune = { c.FineTune with Promotion = Some { Promotion.defaults with CleanWeight = 0.0; PerturbedWeight = 0.0 } } }
+              "time-budget", fun c -> { c with TimeBudget = Some { Seconds = -1.0; Samples = None; SynthIters = None; FineTuneIters = None } } ]
+        for name, change in cases do
+            Expect.equal (settingOf (fun () -> validate (change cifar) |> ignore)) (Some name) (sprintf "names %s" name)
+        Expect.equal (validate cifar) cifar "the defaults are valid"
+
+      testCase "summarize: final = last evaluated epoch, best = best evaluated (earliest of equals), calibration when none" <| fun () ->
+        let c = { cifar with FineTune = { cifar.FineTune with Epochs = 4; ItersPerEpoch = 10 } }
+        let p = { FpTop1 = 90.0; CalibTop1 = 80.0; History = [ epoch 1 (Some 85L); epoch 2 (Some 87L); epoch 3 None; epoch 4 (Some 87L) ]; EpochsDone = 4 }
+        let r = summarize c 100L p
+        Expect.equal (r.FinalTop1, r.BestTop1, r.BestEpoch) (87.0, 87.0, 2) "final epoch 4; best epoch 2 (first of equals)"
+        Expect.equal (r.Iterations, r.StoppedByBudget) (40L, false) "4 epochs x 10"
+        let r = summarize c 100L { p with History = [ epoch 1 (Some 70L); epoch 2 (Some 60L) ]; EpochsDone = 2 }
+        Expect.equal (r.FinalTop1, r.BestTop1, r.BestEpoch, r.StoppedByBudget) (60.0, 70.0, 1, true) "best is not final; the calibration is not a candidate"
+        let r = summarize c 100L { p with History = [ epoch 1 None ]; EpochsDone = 1 }
+        Expect.equal (r.FinalTop1, r.BestTop1, r.BestEpoch) (80.0, 80.0, 0) "no evaluated epoch: the calibration's"
+
+      testCase "time budget: planned counts replace the placeholders; an epoch that does not fit stops the run" <| fun () ->
+        let c = withCounts 300 50 450 cifar
+        match c.Samples with
+        | Synthesize s -> Expect.equal (s.Samples, s.Iterations) (300, 50) "synthesis counts"
+        | other -> failtestf "synthesizes, got %A" other
+        Expect.equal (FineTune.totalIterations c.FineTune) 450 "fine-tune iterations"
+        Expect.isTrue (stopForBudget 10.0 11.0) "10 s epoch + 2 s reserve > 11 s left"
+        Expect.isFalse (stopForBudget 10.0 12.5) "fits"
+
+      testCase "run: a tiny run in memory; stopped after epoch 1 and restored, it ends bit for bit where the uninterrupted run ends" <| fun () ->
+        let c = tinyConfig 3L
+        let whole, wholeSaves, events = runInMemory c None None
+        let result, parameters =
+            match whole with
+            | Some r -> r
+            | None -> failtest "the uninterrupted run finished"
+        Expect.equal (result.EpochsDone, result.Iterations, result.Samples) (2, 4L, 16L) "2 epochs x 2 iterations on 16 samples"
+        Expect.equal wholeSaves.Length 3 "saved after calibration and after each epoch"
+        Expect.equal (result.History |> List.map (fun e -> e.Epoch)) [ 1; 2 ] "history"
+        Expect.isTrue (result.History |> List.forall (fun e -> e.Accuracy.IsSome)) "every epoch evaluated"
+        Expect.equal result.FinalTop1 (result.History |> List.last).Accuracy.Value.Top1 "final = last epoch"
+        let stages = events |> Seq.choose (function StageStarted(s, _, _) -> Some s | _ -> None) |> List.ofSeq
+        Expect.equal stages [ "synthesis"; "eval fp"; "eval calibrated"; "fine-tune" ] "the stages in order"
+        // stopped at its first safe point after epoch 1, then restored from what it saved
+        let stopped, stoppedSaves, _ = runInMemory c (Some 1) None
+        Expect.isNone stopped "stopped after epoch 1"
+        let last = List.last stoppedSaves
+        Expect.equal last.Progress.EpochsDone 1 "saved epoch 1"
+        let resumed, _, resumedEvents = runInMemory c None (Some last)
+        let result2, parameters2 =
+            match resumed with
+            | Some r -> r
+            | None -> failtest "the resumed run finished"
+        Expect.isTrue (resumedEvents |> Seq.exists (function Resumed 1 -> true | _ -> false)) "resumed after epoch 1"
+        Expect.isFalse (resumedEvents |> Seq.exists (function Evaluated(FullPrecision, _) -> true | _ -> false)) "no second calibration"
+        Expect.equal result2 result "the same result"
+        Expect.isTrue (sameTensors parameters parameters2) "the same student, bit for bit" ]
