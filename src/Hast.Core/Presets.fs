@@ -39,7 +39,7 @@ let paper : Preset =
 let cpu30min : Preset =
     { Name = "cpu-30min"
       Description =
-        "end to end in 30 minutes on this machine (--time-budget 30m plans samples and iterations; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), per-sample calibration, the authors' lr, cosine, promotion through both networks"
+        "end to end in 30 minutes on this machine (a 30-minute time budget: samples and iterations planned; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), per-sample calibration, the authors' lr, cosine, promotion through both networks"
       Apply =
         synthesis (fun s -> { s with Samples = Budget.measured.RefSamples; BatchSize = 256 })
         >> fineTune (fun f ->

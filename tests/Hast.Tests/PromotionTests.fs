@@ -20,10 +20,10 @@ let tests : Test list =
               Expect.equal (Promotion.parseGrad (" " + (Promotion.gradName g).ToUpperInvariant())) g "case and blanks"
           Expect.equal (Promotion.parseGrad "student-only") Promotion.StudentOnly "long spelling"
           for bad in [ ""; "teacher"; "kl" ] do
-              match (try Ok(Promotion.parseGrad bad) with HastError m -> Error m) with
+              match (try Ok(Promotion.parseGrad bad) with InvalidSetting(setting, m) -> Error(setting + " " + m)) with
               | Ok g -> failtestf "'%s' parsed as %A" bad g
               | Error m ->
-                  Expect.stringContains m "both or student" "names the choices"
+                  Expect.stringContains m "promotion-grad must be both or student" "names the setting and the choices"
                   Expect.isFalse (m.Contains '\n') "one line"
       }
       testProperty "δ = ε·sign(g): ε where g ≠ 0, 0 where g = 0, sign of g; x + δ has no graph" <| fun (seed: int) (epsRaw: uint16) ->

@@ -52,7 +52,7 @@ public static class PipelineCommand
         if (!isRun)
         {
             givenStore = SampleStore.Open(storeDir);
-            CheckStore(givenStore, teacher, take);
+            CheckStore(givenStore, teacher);
             preread = SynthesizeCommand.ReadSamples(givenStore, take);
         }
 
@@ -320,14 +320,13 @@ public static class PipelineCommand
 
     static JsonNode? Finite(double v) => double.IsFinite(v) ? JsonValue.Create(v) : null;
 
-    static void CheckStore(SampleStore store, LoadedModel teacher, int? take)
+    static void CheckStore(SampleStore store, LoadedModel teacher)
     {
         if (store.TeacherInfo.Sha256 != teacher.Sha256)
             throw new HastError($"sample store {store.Dir} was synthesized from {store.TeacherInfo.File}, not from this --weights file; synthesize samples of this teacher");
         var side = teacher.Arch.Input.Size;
         if (!store.ImageShape.SequenceEqual(new[] { 3, side, side }) || store.Classes != teacher.Classes)
             throw new HastError($"sample store {store.Dir} holds [{string.Join(",", store.ImageShape)}] images of {store.Classes} classes; {teacher.Arch.Name} needs [3,{side},{side}] and {teacher.Classes}");
-        if (take > store.Count) throw new HastError($"--take {take} asks for more samples than {store.Dir} holds ({store.Count})");
     }
 
     static string ManifestHash(SampleStore s) =>
