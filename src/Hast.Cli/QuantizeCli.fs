@@ -41,6 +41,7 @@ type QuantizeArgs =
     | Resume
     | Samples of spec: string
     | Take of n: int
+    | Real_Data of folder: string
     | Wbits of bits: int
     | Abits of bits: int
     | Calibration of mode: string
@@ -121,6 +122,8 @@ type QuantizeArgs =
             | Resume -> "continue a killed run in --out from its last finished epoch (all settings must match the run's config.json)"
             | Samples _ -> sprintf "quantize: sample store folder; run: number of samples to synthesize (default: %d)" s.Samples
             | Take _ -> "quantize: use only the first n samples of the store"
+            | Real_Data _ ->
+                "quantize: fine-tune (and calibrate) on REAL labelled images from an image folder (one sub-folder per class) instead of a sample store: the supplement's non-zero-shot reference"
             | Wbits _ -> sprintf "weight bits, 2..8 or 32 = off (default: %d)" Quantizers.defaultBits
             | Abits _ -> sprintf "activation bits, 2..8 or 32 = off (default: %d)" Quantizers.defaultBits
             | Calibration _ -> "samples (EMA of min/max on synthetic samples) | generator (authors' warm-up) (default: samples)"
@@ -337,7 +340,12 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
                     AugmentProbability = r.Float("synth-augment-probability", bs.AugmentProbability)
                     Seed = seed }
         | _ ->
-            Store(require "samples" "a sample store folder from `hast synthesize`", r.TryInt "take")
+            match r.TryString "real-data", r.TryString "samples" with
+            | Some _, Some _ -> fail "give --samples STORE (synthetic samples) or --real-data FOLDER (real images), not both"
+            | Some folder, None when folder.Trim() <> "" ->
+                if r.Has "take" then fail "--take applies to --samples STORE; --real-data uses every image of its folder"
+                RealImages folder
+            | _ -> Store(require "samples" "a sample store folder from `hast synthesize`, or --real-data FOLDER", r.TryInt "take")
     // ---- calibration
     let calibration =
         let kind =
@@ -380,8 +388,8 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
         | Some tb ->
             let given =
                 { tb with
-                    Samples = (if r.Has "samples" then (match samples with Synthesize s -> Some s.Samples | Store _ -> None) else tb.Samples)
-                    SynthIters = (if r.Has "synth-iters" then (match samples with Synthesize s -> Some s.Iterations | Store _ -> None) else tb.SynthIters)
+                    Samples = (if r.Has "samples" then (match samples with Synthesize s -> Some s.Samples | Store _ | RealImages _ -> None) else tb.Samples)
+                    SynthIters = (if r.Has "synth-iters" then (match samples with Synthesize s -> Some s.Iterations | Store _ | RealImages _ -> None) else tb.SynthIters)
                     FineTuneIters = (if fineTuneGiven then Some(FineTune.totalIterations ft) else tb.FineTuneIters) }
             // all three given: nothing left to plan, the run is the fixed-count run
             if given.Samples.IsSome && given.SynthIters.IsSome && given.FineTuneIters.IsSome then None else Some given
@@ -474,6 +482,7 @@ let toLayer (c: PipelineConfig) : Layer =
           match take with
           | Some t -> yield "take", string t
           | None -> ()
+      | RealImages folder -> yield "real-data", folder
       // calibration
       match run.Calibration with
       | FromSamples s ->
@@ -553,6 +562,7 @@ let withFullPaths (full: string -> string) (c: PipelineConfig) : PipelineConfig 
                 Samples =
                     match c.Run.Samples with
                     | Store(dir, take) -> Store(full dir, take)
+                    | RealImages folder -> RealImages(full folder)
                     | s -> s } }
 
 /// The config with the planned counts (`Pipeline.withCounts`).
@@ -571,6 +581,7 @@ let layers (isRun: bool) (readFile: string -> string) (res: ParseResults<Quantiz
             if flags.ContainsKey k then failf "--%s applies to `hast run` (synthesis), not to `hast quantize`" k
         if flags.ContainsKey "time-budget" then fail "--time-budget applies to `hast run`; `hast quantize` takes --iters"
     elif flags.ContainsKey "take" then fail "--take applies to `hast quantize --samples DIR`; `hast run --samples N` synthesizes exactly N"
+    elif flags.ContainsKey "real-data" then fail "--real-data applies to `hast quantize` (fine-tuning on real images instead of a sample store)"
     let file =
         match Map.tryFind "config" flags with
         | Some path ->

@@ -25,6 +25,10 @@ type Samples =
     | Synthesize of Synthesis.Config
     /// an existing store (`hast quantize --samples DIR`), optionally only its first `take` samples
     | Store of dir: string * take: int option
+    /// real labelled images (`hast quantize --real-data FOLDER`, an image folder): the supplement's
+    /// "fine-tuned on real data" reference, NOT zero-shot. They are shuffled (seeded) before use, so
+    /// calibration sees every class.
+    | RealImages of folder: string
 
 /// Calibration of the activation ranges on the run's synthetic samples: an EMA of each batch's
 /// min/max over the first `Batches` batches of `BatchSize` samples, then frozen.
@@ -144,7 +148,8 @@ let validate (c: Config) : Config =
     match c.Samples with
     | Synthesize s -> Synthesis.validate s
     | Store(_, Some t) when t <= 0 -> invalid "take" (sprintf "must be a positive integer (got %d)" t)
-    | Store _ -> ()
+    | Store _
+    | RealImages _ -> ()
     match c.Calibration with
     | FromSamples s ->
         if s.Batches <= 0 then invalid "calib-batches" (sprintf "must be a positive integer (got %d)" s.Batches)
@@ -367,8 +372,19 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : Result * Net =
     // ---- samples
     match c.Samples with
     | Synthesize s -> synthesize inputs.Device inputs.Teacher inputs.Arch.Input.Size s hooks.Store event
-    | Store _ -> ()
-    let images, labels = hooks.Store.ReadAll()
+    | Store _
+    | RealImages _ -> ()
+    let images, labels =
+        let images, labels = hooks.Store.ReadAll()
+        match c.Samples with
+        | RealImages _ ->
+            // image folders list one class after another: a seeded shuffle mixes them
+            use gen = generator (deriveSeed ft.Seed [ 5L ])
+            use order = torch.randperm(images.shape[0], generator = gen)
+            use images = images
+            use labels = labels
+            images.index_select(0L, order), labels.index_select(0L, order)
+        | _ -> images, labels
     use images = images
     use labels = labels
     let samples = images.shape[0]

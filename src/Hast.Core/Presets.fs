@@ -12,7 +12,8 @@ type Preset =
 let private synthesis (f: Synthesis.Config -> Synthesis.Config) (c: Config) =
     match c.Samples with
     | Synthesize s -> { c with Samples = Synthesize(f s) }
-    | Store _ -> c
+    | Store _
+    | RealImages _ -> c
 
 let private fineTune (f: FineTune.Config -> FineTune.Config) (c: Config) = { c with FineTune = f c.FineTune }
 

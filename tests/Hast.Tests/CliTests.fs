@@ -305,6 +305,10 @@ let configTests : Test list =
         let c = everySetting true false false
         let off = { c with Run = { c.Run with FineTune = FineTune.baseline c.Run.FineTune } }
         Expect.equal (QuantizeCli.ofLayer true (QuantizeCli.toLayer off |> Map.add "out" "o")) off "baseline (no promotion, CE 1, no alignment)"
+        // real images instead of a store (the supplement's non-zero-shot reference)
+        let q = everySetting false false false
+        let real = { q with Run = { q.Run with Samples = Pipeline.RealImages "/data/real" } }
+        Expect.equal (QuantizeCli.ofLayer false (QuantizeCli.toLayer real |> Map.add "out" "o")) real "--real-data"
 
       testCase "config.json: `--config OUT/config.json` reproduces the command; flags still override it" <| fun () ->
         let c = everySetting true false true

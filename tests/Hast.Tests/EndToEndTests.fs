@@ -33,4 +33,25 @@ let tests : Test list =
         printfn "  tiny W3A3 run: full precision %.2f%%, calibration only %.2f%%, final %.2f%%" fp calib final
         Expect.isGreaterThan final (calib + minGain)
             (sprintf "fine-tuning gains at least %.0f points over calibration only (%.2f%% -> %.2f%%)" minGain calib final)
-        Expect.isLessThanOrEqual final fp "the student does not beat its teacher" ]
+        Expect.isLessThanOrEqual final fp "the student does not beat its teacher" 
+      testCase "hast quantize --real-data: fine-tunes on real labelled images, says so, and records the folder in config.json" <| fun () ->
+        use tmp = new TempDir()
+        let out = tmp.File "real"
+        let args =
+            [ "quantize"; "--preset"; "tiny"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest; "--out"; out
+              "--real-data"; trainJpeg; "--wbits"; "4"; "--abits"; "4"; "--iters"; "4"; "--iters-per-epoch"; "2" ]
+        let code, stdout, err = runCli args
+        Expect.equal code 0 (sprintf "succeeds (%s)" (err.Trim()))
+        Expect.stringContains stdout "REAL images: 5000" "says it uses real images, all 5000"
+        use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "config.json")))
+        Expect.equal (config.RootElement.GetProperty("real-data").GetString()) (Path.GetFullPath trainJpeg) "the folder, absolute"
+        Expect.isTrue (File.Exists(Path.Combine(out, "report.json"))) "a report"
+        // a store and real images at once, or a missing folder: one line, nothing written
+        let code, _, err = runCli (args @ [ "--samples"; out ] |> List.map (fun a -> if a = out then tmp.File "other" else a))
+        Expect.equal code 2 "both sources: a usage error"
+        Expect.stringContains err "not both" "says why"
+        let code, _, err = runCli ([ "quantize"; "--preset"; "tiny"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest
+                                     "--out"; tmp.File "missing"; "--real-data"; tmp.File "no-such-folder" ])
+        Expect.equal code 1 "a missing folder fails"
+        Expect.isFalse (err.Trim().Contains '\n') (sprintf "one line: %s" err)
+        Expect.isFalse (Directory.Exists(tmp.File "missing") && File.Exists(Path.Combine(tmp.File "missing", "report.json"))) "nothing written" ]

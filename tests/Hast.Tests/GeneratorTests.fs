@@ -96,10 +96,10 @@ let private unitTests =
       test "invalid settings are user errors" {
           Expect.throwsT<HastError> (fun () -> new Generator(10L, 30, 100) |> ignore) "side not a multiple of 4"
           Expect.throwsT<HastError> (fun () -> new Generator(0L, 32, 100) |> ignore) "no classes"
-          Expect.throwsT<HastError> (fun () -> validate { defaults with BatchSize = 1 }) "batch 1"
-          Expect.throwsT<HastError> (fun () -> validate { defaults with Iterations = 0 }) "no iterations"
-          Expect.throwsT<HastError> (fun () -> validate { defaults with Beta1 = 1.0 }) "beta1"
-          Expect.throwsT<HastError> (fun () -> validate { defaults with Lr = nan }) "lr"
+          Expect.throwsT<InvalidSetting> (fun () -> validate { defaults with BatchSize = 1 }) "batch 1"
+          Expect.throwsT<InvalidSetting> (fun () -> validate { defaults with Iterations = 0 }) "no iterations"
+          Expect.throwsT<InvalidSetting> (fun () -> validate { defaults with Beta1 = 1.0 }) "beta1"
+          Expect.throwsT<InvalidSetting> (fun () -> validate { defaults with Lr = nan }) "lr"
       } ]
 
 let private sharedTests =

@@ -285,7 +285,7 @@ let hessianTests = [
         Expect.floatClose Accuracy.high d.Runs.Head.Weights[0] 1.0 "weight"
         Expect.throwsT<HastError> (fun () -> Study.density gen { Iterations = 0; Runs = 1 } op |> ignore) "iterations"
         Expect.throwsT<HastError> (fun () -> Study.topEigenvalues gen Study.powerDefaults 5 op |> ignore) "count > n"
-        Expect.throwsT<HastError> (fun () -> Study.densityOnGrid 0.0 [| 0.0 |] d |> ignore) "sigma"
+        Expect.throwsT<InvalidSetting> (fun () -> Study.densityOnGrid 0.0 [| 0.0 |] d |> ignore) "sigma"
         Expect.throwsT<HastError> (fun () -> Study.compareGradients [||] (torch.tensor(1.0)) (torch.tensor(1.0)) |> ignore) "no params"
     }
 ]

@@ -40,7 +40,12 @@ public static class PipelineCommand
         var clock = BudgetProbe.ClockStart(started);
         var planned = c.Run.TimeBudget is { } tb ? BudgetProbe.Plan(c, tb.Value, teacher, test.Dataset, device, outDir, clock) : null;
         if (planned is not null) c = planned.Config;
-        var storeDir = c.Run.Samples is Pipeline.Samples.Store st ? st.dir : Path.Combine(outDir, "samples");
+        var storeDir = c.Run.Samples switch
+        {
+            Pipeline.Samples.Store st => st.dir,
+            Pipeline.Samples.RealImages ri => ri.folder,
+            _ => Path.Combine(outDir, "samples"),
+        };
         int? take = c.Run.Samples is Pipeline.Samples.Store st2 && st2.take is { } t ? t.Value : null;
         var settings = Settings(c);
         // a train checkpoint to resume from is read (checksums verified) and matched before any work
@@ -49,7 +54,14 @@ public static class PipelineCommand
         // quantize: the store is read (checksums verified) before anything is written
         Tuple<Tensor, Tensor>? preread = null;
         SampleStore? givenStore = null;
-        if (!isRun)
+        if (c.Run.Samples.IsRealImages)
+        {
+            // the supplement's reference: real labelled images, not zero-shot
+            var real = Datasets.Open(storeDir, teacher.Arch.Input, teacher.Classes);
+            Data.checkClasses(storeDir, real.Dataset, teacher.Classes);
+            preread = real.Dataset.Load.Invoke(0).Invoke(real.Dataset.Count);
+        }
+        else if (!isRun)
         {
             givenStore = SampleStore.Open(storeDir);
             CheckStore(givenStore, teacher);
@@ -74,7 +86,7 @@ public static class PipelineCommand
         // ---- the run: synthesis into OUT/samples (its own lock and log), or the given store
         SynthesizeCommand.StoreSink? sink = null;
         IDisposable? sinkGuard2 = null;
-        SampleStore store;
+        SampleStore? store;
         Pipeline.SampleStore storeHooks;
         if (c.Run.Samples is Pipeline.Samples.Synthesize syn)
         {
@@ -85,7 +97,7 @@ public static class PipelineCommand
         }
         else
         {
-            store = givenStore!;
+            store = givenStore;
             var pre = preread!;
             storeHooks = new Pipeline.SampleStore(
                 FuncConvert.FromFunc<int, bool>(_ => true),
@@ -131,7 +143,7 @@ public static class PipelineCommand
     }
 
     /// The run's events: progress and log lines, metrics, fault points and stop checks.
-    sealed class Events(QuantizeCli.PipelineConfig c, RunLog log, SynthesizeCommand.StoreSink? sink, SampleStore store, string storeDir)
+    sealed class Events(QuantizeCli.PipelineConfig c, RunLog log, SynthesizeCommand.StoreSink? sink, SampleStore? store, string storeDir)
     {
         readonly FineTune.Config ft = c.Run.FineTune;
         bool synthesizing;
@@ -151,7 +163,9 @@ public static class PipelineCommand
                 case Pipeline.Event.SamplesReady ready:
                     if (synthesizing) { sink!.Finish(); synthesizing = false; }
                     sink?.Dispose();
-                    log.Info($"samples: {ready.count} from {storeDir}");
+                    log.Info(c.Run.Samples.IsRealImages
+                        ? $"REAL images: {ready.count} from {storeDir} (the non-zero-shot reference: fine-tuned on real data)"
+                        : $"samples: {ready.count} from {storeDir}");
                     break;
                 case Pipeline.Event.StageStarted s:
                     log.Stage(s.stage, s.stepsDone);
@@ -163,7 +177,7 @@ public static class PipelineCommand
                     if (cs.Item1 is Pipeline.Calibration.FromGenerator g)
                         log.Info($"calibrating activation ranges with a label-conditional generator ({g.Item.Iterations} iterations x {g.Item.BatchSize}, BNS + CE)");
                     else
-                        log.Info($"calibrating activation ranges on {cs.images} synthetic samples (EMA of min/max, then frozen)");
+                        log.Info($"calibrating activation ranges on {cs.images} {(c.Run.Samples.IsRealImages ? "REAL images" : "synthetic samples")} (EMA of min/max, then frozen)");
                     break;
                 case Pipeline.Event.CalibrationBatch b:
                     Faults.At("calibration", $"batch {b.index + 1}");
@@ -260,7 +274,7 @@ public static class PipelineCommand
         }
     }
 
-    static FSharpOption<Pipeline.Progress> Restore(Checkpoint ck, SampleStore store, string storeDir, QuantizeCli.PipelineConfig c, Net student, TorchSharp.torch.optim.Optimizer opt)
+    static FSharpOption<Pipeline.Progress> Restore(Checkpoint ck, SampleStore? store, string storeDir, QuantizeCli.PipelineConfig c, Net student, TorchSharp.torch.optim.Optimizer opt)
     {
         var meta = ck.Meta;
         if ((string?)meta["store_manifest_sha256"] != ManifestHash(store))
@@ -329,10 +343,11 @@ public static class PipelineCommand
             throw new HastError($"sample store {store.Dir} holds [{string.Join(",", store.ImageShape)}] images of {store.Classes} classes; {teacher.Arch.Name} needs [3,{side},{side}] and {teacher.Classes}");
     }
 
-    static string ManifestHash(SampleStore s) =>
+    /// The sample store's identity (its manifest's hash); real images have none (their folder is a setting).
+    static string? ManifestHash(SampleStore? s) => s is null ? null :
         Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(Path.Combine(s.Dir, SampleStore.ManifestName))));
 
-    static void SaveTrain(string path, Pipeline.Snapshot s, QuantizeCli.PipelineConfig c, LoadedModel teacher, JsonObject settings, SampleStore store, double seconds)
+    static void SaveTrain(string path, Pipeline.Snapshot s, QuantizeCli.PipelineConfig c, LoadedModel teacher, JsonObject settings, SampleStore? store, double seconds)
     {
         var student = teacher with { Net = s.Student, WBits = c.Run.WBits, ABits = c.Run.ABits };
         var meta = ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256);
