@@ -203,13 +203,6 @@ let private parsePair (key: string) (s: string) =
         p lo, p hi
     | _ -> failf "--%s must be two numbers like 0.5,1 (got '%s')" key s
 
-let private parseAugment (key: string) (s: string) =
-    match s.ToLowerInvariant() with
-    | "none" | "false" | "off" -> Synthesis.NoAugmentation
-    | "batch" | "shared" -> Synthesis.SharedCrop Augment.CropSpec.synthesis
-    | "sample" | "per-sample" | "true" | "on" -> Synthesis.PerSampleCrop Augment.CropSpec.synthesis
-    | other -> failf "--%s must be none, batch or sample (got '%s')" key other
-
 /// The core names a setting as `hast run` does; `hast run` and `hast quantize` flags are those names.
 let private flags (f: unit -> 'a) = withFlags flagOf f
 
@@ -336,7 +329,7 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
                     MinLr = r.Float("synth-min-lr", bs.MinLr)
                     Beta = r.Float("beta", bs.Beta)
                     Gamma = r.Float("gamma", bs.Gamma)
-                    Augment = r.TryString "synth-augment" |> Option.map (parseAugment "synth-augment") |> Option.defaultValue bs.Augment
+                    Augment = r.TryString "synth-augment" |> Option.map (SynthesizeCli.parseAugment "synth-augment") |> Option.defaultValue bs.Augment
                     AugmentProbability = r.Float("synth-augment-probability", bs.AugmentProbability)
                     Seed = seed }
         | _ ->

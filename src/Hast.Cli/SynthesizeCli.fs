@@ -53,6 +53,14 @@ type SynthesizeArgs =
             | Device _ -> "cpu or cuda (default: cpu)"
             | Report _ -> "write {samples, teacher_top1, mean_difficulty, seconds} as JSON to this file"
 
+/// A synthesis augmentation by name (`key` names the flag in the message).
+let parseAugment (key: string) (s: string) =
+    match s.ToLowerInvariant() with
+    | "none" | "false" | "off" -> Synthesis.NoAugmentation
+    | "batch" | "shared" -> Synthesis.SharedCrop Augment.CropSpec.synthesis
+    | "sample" | "per-sample" | "true" | "on" -> Synthesis.PerSampleCrop Augment.CropSpec.synthesis
+    | other -> failf "--%s must be none, batch or sample (got '%s')" key other
+
 /// The core names synthesis settings as `hast run` does (`synth-iters`); `hast synthesize` calls them
 /// `--iters`, `--batch`, ...
 let private synthesizeFlag (setting: string) =
@@ -61,15 +69,7 @@ let private synthesizeFlag (setting: string) =
 /// Synthesis settings of `hast synthesize` over the family's defaults, validated once (by the core).
 let synthesisOf (family: Family) (r: Reader) : Synthesis.Config =
     let d = Synthesis.defaultsFor family
-    let augment =
-        match r.TryString "augment" with
-        | None -> d.Augment
-        | Some s ->
-            match s.ToLowerInvariant() with
-            | "none" | "false" | "off" -> Synthesis.NoAugmentation
-            | "batch" | "shared" -> Synthesis.SharedCrop Augment.CropSpec.synthesis
-            | "sample" | "per-sample" | "true" | "on" -> Synthesis.PerSampleCrop Augment.CropSpec.synthesis
-            | other -> failf "--augment must be none, batch or sample (got '%s')" other
+    let augment = r.TryString "augment" |> Option.map (parseAugment "augment") |> Option.defaultValue d.Augment
     let cfg =
         { d with
             Samples = r.Int("samples", d.Samples)
