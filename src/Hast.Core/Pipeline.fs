@@ -230,7 +230,7 @@ type Progress =
       EpochsDone: int }
 
 /// What a run ends with.
-type Result =
+type RunResult =
     { FpTop1: float
       /// after calibration, before any fine-tuning
       CalibTop1: float
@@ -249,7 +249,7 @@ type Result =
 
 /// The final/best rule over a run's progress: final = the last evaluated epoch, best = the best
 /// evaluated epoch (the earliest of equals); both are the calibration's when no epoch was evaluated.
-let summarize (c: Config) (samples: int64) (p: Progress) : Result =
+let summarize (c: Config) (samples: int64) (p: Progress) : RunResult =
     let evaluated = p.History |> List.choose (fun e -> e.Accuracy |> Option.map (fun a -> e.Epoch, a.Top1))
     let final = evaluated |> List.tryLast |> Option.map snd |> Option.defaultValue p.CalibTop1
     let bestEpoch, best =
@@ -365,7 +365,7 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
 /// Run the pipeline: samples, quantize, calibrate (or restore), fine-tune with evaluations, result.
 /// The student is built here; the shell saves it through `hooks.Save` and gets it back in the result
 /// pair (the caller owns and disposes it).
-let run (inputs: Inputs) (c: Config) (hooks: Hooks) : Result * Net =
+let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
     let c = validate c
     let ft = c.FineTune
     let event = hooks.Event

@@ -286,7 +286,7 @@ public static class PipelineCommand
             Microsoft.FSharp.Collections.ListModule.OfSeq(history), (int)meta["epochs_done"]!);
     }
 
-    static JsonObject ResultJson(Pipeline.Result r, QuantizeCli.PipelineConfig c, double seconds) => new()
+    static JsonObject ResultJson(Pipeline.RunResult r, QuantizeCli.PipelineConfig c, double seconds) => new()
     {
         ["fp_top1"] = Math.Round(r.FpTop1, 4),
         ["calib_top1"] = Math.Round(r.CalibTop1, 4),
