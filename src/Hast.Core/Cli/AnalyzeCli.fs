@@ -45,6 +45,18 @@ type AnalyzeConfig =
 
 let calibDefaults = 1, 512
 
+/// Help texts of the flags both analyses take.
+module private Usage =
+    let arch = sprintf "architecture of the teacher: %s" (String.concat ", " Models.Registry.names)
+    let weights = "PyTorch checkpoint of the full-precision teacher"
+    let wbits = "weight bits of the quantized student, 2..8 (not with --checkpoint)"
+    let abits = "activation bits of the quantized student, 2..8 (not with --checkpoint)"
+    let calibBatch = sprintf "activation calibration batch size on the store's first samples (default: %d)" (fst calibDefaults)
+    let calibBatches = sprintf "activation calibration batches (default: %d)" (snd calibDefaults)
+    let temperature = sprintf "KL temperature T (default: %g)" FineTune.defaults.Temperature
+    let lambda = sprintf "feature-alignment weight lambda (default: %g)" FineTune.defaults.Lambda
+    let device = "cpu or cuda (default: cpu)"
+
 type HessianArgs =
     | [<Mandatory>] Arch of name: string
     | [<Mandatory>] Weights of path: string
@@ -71,25 +83,25 @@ type HessianArgs =
         member a.Usage =
             let d = Analysis.hessianDefaults
             match a with
-            | Arch _ -> sprintf "architecture of the teacher: %s" (String.concat ", " Models.Registry.names)
-            | Weights _ -> "PyTorch checkpoint of the full-precision teacher"
+            | Arch _ -> Usage.arch
+            | Weights _ -> Usage.weights
             | Samples _ -> "sample store (hast synthesize) of this teacher: the batch and the calibration images"
-            | Wbits _ -> "weight bits of the quantized student, 2..8 (not with --checkpoint)"
-            | Abits _ -> "activation bits of the quantized student, 2..8 (not with --checkpoint)"
+            | Wbits _ -> Usage.wbits
+            | Abits _ -> Usage.abits
             | Checkpoint _ -> "a Hast checkpoint (quantized.ckpt, e.g. fine-tuned) as the student instead of a freshly calibrated one"
-            | Calib_Batch _ -> sprintf "activation calibration batch size on the store's first samples (default: %d)" (fst calibDefaults)
-            | Calib_Batches _ -> sprintf "activation calibration batches (default: %d)" (snd calibDefaults)
+            | Calib_Batch _ -> Usage.calibBatch
+            | Calib_Batches _ -> Usage.calibBatches
             | Batch _ -> "samples in the batch the Hessian is taken on, a seeded subset of the store (default: 64)"
             | Lanczos_Steps _ -> sprintf "Lanczos steps per SLQ run (default: %d; PyHessian 100)" d.LanczosSteps
             | Runs _ -> sprintf "SLQ runs, one Rademacher probe each (default: %d)" d.Runs
             | Power_Iters _ -> sprintf "most power iterations for the top eigenvalue, relative tolerance %g (default: %d)" d.Power.Tolerance d.Power.MaxIterations
             | Hutchinson_Samples _ -> sprintf "most Hutchinson probes for the trace, relative tolerance %g (default: %d)" d.Trace.Tolerance d.Trace.MaxSamples
             | Bins _ -> sprintf "density grid points (default: %d, as PyHessian)" d.Bins
-            | Temperature _ -> sprintf "KL temperature T (default: %g)" FineTune.defaults.Temperature
+            | Temperature _ -> Usage.temperature
             | Alpha _ -> sprintf "KL weight alpha; the KL term is alpha*T^2*KL (default: %g)" FineTune.defaults.Alpha
-            | Lambda _ -> sprintf "feature-alignment weight lambda (default: %g)" FineTune.defaults.Lambda
+            | Lambda _ -> Usage.lambda
             | Seed _ -> "seed of the batch subset and the estimators' probe vectors (default: 0)"
-            | Device _ -> "cpu or cuda (default: cpu)"
+            | Device _ -> Usage.device
             | Out _ -> "folder for hessian.json, hessian.md, hessian.png, log.txt, metrics.jsonl"
             | Report _ -> "write the JSON (hessian.json) here as well"
 
@@ -117,24 +129,24 @@ type GradcosArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Arch _ -> sprintf "architecture of the teacher: %s" (String.concat ", " Models.Registry.names)
-            | Weights _ -> "PyTorch checkpoint of the full-precision teacher"
+            | Arch _ -> Usage.arch
+            | Weights _ -> Usage.weights
             | Samples _ -> "sample store (hast synthesize) of this teacher: fine-tuning, probe and calibration images"
-            | Wbits _ -> "weight bits of the quantized student, 2..8 (not with --checkpoint)"
-            | Abits _ -> "activation bits of the quantized student, 2..8 (not with --checkpoint)"
+            | Wbits _ -> Usage.wbits
+            | Abits _ -> Usage.abits
             | Checkpoint _ -> "a Hast checkpoint (quantized.ckpt) as the starting student instead of a freshly calibrated one"
-            | Calib_Batch _ -> sprintf "activation calibration batch size on the store's first samples (default: %d)" (fst calibDefaults)
-            | Calib_Batches _ -> sprintf "activation calibration batches (default: %d)" (snd calibDefaults)
+            | Calib_Batch _ -> Usage.calibBatch
+            | Calib_Batches _ -> Usage.calibBatches
             | Iters _ -> "fine-tuning iterations of each run (CE+KL baseline, HAST) (default: 200)"
             | Every _ -> "measure the cosines every k iterations (default: 10)"
             | Probe_Batch _ -> "samples of the fixed batch the cosines are measured on, a seeded subset of the store (default: 64)"
             | Batch _ -> sprintf "fine-tuning batch size (default: %d)" FineTune.defaults.BatchSize
             | Lr _ -> sprintf "fine-tuning learning rate, constant over the run (default: %g)" FineTune.defaults.Lr
-            | Temperature _ -> sprintf "KL temperature T (default: %g)" FineTune.defaults.Temperature
+            | Temperature _ -> Usage.temperature
             | Alpha _ -> sprintf "KL weight alpha (default: %g)" FineTune.defaults.Alpha
-            | Lambda _ -> sprintf "feature-alignment weight lambda (default: %g)" FineTune.defaults.Lambda
+            | Lambda _ -> Usage.lambda
             | Seed _ -> "seed of fine-tuning (batch order, crops, promotion) and the probe subset (default: 0)"
-            | Device _ -> "cpu or cuda (default: cpu)"
+            | Device _ -> Usage.device
             | Out _ -> "folder for gradcos.json, gradcos.md, gradcos.png, log.txt, metrics.jsonl"
             | Report _ -> "write the JSON (gradcos.json) here as well"
 
