@@ -30,6 +30,14 @@ let losses = [ CE; KL; FA ]
 let termsConfig (c: FineTune.Config) : FineTune.Config =
     { c with CeWeight = 1.0; Alignment = FineTune.Relaxed; Promotion = None }
 
+/// The factor a term carries in the fine-tuning loss (`termsConfig`): 1 for CE, α·T² for KL, λ for
+/// FA. Dividing a term's Hessian estimates by it gives those of the unweighted loss.
+let lossWeight (c: FineTune.Config) (l: Loss) : float =
+    match l with
+    | CE -> 1.0
+    | KL -> c.Alpha * c.Temperature * c.Temperature
+    | FA -> c.Lambda
+
 let private pick (l: Loss) (t: FineTune.Terms) : Tensor =
     match l with
     | CE -> t.CE

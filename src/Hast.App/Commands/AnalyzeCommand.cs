@@ -153,6 +153,7 @@ public static class AnalyzeCommand
             }));
             spectra.Add(sp);
             var entry = SpectrumJson(sp);
+            entry["loss_weight"] = Analysis.lossWeight(a.FineTune, loss);
             losses[name] = entry;
             log.Info($"{name}: loss {G(sp.Value)}, top eigenvalue {G(sp.Top.Value)} ({sp.Top.Iterations} power iterations{(sp.Top.Converged ? "" : ", not converged")}), " +
                      $"trace {G(sp.Trace.Estimate)} +- {G(sp.Trace.StandardError)} ({sp.Trace.Samples.Length} probes), Ritz values in [{G(sp.Density.Runs.Min(r => r.Nodes.Min()))}, {G(sp.Density.Runs.Max(r => r.Nodes.Max()))}]");
@@ -165,7 +166,7 @@ public static class AnalyzeCommand
         var json = new JsonObject { ["settings"] = settings, ["seed"] = s.Seed, ["parameters"] = spectra[0].Dimension, ["losses"] = losses };
         var title = $"{p.Teacher.Arch.Name} {Bits(sm)}: Hessian eigenvalue density (SLQ, {a.Runs} x {a.LanczosSteps} steps, batch {c.Batch}, seed {s.Seed})";
         var png = Figures.Densities(spectra.Select(sp => (Analysis.lossName(sp.Loss).ToUpperInvariant(), sp.Grid, sp.DensityValues)).ToList(), title);
-        WriteOutputs(p, "hessian", json, HessianMarkdown(spectra, title), png, log);
+        WriteOutputs(p, "hessian", json, HessianMarkdown(spectra, a.FineTune, title), png, log);
         p.Images.Dispose(); p.Labels.Dispose();
         return Program.ExitOk;
     }
@@ -187,23 +188,28 @@ public static class AnalyzeCommand
         ["density"] = Array(sp.DensityValues),
     };
 
-    static string HessianMarkdown(IReadOnlyList<Analysis.Spectrum> spectra, string title)
+    static string HessianMarkdown(IReadOnlyList<Analysis.Spectrum> spectra, FineTune.Config weights, string title)
     {
         var b = new StringBuilder();
         b.AppendLine($"{title}").AppendLine();
-        b.AppendLine("| loss | value | top eigenvalue (power) | trace (Hutchinson) ± SE | Ritz values (SLQ) min / max | SLQ weight with abs(λ) ≤ 1% of max | SLQ weight with λ > 10% of max |");
-        b.AppendLine("|---|---:|---:|---:|---:|---:|---:|");
+        b.AppendLine("| loss | weight w | value | top eigenvalue (power) | trace (Hutchinson) ± SE | top eigenvalue / w | trace / w | Ritz values (SLQ) min / max | SLQ weight with abs(λ) ≤ 0.1% of max | share of the SLQ trace in λ > 10% of max |");
+        b.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         foreach (var sp in spectra)
         {
+            var w = Analysis.lossWeight(weights, sp.Loss);
             var nodes = sp.Density.Runs.SelectMany(r => r.Nodes).ToArray();
-            var max = nodes.Max(Math.Abs);
-            double Weight(Func<double, bool> where) => sp.Density.Runs.Average(r => r.Nodes.Zip(r.Weights).Where(t => where(t.First)).Sum(t => t.Second));
-            b.AppendLine($"| {Analysis.lossName(sp.Loss).ToUpperInvariant()} | {G(sp.Value)} | {G(sp.Top.Value)}{(sp.Top.Converged ? "" : " (not converged)")} | " +
-                         $"{G(sp.Trace.Estimate)} ± {G(sp.Trace.StandardError)} | {G(nodes.Min())} / {G(nodes.Max())} | " +
-                         $"{Weight(l => Math.Abs(l) <= 0.01 * max):F3} | {Weight(l => l > 0.1 * max):F3} |");
+            var max = nodes.Max();
+            double Mean(Func<double, double, double> term, Func<double, bool> where) =>
+                sp.Density.Runs.Average(r => r.Nodes.Zip(r.Weights).Where(t => where(t.First)).Sum(t => term(t.First, t.Second)));
+            var near = Mean((_, wt) => wt, l => Math.Abs(l) <= 1e-3 * Math.Abs(max));
+            var tail = Mean((l, wt) => l * wt, l => l > 0.1 * max) / Mean((l, wt) => l * wt, _ => true);
+            b.AppendLine($"| {Analysis.lossName(sp.Loss).ToUpperInvariant()} | {G(w)} | {G(sp.Value)} | {G(sp.Top.Value)}{(sp.Top.Converged ? "" : " (not converged)")} | " +
+                         $"{G(sp.Trace.Estimate)} ± {G(sp.Trace.StandardError)} | {G(sp.Top.Value / w)} | {G(sp.Trace.Estimate / w)} | {G(nodes.Min())} / {G(nodes.Max())} | " +
+                         $"{near:F4} | {G(tail)} |");
         }
-        b.AppendLine().AppendLine("The weights are the quadrature weights of the Lanczos runs (they sum to 1 per run), averaged over runs; " +
-                                  "the two weight columns do not depend on the loss's scale (α·T² for KL, λ for FA).");
+        b.AppendLine().AppendLine(
+            "w is the factor the term carries in the fine-tuning loss (1 for CE, α·T² for KL, λ for FA); the columns ÷ w are the unweighted term's. " +
+            "The SLQ weights are the Lanczos quadrature weights (they sum to 1 per run), averaged over runs; the last two columns do not depend on w.");
         return b.ToString();
     }
 
