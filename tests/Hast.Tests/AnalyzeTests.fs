@@ -103,6 +103,27 @@ let tests = [
         Expect.stringContains md "cos(grad FA, grad KL)" "HAST row"
         expectPng (Path.Combine(out, "gradcos.png")) 800 400
     }
+    test "analyze hessian --checkpoint: the saved student, its bits and path in the JSON (seed 2)" {
+        use dir = new TempDir()
+        let store = makeStore (dir.File "store")
+        let ck = makeCheckpoint (dir.File "q.ckpt")
+        let out = dir.File "h"
+        let code, _, err =
+            runCli [ "analyze"; "hessian"; "--arch"; arch; "--weights"; zipWeights; "--samples"; store; "--out"; out
+                     "--checkpoint"; ck; "--batch"; "2"; "--lanczos-steps"; "2"; "--power-iters"; "2"
+                     "--hutchinson-samples"; "2"; "--bins"; "10"; "--seed"; "2" ]
+        Expect.equal code 0 (sprintf "exit code; stderr: %s" err)
+        let j = JsonNode.Parse(File.ReadAllText(Path.Combine(out, "hessian.json")))
+        let settings = j["settings"]
+        let saved : string = settings["checkpoint"].GetValue<string>()
+        Expect.equal (int settings["wbits"]) 4 "the checkpoint's bits"
+        Expect.equal saved (Path.GetFullPath ck) "the checkpoint's path"
+        Expect.isNull settings["calibration"] "no calibration of a saved student"
+        let kl = j["losses"]["kl"]
+        let nodes = numbers (kl["eigenvalues"].AsArray()[0])
+        Expect.equal nodes.Length 2 "two Lanczos steps"
+        expectPng (Path.Combine(out, "hessian.png")) 1000 300
+    }
     test "analyze: bad input is one clear line, nothing written" {
         use dir = new TempDir()
         let store = makeStore (dir.File "store")

@@ -40,7 +40,7 @@ public static class AnalyzeCommand
         var side = teacher.Arch.Input.Size;
         if (!store.ImageShape.SequenceEqual(new[] { 3, side, side }) || store.Classes != teacher.Classes)
             throw new HastError($"sample store {store.Dir} holds [{string.Join(",", store.ImageShape)}] images of {store.Classes} classes; {teacher.Arch.Name} needs [3,{side},{side}] and {teacher.Classes}");
-        if (s.Checkpoint is { } ck) Student(s, teacher, null, device).Net.Dispose(); // a bad checkpoint fails before any work
+        if (s.Checkpoint is not null) Student(s, teacher, null, device).Net.Dispose(); // a bad checkpoint fails before any work
         var (images, labels, difficulty) = store.ReadAll();
         difficulty.Dispose();
         return new Prepared(teacher, images, labels, outDir, report, device, store.Dir);
@@ -87,7 +87,13 @@ public static class AnalyzeCommand
         ["samples"] = Path.GetFullPath(s.Samples), ["store_count"] = p.Images.shape[0],
         ["wbits"] = student.WBits, ["abits"] = student.ABits,
         ["checkpoint"] = s.Checkpoint is { } ck ? Path.GetFullPath(ck.Value) : null,
-        ["calibration"] = s.Checkpoint is null ? new JsonObject { ["batch"] = s.CalibBatch, ["batches"] = s.CalibBatches, ["source"] = "the store's first samples" } : null,
+        ["calibration"] = s.Checkpoint is null
+            ? new JsonObject
+            {
+                ["batch"] = s.CalibBatch, ["batches"] = s.CalibBatches,
+                ["images"] = Math.Min((long)s.CalibBatch * s.CalibBatches, p.Images.shape[0]), ["source"] = "the store's first samples",
+            }
+            : null,
         ["device"] = s.Device, ["seed"] = s.Seed,
     };
 
