@@ -50,6 +50,7 @@ public static class Program
                 Root.Command.Download c => DownloadCommand.Run(c.Item, stdout),
                 Root.Command.Bench c => BenchCommand.Run(c.Item, stdout),
                 Root.Command.Export c => ExportCommand.Run(c.Item, stdout),
+                Root.Command.Analyze c => AnalyzeCommand.Run(c.Item, stdout),
                 _ => throw new HastError("unknown command"),
             };
         }

@@ -301,6 +301,17 @@ let pyHessianSigma (d: Density) : float =
     let g = grid 2 d
     sqrt (1e-5 * max 1.0 (g[1] - g[0]))
 
+/// PyHessian's `density_generate`: the Gaussian-smoothed density (variance
+/// σ² = 1e-5·max(1, λmax − λmin), `pyHessianSigma`) on `bins` evenly spaced points of `grid`,
+/// averaged over runs and normalised so that Σ density·Δx = 1 over the grid. Returns (grid, density).
+/// (PyHessian's default is 10000 bins; with far fewer, Δx can exceed σ and isolated nodes fall
+/// between grid points.)
+let pyHessianDensity (bins: int) (d: Density) : float[] * float[] =
+    let g = grid bins d
+    let dens = densityOnGrid (pyHessianSigma d) g d
+    let mass = Array.sum dens * (g[1] - g[0])
+    g, (if mass > 0.0 then dens |> Array.map (fun v -> v / mass) else dens)
+
 /// Trace estimate from the quadrature: n · mean over runs of Σ w_k λ_k (= n · vᵀHv / vᵀv).
 let densityTrace (d: Density) : float =
     float d.Dimension * (d.Runs |> List.averageBy (fun r -> Array.fold2 (fun a l w -> a + l * w) 0.0 r.Nodes r.Weights))

@@ -64,7 +64,8 @@ let private genGroup (cmd: string list) : Gen<string list> =
 let private genCommand : Gen<string list> =
     Gen.elements
         [ [ "eval" ]; [ "synthesize" ]; [ "samples"; "merge" ]; [ "samples"; "info" ]; [ "samples" ]; [ "quantize" ]
-          [ "run" ]; [ "run" ]; [ "quantize" ]; [ "bench" ]; [ "download" ]; []; [ "bogus" ]; [ "run"; "run" ] ]
+          [ "run" ]; [ "run" ]; [ "quantize" ]; [ "bench" ]; [ "download" ]; []; [ "bogus" ]; [ "run"; "run" ]
+          [ "analyze"; "hessian" ]; [ "analyze"; "gradcos" ]; [ "analyze" ] ]
 
 /// Arguments that would parse, so that the generated groups often reach value validation.
 let private baseline (cmd: string list) =
@@ -75,6 +76,7 @@ let private baseline (cmd: string list) =
     | [ "synthesize" ] -> [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--out"; "o" ]
     | [ "samples"; "merge" ] -> [ "a"; "b"; "--out"; "m" ]
     | [ "samples"; "info" ] -> [ "a" ]
+    | [ "analyze"; _ ] -> [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--samples"; "s"; "--out"; "o"; "--wbits"; "4"; "--abits"; "4" ]
     | _ -> []
 
 let private genArgv : Gen<string[]> =
@@ -138,6 +140,12 @@ let private valid (c: Root.Command) =
     | Root.Command.Download d -> d.List || not d.Items.IsEmpty
     | Root.Command.Bench _ -> true
     | Root.Command.Export x -> x.Classes |> Option.forall (fun n -> n > 0)
+    | Root.Command.Analyze(AnalyzeCli.Hessian h) ->
+        h.Batch > 0 && h.Analysis.LanczosSteps > 0 && h.Analysis.Runs > 0 && h.Analysis.Bins >= 2
+        && Option.forall bits h.Setup.WBits && (h.Setup.WBits.IsSome <> h.Setup.Checkpoint.IsSome)
+    | Root.Command.Analyze(AnalyzeCli.Gradcos g) ->
+        g.Iters > 0 && g.Every > 0 && g.ProbeBatch > 0 && g.FineTune.Lr > 0.0 && Double.IsFinite g.FineTune.Lr
+        && Option.forall bits g.Setup.ABits && (g.Setup.ABits.IsSome <> g.Setup.Checkpoint.IsSome)
 
 let private config = { propertyConfig 2000 with endSize = 40 }
 

@@ -21,6 +21,7 @@ let all =
         testList "cli" (CliTests.tests @ CliTests.configTests)
         testList "generator" GeneratorTests.tests
         testList "study" StudyTests.tests
+        testList "analyze" AnalyzeTests.tests
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
         testList "fuzz" FuzzTests.tests

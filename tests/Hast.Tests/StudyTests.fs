@@ -1,5 +1,6 @@
 module Hast.Tests.StudyTests
 
+open System
 open Expecto
 open TorchSharp
 open TorchSharp.Modules
@@ -274,6 +275,86 @@ let hessianTests = [
         Expect.isLessThan (abs (t.Estimate - tr)) (0.05 * tr) "within 5%"
         let early = Study.trace gen Study.traceDefaults h.Operator
         Expect.isLessThanOrEqual early.Samples.Length 100 "PyHessian defaults stop by 100"
+    }
+    test "the three estimators against the explicit Hessian of a tiny W4A4 net (seeds 3, 4, 5)" {
+        use _ = torch.NewDisposeScope()
+        let q = tiny 1L (Quantizers.LayerKit.quantized 4 4)
+        Quantize.calibrate torch.CPU q [ input 7L 8L ]
+        let x = input 2L 6L
+        use h = new Study.HessianOperator(Study.parameters q, ceLoss q x labels)
+        let n = h.Dimension
+        // the explicit Hessian, one column per unit vector
+        let hm = torch.stack([| for i in 0L .. n - 1L -> h.Product(torch.eye(n, dtype = torch.float64)[i]) |], 1L)
+        Expect.isLessThan (relErr hm (hm.t())) 1e-9 "explicit Hessian symmetric"
+        let evals : float[] = torch.linalg.eigvalsh(hm).data<float>().ToArray()
+        let lmin, lmax = Array.min evals, Array.max evals
+        let radius = max (abs lmin) (abs lmax)
+        Expect.isGreaterThan radius 1e-3 "non-trivial curvature"
+        // SLQ: m Lanczos steps from the Rademacher start v give the Gauss quadrature of v's spectral
+        // measure: Σ w λ^k = vᵀHᵏv / vᵀv exactly for k < 2m (same seed: the same start vector)
+        let m = 5
+        use g = generator 3L
+        let d = Study.density g { Iterations = m; Runs = 1 } h.Operator
+        use g' = generator 3L
+        let v = Study.rademacher g' n
+        Expect.equal (scalar ((v.abs() - 1.0).abs().max())) 0.0 "start entries are ±1"
+        let r = d.Runs.Head
+        Expect.equal r.Nodes.Length m "m nodes"
+        let mutable hv = v.clone ()
+        for k in 0 .. 2 * m - 1 do
+            let exact = scalar (v.dot hv) / float n
+            let quad = Array.fold2 (fun acc l w -> acc + w * pown l k) 0.0 r.Nodes r.Weights
+            Expect.isLessThan (abs (quad - exact)) (1e-7 * pown radius k + 1e-12) (sprintf "moment %d of the quadrature" k)
+            hv <- hm.mv hv
+        Expect.floatClose Accuracy.high (Study.densityTrace d) (scalar (v.dot (hm.mv v))) "quadrature trace = vᵀHv"
+        // with m = n the Ritz values reach the extreme eigenvalues, and every node is an eigenvalue
+        use g2 = generator 4L
+        let full = (Study.density g2 { Iterations = int n; Runs = 1 } h.Operator).Runs.Head
+        Expect.isLessThan (abs (Array.max full.Nodes - lmax)) (1e-6 * radius) "largest Ritz value = λmax"
+        Expect.isLessThan (abs (Array.min full.Nodes - lmin)) (1e-6 * radius) "smallest Ritz value = λmin"
+        for l in full.Nodes do
+            Expect.isLessThan (evals |> Array.map (fun e -> abs (e - l)) |> Array.min) (1e-6 * radius) "node is an eigenvalue"
+        // power iteration: the eigenvalue of largest magnitude
+        use g3 = generator 5L
+        let top = Study.topEigenvalue g3 { MaxIterations = 5000; Tolerance = 1e-12 } h.Operator
+        let expected = if abs lmax >= abs lmin then lmax else lmin
+        Expect.isLessThan (abs (top.Value - expected)) (1e-5 * radius) "top eigenvalue"
+        Expect.isLessThan (relErr (hm.mv top.Vector) (top.Vector * top.Value)) 1e-2 "its eigenvector"
+        // Hutchinson: the samples are vᵀHv of Rademacher probes; their mean is close to tr(H)
+        use g4 = generator 6L
+        let t = Study.trace g4 { MaxSamples = 2000; Tolerance = 0.0 } h.Operator
+        use g4' = generator 6L
+        for i in 0 .. 9 do
+            let p = Study.rademacher g4' n
+            Expect.floatClose Accuracy.high t.Samples[i] (scalar (p.dot (hm.mv p))) "sample = pᵀHp of a Rademacher probe"
+        let tr = scalar (hm.trace ())
+        Expect.floatClose Accuracy.medium (Array.sum evals) tr "tr H = Σ eigenvalues"
+        Expect.isLessThan (abs (t.Estimate - tr)) (4.0 * t.StandardError) "trace within 4 standard errors"
+        // Rademacher probes: Var(pᵀHp) = 2 Σ_{i≠j} H_ij² (Gaussian probes would add 2 Σ H_ii²)
+        let offDiag = scalar ((hm * hm).sum () - (hm.diagonal () * hm.diagonal ()).sum ())
+        let se = sqrt (2.0 * offDiag / 2000.0)
+        Expect.isLessThan (abs (t.StandardError / se - 1.0)) 0.15 "standard error as for Rademacher probes"
+        // the module owns the parameters the operator differentiates: keep it alive (its finalizer
+        // would free them)
+        GC.KeepAlive q
+    }
+    test "PyHessian's density: σ² = 1e-5·max(1, λmax − λmin + 0.02), normalised over the grid" {
+        use _ = torch.NewDisposeScope()
+        let narrow = { Study.Density.Dimension = 3L; Study.Density.Runs = [ { Nodes = [| 0.1; 0.3 |]; Weights = [| 0.25; 0.75 |] } ] }
+        Expect.floatClose Accuracy.high (pown (Study.pyHessianSigma narrow) 2) 1e-5 "range below 1: σ² = 1e-5"
+        let wide = { narrow with Runs = [ { Nodes = [| -2.0; 5.0 |]; Weights = [| 0.5; 0.5 |] }; { Nodes = [| -1.0; 9.0 |]; Weights = [| 0.5; 0.5 |] } ] }
+        // PyHessian averages the runs' extremes: λmin = -1.5 - 0.01, λmax = 7 + 0.01
+        Expect.floatClose Accuracy.high (pown (Study.pyHessianSigma wide) 2) (1e-5 * 8.52) "σ² = 1e-5·(λmax − λmin)"
+        for d in [ narrow; wide ] do
+            let g, dens = Study.pyHessianDensity 20000 d
+            Expect.equal g.Length 20000 "bins"
+            Expect.floatClose Accuracy.high (Array.sum dens * (g[1] - g[0])) 1.0 "Σ density·Δx = 1"
+            Expect.isTrue (dens |> Array.forall (fun v -> v >= 0.0)) "non-negative"
+        // the mass sits at the nodes in proportion to the weights
+        let g, dens = Study.pyHessianDensity 20000 narrow
+        let massNear c = Array.fold2 (fun acc x y -> if abs (x - c) < 0.05 then acc + y * (g[1] - g[0]) else acc) 0.0 g dens
+        Expect.floatClose Accuracy.medium (massNear 0.1) 0.25 "weight of the node at 0.1"
+        Expect.floatClose Accuracy.medium (massNear 0.3) 0.75 "weight of the node at 0.3"
     }
     test "invalid settings fail with a message; an invariant Krylov space stops Lanczos early" {
         use _ = torch.NewDisposeScope()

@@ -1,0 +1,242 @@
+/// `hast analyze hessian|gradcos`: the supplement's Figure 2 (Hessian spectrum per loss, gradient
+/// cosines between loss terms while fine-tuning) on a quantized student and a sample store.
+module Hast.Cli.AnalyzeCli
+
+open Argu
+open Hast.Core
+open Hast.Cli.Common
+
+/// What both analyses need: teacher, samples, the quantized student, where to write.
+type Setup =
+    { Arch: string
+      Weights: string
+      Samples: string
+      /// bits of a fresh quantized student (None with --checkpoint: the checkpoint's)
+      WBits: int option
+      ABits: int option
+      /// a Hast checkpoint (quantized.ckpt) as the student instead of a freshly calibrated one
+      Checkpoint: string option
+      /// activation calibration of a fresh student on the store's first samples: batch size, batches
+      CalibBatch: int
+      CalibBatches: int
+      Out: string
+      Report: string option
+      Device: string
+      Seed: int64 }
+
+type HessianConfig =
+    { Setup: Setup
+      /// samples of the store in the batch the Hessian is taken on (a seeded subset)
+      Batch: int
+      Analysis: Analysis.HessianConfig }
+
+type GradcosConfig =
+    { Setup: Setup
+      Iters: int
+      Every: int
+      /// samples of the fixed probe batch the cosines are measured on (a seeded subset)
+      ProbeBatch: int
+      /// the HAST fine-tuning configuration; the baseline run uses `FineTune.baseline` of it
+      FineTune: FineTune.Config }
+
+type AnalyzeConfig =
+    | Hessian of HessianConfig
+    | Gradcos of GradcosConfig
+
+let calibDefaults = 1, 512
+
+/// Help texts of the flags both analyses take.
+module private Usage =
+    let arch = sprintf "architecture of the teacher: %s" (String.concat ", " Models.Registry.names)
+    let weights = "PyTorch checkpoint of the full-precision teacher"
+    let wbits = "weight bits of the quantized student, 2..8 (not with --checkpoint)"
+    let abits = "activation bits of the quantized student, 2..8 (not with --checkpoint)"
+    let calibBatch = sprintf "activation calibration batch size on the store's first samples (default: %d)" (fst calibDefaults)
+    let calibBatches = sprintf "activation calibration batches (default: %d)" (snd calibDefaults)
+    let temperature = sprintf "KL temperature T (default: %g)" FineTune.defaults.Temperature
+    let lambda = sprintf "feature-alignment weight lambda (default: %g)" FineTune.defaults.Lambda
+    let device = "cpu or cuda (default: cpu)"
+
+type HessianArgs =
+    | [<Mandatory>] Arch of name: string
+    | [<Mandatory>] Weights of path: string
+    | [<Mandatory>] Samples of dir: string
+    | Wbits of bits: int
+    | Abits of bits: int
+    | Checkpoint of path: string
+    | Calib_Batch of n: int
+    | Calib_Batches of k: int
+    | Batch of n: int
+    | Lanczos_Steps of m: int
+    | Runs of n: int
+    | Power_Iters of n: int
+    | Hutchinson_Samples of n: int
+    | Bins of n: int
+    | Temperature of float
+    | Alpha of float
+    | Lambda of float
+    | Seed of int64
+    | Device of name: string
+    | [<Mandatory>] Out of dir: string
+    | Report of path: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            let d = Analysis.hessianDefaults
+            match a with
+            | Arch _ -> Usage.arch
+            | Weights _ -> Usage.weights
+            | Samples _ -> "sample store (hast synthesize) of this teacher: the batch and the calibration images"
+            | Wbits _ -> Usage.wbits
+            | Abits _ -> Usage.abits
+            | Checkpoint _ -> "a Hast checkpoint (quantized.ckpt, e.g. fine-tuned) as the student instead of a freshly calibrated one"
+            | Calib_Batch _ -> Usage.calibBatch
+            | Calib_Batches _ -> Usage.calibBatches
+            | Batch _ -> "samples in the batch the Hessian is taken on, a seeded subset of the store (default: 64)"
+            | Lanczos_Steps _ -> sprintf "Lanczos steps per SLQ run (default: %d; PyHessian 100)" d.LanczosSteps
+            | Runs _ -> sprintf "SLQ runs, one Rademacher probe each (default: %d)" d.Runs
+            | Power_Iters _ -> sprintf "most power iterations for the top eigenvalue, relative tolerance %g (default: %d)" d.Power.Tolerance d.Power.MaxIterations
+            | Hutchinson_Samples _ -> sprintf "most Hutchinson probes for the trace, relative tolerance %g (default: %d)" d.Trace.Tolerance d.Trace.MaxSamples
+            | Bins _ -> sprintf "density grid points (default: %d, as PyHessian)" d.Bins
+            | Temperature _ -> Usage.temperature
+            | Alpha _ -> sprintf "KL weight alpha; the KL term is alpha*T^2*KL (default: %g)" FineTune.defaults.Alpha
+            | Lambda _ -> Usage.lambda
+            | Seed _ -> "seed of the batch subset and the estimators' probe vectors (default: 0)"
+            | Device _ -> Usage.device
+            | Out _ -> "folder for hessian.json, hessian.md, hessian.png, log.txt, metrics.jsonl"
+            | Report _ -> "write the JSON (hessian.json) here as well"
+
+type GradcosArgs =
+    | [<Mandatory>] Arch of name: string
+    | [<Mandatory>] Weights of path: string
+    | [<Mandatory>] Samples of dir: string
+    | Wbits of bits: int
+    | Abits of bits: int
+    | Checkpoint of path: string
+    | Calib_Batch of n: int
+    | Calib_Batches of k: int
+    | Iters of m: int
+    | Every of k: int
+    | Probe_Batch of n: int
+    | Batch of n: int
+    | Lr of float
+    | Temperature of float
+    | Alpha of float
+    | Lambda of float
+    | Seed of int64
+    | Device of name: string
+    | [<Mandatory>] Out of dir: string
+    | Report of path: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Arch _ -> Usage.arch
+            | Weights _ -> Usage.weights
+            | Samples _ -> "sample store (hast synthesize) of this teacher: fine-tuning, probe and calibration images"
+            | Wbits _ -> Usage.wbits
+            | Abits _ -> Usage.abits
+            | Checkpoint _ -> "a Hast checkpoint (quantized.ckpt) as the starting student instead of a freshly calibrated one"
+            | Calib_Batch _ -> Usage.calibBatch
+            | Calib_Batches _ -> Usage.calibBatches
+            | Iters _ -> "fine-tuning iterations of each run (CE+KL baseline, HAST) (default: 200)"
+            | Every _ -> "measure the cosines every k iterations (default: 10)"
+            | Probe_Batch _ -> "samples of the fixed batch the cosines are measured on, a seeded subset of the store (default: 64)"
+            | Batch _ -> sprintf "fine-tuning batch size (default: %d)" FineTune.defaults.BatchSize
+            | Lr _ -> sprintf "fine-tuning learning rate, constant over the run (default: %g)" FineTune.defaults.Lr
+            | Temperature _ -> Usage.temperature
+            | Alpha _ -> sprintf "KL weight alpha (default: %g)" FineTune.defaults.Alpha
+            | Lambda _ -> Usage.lambda
+            | Seed _ -> "seed of fine-tuning (batch order, crops, promotion) and the probe subset (default: 0)"
+            | Device _ -> Usage.device
+            | Out _ -> "folder for gradcos.json, gradcos.md, gradcos.png, log.txt, metrics.jsonl"
+            | Report _ -> "write the JSON (gradcos.json) here as well"
+
+type AnalyzeArgs =
+    | [<CliPrefix(CliPrefix.None)>] Hessian of ParseResults<HessianArgs>
+    | [<CliPrefix(CliPrefix.None)>] Gradcos of ParseResults<GradcosArgs>
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Hessian _ -> "Hessian eigenvalue density (SLQ), top eigenvalue and trace of the CE, KL and FA losses (Figure 2b)"
+            | Gradcos _ -> "gradient cosines CE vs KL (CE+KL baseline) and FA vs KL (HAST) while fine-tuning (Figure 2a)"
+
+/// The student's bits: given both (fresh student), or neither (from --checkpoint).
+let private bitsOf (wbits: int option) (abits: int option) (checkpoint: string option) =
+    match checkpoint, wbits, abits with
+    | None, Some w, Some a -> Some(checkBits "--wbits" w), Some(checkBits "--abits" a)
+    | None, _, _ -> fail "give --wbits and --abits (a freshly calibrated student), or --checkpoint (a saved one)"
+    | Some _, None, None -> None, None
+    | Some _, _, _ -> fail "--checkpoint brings its own bits; drop --wbits/--abits"
+
+let private setupOf arch weights samples wbits abits checkpoint calibBatch calibBatches out report device seed : Setup =
+    let w, a = bitsOf wbits abits checkpoint
+    { Arch = (Models.Registry.find arch).Name
+      Weights = weights
+      Samples = samples
+      WBits = w
+      ABits = a
+      Checkpoint = checkpoint
+      CalibBatch = calibBatch |> checkPositiveInt "--calib-batch"
+      CalibBatches = calibBatches |> checkPositiveInt "--calib-batches"
+      Out = out
+      Report = report
+      Device = device
+      Seed = seed }
+
+let private lossWeights (c: FineTune.Config) (temperature: float) (alpha: float) (lambda: float) =
+    { c with
+        Temperature = temperature |> checkPositive "--temperature"
+        Alpha = alpha |> checkNonNegative "--alpha"
+        Lambda = lambda |> checkNonNegative "--lambda" }
+
+let private hessianOf (r: ParseResults<HessianArgs>) : HessianConfig =
+    let d = Analysis.hessianDefaults
+    let setup =
+        setupOf (r.GetResult <@ HessianArgs.Arch @>) (r.GetResult <@ HessianArgs.Weights @>) (r.GetResult <@ HessianArgs.Samples @>)
+                (r.TryGetResult <@ HessianArgs.Wbits @>) (r.TryGetResult <@ HessianArgs.Abits @>) (r.TryGetResult <@ HessianArgs.Checkpoint @>)
+                (getOr r <@ HessianArgs.Calib_Batch @> (fst calibDefaults)) (getOr r <@ HessianArgs.Calib_Batches @> (snd calibDefaults))
+                (r.GetResult <@ HessianArgs.Out @>) (r.TryGetResult <@ HessianArgs.Report @>)
+                (getOr r <@ HessianArgs.Device @> "cpu") (getOr r <@ HessianArgs.Seed @> 0L)
+    let ft =
+        lossWeights FineTune.defaults (getOr r <@ HessianArgs.Temperature @> FineTune.defaults.Temperature)
+            (getOr r <@ HessianArgs.Alpha @> FineTune.defaults.Alpha) (getOr r <@ HessianArgs.Lambda @> FineTune.defaults.Lambda)
+    { Setup = setup
+      Batch = getOr r <@ HessianArgs.Batch @> 64 |> checkPositiveInt "--batch"
+      Analysis =
+        withFlags flagOf (fun () ->
+          Analysis.validateHessian
+            { d with
+                LanczosSteps = getOr r <@ Lanczos_Steps @> d.LanczosSteps |> checkPositiveInt "--lanczos-steps"
+                Runs = getOr r <@ Runs @> d.Runs |> checkPositiveInt "--runs"
+                Power = { d.Power with MaxIterations = getOr r <@ Power_Iters @> d.Power.MaxIterations |> checkPositiveInt "--power-iters" }
+                Trace = { d.Trace with MaxSamples = getOr r <@ Hutchinson_Samples @> d.Trace.MaxSamples |> checkPositiveInt "--hutchinson-samples" }
+                Bins = getOr r <@ Bins @> d.Bins |> checkPositiveInt "--bins"
+                FineTune = { ft with Seed = setup.Seed }
+                Seed = setup.Seed }) }
+
+let private gradcosOf (r: ParseResults<GradcosArgs>) : GradcosConfig =
+    let setup =
+        setupOf (r.GetResult <@ GradcosArgs.Arch @>) (r.GetResult <@ GradcosArgs.Weights @>) (r.GetResult <@ GradcosArgs.Samples @>)
+                (r.TryGetResult <@ GradcosArgs.Wbits @>) (r.TryGetResult <@ GradcosArgs.Abits @>) (r.TryGetResult <@ GradcosArgs.Checkpoint @>)
+                (getOr r <@ GradcosArgs.Calib_Batch @> (fst calibDefaults)) (getOr r <@ GradcosArgs.Calib_Batches @> (snd calibDefaults))
+                (r.GetResult <@ GradcosArgs.Out @>) (r.TryGetResult <@ GradcosArgs.Report @>)
+                (getOr r <@ GradcosArgs.Device @> "cpu") (getOr r <@ GradcosArgs.Seed @> 0L)
+    let d = FineTune.defaults
+    let ft =
+        lossWeights d (getOr r <@ GradcosArgs.Temperature @> d.Temperature) (getOr r <@ GradcosArgs.Alpha @> d.Alpha)
+            (getOr r <@ GradcosArgs.Lambda @> d.Lambda)
+    let ft =
+        { ft with
+            BatchSize = getOr r <@ GradcosArgs.Batch @> d.BatchSize |> checkPositiveInt "--batch"
+            Lr = getOr r <@ Lr @> d.Lr |> checkPositive "--lr"
+            Seed = setup.Seed }
+    { Setup = setup
+      Iters = getOr r <@ Iters @> 200 |> checkPositiveInt "--iters"
+      Every = getOr r <@ Every @> 10 |> checkPositiveInt "--every"
+      ProbeBatch = getOr r <@ Probe_Batch @> 64 |> checkPositiveInt "--probe-batch"
+      FineTune = withFlags flagOf (fun () -> FineTune.validate ft) }
+
+let ofResults (r: ParseResults<AnalyzeArgs>) : AnalyzeConfig =
+    match r.TryGetSubCommand() with
+    | Some(AnalyzeArgs.Hessian h) -> AnalyzeConfig.Hessian(hessianOf h)
+    | Some(AnalyzeArgs.Gradcos g) -> AnalyzeConfig.Gradcos(gradcosOf g)
+    | None -> fail "hast analyze needs a sub-command: hessian or gradcos (see hast analyze --help)"
