@@ -13,6 +13,7 @@ type Command =
     | Download of DownloadCli.DownloadConfig
     | Bench of BenchCli.BenchConfig
     | Export of ExportCli.ExportConfig
+    | Ablate of AblateCli.AblateConfig
 
 [<RequireSubcommand>]
 type HastArgs =
@@ -24,6 +25,7 @@ type HastArgs =
     | [<CliPrefix(CliPrefix.None)>] Download of ParseResults<DownloadCli.DownloadArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCli.BenchArgs>
     | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportCli.ExportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Ablate of ParseResults<AblateCli.AblateArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -35,10 +37,11 @@ type HastArgs =
             | Download _ -> "fetch pretrained weights or test sets from their public homes (checksummed, resumable)"
             | Bench _ -> "time the training steps (fine-tune, synthesis, eval) on this machine"
             | Export _ -> "write a model as ONNX: integer weights and QDQ activations for a quantized checkpoint, float for FP"
+            | Ablate _ -> "the supplement's studies as sweeps of runs: direction | weights | alignment | samples | sensitivity (table, figure, JSON)"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
-let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export" ]
+let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export"; "ablate" ]
 
 /// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
 /// and where to find help, e.g. `hast: parameter '--lr' must be followed by <double>, but was 'inf'; see hast run --help`.
@@ -68,6 +71,7 @@ let parse (readFile: string -> string) (argv: string[]) : Command =
         | HastArgs.Download r -> Command.Download(DownloadCli.ofResults r)
         | HastArgs.Bench r -> Command.Bench(BenchCli.ofResults r)
         | HastArgs.Export r -> Command.Export(ExportCli.ofResults r)
+        | HastArgs.Ablate r -> Command.Ablate(AblateCli.ofResults r)
     with :? ArguParseException as e ->
         if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
         else raise (CliUsage(oneLine argv e.Message, false))
