@@ -49,6 +49,7 @@ let private ownFlags (cmd: string list) =
     | [ "samples"; "merge" ] -> [ "--out"; "--take" ]
     | [ "bench" ] -> flagsOf typeof<BenchCli.BenchArgs>
     | [ "download" ] -> flagsOf typeof<DownloadCli.DownloadArgs>
+    | "ablate" :: _ -> flagsOf typeof<AblateCli.AblateArgs> |> List.filter ((<>) "--study") // the study is positional
     | _ -> allFlags
 
 /// Flags mostly of the command itself (so that many lines reach value checks), sometimes of any command.
@@ -64,7 +65,8 @@ let private genGroup (cmd: string list) : Gen<string list> =
 let private genCommand : Gen<string list> =
     Gen.elements
         [ [ "eval" ]; [ "synthesize" ]; [ "samples"; "merge" ]; [ "samples"; "info" ]; [ "samples" ]; [ "quantize" ]
-          [ "run" ]; [ "run" ]; [ "quantize" ]; [ "bench" ]; [ "download" ]; []; [ "bogus" ]; [ "run"; "run" ] ]
+          [ "run" ]; [ "run" ]; [ "quantize" ]; [ "bench" ]; [ "download" ]; []; [ "bogus" ]; [ "run"; "run" ]
+          [ "ablate"; "weights" ]; [ "ablate"; "sensitivity" ]; [ "ablate" ] ]
 
 /// Arguments that would parse, so that the generated groups often reach value validation.
 let private baseline (cmd: string list) =
@@ -75,6 +77,7 @@ let private baseline (cmd: string list) =
     | [ "synthesize" ] -> [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--out"; "o" ]
     | [ "samples"; "merge" ] -> [ "a"; "b"; "--out"; "m" ]
     | [ "samples"; "info" ] -> [ "a" ]
+    | "ablate" :: _ -> [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--test"; "t.bin"; "--out"; "o"; "--budget"; "tiny" ]
     | _ -> []
 
 let private genArgv : Gen<string[]> =
@@ -138,6 +141,7 @@ let private valid (c: Root.Command) =
     | Root.Command.Download d -> d.List || not d.Items.IsEmpty
     | Root.Command.Bench _ -> true
     | Root.Command.Export x -> x.Classes |> Option.forall (fun n -> n > 0)
+    | Root.Command.Ablate a -> bits a.WBits && bits a.ABits && not a.Points.IsEmpty && not a.Seeds.IsEmpty
 
 let private config = { propertyConfig 2000 with endSize = 40 }
 
