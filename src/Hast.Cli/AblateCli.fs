@@ -159,7 +159,10 @@ let ofLayer (layer: Layer) : AblateConfig =
         match r.TryString k with
         | Some v when v.Trim() <> "" -> v
         | _ -> failf "--%s is required (%s)" k what
-    let studyText = require "study" (studies |> List.map studyName |> String.concat ", ")
+    let studyText =
+        match r.TryString "study" with
+        | Some s when s.Trim() <> "" -> s
+        | _ -> failf "name the study: hast ablate %s ..." (studies |> List.map studyName |> String.concat "|")
     let study =
         match tryParseStudy studyText with
         | Some s -> s

@@ -27,7 +27,14 @@ let private runOk (args: string list) =
     out
 
 let tests : Test list =
-    [ testCase "a study end to end: table.md (mean ± std, n, paper), a valid PNG, results.json and --report with every point's settings, seed and result" <| fun () ->
+    [ testCase "a missing weights file or test set: one line naming it, exit 1, nothing written" <| fun () ->
+        use tmp = new TempDir()
+        let out = tmp.File "sweep"
+        let noWeights = ablate "direction" cifarTest out [] |> List.map (fun a -> if a = zipWeights then tmp.File "missing.pth" else a)
+        expectCleanFailure noWeights [ out ] [ "missing.pth" ] |> ignore
+        expectCleanFailure (ablate "direction" (tmp.File "missing.bin") out []) [ out ] [ "missing.bin" ] |> ignore
+
+      testCase "a study end to end: table.md (mean ± std, n, paper), a valid PNG, results.json and --report with every point's settings, seed and result" <| fun () ->
         use tmp = new TempDir()
         let test = smallTest tmp 64
         let out = tmp.File "sweep"

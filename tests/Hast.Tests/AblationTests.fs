@@ -136,9 +136,10 @@ let tests : Test list =
               [ "sensitivity"; "--gammas"; "1,1" ], [ "--gammas"; "twice" ]
               [ "weights"; "--budget"; "huge" ], [ "--budget" ]
               [ "weights"; "--seeds"; "0,a" ], [ "--seeds" ] ]
+        let common = [ "--arch"; "cifar-resnet20-a"; "--weights"; "/w.pth"; "--test"; "/t.bin"; "--out"; "/o" ]
+        let cases = ([ "ablate" ] @ common, [ "name the study"; "direction|weights" ]) :: [ for args, e in cases -> "ablate" :: List.head args :: common @ List.tail args, e ]
         for args, expect in cases do
-            let args = (List.head args) :: [ "--arch"; "cifar-resnet20-a"; "--weights"; "/w.pth"; "--test"; "/t.bin"; "--out"; "/o" ] @ List.tail args
-            let code, _, err = ReliabilityTests.runCli ("ablate" :: args)
+            let code, _, err = ReliabilityTests.runCli args
             let lines = err.Split('\n', System.StringSplitOptions.RemoveEmptyEntries)
             Expect.equal code 2 (sprintf "exit code of %A: %s" args err)
             Expect.equal lines.Length 1 (sprintf "one line for %A: %s" args err)

@@ -27,56 +27,49 @@ public static class AblateCommand
         var outDir = OutputPaths.CheckWritableDir(c.Out, "--out");
         RunLock.CheckFree(outDir, "--out");
         var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
-        if (!File.Exists(c.Weights)) throw new HastError($"--weights {c.Weights} not found");
-        if (!File.Exists(c.Test) && !Directory.Exists(c.Test)) throw new HastError($"--test {c.Test} not found");
-        using var runLock = RunLock.Acquire(outDir, "--out", "hast ablate");
         var device = Prelude.device(c.Device);
+        // the teacher and the test set are checked before anything is written
+        var teacher = ModelFiles.LoadWeights(c.Arch, c.Weights, c.Classes is { } n ? n.Value : null, device);
+        using var _teacher = teacher.Net;
+        Data.checkClasses(c.Test, Datasets.Open(c.Test, teacher.Arch.Input, teacher.Classes).Dataset, teacher.Classes);
+        using var runLock = RunLock.Acquire(outDir, "--out", "hast ablate");
         var study = Ablation.studyName(c.Study);
         var points = c.Points.ToList();
         var grid = Ablation.settings(c.Study, c.Grids);
         stdout.WriteLine($"hast ablate {study}: {points.Count} point(s) ({ListModule.Length(grid)} grid value(s) x {c.Seeds.Length} seed(s)), " +
                          $"W{c.WBits}A{c.ABits}, budget {Ablation.budgetName(c.Budget)} -> {c.Out}");
 
-        LoadedModel? teacher = null;
         var readyStores = new HashSet<string>();
         var done = new List<(Ablation.Point Point, Ablation.PointResult Result, string Key, QuantizeCli.PipelineConfig Command, bool Cached)>();
-        try
+        for (var k = 0; k < points.Count; k++)
         {
-            for (var k = 0; k < points.Count; k++)
+            var p = points[k];
+            var storeDir = Path.Combine(outDir, StoresDir, AblateCli.storeKey(c, p));
+            var key = AblateCli.pointKey(c, storeDir, p);
+            var pointDir = Path.Combine(outDir, PointsDir, key);
+            var command = AblateCli.pointCommand(c, storeDir, pointDir, p);
+            var head = $"ablate {study}: point {k + 1}/{points.Count} {Ablation.label(p.Setting)} seed {p.Seed}";
+            if (Finished(pointDir, command) is { } cached)
             {
-                var p = points[k];
-                var storeDir = Path.Combine(outDir, StoresDir, AblateCli.storeKey(c, p));
-                var key = AblateCli.pointKey(c, storeDir, p);
-                var pointDir = Path.Combine(outDir, PointsDir, key);
-                var command = AblateCli.pointCommand(c, storeDir, pointDir, p);
-                var head = $"ablate {study}: point {k + 1}/{points.Count} {Ablation.label(p.Setting)} seed {p.Seed}";
-                if (Finished(pointDir, command) is { } cached)
-                {
-                    stdout.WriteLine($"{head}: cached ({Path.Combine(PointsDir, key)}, final top-1 {cached.FinalTop1:F2}%)");
-                    done.Add((p, cached, key, command, true));
-                }
-                else
-                {
-                    // the point's store, synthesized (or completed) once per sweep run
-                    if (readyStores.Add(storeDir))
-                    {
-                        teacher ??= ModelFiles.LoadWeights(c.Arch, c.Weights, c.Classes is { } n ? n.Value : null, device);
-                        stdout.WriteLine($"{head}: samples -> {Path.Combine(StoresDir, Path.GetFileName(storeDir))}");
-                        SynthesizeCommand.Synthesize(teacher, AblateCli.storeSynthesis(p), storeDir, device, stdout);
-                    }
-                    var resume = File.Exists(Path.Combine(pointDir, PipelineCommand.TrainCheckpoint));
-                    stdout.WriteLine($"{head}: {(resume ? "resuming" : "running")} -> {Path.Combine(PointsDir, key)}");
-                    PipelineCommand.Run(resume ? AblateCli.resumed(command) : command, stdout);
-                    var result = Finished(pointDir, command)
-                                 ?? throw new HastError($"point {Path.Combine(PointsDir, key)} ended without a report");
-                    done.Add((p, result, key, command, false));
-                }
-                WriteResults(c, outDir, report, done, figure: false);
+                stdout.WriteLine($"{head}: cached ({Path.Combine(PointsDir, key)}, final top-1 {cached.FinalTop1:F2}%)");
+                done.Add((p, cached, key, command, true));
             }
-        }
-        finally
-        {
-            teacher?.Net.Dispose();
+            else
+            {
+                // the point's store, synthesized (or completed) once per sweep run
+                if (readyStores.Add(storeDir))
+                {
+                    stdout.WriteLine($"{head}: samples -> {Path.Combine(StoresDir, Path.GetFileName(storeDir))}");
+                    SynthesizeCommand.Synthesize(teacher, AblateCli.storeSynthesis(p), storeDir, device, stdout);
+                }
+                var resume = File.Exists(Path.Combine(pointDir, PipelineCommand.TrainCheckpoint));
+                stdout.WriteLine($"{head}: {(resume ? "resuming" : "running")} -> {Path.Combine(PointsDir, key)}");
+                PipelineCommand.Run(resume ? AblateCli.resumed(command) : command, stdout);
+                var result = Finished(pointDir, command)
+                             ?? throw new HastError($"point {Path.Combine(PointsDir, key)} ended without a report");
+                done.Add((p, result, key, command, false));
+            }
+            WriteResults(c, outDir, report, done, figure: false);
         }
         WriteResults(c, outDir, report, done, figure: true);
         var ran = done.Count(d => !d.Cached);
