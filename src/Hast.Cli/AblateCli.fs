@@ -189,7 +189,7 @@ let ofLayer (layer: Layer) : AblateConfig =
             Pipeline.validate { p.Config with Samples = Pipeline.Store("store", p.Take) } |> ignore
             match p.Config.Samples with
             | Pipeline.Synthesize s -> Synthesis.validate s
-            | Pipeline.Store _ -> ())
+            | _ -> ())
     { Study = study
       Budget = budget
       Arch = arch.Name
@@ -224,7 +224,7 @@ let hashOf (layer: Layer) : string =
 let storeSynthesis (p: Point) : Synthesis.Config =
     match p.Config.Samples with
     | Pipeline.Synthesize s -> s
-    | Pipeline.Store _ -> invalidArg "p" "a sweep point's samples are synthesized"
+    | _ -> invalidArg "p" "a sweep point's samples are synthesized"
 
 /// The `hast run` command that would synthesize the point's store and run it (its synthesis settings
 /// name the store).

@@ -218,7 +218,7 @@ type Point =
 let private synthesis (f: Synthesis.Config -> Synthesis.Config) (c: Config) =
     match c.Samples with
     | Synthesize s -> { c with Samples = Synthesize(f s) }
-    | Store _ -> c
+    | _ -> c
 
 let private promotion (f: Promotion.Promotion -> Promotion.Promotion) (c: Config) =
     { c with FineTune = { c.FineTune with Promotion = Some(f (defaultArg c.FineTune.Promotion Promotion.defaults)) } }
