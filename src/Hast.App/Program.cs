@@ -51,6 +51,7 @@ public static class Program
                 Root.Command.Bench c => BenchCommand.Run(c.Item, stdout),
                 Root.Command.Export c => ExportCommand.Run(c.Item, stdout),
                 Root.Command.Analyze c => AnalyzeCommand.Run(c.Item, stdout),
+                Root.Command.Ablate c => AblateCommand.Run(c.Item, stdout),
                 _ => throw new HastError("unknown command"),
             };
         }
@@ -79,11 +80,11 @@ public static class Program
     }
 
     /// The command line that continues an interrupted command: the same arguments, plus `--resume` for
-    /// run/quantize (a synthesis resumes its store by itself); null for commands that do not resume.
+    /// run/quantize (a synthesis resumes its store by itself, a sweep its points); null for commands that do not resume.
     public static string? ResumeCommand(Root.Command command, string[] args)
     {
         var resumable = command is Root.Command.Run or Root.Command.Quantize;
-        if (!resumable && command is not Root.Command.Synthesize) return null;
+        if (!resumable && command is not (Root.Command.Synthesize or Root.Command.Ablate)) return null;
         var full = resumable && !args.Contains("--resume") ? [.. args, "--resume"] : args;
         return "hast " + string.Join(" ", full.Select(Quote));
     }

@@ -31,12 +31,13 @@ let checkNonNegativeInt (what: string) (v: int) =
     if v < 0 then failf "%s must be zero or a positive integer (got %d)" what v
     v
 
+/// `what` is the flag (`--lr`): the core's rule, reported under the flag.
 let checkPositive (what: string) (v: float) =
-    requirePositive what v
+    withFlags (fun _ -> what) (fun () -> requirePositive what v)
     v
 
 let checkNonNegative (what: string) (v: float) =
-    requireNonNegative what v
+    withFlags (fun _ -> what) (fun () -> requireNonNegative what v)
     v
 
 /// `results.TryGetResult q` with a default.

@@ -562,7 +562,8 @@ let withFullPaths (full: string -> string) (c: PipelineConfig) : PipelineConfig 
 let withCounts (samples: int) (synthIters: int) (fineTuneIters: int) (c: PipelineConfig) : PipelineConfig =
     { c with Run = Pipeline.withCounts samples synthIters fineTuneIters c.Run }
 
-let private synthesisKeys =
+/// The settings of `hast run` that only synthesis reads.
+let synthesisKeys =
     [ "synth-batch"; "synth-iters"; "synth-lr"; "synth-patience"; "synth-factor"; "synth-min-lr"; "beta"; "gamma"; "synth-augment"; "synth-augment-probability" ]
 
 /// The settings layers of a command line: config file (read by `readFile`), then flags (the preset

@@ -14,6 +14,7 @@ type Command =
     | Bench of BenchCli.BenchConfig
     | Export of ExportCli.ExportConfig
     | Analyze of AnalyzeCli.AnalyzeConfig
+    | Ablate of AblateCli.AblateConfig
 
 [<RequireSubcommand>]
 type HastArgs =
@@ -26,6 +27,7 @@ type HastArgs =
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCli.BenchArgs>
     | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportCli.ExportArgs>
     | [<CliPrefix(CliPrefix.None)>] Analyze of ParseResults<AnalyzeCli.AnalyzeArgs>
+    | [<CliPrefix(CliPrefix.None)>] Ablate of ParseResults<AblateCli.AblateArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -38,10 +40,11 @@ type HastArgs =
             | Bench _ -> "time the training steps (fine-tune, synthesis, eval) on this machine"
             | Export _ -> "write a model as ONNX: integer weights and QDQ activations for a quantized checkpoint, float for FP"
             | Analyze _ -> "the supplement's Figure 2: Hessian spectrum per loss, gradient cosines while fine-tuning"
+            | Ablate _ -> "the supplement's studies as sweeps of runs: direction | weights | alignment | samples | sensitivity (table, figure, JSON)"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
-let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export"; "analyze"; "hessian"; "gradcos" ]
+let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export"; "analyze"; "hessian"; "gradcos"; "ablate"; "direction"; "weights"; "alignment"; "sensitivity" ]
 
 /// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
 /// and where to find help, e.g. `hast: parameter '--lr' must be followed by <double>, but was 'inf'; see hast run --help`.
@@ -72,6 +75,7 @@ let parse (readFile: string -> string) (argv: string[]) : Command =
         | HastArgs.Bench r -> Command.Bench(BenchCli.ofResults r)
         | HastArgs.Export r -> Command.Export(ExportCli.ofResults r)
         | HastArgs.Analyze r -> Command.Analyze(AnalyzeCli.ofResults r)
+        | HastArgs.Ablate r -> Command.Ablate(AblateCli.ofResults r)
     with :? ArguParseException as e ->
         if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
         else raise (CliUsage(oneLine argv e.Message, false))

@@ -49,6 +49,7 @@ let private ownFlags (cmd: string list) =
     | [ "samples"; "merge" ] -> [ "--out"; "--take" ]
     | [ "bench" ] -> flagsOf typeof<BenchCli.BenchArgs>
     | [ "download" ] -> flagsOf typeof<DownloadCli.DownloadArgs>
+    | "ablate" :: _ -> flagsOf typeof<AblateCli.AblateArgs> |> List.filter ((<>) "--study") // the study is positional
     | _ -> allFlags
 
 /// Flags mostly of the command itself (so that many lines reach value checks), sometimes of any command.
@@ -65,7 +66,8 @@ let private genCommand : Gen<string list> =
     Gen.elements
         [ [ "eval" ]; [ "synthesize" ]; [ "samples"; "merge" ]; [ "samples"; "info" ]; [ "samples" ]; [ "quantize" ]
           [ "run" ]; [ "run" ]; [ "quantize" ]; [ "bench" ]; [ "download" ]; []; [ "bogus" ]; [ "run"; "run" ]
-          [ "analyze"; "hessian" ]; [ "analyze"; "gradcos" ]; [ "analyze" ] ]
+          [ "analyze"; "hessian" ]; [ "analyze"; "gradcos" ]; [ "analyze" ]
+          [ "ablate"; "weights" ]; [ "ablate"; "sensitivity" ]; [ "ablate" ] ]
 
 /// Arguments that would parse, so that the generated groups often reach value validation.
 let private baseline (cmd: string list) =
@@ -77,6 +79,7 @@ let private baseline (cmd: string list) =
     | [ "samples"; "merge" ] -> [ "a"; "b"; "--out"; "m" ]
     | [ "samples"; "info" ] -> [ "a" ]
     | [ "analyze"; _ ] -> [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--samples"; "s"; "--out"; "o"; "--wbits"; "4"; "--abits"; "4" ]
+    | "ablate" :: _ -> [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.pth"; "--test"; "t.bin"; "--out"; "o"; "--budget"; "tiny" ]
     | _ -> []
 
 let private genArgv : Gen<string[]> =
@@ -146,6 +149,7 @@ let private valid (c: Root.Command) =
     | Root.Command.Analyze(AnalyzeCli.Gradcos g) ->
         g.Iters > 0 && g.Every > 0 && g.ProbeBatch > 0 && g.FineTune.Lr > 0.0 && Double.IsFinite g.FineTune.Lr
         && Option.forall bits g.Setup.ABits && (g.Setup.ABits.IsSome <> g.Setup.Checkpoint.IsSome)
+    | Root.Command.Ablate a -> bits a.WBits && bits a.ABits && not a.Points.IsEmpty && not a.Seeds.IsEmpty
 
 let private config = { propertyConfig 2000 with endSize = 40 }
 

@@ -30,6 +30,7 @@ let all =
         testList "end to end" EndToEndTests.tests
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
+        testList "ablate" (AblationTests.tests @ AblateTests.tests)
     ]
 
 [<EntryPoint>]

@@ -16,7 +16,7 @@ namespace Hast.App;
 /// OUT/quantized.ckpt and OUT/report.json at the end.
 public static class PipelineCommand
 {
-    const string TrainCheckpoint = "train.ckpt", FinalCheckpoint = "quantized.ckpt", ReportFile = "report.json", ConfigFile = "config.json";
+    public const string TrainCheckpoint = "train.ckpt", FinalCheckpoint = "quantized.ckpt", ReportFile = "report.json", ConfigFile = "config.json";
 
     public static int Run(QuantizeCli.PipelineConfig c, TextWriter stdout)
     {

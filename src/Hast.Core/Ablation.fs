@@ -1,0 +1,363 @@
+/// The supplement's ablation studies as data: each study's grid, the budgets a sweep runs at, the
+/// paper's numbers, and the pure steps of a sweep: (study, budget, base configuration, grid, seeds)
+/// -> a list of points, each a label and a `Pipeline.Config`; point results -> a table (mean ± std
+/// and n per grid value, the paper's number beside it). The shell runs the points (`hast ablate`).
+module Hast.Core.Ablation
+
+open System
+open Hast.Core.Pipeline
+open Hast.Core.Models
+
+/// The studies of the HAST supplement that are sweeps of pipeline runs.
+type Study =
+    /// Table 1: the loss that sets the promotion direction
+    | DirectionStudy
+    /// Table 2: the weights (a, b) of the clean and the promoted batch's loss
+    | WeightsStudy
+    /// Table 3: direct vs relaxed feature alignment
+    | AlignmentStudy
+    /// Table 4: the number of samples (subsets of one store)
+    | SamplesStudy
+    /// Figure 1: sensitivity to γ (Eq. 8), ε (Eq. 10), λ (Eq. 12), one at a time
+    | SensitivityStudy
+
+let studies = [ DirectionStudy; WeightsStudy; AlignmentStudy; SamplesStudy; SensitivityStudy ]
+
+let studyName =
+    function
+    | DirectionStudy -> "direction"
+    | WeightsStudy -> "weights"
+    | AlignmentStudy -> "alignment"
+    | SamplesStudy -> "samples"
+    | SensitivityStudy -> "sensitivity"
+
+let studyTitle =
+    function
+    | DirectionStudy -> "Table 1: the loss that sets the promotion direction"
+    | WeightsStudy -> "Table 2: weights a (clean) and b (promoted) of the fine-tuning loss"
+    | AlignmentStudy -> "Table 3: direct vs relaxed feature alignment"
+    | SamplesStudy -> "Table 4: number of samples (subsets of one store)"
+    | SensitivityStudy -> "Figure 1: sensitivity to γ (Eq. 8), ε (Eq. 10) and λ (Eq. 12)"
+
+let tryParseStudy (s: string) = studies |> List.tryFind (fun st -> studyName st = s.Trim().ToLowerInvariant())
+
+/// How long each point of a sweep runs.
+type SweepBudget =
+    /// the authors' (`Presets.paper`): 5120 samples x 1000 iterations, 147 epochs x 200 iterations
+    | PaperBudget
+    /// a whole table in a few hours on 2 CPU cores (`studyBudget`)
+    | StudyBudget
+    /// seconds per point (`Presets.tiny`), for tests
+    | TinyBudget
+
+let budgets = [ PaperBudget; StudyBudget; TinyBudget ]
+
+let budgetName =
+    function
+    | PaperBudget -> "paper"
+    | StudyBudget -> "study"
+    | TinyBudget -> "tiny"
+
+let tryParseBudget (s: string) = budgets |> List.tryFind (fun b -> budgetName b = s.Trim().ToLowerInvariant())
+
+/// One value of a study's grid: what a point changes in the base configuration.
+type Setting =
+    | Direction of Promotion.Direction
+    /// (a, b): a·L(x) + b·L(x + δ)
+    | Weights of clean: float * promoted: float
+    | Alignment of FineTune.Alignment
+    /// the first n samples of the study's one store
+    | SampleCount of int
+    /// synthesis difficulty exponent γ (changes the samples)
+    | Gamma of float
+    /// promotion step ε
+    | Epsilon of float
+    /// feature-alignment weight λ
+    | Lambda of float
+
+let private num (v: float) = v.ToString("G6", Globalization.CultureInfo.InvariantCulture)
+
+let alignmentName =
+    function
+    | FineTune.Relaxed -> "relaxed"
+    | FineTune.Direct -> "direct"
+    | FineTune.NoAlignment -> "none"
+
+/// The point's label in tables, figures and progress lines.
+let label =
+    function
+    | Direction d -> Promotion.directionName d
+    | Weights(a, b) -> sprintf "(%s, %s)" (num a) (num b)
+    | Alignment a -> alignmentName a
+    | SampleCount n -> string n
+    | Gamma g -> "γ=" + num g
+    | Epsilon e -> "ε=" + num e
+    | Lambda l -> "λ=" + num l
+
+/// The parameter a setting varies (Figure 1 has one panel per parameter; the tables one).
+let parameter =
+    function
+    | Direction _ -> "direction"
+    | Weights _ -> "(a, b)"
+    | Alignment _ -> "alignment"
+    | SampleCount _ -> "samples"
+    | Gamma _ -> "γ"
+    | Epsilon _ -> "ε"
+    | Lambda _ -> "λ"
+
+/// The value on a numeric axis (Figure 1, Table 4); None for categorical settings.
+let numericValue =
+    function
+    | SampleCount n -> Some(float n)
+    | Gamma g -> Some g
+    | Epsilon e -> Some e
+    | Lambda l -> Some l
+    | Direction _
+    | Weights _
+    | Alignment _ -> None
+
+// ------------------------------------------------------------------------------------------------
+// grids
+
+/// Every study's grid (each is a flag of `hast ablate`).
+type Grids =
+    { Directions: Promotion.Direction list
+      Pairs: (float * float) list
+      Alignments: FineTune.Alignment list
+      SampleCounts: int list
+      Gammas: float list
+      Epsilons: float list
+      Lambdas: float list }
+
+/// Table 2's eight (a, b) pairs, in the paper's order.
+let paperPairs = [ 1.0, 0.0; 3.0, 1.0; 2.0, 1.0; 1.0, 1.0; 0.0, 1.0; 1.0, 4.0; 1.0, 3.0; 1.0, 2.0 ]
+
+/// Table 4's sample counts.
+let paperSampleCounts = [ 256; 1280; 2560; 5120 ]
+
+/// Figure 1's ranges around a default value: factors of the dataset's default (the issue gives the
+/// paper's range of results, not its grid; these span 16x around each default, γ down to 0 = plain CE).
+let gammaFactors = [ 0.0; 0.25; 0.5; 1.0; 2.0 ]
+
+let scaleFactors = [ 0.25; 0.5; 1.0; 2.0; 4.0 ]
+
+/// The sample counts at the tiny budget (the paper's 256..5120 do not fit in seconds): the same
+/// shape, 1/160 of the paper's largest count at most.
+let tinySampleCounts = [ 8; 16; 32 ]
+
+/// The default grids: the paper's, with Figure 1's ranges around the dataset's defaults (γ from
+/// `Synthesis.defaultsFor`, ε and λ from `Pipeline.datasetDefaults`).
+let defaultGrids (budget: SweepBudget) (family: Registry.Family) (classes: int64) : Grids =
+    let dd = Pipeline.datasetDefaults (Pipeline.datasetOf family classes)
+    let gamma = (Synthesis.defaultsFor family).Gamma
+    { Directions = [ Promotion.KL; Promotion.FA; Promotion.KLandFA ]
+      Pairs = paperPairs
+      Alignments = [ FineTune.Direct; FineTune.Relaxed ]
+      SampleCounts = (if budget = TinyBudget then tinySampleCounts else paperSampleCounts)
+      Gammas = gammaFactors |> List.map (fun f -> f * gamma)
+      Epsilons = scaleFactors |> List.map (fun f -> f * dd.Epsilon)
+      Lambdas = scaleFactors |> List.map (fun f -> f * dd.Lambda) }
+
+/// The grid values of a study, in table order (Figure 1: γ, then ε, then λ).
+let settings (study: Study) (g: Grids) : Setting list =
+    match study with
+    | DirectionStudy -> g.Directions |> List.map Direction
+    | WeightsStudy -> g.Pairs |> List.map Weights
+    | AlignmentStudy -> g.Alignments |> List.map Alignment
+    | SamplesStudy -> g.SampleCounts |> List.map SampleCount
+    | SensitivityStudy -> (g.Gammas |> List.map Gamma) @ (g.Epsilons |> List.map Epsilon) @ (g.Lambdas |> List.map Lambda)
+
+// ------------------------------------------------------------------------------------------------
+// budgets
+
+/// `--budget study`: the measured cpu-30min fixed-count run (docs/results.md: 1024 samples x 200
+/// synthesis iterations, 2400 fine-tune iterations, 30 min on 2 cores, of which ~36% synthesis and
+/// ~64% fine-tuning, i.e. ~0.45 s per fine-tune iteration) with a third of its fine-tuning: 800
+/// iterations (4 epochs x 200). Expected on 2 CPU cores: ~6 min of fine-tuning plus ~1 min of
+/// evaluations per point, and ~10 min per store (1024 x 200, shared by every point of a seed whose
+/// synthesis settings agree). Table 1 at W3A3 with seeds 0,1: 2 stores + 6 points ≈ 1 h 10 min;
+/// Table 2: 2 stores + 16 points ≈ 2 h 15 min; Table 4 (one 5120-sample store per seed, ~50 min
+/// each) ≈ 2 h 40 min; Figure 1 (5 γ values = 5 stores per seed, 13 distinct points) ≈ 4 h 40 min.
+let studyBudget (c: Config) : Config =
+    let c = Presets.cpu30min.Apply c
+    { c with
+        Samples =
+            match c.Samples with
+            | Synthesize s -> Synthesize { s with Samples = 1024; Iterations = 200 }
+            | store -> store
+        FineTune = { c.FineTune with Epochs = 4; ItersPerEpoch = 200 }
+        TimeBudget = None }
+
+/// The base configuration of every point of a sweep: the model's defaults at the budget, at the
+/// given bit widths, evaluated once after the last epoch (the tables report the final accuracy;
+/// evaluations do not change training, whose randomness derives from (seed, epoch)).
+let baseConfig (budget: SweepBudget) (family: Registry.Family) (classes: int64) (wbits: int) (abits: int) : Config =
+    let d = Pipeline.defaults family classes (Pipeline.synthesized family)
+    let c =
+        match budget with
+        | PaperBudget -> Presets.paper.Apply d
+        | StudyBudget -> studyBudget d
+        | TinyBudget -> Presets.tiny.Apply d
+    { c with
+        WBits = wbits
+        ABits = abits
+        TimeBudget = None
+        Eval = { c.Eval with Every = c.FineTune.Epochs } }
+
+// ------------------------------------------------------------------------------------------------
+// points
+
+/// One pipeline run of a sweep. `Config.Samples` is the synthesis of the point's store (points with
+/// equal synthesis settings share it); the run reads its first `Take` samples (all when None).
+type Point =
+    { Setting: Setting
+      Seed: int64
+      Config: Config
+      Take: int option }
+
+let private synthesis (f: Synthesis.Config -> Synthesis.Config) (c: Config) =
+    match c.Samples with
+    | Synthesize s -> { c with Samples = Synthesize(f s) }
+    | _ -> c
+
+let private promotion (f: Promotion.Promotion -> Promotion.Promotion) (c: Config) =
+    { c with FineTune = { c.FineTune with Promotion = Some(f (defaultArg c.FineTune.Promotion Promotion.defaults)) } }
+
+/// A setting applied to a configuration.
+let apply (s: Setting) (c: Config) : Config =
+    match s with
+    | Direction d -> promotion (fun p -> { p with Direction = d }) c
+    | Weights(a, b) -> promotion (fun p -> { p with CleanWeight = a; PerturbedWeight = b }) c
+    | Alignment a -> { c with FineTune = { c.FineTune with Alignment = a } }
+    | SampleCount _ -> c
+    | Gamma g -> synthesis (fun s -> { s with Gamma = g }) c
+    | Epsilon e -> promotion (fun p -> { p with Epsilon = e }) c
+    | Lambda l -> { c with FineTune = { c.FineTune with Lambda = l } }
+
+/// The seed of synthesis and fine-tuning (as `hast run`: they share it).
+let withSeed (seed: int64) (c: Config) : Config =
+    synthesis (fun s -> { s with Seed = seed }) { c with FineTune = { c.FineTune with Seed = seed } }
+
+/// The points of a sweep, seed by seed (a killed sweep has whole tables at fewer seeds first), each
+/// seed in grid order. The samples study synthesizes its largest count once per seed and takes
+/// subsets of that store.
+let points (study: Study) (grids: Grids) (seeds: int64 list) (baseCfg: Config) : Point list =
+    let grid = settings study grids
+    let largest = grids.SampleCounts |> List.fold max 0
+    [ for seed in seeds do
+          for s in grid ->
+              let c = withSeed seed (apply s baseCfg)
+              match s with
+              | SampleCount n ->
+                  { Setting = s; Seed = seed; Config = synthesis (fun sc -> { sc with Samples = largest }) c; Take = Some n }
+              | _ -> { Setting = s; Seed = seed; Config = c; Take = None } ]
+
+// ------------------------------------------------------------------------------------------------
+// the paper's numbers (CIFAR-10 ResNet-20 unless noted; FP 94.03)
+
+let paperFpTop1 = 94.03
+
+/// The paper's top-1 for a grid value at a bit width, where it reports one.
+let paperTop1 (s: Setting) (wbits: int) (abits: int) : float option =
+    let bits = wbits, abits
+    match s, bits with
+    | Direction Promotion.KL, (4, 4) -> Some 92.43
+    | Direction Promotion.FA, (4, 4) -> Some 92.29
+    | Direction Promotion.KLandFA, (4, 4) -> Some 92.36
+    | Direction Promotion.KL, (3, 3) -> Some 88.29
+    | Direction Promotion.FA, (3, 3) -> Some 87.68
+    | Direction Promotion.KLandFA, (3, 3) -> Some 88.34
+    | Weights(a, b), (3, 3) ->
+        [ (1.0, 0.0), 86.17; (3.0, 1.0), 85.92; (2.0, 1.0), 87.53; (1.0, 1.0), 88.34
+          (0.0, 1.0), 88.19; (1.0, 4.0), 86.69; (1.0, 3.0), 86.94; (1.0, 2.0), 87.73 ]
+        |> List.tryFind (fun (p, _) -> p = (a, b))
+        |> Option.map snd
+    | Alignment FineTune.Direct, (4, 4) -> Some 91.99
+    | Alignment FineTune.Relaxed, (4, 4) -> Some 92.36
+    | Alignment FineTune.Direct, (3, 3) -> Some 83.92
+    | Alignment FineTune.Relaxed, (3, 3) -> Some 88.34
+    // ImageNet ResNet-18 W3A3: another model, shown for the trend only
+    | SampleCount n, (3, 3) ->
+        [ 256, 49.17; 1280, 49.95; 2560, 50.23; 5120, 51.15 ] |> List.tryFind (fun (k, _) -> k = n) |> Option.map snd
+    | _ -> None
+
+/// What the paper's column is, per study.
+let paperNote (study: Study) : string =
+    match study with
+    | DirectionStudy
+    | AlignmentStudy -> "paper: CIFAR-10 ResNet-20, W4A4 and W3A3, full precision 94.03%"
+    | WeightsStudy -> "paper: CIFAR-10 ResNet-20, W3A3 only, full precision 94.03%"
+    | SamplesStudy ->
+        "paper: ImageNet ResNet-18 W3A3 (another model and dataset: compare the trend, not the values); measured here on the given model"
+    | SensitivityStudy ->
+        "paper: ImageNet ResNet-18 W3A3, 50.12–51.15% over its ranges of γ, ε, λ (real-data fine-tuning 51.95%); measured here on the given model"
+
+// ------------------------------------------------------------------------------------------------
+// results and tables
+
+/// What a point's run ended with (its report.json).
+type PointResult =
+    { FinalTop1: float
+      BestTop1: float
+      CalibTop1: float
+      FpTop1: float }
+
+/// Mean, sample standard deviation (n − 1; NaN below 2 values) and count.
+let meanStd (xs: float list) : float * float * int =
+    let n = List.length xs
+    if n = 0 then nan, nan, 0
+    else
+        let m = List.average xs
+        let sd = if n < 2 then nan else sqrt ((xs |> List.sumBy (fun x -> (x - m) * (x - m))) / float (n - 1))
+        m, sd, n
+
+/// One grid value's line in a table.
+type Row =
+    { Setting: Setting
+      Label: string
+      /// final top-1 over the seeds run so far
+      Mean: float
+      Std: float
+      N: int
+      CalibMean: float
+      Paper: float option }
+
+/// The table of a study: one row per grid value (in grid order, duplicates once), over the results
+/// available (a value not run yet has n = 0).
+let rows (grid: Setting list) (wbits: int) (abits: int) (results: (Point * PointResult) list) : Row list =
+    grid
+    |> List.distinct
+    |> List.map (fun s ->
+        let mine = results |> List.filter (fun (p, _) -> p.Setting = s) |> List.map snd
+        let m, sd, n = meanStd (mine |> List.map (fun r -> r.FinalTop1))
+        let cm, _, _ = meanStd (mine |> List.map (fun r -> r.CalibTop1))
+        { Setting = s; Label = label s; Mean = m; Std = sd; N = n; CalibMean = cm; Paper = paperTop1 s wbits abits })
+
+let private cell (v: float) = if Double.IsNaN v then "—" else v.ToString("F2", Globalization.CultureInfo.InvariantCulture)
+
+let meanStdText (r: Row) =
+    if r.N = 0 then "—"
+    elif r.N = 1 then cell r.Mean
+    else sprintf "%s ± %s" (cell r.Mean) (cell r.Std)
+
+/// The study's table in markdown: heading, what was run, one row per grid value, the paper's note.
+let markdown (study: Study) (budget: SweepBudget) (wbits: int) (abits: int) (seeds: int64 list) (fpTop1: float) (rs: Row list) : string =
+    let b = Text.StringBuilder()
+    let line (s: string) = b.Append(s).Append('\n') |> ignore
+    line (sprintf "## %s" (studyTitle study))
+    line ""
+    line (sprintf "W%dA%d, budget `%s`, seeds %s; final top-1 (mean ± sample std over the seeds, n runs); full precision here %s%%."
+              wbits abits (budgetName budget) (seeds |> List.map string |> String.concat ",") (cell fpTop1))
+    line ""
+    let header =
+        match study, rs with
+        | SensitivityStudy, _
+        | _, [] -> "setting"
+        | _, r :: _ -> parameter r.Setting
+    line (sprintf "| %s | top-1 %% | n | calibration only %% | paper %% |" header)
+    line "|---|---|---|---|---|"
+    for r in rs do
+        line (sprintf "| %s | %s | %d | %s | %s |" r.Label (meanStdText r) r.N (cell r.CalibMean) (r.Paper |> Option.map cell |> Option.defaultValue "—"))
+    line ""
+    line (paperNote study)
+    b.ToString()
