@@ -393,9 +393,57 @@ let atomicTests = [
     }
 ]
 
+/// Tensors created on this thread and not yet disposed (TorchSharp's own count; unlike
+/// `Tensor.TotalCount` it is not raised by the handle TorchSharp moves into each new Parameter).
+let private liveTensors () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
+
+/// `f` raises a HastError (returned) and leaves no tensor of its own alive.
+let private failsWithoutLeak (what: string) (f: unit -> 'a) : string =
+    let before = liveTensors ()
+    let msg = hastError what f
+    Expect.equal (liveTensors () - before) 0L (sprintf "%s: live tensors left behind by the failed load" what)
+    msg
+
+let modelFileTests = [
+    test "a failing weights load leaves no live tensors" {
+        let load arch classes () = Hast.App.ModelFiles.LoadWeights(arch, TestUtil.zipWeights, classes, torch.CPU)
+        // weights of another architecture: the file is read, the model built, then the weights do not fit
+        expectContains (failsWithoutLeak "resnet20 weights as cifar-resnet32-a" (load "cifar-resnet32-a" (Nullable()))) "do not fit"
+        // a class count the architecture is not built for: refused after the file is read
+        expectContains (failsWithoutLeak "7 classes" (load "cifar-resnet20-a" (Nullable 7L))) "not 7"
+        // a class count that builds but does not fit the classifier
+        expectContains (failsWithoutLeak "100 classes" (load "cifar-resnet20" (Nullable 100L))) "do not fit"
+    }
+
+    test "a failing checkpoint load leaves no live tensors" {
+        use dir = new TestUtil.TempDir()
+        let path = dir.File "wrong-arch.ckpt"
+        // a checkpoint whose meta names another architecture than the state it holds
+        do
+            use net = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+            let meta = JsonObject()
+            meta["arch"] <- JsonValue.Create "cifar-resnet32-a"
+            meta["classes"] <- JsonValue.Create 10
+            meta["wbits"] <- JsonValue.Create 32
+            meta["abits"] <- JsonValue.Create 32
+            Checkpoint.Save(path, meta, net)
+        let msg = failsWithoutLeak "resnet20 state as cifar-resnet32-a" (fun () -> Hast.App.ModelFiles.LoadCheckpoint(path, torch.CPU))
+        expectContains msg "does not fit"
+    }
+
+    test "a successful load and its disposal leave no live tensors" {
+        let before = liveTensors ()
+        do
+            let m = Hast.App.ModelFiles.LoadWeights("cifar-resnet20-a", TestUtil.zipWeights, Nullable(), torch.CPU)
+            m.Net.Dispose()
+        Expect.equal (liveTensors () - before) 0L "the file's tensors are freed once mapped onto the model"
+    }
+]
+
 let tests : Test list =
     [ testList "read" readTests
       testList "damage" damageTests
       testList "state" stateTests
       testList "checkpoint" checkpointTests
+      testList "model files" modelFileTests
       testList "atomic" atomicTests ]
