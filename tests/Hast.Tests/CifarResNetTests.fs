@@ -4,7 +4,6 @@ module Hast.Tests.CifarResNetTests
 
 open Expecto
 open TorchSharp
-open TorchSharp.Modules
 open Hast.Core
 open Hast.Core.Models
 open Hast.Tests.TestUtil

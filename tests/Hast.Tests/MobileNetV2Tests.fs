@@ -3,7 +3,6 @@ module Hast.Tests.MobileNetV2Tests
 
 open Expecto
 open TorchSharp
-open TorchSharp.Modules
 open Hast.Core
 open Hast.Core.Models
 open Hast.Tests.TestUtil
