@@ -55,7 +55,7 @@ let tests : Test list =
 
       test "invalid crop settings are user errors" {
           let x = torch.zeros(1L, 3L, 8L, 8L)
-          Expect.throwsT<HastError> (fun () -> sharedCrop (generator 1L) { identitySpec with Scale = (0.0, 1.0) } x |> ignore) "scale 0"
+          Expect.throwsT<InvalidSetting> (fun () -> sharedCrop (generator 1L) { identitySpec with Scale = (0.0, 1.0) } x |> ignore) "scale 0 (the setting crop-scale)"
           Expect.throwsT<HastError> (fun () -> perSampleCrop (generator 1L) identitySpec (torch.zeros(3L, 8L, 8L)) |> ignore) "3-d input"
       } ]
 

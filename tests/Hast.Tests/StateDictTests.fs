@@ -18,7 +18,7 @@ let private mappingTests = [
             expectContains msg "weights do not fit cifar-resnet20: "
             expectContains msg (sprintf "%d missing (%s, " expected.Length expected.Head)
             expectContains msg "97 unexpected (conv1.weight, bn1.weight, bn1.bias, ...)"
-            expectContains msg "is --arch right?"
+            expectContains msg "is the architecture right?"
             Expect.isFalse (msg.Contains "mis-shaped") "no shapes compared for absent names"
         finally disposeAll w
     }
