@@ -27,6 +27,7 @@ let all =
         testList "finetune" FineTuneTests.tests
         testList "budget" BudgetTests.tests
         testList "pipeline" PipelineTests.tests
+        testList "presets" PresetsTests.tests
         testList "study" StudyTests.tests
         testList "analyze" AnalyzeTests.tests
         // the shell and whole runs
