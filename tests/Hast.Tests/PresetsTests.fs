@@ -13,7 +13,7 @@ let private imagenet = Pipeline.defaults Registry.Family.ImageNet 1000L (Pipelin
 let private synthesis (c: Config) =
     match c.Samples with
     | Synthesize s -> s
-    | Store _ -> failtest "expected synthesized samples"
+    | other -> failtestf "expected synthesized samples, got %A" other
 
 let tests : Test list = [
     test "names are unique and found in any case; unknown names are not" {
@@ -55,9 +55,10 @@ let tests : Test list = [
         Pipeline.validate c |> ignore
     }
 
-    test "a sample store is left as it is: presets change only synthesis settings they own" {
-        let store = Pipeline.defaults Registry.Family.Cifar 10L (Store("samples", Some 64))
-        for p in Presets.all do
-            Expect.equal (p.Apply store).Samples store.Samples (p.Name + ": store and take unchanged")
+    test "a sample store or real images are left as they are: presets change only synthesis settings they own" {
+        for samples in [ Store("samples", Some 64); RealImages "images" ] do
+            let c = Pipeline.defaults Registry.Family.Cifar 10L samples
+            for p in Presets.all do
+                Expect.equal (p.Apply c).Samples samples (sprintf "%s: %A unchanged" p.Name samples)
     }
 ]
