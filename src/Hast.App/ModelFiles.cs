@@ -23,22 +23,42 @@ public static class ModelFiles
     }
 
     /// Full-precision model from PyTorch weights. The class count is `classes` if given, else read from
-    /// the weights' classifier (so a 100-class pytorchcv checkpoint needs no flag).
+    /// the weights' classifier (so a 100-class pytorchcv checkpoint needs no flag). The file's tensors
+    /// are freed once mapped; on any failure nothing stays allocated.
     public static LoadedModel LoadWeights(string archName, string weightsPath, long? classes, Device device)
     {
         var arch = Registry.find(archName);
         if (Directory.Exists(weightsPath)) throw new HastError($"weights path {weightsPath} is a folder; give the .pth/.pt/.th file itself");
         if (!File.Exists(weightsPath)) throw new HastError($"weights file '{weightsPath}' not found; pass a PyTorch checkpoint (.pth/.th/.pt), e.g. from `hast download`");
-        var tensors = WeightsFile.Read(weightsPath);
-        var n = classes ?? ClassesFromWeights(arch, tensors) ?? arch.DefaultClasses;
-        if (!arch.AllowedClasses.Contains(n))
-            throw new HastError($"{arch.Name} is built for {string.Join(" or ", arch.AllowedClasses)} classes, not {n}; check --arch/--classes");
-        var net = arch.Build.Invoke(n).Invoke(LayerKitModule.fullPrecision);
-        StateDict.load(Path.GetFileName(weightsPath) + $" as {arch.Name}", tensors, net);
-        foreach (var t in tensors.Values) t.Dispose();
-        net.to(device);
-        net.eval();
-        return new LoadedModel(arch, n, net, 32, 32, weightsPath, Sha256Of(weightsPath));
+        var sha256 = Sha256Of(weightsPath);
+        var (n, net) = WeightsFile.WithWeights(weightsPath, tensors =>
+        {
+            var k = classes ?? ClassesFromWeights(arch, tensors) ?? arch.DefaultClasses;
+            if (!arch.AllowedClasses.Contains(k))
+                throw new HastError($"{arch.Name} is built for {string.Join(" or ", arch.AllowedClasses)} classes, not {k}; check --arch/--classes");
+            return (k, Build(arch, k, LayerKitModule.fullPrecision, device,
+                m => StateDict.load(Path.GetFileName(weightsPath) + $" as {arch.Name}", tensors, m)));
+        });
+        return new LoadedModel(arch, n, net, 32, 32, weightsPath, sha256);
+    }
+
+    /// `arch` built for `classes` with `kit`, filled by `fill`, moved to `device` and in eval mode.
+    /// If any step throws, the model is disposed before the exception propagates.
+    static Net Build(Registry.Arch arch, long classes, LayerKit kit, Device device, Action<Net> fill)
+    {
+        var net = arch.Build.Invoke(classes).Invoke(kit);
+        try
+        {
+            fill(net);
+            net.to(device);
+            net.eval();
+            return net;
+        }
+        catch
+        {
+            net.Dispose();
+            throw;
+        }
     }
 
     /// The classifier's output size in `tensors`: the first dimension of the tensor that has the name of
@@ -78,6 +98,7 @@ public static class ModelFiles
     {
         if (Directory.Exists(path)) throw new HastError($"checkpoint path {path} is a folder; give the quantized.ckpt file itself");
         if (!File.Exists(path)) throw new HastError($"checkpoint '{path}' not found; `hast quantize --out DIR` writes DIR/quantized.ckpt");
+        var sha256 = Sha256Of(path);
         var ckpt = Checkpoint.Load(path);
         try
         {
@@ -87,12 +108,12 @@ public static class ModelFiles
             long classes = (long?)meta["classes"] ?? arch.DefaultClasses;
             int wbits = (int?)meta["wbits"] ?? 32, abits = (int?)meta["abits"] ?? 32;
             var kit = wbits == 32 && abits == 32 ? LayerKitModule.fullPrecision : Quantizers.LayerKit.quantized(wbits, abits);
-            var net = arch.Build.Invoke(classes).Invoke(kit);
-            ckpt.RestoreInto(net);
-            Quantizers.setCalibrating(net, false);
-            net.to(device);
-            net.eval();
-            return (new LoadedModel(arch, classes, net, wbits, abits, path, Sha256Of(path)), ckpt);
+            var net = Build(arch, classes, kit, device, m =>
+            {
+                ckpt.RestoreInto(m);
+                Quantizers.setCalibrating(m, false);
+            });
+            return (new LoadedModel(arch, classes, net, wbits, abits, path, sha256), ckpt);
         }
         catch
         {

@@ -12,14 +12,19 @@ let copyWeights (src: torch.nn.Module) (dst: torch.nn.Module) : unit = StateDict
 /// A fake-quantized model (W`wbits` per channel, A`abits` per tensor) of topology `arch` with
 /// `classes` outputs, holding copies of `fp`'s weights and BN statistics, on `fp`'s device and in
 /// `fp`'s train/eval mode. `fp` is not modified. Activation ranges are uncalibrated: run `calibrate`.
+/// If `fp` does not fit `arch`, the half-built copy is disposed before the error propagates.
 let quantize (arch: Registry.Arch) (classes: int64) (fp: Net) (wbits: int) (abits: int) : Net =
     let q = arch.Build classes (Quantizers.LayerKit.quantized wbits abits)
-    match fp.parameters () |> Seq.tryHead with
-    | Some p -> q.``to``(p.device) |> ignore
-    | None -> ()
-    copyWeights fp q
-    q.train fp.training
-    q
+    try
+        match fp.parameters () |> Seq.tryHead with
+        | Some p -> q.``to``(p.device) |> ignore
+        | None -> ()
+        copyWeights fp q
+        q.train fp.training
+        q
+    with _ ->
+        q.Dispose()
+        reraise ()
 
 /// Calibrate the activation ranges of `model`: forget old ranges, switch the quantizers to
 /// Calibrating, run `batches` (moved to `device`) through the model in eval mode without gradients,

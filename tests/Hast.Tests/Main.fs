@@ -7,26 +7,37 @@ open Expecto.Impl
 
 let all =
     testList "hast" [
-        testList "quantizers" QuantizerTests.tests
-        testList "models" ModelTests.tests
-        testList "weights" WeightTests.tests
+        // core modules, one list per module (src/Hast.Core/*.fs and Models/*.fs)
+        testList "prelude" PreludeTests.tests
+        testList "layers" LayersTests.tests
+        testList "quantizers" QuantizersTests.tests
+        testList "cifar resnet" CifarResNetTests.tests
+        testList "resnet" ResNetTests.tests
+        testList "mobilenetv2" MobileNetV2Tests.tests
+        testList "registry" RegistryTests.tests
+        testList "state dict" StateDictTests.tests
         testList "data" DataTests.tests
-        testList "download" DownloadTests.tests
-        testList "eval" (EvalTests.tests @ EvalTests.sharedTests)
-        testList "losses" LossTests.tests
+        testList "augment" AugmentTests.tests
+        testList "losses" LossesTests.tests
+        testList "evaluate" EvaluateTests.tests
+        testList "quantize" QuantizeTests.tests
         testList "synthesis" SynthesisTests.tests
-        testList "store" StoreTests.tests
+        testList "generator" GeneratorTests.tests
         testList "promotion" PromotionTests.tests
         testList "finetune" FineTuneTests.tests
-        testList "cli" (CliTests.tests @ CliTests.configTests)
-        testList "generator" GeneratorTests.tests
+        testList "budget" BudgetTests.tests
+        testList "pipeline" PipelineTests.tests
+        testList "presets" PresetsTests.tests
         testList "study" StudyTests.tests
         testList "analyze" AnalyzeTests.tests
+        // the shell and whole runs
+        testList "weights" WeightTests.tests
+        testList "store" StoreTests.tests
+        testList "download" DownloadTests.tests
+        testList "cli" (CliTests.tests @ CliTests.configTests)
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
         testList "fuzz" FuzzTests.tests
-        testList "budget" BudgetTests.tests
-        testList "pipeline" PipelineTests.tests
         testList "end to end" EndToEndTests.tests
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests

@@ -68,3 +68,155 @@ let loadSharedTest () : torch.Tensor * torch.Tensor =
     let x = torch.tensor(pix :> System.Collections.Generic.IList<byte>, System.ReadOnlySpan<int64>([| int64 n; 3L; 32L; 32L |])).to_type(torch.float32) / 255.0f
     let arch = Models.Registry.find "cifar-resnet20-a"
     Data.normalize arch.Input x, torch.tensor(labels)
+
+/// Same shape and bit-identical values.
+let sameValues (a: torch.Tensor) (b: torch.Tensor) =
+    a.shape = b.shape && (use e = a.eq b in use al = e.all () in al.item<bool> ())
+
+/// True when `f` raises a user error: a HastError or an InvalidSetting (anything else propagates).
+let throwsHast (f: unit -> unit) =
+    try
+        f ()
+        false
+    with
+    | HastError _
+    | InvalidSetting _ -> true
+
+/// Tensors created on this thread and not yet disposed (TorchSharp's own count; unlike
+/// `Tensor.TotalCount` it is not raised by the handle TorchSharp moves into each new Parameter).
+let liveTensors () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
+
+open Expecto
+open System.Collections.Generic
+
+/// The message of the HastError `f` raises; fails the test on any other outcome.
+let hastError (what: string) (f: unit -> 'a) : string =
+    try
+        f () |> ignore
+        failtestf "%s: expected a HastError, got a result" what
+    with
+    | HastError msg ->
+        Expect.isFalse (msg.Contains '\n') (sprintf "%s: one line: %s" what msg)
+        msg
+
+let expectContains (msg: string) (part: string) =
+    Expect.stringContains msg part (sprintf "message '%s' names '%s'" msg part)
+
+let disposeAll (d: IDictionary<string, Tensor>) = for t in d.Values do t.Dispose()
+
+let sameTensor (what: string) (a: Tensor) (b: Tensor) =
+    Expect.equal b.dtype a.dtype (what + " dtype")
+    Expect.equal b.shape a.shape (what + " shape")
+    use eq = a.eq b
+    use all = eq.all ()
+    Expect.isTrue (all.item<bool> ()) (what + " values")
+
+/// A live tensor of a module's state by dotted name.
+let st (m: torch.nn.Module) (name: string) : Tensor = m.state_dict().[name]
+
+/// A toy quantizer: a module with state that full-precision weights never hold.
+type ToyQuantizer() as this =
+    inherit torch.nn.Module<Tensor, Tensor>("ToyQuantizer")
+    let range = torch.zeros(2L)
+    do this.register_buffer("range", range)
+    interface IQuantizerState
+    override _.forward x = x
+
+/// A linear layer with a quantizer child, named like a plain Linear plus `wq.range`.
+type ToyQLinear(i: int64, o: int64) as this =
+    inherit torch.nn.Module<Tensor, Tensor>("ToyQLinear")
+    let weight = torch.nn.Parameter(torch.randn(o, i))
+    let wq = new ToyQuantizer()
+    do
+        this.register_parameter("weight", weight)
+        this.register_module("wq", wq)
+    member _.Quantizer = wq
+    override _.forward x = torch.nn.functional.linear(x, wq.forward weight)
+
+type ToyNet(kit: bool) as this =
+    inherit Net("toy")
+    let fc = if kit then new ToyQLinear(4L, 3L) :> torch.nn.Module<Tensor, Tensor> else torch.nn.Linear(4L, 3L, hasBias = false)
+    let bn = torch.nn.BatchNorm1d(3L)
+    do
+        this.register_module("fc", fc)
+        this.register_module("bn", bn)
+    override _.Run(x, _) = bn.forward (fc.forward x)
+
+// ---------------------------------------------------------------------------------------------
+// Model helpers shared by the tests of the model modules (CifarResNet, ResNet, MobileNetV2, Registry).
+
+open Hast.Core.Models
+
+let private rep n x = List.replicate n x
+
+/// Parameter count of a CIFAR ResNet with `n` blocks per stage from its layer shapes: 3x3 convs without
+/// bias, BN (weight + bias), linear with bias; `projection` adds the two 1x1 conv + BN shortcuts of the
+/// pytorchcv variant.
+let cifarResnetParams (n: int64) (classes: int64) (projection: bool) =
+    let conv cin cout k = cin * cout * k * k
+    let stage cin cout = conv cin cout 3L + (2L * n - 1L) * conv cout cout 3L + 2L * n * 2L * cout
+    let body = conv 3L 16L 3L + 2L * 16L + stage 16L 16L + stage 16L 32L + stage 32L 64L + 64L * classes + classes
+    if projection then body + conv 16L 32L 1L + 2L * 32L + conv 32L 64L 1L + 2L * 64L else body
+
+/// CIFAR-10 ResNet-20 parameter count of either layout (`projection`: pytorchcv) from the layer shapes.
+let cifarResnet20Params = cifarResnetParams 3L
+
+let private cifarBlocksN (n: int) = rep n (16L, 32L) @ rep n (32L, 16L) @ rep n (64L, 8L)
+let private cifarBlocks = cifarBlocksN 3
+
+/// Parameter counts for 10 classes; akamaster/pytorch_resnet_cifar10 publishes them rounded (0.27M, 0.46M,
+/// 0.66M, 0.85M, 1.7M); the exact values follow from the layer shapes (`cifarResnetParams`, tested below).
+let akamasterParams = Map [ 20, 269_722L; 32, 464_154L; 44, 658_586L; 56, 853_018L; 110, 1_727_962L ]
+
+/// A seeded random batch of `n` images at `arch`'s input size.
+let archInput (arch: Registry.Arch) (n: int64) (seed: int64) =
+    torch.randn([| n; 3L; int64 arch.Input.Size; int64 arch.Input.Size |], generator = generator seed)
+
+/// `arch` with `classes` outputs, full precision, in eval mode.
+let buildEval (arch: Registry.Arch) (classes: int64) =
+    let net = arch.Build classes LayerKit.fullPrecision
+    net.eval ()
+    net
+
+/// Number of parameter values.
+let paramCount (net: Net) = net.parameters () |> Seq.sumBy (fun p -> p.numel ())
+
+/// State names without num_batches_tracked, in model order.
+let stateKeys (net: Net) =
+    net.state_dict () |> Seq.map (fun kv -> kv.Key) |> Seq.filter (fun k -> not (k.EndsWith "num_batches_tracked")) |> List.ofSeq
+
+/// Shape of a state tensor by name.
+let shapeOf (net: Net) (key: string) = (net.state_dict ()).[key].shape |> List.ofArray
+
+/// State names (without num_batches_tracked) with their shapes, in model order.
+let stateWithShapes (net: Net) =
+    let sd = net.state_dict ()
+    stateKeys net |> List.map (fun k -> k, List.ofArray sd[k].shape)
+
+/// What each registered architecture must look like for a 2-image batch at its input size.
+type Expected =
+    { Classes: int64
+      /// (channels, side) of each recorded block output, in order
+      Blocks: (int64 * int64) list
+      BnTaps: int
+      Params: int64 }
+
+/// The expected shapes and parameter counts of every registered architecture, by name.
+let expectedArch =
+    Map [ for depth in Registry.cifarDepthsA do
+            let n = (depth - 2) / 6
+            yield sprintf "cifar-resnet%d-a" depth,
+                  { Classes = 10L; Blocks = cifarBlocksN n; BnTaps = 6 * n + 1; Params = akamasterParams[depth] }
+          yield "cifar-resnet20", { Classes = 10L; Blocks = cifarBlocks; BnTaps = 21; Params = 272_474L }
+          yield "resnet18",
+          { Classes = 1000L
+            Blocks = rep 2 (64L, 56L) @ rep 2 (128L, 28L) @ rep 2 (256L, 14L) @ rep 2 (512L, 7L)
+            BnTaps = 20
+            Params = 11_689_512L }
+          // residual blocks are the repeats (n - 1 per stage); BN: stem + 2 (first block, t = 1) + 3 x 16 + head
+          yield "mobilenetv2",
+          { Classes = 1000L
+            Blocks = [ (24L, 56L); (32L, 28L); (32L, 28L) ] @ rep 3 (64L, 14L) @ rep 2 (96L, 14L) @ rep 2 (160L, 7L)
+            BnTaps = 52
+            Params = 3_504_872L } ]
+

@@ -13,28 +13,7 @@ open TorchSharp.PyBridge
 open Hast.Core
 open Hast.Core.Models
 open Hast.App.IO
-
-/// The message of the HastError `f` raises; fails the test on any other outcome.
-let private hastError (what: string) (f: unit -> 'a) : string =
-    try
-        f () |> ignore
-        failtestf "%s: expected a HastError, got a result" what
-    with
-    | HastError msg ->
-        Expect.isFalse (msg.Contains '\n') (sprintf "%s: one line: %s" what msg)
-        msg
-
-let private expectContains (msg: string) (part: string) =
-    Expect.stringContains msg part (sprintf "message '%s' names '%s'" msg part)
-
-let private disposeAll (d: IDictionary<string, Tensor>) = for t in d.Values do t.Dispose()
-
-let private sameTensor (what: string) (a: Tensor) (b: Tensor) =
-    Expect.equal b.dtype a.dtype (what + " dtype")
-    Expect.equal b.shape a.shape (what + " shape")
-    use eq = a.eq b
-    use all = eq.all ()
-    Expect.isTrue (all.item<bool> ()) (what + " values")
+open Hast.Tests.TestUtil
 
 /// Top-1 correct count of `net` on the shared test head.
 let private top1 (net: Net) =
@@ -44,37 +23,6 @@ let private top1 (net: Net) =
     let x, y = TestUtil.loadSharedTest ()
     net.forward(x).argmax(1L).eq(y).sum().item<int64> ()
 
-/// A live tensor of a module's state by dotted name.
-let private st (m: torch.nn.Module) (name: string) : Tensor = m.state_dict().[name]
-
-/// A toy quantizer: a module with state that full-precision weights never hold.
-type ToyQuantizer() as this =
-    inherit torch.nn.Module<Tensor, Tensor>("ToyQuantizer")
-    let range = torch.zeros(2L)
-    do this.register_buffer("range", range)
-    interface IQuantizerState
-    override _.forward x = x
-
-/// A linear layer with a quantizer child, named like a plain Linear plus `wq.range`.
-type ToyQLinear(i: int64, o: int64) as this =
-    inherit torch.nn.Module<Tensor, Tensor>("ToyQLinear")
-    let weight = torch.nn.Parameter(torch.randn(o, i))
-    let wq = new ToyQuantizer()
-    do
-        this.register_parameter("weight", weight)
-        this.register_module("wq", wq)
-    member _.Quantizer = wq
-    override _.forward x = torch.nn.functional.linear(x, wq.forward weight)
-
-type ToyNet(kit: bool) as this =
-    inherit Net("toy")
-    let fc = if kit then new ToyQLinear(4L, 3L) :> torch.nn.Module<Tensor, Tensor> else torch.nn.Linear(4L, 3L, hasBias = false)
-    let bn = torch.nn.BatchNorm1d(3L)
-    do
-        this.register_module("fc", fc)
-        this.register_module("bn", bn)
-    override _.Run(x, _) = bn.forward (fc.forward x)
-
 let private withFile (name: string) (bytes: byte[]) (f: string -> unit) =
     use dir = new TestUtil.TempDir()
     let path = dir.File name
@@ -82,6 +30,15 @@ let private withFile (name: string) (bytes: byte[]) (f: string -> unit) =
     f path
 
 let readTests = [
+    test "shared model (interim loader) is accurate on the test head" {
+        use _ = torch.NewDisposeScope()
+        let net = TestUtil.loadSharedModel ()
+        let x, y = TestUtil.loadSharedTest ()
+        use _ = torch.no_grad ()
+        let correct = net.forward(x).argmax(1L).eq(y).sum().item<int64>()
+        Expect.equal correct 854L "854/932 as PyTorch"
+    }
+
     test "zip and legacy files give the same tensors" {
         let z = WeightsFile.Read TestUtil.zipWeights
         let l = WeightsFile.Read TestUtil.legacyWeights
@@ -105,41 +62,6 @@ let readTests = [
             try StateDict.load arch.Name w net finally disposeAll w
             Expect.equal (top1 net) 854L (sprintf "top-1 of %s as in PyTorch" (Path.GetFileName path))
         }
-
-    test "mapping onto cifar-resnet20 names missing and unexpected tensors" {
-        let net = CifarResNet.resnet20 10L LayerKit.fullPrecision
-        let expected = StateDict.weights net |> List.map fst |> List.filter (fun k -> not (k.EndsWith "num_batches_tracked"))
-        let w = WeightsFile.Read TestUtil.zipWeights
-        try
-            let msg = hastError "wrong arch" (fun () -> StateDict.load "cifar-resnet20" w net)
-            expectContains msg "weights do not fit cifar-resnet20: "
-            expectContains msg (sprintf "%d missing (%s, " expected.Length expected.Head)
-            expectContains msg "97 unexpected (conv1.weight, bn1.weight, bn1.bias, ...)"
-            expectContains msg "is the architecture right?"
-            Expect.isFalse (msg.Contains "mis-shaped") "no shapes compared for absent names"
-        finally disposeAll w
-    }
-
-    test "mapping onto a 100-class model names the mis-shaped tensors and shapes" {
-        let net = CifarResNet.resnet20a 100L LayerKit.fullPrecision
-        let w = WeightsFile.Read TestUtil.legacyWeights
-        try
-            let msg = hastError "wrong classes" (fun () -> StateDict.load "cifar-resnet20-a" w net)
-            expectContains msg "2 mis-shaped (linear.weight: expected [100, 64], got [10, 64], linear.bias: expected [100], got [10])"
-            Expect.isFalse (msg.Contains "missing") "nothing missing"
-            Expect.isFalse (msg.Contains "unexpected") "nothing unexpected"
-        finally disposeAll w
-    }
-
-    test "a failed mapping leaves the model unchanged" {
-        let net = CifarResNet.resnet20a 100L LayerKit.fullPrecision
-        let before = StateDict.weights net |> List.map (fun (k, t) -> k, t.clone())
-        let w = WeightsFile.Read TestUtil.zipWeights
-        try hastError "mis-shaped" (fun () -> StateDict.load "x" w net) |> ignore
-        finally disposeAll w
-        for (k, t) in StateDict.weights net do
-            sameTensor k (before |> List.find (fst >> (=) k) |> snd) t
-    }
 
     test "missing, empty, text, random and foreign-zip files give one clear line" {
         let missing = hastError "missing" (fun () -> WeightsFile.Read "/nonexistent/hast/weights.pth")
@@ -265,45 +187,6 @@ let damageTests = [
                 readsOrFailsCleanly bad)
 ]
 
-let stateTests = [
-    test "quantizer state is neither expected from nor taken from weights" {
-        let fp = new ToyNet(false)
-        let q = new ToyNet(true)
-        let keys = StateDict.fullState q |> List.map fst
-        Expect.contains keys "fc.wq.range" "full state holds quantizer buffers"
-        Expect.isFalse (StateDict.weights q |> List.exists (fun (k, _) -> k.StartsWith "fc.wq")) "weights do not"
-        Expect.equal (StateDict.quantizerPrefixes q) [ "fc.wq" ] "quantizer found by interface"
-        use _ = torch.no_grad ()
-        (st q "fc.wq.range").fill_(3.0) |> ignore
-        StateDict.copyWeights fp q
-        sameTensor "fc.weight" (st fp "fc.weight") (st q "fc.weight")
-        Expect.equal ((st q "fc.wq.range").sum().item<float32> ()) 6.0f "quantizer state untouched"
-        let fpState = dict [ for (k, t) in StateDict.fullState fp -> "module." + k, t ]
-        StateDict.load "toy" fpState q
-        let withQ = dict (StateDict.fullState q)
-        let msg = hastError "quantizer key offered" (fun () -> StateDict.load "toy" withQ (new ToyNet(true)))
-        expectContains msg "1 unexpected (fc.wq.range)"
-    }
-
-    test "restore is strict about quantizer state" {
-        let q = new ToyNet(true)
-        let fp = new ToyNet(false)
-        let msg = hastError "fp state into q" (fun () -> StateDict.restore (dict (StateDict.fullState fp)) q)
-        expectContains msg "1 missing (fc.wq.range)"
-    }
-
-    test "missing num_batches_tracked is fine; other missing tensors are not" {
-        let src = CifarResNet.resnet20a 10L LayerKit.fullPrecision
-        let dst = CifarResNet.resnet20a 10L LayerKit.fullPrecision
-        let noCounters = dict [ for (k, t) in StateDict.weights src do if not (k.EndsWith "num_batches_tracked") then yield k, t ]
-        StateDict.load "cifar-resnet20-a" noCounters dst
-        sameTensor "conv1.weight" (st src "conv1.weight") (st dst "conv1.weight")
-        let noLinear = dict [ for (k, t) in StateDict.weights src do if k <> "linear.bias" then yield k, t ]
-        let msg = hastError "missing bias" (fun () -> StateDict.load "cifar-resnet20-a" noLinear dst)
-        expectContains msg "1 missing (linear.bias)"
-    }
-]
-
 let private entryBytes (zipPath: string) (entry: string) =
     use z = ZipFile.OpenRead zipPath
     use s = z.GetEntry(entry).Open()
@@ -393,9 +276,54 @@ let atomicTests = [
     }
 ]
 
+/// Tensors created on this thread and not yet disposed (TorchSharp's own count; unlike
+/// `Tensor.TotalCount` it is not raised by the handle TorchSharp moves into each new Parameter).
+/// `f` raises a HastError (returned) and leaves no tensor of its own alive.
+let private failsWithoutLeak (what: string) (f: unit -> 'a) : string =
+    let before = liveTensors ()
+    let msg = hastError what f
+    Expect.equal (liveTensors () - before) 0L (sprintf "%s: live tensors left behind by the failed load" what)
+    msg
+
+let modelFileTests = [
+    test "a failing weights load leaves no live tensors" {
+        let load arch classes () = Hast.App.ModelFiles.LoadWeights(arch, TestUtil.zipWeights, classes, torch.CPU)
+        // weights of another architecture: the file is read, the model built, then the weights do not fit
+        expectContains (failsWithoutLeak "resnet20 weights as cifar-resnet32-a" (load "cifar-resnet32-a" (Nullable()))) "do not fit"
+        // a class count the architecture is not built for: refused after the file is read
+        expectContains (failsWithoutLeak "7 classes" (load "cifar-resnet20-a" (Nullable 7L))) "not 7"
+        // a class count that builds but does not fit the classifier
+        expectContains (failsWithoutLeak "100 classes" (load "cifar-resnet20" (Nullable 100L))) "do not fit"
+    }
+
+    test "a failing checkpoint load leaves no live tensors" {
+        use dir = new TestUtil.TempDir()
+        let path = dir.File "wrong-arch.ckpt"
+        // a checkpoint whose meta names another architecture than the state it holds
+        do
+            use net = CifarResNet.resnet20a 10L LayerKit.fullPrecision
+            let meta = JsonObject()
+            meta["arch"] <- JsonValue.Create "cifar-resnet32-a"
+            meta["classes"] <- JsonValue.Create 10
+            meta["wbits"] <- JsonValue.Create 32
+            meta["abits"] <- JsonValue.Create 32
+            Checkpoint.Save(path, meta, net)
+        let msg = failsWithoutLeak "resnet20 state as cifar-resnet32-a" (fun () -> Hast.App.ModelFiles.LoadCheckpoint(path, torch.CPU))
+        expectContains msg "does not fit"
+    }
+
+    test "a successful load and its disposal leave no live tensors" {
+        let before = liveTensors ()
+        do
+            let m = Hast.App.ModelFiles.LoadWeights("cifar-resnet20-a", TestUtil.zipWeights, Nullable(), torch.CPU)
+            m.Net.Dispose()
+        Expect.equal (liveTensors () - before) 0L "the file's tensors are freed once mapped onto the model"
+    }
+]
+
 let tests : Test list =
     [ testList "read" readTests
       testList "damage" damageTests
-      testList "state" stateTests
       testList "checkpoint" checkpointTests
+      testList "model files" modelFileTests
       testList "atomic" atomicTests ]

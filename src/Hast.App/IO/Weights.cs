@@ -44,20 +44,29 @@ public static class WeightsFile
         return Read(stream, path);
     }
 
-    /// Read the weights file at `path` and map it onto `model` (`StateDict.load`); `arch` names the
-    /// model in misfit messages. The file's tensors are freed afterwards.
-    public static void LoadInto(string path, string arch, TorchSharp.torch.nn.Module model)
+    /// Read the weights file at `path`, give its tensors to `use`, and free them afterwards, whether
+    /// `use` returns or throws. The one way the shell loads weights files (`LoadInto`, `ModelFiles.LoadWeights`).
+    public static T WithWeights<T>(string path, Func<Dictionary<string, Tensor>, T> use)
     {
         var weights = Read(path);
         try
         {
-            StateDict.load(arch, weights, model);
+            return use(weights);
         }
         finally
         {
             foreach (var t in weights.Values) t.Dispose();
         }
     }
+
+    /// Read the weights file at `path` and map it onto `model` (`StateDict.load`); `arch` names the
+    /// model in misfit messages. The file's tensors are freed afterwards.
+    public static void LoadInto(string path, string arch, TorchSharp.torch.nn.Module model) =>
+        WithWeights(path, weights =>
+        {
+            StateDict.load(arch, weights, model);
+            return true;
+        });
 
     /// The state_dict stored in `stream` (seekable, positioned at the start). `label` names it in errors.
     public static Dictionary<string, Tensor> Read(Stream stream, string label) => StateDictOf(ReadObject(stream, label), label);

@@ -1,4 +1,4 @@
-module Hast.Tests.LossTests
+module Hast.Tests.LossesTests
 
 open Expecto
 open TorchSharp
@@ -22,7 +22,39 @@ let private matchedTaps () =
         { Layer = bn; Input = x }
     [ make 3L 1.0; make 5L -2.0 ]
 
-let tests : Test list =
+/// KL, attention and feature alignment (the fine-tuning losses).
+let private fineTuneLossTests = [
+    test "KL is 0 for equal logits and > 0 otherwise" {
+        use _ = torch.NewDisposeScope()
+        let t = torch.randn(8L, 10L)
+        Expect.isLessThan (abs (scalar (Losses.kl 20.0 t t))) 1e-7 "equal logits"
+        Expect.isGreaterThan (scalar (Losses.kl 20.0 (t + torch.randn(8L, 10L)) t)) 0.0 "different logits"
+        Expect.isGreaterThan (scalar (Losses.kl 1.0 (t * 2.0f) t)) 0.0 "scaled logits"
+    }
+    test "attention is unit-norm per sample and invariant to scaling f" {
+        use _ = torch.NewDisposeScope()
+        let f = torch.randn(4L, 16L, 8L, 8L)
+        let a = Losses.attention f
+        Expect.equal a.shape [| 4L; 16L |] "shape (B, C)"
+        let norms = a.norm(1).data<float32>().ToArray()
+        for n in norms do Expect.floatClose Accuracy.medium (float n) 1.0 "unit norm"
+        let a3 = Losses.attention (f * 3.7f)
+        Expect.isLessThan (scalar ((a - a3).abs().max())) 1e-6 "scale invariant"
+        let aNeg = Losses.attention (-f)
+        Expect.isLessThan (scalar ((a - aNeg).abs().max())) 1e-6 "sign invariant (squares)"
+    }
+    test "relaxed alignment is 0 for proportional features and > 0 otherwise; direct is not scale invariant" {
+        use _ = torch.NewDisposeScope()
+        let fs = [ torch.randn(2L, 4L, 5L, 5L); torch.randn(2L, 8L, 3L, 3L) ]
+        let scaled = fs |> List.map (fun f -> f * 2.0f)
+        Expect.isLessThan (scalar (Losses.relaxedAlignment scaled fs)) 1e-10 "proportional"
+        Expect.isGreaterThan (scalar (Losses.directAlignment scaled fs)) 0.1 "direct sees scale"
+        let other = fs |> List.map (fun f -> torch.randn_like f)
+        Expect.isGreaterThan (scalar (Losses.relaxedAlignment other fs)) 0.0 "different"
+    }
+]
+
+let private hardnessTests : Test list =
     [ test "gamma = 0 equals plain cross entropy" {
           torch.manual_seed 1L |> ignore
           let logits = torch.randn(16L, 10L) * 4.0
@@ -108,3 +140,5 @@ let tests : Test list =
           let w = Losses.hardnessWeight gamma (torch.tensor([| lo; hi |], dtype = torch.float64))
           let wl, wh = w[0].item<float> (), w[1].item<float> ()
           wl >= wh && wh >= 0.0 && wl <= 1.0 ]
+
+let tests : Test list = hardnessTests @ fineTuneLossTests

@@ -1,0 +1,64 @@
+/// Tests of `Presets`: named starting points of a run, as values applied to `Pipeline.defaults`.
+module Hast.Tests.PresetsTests
+
+open Expecto
+open Hast.Core
+open Hast.Core.Models
+open Hast.Core.Pipeline
+
+let private cifar10 = Pipeline.defaults Registry.Family.Cifar 10L (Pipeline.synthesized Registry.Family.Cifar)
+let private cifar100 = Pipeline.defaults Registry.Family.Cifar 100L (Pipeline.synthesized Registry.Family.Cifar)
+let private imagenet = Pipeline.defaults Registry.Family.ImageNet 1000L (Pipeline.synthesized Registry.Family.ImageNet)
+
+let private synthesis (c: Config) =
+    match c.Samples with
+    | Synthesize s -> s
+    | other -> failtestf "expected synthesized samples, got %A" other
+
+let tests : Test list = [
+    test "names are unique and found in any case; unknown names are not" {
+        Expect.equal Presets.names [ "paper"; "cpu-30min"; "tiny" ] "the three presets"
+        for p in Presets.all do
+            Expect.equal (Presets.tryFind (p.Name.ToUpperInvariant()) |> Option.map (fun q -> q.Name)) (Some p.Name) p.Name
+            Expect.isNonEmpty p.Description (p.Name + " described")
+        Expect.isNone (Presets.tryFind "fast") "unknown"
+    }
+
+    test "paper: the authors' budget and schedule on top of the dataset's defaults" {
+        for d in [ cifar10; cifar100; imagenet ] do
+            let c = Presets.paper.Apply d
+            let s = synthesis c
+            Expect.equal (s.Samples, s.BatchSize, s.Iterations) (5120, 256, 1000) "synthesis budget"
+            Expect.equal (c.FineTune.Epochs, c.FineTune.ItersPerEpoch) (147, 200) "fine-tuning length"
+            Expect.equal c.Calibration (FromSamples sampleCalibrationDefaults) "sample calibration"
+            // the dataset's own settings stay: λ, lr, batch, milestones
+            Expect.equal (c.FineTune.Lambda, c.FineTune.Lr, c.FineTune.BatchSize) (d.FineTune.Lambda, d.FineTune.Lr, d.FineTune.BatchSize) "dataset settings kept"
+            Expect.equal (c.WBits, c.ABits, c.Eval, c.TimeBudget) (d.WBits, d.ABits, d.Eval, d.TimeBudget) "other settings kept"
+            Pipeline.validate c |> ignore
+    }
+
+    test "cpu-30min: a 30-minute budget, cosine, per-sample calibration, promotion through both networks" {
+        let c = Presets.cpu30min.Apply cifar10
+        Expect.equal c.TimeBudget (Some { Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None }) "30 minutes, all counts planned"
+        Expect.equal (synthesis c).Samples Budget.measured.RefSamples "the measured run's sample count"
+        Expect.equal (c.FineTune.BatchSize, c.FineTune.Lr, c.FineTune.Schedule) (64, 1e-5, FineTune.Cosine 0.0) "fine-tuning"
+        Expect.equal c.Calibration (FromSamples { Batches = 512; BatchSize = 1 }) "one image per calibration batch"
+        Expect.equal (c.FineTune.Promotion |> Option.map (fun p -> p.Grad)) (Some Promotion.Both) "promotion gradient"
+        Pipeline.validate c |> ignore
+    }
+
+    test "tiny: small enough for a smoke test, and valid" {
+        let c = Presets.tiny.Apply cifar10
+        let s = synthesis c
+        Expect.isLessThanOrEqual (s.Samples * s.Iterations) 320 "synthesis work"
+        Expect.isLessThanOrEqual (c.FineTune.Epochs * c.FineTune.ItersPerEpoch) 10 "fine-tuning iterations"
+        Pipeline.validate c |> ignore
+    }
+
+    test "a sample store or real images are left as they are: presets change only synthesis settings they own" {
+        for samples in [ Store("samples", Some 64); RealImages "images" ] do
+            let c = Pipeline.defaults Registry.Family.Cifar 10L samples
+            for p in Presets.all do
+                Expect.equal (p.Apply c).Samples samples (sprintf "%s: %A unchanged" p.Name samples)
+    }
+]
