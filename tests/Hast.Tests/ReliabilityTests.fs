@@ -673,4 +673,30 @@ let divergenceTest =
         Expect.isFalse (File.Exists(Path.Combine(out, "quantized.ckpt"))) "no final checkpoint"
         Expect.isFalse (File.Exists(Path.Combine(out, "report.json"))) "no report"
 
-let tests : Test list = validationTests @ [ crashTest; lockCases; diskFullFaultTest; tmpfsTest; divergenceTest; memoryTest ]
+/// OUT/config.json is the run's whole configuration: a killed run resumed with one setting changed is
+/// refused, naming that setting and both values; `--config OUT/config.json` repeats the run exactly.
+let configFileTest =
+    testCase "config.json: a changed setting refuses --resume, naming it and both values; --config OUT/config.json repeats the run bit for bit" <| fun () ->
+        use d = new TempDir()
+        let test = smallTest d 16
+        let out = d.File "run"
+        let code, output = runChild (tinyRunArgs test out) [ "HAST_FAULT", "ft-iter:4" ]
+        Expect.equal code 137 (sprintf "killed in fine-tuning (%s)" output)
+        Expect.isTrue (File.Exists(Path.Combine(out, "config.json"))) "config.json written at the start"
+        // resumed with another learning rate: one line, both values, nothing changed
+        let before = File.ReadAllBytes(Path.Combine(out, "train.ckpt"))
+        let code, _, err = runCli (tinyRunArgs test out @ [ "--resume"; "--lr"; "2e-5" ])
+        Expect.equal code 1 "refused"
+        Expect.stringContains err "--lr 1E-05, this command gives 2E-05" (sprintf "names the setting and both values: %s" err)
+        Expect.equal (File.ReadAllBytes(Path.Combine(out, "train.ckpt"))) before "train.ckpt untouched"
+        // resumed with the same settings: finishes
+        let code, _, err = runCli (tinyRunArgs test out @ [ "--resume" ])
+        Expect.equal code 0 (sprintf "resumed (%s)" err)
+        // the same run again from its config.json alone
+        let again = d.File "again"
+        let code, _, err = runCli [ "run"; "--config"; Path.Combine(out, "config.json"); "--out"; again ]
+        Expect.equal code 0 (sprintf "ran from config.json (%s)" err)
+        Expect.equal (File.ReadAllText(Path.Combine(again, "config.json"))) (File.ReadAllText(Path.Combine(out, "config.json"))) "the same configuration"
+        compareRuns out again |> ignore
+
+let tests : Test list = validationTests @ [ crashTest; configFileTest; lockCases; diskFullFaultTest; tmpfsTest; divergenceTest; memoryTest ]
