@@ -346,11 +346,27 @@ let validationTests = [ plainTextCases; faultSpecCases; weightsCases; checkpoint
 // ---------------------------------------------------------------------------------------------
 // 2. Crash safety: `hast run` killed (SIGKILL) at exact events, resumed, equals an uninterrupted run
 
+/// True when this process ignores SIGINT, as every job a non-interactive shell starts with `&` does
+/// (`SigIgn` in /proc/self/status); its children inherit that and would not see a Ctrl-C.
+let private sigintIgnored =
+    lazy
+        (OperatingSystem.IsLinux()
+         && File.ReadAllLines "/proc/self/status"
+            |> Array.tryFind (fun l -> l.StartsWith "SigIgn:")
+            |> Option.map (fun l -> (Convert.ToUInt64(l.Substring(7).Trim(), 16) &&& 2UL) <> 0UL)
+            |> Option.defaultValue false)
+
 /// `dotnet hast.dll args` as a child process with extra environment variables; its output is collected.
+/// The child gets SIGINT's default disposition, as under an interactive shell, even when the tests run
+/// as a background job (there the shell makes SIGINT ignored, and a Ctrl-C test could not pass).
 type HastProcess(args: string list, env: (string * string) list) =
     let output = Text.StringBuilder()
-    let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+    let viaEnv = sigintIgnored.Force()
+    let psi = ProcessStartInfo((if viaEnv then "env" else "dotnet"), RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
     do
+        if viaEnv then
+            psi.ArgumentList.Add "--default-signal=INT"
+            psi.ArgumentList.Add "dotnet"
         psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "hast.dll"))
         for a in args do psi.ArgumentList.Add a
         psi.Environment.Remove "HAST_FAULT" |> ignore
