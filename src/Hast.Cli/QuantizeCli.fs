@@ -225,6 +225,8 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
     let arch = Registry.find (require "arch" (String.concat ", " Registry.names))
     let classes = r.TryInt "classes" |> Option.map (checkPositiveInt "--classes")
     let bf = b.FineTune
+    // the dataset whose defaults fill settings the base leaves unset (as `baseConfig` chose it)
+    let datasetDefaults = Pipeline.datasetDefaults (Pipeline.datasetOf arch.Family (classes |> Option.map int64 |> Option.defaultValue 0L))
     // ---- fine-tuning
     let epochsGiven = r.TryInt "epochs"
     let itersPerEpoch = r.Int("iters-per-epoch", bf.ItersPerEpoch)
@@ -235,7 +237,9 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
     let baseMilestones, baseDecay =
         match bf.Schedule with
         | FineTune.MultiStep(ms, d) -> ms, d
-        | FineTune.Cosine _ -> (Pipeline.fineTuneDefaults (Pipeline.datasetOf arch.Family 0L)).Schedule |> (function FineTune.MultiStep(ms, d) -> ms, d | _ -> [], 0.1)
+        | FineTune.Cosine _ ->
+            let decay = match FineTune.defaults.Schedule with FineTune.MultiStep(_, d) -> d | FineTune.Cosine _ -> 0.1
+            datasetDefaults.Milestones, decay
     let baseFloor =
         match bf.Schedule with
         | FineTune.Cosine f -> f
@@ -273,7 +277,7 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
         { Augment.CropSpec.Scale = r.TryString "crop-scale" |> Option.map (parsePair "crop-scale") |> Option.defaultValue bf.Crop.Scale
           Augment.CropSpec.Ratio = r.TryString "crop-ratio" |> Option.map (parsePair "crop-ratio") |> Option.defaultValue bf.Crop.Ratio
           Augment.CropSpec.FlipProbability = r.Float("flip-probability", bf.Crop.FlipProbability) }
-    let bp = bf.Promotion |> Option.defaultValue { Promotion.defaults with Epsilon = (Pipeline.datasetDefaults (Pipeline.datasetOf arch.Family 0L)).Epsilon }
+    let bp = bf.Promotion |> Option.defaultValue { Promotion.defaults with Epsilon = datasetDefaults.Epsilon }
     let promotionOn = r.Bool("promotion", bf.Promotion.IsSome)
     let promotion =
         { Promotion.Epsilon = r.Float("epsilon", bp.Epsilon)

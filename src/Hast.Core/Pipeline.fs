@@ -125,7 +125,7 @@ let fineTuneDefaults (d: Dataset) : FineTune.Config =
         Promotion = f.Promotion |> Option.map (fun p -> { p with Epsilon = dd.Epsilon }) }
 
 /// The default configuration of a run on a model of `family` with `classes` classes, its samples
-/// synthesized (`synthesize = true`, `hast run`) or read from the store `storeDir`.
+/// synthesized (`synthesized family`, `hast run`), read from a store, or real images.
 let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Config =
     { WBits = Quantizers.defaultBits
       ABits = Quantizers.defaultBits

@@ -353,7 +353,6 @@ let configTests : Test list =
         Expect.equal plain cifar "no preset: the model's defaults"
         for p in Presets.all do
             let expected = p.Apply cifar
-            let expected = if p.Name = "cpu-30min" then expected else expected
             Expect.equal (runOf [| "--preset"; p.Name |]) expected (sprintf "preset %s = its value applied to the defaults" p.Name)
         let help =
             try

@@ -98,7 +98,11 @@ public static class SynthesizeCommand
                 })),
             FuncConvert.FromFunc<Unit, Tuple<Tensor, Tensor>>(_ => ReadSamples(Store, take)));
 
-        static double MeanDifficulty(Synthesis.BatchResult r) => (double)r.Difficulty.mean().item<float>();
+        static double MeanDifficulty(Synthesis.BatchResult r)
+        {
+            using var mean = r.Difficulty.mean();
+            return mean.item<float>();
+        }
 
         /// Progress, metrics, fault points and stop checks of the synthesis stage.
         public void OnEvent(Pipeline.Event e)
