@@ -73,8 +73,9 @@ type AblateArgs =
                     (paperPairs |> List.map (fun (x, y) -> sprintf "%g:%g" x y) |> String.concat ",")
             | Alignments _ -> "alignment: feature alignments direct | relaxed | none (default: direct,relaxed)"
             | Sample_Counts _ ->
-                sprintf "samples: sample counts, subsets of one store of the largest (default: %s; tiny budget %s)"
-                    (paperSampleCounts |> List.map string |> String.concat ",") (tinySampleCounts |> List.map string |> String.concat ",")
+                let counts = List.map string >> String.concat ","
+                sprintf "samples: sample counts, subsets of one store of the largest (default: paper budget %s; study %s; tiny %s)"
+                    (counts paperSampleCounts) (counts studySampleCounts) (counts tinySampleCounts)
             | Gammas _ -> sprintf "sensitivity: synthesis difficulty exponents γ (default: %s x the dataset's γ, CIFAR %s)" (floats gammaFactors) (floats cifar.Gammas)
             | Epsilons _ -> sprintf "sensitivity: promotion steps ε (default: %s x the dataset's ε, CIFAR-10 %s)" (floats scaleFactors) (floats cifar.Epsilons)
             | Lambdas _ -> sprintf "sensitivity: feature-alignment weights λ (default: %s x the dataset's λ, CIFAR-10 %s)" (floats scaleFactors) (floats cifar.Lambdas)

@@ -28,8 +28,10 @@ let tests : Test list =
         Expect.equal g.Directions [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] "Table 1"
         Expect.equal g.Pairs [ 1.0, 0.0; 3.0, 1.0; 2.0, 1.0; 1.0, 1.0; 0.0, 1.0; 1.0, 4.0; 1.0, 3.0; 1.0, 2.0 ] "Table 2"
         Expect.equal g.Alignments [ FineTune.Direct; FineTune.Relaxed ] "Table 3"
-        Expect.equal g.SampleCounts [ 256; 1280; 2560; 5120 ] "Table 4"
-        Expect.equal (defaultGrids PaperBudget cifar 10L) g "the paper budget has the same grids"
+        let paper = defaultGrids PaperBudget cifar 10L
+        Expect.equal paper.SampleCounts [ 256; 1280; 2560; 5120 ] "Table 4 at the paper budget"
+        Expect.equal g.SampleCounts [ 64; 128; 256; 512 ] "Table 4's shape within the study's 512-sample store"
+        Expect.equal { paper with SampleCounts = g.SampleCounts } g "the paper budget has the same grids otherwise"
 
       testCase "Figure 1's ranges lie around the dataset's defaults (γ from synthesis, ε and λ per dataset)" <| fun () ->
         for family, classes, gamma, eps, lambda in [ cifar, 10L, 2.0, 0.01, 1000.0; cifar, 100L, 2.0, 0.02, 2000.0; Registry.Family.ImageNet, 1000L, 0.5, 0.01, 4000.0 ] do
@@ -54,13 +56,13 @@ let tests : Test list =
         Expect.equal (paperTop1 (Gamma 2.0) 3 3) None "Figure 1 has no per-point numbers"
         Expect.equal (paperTop1 (Direction Promotion.KL) 2 2) None "no W2A2 in the paper"
 
-      testCase "budgets: tiny is the tiny preset, study is a fixed-count third of the cpu-30min run, paper the authors'; one evaluation at the end" <| fun () ->
+      testCase "budgets: tiny is the tiny preset, study is the cpu-30min settings at small fixed counts, paper the authors'; one evaluation at the end" <| fun () ->
         let tiny = baseConfig TinyBudget cifar 10L 3 3
         let study = baseConfig StudyBudget cifar 10L 3 3
         let paper = baseConfig PaperBudget cifar 10L 4 4
         let synth (c: Pipeline.Config) = match c.Samples with Pipeline.Synthesize s -> s | _ -> failwith "synthesized"
         Expect.equal ((synth tiny).Samples, tiny.FineTune.Epochs, tiny.FineTune.ItersPerEpoch) (32, 2, 5) "tiny preset's counts"
-        Expect.equal ((synth study).Samples, (synth study).Iterations, FineTune.totalIterations study.FineTune) (1024, 200, 800) "study counts"
+        Expect.equal ((synth study).Samples, (synth study).Iterations, FineTune.totalIterations study.FineTune) (512, 200, 200) "study counts"
         Expect.isNone study.TimeBudget "study: fixed counts, no time budget"
         Expect.equal ((synth paper).Samples, (synth paper).Iterations, paper.FineTune.Epochs) (5120, 1000, 147) "paper counts"
         for c in [ tiny; study; paper ] do
