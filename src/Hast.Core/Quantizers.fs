@@ -39,12 +39,15 @@ let private qmaxOf (bits: int) = float ((1L <<< bits) - 1L)
 
 /// Scale and zero point of the grid for range [lo, hi] (tensors, broadcastable; widened to contain 0).
 /// Both results are detached.
+/// (Every native Scalar made here and below is disposed: see "Native scalars" in Prelude.)
 let qparams (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor =
-    let qmax = qmaxOf bits
-    let lo = lo.detach().clamp_max(0.0)
-    let hi = hi.detach().clamp_min(0.0)
-    let scale = ((hi - lo) / qmax).clamp_min(minScale)
-    let zp = (lo.neg() / scale).round().clamp((0.0).ToScalar(), qmax.ToScalar())
+    use zero = (0.0).ToScalar()
+    use qmax = (qmaxOf bits).ToScalar()
+    use smallest = minScale.ToScalar()
+    let lo = lo.detach().clamp_max(zero)
+    let hi = hi.detach().clamp_min(zero)
+    let scale = (hi - lo).div(qmax).clamp_min(smallest)
+    let zp = (lo.neg() / scale).round().clamp(zero, qmax)
     scale, zp
 
 /// Asymmetric uniform fake quantization of `x` on the range [lo, hi] (see module doc).
@@ -63,7 +66,10 @@ let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
         let scale, zp = qparams lo hi bits
         let out = x.clone ()
         use _ng = torch.no_grad ()
-        out.div_(scale).round_().add_(zp).clamp_((0.0).ToScalar(), (qmaxOf bits).ToScalar()).sub_(zp).mul_(scale)
+        use one = (1).ToScalar()
+        use zero = (0.0).ToScalar()
+        use qmax = (qmaxOf bits).ToScalar()
+        out.div_(scale).round_().add_(zp, one).clamp_(zero, qmax).sub_(zp).mul_(scale)
         |> ignore
         out.MoveToOuterDisposeScope()
 
@@ -75,7 +81,10 @@ let quantCodes (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tens
     checkBits "bits" bits
     if bits = fullPrecisionBits then fail "a full-precision quantizer (32 bits) has no integer codes"
     let scale, zp = qparams lo hi bits
-    x.detach().div(scale).round_().add_(zp).clamp_((0.0).ToScalar(), (qmaxOf bits).ToScalar()), scale, zp
+    use one = (1).ToScalar()
+    use zero = (0.0).ToScalar()
+    use qmax = (qmaxOf bits).ToScalar()
+    x.detach().div(scale).round_().add_(zp, one).clamp_(zero, qmax), scale, zp
 
 /// Per-output-channel range of a weight: the min and max of each slice `w[c]` over all other dims
 /// (detached), shaped (C, 1, ..., 1) to broadcast against `w`; 0-d (whole tensor) below 2 dims.
@@ -84,8 +93,8 @@ let weightRange (w: Tensor) : Tensor * Tensor =
     if d.dim () < 2L then d.min (), d.max ()
     else
         // one pass for both ends: (C, rest) -> aminmax over dim 1, then back to (C, 1, ..., 1)
-        let struct (lo, hi) = d.reshape(d.shape[0], -1L).aminmax(1L, keepdim = true)
-        let keep = Array.append [| d.shape[0] |] (Array.create (int (d.dim ()) - 1) 1L)
+        let struct (lo, hi) = d.reshape(d.size 0, -1L).aminmax(1L, keepdim = true)
+        let keep = Array.append [| d.size 0 |] (Array.create (int (d.dim ()) - 1) 1L)
         lo.view keep, hi.view keep
 
 /// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
@@ -181,7 +190,7 @@ type ActQuant(bits: int, momentum: float) as this =
         with get () = mode
         and set (v: ActMode) = mode <- v
     /// Number of calibration batches folded into the range (0 = uncalibrated).
-    member this.Steps : int64 = (this.get_buffer "ema_steps").item<int64> ()
+    member this.Steps : int64 = itemInt64 (this.get_buffer "ema_steps")
     /// Current (lo, hi) range.
     member this.Range : float * float = scalar (this.get_buffer "act_min"), scalar (this.get_buffer "act_max")
     /// The grid the current range gives, as `fakeQuant` uses it: (scale, zp), 0-d float32 tensors.
@@ -199,13 +208,16 @@ type ActQuant(bits: int, momentum: float) as this =
         let t = this.Steps + 1L
         // range_t = (1 - wNew) range_{t-1} + wNew batch_t, wNew = (1 - m) / (1 - m^t); wNew = 1 at t = 1
         let wNew = (1.0 - momentum) / (1.0 - Math.Pow(momentum, float t))
+        use keep = (1.0 - wNew).ToScalar()
+        use take = wNew.ToScalar()
         let update (name: string) (batch: Tensor) =
             let b = this.get_buffer name
-            b.mul_((1.0 - wNew).ToScalar()).add_(batch.to_type(b.dtype), alpha = wNew.ToScalar()) |> ignore
+            b.mul_(keep).add_(batch.to_type(b.dtype), alpha = take) |> ignore
         let xd = x.detach()
         update "act_min" (xd.min ())
         update "act_max" (xd.max ())
-        (this.get_buffer "ema_steps").add_((1L).ToScalar()) |> ignore
+        use one = (1L).ToScalar()
+        (this.get_buffer "ema_steps").add_(one, alpha = one) |> ignore // add_(one) would make its own alpha
     override this.forward(x: Tensor) : Tensor =
         if bits = fullPrecisionBits then x
         else
