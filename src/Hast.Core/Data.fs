@@ -146,13 +146,17 @@ let parseCifarRecords (kind: CifarKind) (fileName: string) (bytes: byte[]) : Cif
         Buffer.BlockCopy(bytes, o + lb, pixels, i * 3072, 3072)
     { Kind = kind; Pixels = pixels; Labels = labels }
 
-/// Raw images of a record range as float (count, 3, 32, 32) in [0, 1].
+/// Raw images of a record range as float (count, 3, 32, 32) in [0, 1]. The bytes are read in place
+/// (`frombuffer`, no managed copy per batch: copies of this size go to .NET's large-object heap,
+/// which only a full collection frees, so an evaluation's managed memory would grow with the data).
 let cifarImages (r: CifarRecords) (start: int64) (count: int64) : Tensor =
     checkRange r.Count start count
-    let slice = Array.sub r.Pixels (int start * 3072) (int count * 3072)
-    use u8 = torch.tensor (slice, ReadOnlySpan<int64>([| count; 3L; 32L; 32L |]))
-    use full = 255.0f.ToScalar()
-    u8.to_type(torch.float32).div_ full
+    if count = 0L then torch.zeros (0L, 3L, 32L, 32L)
+    else
+        use bytes = torch.frombuffer (r.Pixels, torch.uint8, count * 3072L, start * 3072L)
+        use u8 = bytes.view (count, 3L, 32L, 32L)
+        use full = 255.0f.ToScalar()
+        u8.to_type(torch.float32).div_ full
 
 /// A dataset over parsed CIFAR records, preprocessed for a model input.
 let cifarDataset (p: Preprocess) (r: CifarRecords) : Dataset =

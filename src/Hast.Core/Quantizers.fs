@@ -50,28 +50,39 @@ let qparams (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor =
     let zp = (lo.neg() / scale).round().clamp(zero, qmax)
     scale, zp
 
+/// Overwrite `out` with its grid value `(clamp(round(out / scale) + zp, 0, 2^b - 1) - zp) * scale`,
+/// outside autograd (the same operations, in the same order, as the out-of-place formula, so the
+/// values are identical). No intermediate tensor survives the call (they would otherwise be held by
+/// the caller's dispose scope). `bits` must not be 32.
+let private quantizeInPlace (out: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : unit =
+    use _ = torch.NewDisposeScope()
+    let scale, zp = qparams lo hi bits
+    use _ng = torch.no_grad ()
+    use one = (1).ToScalar()
+    use zero = (0.0).ToScalar()
+    use qmax = (qmaxOf bits).ToScalar()
+    out.div_(scale).round_().add_(zp, one).clamp_(zero, qmax).sub_(zp).mul_(scale) |> ignore
+
 /// Asymmetric uniform fake quantization of `x` on the range [lo, hi] (see module doc).
 /// `lo`/`hi` are tensors broadcastable to `x` (0-d for per-tensor). bits = 32: `x` itself.
 ///
 /// Implementation: one new tensor. `x.clone()` carries the identity gradient (CloneBackward), and
-/// its values are then overwritten in place, outside autograd, with the grid value
-/// `(clamp(round(x / scale) + zp, 0, 2^b - 1) - zp) * scale` (the same operations, in the same
-/// order, as the out-of-place formula, so the values are identical). No intermediate tensor of
-/// `x`'s size survives the call (they would otherwise be held by the caller's dispose scope).
+/// its values are then overwritten in place (`quantizeInPlace`).
 let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
     checkBits "bits" bits
     if bits = fullPrecisionBits then x
     else
-        use _ = torch.NewDisposeScope()
-        let scale, zp = qparams lo hi bits
         let out = x.clone ()
-        use _ng = torch.no_grad ()
-        use one = (1).ToScalar()
-        use zero = (0.0).ToScalar()
-        use qmax = (qmaxOf bits).ToScalar()
-        out.div_(scale).round_().add_(zp, one).clamp_(zero, qmax).sub_(zp).mul_(scale)
-        |> ignore
-        out.MoveToOuterDisposeScope()
+        quantizeInPlace out lo hi bits
+        out
+
+/// `fakeQuant` that overwrites `x` itself and returns it: the same values without a copy, for a
+/// tensor that nothing else reads afterwards and that no gradient flows through (a fresh
+/// activation during evaluation). bits = 32: `x` unchanged.
+let fakeQuantInPlace (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
+    checkBits "bits" bits
+    if bits <> fullPrecisionBits then quantizeInPlace x lo hi bits
+    x
 
 /// The integer codes of `x` on the grid of [lo, hi]: `q = clamp(round(x / scale) + zp, 0, 2^b - 1)`
 /// (float tensor of whole numbers), with the grid's `scale` and `zp` (from `qparams`). The same
@@ -218,15 +229,26 @@ type ActQuant(bits: int, momentum: float) as this =
         update "act_max" (xd.max ())
         use one = (1L).ToScalar()
         (this.get_buffer "ema_steps").add_(one, alpha = one) |> ignore // add_(one) would make its own alpha
+    /// Calibrating: fold `x` into the range; Frozen: check that there is a range.
+    member private this.Prepare(x: Tensor) : unit =
+        match mode with
+        | Calibrating -> this.Observe x
+        | Frozen ->
+            if this.Steps = 0L then
+                fail "activation quantizer used before calibration; calibrate the quantized model (or load a calibrated Hast checkpoint) first"
     override this.forward(x: Tensor) : Tensor =
         if bits = fullPrecisionBits then x
         else
-            match mode with
-            | Calibrating -> this.Observe x
-            | Frozen ->
-                if this.Steps = 0L then
-                    fail "activation quantizer used before calibration; calibrate the quantized model (or load a calibrated Hast checkpoint) first"
+            this.Prepare x
             fakeQuant x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+    /// `forward` of an input the caller gives up (nothing reads it afterwards, e.g. a fresh ReLU
+    /// output): with gradients off (evaluation, calibration) it is quantized in place rather than
+    /// into a copy, which saves one activation-sized buffer per quantizer; the same values.
+    member this.ForwardOwned(x: Tensor) : Tensor =
+        if bits = fullPrecisionBits || torch.is_grad_enabled () then this.forward x
+        else
+            this.Prepare x
+            fakeQuantInPlace x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
 
 /// An activation followed by its quantizer, as one module (children `act`, `quant`).
 type QAct(kind: Activation, bits: int) as this =
@@ -240,7 +262,7 @@ type QAct(kind: Activation, bits: int) as this =
         this.register_module("act", act)
         this.register_module("quant", quant)
     member _.Quantizer = quant
-    override _.forward(x: Tensor) : Tensor = quant.forward (act.forward x)
+    override _.forward(x: Tensor) : Tensor = quant.ForwardOwned (act.forward x)
 
 /// The module and all its descendants, in registration (network) order.
 let private allModules (m: Module) : Module list =

@@ -223,7 +223,33 @@ let private actTests =
           setCalibrating a false
           let z = toArray (a.forward (torch.randn (1000L) * 4.0))
           Expect.isLessThanOrEqual (Array.distinct z).Length 16 "4-bit activations: at most 16 levels"
-          Expect.isTrue (z |> Array.forall (fun v -> v >= 0.0f && v <= 6.0f)) "inside the frozen range" ]
+          Expect.isTrue (z |> Array.forall (fun v -> v >= 0.0f && v <= 6.0f)) "inside the frozen range"
+
+      testCase "QAct without gradients quantizes the fresh activation in place: same values, one buffer fewer" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          torch.manual_seed 4L |> ignore
+          let x = torch.randn (2L, 3L, 5L, 5L) * 3.0
+          let kit = LayerKit.quantized 8 4
+          let a, b = kit.Act Relu, kit.Act Relu
+          setCalibrating a true
+          setCalibrating b true
+          let calibratedWithGrad = a.forward x
+          let calibratedNoGrad = (use _ng = torch.no_grad () in b.forward x)
+          Expect.isTrue (sameValues calibratedNoGrad calibratedWithGrad) "calibrating: bit-identical output"
+          Expect.equal ((actQuantizers b).Head.Range) ((actQuantizers a).Head.Range) "calibrating: the same range"
+          setCalibrating a false
+          let lo, hi = (actQuantizers a).Head.Range
+          let expected = fakeQuant (torch.nn.functional.relu x) (torch.tensor (float32 lo)) (torch.tensor (float32 hi)) 4
+          let live0 = liveTensors ()
+          let noGrad = (use _ng = torch.no_grad () in a.forward x)
+          let liveNoGrad = liveTensors () - live0
+          let live1 = liveTensors ()
+          let withGrad = a.forward x
+          let liveWithGrad = liveTensors () - live1
+          Expect.isTrue (sameValues noGrad expected) "frozen, no gradients: the fake-quantized ReLU output, bit for bit"
+          Expect.isTrue (sameValues withGrad expected) "frozen, with gradients: the same"
+          Expect.equal liveNoGrad 1L "no gradients: only the ReLU output, quantized in place"
+          Expect.equal liveWithGrad 2L "with gradients: the ReLU output and its quantized copy" ]
 
 // ---------- quantized layers ----------
 
