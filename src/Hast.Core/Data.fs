@@ -34,7 +34,7 @@ let resizedSize (size: int) (h: int64, w: int64) : int64 * int64 =
 
 /// Bilinear resize of (N, C, H, W) to (h, w) with antialiasing (as torchvision does for tensors).
 let private resizeTo (h: int64) (w: int64) (x: Tensor) : Tensor =
-    if x.shape[2] = h && x.shape[3] = w then x.alias ()
+    if x.size 2 = h && x.size 3 = w then x.alias ()
     else
         torch.nn.functional.interpolate (
             x, size = [| h; w |], mode = torch.InterpolationMode.Bilinear,
@@ -44,13 +44,13 @@ let private resizeTo (h: int64) (w: int64) (x: Tensor) : Tensor =
 /// central window; offsets are `round((H - size) / 2)` with round-half-to-even.
 let private centerCrop (size: int) (x: Tensor) : Tensor =
     let c = int64 size
-    let h, w = x.shape[2], x.shape[3]
+    let h, w = x.size 2, x.size 3
     let padded =
         if h >= c && w >= c then x.alias ()
         else
             let ph, pw = max 0L (c - h), max 0L (c - w)
             torch.nn.functional.pad (x, [| pw / 2L; (pw + 1L) / 2L; ph / 2L; (ph + 1L) / 2L |])
-    let h, w = padded.shape[2], padded.shape[3]
+    let h, w = padded.size 2, padded.size 3
     let top = int64 (Math.Round(float (h - c) / 2.0))
     let left = int64 (Math.Round(float (w - c) / 2.0))
     padded.narrow(2L, top, c).narrow(3L, left, c)
@@ -63,7 +63,7 @@ let fitToInput (p: Preprocess) (x: Tensor) : Tensor =
     let x =
         match p.Resize with
         | Some r ->
-            let h, w = resizedSize r (x.shape[2], x.shape[3])
+            let h, w = resizedSize r (x.size 2, x.size 3)
             resizeTo h w x
         | None -> x.alias ()
     let x =
@@ -146,12 +146,17 @@ let parseCifarRecords (kind: CifarKind) (fileName: string) (bytes: byte[]) : Cif
         Buffer.BlockCopy(bytes, o + lb, pixels, i * 3072, 3072)
     { Kind = kind; Pixels = pixels; Labels = labels }
 
-/// Raw images of a record range as float (count, 3, 32, 32) in [0, 1].
+/// Raw images of a record range as float (count, 3, 32, 32) in [0, 1]. The bytes are read in place
+/// (`frombuffer`, no managed copy per batch: copies of this size go to .NET's large-object heap,
+/// which only a full collection frees, so an evaluation's managed memory would grow with the data).
 let cifarImages (r: CifarRecords) (start: int64) (count: int64) : Tensor =
     checkRange r.Count start count
-    let slice = Array.sub r.Pixels (int start * 3072) (int count * 3072)
-    use u8 = torch.tensor (slice, ReadOnlySpan<int64>([| count; 3L; 32L; 32L |]))
-    u8.to_type(torch.float32).div_ (255.0f.ToScalar())
+    if count = 0L then torch.zeros (0L, 3L, 32L, 32L)
+    else
+        use bytes = torch.frombuffer (r.Pixels, torch.uint8, count * 3072L, start * 3072L)
+        use u8 = bytes.view (count, 3L, 32L, 32L)
+        use full = 255.0f.ToScalar()
+        u8.to_type(torch.float32).div_ full
 
 /// A dataset over parsed CIFAR records, preprocessed for a model input.
 let cifarDataset (p: Preprocess) (r: CifarRecords) : Dataset =
@@ -188,7 +193,8 @@ let imageTensor (img: RgbImage) : Tensor =
     if img.Width <= 0 || img.Height <= 0 || img.Pixels.Length <> img.Width * img.Height * 3 then
         failf "decoded image has %d bytes for %dx%d RGB (expected %d)" img.Pixels.Length img.Width img.Height (max 0 (img.Width * img.Height * 3))
     use u8 = torch.tensor (img.Pixels, ReadOnlySpan<int64>([| 1L; int64 img.Height; int64 img.Width; 3L |]))
-    u8.permute(0L, 3L, 1L, 2L).to_type(torch.float32).div_ (255.0f.ToScalar())
+    use full = 255.0f.ToScalar()
+    u8.permute(0L, 3L, 1L, 2L).to_type(torch.float32).div_ full
 
 /// A dataset over labelled images of any size: each is brought to the model's input geometry
 /// (`fitToInput`) and normalised when its batch is loaded.

@@ -14,10 +14,10 @@ type Accuracy =
 
 /// Correct-at-1 and correct-at-k counts of one batch of logits.
 let private hits (k: int64) (logits: Tensor) (labels: Tensor) : int64 * int64 =
-    let k = min k (logits.shape[1])
+    let k = min k (logits.size 1)
     let struct (_, idx) = logits.topk(int k, dim = 1)
     let eq = idx.eq(labels.unsqueeze(1L))
-    eq.select(1L, 0L).sum().item<int64> (), eq.any(1L).sum().item<int64> ()
+    itemInt64 (eq.select(1L, 0L).sum()), itemInt64 (eq.any(1L).sum())
 
 /// Evaluate `model` (switched to eval mode) on `data` in batches, on `device`.
 /// `onBatch done total` reports progress.

@@ -39,33 +39,50 @@ let private qmaxOf (bits: int) = float ((1L <<< bits) - 1L)
 
 /// Scale and zero point of the grid for range [lo, hi] (tensors, broadcastable; widened to contain 0).
 /// Both results are detached.
+/// (Every native Scalar made here and below is disposed: see "Native scalars" in Prelude.)
 let qparams (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor =
-    let qmax = qmaxOf bits
-    let lo = lo.detach().clamp_max(0.0)
-    let hi = hi.detach().clamp_min(0.0)
-    let scale = ((hi - lo) / qmax).clamp_min(minScale)
-    let zp = (lo.neg() / scale).round().clamp((0.0).ToScalar(), qmax.ToScalar())
+    use zero = (0.0).ToScalar()
+    use qmax = (qmaxOf bits).ToScalar()
+    use smallest = minScale.ToScalar()
+    let lo = lo.detach().clamp_max(zero)
+    let hi = hi.detach().clamp_min(zero)
+    let scale = (hi - lo).div(qmax).clamp_min(smallest)
+    let zp = (lo.neg() / scale).round().clamp(zero, qmax)
     scale, zp
+
+/// Overwrite `out` with its grid value `(clamp(round(out / scale) + zp, 0, 2^b - 1) - zp) * scale`,
+/// outside autograd (the same operations, in the same order, as the out-of-place formula, so the
+/// values are identical). No intermediate tensor survives the call (they would otherwise be held by
+/// the caller's dispose scope). `bits` must not be 32.
+let private quantizeInPlace (out: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : unit =
+    use _ = torch.NewDisposeScope()
+    let scale, zp = qparams lo hi bits
+    use _ng = torch.no_grad ()
+    use one = (1).ToScalar()
+    use zero = (0.0).ToScalar()
+    use qmax = (qmaxOf bits).ToScalar()
+    out.div_(scale).round_().add_(zp, one).clamp_(zero, qmax).sub_(zp).mul_(scale) |> ignore
 
 /// Asymmetric uniform fake quantization of `x` on the range [lo, hi] (see module doc).
 /// `lo`/`hi` are tensors broadcastable to `x` (0-d for per-tensor). bits = 32: `x` itself.
 ///
 /// Implementation: one new tensor. `x.clone()` carries the identity gradient (CloneBackward), and
-/// its values are then overwritten in place, outside autograd, with the grid value
-/// `(clamp(round(x / scale) + zp, 0, 2^b - 1) - zp) * scale` (the same operations, in the same
-/// order, as the out-of-place formula, so the values are identical). No intermediate tensor of
-/// `x`'s size survives the call (they would otherwise be held by the caller's dispose scope).
+/// its values are then overwritten in place (`quantizeInPlace`).
 let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
     checkBits "bits" bits
     if bits = fullPrecisionBits then x
     else
-        use _ = torch.NewDisposeScope()
-        let scale, zp = qparams lo hi bits
         let out = x.clone ()
-        use _ng = torch.no_grad ()
-        out.div_(scale).round_().add_(zp).clamp_((0.0).ToScalar(), (qmaxOf bits).ToScalar()).sub_(zp).mul_(scale)
-        |> ignore
-        out.MoveToOuterDisposeScope()
+        quantizeInPlace out lo hi bits
+        out
+
+/// `fakeQuant` that overwrites `x` itself and returns it: the same values without a copy, for a
+/// tensor that nothing else reads afterwards and that no gradient flows through (a fresh
+/// activation during evaluation). bits = 32: `x` unchanged.
+let fakeQuantInPlace (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
+    checkBits "bits" bits
+    if bits <> fullPrecisionBits then quantizeInPlace x lo hi bits
+    x
 
 /// The integer codes of `x` on the grid of [lo, hi]: `q = clamp(round(x / scale) + zp, 0, 2^b - 1)`
 /// (float tensor of whole numbers), with the grid's `scale` and `zp` (from `qparams`). The same
@@ -75,7 +92,10 @@ let quantCodes (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tens
     checkBits "bits" bits
     if bits = fullPrecisionBits then fail "a full-precision quantizer (32 bits) has no integer codes"
     let scale, zp = qparams lo hi bits
-    x.detach().div(scale).round_().add_(zp).clamp_((0.0).ToScalar(), (qmaxOf bits).ToScalar()), scale, zp
+    use one = (1).ToScalar()
+    use zero = (0.0).ToScalar()
+    use qmax = (qmaxOf bits).ToScalar()
+    x.detach().div(scale).round_().add_(zp, one).clamp_(zero, qmax), scale, zp
 
 /// Per-output-channel range of a weight: the min and max of each slice `w[c]` over all other dims
 /// (detached), shaped (C, 1, ..., 1) to broadcast against `w`; 0-d (whole tensor) below 2 dims.
@@ -84,8 +104,8 @@ let weightRange (w: Tensor) : Tensor * Tensor =
     if d.dim () < 2L then d.min (), d.max ()
     else
         // one pass for both ends: (C, rest) -> aminmax over dim 1, then back to (C, 1, ..., 1)
-        let struct (lo, hi) = d.reshape(d.shape[0], -1L).aminmax(1L, keepdim = true)
-        let keep = Array.append [| d.shape[0] |] (Array.create (int (d.dim ()) - 1) 1L)
+        let struct (lo, hi) = d.reshape(d.size 0, -1L).aminmax(1L, keepdim = true)
+        let keep = Array.append [| d.size 0 |] (Array.create (int (d.dim ()) - 1) 1L)
         lo.view keep, hi.view keep
 
 /// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
@@ -181,7 +201,7 @@ type ActQuant(bits: int, momentum: float) as this =
         with get () = mode
         and set (v: ActMode) = mode <- v
     /// Number of calibration batches folded into the range (0 = uncalibrated).
-    member this.Steps : int64 = (this.get_buffer "ema_steps").item<int64> ()
+    member this.Steps : int64 = itemInt64 (this.get_buffer "ema_steps")
     /// Current (lo, hi) range.
     member this.Range : float * float = scalar (this.get_buffer "act_min"), scalar (this.get_buffer "act_max")
     /// The grid the current range gives, as `fakeQuant` uses it: (scale, zp), 0-d float32 tensors.
@@ -199,22 +219,36 @@ type ActQuant(bits: int, momentum: float) as this =
         let t = this.Steps + 1L
         // range_t = (1 - wNew) range_{t-1} + wNew batch_t, wNew = (1 - m) / (1 - m^t); wNew = 1 at t = 1
         let wNew = (1.0 - momentum) / (1.0 - Math.Pow(momentum, float t))
+        use keep = (1.0 - wNew).ToScalar()
+        use take = wNew.ToScalar()
         let update (name: string) (batch: Tensor) =
             let b = this.get_buffer name
-            b.mul_((1.0 - wNew).ToScalar()).add_(batch.to_type(b.dtype), alpha = wNew.ToScalar()) |> ignore
+            b.mul_(keep).add_(batch.to_type(b.dtype), alpha = take) |> ignore
         let xd = x.detach()
         update "act_min" (xd.min ())
         update "act_max" (xd.max ())
-        (this.get_buffer "ema_steps").add_((1L).ToScalar()) |> ignore
+        use one = (1L).ToScalar()
+        (this.get_buffer "ema_steps").add_(one, alpha = one) |> ignore // add_(one) would make its own alpha
+    /// Calibrating: fold `x` into the range; Frozen: check that there is a range.
+    member private this.Prepare(x: Tensor) : unit =
+        match mode with
+        | Calibrating -> this.Observe x
+        | Frozen ->
+            if this.Steps = 0L then
+                fail "activation quantizer used before calibration; calibrate the quantized model (or load a calibrated Hast checkpoint) first"
     override this.forward(x: Tensor) : Tensor =
         if bits = fullPrecisionBits then x
         else
-            match mode with
-            | Calibrating -> this.Observe x
-            | Frozen ->
-                if this.Steps = 0L then
-                    fail "activation quantizer used before calibration; calibrate the quantized model (or load a calibrated Hast checkpoint) first"
+            this.Prepare x
             fakeQuant x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+    /// `forward` of an input the caller gives up (nothing reads it afterwards, e.g. a fresh ReLU
+    /// output): with gradients off (evaluation, calibration) it is quantized in place rather than
+    /// into a copy, which saves one activation-sized buffer per quantizer; the same values.
+    member this.ForwardOwned(x: Tensor) : Tensor =
+        if bits = fullPrecisionBits || torch.is_grad_enabled () then this.forward x
+        else
+            this.Prepare x
+            fakeQuantInPlace x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
 
 /// An activation followed by its quantizer, as one module (children `act`, `quant`).
 type QAct(kind: Activation, bits: int) as this =
@@ -228,7 +262,7 @@ type QAct(kind: Activation, bits: int) as this =
         this.register_module("act", act)
         this.register_module("quant", quant)
     member _.Quantizer = quant
-    override _.forward(x: Tensor) : Tensor = quant.forward (act.forward x)
+    override _.forward(x: Tensor) : Tensor = quant.ForwardOwned (act.forward x)
 
 /// The module and all its descendants, in registration (network) order.
 let private allModules (m: Module) : Module list =

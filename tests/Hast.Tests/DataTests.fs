@@ -80,6 +80,22 @@ let tests : Test list = [
         // the layout: first plane is R, row-major
         Expect.equal (x[0L, 1L, 0L, 2L].item<float32>()) (float32 (pix.[1].[1024 + 2]) / 255.0f) "G plane, row 0, col 2"
     }
+    test "a CIFAR batch is read in place: no managed copy of its pixels (evaluation memory bounded by the batch)" {
+        use _ = torch.NewDisposeScope()
+        let n = 300
+        let bytes, pix = synthetic (Random 3) (Array.init n (fun i -> [| byte (i % 10) |]))
+        let d = parseCifar Cifar10 "big.bin" raw32 bytes
+        let x, _ = d.Load 0L 1L // first call outside the measurement (JIT)
+        let before = GC.GetAllocatedBytesForCurrentThread()
+        let x, y = d.Load 10L 200L
+        let allocated = GC.GetAllocatedBytesForCurrentThread() - before
+        // a copy (200 x 3072 bytes) would go to the large-object heap, freed only by a full collection
+        Expect.isLessThan allocated (200L * 3072L / 4L) "managed bytes allocated by a 200-image batch"
+        Expect.equal (asBytes x) (Array.concat pix[10..209]) "pixels"
+        Expect.equal (y.data<int64>().ToArray()) (Array.init 200 (fun i -> int64 ((i + 10) % 10))) "labels"
+        let empty, none = d.Load 300L 0L
+        Expect.equal (empty.shape, none.shape) ([| 0L; 3L; 32L; 32L |], [| 0L |]) "an empty batch at the end"
+    }
     test "CIFAR-100 binary uses the fine label" {
         use _ = torch.NewDisposeScope()
         let bytes, pix = synthetic (Random 2) [| [| 4uy; 77uy |]; [| 19uy; 99uy |] |]

@@ -86,6 +86,24 @@ let throwsHast (f: unit -> unit) =
 /// `Tensor.TotalCount` it is not raised by the handle TorchSharp moves into each new Parameter).
 let liveTensors () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
 
+/// Objects that `n` calls of `f` (each in its own dispose scope) leave to the .NET finalizer, such as
+/// a native TorchSharp `Scalar` never disposed (dispose scopes do not track them; see "Native
+/// scalars" in Prelude): the finalizable objects a full collection finds unreachable after the
+/// calls, less those it finds after no call. Tests run sequenced, so no other test adds to it.
+let leftForFinalizer (n: int) (f: unit -> unit) : int64 =
+    let pendingAfter (calls: int) =
+        GC.Collect()
+        GC.WaitForPendingFinalizers()
+        GC.Collect()
+        GC.WaitForPendingFinalizers()
+        for _ in 1 .. calls do
+            use _ = torch.NewDisposeScope()
+            f ()
+        GC.Collect()
+        GC.GetGCMemoryInfo(GCKind.Any).FinalizationPendingCount
+    let none = pendingAfter 0
+    pendingAfter n - none
+
 open Expecto
 open System.Collections.Generic
 

@@ -15,9 +15,11 @@ namespace Hast.App;
 /// optionally writes it as JSON. Each phase runs `--warmup` untimed iterations first.
 public static class BenchCommand
 {
-    /// One measured phase: per-iteration wall times and resident memory before/after.
+    /// One measured phase: per-iteration wall times and resident memory before/after; `RssPeakKb` is
+    /// the process's peak resident memory so far (VmHWM: the phase's own peak when it runs alone or first).
     public sealed record PhaseResult(string Name, string What, int Batch, double[] Ms, double[] CpuMs, long RssStartKb, long RssFirstKb, long RssEndKb)
     {
+        public long RssPeakKb { get; init; } = StatusKb("VmHWM:");
         public double Median => Percentile(0.5);
         public double Mean => Ms.Average();
         public double Min => Ms.Min();
@@ -90,6 +92,7 @@ public static class BenchCommand
                     ["rss_start_mb"] = Math.Round(p.RssStartKb / 1024.0, 1),
                     ["rss_after_first_timed_mb"] = Math.Round(p.RssFirstKb / 1024.0, 1),
                     ["rss_end_mb"] = Math.Round(p.RssEndKb / 1024.0, 1),
+                    ["rss_peak_mb"] = Math.Round(p.RssPeakKb / 1024.0, 1),
                     ["cpu_ms_median"] = Math.Round(p.CpuMedian, 3),
                     ["ms"] = new JsonArray(p.Ms.Select(v => (JsonNode)Math.Round(v, 3)).ToArray()),
                 });
@@ -179,7 +182,7 @@ public static class BenchCommand
             using (torch.NewDisposeScope())
             {
                 var logits = model.forward(x);
-                _ = logits.sum().item<float>(); // wait for the result (matters on CUDA)
+                _ = Prelude.scalar(logits.sum()); // wait for the result (matters on CUDA)
             }
             laps.Lap(i >= c.Warmup);
         }
@@ -189,21 +192,24 @@ public static class BenchCommand
     static void PrintTable(TextWriter w, List<PhaseResult> rs)
     {
         w.WriteLine();
-        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"mean",9} {"min",9} {"img/s",8} {"cpu ms",8} {"RSS start",10} {"RSS 1st",9} {"RSS end",9}");
+        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"mean",9} {"min",9} {"img/s",8} {"cpu ms",8} {"RSS start",10} {"RSS 1st",9} {"RSS end",9} {"RSS peak",9}");
         foreach (var p in rs)
             w.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.CpuMedian,8:F0} {p.RssStartKb / 1024.0,7:F0} MB {p.RssFirstKb / 1024.0,6:F0} MB {p.RssEndKb / 1024.0,6:F0} MB"));
-        w.WriteLine("ms/iter: median wall time per iteration after warm-up; cpu ms: median process CPU time (all threads) per iteration;\nRSS start / 1st / end: resident memory before the phase, after its first timed iteration, at its end.");
+                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.CpuMedian,8:F0} {p.RssStartKb / 1024.0,7:F0} MB {p.RssFirstKb / 1024.0,6:F0} MB {p.RssEndKb / 1024.0,6:F0} MB {p.RssPeakKb / 1024.0,6:F0} MB"));
+        w.WriteLine("ms/iter: median wall time per iteration after warm-up; cpu ms: median process CPU time (all threads) per iteration;\nRSS start / 1st / end: resident memory before the phase, after its first timed iteration, at its end;\nRSS peak: the process's peak resident memory up to the phase's end (a phase's own with --phases naming it alone).");
     }
 
     /// Resident set size of this process (VmRSS, kB), 0 where /proc is unavailable.
-    static long RssKb()
+    static long RssKb() => StatusKb("VmRSS:");
+
+    /// A kB field of /proc/self/status (`VmRSS:`, `VmHWM:` the peak), 0 where /proc is unavailable.
+    static long StatusKb(string field)
     {
         try
         {
             foreach (var line in File.ReadLines("/proc/self/status"))
-                if (line.StartsWith("VmRSS:"))
-                    return long.Parse(line["VmRSS:".Length..].Trim().Split(' ')[0], CultureInfo.InvariantCulture);
+                if (line.StartsWith(field))
+                    return long.Parse(line[field.Length..].Trim().Split(' ')[0], CultureInfo.InvariantCulture);
         }
         catch (IOException) { }
         catch (UnauthorizedAccessException) { }

@@ -40,10 +40,10 @@ type BasicBlockA(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this 
         let body = tape.Block(tape.Bn(bn2, conv2.forward h1))
         let shortcut =
             if downsample then
-                let sub = x.slice(2L, 0L, x.shape[2], stride).slice(3L, 0L, x.shape[3], stride)
+                let sub = x.slice(2L, 0L, x.size 2, stride).slice(3L, 0L, x.size 3, stride)
                 torch.nn.functional.pad(sub, [| 0L; 0L; 0L; 0L; pad; pad |])
             else x
-        act2.forward (body + shortcut)
+        act2.forward (plus body shortcut)
 
     override this.forward x = this.Run(x, Tape.Off)
 
@@ -92,7 +92,7 @@ type ResUnit(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let idn = match identity with Some m -> m.Run(x, tape) | None -> x
         let b = tape.Block(conv2.Run(conv1.Run(x, tape), tape))
-        activ.forward (b + idn)
+        activ.forward (plus b idn)
     override this.forward x = this.Run(x, Tape.Off)
 
 /// pytorchcv CIFARResNet with basic units. `n` units per stage: depth = 6n + 2.

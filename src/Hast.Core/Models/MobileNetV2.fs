@@ -36,7 +36,7 @@ type InvertedResidual(cin: int64, cout: int64, stride: int64, expand: int64, kit
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let h = match expandLayer with Some e -> e.Run(x, tape) | None -> x
         let body = tape.Bn(projectBn, project.forward (depthwise.Run(h, tape)))
-        if residual then x + tape.Block body else body
+        if residual then plus x (tape.Block body) else body
     override this.forward x = this.Run(x, Tape.Off)
 
 /// The inverted-residual settings of MobileNetV2 (t = expansion, c = channels, n = repeats, s = first stride).

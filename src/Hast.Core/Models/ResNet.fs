@@ -44,7 +44,7 @@ type BasicBlock(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
             match downsample with
             | Some(c, b) -> tape.Bn(b, c.forward x)
             | None -> x
-        act2.forward (body + shortcut)
+        act2.forward (plus body shortcut)
 
     override this.forward x = this.Run(x, Tape.Off)
 
