@@ -296,7 +296,7 @@ let paperNote (study: Study) : string =
     | AlignmentStudy -> "paper: CIFAR-10 ResNet-20, W4A4 and W3A3, full precision 94.03%"
     | WeightsStudy -> "paper: CIFAR-10 ResNet-20, W3A3 only, full precision 94.03%"
     | SamplesStudy ->
-        "paper: ImageNet ResNet-18 W3A3 (another model and dataset: compare the trend, not the values); measured here on the given model"
+        "paper: ImageNet ResNet-18 W3A3, 256/1280/2560/5120 of a 5120-sample store (another model and dataset: compare the trend, not the values; its number stands beside the count at the same fraction of the store); measured here on the given model"
     | SensitivityStudy ->
         "paper: ImageNet ResNet-18 W3A3, 50.12–51.15% over its ranges of γ, ε, λ (real-data fine-tuning 51.95%); measured here on the given model"
 
@@ -330,6 +330,19 @@ type Row =
       CalibMean: float
       Paper: float option }
 
+/// The paper's number for a row of a grid: as `paperTop1`, except that a sample count is matched by
+/// its fraction of the grid's largest count (the store), so that 128 of a 512-sample store shows the
+/// paper's 1280 of 5120, and a count at a fraction the paper did not run shows none.
+let paperTop1In (grid: Setting list) (s: Setting) (wbits: int) (abits: int) : float option =
+    match s with
+    | SampleCount n ->
+        let largest = grid |> List.fold (fun m g -> match g with SampleCount k -> max m k | _ -> m) 0
+        let paperLargest = List.max paperSampleCounts
+        paperSampleCounts
+        |> List.tryFind (fun k -> int64 k * int64 largest = int64 n * int64 paperLargest)
+        |> Option.bind (fun k -> paperTop1 (SampleCount k) wbits abits)
+    | _ -> paperTop1 s wbits abits
+
 /// The table of a study: one row per grid value (in grid order, duplicates once), over the results
 /// available (a value not run yet has n = 0).
 let rows (grid: Setting list) (wbits: int) (abits: int) (results: (Point * PointResult) list) : Row list =
@@ -339,7 +352,7 @@ let rows (grid: Setting list) (wbits: int) (abits: int) (results: (Point * Point
         let mine = results |> List.filter (fun (p, _) -> p.Setting = s) |> List.map snd
         let m, sd, n = meanStd (mine |> List.map (fun r -> r.FinalTop1))
         let cm, _, _ = meanStd (mine |> List.map (fun r -> r.CalibTop1))
-        { Setting = s; Label = label s; Mean = m; Std = sd; N = n; CalibMean = cm; Paper = paperTop1 s wbits abits })
+        { Setting = s; Label = label s; Mean = m; Std = sd; N = n; CalibMean = cm; Paper = paperTop1In grid s wbits abits })
 
 let private cell (v: float) = if Double.IsNaN v then "—" else v.ToString("F2", Globalization.CultureInfo.InvariantCulture)
 

@@ -53,6 +53,9 @@ let tests : Test list =
         Expect.equal (paperTop1 (Alignment FineTune.Direct) 3 3) (Some 83.92) "T3 direct W3A3"
         Expect.equal (paperTop1 (Alignment FineTune.Relaxed) 4 4) (Some 92.36) "T3 relaxed W4A4"
         Expect.equal (paperSampleCounts |> List.map (fun n -> paperTop1 (SampleCount n) 3 3)) ([ 49.17; 49.95; 50.23; 51.15 ] |> List.map Some) "Table 4"
+        let inGrid counts n = paperTop1In (counts |> List.map SampleCount) (SampleCount n) 3 3
+        Expect.equal (paperSampleCounts |> List.map (inGrid paperSampleCounts)) ([ 49.17; 49.95; 50.23; 51.15 ] |> List.map Some) "Table 4 on the paper's grid"
+        Expect.equal (studySampleCounts |> List.map (inGrid studySampleCounts)) [ None; Some 49.95; Some 50.23; Some 51.15 ] "Table 4 by fraction of the store: 128 of 512 is the paper's 1280 of 5120; 1/8 it did not run"
         Expect.equal (paperTop1 (Gamma 2.0) 3 3) None "Figure 1 has no per-point numbers"
         Expect.equal (paperTop1 (Direction Promotion.KL) 2 2) None "no W2A2 in the paper"
 
