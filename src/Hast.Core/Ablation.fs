@@ -182,10 +182,10 @@ let settings (study: Study) (g: Grids) : Setting list =
 /// on this machine's 2 CPU cores (one point per core at a time): the cpu-30min settings (per-sample
 /// calibration, the authors' lr, cosine, promotion through both networks) at fixed counts, a 512-sample
 /// store synthesized for 200 iterations and 200 fine-tune iterations (2 epochs x 100, batch 64).
-/// Measured on one core (OMP_NUM_THREADS=1): a store ~7 min, a W3A3 point ~3 min (0.83 s per promoted
-/// fine-tune iteration); docs/supplement.md has the measured tables. A sixth of the paper's
-/// fine-tuning batches would be ~6,000 iterations: this is a study of the early regime, and its
-/// differences are compared with the ±1.2-point noise of one run on 932 images.
+/// Measured on an idle core (OMP_NUM_THREADS=1): a store 5½–6½ min, a W3A3 point ~2¾ min;
+/// docs/supplement.md has the measured tables. 200 iterations are ~1/150 of the paper's ~29,400:
+/// this is a study of the early regime, and its differences are compared with the ±1.2-point noise
+/// of one run on 932 images.
 let studyBudget (c: Config) : Config =
     let c = Presets.cpu30min.Apply c
     { c with
