@@ -12,6 +12,7 @@ public static class Program
 
     public static int Main(string[] args)
     {
+        NativeTuning.Apply();
         using var stop = StopSignal.Register();
         // output that is not a terminal (CI logs, pipes) gets no escape codes, whatever a library writes
         var stdout = Console.IsOutputRedirected ? new PlainText(Console.Out) : Console.Out;

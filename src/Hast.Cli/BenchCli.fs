@@ -60,6 +60,8 @@ type BenchConfig =
       Phases: Phase list
       /// networks the promotion direction follows in the `ft-promo` phase
       PromotionGrad: Hast.Core.Promotion.PromotionGrad
+      /// number format of the convolutions in the ft-promo, ft and synth phases (eval phases: fp32)
+      ConvPrecision: Hast.Core.ConvPrecision
       Device: string
       Seed: int64
       Report: string option }
@@ -67,7 +69,7 @@ type BenchConfig =
 let defaults =
     { Arch = ""; Weights = ""; WBits = 4; ABits = 4; Batch = 64; Iters = 30; SynthBatch = 256; SynthIters = 20
       EvalBatch = 256; EvalIters = 10; Warmup = 3; Threads = None; InteropThreads = None; Phases = Phase.all
-      PromotionGrad = Hast.Core.Promotion.defaults.Grad; Device = "cpu"; Seed = 0L; Report = None }
+      PromotionGrad = Hast.Core.Promotion.defaults.Grad; ConvPrecision = Hast.Core.FineTune.defaults.ConvPrecision; Device = "cpu"; Seed = 0L; Report = None }
 
 type BenchArgs =
     | [<Mandatory>] Arch of name: string
@@ -85,6 +87,7 @@ type BenchArgs =
     | Interop_Threads of n: int
     | Phases of list: string
     | Promotion_Grad of through: string
+    | Conv_Precision of format: string
     | Device of name: string
     | Seed of n: int64
     | Report of path: string
@@ -108,6 +111,9 @@ type BenchArgs =
             | Promotion_Grad _ ->
                 sprintf "ft-promo: promotion direction through both (teacher and student) | student (default: %s)"
                     (Hast.Core.Promotion.gradName defaults.PromotionGrad)
+            | Conv_Precision _ ->
+                sprintf "number format of the convolutions in the ft-promo, ft and synth phases: fp32 | bf16 (default: %s)"
+                    (Hast.Core.ConvPrecision.name defaults.ConvPrecision)
             | Device _ -> sprintf "cpu or cuda (default: %s)" defaults.Device
             | Seed _ -> "seed of the random inputs (default: 0)"
             | Report _ -> "write the measured table as JSON to this file"
@@ -136,6 +142,8 @@ let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =
       Phases = phases
       PromotionGrad =
           r.TryGetResult <@ Promotion_Grad @> |> Option.map Hast.Core.Promotion.parseGrad |> Option.defaultValue defaults.PromotionGrad
+      ConvPrecision =
+          r.TryGetResult <@ Conv_Precision @> |> Option.map (Hast.Core.ConvPrecision.parse "--conv-precision") |> Option.defaultValue defaults.ConvPrecision
       Device = getOr r <@ Device @> defaults.Device
       Seed = getOr r <@ Seed @> defaults.Seed
       Report = r.TryGetResult <@ Report @> }
@@ -149,6 +157,7 @@ let fineTuneConfig (c: BenchConfig) (promoted: bool) : Hast.Core.FineTune.Config
         Epochs = 1
         ItersPerEpoch = c.Warmup + c.Iters
         Promotion = (if promoted then d.Promotion |> Option.map (fun p -> { p with Grad = c.PromotionGrad }) else None)
+        ConvPrecision = c.ConvPrecision
         Seed = c.Seed }
     |> Hast.Core.FineTune.validate
 
@@ -160,6 +169,7 @@ let synthesisConfig (c: BenchConfig) (family: Hast.Core.Models.Registry.Family) 
             Samples = c.SynthBatch
             BatchSize = c.SynthBatch
             Iterations = c.Warmup + c.SynthIters
+            ConvPrecision = c.ConvPrecision
             Seed = c.Seed }
     Hast.Core.Synthesis.validate cfg
     cfg

@@ -48,6 +48,9 @@ type Config =
       Promotion: Promotion option
       /// random-resized-crop + flip applied per sample to every batch drawn from the store
       Crop: Augment.CropSpec
+      /// the number format the convolutions of both networks compute in during the steps
+      /// (evaluation is always float32)
+      ConvPrecision: ConvPrecision
       Seed: int64 }
 
 /// The authors' settings for a dataset family (CIFAR-10 λ = 1000, ε = 0.01).
@@ -67,6 +70,7 @@ let defaults : Config =
       CeWeight = 0.0
       Promotion = Some Promotion.defaults
       Crop = Augment.CropSpec.fineTune
+      ConvPrecision = Float32
       Seed = 0L }
 
 /// The CE + KL baseline: no feature alignment, no promotion.
@@ -299,6 +303,7 @@ let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt:
     use gen = generator (deriveSeed c.Seed [ 2L; int64 ep ])
     use order = epochIndices c images.shape[0] ep gen
     let mutable sum = { KL = 0.0; FA = 0.0; CE = 0.0; Total = 0.0; PerturbedTotal = 0.0; PromotionGain = 0.0; Lr = 0.0 }
+    ConvPrecision.within c.ConvPrecision [ teacher :> torch.nn.Module; student :> torch.nn.Module ] (fun () ->
     for i in 0 .. c.ItersPerEpoch - 1 do
         use _ = torch.NewDisposeScope()
         let idx = order.slice(0L, int64 i * int64 c.BatchSize, int64 (i + 1) * int64 c.BatchSize, 1L)
@@ -311,7 +316,7 @@ let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt:
             { KL = sum.KL + s.KL; FA = sum.FA + s.FA; CE = sum.CE + s.CE; Total = sum.Total + s.Total
               PerturbedTotal = sum.PerturbedTotal + s.PerturbedTotal; PromotionGain = sum.PromotionGain + s.PromotionGain
               Lr = s.Lr }
-        onIter { Epoch = ep; Iteration = i; ItersPerEpoch = c.ItersPerEpoch; Stats = s }
+        onIter { Epoch = ep; Iteration = i; ItersPerEpoch = c.ItersPerEpoch; Stats = s })
     let n = float c.ItersPerEpoch
     { Epoch = ep
       Mean =

@@ -50,38 +50,56 @@ let qparams (lo: Tensor) (hi: Tensor) (bits: int) : Tensor * Tensor =
     let zp = (lo.neg() / scale).round().clamp(zero, qmax)
     scale, zp
 
-/// Overwrite `out` with its grid value `(clamp(round(out / scale) + zp, 0, 2^b - 1) - zp) * scale`,
-/// outside autograd (the same operations, in the same order, as the out-of-place formula, so the
-/// values are identical). No intermediate tensor survives the call (they would otherwise be held by
-/// the caller's dispose scope). `bits` must not be 32.
-let private quantizeInPlace (out: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : unit =
-    use _ = torch.NewDisposeScope()
-    let scale, zp = qparams lo hi bits
-    use _ng = torch.no_grad ()
+/// Overwrite `t`, which holds `x / scale`, with the grid value
+/// `(clamp(round(x / scale) + zp, 0, 2^b - 1) - zp) * scale`, outside autograd: the same operations in
+/// the same order as the out-of-place formula, so the values are identical. `zeroPointIsZero` (the
+/// input is known to be >= 0, e.g. a ReLU output: then lo = 0 and zp = 0) skips the two additions
+/// of a zero, which change no value (at most the sign of a zero).
+let private finishGrid (t: Tensor) (scale: Tensor) (zp: Tensor) (bits: int) (zeroPointIsZero: bool) : unit =
     use one = (1).ToScalar()
     use zero = (0.0).ToScalar()
     use qmax = (qmaxOf bits).ToScalar()
-    out.div_(scale).round_().add_(zp, one).clamp_(zero, qmax).sub_(zp).mul_(scale) |> ignore
+    if zeroPointIsZero then t.round_().clamp_(zero, qmax).mul_(scale) |> ignore
+    else t.round_().add_(zp, one).clamp_(zero, qmax).sub_(zp).mul_(scale) |> ignore
+
+/// Overwrite `out` with its grid value (see `finishGrid`). No intermediate tensor survives the call
+/// (they would otherwise be held by the caller's dispose scope). `bits` must not be 32.
+let private quantizeInPlace (out: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) (zeroPointIsZero: bool) : unit =
+    use _ = torch.NewDisposeScope()
+    let scale, zp = qparams lo hi bits
+    use _ng = torch.no_grad ()
+    finishGrid (out.div_(scale)) scale zp bits zeroPointIsZero
+
+/// `fakeQuant` of an input known to be >= 0 (`zeroPointIsZero`, see `finishGrid`) or not.
+let fakeQuantOf (zeroPointIsZero: bool) (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
+    checkBits "bits" bits
+    if bits = fullPrecisionBits then x
+    else
+        let out = x.clone ()
+        quantizeInPlace out lo hi bits zeroPointIsZero
+        out
 
 /// Asymmetric uniform fake quantization of `x` on the range [lo, hi] (see module doc).
 /// `lo`/`hi` are tensors broadcastable to `x` (0-d for per-tensor). bits = 32: `x` itself.
 ///
 /// Implementation: one new tensor. `x.clone()` carries the identity gradient (CloneBackward), and
-/// its values are then overwritten in place (`quantizeInPlace`).
-let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
-    checkBits "bits" bits
-    if bits = fullPrecisionBits then x
-    else
-        let out = x.clone ()
-        quantizeInPlace out lo hi bits
-        out
+/// its values are then overwritten in place (`quantizeInPlace`). (A custom autograd node with an
+/// identity backward, which would save the copy, was measured: no faster, and its native memory grew
+/// with every step in TorchSharp 0.107.)
+let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor = fakeQuantOf false x lo hi bits
 
 /// `fakeQuant` that overwrites `x` itself and returns it: the same values without a copy, for a
 /// tensor that nothing else reads afterwards and that no gradient flows through (a fresh
 /// activation during evaluation). bits = 32: `x` unchanged.
 let fakeQuantInPlace (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
     checkBits "bits" bits
-    if bits <> fullPrecisionBits then quantizeInPlace x lo hi bits
+    if bits <> fullPrecisionBits then quantizeInPlace x lo hi bits false
+    x
+
+/// `fakeQuantInPlace` of an input known to be >= 0 or not (see `finishGrid`).
+let fakeQuantInPlaceOf (zeroPointIsZero: bool) (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
+    checkBits "bits" bits
+    if bits <> fullPrecisionBits then quantizeInPlace x lo hi bits zeroPointIsZero
     x
 
 /// The integer codes of `x` on the grid of [lo, hi]: `q = clamp(round(x / scale) + zp, 0, 2^b - 1)`
@@ -122,7 +140,7 @@ let weightFakeQuant (w: Tensor) (bits: int) : Tensor =
 type IWeightQuantized =
     abstract WeightBits: int
 
-/// Conv2d with per-channel fake-quantized weight. Parameters `weight` (out, in/groups, k, k) and
+/// Conv2d with per-channel fake-quantized weight and a switchable compute precision (`ConvPrecision`). Parameters `weight` (out, in/groups, k, k) and
 /// `bias` (only when `spec.Bias`), as in torch.nn.Conv2d, so FP state_dicts fit.
 type QConv2d(spec: ConvSpec, wbits: int) as this =
     inherit Module<Tensor, Tensor>("QConv2d")
@@ -138,14 +156,19 @@ type QConv2d(spec: ConvSpec, wbits: int) as this =
             let b = torch.empty([| spec.OutChannels |])
             init.uniform_(b, -bound, bound) |> ignore
             this.register_parameter("bias", new Parameter(b))
+    let mutable precision = Float32
     member _.Spec = spec
     interface IWeightQuantized with
         member _.WeightBits = wbits
+    interface IConvPrecision with
+        member _.Precision
+            with get () = precision
+            and set v = precision <- v
+    /// The weight is fake-quantized in float32; only the convolution itself runs in `precision`.
     override this.forward(x: Tensor) : Tensor =
         let w = weightFakeQuant (this.get_parameter "weight") wbits
         let b = if spec.Bias then this.get_parameter "bias" :> Tensor else null
-        torch.nn.functional.conv2d(x, w, b, strides = [| spec.Stride; spec.Stride |],
-                                   padding = [| spec.Padding; spec.Padding |], groups = spec.Groups)
+        ConvPrecision.conv2d precision spec x w b
 
 /// Linear with per-output-row fake-quantized weight. Parameters `weight` (out, in) and `bias` (out).
 type QLinear(inFeatures: int64, outFeatures: int64, wbits: int) as this =
@@ -193,7 +216,13 @@ type ActQuant(bits: int, momentum: float) as this =
         this.register_buffer("act_min", torch.tensor(0.0f))
         this.register_buffer("act_max", torch.tensor(0.0f))
         this.register_buffer("ema_steps", torch.tensor(0L))
+    let mutable inputNonNegative = false
     new(bits: int) = new ActQuant(bits, 0.9)
+    /// The inputs are known to be >= 0 (the quantizer follows a ReLU): then lo = 0 and zp = 0, and the
+    /// grid skips adding and subtracting zp (the same values). Set by `QAct`; false by default.
+    member _.InputNonNegative
+        with get () = inputNonNegative
+        and set (v: bool) = inputNonNegative <- v
     interface IQuantizerState
     member _.Bits = bits
     member _.Momentum = momentum
@@ -206,6 +235,12 @@ type ActQuant(bits: int, momentum: float) as this =
     member this.Range : float * float = scalar (this.get_buffer "act_min"), scalar (this.get_buffer "act_max")
     /// The grid the current range gives, as `fakeQuant` uses it: (scale, zp), 0-d float32 tensors.
     member this.Grid : Tensor * Tensor = qparams (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+    /// The grid's zero point is 0 without computing it: the inputs are non-negative and so is the
+    /// range (a range from elsewhere, e.g. a checkpoint, is checked, not assumed).
+    member private this.ZeroPointIsZero : bool =
+        inputNonNegative
+        && (use _ = torch.NewDisposeScope()
+            scalar (this.get_buffer "act_min") >= 0.0)
     /// Forget the range (back to uncalibrated).
     member this.Reset() : unit =
         use _ = torch.no_grad ()
@@ -240,7 +275,7 @@ type ActQuant(bits: int, momentum: float) as this =
         if bits = fullPrecisionBits then x
         else
             this.Prepare x
-            fakeQuant x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+            fakeQuantOf this.ZeroPointIsZero x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
     /// `forward` of an input the caller gives up (nothing reads it afterwards, e.g. a fresh ReLU
     /// output): with gradients off (evaluation, calibration) it is quantized in place rather than
     /// into a copy, which saves one activation-sized buffer per quantizer; the same values.
@@ -248,7 +283,7 @@ type ActQuant(bits: int, momentum: float) as this =
         if bits = fullPrecisionBits || torch.is_grad_enabled () then this.forward x
         else
             this.Prepare x
-            fakeQuantInPlace x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+            fakeQuantInPlaceOf this.ZeroPointIsZero x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
 
 /// An activation followed by its quantizer, as one module (children `act`, `quant`).
 type QAct(kind: Activation, bits: int) as this =
@@ -257,7 +292,7 @@ type QAct(kind: Activation, bits: int) as this =
         match kind with
         | Relu -> ReLU() :> Module<Tensor, Tensor>
         | Relu6 -> ReLU6() :> Module<Tensor, Tensor>
-    let quant = new ActQuant(bits)
+    let quant = new ActQuant(bits, InputNonNegative = true)
     do
         this.register_module("act", act)
         this.register_module("quant", quant)

@@ -48,6 +48,9 @@ type Config =
       Augment: Augmentation
       /// probability, per iteration, that the batch is augmented (authors: 0.5)
       AugmentProbability: float
+      /// the number format the teacher's convolutions compute in during the iterations (the final
+      /// forward that measures the batch is float32)
+      ConvPrecision: ConvPrecision
       Seed: int64 }
 
 /// The authors' settings for a model family.
@@ -64,6 +67,7 @@ let defaultsFor (family: Family) : Config =
           MinLr = 1e-4
           Augment = NoAugmentation
           AugmentProbability = 0.5
+          ConvPrecision = Float32
           Seed = 0L }
     match family with
     | Cifar -> common
@@ -201,6 +205,7 @@ let synthesizeBatch
             | SharedCrop spec -> maybe (fun g x -> channelsLast (sharedCrop g spec x))
             | PerSampleCrop spec -> maybe (fun g x -> channelsLast (perSampleCrop g spec x))
         let mutable plateau = Plateau.start cfg.Lr
+        ConvPrecision.within cfg.ConvPrecision [ teacher :> torch.nn.Module ] (fun () ->
         for it in 1 .. cfg.Iterations do
             use _ = torch.NewDisposeScope()
             let input, augmented = augment x
@@ -219,7 +224,7 @@ let synthesizeBatch
                   Lr = plateau.Lr
                   Augmented = augmented }
             plateau <- Plateau.step cfg totalV plateau
-            for group in opt.ParamGroups do group.LearningRate <- plateau.Lr
+            for group in opt.ParamGroups do group.LearningRate <- plateau.Lr)
         use _ng = torch.no_grad ()
         let images = x.detach ()
         if not (allFinite images) then

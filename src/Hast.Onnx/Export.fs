@@ -43,6 +43,7 @@ let private join (path: string) (name: string) = if path = "" then name else pat
 let convSpec (m: torch.nn.Module) : ConvSpec option =
     match m with
     | :? Quantizers.QConv2d as q -> Some q.Spec
+    | :? Hast.Core.Conv as c -> Some c.Spec
     | :? Conv2d as c ->
         let square (what: string) (v: int64[]) =
             if v.Length <> 2 || v[0] <> v[1] then invalidOp (sprintf "only square conv %s is exported (got %A)" what v)
@@ -82,6 +83,7 @@ let rec private emit (b: Builder) (path: string) (m: torch.nn.Module) (x: Value)
         if v.Spatial then { Name = globalPool b (join path "pool") v.Name; Spatial = false } else v
     match m with
     | :? Quantizers.QConv2d
+    | :? Hast.Core.Conv
     | :? Conv2d ->
         let spec = (convSpec m).Value
         let w = weight b (join path "weight") (m.get_parameter "weight") (weightBits m)

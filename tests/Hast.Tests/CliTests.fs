@@ -276,7 +276,42 @@ let tests : Test list =
                 Expect.equal b.PromotionGrad expected "bench flag"
                 Expect.equal ((BenchCli.fineTuneConfig b true).Promotion |> Option.map (fun q -> q.Grad)) (Some expected) "bench's promoted phase"
                 Expect.isNone (BenchCli.fineTuneConfig b false).Promotion "bench's plain phase"
-            | other -> failtestf "bench, got %A" other ]
+            | other -> failtestf "bench, got %A" other
+
+
+      testCase "--conv-precision fp32|bf16: default fp32, flag, config key, both stages, bench; a bad value names the flag" <| fun () ->
+        let baseArgs = [ "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--samples"; "8" ]
+        let precisionOf (readFile: string -> string) (extra: string list) =
+            match Root.parse readFile (Array.ofList (baseArgs @ extra)) with
+            | Root.Command.Run p ->
+                let synth = match p.Run.Samples with Pipeline.Synthesize s -> s.ConvPrecision | other -> failtestf "synthesis, got %A" other
+                Expect.equal synth p.Run.FineTune.ConvPrecision "synthesis and fine-tuning get the same setting"
+                synth
+            | other -> failtestf "a run, got %A" other
+        Expect.equal (precisionOf (fun _ -> "") []) Float32 "default: float32"
+        Expect.equal (precisionOf (fun _ -> "") [ "--conv-precision"; "bf16" ]) BFloat16 "flag"
+        Expect.equal (precisionOf (fun _ -> "{\"conv-precision\": \"bf16\"}") [ "--config"; "c.json" ]) BFloat16 "config key"
+        Expect.equal (precisionOf (fun _ -> "{\"conv-precision\": \"bf16\"}") [ "--config"; "c.json"; "--conv-precision"; "fp32" ]) Float32 "flag overrides config"
+        try
+            precisionOf (fun _ -> "") [ "--conv-precision"; "fp16" ] |> ignore
+            failtest "a bad value accepted"
+        with HastError m ->
+            Expect.stringContains m "--conv-precision" "names the flag"
+            Expect.isFalse (m.Contains '\n') "one line"
+        match Root.parse (fun _ -> "") [| "bench"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--conv-precision"; "bf16" |] with
+        | Root.Command.Bench b ->
+            Expect.equal (BenchCli.fineTuneConfig b true).ConvPrecision BFloat16 "bench's fine-tune phases"
+            Expect.equal (BenchCli.synthesisConfig b Models.Registry.Family.Cifar).ConvPrecision BFloat16 "bench's synthesis phase"
+        | other -> failtestf "bench, got %A" other
+
+      testCase "process settings: /proc/cpuinfo flags are read from the first 'flags' line; AVX-512 kernels need F, BW, DQ, VL and FMA" <| fun () ->
+        let flags = Hast.App.NativeTuning.CpuFlags [ "processor\t: 0"; "flags\t\t: fpu sse2 fma avx2 avx512f avx512bw avx512dq avx512vl"; "flags\t: other" ]
+        Expect.isTrue (flags.Contains "avx512vl") "flags of the first processor"
+        Expect.isFalse (flags.Contains "other") "only the first flags line"
+        Expect.isTrue (Hast.App.NativeTuning.HasAvx512 flags) "all present"
+        flags.Remove "avx512dq" |> ignore
+        Expect.isFalse (Hast.App.NativeTuning.HasAvx512 flags) "one missing"
+        Expect.isEmpty (Hast.App.NativeTuning.CpuFlags [ "no flags here" ]) "no flags line: none" ]
 
 /// A command with every setting away from its default, written out field by field: a new field in
 /// any configuration record stops this from compiling until it is given here — and then the round
@@ -284,7 +319,8 @@ let tests : Test list =
 let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : QuantizeCli.PipelineConfig =
     let synthesis : Synthesis.Config =
         { Samples = 96; BatchSize = 48; Iterations = 17; Beta = 3.5; Gamma = 1.5; Lr = 0.25; Patience = 7
-          Factor = 0.3; MinLr = 2e-4; Augment = Synthesis.SharedCrop Augment.CropSpec.synthesis; AugmentProbability = 0.75; Seed = 11L }
+          Factor = 0.3; MinLr = 2e-4; Augment = Synthesis.SharedCrop Augment.CropSpec.synthesis; AugmentProbability = 0.75
+          ConvPrecision = BFloat16; Seed = 11L }
     let generatorCfg : Generator.Config =
         { Iterations = 33; BatchSize = 12; Latent = 64; Lr = 3e-3; Beta1 = 0.4; Beta2 = 0.99; BnsWeight = 0.2; Seed = 11L }
     let fineTune : FineTune.Config =
@@ -293,6 +329,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Temperature = 4.0; Alpha = 3.0; Lambda = 250.0; Alignment = FineTune.Direct; CeWeight = 0.5
           Promotion = Some { Epsilon = 0.03; Direction = Promotion.FA; Grad = Promotion.StudentOnly; CleanWeight = 2.0; PerturbedWeight = 0.5 }
           Crop = { Scale = (0.3, 0.9); Ratio = (0.5, 2.0); FlipProbability = 0.25 }
+          ConvPrecision = BFloat16
           Seed = 11L }
     let run : Pipeline.Config =
         { WBits = 3; ABits = 5

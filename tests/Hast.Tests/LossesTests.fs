@@ -128,6 +128,41 @@ let private hardnessTests : Test list =
           Expect.floatClose { absolute = 1e-4; relative = 1e-4 } v ((1.0 + 4.0) / 2.0) "(1 + 4) / 2 layers"
       }
 
+      test "BNS term of a channels-last input: the closed-form node equals autograd through batchStats + mse_loss, value and gradient (float64, seed 12); its gradient is channels-last" {
+          use _ = torch.NewDisposeScope()
+          use g = generator 12L
+          let raw = torch.randn([| 4L; 3L; 5L; 6L |], dtype = torch.float64, generator = g) * 1.7 + 0.4
+          let rm = torch.randn([| 3L |], dtype = torch.float64, generator = g)
+          let rv = torch.rand([| 3L |], dtype = torch.float64, generator = g) + 0.5
+          let closed = Augment.channelsLast(raw).detach().requires_grad_(true)
+          let reference = Augment.channelsLast(raw).detach().requires_grad_(true)
+          let v = Losses.bnsTerm closed rm rv
+          let mu, var = Losses.batchStats reference
+          let expected = torch.nn.functional.mse_loss(mu, rm) + torch.nn.functional.mse_loss(var, rv)
+          Expect.floatClose { absolute = 1e-12; relative = 1e-10 } (scalar v) (scalar expected) "value"
+          (v * 3.0).backward ()
+          (expected * 3.0).backward ()
+          Expect.isTrue (torch.allclose(closed.grad, reference.grad, rtol = 1e-9, atol = 1e-12))
+              (sprintf "gradient (max difference %g)" (scalar ((closed.grad - reference.grad).abs().max())))
+          Expect.isTrue (closed.grad.permute(0L, 2L, 3L, 1L).is_contiguous ()) "channels-last gradient"
+          // an NCHW input, or one without gradient, takes the autograd path: the same value
+          Expect.floatClose { absolute = 1e-12; relative = 1e-10 } (scalar (Losses.bnsTerm raw rm rv)) (scalar expected) "NCHW input"
+      }
+
+      test "attention of a channels-last map: the values of the NCHW computation, and a channels-last gradient (float64, seed 13)" {
+          use _ = torch.NewDisposeScope()
+          use g = generator 13L
+          let raw = torch.randn([| 3L; 4L; 5L; 5L |], dtype = torch.float64, generator = g)
+          let cl = Augment.channelsLast(raw).detach().requires_grad_(true)
+          let nchw = raw.detach().requires_grad_(true)
+          let a, b = Losses.attention cl, Losses.attention nchw
+          Expect.isTrue (torch.allclose(a, b, rtol = 1e-12, atol = 1e-14)) "same attention"
+          a.pow(torch.tensor 3.0).sum().backward ()
+          b.pow(torch.tensor 3.0).sum().backward ()
+          Expect.isTrue (torch.allclose(cl.grad, nchw.grad, rtol = 1e-10, atol = 1e-13)) "same gradient"
+          Expect.isTrue (cl.grad.permute(0L, 2L, 3L, 1L).is_contiguous ()) "channels-last gradient (BatchNorm's fast backward)"
+      }
+
       test "BNS loss needs BatchNorm layers" {
           Expect.throwsT<HastError> (fun () -> Losses.bnsLoss [] |> ignore) "empty tap list is a user error"
       }

@@ -55,7 +55,8 @@ public static class BenchCommand
         var machine = Machine();
         stdout.WriteLine($"hast bench: {fp.Arch.Name} W{c.WBits}A{c.ABits} on {c.Device}; " +
                          $"{machine["cores"]} cores, torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), " +
-                         $"load average {machine["loadavg"]}");
+                         $"load average {machine["loadavg"]}; convolutions in training steps {ConvPrecisionModule.name(c.ConvPrecision)}; " +
+                         $"process settings: {NativeTuning.Applied}");
 
         var results = new List<PhaseResult>();
         foreach (var phase in c.Phases)
@@ -73,7 +74,7 @@ public static class BenchCommand
             stdout.WriteLine($"  {name,-9} done: median {res.Median:F1} ms/iter");
         }
 
-        PrintTable(stdout, results);
+        PrintTable(stdout, results, c.Warmup);
         if (report is not null)
         {
             var phases = new JsonArray();
@@ -104,6 +105,8 @@ public static class BenchCommand
                 ["device"] = c.Device,
                 ["warmup"] = c.Warmup,
                 ["promotion_grad"] = Promotion.gradName(c.PromotionGrad),
+                ["conv_precision"] = ConvPrecisionModule.name(c.ConvPrecision),
+                ["process_settings"] = NativeTuning.Applied,
                 ["torch_threads"] = torch.get_num_threads(),
                 ["torch_interop_threads"] = torch.get_num_interop_threads(),
                 ["machine"] = machine,
@@ -189,14 +192,14 @@ public static class BenchCommand
         return new PhaseResult(name, $"{what} eval forward (batch {c.EvalBatch}, no grad)", c.EvalBatch, laps.Wall.ToArray(), laps.Cpu.ToArray(), rss0, laps.RssFirstKb, RssKb());
     }
 
-    static void PrintTable(TextWriter w, List<PhaseResult> rs)
+    static void PrintTable(TextWriter w, List<PhaseResult> rs, int warmup)
     {
         w.WriteLine();
-        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"mean",9} {"min",9} {"img/s",8} {"cpu ms",8} {"RSS start",10} {"RSS 1st",9} {"RSS end",9} {"RSS peak",9}");
+        w.WriteLine($"{"phase",-9} {"batch",5} {"iters",5} {"ms/iter",9} {"p90",9} {"mean",9} {"min",9} {"img/s",8} {"cpu ms",8} {"RSS start",10} {"RSS 1st",9} {"RSS end",9} {"RSS peak",9}");
         foreach (var p in rs)
             w.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.CpuMedian,8:F0} {p.RssStartKb / 1024.0,7:F0} MB {p.RssFirstKb / 1024.0,6:F0} MB {p.RssEndKb / 1024.0,6:F0} MB {p.RssPeakKb / 1024.0,6:F0} MB"));
-        w.WriteLine("ms/iter: median wall time per iteration after warm-up; cpu ms: median process CPU time (all threads) per iteration;\nRSS start / 1st / end: resident memory before the phase, after its first timed iteration, at its end;\nRSS peak: the process's peak resident memory up to the phase's end (a phase's own with --phases naming it alone).");
+                $"{p.Name,-9} {p.Batch,5} {p.Ms.Length,5} {p.Median,9:F1} {p.Percentile(0.9),9:F1} {p.Mean,9:F1} {p.Min,9:F1} {p.ImagesPerSecond,8:F1} {p.CpuMedian,8:F0} {p.RssStartKb / 1024.0,7:F0} MB {p.RssFirstKb / 1024.0,6:F0} MB {p.RssEndKb / 1024.0,6:F0} MB {p.RssPeakKb / 1024.0,6:F0} MB"));
+        w.WriteLine($"ms/iter: median wall time per iteration after {warmup} untimed warm-up iterations; p90: its 90th percentile (stable when p90 <= 1.2 x median); cpu ms: median process CPU time (all threads) per iteration;\nRSS start / 1st / end: resident memory before the phase, after its first timed iteration, at its end;\nRSS peak: the process's peak resident memory up to the phase's end (a phase's own with --phases naming it alone).");
     }
 
     /// Resident set size of this process (VmRSS, kB), 0 where /proc is unavailable.
