@@ -3,11 +3,14 @@ using System.Runtime.InteropServices;
 namespace Hast.App;
 
 /// Process-wide settings of the native libraries, made once at start-up, before the first tensor
-/// (docs/benchmarks.md, "Process settings", has the measurements behind them). A user's own
-/// `ATEN_CPU_CAPABILITY` or `GLIBC_TUNABLES` wins: then the corresponding setting is left alone.
+/// (docs/benchmarks.md, issue 13, has the measurements behind them). A user's own `GLIBC_TUNABLES`
+/// wins: then malloc is left alone.
+///
+/// Measured and not kept: libtorch's AVX-512 kernels (`ATEN_CPU_CAPABILITY=avx512`; it picks AVX2 on
+/// this machine's CPU) made no difference in an A/B.
 public static class NativeTuning
 {
-    /// What `Apply` did, for `hast bench` and the run log: e.g. "ATen kernels avx512, malloc thresholds 32/256 MiB".
+    /// What `Apply` did, for `hast bench`: e.g. "malloc thresholds 32/256 MiB".
     public static string Applied { get; private set; } = "not applied";
 
     // glibc mallopt parameters (malloc.h)
@@ -22,16 +25,6 @@ public static class NativeTuning
     {
         if (!OperatingSystem.IsLinux()) { Applied = "none (not Linux)"; return; }
         var parts = new List<string>();
-        var aten = Environment.GetEnvironmentVariable("ATEN_CPU_CAPABILITY");
-        if (aten is null)
-        {
-            // libtorch picks its AVX2 kernels on this machine's CPU, which has AVX-512; the AVX-512 ones
-            // are faster (synthesis ~15%). Set only when the CPU has every extension they use.
-            var flags = File.Exists("/proc/cpuinfo") ? CpuFlags(File.ReadLines("/proc/cpuinfo")) : new HashSet<string>();
-            if (HasAvx512(flags) && setenv("ATEN_CPU_CAPABILITY", "avx512", 0) == 0) parts.Add("ATen kernels avx512");
-            else parts.Add("ATen kernels libtorch's choice");
-        }
-        else parts.Add($"ATen kernels {aten} (ATEN_CPU_CAPABILITY)");
         if (Environment.GetEnvironmentVariable("GLIBC_TUNABLES") is null)
         {
             var ok = mallopt(M_MMAP_THRESHOLD, MmapThreshold) == 1 & mallopt(M_TRIM_THRESHOLD, TrimThreshold) == 1;
@@ -53,12 +46,12 @@ public static class NativeTuning
         return new HashSet<string>();
     }
 
-    /// ATen's AVX-512 kernels need AVX-512 F, BW, DQ, VL and FMA.
-    public static bool HasAvx512(ISet<string> flags) =>
-        new[] { "avx512f", "avx512bw", "avx512dq", "avx512vl", "fma" }.All(flags.Contains);
+    /// The CPU computes bfloat16 natively (AVX-512 BF16 or AMX): `--conv-precision bf16` pays off.
+    public static bool HasBf16(ISet<string> flags) => flags.Contains("avx512_bf16") || flags.Contains("amx_bf16");
 
-    [DllImport("libc")]
-    static extern int setenv(string name, string value, int overwrite);
+    /// `HasBf16` of this machine (false where /proc/cpuinfo is missing).
+    public static bool MachineHasBf16() =>
+        File.Exists("/proc/cpuinfo") && HasBf16(CpuFlags(File.ReadLines("/proc/cpuinfo")));
 
     [DllImport("libc")]
     static extern int mallopt(int param, int value);

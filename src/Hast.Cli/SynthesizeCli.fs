@@ -30,6 +30,7 @@ type SynthesizeArgs =
     | Patience of n: int
     | Augment of mode: string
     | Seed of int64
+    | Conv_Precision of format: string
     | Device of name: string
     | Report of path: string
     interface IArgParserTemplate with
@@ -50,6 +51,9 @@ type SynthesizeArgs =
             | Patience _ -> sprintf "reduce-on-plateau patience in iterations (default: %d)" c.Patience
             | Augment _ -> "none | batch (one crop+flip per batch) | sample (per-sample crop+flip), applied with p = 0.5 per iteration (default: CIFAR none, ImageNet sample)"
             | Seed _ -> sprintf "random seed; batch i uses a seed derived from (seed, i) (default: %d)" c.Seed
+            | Conv_Precision _ ->
+                sprintf "number format of the teacher's convolutions in the iterations: fp32 | bf16 (faster on a CPU with AVX-512 BF16; the final measuring forward stays fp32) (default: %s)"
+                    (ConvPrecision.name c.ConvPrecision)
             | Device _ -> "cpu or cuda (default: cpu)"
             | Report _ -> "write {samples, teacher_top1, mean_difficulty, seconds} as JSON to this file"
 
@@ -80,6 +84,9 @@ let synthesisOf (family: Family) (r: Reader) : Synthesis.Config =
             Lr = r.Float("lr", d.Lr)
             Patience = r.Int("patience", d.Patience)
             Augment = augment
+            ConvPrecision =
+                Common.withFlags synthesizeFlag (fun () ->
+                    r.TryString "conv-precision" |> Option.map (ConvPrecision.parse "conv-precision") |> Option.defaultValue d.ConvPrecision)
             Seed = r.Int64("seed", d.Seed) }
     Common.withFlags synthesizeFlag (fun () -> Synthesis.validate cfg)
     cfg

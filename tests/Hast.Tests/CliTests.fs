@@ -303,14 +303,23 @@ let tests : Test list =
             Expect.equal (BenchCli.fineTuneConfig b true).ConvPrecision BFloat16 "bench's fine-tune phases"
             Expect.equal (BenchCli.synthesisConfig b Models.Registry.Family.Cifar).ConvPrecision BFloat16 "bench's synthesis phase"
         | other -> failtestf "bench, got %A" other
+        match Root.parse (fun _ -> "") [| "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--out"; "o"; "--conv-precision"; "bf16" |] with
+        | Root.Command.Synthesize s ->
+            Expect.equal s.Synthesis.ConvPrecision BFloat16 "hast synthesize"
+            let json (p: ConvPrecision) = Hast.App.SynthesizeCommand.ConfigJson { s.Synthesis with ConvPrecision = p }
+            Expect.equal (string (json BFloat16).["conv_precision"]) "bf16" "a bf16 store says so"
+            Expect.isFalse ((json Float32).ContainsKey "conv_precision") "an fp32 store keeps the identity it had before the setting existed"
+        | other -> failtestf "synthesize, got %A" other
 
-      testCase "process settings: /proc/cpuinfo flags are read from the first 'flags' line; AVX-512 kernels need F, BW, DQ, VL and FMA" <| fun () ->
-        let flags = Hast.App.NativeTuning.CpuFlags [ "processor\t: 0"; "flags\t\t: fpu sse2 fma avx2 avx512f avx512bw avx512dq avx512vl"; "flags\t: other" ]
-        Expect.isTrue (flags.Contains "avx512vl") "flags of the first processor"
+      testCase "process settings: /proc/cpuinfo flags are read from the first 'flags' line; bfloat16 means AVX-512 BF16 or AMX" <| fun () ->
+        let flags = Hast.App.NativeTuning.CpuFlags [ "processor\t: 0"; "flags\t\t: fpu sse2 fma avx2 avx512f avx512_bf16"; "flags\t: other" ]
+        Expect.isTrue (flags.Contains "avx512f") "flags of the first processor"
         Expect.isFalse (flags.Contains "other") "only the first flags line"
-        Expect.isTrue (Hast.App.NativeTuning.HasAvx512 flags) "all present"
-        flags.Remove "avx512dq" |> ignore
-        Expect.isFalse (Hast.App.NativeTuning.HasAvx512 flags) "one missing"
+        Expect.isTrue (Hast.App.NativeTuning.HasBf16 flags) "AVX-512 BF16"
+        flags.Remove "avx512_bf16" |> ignore
+        Expect.isFalse (Hast.App.NativeTuning.HasBf16 flags) "without it"
+        flags.Add "amx_bf16" |> ignore
+        Expect.isTrue (Hast.App.NativeTuning.HasBf16 flags) "AMX"
         Expect.isEmpty (Hast.App.NativeTuning.CpuFlags [ "no flags here" ]) "no flags line: none" ]
 
 /// A command with every setting away from its default, written out field by field: a new field in

@@ -55,7 +55,8 @@ public static class BenchCommand
         var machine = Machine();
         stdout.WriteLine($"hast bench: {fp.Arch.Name} W{c.WBits}A{c.ABits} on {c.Device}; " +
                          $"{machine["cores"]} cores, torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), " +
-                         $"load average {machine["loadavg"]}; convolutions in training steps {ConvPrecisionModule.name(c.ConvPrecision)}; " +
+                         $"load average {machine["loadavg"]}; convolutions in training steps {ConvPrecisionModule.name(c.ConvPrecision)} " +
+                         $"(CPU bfloat16: {(NativeTuning.MachineHasBf16() ? "yes" : "no")}); " +
                          $"process settings: {NativeTuning.Applied}");
 
         var results = new List<PhaseResult>();
@@ -107,6 +108,7 @@ public static class BenchCommand
                 ["promotion_grad"] = Promotion.gradName(c.PromotionGrad),
                 ["conv_precision"] = ConvPrecisionModule.name(c.ConvPrecision),
                 ["process_settings"] = NativeTuning.Applied,
+                ["cpu_bf16"] = NativeTuning.MachineHasBf16(),
                 ["torch_threads"] = torch.get_num_threads(),
                 ["torch_interop_threads"] = torch.get_num_interop_threads(),
                 ["machine"] = machine,

@@ -26,8 +26,16 @@ public static class SynthesizeCommand
     }
 
     /// The hyper-parameters that define a source's samples (everything but the sample count, so that a
-    /// store can be extended with more batches of the same seed).
-    public static JsonObject ConfigJson(Synthesis.Config s) => new()
+    /// store can be extended with more batches of the same seed). `conv_precision` appears only for
+    /// bf16, so stores made before the setting existed (fp32) keep their identity.
+    public static JsonObject ConfigJson(Synthesis.Config s)
+    {
+        var json = Fp32ConfigJson(s);
+        if (!s.ConvPrecision.IsFloat32) json["conv_precision"] = ConvPrecisionModule.name(s.ConvPrecision);
+        return json;
+    }
+
+    static JsonObject Fp32ConfigJson(Synthesis.Config s) => new()
     {
         ["batch"] = s.BatchSize,
         ["iterations"] = s.Iterations,
