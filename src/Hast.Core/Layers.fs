@@ -94,10 +94,26 @@ module ConvSpec =
     let make cin cout k s p =
         { InChannels = cin; OutChannels = cout; Kernel = k; Stride = s; Padding = p; Groups = 1L; Bias = false }
 
+    /// Register torch.nn.Conv2d's parameters on `m`, initialised as PyTorch does: `weight`
+    /// (out, in/groups, k, k), kaiming-uniform with a = √5, and, only with `spec.Bias`, `bias` (out),
+    /// uniform in ±1/√fan-in. The same names and shapes, so PyTorch state_dicts fit.
+    let registerParameters (m: Module) (spec: ConvSpec) : unit =
+        use _ = torch.no_grad ()
+        let w = torch.empty([| spec.OutChannels; spec.InChannels / spec.Groups; spec.Kernel; spec.Kernel |])
+        init.kaiming_uniform_(w, a = sqrt 5.0) |> ignore
+        m.register_parameter("weight", new Parameter(w))
+        if spec.Bias then
+            let bound = 1.0 / sqrt (float (spec.InChannels / spec.Groups * spec.Kernel * spec.Kernel))
+            let b = torch.empty([| spec.OutChannels |])
+            init.uniform_(b, -bound, bound) |> ignore
+            m.register_parameter("bias", new Parameter(b))
+
 /// The number format a convolution computes in. Parameters, activations, BatchNorm, the quantizers
 /// and the losses stay float32 in either case; `BFloat16` casts a convolution's input and weight to
 /// bfloat16 (the output back to float32), which oneDNN runs about twice as fast on a CPU with
-/// AVX-512 BF16, with a relative error of ~2⁻⁹ per operand (accumulation stays float32).
+/// AVX-512 BF16, with a relative error of ~2⁻⁹ per operand (accumulation stays float32). It changes
+/// results (docs/benchmarks.md: W3A3 1.7 points lower on average in a short check), so the stages
+/// default to `Float32`.
 type ConvPrecision =
     | Float32
     | BFloat16
@@ -154,16 +170,7 @@ module ConvPrecision =
 type Conv(spec: ConvSpec) as this =
     inherit Module<Tensor, Tensor>("Conv")
     let mutable precision = Float32
-    do
-        use _ = torch.no_grad ()
-        let w = torch.empty([| spec.OutChannels; spec.InChannels / spec.Groups; spec.Kernel; spec.Kernel |])
-        init.kaiming_uniform_(w, a = sqrt 5.0) |> ignore
-        this.register_parameter("weight", new Parameter(w))
-        if spec.Bias then
-            let bound = 1.0 / sqrt (float (spec.InChannels / spec.Groups * spec.Kernel * spec.Kernel))
-            let b = torch.empty([| spec.OutChannels |])
-            init.uniform_(b, -bound, bound) |> ignore
-            this.register_parameter("bias", new Parameter(b))
+    do ConvSpec.registerParameters this spec
     member _.Spec = spec
     interface IConvPrecision with
         member _.Precision

@@ -145,17 +145,7 @@ type IWeightQuantized =
 type QConv2d(spec: ConvSpec, wbits: int) as this =
     inherit Module<Tensor, Tensor>("QConv2d")
     do checkBits "wbits" wbits
-    do
-        use _ = torch.no_grad ()
-        let w = torch.empty([| spec.OutChannels; spec.InChannels / spec.Groups; spec.Kernel; spec.Kernel |])
-        init.kaiming_uniform_(w, a = sqrt 5.0) |> ignore
-        this.register_parameter("weight", new Parameter(w))
-        if spec.Bias then
-            let fanIn = float (spec.InChannels / spec.Groups * spec.Kernel * spec.Kernel)
-            let bound = 1.0 / sqrt fanIn
-            let b = torch.empty([| spec.OutChannels |])
-            init.uniform_(b, -bound, bound) |> ignore
-            this.register_parameter("bias", new Parameter(b))
+    do ConvSpec.registerParameters this spec
     let mutable precision = Float32
     member _.Spec = spec
     interface IWeightQuantized with
