@@ -16,6 +16,13 @@ open type TorchSharp.torch.nn.functional
 /// loss by at most eps^gamma * CE with CE ~ 1 - p < eps there, i.e. by nothing measurable.
 let private difficultyFloor = 1e-12
 
+/// The (N·H·W, C) matrix view of a 4-d channels-last tensor (its memory as it is); None otherwise.
+let private channelRows (x: Tensor) : Tensor option =
+    if x.dim () <> 4L then None
+    else
+        let rows = x.permute(0L, 2L, 3L, 1L)
+        if rows.is_contiguous () then Some(rows.reshape(-1L, x.shape[1])) else None
+
 /// Per-channel batch mean and biased variance of a BatchNorm input (N, C, H, W).
 ///
 /// Computed in two passes, var = mean((x - mean)²), which is what `x.var(unbiased = false)` computes
@@ -23,12 +30,11 @@ let private difficultyFloor = 1e-12
 /// A channels-last input is read as its (N·H·W, C) matrix, a view, so both reductions run over
 /// contiguous rows.
 let batchStats (x: Tensor) : Tensor * Tensor =
-    let rows = if x.dim () = 4L then x.permute(0L, 2L, 3L, 1L) else x
-    if x.dim () = 4L && rows.is_contiguous () then
-        let m = rows.reshape(-1L, x.shape[1])
+    match channelRows x with
+    | Some m ->
         let mu = m.mean([| 0L |])
         mu, (m - mu).square().mean([| 0L |])
-    else
+    | None ->
         let dims = [| 0L; 2L; 3L |]
         let mu = x.mean(dims, keepdim = true)
         mu.flatten (), (x - mu).square().mean(dims)
@@ -48,10 +54,7 @@ type private BnsTerm() =
         use _ = torch.NewDisposeScope()
         use one = (1).ToScalar()
         use minusOne = (-1).ToScalar()
-        let m = x.permute(0L, 2L, 3L, 1L).reshape(-1L, x.shape[1])
-        let mu = m.mean([| 0L |])
-        let d = m.add(mu, minusOne)
-        let var = d.mul_(d).mean([| 0L |])
+        let mu, var = batchStats x
         let dMu, dVar = mu.add(rm, minusOne), var.add(rv, minusOne)
         ctx.save_for_backward(System.Collections.Generic.List<Tensor>([ x; mu.MoveToOuterDisposeScope(); dMu.MoveToOuterDisposeScope(); dVar.MoveToOuterDisposeScope() ]))
         dMu.square().mean().add(dVar.square().mean(), one).MoveToOuterDisposeScope()
@@ -69,14 +72,14 @@ type private BnsTerm() =
         let b = dVar.mul(k).mul_(four)
         let a = dMu.mul(k).mul_(two).sub_(mu.mul(b))
         // (M, C) rows of the channels-last x: a + x ⊙ b, broadcast over rows, written channels-last
-        let m = x.permute(0L, 2L, 3L, 1L).reshape(-1L, c)
+        let m = (channelRows x).Value
         let gx = torch.addcmul(a, m, b, one).view([| x.shape[0]; x.shape[2]; x.shape[3]; c |]).permute(0L, 3L, 1L, 2L)
         System.Collections.Generic.List<Tensor>([ gx.MoveToOuterDisposeScope(); null; null ])
 
 /// MSE(μ(x), rm) + MSE(σ²(x), rv) of one BatchNorm input: the closed-form node for a channels-last
 /// input that needs a gradient, autograd through `batchStats` otherwise.
 let bnsTerm (x: Tensor) (rm: Tensor) (rv: Tensor) : Tensor =
-    if x.dim () = 4L && x.requires_grad && x.permute(0L, 2L, 3L, 1L).is_contiguous () then
+    if x.requires_grad && (channelRows x).IsSome then
         BnsTerm.apply(x, rm.detach (), rv.detach ())
     else
         let mu, var = batchStats x
@@ -166,12 +169,12 @@ let kl (temperature: float) (student: Tensor) (teacher: Tensor) : Tensor =
 /// BatchNorm whose output gradient and input differ in layout runs libtorch's serial backward kernel
 /// (~10% of a promoted fine-tune step; measured in docs/benchmarks.md). The same sum, in another order.
 let attention (f: Tensor) : Tensor =
-    let rows = if f.dim () = 4L then f.permute(0L, 2L, 3L, 1L) else f
     let a =
-        if f.dim () = 4L && rows.is_contiguous () then
-            let m = rows.reshape(f.shape[0], -1L, f.shape[1])
+        match channelRows f with
+        | Some rows ->
+            let m = rows.view(f.shape[0], -1L, f.shape[1])
             (m * m).mean([| 1L |])
-        else (f * f).mean([| 2L; 3L |])
+        | None -> (f * f).mean([| 2L; 3L |])
     torch.nn.functional.normalize(a, p = 2.0, dim = 1L, eps = 1e-12)
 
 let private sumOver (pairs: (Tensor * Tensor) list) (loss: Tensor -> Tensor -> Tensor) : Tensor =

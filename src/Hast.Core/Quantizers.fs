@@ -88,15 +88,9 @@ let fakeQuantOf (zeroPointIsZero: bool) (x: Tensor) (lo: Tensor) (hi: Tensor) (b
 /// with every step in TorchSharp 0.107.)
 let fakeQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor = fakeQuantOf false x lo hi bits
 
-/// `fakeQuant` that overwrites `x` itself and returns it: the same values without a copy, for a
+/// `fakeQuantOf` that overwrites `x` itself and returns it: the same values without a copy, for a
 /// tensor that nothing else reads afterwards and that no gradient flows through (a fresh
 /// activation during evaluation). bits = 32: `x` unchanged.
-let fakeQuantInPlace (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
-    checkBits "bits" bits
-    if bits <> fullPrecisionBits then quantizeInPlace x lo hi bits false
-    x
-
-/// `fakeQuantInPlace` of an input known to be >= 0 or not (see `finishGrid`).
 let fakeQuantInPlaceOf (zeroPointIsZero: bool) (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) : Tensor =
     checkBits "bits" bits
     if bits <> fullPrecisionBits then quantizeInPlace x lo hi bits zeroPointIsZero
