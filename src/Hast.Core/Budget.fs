@@ -232,6 +232,15 @@ let plan (pol: Policy) (p: Probes) (r: Request) : Result<Plan, string> =
            || below r.FineTuneIters ftIters pol.MinFineTuneIters || result.TotalSeconds > avail then tooShort ()
         else Ok result
 
+/// The seconds per step a probe reports from its timed laps: their median, so that one slow lap
+/// (a collection, a page-fault burst) does not move the plan. Fails on no laps.
+let lapSeconds (laps: float seq) : float =
+    let sorted = laps |> Seq.sort |> Array.ofSeq
+    let n = sorted.Length
+    if n = 0 then fail "a probe timed no laps"
+    elif n % 2 = 1 then sorted[n / 2]
+    else (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+
 /// The fine-tune settings of a probe: `iterations` steps of one epoch, everything else as the run.
 let fineTuneProbe (c: FineTune.Config) (iterations: int) : FineTune.Config = { c with Epochs = 1; ItersPerEpoch = iterations }
 

@@ -71,7 +71,17 @@ let private cpu30minRequest (budget: float) : Budget.Request =
       ItersPerEpoch = 200; EvalEvery = 1; CalibBatches = 512; CalibBatchSize = 1 }
 
 let tests : Test list =
-    [ property "a plan's predicted time never exceeds the budget (less the margin)" (Gen.zip genProbes genRequest) (fun (p, r) ->
+    [ property "a probe's seconds per step is the median lap: within the laps, unmoved by one slow lap"
+          (Gen.zip (Gen.listOf (logUniform 0.01 2.0) |> Gen.map (fun l -> 0.3 :: l)) (logUniform 1.0 100.0)) (fun (laps, slow) ->
+            let m = Budget.lapSeconds laps
+            let odd = let l = 0.3 :: 0.3 :: laps in if List.length l % 2 = 1 then l else 0.3 :: l
+            List.min laps <= m && m <= List.max laps
+            && Budget.lapSeconds (List.rev laps) = m
+            // three or more laps, an odd count, with the largest made arbitrarily slower: the same median
+            && Budget.lapSeconds (List.sort odd |> List.mapi (fun i v -> if i = odd.Length - 1 then v * slow else v)) = Budget.lapSeconds odd)
+      testCase "a probe that timed no laps is an error, not a NaN" (fun () ->
+          Expect.throws (fun () -> Budget.lapSeconds [] |> ignore) "no laps")
+      property "a plan's predicted time never exceeds the budget (less the margin)" (Gen.zip genProbes genRequest) (fun (p, r) ->
         match Budget.plan pol p r with
         | Ok plan ->
             plan.TotalSeconds <= r.Budget * (1.0 - pol.Margin) - pol.MarginSeconds

@@ -16,7 +16,12 @@ namespace Hast.App;
 public static class BudgetProbe
 {
     public const string PlanFile = "plan.json";
-    const int Warmup = 1, Timed = 3, CalibTimed = 8, SynthProbeBatch = 128, EvalProbeImages = 250;
+    /// The fine-tune and synthesis probes time `StepTimed` iterations after `StepWarmup` untimed ones
+    /// and take the median lap: the first iterations of a process are slower (oneDNN primitive
+    /// creation, JIT, the allocator's first growth), and with one warm-up and three timed iterations the
+    /// probes read 0.37–0.52 s for a step whose runs then averaged 0.38–0.40 s, leaving up to 9 of 30
+    /// minutes unused (docs/results.md). Costs about 6 s of fine-tuning and 3 s of synthesis.
+    const int StepWarmup = 8, StepTimed = 8, CalibWarmup = 1, CalibTimed = 8, SynthProbeBatch = 128, EvalProbeImages = 250;
 
     /// A planned config, the plan as JSON (for plan.json, metrics and the report) and as lines for people.
     public sealed record Planned(QuantizeCli.PipelineConfig Config, JsonObject Json, IReadOnlyList<string> Lines);
@@ -67,7 +72,7 @@ public static class BudgetProbe
         }
     }
 
-    /// Seconds per step, from `Warmup` untimed and a few timed iterations of each, on a throwaway
+    /// Seconds per step, from untimed warm-up and then timed iterations of each, on a throwaway
     /// quantized copy of the teacher (the run's own student is made later, untouched by the probes).
     static Budget.Probes Measure(QuantizeCli.PipelineConfig c, LoadedModel teacher, Data.Dataset test, Device device, string outDir)
     {
@@ -82,9 +87,9 @@ public static class BudgetProbe
             // calibration batches at the run's calibration batch size (this also calibrates the probe student)
             var calibBatch = c.Run.Calibration is Pipeline.Calibration.FromSamples s ? s.Item.BatchSize : 1;
             var clock = new Stopwatch();
-            Quantize.calibrate(device, student.Net, Enumerable.Range(0, Warmup + CalibTimed).Select(i =>
+            Quantize.calibrate(device, student.Net, Enumerable.Range(0, CalibWarmup + CalibTimed).Select(i =>
             {
-                if (i == Warmup) clock.Start();
+                if (i == CalibWarmup) clock.Start();
                 return Noise(calibBatch);
             }));
             var calib = clock.Elapsed.TotalSeconds / CalibTimed;
@@ -102,21 +107,21 @@ public static class BudgetProbe
             var eval = EvalSeconds(student.Net);
 
             // fine-tune iterations at the run's settings, on noise images
-            var ft = Budget.fineTuneProbe(c.Run.FineTune, Warmup + Timed);
+            var ft = Budget.fineTuneProbe(c.Run.FineTune, StepWarmup + StepTimed);
             var pool = Math.Max(4L * ft.BatchSize, 64L);
             var images = Noise(pool);
             var labels = randint(teacher.Classes, [pool], generator: gen);
             using var opt = FineTune.optimizer(ft, student.Net);
             var ftLaps = Laps(onLap => FineTune.epoch(device, ft, teacher.Net, student.Net, opt, images, labels, 0,
-                FuncConvert.FromAction<FineTune.IterInfo>(it => onLap(it.Iteration >= Warmup))));
+                FuncConvert.FromAction<FineTune.IterInfo>(it => onLap(it.Iteration >= StepWarmup))));
 
             // synthesis iterations, per sample (a batch of at most 128: larger batches cost no more per sample)
             var synth = c.Run.Samples is Pipeline.Samples.Synthesize syn ? syn.Item : Synthesis.defaultsFor(teacher.Arch.Family);
             var batch = Math.Min(synth.BatchSize, SynthProbeBatch);
             var synthLaps = Laps(onLap =>
             {
-                using var r = Synthesis.synthesizeBatch(device, teacher.Net, Budget.synthesisProbe(synth, batch, Warmup + Timed), side, 0, batch,
-                    FuncConvert.FromAction<Synthesis.IterInfo>(it => onLap(it.Iteration > Warmup)));
+                using var r = Synthesis.synthesizeBatch(device, teacher.Net, Budget.synthesisProbe(synth, batch, StepWarmup + StepTimed), side, 0, batch,
+                    FuncConvert.FromAction<Synthesis.IterInfo>(it => onLap(it.Iteration > StepWarmup)));
             });
 
             // a checkpoint (twice: train checkpoints also hold the optimizer state)
@@ -134,7 +139,7 @@ public static class BudgetProbe
         }
     }
 
-    /// Mean seconds between successive laps that `run` marks as timed (a lap runs from the previous call).
+    /// Median seconds between successive laps that `run` marks as timed (a lap runs from the previous call).
     static double Laps(Action<Action<bool>> run)
     {
         var laps = new List<double>();
@@ -144,7 +149,7 @@ public static class BudgetProbe
             if (timed) laps.Add(clock.Elapsed.TotalSeconds);
             clock.Restart();
         });
-        return laps.Average();
+        return Budget.lapSeconds(laps);
     }
 
     static JsonObject Json(Budget.Plan p, Budget.Probes probes)
