@@ -232,6 +232,19 @@ let plan (pol: Policy) (p: Probes) (r: Request) : Result<Plan, string> =
            || below r.FineTuneIters ftIters pol.MinFineTuneIters || result.TotalSeconds > avail then tooShort ()
         else Ok result
 
+/// The fine-tune iterations to run once the student is calibrated, in the `secondsLeft` of the budget
+/// (the final checkpoint is kept out). `speed` is how the synthesis of this process ran against the
+/// plan's prediction (measured seconds / predicted; 1 when nothing was synthesized): the probes at
+/// the start read the machine's speed of that minute, and a whole synthesis stage reads it over ten,
+/// and the fine-tuning then runs at the synthesis' ratio (docs/results.md: synthesis ran at 1.07 and
+/// 0.80 of its prediction, the fine-tuning steps at 1.10 and 0.83). Clamped to [0.5, 2]. The margin
+/// is the plan's fraction of the time left. At least the policy's minimum.
+let replanFineTune (pol: Policy) (p: Probes) (r: Request) (speed: float) (secondsLeft: float) : int =
+    let k = if Double.IsFinite speed then Math.Clamp(speed, 0.5, 2.0) else 1.0
+    let q = { p with FineTuneIter = p.FineTuneIter * k; Eval = p.Eval * k }
+    let avail = secondsLeft * (1.0 - pol.Margin) - pol.MarginSeconds - p.Save
+    max pol.MinFineTuneIters (fineTuneFitting q r avail)
+
 /// The seconds per step a probe reports from its timed laps: their median, so that one slow lap
 /// (a collection, a page-fault burst) does not move the plan. Fails on no laps.
 let lapSeconds (laps: float seq) : float =

@@ -309,6 +309,10 @@ type Snapshot =
       Optimizer: torch.optim.Optimizer
       Progress: Progress }
 
+/// How this process's synthesis ran: the sample-iterations it did (each batch's samples times its
+/// iterations, plus the final forward) and their seconds; zeros when it synthesized nothing.
+type SynthesisTiming = { SampleIterations: float; Seconds: float }
+
 /// The shell's side of a run.
 type Hooks =
     { Event: Event -> unit
@@ -318,7 +322,12 @@ type Hooks =
       /// save the state (after calibration and after every epoch)
       Save: Snapshot -> unit
       /// seconds of the budget used so far (including before a resume); only read under a time budget
-      BudgetSecondsUsed: unit -> float }
+      BudgetSecondsUsed: unit -> float
+      /// under a time budget, once a fresh (not resumed) student is calibrated: the fine-tuning's
+      /// epochs and iterations per epoch re-planned from how the synthesis ran and the time left
+      /// (`Budget.replanFineTune`), recorded by the shell so that a resumed run keeps them; None keeps
+      /// the config's counts
+      Replan: SynthesisTiming -> (int * int) option }
 
 /// The teacher and test set of a run, loaded by the shell.
 type Inputs =
@@ -329,17 +338,21 @@ type Inputs =
       Test: Data.Dataset }
 
 /// Synthesize `cfg.Samples` samples of `teacher` into `store`, skipping the batches it already holds.
-let synthesize (device: torch.Device) (teacher: Net) (side: int) (cfg: Synthesis.Config) (store: SampleStore) (event: Event -> unit) : unit =
+/// Gives how long the batches synthesized here took.
+let synthesize (device: torch.Device) (teacher: Net) (side: int) (cfg: Synthesis.Config) (store: SampleStore) (event: Event -> unit) : SynthesisTiming =
     let plan = Synthesis.plan cfg
     let todo = plan |> List.filter (fun (i, _) -> not (store.HasBatch i))
     let batches = plan.Length
     event (StageStarted("synthesis", int64 (batches - todo.Length) * int64 cfg.Iterations, int64 batches * int64 cfg.Iterations))
-    for index, count in todo do
+    todo
+    |> List.fold (fun (timing: SynthesisTiming) (index, count) ->
         let clock = Diagnostics.Stopwatch.StartNew()
         use result = Synthesis.synthesizeBatch device teacher cfg side index count (fun it -> event (SynthesisIteration(it, batches)))
         let seconds = clock.Elapsed.TotalSeconds
         store.Append result seconds
         event (SynthesisBatchStored(result, batches, seconds))
+        { SampleIterations = timing.SampleIterations + float count * float (cfg.Iterations + 1)
+          Seconds = timing.Seconds + seconds }) { SampleIterations = 0.0; Seconds = 0.0 }
 
 let private evaluate (inputs: Inputs) (c: Config) (event: Event -> unit) (phase: Phase) (model: Net) : Evaluate.Accuracy =
     let acc = Evaluate.accuracy inputs.Device (int64 c.Eval.BatchSize) (fun d t -> event (EvaluationBatch(phase, d, t))) model inputs.Test
@@ -367,19 +380,19 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
 /// pair (the caller owns and disposes it).
 let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
     let c = validate c
-    let ft = c.FineTune
     let event = hooks.Event
     // ---- samples
-    match c.Samples with
-    | Synthesize s -> synthesize inputs.Device inputs.Teacher inputs.Arch.Input.Size s hooks.Store event
-    | Store _
-    | RealImages _ -> ()
+    let synthesisTiming =
+        match c.Samples with
+        | Synthesize s -> synthesize inputs.Device inputs.Teacher inputs.Arch.Input.Size s hooks.Store event
+        | Store _
+        | RealImages _ -> { SampleIterations = 0.0; Seconds = 0.0 }
     let images, labels =
         let images, labels = hooks.Store.ReadAll()
         match c.Samples with
         | RealImages _ ->
             // image folders list one class after another: a seeded shuffle mixes them
-            use gen = generator (deriveSeed ft.Seed [ 5L ])
+            use gen = generator (deriveSeed c.FineTune.Seed [ 5L ])
             use order = torch.randperm(images.shape[0], generator = gen)
             use images = images
             use labels = labels
@@ -393,23 +406,29 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
     let student = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
     student.eval ()
     try
-        use opt = FineTune.optimizer ft student
+        use opt = FineTune.optimizer c.FineTune student
         let restored = hooks.Restore student opt
-        let start =
+        let c, start =
             match restored with
             | Some p ->
                 Quantizers.setCalibrating student false
                 event (Resumed p.EpochsDone)
-                p
+                c, p
             | None ->
                 event (StageStarted("eval fp", 0L, inputs.Test.Count))
                 let fp = evaluate inputs c event FullPrecision inputs.Teacher
                 calibrate inputs c student images event
                 event (StageStarted("eval calibrated", 0L, inputs.Test.Count))
                 let calib = evaluate inputs c event Calibrated student
+                // under a time budget, the fine-tuning is planned again now that only it is left
+                let c =
+                    match c.TimeBudget |> Option.bind (fun _ -> hooks.Replan synthesisTiming) with
+                    | Some(epochs, ipe) -> { c with FineTune = { c.FineTune with Epochs = epochs; ItersPerEpoch = ipe } }
+                    | None -> c
                 let p = { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; History = []; EpochsDone = 0 }
                 hooks.Save { Student = student; Optimizer = opt; Progress = p }
-                p
+                c, p
+        let ft = c.FineTune
         // ---- fine-tune, epoch by epoch
         event (StageStarted("fine-tune", int64 start.EpochsDone * int64 ft.ItersPerEpoch, int64 (FineTune.totalIterations ft)))
         let clock = Diagnostics.Stopwatch.StartNew()

@@ -79,6 +79,29 @@ let tests : Test list =
             && Budget.lapSeconds (List.rev laps) = m
             // three or more laps, an odd count, with the largest made arbitrarily slower: the same median
             && Budget.lapSeconds (List.sort odd |> List.mapi (fun i v -> if i = odd.Length - 1 then v * slow else v)) = Budget.lapSeconds odd)
+      property "a re-plan fits the time left at the synthesis' speed: more time never fewer iterations, a slower machine never more"
+          (Gen.zip3 (Gen.zip genProbes genRequest) (Gen.zip (logUniform 0.3 3.0) (logUniform 0.3 3.0)) (Gen.zip (logUniform 10.0 7200.0) (logUniform 10.0 7200.0)))
+          (fun ((p, r), (s1, s2), (l1, l2)) ->
+            let r = { r with FineTuneIters = None }
+            let slow, fast = max s1 s2, min s1 s2
+            let less, more = min l1 l2, max l1 l2
+            let n = Budget.replanFineTune pol p r fast more
+            let k = Math.Clamp(fast, 0.5, 2.0)
+            let scaled = { p with FineTuneIter = p.FineTuneIter * k; Eval = p.Eval * k }
+            n >= pol.MinFineTuneIters
+            && Budget.replanFineTune pol p r slow more <= n
+            && Budget.replanFineTune pol p r fast less <= n
+            // what it plans fits: the stage at the scaled probes, the margin and the final save
+            && (n = pol.MinFineTuneIters
+                || Budget.fineTuneSeconds scaled r n <= more * (1.0 - pol.Margin) - pol.MarginSeconds - p.Save))
+      testCase "a re-plan at the probe's own speed with the plan's fine-tune time left keeps the plan's iterations" (fun () ->
+          let r = cpu30minRequest 1800.0
+          match Budget.plan pol measuredRun r with
+          | Error e -> failtest e
+          | Ok plan ->
+              let left = plan.FineTuneSeconds / (1.0 - pol.Margin) + (pol.MarginSeconds + measuredRun.Save) / (1.0 - pol.Margin)
+              let n = Budget.replanFineTune pol measuredRun r 1.0 left
+              Expect.isTrue (abs (n - plan.FineTuneIters) <= r.ItersPerEpoch) (sprintf "re-planned %d, planned %d" n plan.FineTuneIters))
       testCase "a probe that timed no laps is an error, not a NaN" (fun () ->
           Expect.throws (fun () -> Budget.lapSeconds [] |> ignore) "no laps")
       property "a plan's predicted time never exceeds the budget (less the margin)" (Gen.zip genProbes genRequest) (fun (p, r) ->
@@ -197,4 +220,16 @@ let tests : Test list =
             Expect.stringContains stdout "time budget 1m30s: planned" "the plan is printed before the run"
             Expect.isLessThanOrEqual predicted budget "the plan fits"
             Expect.equal (plan.GetProperty("samples").GetInt32()) (report.RootElement.GetProperty("samples").GetInt32()) "the plan's samples were used"
+            // the fine-tuning as (re-)planned: plan.json, config.json (what --resume is matched against) and the run agree
+            let planned = plan.GetProperty("fine_tune_iters").GetInt32()
+            use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "config.json")))
+            let setting (name: string) = int (config.RootElement.GetProperty(name).GetString())
+            Expect.equal (setting "epochs" * setting "iters-per-epoch") planned "config.json holds the planned fine-tune iterations"
+            let stopped, _ = plan.TryGetProperty "stopped_after_epoch"
+            if not stopped then
+                Expect.equal (report.RootElement.GetProperty("iterations").GetInt64()) (int64 planned) "the planned fine-tune iterations ran"
+            let replanned, r = plan.TryGetProperty "replanned"
+            if replanned then
+                printfn "  re-planned: synthesis at %.2fx its prediction, %d fine-tune iterations (planned first: %d)"
+                    (r.GetProperty("synthesis_speed").GetDouble()) planned (r.GetProperty("fine_tune_iters_planned_first").GetInt32())
             Expect.isTrue (File.Exists(Path.Combine(out, "plan.json"))) "plan.json records the plan" ]

@@ -64,8 +64,8 @@ let private restore (saved: Saved) (student: Net) (opt: torch.optim.Optimizer) :
 exception private Stop
 
 /// Run `c` on the shared model and the first 64 test images, in memory. `stopAt`: raise at the
-/// `EpochSaved` of that epoch; `from`: restore that state.
-let private runInMemory (c: Config) (stopAt: int option) (from: Saved option) =
+/// `EpochSaved` of that epoch; `from`: restore that state; `replan`: the shell's re-plan.
+let private runInMemoryWith (replan: SynthesisTiming -> (int * int) option) (c: Config) (stopAt: int option) (from: Saved option) =
     let teacher = loadSharedModel ()
     let x, y = loadSharedTest ()
     use xs = x.slice(0L, 0L, 64L, 1L)
@@ -92,7 +92,8 @@ let private runInMemory (c: Config) (stopAt: int option) (from: Saved option) =
           Store = store
           Restore = fun student opt -> from |> Option.bind (fun f -> restore f student opt)
           Save = fun s -> saves.Add(save s)
-          BudgetSecondsUsed = fun () -> 0.0 }
+          BudgetSecondsUsed = fun () -> 0.0
+          Replan = replan }
     let inputs = { Device = torch.CPU; Arch = arch; Classes = 10L; Teacher = teacher; Test = test }
     let outcome =
         try
@@ -103,12 +104,35 @@ let private runInMemory (c: Config) (stopAt: int option) (from: Saved option) =
         with Stop -> None
     outcome, List.ofSeq saves, List.ofSeq events
 
+let private runInMemory = runInMemoryWith (fun _ -> None)
+
 let private sameTensors (a: (string * torch.Tensor) list) (b: (string * torch.Tensor) list) =
     List.length a = List.length b
     && List.forall2 (fun (ka: string, ta: torch.Tensor) (kb: string, tb: torch.Tensor) -> ka = kb && ta.shape = tb.shape && (use e = ta.eq tb in use all = e.all () in all.item<bool> ())) a b
 
 let tests : Test list =
-    [ testCase "defaults: the authors' per-dataset settings as data (λ, ε, lr, batch, milestones)" <| fun () ->
+    [ testCase "run: under a time budget the fine-tuning is re-planned once calibrated, from this process's synthesis; not without a budget nor on resume" <| fun () ->
+        let c = { tinyConfig 5L with TimeBudget = Some { Seconds = 3600.0; Samples = None; SynthIters = None; FineTuneIters = None } }
+        let asked = Collections.Generic.List<SynthesisTiming>()
+        let replan (t: SynthesisTiming) =
+            asked.Add t
+            Some(3, 2)
+        let outcome, saves, events = runInMemoryWith replan c (Some 1) None
+        Expect.isNone outcome "stopped after epoch 1"
+        Expect.equal asked.Count 1 "asked once"
+        // 16 samples x (3 iterations + the final forward)
+        Expect.equal asked[0].SampleIterations 64.0 "the sample-iterations synthesized here"
+        Expect.isGreaterThan asked[0].Seconds 0.0 "and their seconds"
+        let started = events |> Seq.pick (function StageStarted("fine-tune", _, total) -> Some total | _ -> None)
+        Expect.equal started 6L "the fine-tuning runs the re-planned 3 x 2 iterations"
+        let resumed, _, _ = runInMemoryWith replan c None (Some(List.last saves))
+        Expect.equal asked.Count 1 "a resumed run keeps its counts"
+        // the resumed run has the config's 2 epochs: the shell gives it the re-planned counts it recorded
+        Expect.equal (resumed |> Option.map (fun (r, _) -> r.EpochsDone)) (Some 2) "resumed with the config's counts"
+        let plain, _, _ = runInMemoryWith replan (tinyConfig 5L) None None
+        Expect.equal asked.Count 1 "no budget, no re-plan"
+        Expect.equal (plain |> Option.map (fun (r, _) -> r.Iterations)) (Some 4L) "the config's 2 x 2"
+      testCase "defaults: the authors' per-dataset settings as data (λ, ε, lr, batch, milestones)" <| fun () ->
         let d10, d100, di = datasetDefaults Cifar10, datasetDefaults Cifar100, datasetDefaults ImageNet
         Expect.equal (d10.Lambda, d10.Epsilon, d10.Lr, d10.BatchSize, d10.Milestones) (1000.0, 0.01, 1e-5, 64, [ 20; 40; 60 ]) "CIFAR-10"
         Expect.equal (d100.Lambda, d100.Epsilon, d100.Lr, d100.BatchSize) (2000.0, 0.02, 1e-5, 64) "CIFAR-100"

@@ -23,8 +23,11 @@ public static class BudgetProbe
     /// minutes unused (docs/results.md). Costs about 6 s of fine-tuning and 3 s of synthesis.
     const int StepWarmup = 8, StepTimed = 8, CalibWarmup = 1, CalibTimed = 8, SynthProbeBatch = 128, EvalProbeImages = 250;
 
-    /// A planned config, the plan as JSON (for plan.json, metrics and the report) and as lines for people.
-    public sealed record Planned(QuantizeCli.PipelineConfig Config, JsonObject Json, IReadOnlyList<string> Lines);
+    /// A planned config, the plan as JSON (for plan.json, metrics and the report) and as lines for people;
+    /// the probes and request it was made from, and the config before the counts (null when resuming
+    /// with a recorded plan: a resumed run is not re-planned).
+    public sealed record Planned(QuantizeCli.PipelineConfig Config, JsonObject Json, IReadOnlyList<string> Lines,
+                                 Budget.Probes? Probes = null, Budget.Request? Request = null, QuantizeCli.PipelineConfig? Unplanned = null);
 
     /// When the budget's clock started: at the process start when `hast` is the program (its start-up
     /// counts), else (`hast run` called in-process, as the tests do) at `commandStart`.
@@ -49,12 +52,48 @@ public static class BudgetProbe
         Directory.CreateDirectory(outDir);
         var probes = Measure(c, teacher, test, device, outDir);
         var spent = (DateTime.UtcNow - clockStart).TotalSeconds;
-        var result = Budget.plan(Budget.measured, probes, Pipeline.budgetRequest(c.Run, tb, spent));
+        var request = Pipeline.budgetRequest(c.Run, tb, spent);
+        var result = Budget.plan(Budget.measured, probes, request);
         if (result.IsError) throw new HastError(result.ErrorValue);
         var plan = result.ResultValue;
         var json = Json(plan, probes);
         AtomicFile.WriteAllText(planPath, json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
-        return new Planned(QuantizeCli.withCounts(plan.Samples, plan.SynthIters, plan.FineTuneIters, c), json, Budget.describe(plan).ToList());
+        return new Planned(QuantizeCli.withCounts(plan.Samples, plan.SynthIters, plan.FineTuneIters, c), json, Budget.describe(plan).ToList(),
+                           probes, request, c);
+    }
+
+    /// The fine-tuning re-planned once the student is calibrated (`Pipeline.Hooks.Replan`): from how
+    /// this process's synthesis ran against the probe and the `secondsLeft` of the budget. Gives the
+    /// config with the new counts, or null to keep `current` (a resumed plan, fine-tune iterations
+    /// given, or the same counts); records the re-plan in plan.json (`replanned`) and `planned.Json`.
+    public static (QuantizeCli.PipelineConfig Config, string Line)? Replan(Planned planned, QuantizeCli.PipelineConfig current,
+                                                                           Pipeline.SynthesisTiming timing, double secondsLeft, string outDir)
+    {
+        if (planned.Probes is not { } probes || planned.Request is not { } request || planned.Unplanned is not { } unplanned
+            || request.FineTuneIters is not null) return null;
+        var predicted = timing.SampleIterations * probes.SynthIterPerSample;
+        var speed = timing.SampleIterations > 0 && predicted > 0 ? timing.Seconds / predicted : 1.0;
+        var iters = Budget.replanFineTune(Budget.measured, probes, request, speed, secondsLeft);
+        var before = FineTune.totalIterations(current.Run.FineTune);
+        var samples = (int)planned.Json["samples"]!;
+        var synthIters = (int)planned.Json["synth_iters"]!;
+        var next = QuantizeCli.withCounts(samples, synthIters, iters, unplanned);
+        var ft = next.Run.FineTune;
+        if (ft.Epochs == current.Run.FineTune.Epochs && ft.ItersPerEpoch == current.Run.FineTune.ItersPerEpoch) return null;
+        var json = planned.Json;
+        json["replanned"] = new JsonObject
+        {
+            ["synthesis_speed"] = Math.Round(speed, 4),
+            ["seconds_left"] = Math.Round(secondsLeft, 1),
+            ["fine_tune_iters_planned_first"] = before,
+        };
+        json["fine_tune_iters"] = FineTune.totalIterations(ft);
+        json["epochs"] = ft.Epochs;
+        json["iters_per_epoch"] = ft.ItersPerEpoch;
+        AtomicFile.WriteAllText(Path.Combine(outDir, PlanFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        var line = $"time budget: synthesis took {speed:F2}x its probe's prediction; fine-tuning re-planned to {ft.Epochs} x {ft.ItersPerEpoch} " +
+                   $"= {FineTune.totalIterations(ft)} iterations (planned first: {before}) in the {secondsLeft:F0}s left";
+        return (next, line);
     }
 
     /// The recorded plan and its three counts; a damaged plan.json is one clear error, not a crash.

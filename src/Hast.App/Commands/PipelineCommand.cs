@@ -114,7 +114,21 @@ public static class PipelineCommand
                 resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, opt) : null),
             FuncConvert.FromAction<Pipeline.Snapshot>(s =>
                 SaveTrain(trainPath, s, c, teacher, settings, store, secondsBefore + Elapsed(started))),
-            FuncConvert.FromFunc<Unit, double>(_ => secondsBefore + Elapsed(clock)));
+            FuncConvert.FromFunc<Unit, double>(_ => secondsBefore + Elapsed(clock)),
+            FuncConvert.FromFunc<Pipeline.SynthesisTiming, FSharpOption<Tuple<int, int>>>(timing =>
+            {
+                if (planned is null || c.Run.TimeBudget is not { } budget) return null;
+                var replanned = BudgetProbe.Replan(planned, c, timing, budget.Value.Seconds - (secondsBefore + Elapsed(clock)), outDir);
+                if (replanned is not { } r) return null;
+                // the settings a resumed run is matched against, config.json and the progress display follow
+                c = r.Config;
+                settings = Settings(c);
+                AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
+                events.Replanned(c);
+                log.Info(r.Line);
+                log.Metric("replan", planned.Json["replanned"]!.DeepClone().AsObject());
+                return FSharpOption<Tuple<int, int>>.Some(Tuple.Create(c.Run.FineTune.Epochs, c.Run.FineTune.ItersPerEpoch));
+            }));
         var inputs = new Pipeline.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
         var (result, studentNet) = Pipeline.run(inputs, c.Run, hooks).ToValueTuple();
         using var _student = studentNet;
@@ -145,7 +159,14 @@ public static class PipelineCommand
     /// The run's events: progress and log lines, metrics, fault points and stop checks.
     sealed class Events(QuantizeCli.PipelineConfig c, RunLog log, SynthesizeCommand.StoreSink? sink, SampleStore? store, string storeDir)
     {
-        readonly FineTune.Config ft = c.Run.FineTune;
+        FineTune.Config ft = c.Run.FineTune;
+
+        /// The fine-tuning was re-planned (time budget): its counts from now on.
+        public void Replanned(QuantizeCli.PipelineConfig next)
+        {
+            c = next;
+            ft = next.Run.FineTune;
+        }
         bool synthesizing;
         double fpTop1 = double.NaN;
 
