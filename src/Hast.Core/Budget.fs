@@ -236,9 +236,10 @@ let plan (pol: Policy) (p: Probes) (r: Request) : Result<Plan, string> =
 /// (the final checkpoint is kept out). `speed` is how the synthesis of this process ran against the
 /// plan's prediction (measured seconds / predicted; 1 when nothing was synthesized): the probes at
 /// the start read the machine's speed of that minute, and a whole synthesis stage reads it over ten,
-/// and the fine-tuning then runs at the synthesis' ratio (docs/results.md: synthesis ran at 1.07 and
-/// 0.80 of its prediction, the fine-tuning steps at 1.10 and 0.83). Clamped to [0.5, 2]. The margin
-/// is the plan's fraction of the time left. At least the policy's minimum.
+/// and the fine-tuning then runs near the synthesis' ratio (docs/results.md, four cpu-30min runs:
+/// synthesis at 1.06, 0.76, 0.97, 0.97 of its prediction, fine-tune epochs at 1.08, 0.82, 0.89, 0.93).
+/// Clamped to [0.5, 2]. The margin is the plan's fraction of the time left. At least the policy's
+/// minimum.
 let replanFineTune (pol: Policy) (p: Probes) (r: Request) (speed: float) (secondsLeft: float) : int =
     let k = if Double.IsFinite speed then Math.Clamp(speed, 0.5, 2.0) else 1.0
     let q = { p with FineTuneIter = p.FineTuneIter * k; Eval = p.Eval * k }

@@ -20,7 +20,8 @@ public static class BudgetProbe
     /// and take the median lap: the first iterations of a process are slower (oneDNN primitive
     /// creation, JIT, the allocator's first growth), and with one warm-up and three timed iterations the
     /// probes read 0.37–0.52 s for a step whose runs then averaged 0.38–0.40 s, leaving up to 9 of 30
-    /// minutes unused (docs/results.md). Costs about 6 s of fine-tuning and 3 s of synthesis.
+    /// minutes unused (docs/results.md). Costs about 6 s of fine-tuning and 3 s of synthesis. The
+    /// machine's speed still drifts after the probes: `Replan` corrects the fine-tuning after synthesis.
     const int StepWarmup = 8, StepTimed = 8, CalibWarmup = 1, CalibTimed = 8, SynthProbeBatch = 128, EvalProbeImages = 250;
 
     /// A planned config, the plan as JSON (for plan.json, metrics and the report) and as lines for people;
