@@ -28,6 +28,12 @@ type PipelineConfig =
       Resume: bool
       Preset: string option }
 
+/// `--weight-ema`'s value: the EMA decay, 0 for the last weights.
+let averagingText (a: FineTune.Averaging) : string =
+    match a with
+    | FineTune.LastWeights -> "0"
+    | FineTune.Ema d -> d.ToString("R", Globalization.CultureInfo.InvariantCulture)
+
 type QuantizeArgs =
     | Arch of name: string
     | Weights of path: string
@@ -94,6 +100,7 @@ type QuantizeArgs =
     | Synth_Augment_Probability of float
     | Time_Budget of duration: string
     | Conv_Precision of format: string
+    | Weight_Ema of decay: float
     interface IArgParserTemplate with
         member a.Usage =
             // every default shown comes from the records that define it
@@ -177,6 +184,9 @@ type QuantizeArgs =
             | Conv_Precision _ ->
                 sprintf "number format of the convolutions in synthesis and fine-tuning steps: fp32 | bf16 (steps 15-20%% faster on a CPU with AVX-512 BF16, W3A3 accuracy ~1.7 points lower in a short check; evaluation stays fp32) (default: %s)"
                     (ConvPrecision.name f.ConvPrecision)
+            | Weight_Ema _ ->
+                sprintf "decay of an exponential moving average of the student's weights, updated every step, evaluated after each epoch beside the last weights and delivered instead of them; 0 = the last weights (default: %s; preset cpu-30min %s)"
+                    (averagingText f.Averaging) (averagingText (Presets.cpu30min.Apply (Pipeline.defaults Family.Cifar 10L (Pipeline.synthesized Family.Cifar))).FineTune.Averaging)
             | Synth_Lr _ -> sprintf "run: synthesis Adam learning rate (default: %g)" s.Lr
             | Synth_Patience _ -> sprintf "run: synthesis reduce-on-plateau patience in iterations (default: %d)" s.Patience
             | Synth_Factor _ -> sprintf "run: synthesis reduce-on-plateau factor (default: %g)" s.Factor
@@ -292,6 +302,11 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
     let seed = r.Int64("seed", bf.Seed)
     let convPrecision =
         flags (fun () -> r.TryString "conv-precision" |> Option.map (ConvPrecision.parse "conv-precision") |> Option.defaultValue bf.ConvPrecision)
+    let averaging =
+        match r.TryFloat "weight-ema" with
+        | None -> bf.Averaging
+        | Some 0.0 -> FineTune.LastWeights
+        | Some d -> FineTune.Ema d
     let ft =
         { bf with
             BatchSize = r.Int("batch", bf.BatchSize)
@@ -309,6 +324,7 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
             Promotion = (if promotionOn then Some promotion else None)
             Crop = crop
             ConvPrecision = convPrecision
+            Averaging = averaging
             Seed = seed }
     // a promotion switched off still has its settings checked
     if not promotionOn then flags (fun () -> FineTune.validate { ft with Promotion = Some promotion } |> ignore)
@@ -540,6 +556,7 @@ let toLayer (c: PipelineConfig) : Layer =
       yield "crop-ratio", pair ft.Crop.Ratio
       yield "flip-probability", num ft.Crop.FlipProbability
       yield "conv-precision", ConvPrecision.name ft.ConvPrecision
+      yield "weight-ema", averagingText ft.Averaging
       yield "seed", string ft.Seed
       yield "eval-every", string run.Eval.Every
       yield "eval-batch", string run.Eval.BatchSize

@@ -87,6 +87,7 @@ type Reader(layer: Layer) =
             match Double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture) with
             | true, v when not (Double.IsNaN v || Double.IsInfinity v) -> v
             | _ -> failf "--%s must be a finite number (got '%s')" key s
+    member this.TryFloat(key: string) = if layer.ContainsKey key then Some(this.Float(key, 0.0)) else None
     member _.Bool(key: string, dflt: bool) =
         match Map.tryFind key layer with
         | None -> dflt

@@ -76,6 +76,9 @@ type Request =
       FineTuneIters: int option
       ItersPerEpoch: int
       EvalEvery: int
+      /// models evaluated at each epoch's evaluation: 1, or 2 with weight averaging (the average and
+      /// the last weights)
+      ModelsPerEvaluation: int
       CalibBatches: int
       CalibBatchSize: int }
 
@@ -88,7 +91,8 @@ type Plan =
       ItersPerEpoch: int
       /// calibration batches actually run (the samples may be fewer than asked for)
       CalibBatches: int
-      /// test-set evaluations of the student: after calibration, and every EvalEvery epochs and the last
+      /// test-set evaluations: after calibration, and every EvalEvery epochs and the last (of both the
+      /// average and the last weights with weight averaging)
       Evaluations: int
       /// predicted seconds of each part
       SynthesisSeconds: float
@@ -116,7 +120,7 @@ let evaluationsFor (epochs: int) (evalEvery: int) : int =
 /// Seconds of the fine-tuning stage for `total` iterations: iterations, evaluations, checkpoints.
 let fineTuneSeconds (p: Probes) (r: Request) (total: int) : float =
     let e, ipe = epochsFor total r.ItersPerEpoch
-    float (e * ipe) * p.FineTuneIter + float (evaluationsFor e r.EvalEvery) * p.Eval + float e * p.Save
+    float (e * ipe) * p.FineTuneIter + float (evaluationsFor e r.EvalEvery * r.ModelsPerEvaluation) * p.Eval + float e * p.Save
 
 /// Seconds of synthesizing `samples` x `iters` (plus one final forward per sample, counted as an iteration).
 let synthesisSeconds (p: Probes) (samples: int) (iters: int) : float =
@@ -142,7 +146,7 @@ let predict (p: Probes) (r: Request) (samples: int) (synthIters: int) (fineTuneI
       Epochs = e
       ItersPerEpoch = ipe
       CalibBatches = calib
-      Evaluations = 1 + evaluationsFor e r.EvalEvery
+      Evaluations = 1 + evaluationsFor e r.EvalEvery * r.ModelsPerEvaluation
       SynthesisSeconds = synth
       CalibrationSeconds = cal
       FineTuneSeconds = ft

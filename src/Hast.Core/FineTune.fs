@@ -28,6 +28,14 @@ type Schedule =
     /// cosine from lr to lr·floor over the whole run
     | Cosine of floor: float
 
+/// What the fine-tuning delivers: the student's last weights, or an average of its weights.
+type Averaging =
+    /// the last weights (the authors' method)
+    | LastWeights
+    /// an exponential moving average of the student's parameters, updated after every step
+    /// (`WeightAverage`): avg ← decay·avg + (1 − decay)·θ, starting from the calibrated weights
+    | Ema of decay: float
+
 type Config =
     { BatchSize: int
       Lr: float
@@ -51,6 +59,8 @@ type Config =
       /// the number format the convolutions of both networks compute in during the steps
       /// (evaluation is always float32)
       ConvPrecision: ConvPrecision
+      /// the model evaluated after each epoch and delivered at the end
+      Averaging: Averaging
       Seed: int64 }
 
 /// The authors' settings for a dataset family (CIFAR-10 λ = 1000, ε = 0.01).
@@ -71,6 +81,7 @@ let defaults : Config =
       Promotion = Some Promotion.defaults
       Crop = Augment.CropSpec.fineTune
       ConvPrecision = Float32
+      Averaging = LastWeights
       Seed = 0L }
 
 /// The CE + KL baseline: no feature alignment, no promotion.
@@ -101,6 +112,9 @@ let validate (c: Config) : Config =
         requirePositive "lr-decay" d
         if ms |> List.exists (fun m -> m <= 0) then invalid "milestones" "must be positive epoch numbers"
     | Cosine f -> requireNonNegative "lr-floor" f
+    match c.Averaging with
+    | LastWeights -> ()
+    | Ema d -> if not (d > 0.0 && d < 1.0) then invalidf "weight-ema" "must be in (0, 1), or 0 for the last weights (got %g)" d
     c
 
 let totalIterations (c: Config) = c.Epochs * c.ItersPerEpoch

@@ -193,6 +193,7 @@ let budgetRequest (c: Config) (tb: TimeBudget) (spent: float) : Budget.Request =
       FineTuneIters = tb.FineTuneIters
       ItersPerEpoch = c.FineTune.ItersPerEpoch
       EvalEvery = c.Eval.Every
+      ModelsPerEvaluation = (match c.FineTune.Averaging with FineTune.LastWeights -> 1 | FineTune.Ema _ -> 2)
       CalibBatches = calibBatches
       CalibBatchSize = calibBatch }
 
@@ -211,6 +212,8 @@ type Phase =
     | FullPrecision
     | Calibrated
     | AfterEpoch of int
+    /// with weight averaging: the student's last weights after an epoch (`AfterEpoch` is the average)
+    | LastWeightsAfterEpoch of int
 
 /// One finished fine-tuning epoch: mean step statistics and, on evaluation epochs, test accuracy.
 type EpochRecord =
@@ -219,7 +222,10 @@ type EpochRecord =
       /// fine-tune iterations done after this epoch
       Iterations: int64
       Mean: FineTune.StepStats
-      Accuracy: Evaluate.Accuracy option }
+      /// the delivered model's test accuracy (the weight average, with averaging), on evaluation epochs
+      Accuracy: Evaluate.Accuracy option
+      /// with weight averaging: the test accuracy of the student's last weights, beside `Accuracy`
+      LastWeights: Evaluate.Accuracy option }
 
 /// The state saved after calibration and after each epoch, and restored to resume.
 type Progress =
@@ -236,6 +242,9 @@ type RunResult =
       CalibTop1: float
       /// the headline: the last evaluation (calibration only when no epoch was evaluated)
       FinalTop1: float
+      /// with weight averaging: the last evaluated epoch's accuracy of the student's last weights (the
+      /// final one is the average's), beside the headline
+      FinalLastWeightsTop1: float option
       /// the best evaluation, selected on the test set: reported beside the final one, labelled
       BestTop1: float
       /// 0 = calibration
@@ -261,6 +270,8 @@ let summarize (c: Config) (samples: int64) (p: Progress) : RunResult =
     { FpTop1 = p.FpTop1
       CalibTop1 = p.CalibTop1
       FinalTop1 = final
+      FinalLastWeightsTop1 =
+          p.History |> List.filter (fun e -> e.Accuracy.IsSome) |> List.tryLast |> Option.bind (fun e -> e.LastWeights) |> Option.map (fun a -> a.Top1)
       BestTop1 = best
       BestEpoch = bestEpoch
       History = p.History
@@ -306,6 +317,8 @@ type SampleStore =
 /// The training state as saved: the student and its optimizer live in the run; `Progress` is the rest.
 type Snapshot =
     { Student: Net
+      /// the weight average (`FineTune.Averaging.Ema`), None without averaging
+      Average: Net option
       Optimizer: torch.optim.Optimizer
       Progress: Progress }
 
@@ -317,8 +330,9 @@ type SynthesisTiming = { SampleIterations: float; Seconds: float }
 type Hooks =
     { Event: Event -> unit
       Store: SampleStore
-      /// restore a saved state into the fresh student and optimizer; None starts from calibration
-      Restore: Net -> torch.optim.Optimizer -> Progress option
+      /// restore a saved state into the fresh student, its weight average (with averaging) and the
+      /// optimizer; None starts from calibration
+      Restore: Net -> Net option -> torch.optim.Optimizer -> Progress option
       /// save the state (after calibration and after every epoch)
       Save: Snapshot -> unit
       /// seconds of the budget used so far (including before a resume); only read under a time budget
@@ -376,8 +390,9 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
         Generator.calibrateWithGenerator inputs.Device g inputs.Teacher student inputs.Arch.Input.Size (GeneratorIteration >> event)
 
 /// Run the pipeline: samples, quantize, calibrate (or restore), fine-tune with evaluations, result.
-/// The student is built here; the shell saves it through `hooks.Save` and gets it back in the result
-/// pair (the caller owns and disposes it).
+/// The student (and, with weight averaging, its average) is built here; the shell saves it through
+/// `hooks.Save` and gets the delivered model back in the result pair: the average with averaging,
+/// else the student (the caller owns and disposes it).
 let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
     let c = validate c
     let event = hooks.Event
@@ -405,13 +420,24 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
     // ---- quantize, then restore or calibrate
     let student = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
     student.eval ()
+    // the weight average: a second quantized model, filled from the calibrated student or restored
+    let average =
+        match c.FineTune.Averaging with
+        | FineTune.LastWeights -> None
+        | FineTune.Ema _ ->
+            try Some(Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits)
+            with _ ->
+                student.Dispose()
+                reraise ()
+    average |> Option.iter (fun a -> a.eval ())
     try
         use opt = FineTune.optimizer c.FineTune student
-        let restored = hooks.Restore student opt
+        let restored = hooks.Restore student average opt
         let c, start =
             match restored with
             | Some p ->
                 Quantizers.setCalibrating student false
+                average |> Option.iter (fun a -> Quantizers.setCalibrating a false)
                 event (Resumed p.EpochsDone)
                 c, p
             | None ->
@@ -425,8 +451,9 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                     match c.TimeBudget |> Option.bind (fun _ -> hooks.Replan synthesisTiming) with
                     | Some(epochs, ipe) -> { c with FineTune = { c.FineTune with Epochs = epochs; ItersPerEpoch = ipe } }
                     | None -> c
+                average |> Option.iter (fun a -> WeightAverage.copyInto a student)
                 let p = { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; History = []; EpochsDone = 0 }
-                hooks.Save { Student = student; Optimizer = opt; Progress = p }
+                hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
                 c, p
         let ft = c.FineTune
         // ---- fine-tune, epoch by epoch
@@ -436,13 +463,29 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
             if p.EpochsDone >= ft.Epochs then p
             else
                 let epoch = p.EpochsDone
-                let stats = FineTune.epoch inputs.Device ft inputs.Teacher student opt images labels epoch (FineTuneIteration >> event)
+                let afterStep =
+                    match ft.Averaging, average with
+                    | FineTune.Ema decay, Some a -> fun () -> WeightAverage.update decay a student
+                    | _ -> ignore
+                let stats =
+                    FineTune.epoch inputs.Device ft inputs.Teacher student opt images labels epoch (fun it ->
+                        afterStep ()
+                        event (FineTuneIteration it))
                 let evaluateNow = (epoch + 1) % c.Eval.Every = 0 || epoch + 1 = ft.Epochs
-                let acc = if evaluateNow then Some(evaluate inputs c event (AfterEpoch(epoch + 1)) student) else None
-                let record = { Epoch = epoch + 1; Iterations = int64 (epoch + 1) * int64 ft.ItersPerEpoch; Mean = stats.Mean; Accuracy = acc }
+                let acc, lastWeights =
+                    if not evaluateNow then None, None
+                    else
+                        match average with
+                        | Some a ->
+                            let last = evaluate inputs c event (LastWeightsAfterEpoch(epoch + 1)) student
+                            Some(evaluate inputs c event (AfterEpoch(epoch + 1)) a), Some last
+                        | None -> Some(evaluate inputs c event (AfterEpoch(epoch + 1)) student), None
+                let record =
+                    { Epoch = epoch + 1; Iterations = int64 (epoch + 1) * int64 ft.ItersPerEpoch; Mean = stats.Mean
+                      Accuracy = acc; LastWeights = lastWeights }
                 let p = { p with History = p.History @ [ record ]; EpochsDone = epoch + 1 }
                 event (EpochFinished(record, ft.Epochs))
-                hooks.Save { Student = student; Optimizer = opt; Progress = p }
+                hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
                 let budgetStop =
                     match c.TimeBudget with
                     | Some budget when epoch + 1 < ft.Epochs ->
@@ -458,7 +501,13 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                     if epoch + 1 < ft.Epochs then event (EpochSaved(epoch + 1, ft.Epochs))
                     epochs p
         let final = epochs start
-        summarize c samples final, student
+        // the delivered model: the weight average, or the last weights
+        match average with
+        | Some a ->
+            student.Dispose()
+            summarize c samples final, a
+        | None -> summarize c samples final, student
     with _ ->
         student.Dispose()
+        average |> Option.iter (fun a -> a.Dispose())
         reraise ()

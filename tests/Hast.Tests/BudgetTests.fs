@@ -45,9 +45,10 @@ let private genRequest : Gen<Budget.Request> =
         let! evalEvery = Gen.elements [ 1; 1; 2; 5 ]
         let! calibBatches = Gen.elements [ 1; 4; 64; 512 ]
         let! calibBatch = Gen.elements [ 1; 8; 64 ]
+        let! models = Gen.elements [ 1; 2 ]
         return
             { Budget.Request.Budget = budget; Spent = spent; Samples = samples; SynthIters = synthIters; FineTuneIters = ftIters
-              ItersPerEpoch = ipe; EvalEvery = evalEvery; CalibBatches = calibBatches; CalibBatchSize = calibBatch }
+              ItersPerEpoch = ipe; EvalEvery = evalEvery; ModelsPerEvaluation = models; CalibBatches = calibBatches; CalibBatchSize = calibBatch }
     }
 
 let private config = { FsCheckConfig.defaultConfig with maxTest = 500 }
@@ -68,7 +69,7 @@ let private measuredRun : Budget.Probes =
 
 let private cpu30minRequest (budget: float) : Budget.Request =
     { Budget = budget; Spent = 5.0; Samples = None; SynthIters = None; FineTuneIters = None
-      ItersPerEpoch = 200; EvalEvery = 1; CalibBatches = 512; CalibBatchSize = 1 }
+      ItersPerEpoch = 200; EvalEvery = 1; ModelsPerEvaluation = 1; CalibBatches = 512; CalibBatchSize = 1 }
 
 let tests : Test list =
     [ property "a probe's seconds per step is the median lap: within the laps, unmoved by one slow lap"
@@ -161,7 +162,7 @@ let tests : Test list =
             plan.SynthesisSeconds <= synthShare + 1e-6
             && plan.SynthesisSeconds >= synthShare - float (plan.SynthIters + 1 + plan.Samples) * p.SynthIterPerSample
             && plan.FineTuneSeconds <= pool - synthShare + 1e-6
-            && plan.FineTuneSeconds >= pool - synthShare - p.FineTuneIter - p.Eval - p.Save - float plan.Epochs * p.FineTuneIter)
+            && plan.FineTuneSeconds >= pool - synthShare - p.FineTuneIter - float free.ModelsPerEvaluation * p.Eval - p.Save - float plan.Epochs * p.FineTuneIter)
 
       testCase "at the measured run's speeds and length the plan is the measured cpu-30min run (within 10%)" <| fun () ->
         // the budget whose usable part (less the margin) is the measured run's 21 min 15 s

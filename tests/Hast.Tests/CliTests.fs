@@ -339,6 +339,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Promotion = Some { Epsilon = 0.03; Direction = Promotion.FA; Grad = Promotion.StudentOnly; CleanWeight = 2.0; PerturbedWeight = 0.5 }
           Crop = { Scale = (0.3, 0.9); Ratio = (0.5, 2.0); FlipProbability = 0.25 }
           ConvPrecision = BFloat16
+          Averaging = FineTune.Ema 0.99
           Seed = 11L }
     let run : Pipeline.Config =
         { WBits = 3; ABits = 5

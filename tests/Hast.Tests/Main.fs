@@ -25,6 +25,7 @@ let all =
         testList "generator" GeneratorTests.tests
         testList "promotion" PromotionTests.tests
         testList "finetune" FineTuneTests.tests
+        testList "weight average" WeightAverageTests.tests
         testList "budget" BudgetTests.tests
         testList "pipeline" PipelineTests.tests
         testList "presets" PresetsTests.tests

@@ -18,7 +18,7 @@ let private stats (total: float) : FineTune.StepStats =
 let private acc (top1Correct: int64) : Evaluate.Accuracy = { Top1Correct = top1Correct; Top5Correct = 100L; Count = 100L }
 
 let private epoch (e: int) (top1: int64 option) : EpochRecord =
-    { Epoch = e; Iterations = int64 e * 10L; Mean = stats 1.0; Accuracy = top1 |> Option.map acc }
+    { Epoch = e; Iterations = int64 e * 10L; Mean = stats 1.0; Accuracy = top1 |> Option.map acc; LastWeights = None }
 
 let private cifar = Pipeline.defaults Models.Registry.Family.Cifar 10L (Pipeline.synthesized Models.Registry.Family.Cifar)
 
@@ -43,6 +43,7 @@ let private tinyConfig (seed: int64) : Config =
 /// The training state as the shell would save it, kept in memory.
 type private Saved =
     { State: (string * torch.Tensor) list
+      Average: (string * torch.Tensor) list option
       Optimizer: byte[]
       Progress: Progress }
 
@@ -50,13 +51,20 @@ let private save (s: Snapshot) : Saved =
     use ms = new MemoryStream()
     (using (new BinaryWriter(ms, Text.Encoding.UTF8, true)) (fun w -> (s.Optimizer :?> OptimizerHelper).save_state_dict w))
     { State = [ for kv in s.Student.state_dict () -> kv.Key, kv.Value.detach().clone() ]
+      Average = s.Average |> Option.map (fun a -> [ for kv in a.state_dict () -> kv.Key, kv.Value.detach().clone() ])
       Optimizer = ms.ToArray()
       Progress = s.Progress }
 
-let private restore (saved: Saved) (student: Net) (opt: torch.optim.Optimizer) : Progress option =
+let private restore (saved: Saved) (student: Net) (average: Net option) (opt: torch.optim.Optimizer) : Progress option =
     use _ = torch.no_grad ()
     let sd = student.state_dict ()
     for k, v in saved.State do sd[k].copy_ v |> ignore
+    match average, saved.Average with
+    | Some a, Some state ->
+        let ad = a.state_dict ()
+        for k, v in state do ad[k].copy_ v |> ignore
+    | None, None -> ()
+    | _ -> failtest "the saved state and the run disagree on weight averaging"
     use r = new BinaryReader(new MemoryStream(saved.Optimizer))
     (opt :?> OptimizerHelper).load_state_dict r |> ignore
     Some saved.Progress
@@ -90,7 +98,7 @@ let private runInMemoryWith (replan: SynthesisTiming -> (int * int) option) (c: 
                 | EpochSaved(n, _), Some s when n = s -> raise Stop
                 | _ -> ()
           Store = store
-          Restore = fun student opt -> from |> Option.bind (fun f -> restore f student opt)
+          Restore = fun student average opt -> from |> Option.bind (fun f -> restore f student average opt)
           Save = fun s -> saves.Add(save s)
           BudgetSecondsUsed = fun () -> 0.0
           Replan = replan }
@@ -157,6 +165,7 @@ let tests : Test list =
               "lr", fun c -> { c with FineTune = { c.FineTune with Lr = nan } }
               "epochs", fun c -> { c with FineTune = { c.FineTune with Epochs = 0 } }
               "perturbed-weight", fun c -> { c with FineTune = { c.FineTune with Promotion = Some { Promotion.defaults with CleanWeight = 0.0; PerturbedWeight = 0.0 } } }
+              "weight-ema", fun c -> { c with FineTune = { c.FineTune with Averaging = FineTune.Ema 1.0 } }
               "time-budget", fun c -> { c with TimeBudget = Some { Seconds = -1.0; Samples = None; SynthIters = None; FineTuneIters = None } } ]
         for name, change in cases do
             Expect.equal (settingOf (fun () -> validate (change cifar) |> ignore)) (Some name) (sprintf "names %s" name)
@@ -209,4 +218,40 @@ let tests : Test list =
         Expect.isTrue (resumedEvents |> Seq.exists (function Resumed 1 -> true | _ -> false)) "resumed after epoch 1"
         Expect.isFalse (resumedEvents |> Seq.exists (function Evaluated(FullPrecision, _) -> true | _ -> false)) "no second calibration"
         Expect.equal result2 result "the same result"
-        Expect.isTrue (sameTensors parameters parameters2) "the same student, bit for bit" ]
+        Expect.isTrue (sameTensors parameters parameters2) "the same student, bit for bit"
+
+      testCase "run with weight averaging: the student trains as without it and is evaluated beside the delivered average; resumed, it ends bit for bit" <| fun () ->
+        let plainConfig = tinyConfig 3L
+        let c = { plainConfig with FineTune = { plainConfig.FineTune with Averaging = FineTune.Ema 0.5 } }
+        let finished (o: (RunResult * (string * torch.Tensor) list) option) =
+            match o with
+            | Some r -> r
+            | None -> failtest "the run finished"
+        let plain, plainParameters = runInMemory plainConfig None None |> fun (o, _, _) -> finished o
+        let whole, saves, events = runInMemory c None None
+        let result, parameters = finished whole
+        let lastWeights = result.History |> List.map (fun e -> e.LastWeights |> Option.map (fun a -> a.Top1Correct))
+        Expect.equal lastWeights (plain.History |> List.map (fun e -> e.Accuracy |> Option.map (fun a -> a.Top1Correct)))
+            "the last weights score as the run without averaging: averaging does not change the training"
+        Expect.equal result.FinalLastWeightsTop1 (Some plain.FinalTop1) "the final last-weights accuracy, beside"
+        Expect.equal plain.FinalLastWeightsTop1 None "none without averaging"
+        Expect.isTrue (saves |> List.forall (fun s -> s.Average.IsSome)) "every saved state holds the average"
+        let evaluated = events |> Seq.choose (function Evaluated(LastWeightsAfterEpoch e, _) -> Some e | _ -> None) |> List.ofSeq
+        Expect.equal evaluated [ 1; 2 ] "the last weights evaluated after each epoch"
+        let isWeight (k: string) = k.EndsWith ".weight" || k.EndsWith ".bias"
+        let differs =
+            List.zip parameters plainParameters
+            |> List.filter (fun ((k, _), _) -> isWeight k)
+            |> List.exists (fun ((_, a), (_, b)) -> use e = a.eq b in use all = e.all () in not (all.item<bool> ()))
+        Expect.isTrue differs "the delivered weights are the average, not the last weights"
+        let sameBuffers =
+            List.zip parameters plainParameters
+            |> List.filter (fun ((k, _), _) -> k.EndsWith "running_mean" || k.EndsWith "running_var" || k.EndsWith "act_max")
+            |> List.forall (fun ((_, a), (_, b)) -> use e = a.eq b in use all = e.all () in all.item<bool> ())
+        Expect.isTrue sameBuffers "BN statistics and activation ranges as calibrated"
+        let stopped, stoppedSaves, _ = runInMemory c (Some 1) None
+        Expect.isNone stopped "stopped after epoch 1"
+        let resumed, _, _ = runInMemory c None (Some(List.last stoppedSaves))
+        let result2, parameters2 = finished resumed
+        Expect.equal result2 result "the same result"
+        Expect.isTrue (sameTensors parameters parameters2) "the same average, bit for bit" ]

@@ -110,8 +110,8 @@ public static class PipelineCommand
         var hooks = new Pipeline.Hooks(
             FuncConvert.FromAction<Pipeline.Event>(events.On),
             storeHooks,
-            FuncConvert.FromFunc<Net, TorchSharp.torch.optim.Optimizer, FSharpOption<Pipeline.Progress>>((student, opt) =>
-                resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, opt) : null),
+            FuncConvert.FromFunc<Net, FSharpOption<Net>, TorchSharp.torch.optim.Optimizer, FSharpOption<Pipeline.Progress>>((student, average, opt) =>
+                resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, average, opt) : null),
             FuncConvert.FromAction<Pipeline.Snapshot>(s =>
                 SaveTrain(trainPath, s, c, teacher, settings, store, secondsBefore + Elapsed(started))),
             FuncConvert.FromFunc<Unit, double>(_ => secondsBefore + Elapsed(clock)),
@@ -151,7 +151,8 @@ public static class PipelineCommand
         AtomicFile.WriteAllText(Path.Combine(outDir, ReportFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
         if (report is not null) AtomicFile.WriteAllText(report, json.ToJsonString() + "\n");
         File.Delete(trainPath);
-        log.Info($"final W{c.Run.WBits}A{c.Run.ABits} top-1 {result.FinalTop1:F2}% (full precision {result.FpTop1:F2}%, calibration only {result.CalibTop1:F2}%; " +
+        log.Info($"final W{c.Run.WBits}A{c.Run.ABits} top-1 {result.FinalTop1:F2}%" +
+                 (result.FinalLastWeightsTop1 is { } flw ? $" with the weight average (last weights {flw.Value:F2}%)" : "") + $" (full precision {result.FpTop1:F2}%, calibration only {result.CalibTop1:F2}%; " +
                  $"best epoch {result.BestEpoch} {result.BestTop1:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}");
         return Program.ExitOk;
     }
@@ -214,7 +215,7 @@ public static class PipelineCommand
                     break;
                 }
                 case Pipeline.Event.EvaluationBatch eb:
-                    if (!eb.Item1.IsAfterEpoch) log.Progress(eb.imagesDone, eb.imagesTotal, []);
+                    if (!eb.Item1.IsAfterEpoch && !eb.Item1.IsLastWeightsAfterEpoch) log.Progress(eb.imagesDone, eb.imagesTotal, []);
                     StopSignal.Check(() => "in an evaluation (the run resumes from its last saved state)");
                     break;
                 case Pipeline.Event.Evaluated ev when ev.Item1.IsFullPrecision:
@@ -250,7 +251,8 @@ public static class PipelineCommand
                     if (rec.Accuracy is { } acc)
                         log.Info($"epoch {rec.Epoch}/{ef.epochs}: loss {m.Total:G4} (kl {m.KL:G4}, fa {m.FA:G4}" +
                                  (double.IsFinite(m.PromotionGain) ? $", promotion gain {m.PromotionGain:F3}" : "") + $") lr {m.Lr:G3} " +
-                                 $"-> test top-1 {acc.Value.Top1:F2}% top-5 {acc.Value.Top5:F2}%");
+                                 $"-> test top-1 {acc.Value.Top1:F2}% top-5 {acc.Value.Top5:F2}%" +
+                                 (rec.LastWeights is { } lw ? $" (weight average; last weights {lw.Value.Top1:F2}%)" : ""));
                     log.Metric("epoch", EpochJson(rec));
                     break;
                 }
@@ -295,12 +297,21 @@ public static class PipelineCommand
         }
     }
 
-    static FSharpOption<Pipeline.Progress> Restore(Checkpoint ck, SampleStore? store, string storeDir, QuantizeCli.PipelineConfig c, Net student, TorchSharp.torch.optim.Optimizer opt)
+    static FSharpOption<Pipeline.Progress> Restore(Checkpoint ck, SampleStore? store, string storeDir, QuantizeCli.PipelineConfig c, Net student,
+                                                   FSharpOption<Net>? average, TorchSharp.torch.optim.Optimizer opt)
     {
         var meta = ck.Meta;
         if ((string?)meta["store_manifest_sha256"] != ManifestHash(store))
             throw new HastError($"the sample store {storeDir} changed since {c.Out} was started; resume needs the same samples");
         ck.RestoreInto(student);
+        if (average is { } avg)
+        {
+            var state = ck.Extra.Where(kv => kv.Key.StartsWith(AveragePrefix, StringComparison.Ordinal))
+                                .ToDictionary(kv => kv.Key[AveragePrefix.Length..], kv => kv.Value);
+            if (state.Count == 0)
+                throw new HastError("train checkpoint lacks the weight average; it cannot be resumed exactly, start a new run");
+            StateDict.restore(state, avg.Value);
+        }
         RestoreOptimizer((OptimizerHelper)opt, ck.Extra);
         var history = meta["history"]!.AsArray().Select(h => EpochOf(h!.AsObject()));
         return new Pipeline.Progress((double)meta["fp_top1"]!, (double)meta["calib_top1"]!,
@@ -312,6 +323,8 @@ public static class PipelineCommand
         ["fp_top1"] = Math.Round(r.FpTop1, 4),
         ["calib_top1"] = Math.Round(r.CalibTop1, 4),
         ["final_top1"] = Math.Round(r.FinalTop1, 4),
+        ["final_last_weights_top1"] = r.FinalLastWeightsTop1 is { } lw ? Math.Round(lw.Value, 4) : null,
+        ["final_top1_note"] = r.FinalLastWeightsTop1 is null ? null : "final_top1 is the weight average (--weight-ema), final_last_weights_top1 the last weights of the student",
         ["best_top1"] = Math.Round(r.BestTop1, 4),
         ["best_top1_note"] = "best epoch selected on the test set; the headline is final_top1",
         ["best_epoch"] = r.BestEpoch,
@@ -338,6 +351,13 @@ public static class PipelineCommand
             o["top5_correct"] = a.Value.Top5Correct;
             o["count"] = a.Value.Count;
         }
+        if (e.LastWeights is { } l)
+        {
+            o["last_weights_top1"] = l.Value.Top1;
+            o["last_weights_top5"] = l.Value.Top5;
+            o["last_weights_top1_correct"] = l.Value.Top1Correct;
+            o["last_weights_top5_correct"] = l.Value.Top5Correct;
+        }
         return o;
     }
 
@@ -348,7 +368,11 @@ public static class PipelineCommand
         var acc = o["count"] is { } count
             ? new Evaluate.Accuracy((long)o["top1_correct"]!, (long)o["top5_correct"]!, (long)count)
             : null;
-        return new Pipeline.EpochRecord((int)o["epoch"]!, (long)o["iterations"]!, mean, acc is null ? null : FSharpOption<Evaluate.Accuracy>.Some(acc));
+        var last = o["count"] is { } n && o["last_weights_top1_correct"] is { } l1
+            ? new Evaluate.Accuracy((long)l1, (long)o["last_weights_top5_correct"]!, (long)n)
+            : null;
+        return new Pipeline.EpochRecord((int)o["epoch"]!, (long)o["iterations"]!, mean,
+            acc is null ? null : FSharpOption<Evaluate.Accuracy>.Some(acc), last is null ? null : FSharpOption<Evaluate.Accuracy>.Some(last));
     }
 
     static double Elapsed(DateTime since) => (DateTime.UtcNow - since).TotalSeconds;
@@ -368,6 +392,9 @@ public static class PipelineCommand
     static string? ManifestHash(SampleStore? s) => s is null ? null :
         Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(Path.Combine(s.Dir, SampleStore.ManifestName))));
 
+    /// Names of the weight average's tensors among a train checkpoint's extra tensors.
+    const string AveragePrefix = "average/";
+
     static void SaveTrain(string path, Pipeline.Snapshot s, QuantizeCli.PipelineConfig c, LoadedModel teacher, JsonObject settings, SampleStore? store, double seconds)
     {
         var student = teacher with { Net = s.Student, WBits = c.Run.WBits, ABits = c.Run.ABits };
@@ -383,7 +410,10 @@ public static class PipelineCommand
         using var ms = new MemoryStream();
         using (var w = new BinaryWriter(ms, System.Text.Encoding.UTF8, leaveOpen: true)) ((OptimizerHelper)s.Optimizer).save_state_dict(w);
         using var optBytes = tensor(ms.ToArray());
-        Checkpoint.Save(path, meta, s.Student, new Dictionary<string, Tensor> { ["optimizer"] = optBytes });
+        var extra = new Dictionary<string, Tensor> { ["optimizer"] = optBytes };
+        if (s.Average is { } avg)
+            foreach (var (name, t) in StateDict.fullState(avg.Value)) extra[AveragePrefix + name] = t;
+        Checkpoint.Save(path, meta, s.Student, extra);
     }
 
     static void RestoreOptimizer(OptimizerHelper opt, Dictionary<string, Tensor> extra)
