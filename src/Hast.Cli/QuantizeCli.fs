@@ -185,8 +185,8 @@ type QuantizeArgs =
                 sprintf "number format of the convolutions in synthesis and fine-tuning steps: fp32 | bf16 (steps 15-20%% faster on a CPU with AVX-512 BF16, W3A3 accuracy ~1.7 points lower in a short check; evaluation stays fp32) (default: %s)"
                     (ConvPrecision.name f.ConvPrecision)
             | Weight_Ema _ ->
-                sprintf "decay of an exponential moving average of the student's weights, updated every step, evaluated after each epoch beside the last weights and delivered instead of them; 0 = the last weights (default: %s; preset cpu-30min %s)"
-                    (averagingText f.Averaging) (averagingText (Presets.cpu30min.Apply (Pipeline.defaults Family.Cifar 10L (Pipeline.synthesized Family.Cifar))).FineTune.Averaging)
+                sprintf "decay of an exponential moving average of the student's weights, updated every step, evaluated after each epoch beside the last weights and delivered instead of them; 0 = the last weights (default: %s)"
+                    (averagingText f.Averaging)
             | Synth_Lr _ -> sprintf "run: synthesis Adam learning rate (default: %g)" s.Lr
             | Synth_Patience _ -> sprintf "run: synthesis reduce-on-plateau patience in iterations (default: %d)" s.Patience
             | Synth_Factor _ -> sprintf "run: synthesis reduce-on-plateau factor (default: %g)" s.Factor
