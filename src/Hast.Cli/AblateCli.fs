@@ -243,11 +243,12 @@ let private runCommand (c: AblateConfig) (p: Point) : QuantizeCli.PipelineConfig
       Preset = None }
 
 /// The settings that make a store: the teacher and every synthesis setting (count and seed included),
-/// and the convolutions' number format when it is not fp32 (so fp32 stores keep the keys they had).
+/// the synthesis convolutions' number format only when it is not fp32 (so fp32 stores keep the keys
+/// they had before the setting existed).
 let storeSettings (c: AblateConfig) (p: Point) : Layer =
-    let keep = set ([ "arch"; "weights"; "classes"; "samples"; "seed"; "conv-precision" ] @ QuantizeCli.synthesisKeys)
+    let keep = set ([ "arch"; "weights"; "classes"; "samples"; "seed" ] @ QuantizeCli.synthesisKeys)
     QuantizeCli.toLayer (runCommand c p)
-    |> Map.filter (fun k v -> keep.Contains k && not (k = "conv-precision" && v = ConvPrecision.name Float32))
+    |> Map.filter (fun k v -> keep.Contains k && not (k = "synth-conv-precision" && v = ConvPrecision.name Float32))
 
 /// The folder name of a point's store under OUT/stores.
 let storeKey (c: AblateConfig) (p: Point) : string = hashOf (storeSettings c p)

@@ -100,6 +100,7 @@ type QuantizeArgs =
     | Synth_Augment_Probability of float
     | Time_Budget of duration: string
     | Conv_Precision of format: string
+    | Synth_Conv_Precision of format: string
     | Weight_Ema of decay: float
     interface IArgParserTemplate with
         member a.Usage =
@@ -182,8 +183,11 @@ type QuantizeArgs =
             | Synth_Batch _ -> sprintf "run: synthesis batch size (default: %d)" s.BatchSize
             | Synth_Iters _ -> sprintf "run: synthesis iterations per batch (default: %d)" s.Iterations
             | Conv_Precision _ ->
-                sprintf "number format of the convolutions in synthesis and fine-tuning steps: fp32 | bf16 (steps 15-20%% faster on a CPU with AVX-512 BF16, W3A3 accuracy ~1.7 points lower in a short check; evaluation stays fp32) (default: %s)"
+                sprintf "number format of the convolutions in fine-tuning steps: fp32 | bf16 (steps 15-20%% faster on a CPU with AVX-512 BF16, W3A3 accuracy ~1.7 points lower in a short check; evaluation stays fp32) (default: %s)"
                     (ConvPrecision.name f.ConvPrecision)
+            | Synth_Conv_Precision _ ->
+                sprintf "run: number format of the teacher's convolutions in synthesis iterations: fp32 | bf16 (the measuring forward stays fp32; see docs/benchmarks.md) (default: %s)"
+                    (ConvPrecision.name s.ConvPrecision)
             | Weight_Ema _ ->
                 sprintf "decay of an exponential moving average of the student's weights, updated every step, evaluated after each epoch beside the last weights and delivered instead of them; 0 = the last weights (default: %s)"
                     (averagingText f.Averaging)
@@ -358,7 +362,11 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
                     Gamma = r.Float("gamma", bs.Gamma)
                     Augment = r.TryString "synth-augment" |> Option.map (SynthesizeCli.parseAugment "synth-augment") |> Option.defaultValue bs.Augment
                     AugmentProbability = r.Float("synth-augment-probability", bs.AugmentProbability)
-                    ConvPrecision = convPrecision
+                    ConvPrecision =
+                        flags (fun () ->
+                            r.TryString "synth-conv-precision"
+                            |> Option.map (ConvPrecision.parse "synth-conv-precision")
+                            |> Option.defaultValue bs.ConvPrecision)
                     Seed = seed }
         | _ ->
             match r.TryString "real-data", r.TryString "samples" with
@@ -498,6 +506,7 @@ let toLayer (c: PipelineConfig) : Layer =
                  | Synthesis.SharedCrop _ -> "batch"
                  | Synthesis.PerSampleCrop _ -> "sample")
           yield "synth-augment-probability", num s.AugmentProbability
+          yield "synth-conv-precision", ConvPrecision.name s.ConvPrecision
       | Store(dir, take) ->
           yield "samples", dir
           match take with
@@ -594,7 +603,8 @@ let withCounts (samples: int) (synthIters: int) (fineTuneIters: int) (c: Pipelin
 
 /// The settings of `hast run` that only synthesis reads.
 let synthesisKeys =
-    [ "synth-batch"; "synth-iters"; "synth-lr"; "synth-patience"; "synth-factor"; "synth-min-lr"; "beta"; "gamma"; "synth-augment"; "synth-augment-probability" ]
+    [ "synth-batch"; "synth-iters"; "synth-lr"; "synth-patience"; "synth-factor"; "synth-min-lr"; "beta"; "gamma"; "synth-augment"; "synth-augment-probability"
+      "synth-conv-precision" ]
 
 /// The settings layers of a command line: config file (read by `readFile`), then flags (the preset
 /// is a value applied under both, in `ofLayer`).

@@ -88,7 +88,9 @@ let tests : Test list =
         let d = parse (required "direction" [ "--budget"; "tiny"; "--seeds"; "0,1" ])
         let dk = keys d
         Expect.equal (dk |> List.distinct |> List.length) 2 "one store per seed for Table 1"
-        Expect.isFalse ((AblateCli.storeSettings d d.Points.Head).ContainsKey "conv-precision") "an fp32 store keeps the keys it had before the setting existed"
+        let settings = AblateCli.storeSettings d d.Points.Head
+        Expect.isFalse (settings.ContainsKey "synth-conv-precision") "an fp32 store keeps the keys it had before the setting existed"
+        Expect.isFalse (settings.ContainsKey "conv-precision") "fine-tuning's number format does not make a store"
         let s = parse (required "sensitivity" [ "--budget"; "tiny"; "--gammas"; "1,2"; "--epsilons"; "0.01,0.02"; "--lambdas"; "500,1000" ])
         let sk = List.zip (s.Points |> List.map (fun p -> p.Setting)) (keys s)
         let storeOf setting = sk |> List.find (fun (x, _) -> x = setting) |> snd

@@ -279,25 +279,36 @@ let tests : Test list =
             | other -> failtestf "bench, got %A" other
 
 
-      testCase "--conv-precision fp32|bf16: default fp32, flag, config key, both stages, bench; a bad value names the flag" <| fun () ->
+      testCase "--conv-precision / --synth-conv-precision fp32|bf16: default fp32, flag, config key, each its own stage, bench; a bad value names the flag" <| fun () ->
         let baseArgs = [ "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--samples"; "8" ]
-        let precisionOf (readFile: string -> string) (extra: string list) =
+        let precisionsOf (readFile: string -> string) (extra: string list) =
             match Root.parse readFile (Array.ofList (baseArgs @ extra)) with
             | Root.Command.Run p ->
                 let synth = match p.Run.Samples with Pipeline.Synthesize s -> s.ConvPrecision | other -> failtestf "synthesis, got %A" other
-                Expect.equal synth p.Run.FineTune.ConvPrecision "synthesis and fine-tuning get the same setting"
-                synth
+                let layer = QuantizeCli.toLayer p
+                Expect.equal layer.["synth-conv-precision"] (ConvPrecision.name synth) "config.json records synthesis's"
+                Expect.equal layer.["conv-precision"] (ConvPrecision.name p.Run.FineTune.ConvPrecision) "config.json records fine-tuning's"
+                synth, p.Run.FineTune.ConvPrecision
             | other -> failtestf "a run, got %A" other
-        Expect.equal (precisionOf (fun _ -> "") []) Float32 "default: float32"
+        let precisionOf readFile extra = snd (precisionsOf readFile extra)
+        Expect.equal (precisionsOf (fun _ -> "") []) (Float32, Float32) "default: float32"
+        Expect.equal (precisionsOf (fun _ -> "") [ "--conv-precision"; "bf16" ]) (Float32, BFloat16) "--conv-precision: fine-tuning only"
+        Expect.equal (precisionsOf (fun _ -> "") [ "--synth-conv-precision"; "bf16" ]) (BFloat16, Float32) "--synth-conv-precision: synthesis only"
+        Expect.equal (precisionsOf (fun _ -> "{\"synth-conv-precision\": \"bf16\"}") [ "--config"; "c.json" ]) (BFloat16, Float32) "synthesis config key"
         Expect.equal (precisionOf (fun _ -> "") [ "--conv-precision"; "bf16" ]) BFloat16 "flag"
         Expect.equal (precisionOf (fun _ -> "{\"conv-precision\": \"bf16\"}") [ "--config"; "c.json" ]) BFloat16 "config key"
         Expect.equal (precisionOf (fun _ -> "{\"conv-precision\": \"bf16\"}") [ "--config"; "c.json"; "--conv-precision"; "fp32" ]) Float32 "flag overrides config"
+        for flag in [ "--conv-precision"; "--synth-conv-precision" ] do
+            try
+                precisionOf (fun _ -> "") [ flag; "fp16" ] |> ignore
+                failtestf "a bad value of %s accepted" flag
+            with HastError m ->
+                Expect.stringContains m flag "names the flag"
+                Expect.isFalse (m.Contains '\n') "one line"
         try
-            precisionOf (fun _ -> "") [ "--conv-precision"; "fp16" ] |> ignore
-            failtest "a bad value accepted"
-        with HastError m ->
-            Expect.stringContains m "--conv-precision" "names the flag"
-            Expect.isFalse (m.Contains '\n') "one line"
+            Root.parse (fun _ -> "") [| "quantize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--samples"; "s"; "--synth-conv-precision"; "bf16" |] |> ignore
+            failtest "hast quantize took a synthesis setting"
+        with HastError m -> Expect.stringContains m "--synth-conv-precision applies to `hast run`" "quantize has no synthesis"
         match Root.parse (fun _ -> "") [| "bench"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--conv-precision"; "bf16" |] with
         | Root.Command.Bench b ->
             Expect.equal (BenchCli.fineTuneConfig b true).ConvPrecision BFloat16 "bench's fine-tune phases"
