@@ -104,16 +104,14 @@ let private runInMemoryWith (replan: SynthesisTiming -> (int * int) option) (c: 
           Replan = replan }
     let inputs = { Device = torch.CPU; Arch = arch; Classes = 10L; Teacher = teacher; Test = test }
     // one intra-op thread: the runs compared bit for bit do not depend on how work is split between threads
-    let threads = torch.get_num_threads ()
-    torch.set_num_threads 1
-    use _ = { new IDisposable with member _.Dispose() = torch.set_num_threads threads }
     let outcome =
-        try
-            let result, student = Pipeline.run inputs c hooks
-            let parameters = [ for kv in student.state_dict () -> kv.Key, kv.Value.detach().clone() ]
-            student.Dispose()
-            Some(result, parameters)
-        with Stop -> None
+        withOneThread (fun () ->
+            try
+                let result, student = Pipeline.run inputs c hooks
+                let parameters = [ for kv in student.state_dict () -> kv.Key, kv.Value.detach().clone() ]
+                student.Dispose()
+                Some(result, parameters)
+            with Stop -> None)
     outcome, List.ofSeq saves, List.ofSeq events
 
 let private runInMemory = runInMemoryWith (fun _ -> None)

@@ -37,7 +37,7 @@ let tests : Test list = [
             Pipeline.validate c |> ignore
     }
 
-    test "cpu-30min: a 30-minute budget, cosine, per-sample calibration, promotion through both networks, the last weights delivered" {
+    test "cpu-30min: a 30-minute budget, bf16 synthesis, cosine, per-sample calibration, promotion through both networks, the last weights delivered" {
         let c = Presets.cpu30min.Apply cifar10
         Expect.equal c.TimeBudget (Some { Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None }) "30 minutes, all counts planned"
         Expect.equal (synthesis c).Samples Budget.measured.RefSamples "the measured run's sample count"
@@ -45,6 +45,7 @@ let tests : Test list = [
         Expect.equal c.Calibration (FromSamples { Batches = 512; BatchSize = 1 }) "one image per calibration batch"
         Expect.equal (c.FineTune.Promotion |> Option.map (fun p -> p.Grad)) (Some Promotion.Both) "promotion gradient"
         Expect.equal c.FineTune.Averaging FineTune.LastWeights "no weight averaging (measured not to raise the final accuracy)"
+        Expect.equal ((synthesis c).ConvPrecision, c.FineTune.ConvPrecision) (BFloat16, Float32) "bf16 synthesis (samples measured equivalent), fp32 fine-tuning"
         Pipeline.validate c |> ignore
     }
 

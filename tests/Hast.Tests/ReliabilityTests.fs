@@ -370,6 +370,8 @@ type HastProcess(args: string list, env: (string * string) list) =
         psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "hast.dll"))
         for a in args do psi.ArgumentList.Add a
         psi.Environment.Remove "HAST_FAULT" |> ignore
+        // runs compared bit for bit (the crash test) must not depend on thread scheduling: see withOneThread
+        psi.Environment[fst oneThreadEnv] <- snd oneThreadEnv
         for k, v in env do psi.Environment[k] <- v
     let p = new Process(StartInfo = psi)
     let add (e: DataReceivedEventArgs) = if not (isNull e.Data) then lock output (fun () -> output.AppendLine e.Data |> ignore)
@@ -705,12 +707,12 @@ let configFileTest =
         Expect.equal code 1 "refused"
         Expect.stringContains err "--lr 1E-05, this command gives 2E-05" (sprintf "names the setting and both values: %s" err)
         Expect.equal (File.ReadAllBytes(Path.Combine(out, "train.ckpt"))) before "train.ckpt untouched"
-        // resumed with the same settings: finishes
-        let code, _, err = runCli (tinyRunArgs test out @ [ "--resume" ])
+        // resumed with the same settings: finishes (one thread, as the child: compared bit for bit below)
+        let code, _, err = withOneThread (fun () -> runCli (tinyRunArgs test out @ [ "--resume" ]))
         Expect.equal code 0 (sprintf "resumed (%s)" err)
         // the same run again from its config.json alone
         let again = d.File "again"
-        let code, _, err = runCli [ "run"; "--config"; Path.Combine(out, "config.json"); "--out"; again ]
+        let code, _, err = withOneThread (fun () -> runCli [ "run"; "--config"; Path.Combine(out, "config.json"); "--out"; again ])
         Expect.equal code 0 (sprintf "ran from config.json (%s)" err)
         Expect.equal (File.ReadAllText(Path.Combine(again, "config.json"))) (File.ReadAllText(Path.Combine(out, "config.json"))) "the same configuration"
         compareRuns out again |> ignore

@@ -74,6 +74,18 @@ let sameValues (a: torch.Tensor) (b: torch.Tensor) =
     a.shape = b.shape && (use e = a.eq b in use al = e.all () in al.item<bool> ())
 
 /// True when `f` raises a user error: a HastError or an InvalidSetting (anything else propagates).
+/// Run `f` on one intra-op thread (the previous count restored afterwards, also on failure): runs that
+/// are compared bit for bit must not depend on how a kernel splits its work between threads (two
+/// 2-thread runs from scratch once differed by one test image in CI).
+let withOneThread (f: unit -> 'a) : 'a =
+    let threads = torch.get_num_threads ()
+    torch.set_num_threads 1
+    try f () finally torch.set_num_threads threads
+
+/// The environment variable that gives a child `hast` process one intra-op thread (libtorch reads it at
+/// start-up), for the same reason as `withOneThread`.
+let oneThreadEnv = "OMP_NUM_THREADS", "1"
+
 let throwsHast (f: unit -> unit) =
     try
         f ()
