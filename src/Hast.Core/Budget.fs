@@ -236,6 +236,16 @@ let plan (pol: Policy) (p: Probes) (r: Request) : Result<Plan, string> =
            || below r.FineTuneIters ftIters pol.MinFineTuneIters || result.TotalSeconds > avail then tooShort ()
         else Ok result
 
+/// The speed (measured seconds / predicted) the re-plan applies to the fine-tuning, from the
+/// synthesis' own: the same when both stages compute their convolutions in the same format, where the
+/// synthesis reads the machine's speed (see `replanFineTune`); 1 (the fine-tune probe as timed)
+/// when they differ, since then the ratio also holds how far the short synthesis probe missed the
+/// other format's speed. Measured (cpu-30min, bf16 synthesis, fp32 fine-tuning): synthesis 0.85× its
+/// probe, fine-tune iterations near theirs (0.36–0.40 s against 0.377 s); applying 0.85 planned 3648
+/// iterations for the 1279 s left, which would have ended about two minutes past the budget.
+let fineTuneSpeed (synthesis: ConvPrecision) (fineTune: ConvPrecision) (synthesisSpeed: float) : float =
+    if synthesis = fineTune then synthesisSpeed else 1.0
+
 /// The fine-tune iterations to run once the student is calibrated, in the `secondsLeft` of the budget
 /// (the final checkpoint is kept out). `speed` is how the synthesis of this process ran against the
 /// plan's prediction (measured seconds / predicted; 1 when nothing was synthesized): the probes at

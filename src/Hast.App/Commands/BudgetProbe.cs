@@ -74,7 +74,9 @@ public static class BudgetProbe
             || request.FineTuneIters is not null) return null;
         var predicted = timing.SampleIterations * probes.SynthIterPerSample;
         var speed = timing.SampleIterations > 0 && predicted > 0 ? timing.Seconds / predicted : 1.0;
-        var iters = Budget.replanFineTune(Budget.measured, probes, request, speed, secondsLeft);
+        var synthesisPrecision = current.Run.Samples is Pipeline.Samples.Synthesize syn ? syn.Item.ConvPrecision : current.Run.FineTune.ConvPrecision;
+        var ftSpeed = Budget.fineTuneSpeed(synthesisPrecision, current.Run.FineTune.ConvPrecision, speed);
+        var iters = Budget.replanFineTune(Budget.measured, probes, request, ftSpeed, secondsLeft);
         var before = FineTune.totalIterations(current.Run.FineTune);
         var samples = (int)planned.Json["samples"]!;
         var synthIters = (int)planned.Json["synth_iters"]!;
@@ -85,6 +87,7 @@ public static class BudgetProbe
         json["replanned"] = new JsonObject
         {
             ["synthesis_speed"] = Math.Round(speed, 4),
+            ["fine_tune_speed"] = Math.Round(ftSpeed, 4),
             ["seconds_left"] = Math.Round(secondsLeft, 1),
             ["fine_tune_iters_planned_first"] = before,
         };
@@ -92,7 +95,8 @@ public static class BudgetProbe
         json["epochs"] = ft.Epochs;
         json["iters_per_epoch"] = ft.ItersPerEpoch;
         AtomicFile.WriteAllText(Path.Combine(outDir, PlanFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
-        var line = $"time budget: synthesis took {speed:F2}x its probe's prediction; fine-tuning re-planned to {ft.Epochs} x {ft.ItersPerEpoch} " +
+        var applied = ftSpeed == speed ? "" : $" (synthesis in {ConvPrecisionModule.name(synthesisPrecision)}, fine-tuning in {ConvPrecisionModule.name(current.Run.FineTune.ConvPrecision)}: its own probe kept)";
+        var line = $"time budget: synthesis took {speed:F2}x its probe's prediction{applied}; fine-tuning re-planned to {ft.Epochs} x {ft.ItersPerEpoch} " +
                    $"= {FineTune.totalIterations(ft)} iterations (planned first: {before}) in the {secondsLeft:F0}s left";
         return (next, line);
     }
