@@ -237,14 +237,16 @@ let plan (pol: Policy) (p: Probes) (r: Request) : Result<Plan, string> =
         else Ok result
 
 /// The speed (measured seconds / predicted) the re-plan applies to the fine-tuning, from the
-/// synthesis' own: the same when both stages compute their convolutions in the same format, where the
-/// synthesis reads the machine's speed (see `replanFineTune`); 1 (the fine-tune probe as timed)
-/// when they differ, since then the ratio also holds how far the short synthesis probe missed the
-/// other format's speed. Measured (cpu-30min, bf16 synthesis, fp32 fine-tuning): synthesis 0.85× its
-/// probe, fine-tune iterations near theirs (0.36–0.40 s against 0.377 s); applying 0.85 planned 3648
-/// iterations for the 1279 s left, which would have ended about two minutes past the budget.
+/// synthesis' own. When both stages compute their convolutions in the same format, the synthesis reads
+/// the machine's speed over minutes (see `replanFineTune`) and its ratio applies as it is. When they
+/// differ, the ratio also holds how far the short synthesis probe missed the other format, so only a
+/// slowdown carries over: the plan may shrink, never grow. Measured (cpu-30min, bf16 synthesis, fp32
+/// fine-tuning, two runs): synthesis 0.85× its probe while the fine-tune steps ran at about theirs
+/// (0.36–0.40 s against 0.377 s; applying 0.85 asked for 3648 iterations in the 1279 s left, about
+/// two minutes past the budget); synthesis 1.14× while the fine-tune steps ran ~1.09× theirs
+/// (0.39 s against 0.359 s; ignoring it ended 1½ minutes past the budget).
 let fineTuneSpeed (synthesis: ConvPrecision) (fineTune: ConvPrecision) (synthesisSpeed: float) : float =
-    if synthesis = fineTune then synthesisSpeed else 1.0
+    if synthesis = fineTune then synthesisSpeed else max 1.0 synthesisSpeed
 
 /// The fine-tune iterations to run once the student is calibrated, in the `secondsLeft` of the budget
 /// (the final checkpoint is kept out). `speed` is how the synthesis of this process ran against the

@@ -103,11 +103,12 @@ let tests : Test list =
               let left = plan.FineTuneSeconds / (1.0 - pol.Margin) + (pol.MarginSeconds + measuredRun.Save) / (1.0 - pol.Margin)
               let n = Budget.replanFineTune pol measuredRun r 1.0 left
               Expect.isTrue (abs (n - plan.FineTuneIters) <= r.ItersPerEpoch) (sprintf "re-planned %d, planned %d" n plan.FineTuneIters))
-      testCase "the fine-tuning takes the synthesis' speed only when both compute in the same format" (fun () ->
+      testCase "the fine-tuning takes the synthesis' speed when both compute in the same format, only a slowdown when not" (fun () ->
           Expect.equal (Budget.fineTuneSpeed Float32 Float32 0.85) 0.85 "fp32 both: the machine's speed"
           Expect.equal (Budget.fineTuneSpeed BFloat16 BFloat16 1.1) 1.1 "bf16 both"
-          Expect.equal (Budget.fineTuneSpeed BFloat16 Float32 0.85) 1.0 "bf16 synthesis, fp32 fine-tuning: the fine-tune probe as timed"
-          Expect.equal (Budget.fineTuneSpeed Float32 BFloat16 1.2) 1.0 "and the other way round")
+          Expect.equal (Budget.fineTuneSpeed BFloat16 Float32 0.85) 1.0 "bf16 synthesis faster than its probe: the fine-tune probe as timed"
+          Expect.equal (Budget.fineTuneSpeed BFloat16 Float32 1.14) 1.14 "bf16 synthesis slower than its probe: the machine is slower, the plan shrinks"
+          Expect.equal (Budget.fineTuneSpeed Float32 BFloat16 0.9) 1.0 "and the other way round")
       testCase "a probe that timed no laps is an error, not a NaN" (fun () ->
           Expect.throws (fun () -> Budget.lapSeconds [] |> ignore) "no laps")
       property "a plan's predicted time never exceeds the budget (less the margin)" (Gen.zip genProbes genRequest) (fun (p, r) ->

@@ -95,7 +95,7 @@ public static class BudgetProbe
         json["epochs"] = ft.Epochs;
         json["iters_per_epoch"] = ft.ItersPerEpoch;
         AtomicFile.WriteAllText(Path.Combine(outDir, PlanFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
-        var applied = ftSpeed == speed ? "" : $" (synthesis in {ConvPrecisionModule.name(synthesisPrecision)}, fine-tuning in {ConvPrecisionModule.name(current.Run.FineTune.ConvPrecision)}: its own probe kept)";
+        var applied = ftSpeed == speed ? "" : $" (synthesis in {ConvPrecisionModule.name(synthesisPrecision)}, fine-tuning in {ConvPrecisionModule.name(current.Run.FineTune.ConvPrecision)}: only a slowdown carries over, the fine-tune probe kept)";
         var line = $"time budget: synthesis took {speed:F2}x its probe's prediction{applied}; fine-tuning re-planned to {ft.Epochs} x {ft.ItersPerEpoch} " +
                    $"= {FineTune.totalIterations(ft)} iterations (planned first: {before}) in the {secondsLeft:F0}s left";
         return (next, line);
