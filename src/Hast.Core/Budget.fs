@@ -243,8 +243,9 @@ let plan (pol: Policy) (p: Probes) (r: Request) : Result<Plan, string> =
 /// slowdown carries over: the plan may shrink, never grow. Measured (cpu-30min, bf16 synthesis, fp32
 /// fine-tuning, two runs): synthesis 0.85× its probe while the fine-tune steps ran at about theirs
 /// (0.36–0.40 s against 0.377 s; applying 0.85 asked for 3648 iterations in the 1279 s left, about
-/// two minutes past the budget); synthesis 1.14× while the fine-tune steps ran ~1.09× theirs
-/// (0.39 s against 0.359 s; ignoring it ended 1½ minutes past the budget).
+/// two minutes' worth too many); synthesis 1.14× while the fine-tune steps ran ~1.09× theirs
+/// (0.39 s against 0.359 s; ignoring it planned 2805 iterations, and the budget's end-of-epoch guard
+/// cut the last epoch of the cosine).
 let fineTuneSpeed (synthesis: ConvPrecision) (fineTune: ConvPrecision) (synthesisSpeed: float) : float =
     if synthesis = fineTune then synthesisSpeed else max 1.0 synthesisSpeed
 
