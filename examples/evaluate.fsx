@@ -1,19 +1,11 @@
 // Evaluate the shared pretrained ResNet-20 from F# Interactive with the built core.
 //   dotnet build src/Hast.App -c Release && dotnet fsi examples/evaluate.fsx
-// References the built app folder, where the build placed TorchSharp's (patched) native libraries.
-#r "../src/Hast.App/bin/Release/net10.0/TorchSharp.dll"
-#r "../src/Hast.App/bin/Release/net10.0/Hast.Core.dll"
-#r "../src/Hast.App/bin/Release/net10.0/hast.dll"
+#load "Hast.fsx"
 
 open System.IO
 open TorchSharp
 open Hast.Core
 open Hast.Core.Models
-
-// F# Interactive does not probe runtimes/<rid>/native: load TorchSharp's native library by path first.
-let nativeDir = Path.Combine(__SOURCE_DIRECTORY__, "../src/Hast.App/bin/Release/net10.0/runtimes/linux-x64/native")
-if System.OperatingSystem.IsLinux() && Directory.Exists nativeDir then
-    System.Runtime.InteropServices.NativeLibrary.Load(Path.Combine(nativeDir, "libLibTorchSharp.so")) |> ignore
 
 let shared = Path.Combine(__SOURCE_DIRECTORY__, "../../shared")
 let arch = Registry.find "cifar-resnet20-a"

@@ -7,11 +7,7 @@
 //     noise    calibrate / probe on Gaussian noise instead of a few synthesized samples
 //     batch    batch size of the probe batch (default 16)
 //     lanczos  Lanczos steps and power iterations (default 20)
-//
-// References the built app folder, where the build placed TorchSharp's (patched) native libraries.
-#r "../src/Hast.App/bin/Release/net10.0/TorchSharp.dll"
-#r "../src/Hast.App/bin/Release/net10.0/Hast.Core.dll"
-#r "../src/Hast.App/bin/Release/net10.0/hast.dll"
+#load "Hast.fsx"
 
 open System
 open System.IO
@@ -19,12 +15,6 @@ open System.Diagnostics
 open TorchSharp
 open Hast.Core
 open Hast.Core.Models
-
-// F# Interactive does not probe runtimes/<rid>/native: load TorchSharp's native library by path
-// first, so the runtime's later load by name finds it already in the process.
-let private nativeDir = Path.Combine(__SOURCE_DIRECTORY__, "../src/Hast.App/bin/Release/net10.0/runtimes/linux-x64/native")
-if OperatingSystem.IsLinux() && Directory.Exists nativeDir then
-    Runtime.InteropServices.NativeLibrary.Load(Path.Combine(nativeDir, "libLibTorchSharp.so")) |> ignore
 
 let args = fsi.CommandLineArgs |> Array.skip 1
 let useNoise = args |> Array.contains "noise"

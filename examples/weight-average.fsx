@@ -1,8 +1,8 @@
 // Weight averaging at W3A3: one fine-tuning run that tracks the student's last weights and several
 // averages of them (EMAs of decays 0.99 ... 0.999, and a uniform average of the last 40% of the
 // steps), each evaluated on the test set after every epoch. The averages only read the student, so
-// all columns share one trajectory. The measurement behind `--weight-ema` and the cpu-30min preset's
-// 0.99 (docs/results.md, "Weight averaging"). An experimentation script, not a test.
+// all columns share one trajectory. The measurement behind `--weight-ema` (docs/results.md, "Weight
+// averaging"). An experimentation script, not a test.
 //
 //   dotnet build src/Hast.App -c Release
 //   dotnet fsi examples/weight-average.fsx STORE SEED BITS EPOCHS ITERS_PER_EPOCH
@@ -11,9 +11,7 @@
 //
 // Fine-tuning settings are the cpu-30min preset's (batch 64, lr 1e-5, cosine, promotion through both
 // networks), calibration on the store's first 512 samples one at a time, as `hast quantize` does.
-#r "../src/Hast.App/bin/Release/net10.0/TorchSharp.dll"
-#r "../src/Hast.App/bin/Release/net10.0/Hast.Core.dll"
-#r "../src/Hast.App/bin/Release/net10.0/hast.dll"
+#load "Hast.fsx"
 
 open System
 open System.IO
@@ -21,10 +19,6 @@ open TorchSharp
 open Hast.Core
 open Hast.Core.Models
 
-// F# Interactive does not probe runtimes/<rid>/native: load TorchSharp's native library by path first.
-let private nativeDir = Path.Combine(__SOURCE_DIRECTORY__, "../src/Hast.App/bin/Release/net10.0/runtimes/linux-x64/native")
-if OperatingSystem.IsLinux() && Directory.Exists nativeDir then
-    Runtime.InteropServices.NativeLibrary.Load(Path.Combine(nativeDir, "libLibTorchSharp.so")) |> ignore
 Hast.App.NativeTuning.Apply()
 
 let args = fsi.CommandLineArgs |> Array.skip 1
