@@ -260,16 +260,32 @@ type ActQuant(bits: int, momentum: float) as this =
         else
             this.Prepare x
             fakeQuantOf this.ZeroPointIsZero x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
-    /// `forward` of an input the caller gives up (nothing reads it afterwards, e.g. a fresh ReLU
-    /// output): with gradients off (evaluation, calibration) it is quantized in place rather than
-    /// into a copy, which saves one activation-sized buffer per quantizer; the same values.
-    member this.ForwardOwned(x: Tensor) : Tensor =
-        if bits = fullPrecisionBits || torch.is_grad_enabled () then this.forward x
+    /// `forward` of an input the caller gives up: nothing reads it afterwards, and no autograd node
+    /// saved it for its backward (e.g. the output of `threshold`, whose backward reads its input).
+    /// It is quantized in place rather than into a copy, which saves one activation-sized buffer and
+    /// one pass per quantizer; the same values. With gradients on, the in-place grid runs outside
+    /// autograd, so the gradient is the straight-through identity, as in `forward`.
+    member this.ForwardInPlace(x: Tensor) : Tensor =
+        if bits = fullPrecisionBits then x
         else
             this.Prepare x
             fakeQuantInPlaceOf this.ZeroPointIsZero x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
 
-/// An activation followed by its quantizer, as one module (children `act`, `quant`).
+/// The activation `kind` as an operation whose backward reads its input, not its output: ReLU as
+/// `threshold(x, 0, 0)` (gradient where x > 0, as ReLU's); ReLU6 as itself (libtorch computes it as
+/// `hardtanh(x, 0, 6)`, whose backward reads the input). The same values and gradients as the
+/// `ReLU`/`ReLU6` modules, but the output may be overwritten in place afterwards (ReLU's own backward
+/// reads its output). (TorchSharp 0.107's `hardtanh` returns its input unchanged: not used.)
+let private activateSavingInput (kind: Activation) (x: Tensor) : Tensor =
+    match kind with
+    | Relu ->
+        use zero = (0.0).ToScalar()
+        x.threshold(zero, zero)
+    | Relu6 -> x.relu6 ()
+
+/// An activation followed by its quantizer, as one module (children `act`, `quant`). The activation's
+/// output is quantized in place (`ActQuant.ForwardInPlace`): one buffer and one pass fewer per
+/// quantizer than activation, copy, quantize.
 type QAct(kind: Activation, bits: int) as this =
     inherit Module<Tensor, Tensor>("QAct")
     let act =
@@ -281,7 +297,9 @@ type QAct(kind: Activation, bits: int) as this =
         this.register_module("act", act)
         this.register_module("quant", quant)
     member _.Quantizer = quant
-    override _.forward(x: Tensor) : Tensor = quant.ForwardOwned (act.forward x)
+    override _.forward(x: Tensor) : Tensor =
+        if bits = fullPrecisionBits then act.forward x
+        else quant.ForwardInPlace (activateSavingInput kind x)
 
 /// The module and all its descendants, in registration (network) order.
 let private allModules (m: Module) : Module list =

@@ -225,7 +225,7 @@ let private actTests =
           Expect.isLessThanOrEqual (Array.distinct z).Length 16 "4-bit activations: at most 16 levels"
           Expect.isTrue (z |> Array.forall (fun v -> v >= 0.0f && v <= 6.0f)) "inside the frozen range"
 
-      testCase "QAct without gradients quantizes the fresh activation in place: same values, one buffer fewer" <| fun () ->
+      testCase "QAct quantizes the fresh activation in place: same values, one buffer fewer, with or without gradients" <| fun () ->
           use _ = torch.NewDisposeScope()
           torch.manual_seed 4L |> ignore
           let x = torch.randn (2L, 3L, 5L, 5L) * 3.0
@@ -249,7 +249,23 @@ let private actTests =
           Expect.isTrue (sameValues noGrad expected) "frozen, no gradients: the fake-quantized ReLU output, bit for bit"
           Expect.isTrue (sameValues withGrad expected) "frozen, with gradients: the same"
           Expect.equal liveNoGrad 1L "no gradients: only the ReLU output, quantized in place"
-          Expect.equal liveWithGrad 2L "with gradients: the ReLU output and its quantized copy" ]
+          Expect.equal liveWithGrad 1L "with gradients: only the activation's output, quantized in place"
+
+      testCase "QAct's gradient is the activation's: straight through the quantizer, masked where ReLU/ReLU6 are flat" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          let kit = LayerKit.quantized 8 3
+          for kind, inside in [ Relu, (fun (v: float32) -> v > 0.0f); Relu6, (fun v -> v > 0.0f && v < 6.0f) ] do
+              let a = kit.Act kind
+              setCalibrating a true
+              let x = (torch.tensor [| -2.0f; -0.1f; 0.0f; 0.3f; 1.7f; 5.9f; 6.0f; 9.0f |]).requires_grad_ true
+              let g = torch.tensor ([| 1.0f; 2.0f; 3.0f; 4.0f; 5.0f; 6.0f; 7.0f; 8.0f |])
+              let y = a.forward x
+              (y * g).sum().backward ()
+              let expected = Array.map2 (fun v w -> if inside v then w else 0.0f) (toArray (x.detach ())) (toArray g)
+              let got = toArray x.grad
+              Expect.equal got expected (sprintf "%A: the upstream gradient where the activation has slope 1, 0 elsewhere" kind)
+              let reference = fakeQuant ((if kind = Relu then torch.nn.functional.relu x else torch.nn.functional.relu6 x).detach ()) (torch.tensor 0.0f) (torch.tensor (float32 (snd (actQuantizers a).Head.Range))) 3
+              Expect.isTrue (sameValues (y.detach ()) reference) (sprintf "%A: the grid value of the activation" kind) ]
 
 // ---------- quantized layers ----------
 
