@@ -601,6 +601,11 @@ let withFullPaths (full: string -> string) (c: PipelineConfig) : PipelineConfig 
 let withCounts (samples: int) (synthIters: int) (fineTuneIters: int) (c: PipelineConfig) : PipelineConfig =
     { c with Run = Pipeline.withCounts samples synthIters fineTuneIters c.Run }
 
+/// The config with `epochs` fine-tune epochs of `itersPerEpoch` iterations (a re-planned count of
+/// epochs, `Budget.replanEpochs`, or a resumed run's recorded plan).
+let withEpochs (epochs: int) (itersPerEpoch: int) (c: PipelineConfig) : PipelineConfig =
+    { c with Run = { c.Run with FineTune = { c.Run.FineTune with Epochs = epochs; ItersPerEpoch = itersPerEpoch } } }
+
 /// The settings of `hast run` that only synthesis reads.
 let synthesisKeys =
     [ "synth-batch"; "synth-iters"; "synth-lr"; "synth-patience"; "synth-factor"; "synth-min-lr"; "beta"; "gamma"; "synth-augment"; "synth-augment-probability"

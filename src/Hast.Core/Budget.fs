@@ -263,6 +263,20 @@ let replanFineTune (pol: Policy) (p: Probes) (r: Request) (speed: float) (second
     let avail = secondsLeft * (1.0 - pol.Margin) - pol.MarginSeconds - p.Save
     max pol.MinFineTuneIters (fineTuneFitting q r avail)
 
+/// The fine-tune epochs to run in all, planned once more after the first epoch of this process:
+/// `finished` epochs are done, the last of them took `epochSeconds` (its steps, evaluation and checkpoint),
+/// and `secondsLeft` of the budget remain. As many further epochs as fit in the time left less the
+/// plan's margin (none when not even one does). The first epoch measures the fine-tuning itself, at the
+/// machine's speed of that minute, where the probes at the start misread it by 0.74–1.13× (sixteen
+/// runs, docs/results.md) and the re-plan after synthesis carries that over. `reserve`: seconds kept
+/// for the end of the run (final checkpoint and report). Epochs keep their length, so their data order
+/// is unchanged; a cosine schedule stretches or shrinks to the new total (the pipeline re-plans only
+/// when more than one epoch was planned, so the schedule has not ended).
+let replanEpochs (pol: Policy) (reserve: float) (epochSeconds: float) (secondsLeft: float) (finished: int) : int =
+    if not (epochSeconds > 0.0 && Double.IsFinite epochSeconds) then fail "an epoch's time must be positive"
+    let avail = secondsLeft * (1.0 - pol.Margin) - pol.MarginSeconds - reserve
+    finished + max 0 (int (floor (avail / epochSeconds)))
+
 /// The seconds per step a probe reports from its timed laps: their median, so that one slow lap
 /// (a collection, a page-fault burst) does not move the plan. Fails on no laps.
 let lapSeconds (laps: float seq) : float =

@@ -341,7 +341,11 @@ type Hooks =
       /// epochs and iterations per epoch re-planned from how the synthesis ran and the time left
       /// (`Budget.replanFineTune`), recorded by the shell so that a resumed run keeps them; None keeps
       /// the config's counts
-      Replan: SynthesisTiming -> (int * int) option }
+      Replan: SynthesisTiming -> (int * int) option
+      /// under a time budget, after the first epoch this process fine-tuned: given the epochs done and
+      /// that epoch's seconds, the total epochs re-planned to the time left (`Budget.replanEpochs`),
+      /// recorded by the shell so that a resumed run keeps them; None keeps the current count
+      ReplanEpochs: int -> float -> int option }
 
 /// The teacher and test set of a run, loaded by the shell.
 type Inputs =
@@ -455,12 +459,11 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                 let p = { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; History = []; EpochsDone = 0 }
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
                 c, p
-        let ft = c.FineTune
         // ---- fine-tune, epoch by epoch
-        event (StageStarted("fine-tune", int64 start.EpochsDone * int64 ft.ItersPerEpoch, int64 (FineTune.totalIterations ft)))
+        event (StageStarted("fine-tune", int64 start.EpochsDone * int64 c.FineTune.ItersPerEpoch, int64 (FineTune.totalIterations c.FineTune)))
         let clock = Diagnostics.Stopwatch.StartNew()
-        let rec epochs (p: Progress) =
-            if p.EpochsDone >= ft.Epochs then p
+        let rec epochs (ft: FineTune.Config) (p: Progress) : FineTune.Config * Progress =
+            if p.EpochsDone >= ft.Epochs then ft, p
             else
                 let epoch = p.EpochsDone
                 let afterStep =
@@ -471,15 +474,30 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                     FineTune.epoch inputs.Device ft inputs.Teacher student opt images labels epoch (fun it ->
                         afterStep ()
                         event (FineTuneIteration it))
-                let evaluateNow = (epoch + 1) % c.Eval.Every = 0 || epoch + 1 = ft.Epochs
+                let evaluateEpoch () =
+                    match average with
+                    | Some a ->
+                        let last = evaluate inputs c event (LastWeightsAfterEpoch(epoch + 1)) student
+                        Some(evaluate inputs c event (AfterEpoch(epoch + 1)) a), Some last
+                    | None -> Some(evaluate inputs c event (AfterEpoch(epoch + 1)) student), None
+                let evaluated =
+                    if (epoch + 1) % c.Eval.Every = 0 || epoch + 1 = ft.Epochs then Some(evaluateEpoch ()) else None
+                // under a time budget, the first epoch of this process (its steps, evaluation included)
+                // measured the fine-tuning itself: the epochs still planned are planned once more,
+                // before the checkpoint records them (none when that epoch was the last: its cosine
+                // schedule has ended)
+                let ft =
+                    match c.TimeBudget with
+                    | Some _ when epoch = start.EpochsDone && epoch + 1 < ft.Epochs ->
+                        match hooks.ReplanEpochs (epoch + 1) clock.Elapsed.TotalSeconds with
+                        | Some n when n <> ft.Epochs -> { ft with Epochs = max (epoch + 1) n }
+                        | _ -> ft
+                    | _ -> ft
                 let acc, lastWeights =
-                    if not evaluateNow then None, None
-                    else
-                        match average with
-                        | Some a ->
-                            let last = evaluate inputs c event (LastWeightsAfterEpoch(epoch + 1)) student
-                            Some(evaluate inputs c event (AfterEpoch(epoch + 1)) a), Some last
-                        | None -> Some(evaluate inputs c event (AfterEpoch(epoch + 1)) student), None
+                    match evaluated with
+                    | Some r -> r
+                    | None when epoch + 1 >= ft.Epochs -> evaluateEpoch () // the re-plan made it the last epoch
+                    | None -> None, None
                 let record =
                     { Epoch = epoch + 1; Iterations = int64 (epoch + 1) * int64 ft.ItersPerEpoch; Mean = stats.Mean
                       Accuracy = acc; LastWeights = lastWeights }
@@ -496,11 +514,12 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                 match budgetStop with
                 | Some(left, perEpoch) ->
                     event (StoppedForBudget(epoch + 1, ft.Epochs, left, perEpoch))
-                    p
+                    ft, p
                 | None ->
                     if epoch + 1 < ft.Epochs then event (EpochSaved(epoch + 1, ft.Epochs))
-                    epochs p
-        let final = epochs start
+                    epochs ft p
+        let ft, final = epochs c.FineTune start
+        let c = { c with FineTune = ft }
         // the delivered model: the weight average, or the last weights
         match average with
         | Some a ->

@@ -285,7 +285,8 @@ let private activateSavingInput (kind: Activation) (x: Tensor) : Tensor =
 
 /// An activation followed by its quantizer, as one module (children `act`, `quant`). The activation's
 /// output is quantized in place (`ActQuant.ForwardInPlace`): one buffer and one pass fewer per
-/// quantizer than activation, copy, quantize.
+/// quantizer than activation, copy, quantize. Without gradients the activation is the module itself;
+/// with gradients, its input-saving form (`activateSavingInput`).
 type QAct(kind: Activation, bits: int) as this =
     inherit Module<Tensor, Tensor>("QAct")
     let act =
@@ -299,7 +300,8 @@ type QAct(kind: Activation, bits: int) as this =
     member _.Quantizer = quant
     override _.forward(x: Tensor) : Tensor =
         if bits = fullPrecisionBits then act.forward x
-        else quant.ForwardInPlace (activateSavingInput kind x)
+        elif torch.is_grad_enabled () then quant.ForwardInPlace (activateSavingInput kind x)
+        else quant.ForwardInPlace (act.forward x)
 
 /// The module and all its descendants, in registration (network) order.
 let private allModules (m: Module) : Module list =

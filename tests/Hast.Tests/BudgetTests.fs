@@ -133,6 +133,18 @@ let tests : Test list =
           Expect.equal (Budget.fineTuneSpeed BFloat16 Float32 0.85) 1.0 "bf16 synthesis faster than its probe: the fine-tune probe as timed"
           Expect.equal (Budget.fineTuneSpeed BFloat16 Float32 1.14) 1.14 "bf16 synthesis slower than its probe: the machine is slower, the plan shrinks"
           Expect.equal (Budget.fineTuneSpeed Float32 BFloat16 0.9) 1.0 "and the other way round")
+      property "after the first epoch, the epochs re-planned fill the time left less the margin, and one more would not fit"
+          (Gen.zip3 (logUniform 1.0 600.0) (logUniform 1.0 7200.0) (Gen.choose (1, 50))) (fun (epochSeconds, left, finished) ->
+          let n = Budget.replanEpochs pol 2.0 epochSeconds left finished
+          let avail = left * (1.0 - pol.Margin) - pol.MarginSeconds - 2.0
+          n >= finished
+          && float (n - finished) * epochSeconds <= max 0.0 avail * (1.0 + 1e-12)
+          && float (n - finished + 1) * epochSeconds > avail * (1.0 - 1e-12))
+      testCase "the epochs re-planned for the measured cpu-30min run: 1930 planned iterations became 13 epochs" (fun () ->
+          // /work/runs20 W3A3 seed 0 (docs/results.md): 10 x 193 planned after synthesis, epoch 1 took ~92 s
+          // with ~1,230 s of the budget left
+          Expect.equal (Budget.replanEpochs pol 2.2 92.0 1230.0 1) 13 "12 more epochs fit in 0.93 x 1230 - 2 - 2.2 s"
+          Expect.throws (fun () -> Budget.replanEpochs pol 2.0 0.0 100.0 1 |> ignore) "an epoch takes time")
       testCase "a probe that timed no laps is an error, not a NaN" (fun () ->
           Expect.throws (fun () -> Budget.lapSeconds [] |> ignore) "no laps")
       property "a plan's predicted time never exceeds the budget (less the margin)" (Gen.zip genProbes genRequest) (fun (p, r) ->

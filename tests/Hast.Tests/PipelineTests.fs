@@ -72,8 +72,9 @@ let private restore (saved: Saved) (student: Net) (average: Net option) (opt: to
 exception private Stop
 
 /// Run `c` on the shared model and the first 64 test images, in memory. `stopAt`: raise at the
-/// `EpochSaved` of that epoch; `from`: restore that state; `replan`: the shell's re-plan.
-let private runInMemoryWith (replan: SynthesisTiming -> (int * int) option) (c: Config) (stopAt: int option) (from: Saved option) =
+/// `EpochSaved` of that epoch; `from`: restore that state; `replan`, `replanEpochs`: the shell's re-plans.
+let private runInMemoryWithBoth (replan: SynthesisTiming -> (int * int) option) (replanEpochs: int -> float -> int option)
+                                (c: Config) (stopAt: int option) (from: Saved option) =
     let teacher = loadSharedModel ()
     let x, y = loadSharedTest ()
     use xs = x.slice(0L, 0L, 64L, 1L)
@@ -101,7 +102,8 @@ let private runInMemoryWith (replan: SynthesisTiming -> (int * int) option) (c: 
           Restore = fun student average opt -> from |> Option.bind (fun f -> restore f student average opt)
           Save = fun s -> saves.Add(save s)
           BudgetSecondsUsed = fun () -> 0.0
-          Replan = replan }
+          Replan = replan
+          ReplanEpochs = replanEpochs }
     let inputs = { Device = torch.CPU; Arch = arch; Classes = 10L; Teacher = teacher; Test = test }
     // one intra-op thread: the runs compared bit for bit do not depend on how work is split between threads
     let outcome =
@@ -113,6 +115,8 @@ let private runInMemoryWith (replan: SynthesisTiming -> (int * int) option) (c: 
                 Some(result, parameters)
             with Stop -> None)
     outcome, List.ofSeq saves, List.ofSeq events
+
+let private runInMemoryWith replan = runInMemoryWithBoth replan (fun _ _ -> None)
 
 let private runInMemory = runInMemoryWith (fun _ -> None)
 
@@ -142,6 +146,32 @@ let tests : Test list =
         let plain, _, _ = runInMemoryWith replan (tinyConfig 5L) None None
         Expect.equal asked.Count 1 "no budget, no re-plan"
         Expect.equal (plain |> Option.map (fun (r, _) -> r.Iterations)) (Some 4L) "the config's 2 x 2"
+      testCase "run: under a time budget the epochs are re-planned once, after the first epoch of the process; the run follows, evaluating its last epoch" <| fun () ->
+        let budget = Some { Seconds = 3600.0; Samples = None; SynthIters = None; FineTuneIters = None }
+        let asked = Collections.Generic.List<int * float>()
+        let replanTo (n: int) (finished: int) (seconds: float) =
+            asked.Add((finished, seconds))
+            Some n
+        // tinyConfig: 2 epochs x 2 iterations; longer: 4 epochs, evaluated after each
+        let longer, _, events = runInMemoryWithBoth (fun _ -> None) (replanTo 4) { tinyConfig 5L with TimeBudget = budget } None None
+        Expect.equal asked.Count 1 "asked once"
+        Expect.equal (fst asked[0]) 1 "after the first epoch"
+        Expect.isGreaterThan (snd asked[0]) 0.0 "with its seconds"
+        let r = (Option.get longer |> fst)
+        Expect.equal (r.EpochsDone, r.Iterations, r.StoppedByBudget) (4, 8L, false) "4 epochs x 2 iterations ran, not a budget stop"
+        Expect.equal (events |> Seq.choose (function EpochFinished(e, total) -> Some(e.Epoch, total) | _ -> None) |> List.ofSeq)
+            [ 1, 4; 2, 4; 3, 4; 4, 4 ] "every epoch reports the new total"
+        // shorter: the re-plan makes the first epoch the last; it is evaluated (every 2nd epoch otherwise)
+        asked.Clear()
+        let c = { tinyConfig 5L with TimeBudget = budget; Eval = { (tinyConfig 5L).Eval with Every = 2 } }
+        let shorter, _, _ = runInMemoryWithBoth (fun _ -> None) (replanTo 1) c None None
+        let r = (Option.get shorter |> fst)
+        Expect.equal (r.EpochsDone, r.StoppedByBudget) (1, false) "one epoch, the plan's whole"
+        Expect.isTrue r.History.Head.Accuracy.IsSome "the last epoch is evaluated"
+        // no budget: never asked
+        asked.Clear()
+        runInMemoryWithBoth (fun _ -> None) (replanTo 4) (tinyConfig 5L) None None |> ignore
+        Expect.equal asked.Count 0 "no budget, no re-plan"
       testCase "defaults: the authors' per-dataset settings as data (λ, ε, lr, batch, milestones)" <| fun () ->
         let d10, d100, di = datasetDefaults Cifar10, datasetDefaults Cifar100, datasetDefaults ImageNet
         Expect.equal (d10.Lambda, d10.Epsilon, d10.Lr, d10.BatchSize, d10.Milestones) (1000.0, 0.01, 1e-5, 64, [ 20; 40; 60 ]) "CIFAR-10"

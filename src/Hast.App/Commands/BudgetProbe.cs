@@ -46,8 +46,10 @@ public static class BudgetProbe
         var planPath = Path.Combine(outDir, PlanFile);
         if (c.Resume && File.Exists(planPath))
         {
-            var (recorded, samples, synthIters, fineTuneIters) = ReadPlan(planPath);
-            var resumed = QuantizeCli.withCounts(samples, synthIters, fineTuneIters, c);
+            var (recorded, samples, synthIters, fineTuneIters, epochs, itersPerEpoch) = ReadPlan(planPath);
+            // the epochs as recorded: a re-plan after the first epoch changes their number, not their
+            // length, which the total alone would not give back
+            var resumed = QuantizeCli.withEpochs(epochs, itersPerEpoch, QuantizeCli.withCounts(samples, synthIters, fineTuneIters, c));
             return new Planned(resumed, recorded, [$"time budget: resuming with the recorded plan ({planPath})"]);
         }
         Directory.CreateDirectory(outDir);
@@ -101,14 +103,44 @@ public static class BudgetProbe
         return (next, line);
     }
 
-    /// The recorded plan and its three counts; a damaged plan.json is one clear error, not a crash.
-    static (JsonObject Json, int Samples, int SynthIters, int FineTuneIters) ReadPlan(string path)
+    /// The fine-tune epochs re-planned after the first epoch of this process (`Pipeline.Hooks.ReplanEpochs`):
+    /// `done` epochs finished, the last in `epochSeconds`, `secondsLeft` of the budget left
+    /// (`Budget.replanEpochs`). Gives the config with the new count, or null to keep `current` (a resumed
+    /// plan, fine-tune iterations given, or the same count); records it in plan.json (`replanned_epochs`).
+    public static (QuantizeCli.PipelineConfig Config, string Line)? ReplanEpochs(Planned planned, QuantizeCli.PipelineConfig current,
+                                                                                 int done, double epochSeconds, double secondsLeft, string outDir)
+    {
+        if (planned.Probes is not { } probes || planned.Request is not { } request || request.FineTuneIters is not null) return null;
+        var before = current.Run.FineTune.Epochs;
+        var epochs = Math.Max(done, Budget.replanEpochs(Budget.measured, Pipeline.budgetFinalReserve + probes.Save, epochSeconds, secondsLeft, done));
+        if (epochs == before) return null;
+        var next = QuantizeCli.withEpochs(epochs, current.Run.FineTune.ItersPerEpoch, current);
+        var ft = next.Run.FineTune;
+        var json = planned.Json;
+        json["replanned_epochs"] = new JsonObject
+        {
+            ["after_epoch"] = done,
+            ["epoch_s"] = Math.Round(epochSeconds, 2),
+            ["seconds_left"] = Math.Round(secondsLeft, 1),
+            ["epochs_planned_before"] = before,
+        };
+        json["fine_tune_iters"] = FineTune.totalIterations(ft);
+        json["epochs"] = ft.Epochs;
+        AtomicFile.WriteAllText(Path.Combine(outDir, PlanFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        var line = $"time budget: epoch {done} took {epochSeconds:F0}s; fine-tuning re-planned to {ft.Epochs} x {ft.ItersPerEpoch} " +
+                   $"= {FineTune.totalIterations(ft)} iterations (was {before} epochs) in the {secondsLeft:F0}s left";
+        return (next, line);
+    }
+
+    /// The recorded plan, its three counts and the fine-tuning's epochs and iterations per epoch; a damaged
+    /// plan.json is one clear error, not a crash.
+    static (JsonObject Json, int Samples, int SynthIters, int FineTuneIters, int Epochs, int ItersPerEpoch) ReadPlan(string path)
     {
         try
         {
             var o = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
             int Count(string key) => (int)o[key]! is var n and > 0 ? n : throw new FormatException($"'{key}' is not positive");
-            return (o, Count("samples"), Count("synth_iters"), Count("fine_tune_iters"));
+            return (o, Count("samples"), Count("synth_iters"), Count("fine_tune_iters"), Count("epochs"), Count("iters_per_epoch"));
         }
         catch (Exception e) when (e is JsonException or FormatException or InvalidOperationException or NullReferenceException)
         {

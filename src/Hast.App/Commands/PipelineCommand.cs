@@ -128,6 +128,19 @@ public static class PipelineCommand
                 log.Info(r.Line);
                 log.Metric("replan", planned.Json["replanned"]!.DeepClone().AsObject());
                 return FSharpOption<Tuple<int, int>>.Some(Tuple.Create(c.Run.FineTune.Epochs, c.Run.FineTune.ItersPerEpoch));
+            }),
+            FuncConvert.FromFunc<int, double, FSharpOption<int>>((done, epochSeconds) =>
+            {
+                if (planned is null || c.Run.TimeBudget is not { } budget) return null;
+                var replanned = BudgetProbe.ReplanEpochs(planned, c, done, epochSeconds, budget.Value.Seconds - (secondsBefore + Elapsed(clock)), outDir);
+                if (replanned is not { } r) return null;
+                c = r.Config;
+                settings = Settings(c);
+                AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
+                events.Replanned(c);
+                log.Info(r.Line);
+                log.Metric("replan_epochs", planned.Json["replanned_epochs"]!.DeepClone().AsObject());
+                return FSharpOption<int>.Some(c.Run.FineTune.Epochs);
             }));
         var inputs = new Pipeline.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
         var (result, studentNet) = Pipeline.run(inputs, c.Run, hooks).ToValueTuple();
