@@ -267,8 +267,8 @@ let replanFineTune (pol: Policy) (p: Probes) (r: Request) (speed: float) (second
 /// `finished` epochs are done, the last of them took `epochSeconds` (its steps, evaluation and checkpoint),
 /// and `secondsLeft` of the budget remain. As many further epochs as fit in the time left less the
 /// plan's margin (none when not even one does). The first epoch measures the fine-tuning itself, at the
-/// machine's speed of that minute, where the probes at the start misread it by 0.74–1.13× (sixteen
-/// runs, docs/results.md) and the re-plan after synthesis carries that over. `reserve`: seconds kept
+/// machine's speed of that minute: the steps took 0.74–1.13× what the probes at the start read (seventeen
+/// runs, docs/results.md), and the re-plan after synthesis carries that over. `reserve`: seconds kept
 /// for the end of the run (final checkpoint and report). Epochs keep their length, so their data order
 /// is unchanged; a cosine schedule stretches or shrinks to the new total (the pipeline re-plans only
 /// when more than one epoch was planned, so the schedule has not ended).
