@@ -96,7 +96,7 @@ public static class BudgetProbe
         json["fine_tune_iters"] = FineTune.totalIterations(ft);
         json["epochs"] = ft.Epochs;
         json["iters_per_epoch"] = ft.ItersPerEpoch;
-        AtomicFile.WriteAllText(Path.Combine(outDir, PlanFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        WritePlan(json, outDir);
         var applied = ftSpeed == speed ? "" : $" (synthesis in {ConvPrecisionModule.name(synthesisPrecision)}, fine-tuning in {ConvPrecisionModule.name(current.Run.FineTune.ConvPrecision)}: only a slowdown carries over, the fine-tune probe kept)";
         var line = $"time budget: synthesis took {speed:F2}x its probe's prediction{applied}; fine-tuning re-planned to {ft.Epochs} x {ft.ItersPerEpoch} " +
                    $"= {FineTune.totalIterations(ft)} iterations (planned first: {before}) in the {secondsLeft:F0}s left";
@@ -126,11 +126,14 @@ public static class BudgetProbe
         };
         json["fine_tune_iters"] = FineTune.totalIterations(ft);
         json["epochs"] = ft.Epochs;
-        AtomicFile.WriteAllText(Path.Combine(outDir, PlanFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        WritePlan(json, outDir);
         var line = $"time budget: epoch {done} took {epochSeconds:F0}s; fine-tuning re-planned to {ft.Epochs} x {ft.ItersPerEpoch} " +
                    $"= {FineTune.totalIterations(ft)} iterations (was {before} epochs) in the {secondsLeft:F0}s left";
         return (next, line);
     }
+
+    static void WritePlan(JsonObject json, string outDir) =>
+        AtomicFile.WriteAllText(Path.Combine(outDir, PlanFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
 
     /// The recorded plan, its three counts and the fine-tuning's epochs and iterations per epoch; a damaged
     /// plan.json is one clear error, not a crash.

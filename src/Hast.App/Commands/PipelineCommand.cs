@@ -107,6 +107,17 @@ public static class PipelineCommand
         using var sinkGuard = sinkGuard2;
         double secondsBefore = resumeFrom is { } rf0 ? (double)rf0.Meta["seconds"]! : 0;
         var events = new Events(c, log, sink, store, storeDir);
+        // a re-planned config: the settings a resumed run is matched against, config.json and the
+        // progress display follow; the plan's record of it goes to the log and the metrics
+        void Adopt(QuantizeCli.PipelineConfig next, string line, string metric, string planKey)
+        {
+            c = next;
+            settings = Settings(c);
+            AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
+            events.Replanned(c);
+            log.Info(line);
+            log.Metric(metric, planned!.Json[planKey]!.DeepClone().AsObject());
+        }
         var hooks = new Pipeline.Hooks(
             FuncConvert.FromAction<Pipeline.Event>(events.On),
             storeHooks,
@@ -120,13 +131,7 @@ public static class PipelineCommand
                 if (planned is null || c.Run.TimeBudget is not { } budget) return null;
                 var replanned = BudgetProbe.Replan(planned, c, timing, budget.Value.Seconds - (secondsBefore + Elapsed(clock)), outDir);
                 if (replanned is not { } r) return null;
-                // the settings a resumed run is matched against, config.json and the progress display follow
-                c = r.Config;
-                settings = Settings(c);
-                AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
-                events.Replanned(c);
-                log.Info(r.Line);
-                log.Metric("replan", planned.Json["replanned"]!.DeepClone().AsObject());
+                Adopt(r.Config, r.Line, "replan", "replanned");
                 return FSharpOption<Tuple<int, int>>.Some(Tuple.Create(c.Run.FineTune.Epochs, c.Run.FineTune.ItersPerEpoch));
             }),
             FuncConvert.FromFunc<int, double, FSharpOption<int>>((done, epochSeconds) =>
@@ -134,12 +139,7 @@ public static class PipelineCommand
                 if (planned is null || c.Run.TimeBudget is not { } budget) return null;
                 var replanned = BudgetProbe.ReplanEpochs(planned, c, done, epochSeconds, budget.Value.Seconds - (secondsBefore + Elapsed(clock)), outDir);
                 if (replanned is not { } r) return null;
-                c = r.Config;
-                settings = Settings(c);
-                AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
-                events.Replanned(c);
-                log.Info(r.Line);
-                log.Metric("replan_epochs", planned.Json["replanned_epochs"]!.DeepClone().AsObject());
+                Adopt(r.Config, r.Line, "replan_epochs", "replanned_epochs");
                 return FSharpOption<int>.Some(c.Run.FineTune.Epochs);
             }));
         var inputs = new Pipeline.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
