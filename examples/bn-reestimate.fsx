@@ -19,8 +19,10 @@ Hast.App.NativeTuning.Apply()
 let shared = Path.Combine(__SOURCE_DIRECTORY__, "../../shared")
 let test = (Hast.App.IO.Datasets.Open(Path.Combine(shared, "data/cifar10/test_batch_head932.bin"), (Registry.find "cifar-resnet20-a").Input)).Dataset
 let top1 (m: Net) = (Evaluate.accuracy torch.CPU 250L (fun _ _ -> ()) m test).Top1
+/// The delivered student of a run; the checkpoint's own tensors are freed once copied in.
 let load dir =
-    let struct (m, _) = Hast.App.ModelFiles.LoadCheckpoint(Path.Combine(dir, "quantized.ckpt"), torch.CPU)
+    let struct (m, saved) = Hast.App.ModelFiles.LoadCheckpoint(Path.Combine(dir, "quantized.ckpt"), torch.CPU)
+    saved.Dispose()
     m.Net
 
 /// New running statistics for every BatchNorm of `net` from `images` in batches of `batch`.
@@ -39,10 +41,13 @@ let reestimate (net: Net) (images: torch.Tensor) (batch: int64) =
 
 for dir in fsi.CommandLineArgs |> Array.skip 1 do
     let images = (Hast.App.SynthesizeCommand.ReadSamples(Hast.App.IO.SampleStore.Open(Path.Combine(dir, "samples")), Nullable())).Item1
-    let delivered = top1 (load dir)
+    let delivered =
+        use net = load dir
+        top1 net
     let after =
         [ for batch in [ 64L; 256L ] ->
-              let net = load dir
+              use net = load dir
               reestimate net images batch
               sprintf "batch %d: %.2f%%" batch (top1 net) ]
     printfn "%s (%d samples): delivered %.2f%%; BN re-estimated, %s" dir images.shape[0] delivered (String.concat ", " after)
+    images.Dispose()
