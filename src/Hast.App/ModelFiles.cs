@@ -49,6 +49,8 @@ public static class ModelFiles
         var net = arch.Build.Invoke(classes).Invoke(kit);
         try
         {
+            // this machine's routes for the model's convolutions (and the generator's), checked once
+            ConvRouting.Prepare([net]);
             fill(net);
             net.to(device);
             net.eval();

@@ -31,6 +31,7 @@ public static class NativeTuning
             parts.Add(ok ? "malloc thresholds 32/256 MiB" : "malloc thresholds glibc's (mallopt refused)");
         }
         else parts.Add("malloc from GLIBC_TUNABLES");
+        parts.Add(LogLevel);
         Applied = string.Join(", ", parts);
     }
 
@@ -53,6 +54,41 @@ public static class NativeTuning
     public static bool MachineHasBf16() =>
         File.Exists("/proc/cpuinfo") && HasBf16(CpuFlags(File.ReadLines("/proc/cpuinfo")));
 
+    /// The environment variable libtorch's `c10::initLogging` reads its C++ log level from.
+    public const string LogLevelVariable = "TORCH_CPP_LOG_LEVEL";
+
+    /// Hide libtorch's own warnings (e.g. NNPACK's "Could not initialize NNPACK! Reason: Unsupported
+    /// hardware.", printed at every small convolution on CPUs NNPACK does not know: hundreds of lines a
+    /// minute) unless `verbose`; a user's own TORCH_CPP_LOG_LEVEL is honoured instead. libtorch reads
+    /// that variable only in `c10::initLogging()`, which PyTorch's Python module calls and TorchSharp
+    /// does not, so this sets it through libc's setenv (.NET's Environment.SetEnvironmentVariable does
+    /// not reach native getenv on Linux) and calls `c10::initLogging()` itself. What it did is in
+    /// `Applied`.
+    public static void QuietLibtorch(bool verbose)
+    {
+        if (verbose) { LogLevel = "libtorch's default (--verbose)"; return; }
+        var level = Environment.GetEnvironmentVariable(LogLevelVariable) ?? "ERROR";
+        try
+        {
+            if (OperatingSystem.IsLinux() || OperatingSystem.IsMacOS()) setenv(LogLevelVariable, level, 1);
+            initLogging();
+            LogLevel = $"libtorch log level {level}";
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            LogLevel = "libtorch's default (c10::initLogging not found)";
+        }
+    }
+
+    /// What `QuietLibtorch` did.
+    public static string LogLevel { get; private set; } = "libtorch's default";
+
+    [DllImport("c10", EntryPoint = "_ZN3c1011initLoggingEv")]
+    static extern void initLogging();
+
     [DllImport("libc")]
     static extern int mallopt(int param, int value);
+
+    [DllImport("libc", CharSet = CharSet.Ansi)]
+    static extern int setenv(string name, string value, int overwrite);
 }

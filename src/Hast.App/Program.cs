@@ -12,6 +12,10 @@ public static class Program
 
     public static int Main(string[] args)
     {
+        // before the first tensor: libtorch reads its log level once, when it loads
+        var verbose = args.Contains("--verbose");
+        args = [.. args.Where(a => a != "--verbose")];
+        NativeTuning.QuietLibtorch(verbose);
         NativeTuning.Apply();
         using var stop = StopSignal.Register();
         // output that is not a terminal (CI logs, pipes) gets no escape codes, whatever a library writes
@@ -53,6 +57,7 @@ public static class Program
                 Root.Command.Export c => ExportCommand.Run(c.Item, stdout),
                 Root.Command.Analyze c => AnalyzeCommand.Run(c.Item, stdout),
                 Root.Command.Ablate c => AblateCommand.Run(c.Item, stdout),
+                Root.Command.Doctor c => DoctorCommand.Run(c.Item, stdout),
                 _ => throw new HastError("unknown command"),
             };
         }

@@ -15,6 +15,7 @@ type Command =
     | Export of ExportCli.ExportConfig
     | Analyze of AnalyzeCli.AnalyzeConfig
     | Ablate of AblateCli.AblateConfig
+    | Doctor of DoctorCli.DoctorConfig
 
 [<RequireSubcommand>]
 type HastArgs =
@@ -28,6 +29,9 @@ type HastArgs =
     | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportCli.ExportArgs>
     | [<CliPrefix(CliPrefix.None)>] Analyze of ParseResults<AnalyzeCli.AnalyzeArgs>
     | [<CliPrefix(CliPrefix.None)>] Ablate of ParseResults<AblateCli.AblateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Doctor of ParseResults<DoctorCli.DoctorArgs>
+    /// read by the shell before anything else (libtorch's log level is set before it loads)
+    | Verbose
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -41,10 +45,12 @@ type HastArgs =
             | Export _ -> "write a model as ONNX: integer weights and QDQ activations for a quantized checkpoint, float for FP"
             | Analyze _ -> "the supplement's Figure 2: Hessian spectrum per loss, gradient cosines while fine-tuning"
             | Ablate _ -> "the supplement's studies as sweeps of runs: direction | weights | alignment | samples | sensitivity (table, figure, JSON)"
+            | Doctor _ -> "this machine's report: CPU features, threads, libtorch, and each convolution shape checked against float64 with its route"
+            | Verbose -> "show libtorch's own warnings (hidden by default); may stand anywhere on the command line"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
-let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export"; "analyze"; "hessian"; "gradcos"; "ablate"; "direction"; "weights"; "alignment"; "sensitivity" ]
+let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export"; "analyze"; "hessian"; "gradcos"; "ablate"; "direction"; "weights"; "alignment"; "sensitivity"; "doctor" ]
 
 /// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
 /// and where to find help, e.g. `hast: parameter '--lr' must be followed by <double>, but was 'inf'; see hast run --help`.
@@ -76,6 +82,8 @@ let parse (readFile: string -> string) (argv: string[]) : Command =
         | HastArgs.Export r -> Command.Export(ExportCli.ofResults r)
         | HastArgs.Analyze r -> Command.Analyze(AnalyzeCli.ofResults r)
         | HastArgs.Ablate r -> Command.Ablate(AblateCli.ofResults r)
+        | HastArgs.Doctor r -> Command.Doctor(DoctorCli.ofResults r)
+        | HastArgs.Verbose -> raise (CliUsage("hast: name a command after --verbose; see hast --help", false))
     with :? ArguParseException as e ->
         if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
         else raise (CliUsage(oneLine argv e.Message, false))

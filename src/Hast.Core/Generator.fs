@@ -64,6 +64,12 @@ let checkSide (side: int) : unit =
     if side <= 0 || side % 4 <> 0 then
         failf "the generator needs an image side that is a positive multiple of 4 (got %d)" side
 
+/// The generator's convolutions (torch.nn.Conv2d(cin, cout, 3, padding = 1), with bias), in network
+/// order: the shapes a run that calibrates with the generator needs checked (`ConvCheck`).
+let convSpecs : ConvSpec list =
+    [ for cin, cout in [ 128L, 128L; 128L, 64L; 64L, 3L ] ->
+          { ConvSpec.make cin cout 3L 1L 1L with Bias = true } ]
+
 /// GDFQ's label-conditional generator. `forward(z, labels)`: z (B, latent) float, labels (B) int64
 /// -> images (B, 3, side, side) in the teacher's normalised input space. Use it in train mode
 /// (its BatchNorms normalise with batch statistics).
@@ -78,12 +84,12 @@ type Generator(classes: int64, side: int, latent: int) as this =
     let labelEmb = Embedding(classes, lat)
     let l1 = Sequential(Linear(lat, 128L * initSize * initSize))
     let blocks0 = Sequential(BatchNorm2d(128L))
+    let conv (spec: ConvSpec) = new Conv(spec) :> Module<Tensor, Tensor>
     let blocks1 =
-        Sequential(Conv2d(128L, 128L, 3L, stride = 1L, padding = 1L), BatchNorm2d(128L, eps = 0.8),
-                   LeakyReLU(0.2))
+        Sequential(conv (List.item 0 convSpecs), BatchNorm2d(128L, eps = 0.8), LeakyReLU(0.2))
     let blocks2 =
-        Sequential(Conv2d(128L, 64L, 3L, stride = 1L, padding = 1L), BatchNorm2d(64L, eps = 0.8),
-                   LeakyReLU(0.2), Conv2d(64L, 3L, 3L, stride = 1L, padding = 1L), Tanh(),
+        Sequential(conv (List.item 1 convSpecs), BatchNorm2d(64L, eps = 0.8),
+                   LeakyReLU(0.2), conv (List.item 2 convSpecs), Tanh(),
                    BatchNorm2d(3L, affine = false))
     do
         this.register_module("label_emb", labelEmb)
@@ -114,11 +120,11 @@ type Generator(classes: int64, side: int, latent: int) as this =
                 let bound = 1.0 / sqrt (float l.weight.shape[1])
                 uniform bound l.weight
                 uniform bound l.bias
-            | :? Conv2d as c ->
-                let w = c.weight
+            | :? Conv as c ->
+                let w = c.get_parameter "weight"
                 let bound = 1.0 / sqrt (float (w.shape[1] * w.shape[2] * w.shape[3]))
                 uniform bound w
-                uniform bound c.bias
+                uniform bound (c.get_parameter "bias")
             | :? BatchNorm2d as b ->
                 if not (isNull b.weight) then b.weight.fill_(1.0) |> ignore
                 if not (isNull b.bias) then b.bias.zero_() |> ignore
@@ -177,6 +183,8 @@ let calibrateWithGenerator
         use gInit = generator (deriveSeed cfg.Seed [ 0L ])
         use gData = generator (deriveSeed cfg.Seed [ 1L ])
         use gen = new Generator(classes, side, cfg.Latent)
+        // its convolutions take the teacher's routes (the shell checked the generator's shapes too)
+        ConvRoute.apply (ConvRoute.ofModules [ teacher ]) [ gen ]
         gen.Initialize gInit
         gen.``to``(device) |> ignore
         gen.train ()

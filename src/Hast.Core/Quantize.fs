@@ -20,6 +20,7 @@ let quantize (arch: Registry.Arch) (classes: int64) (fp: Net) (wbits: int) (abit
         | Some p -> q.``to``(p.device) |> ignore
         | None -> ()
         copyWeights fp q
+        ConvRoute.apply (ConvRoute.ofModules [ fp ]) [ q ]
         q.train fp.training
         q
     with _ ->

@@ -140,19 +140,23 @@ type QConv2d(spec: ConvSpec, wbits: int) as this =
     inherit Module<Tensor, Tensor>("QConv2d")
     do checkBits "wbits" wbits
     do ConvSpec.registerParameters this spec
-    let mutable precision = Float32
+    let state = ConvState(spec)
     member _.Spec = spec
     interface IWeightQuantized with
         member _.WeightBits = wbits
-    interface IConvPrecision with
+    interface IConv with
+        member _.Spec = spec
         member _.Precision
-            with get () = precision
-            and set v = precision <- v
+            with get () = state.Precision
+            and set v = state.Precision <- v
+        member _.Routes
+            with get () = state.Routes
+            and set v = state.Routes <- v
     /// The weight is fake-quantized in float32; only the convolution itself runs in `precision`.
     override this.forward(x: Tensor) : Tensor =
         let w = weightFakeQuant (this.get_parameter "weight") wbits
         let b = if spec.Bias then this.get_parameter "bias" :> Tensor else null
-        ConvPrecision.conv2d precision spec x w b
+        state.Run(x, w, b)
 
 /// Linear with per-output-row fake-quantized weight. Parameters `weight` (out, in) and `bias` (out).
 type QLinear(inFeatures: int64, outFeatures: int64, wbits: int) as this =

@@ -142,6 +142,7 @@ let private valid (c: Root.Command) =
     | Root.Command.Samples _ -> true
     | Root.Command.Download d -> d.List || not d.Items.IsEmpty
     | Root.Command.Bench _ -> true
+    | Root.Command.Doctor _ -> true
     | Root.Command.Export x -> x.Classes |> Option.forall (fun n -> n > 0)
     | Root.Command.Analyze(AnalyzeCli.Hessian h) ->
         h.Batch > 0 && h.Analysis.LanczosSteps > 0 && h.Analysis.Runs > 0 && h.Analysis.Bins >= 2

@@ -207,7 +207,7 @@ let precisionTests = [
                 [ for m in [ teacher :> torch.nn.Module; student ] do
                     for struct (_, x) in m.named_modules () do
                         match box x with
-                        | :? IConvPrecision as p -> yield p.Precision
+                        | :? IConv as p -> yield p.Precision
                         | _ -> () ]
             e.Mean, precisions
         let f, fp = run Float32

@@ -120,10 +120,12 @@ let tests : Test list = [
         Expect.equal (flags ()) expected "after a failure: mode and flags restored"
     }
 
-    test "Conv: float32 is torch's conv2d exactly; bfloat16 is close, not equal, with float32 output and gradients" {
+    test "Conv: float32 is torch's conv2d exactly; bfloat16 (by this machine's checked route) is close, not equal, with float32 output and gradients" {
         use _ = torch.NewDisposeScope()
         let spec = { ConvSpec.make 4L 6L 3L 1L 1L with Bias = true }
         use conv = new Conv(spec)
+        // libtorch's own bf16 kernel is wrong for 6 output channels on some machines (issue 26)
+        ConvRoute.apply (ConvCheck.decideLibtorch [] (ConvCheck.keys [ spec ] [ BFloat16 ]) |> ConvCheck.routesOf) [ conv ]
         use g = generator 7L
         let x = torch.randn([| 2L; 4L; 8L; 8L |], generator = g)
         let w, b = conv.get_parameter "weight", conv.get_parameter "bias"
@@ -147,7 +149,7 @@ let tests : Test list = [
         let precisions () =
             [ for struct (_, m) in net.named_modules () do
                 match box m with
-                | :? IConvPrecision as p -> yield p.Precision
+                | :? IConv as p -> yield p.Precision
                 | _ -> () ]
         Expect.equal (precisions ()) [ Float32 ] "one conv, float32"
         let inside = ConvPrecision.within BFloat16 [ net ] (fun () -> precisions ())

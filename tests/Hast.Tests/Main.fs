@@ -11,6 +11,7 @@ let all =
         testList "prelude" PreludeTests.tests
         testList "layers" LayersTests.tests
         testList "quantizers" QuantizersTests.tests
+        testList "conv check" ConvCheckTests.tests
         testList "cifar resnet" CifarResNetTests.tests
         testList "resnet" ResNetTests.tests
         testList "mobilenetv2" MobileNetV2Tests.tests
@@ -38,6 +39,7 @@ let all =
         testList "cli" (CliTests.tests @ CliTests.configTests)
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
+        testList "conv routing" ConvRoutingTests.tests
         testList "fuzz" FuzzTests.tests
         testList "end to end" EndToEndTests.tests
         testList "onnx" OnnxTests.tests

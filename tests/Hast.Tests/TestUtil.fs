@@ -4,6 +4,10 @@ module Hast.Tests.TestUtil
 open System
 open System.IO
 
+// As the hast command does: libtorch's own warnings hidden. First thing of the first file, so before
+// any test module's top-level value makes a tensor (libtorch reads its log level once, when it loads).
+do Hast.App.NativeTuning.QuietLibtorch false
+
 /// Folder with the shared model and data: $HAST_DATA, else ../shared next to the repo.
 let sharedDir =
     match Environment.GetEnvironmentVariable "HAST_DATA" with
@@ -51,9 +55,11 @@ open TorchSharp
 open Hast.Core
 
 /// The shared pretrained ResNet-20 (option A) as a full-precision model in eval mode,
-/// read with the product's weight loader (`WeightsFile` + `StateDict.load`).
+/// read with the product's weight loader (`WeightsFile` + `StateDict.load`), with this machine's
+/// convolution routes (`ConvRouting.Prepare`, as every model the commands load).
 let loadSharedModel () : Net =
     let net = Models.CifarResNet.resnet20a 10L LayerKit.fullPrecision
+    Hast.App.ConvRouting.Prepare([ net :> torch.nn.Module ]) |> ignore
     Hast.App.IO.WeightsFile.LoadInto(zipWeights, "cifar-resnet20-a", net)
     net.eval ()
     net
