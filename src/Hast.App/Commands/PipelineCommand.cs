@@ -76,6 +76,9 @@ public static class PipelineCommand
                  $"{ft.Epochs} epoch(s) x {ft.ItersPerEpoch} iterations, batch {ft.BatchSize}, seed {ft.Seed}" +
                  (c.Preset is { } p ? $", preset {p.Value}" : ""));
         log.Metric("settings", settings);
+        // the convolutions this machine computes by another route than libtorch's own (issue 26)
+        var convRoutes = ConvRouting.Describe(ConvRouteModule.ofModules(Microsoft.FSharp.Collections.ListModule.OfSeq<nn.Module>([teacher.Net])));
+        log.Metric("conv_routes", new JsonObject { ["routes"] = convRoutes.DeepClone() });
         AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
         if (planned is not null)
         {
@@ -149,6 +152,7 @@ public static class PipelineCommand
         // ---- results
         var seconds = Math.Round(secondsBefore + Elapsed(started), 1);
         var json = ResultJson(result, c, seconds);
+        json["conv_routes"] = convRoutes.DeepClone();
         if (planned is not null)
         {
             var plan = planned.Json.DeepClone().AsObject();
