@@ -18,9 +18,9 @@ namespace Hast.App;
 /// Actions: `kill` (default: SIGKILL to itself, an abrupt death with no cleanup), `term` / `int`
 /// (SIGTERM / SIGINT to itself; the run then stops at its next safe point), `enospc` (an IOException
 /// "No space left on device", as a full disk gives), `slow<k>` (k >= 1: from the n-th synthesis batch
-/// on, each batch reports k times its probe's prediction as its time, whatever it really took: the
-/// time budget sees a synthesis k times slower than probed, its clock moved by the difference, with
-/// nothing slept, on any machine). Several plans are separated by commas
+/// on, each batch reports k times its probe's prediction as its time, whatever it really took, and the
+/// time budget's clock counts the synthesis stage as those seconds: the budget sees a synthesis k times
+/// slower than probed, with nothing slept, on any machine). Several plans are separated by commas
 /// (`synth-batch:1:slow4,synth-iter:30:kill`).
 /// The plans are read when a command starts (`Program.Run`); each armed plan counts its own hits.
 public static class Faults

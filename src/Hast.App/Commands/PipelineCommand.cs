@@ -108,25 +108,27 @@ public static class PipelineCommand
         double secondsBefore = resumeFrom is { } rf0 ? (double)rf0.Meta["seconds"]! : 0;
         var events = new Events(c, log, sink, store, storeDir);
         // the seconds the synthesis of this process took as the budget sees them, and the seconds a
-        // HAST_FAULT slowdown (`synth-batch:<n>:slow<k>`) put in place of the real ones: the budget's
-        // clock is moved by them
-        double synthesisSeen = 0, injected = 0, leftAfterSynthesis = double.NaN;
+        // HAST_FAULT slowdown (`synth-batch:<n>:slow<k>`) put in place of the real ones: once it applies,
+        // the budget's clock counts the synthesis stage as the batches' reported seconds alone
+        double synthesisSeen = 0, injected = 0, synthesisStart = 0, leftAfterSynthesis = double.NaN;
         double Used() => secondsBefore + Elapsed(clock) + injected;
         void OnEvent(Pipeline.Event e)
         {
+            if (e is Pipeline.Event.StageStarted { stage: "synthesis" }) synthesisStart = Elapsed(clock);
             if (e is Pipeline.Event.SynthesisBatchStored b)
             {
                 var k = Faults.Slowdown("synth-batch");
-                var seen = b.seconds;
                 if (k > 1 && planned?.Probes is { } pr && c.Run.Samples is Pipeline.Samples.Synthesize sy)
-                    seen = k * b.Item1.Labels.shape[0] * (sy.Item.Iterations + 1) * pr.SynthIterPerSample;
-                injected += seen - b.seconds;
-                synthesisSeen += seen;
+                {
+                    synthesisSeen += k * b.Item1.Labels.shape[0] * (sy.Item.Iterations + 1) * pr.SynthIterPerSample;
+                    injected = synthesisSeen - (Elapsed(clock) - synthesisStart);
+                }
+                else synthesisSeen += b.seconds;
+                if (c.Run.TimeBudget is { } tb) leftAfterSynthesis = tb.Value.Seconds - Used();
             }
-            else if (e is Pipeline.Event.SamplesReady && c.Run.TimeBudget is { } tb) leftAfterSynthesis = tb.Value.Seconds - Used();
             events.On(e);
         }
-        Pipeline.SynthesisTiming Seen(Pipeline.SynthesisTiming t) => new(t.SampleIterations, t.Seconds + injected);
+        Pipeline.SynthesisTiming Seen(Pipeline.SynthesisTiming t) => injected == 0 ? t : new(t.SampleIterations, synthesisSeen);
         // a re-planned config: the settings a resumed run is matched against, config.json and the
         // progress display follow; the plan's record of it goes to the log and the metrics
         void Adopt(QuantizeCli.PipelineConfig next, string line, string metric, string planKey)
@@ -183,7 +185,7 @@ public static class PipelineCommand
             plan["used_s"] = Math.Round(Used(), 1);
             if (synthesisSeen > 0)
             {
-                // this process's synthesis as the budget saw it, and what it left: the plan's balance, measured
+                // this process's synthesis as the budget saw it, and what its last batch left: the plan's balance, measured
                 plan["synthesis_s"] = Math.Round(synthesisSeen, 2);
                 plan["left_after_synthesis_s"] = Math.Round(leftAfterSynthesis, 2);
             }
