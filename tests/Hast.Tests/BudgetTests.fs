@@ -116,10 +116,10 @@ let private slowSynthesisArgs (budget: string) (test: string) (out: string) =
     [ "run"; "--time-budget"; budget; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--wbits"; "4"; "--abits"; "4"
       "--synth-batch"; "16"; "--synth-iters"; "2"; "--calib-batches"; "16"; "--batch"; "8"; "--lr"; "1e-5"; "--schedule"; "cosine"; "--out"; out ]
 
-/// `run` (given the budget and a fresh output folder) at 150 s; refused there as too short on a slow or
+/// `run` (given the budget and a fresh output folder) at `seconds`; refused there as too short on a slow or
 /// loaded machine, once more at 1.5 times the least budget the refusal names (room above the stages'
 /// minimum counts), up to 6 minutes (a budget refused then too: None, said). Gives the exit code, stdout, stderr, the output folder and the budget.
-let private runBudgeted (tmp: TempDir) (run: string -> string -> int * string * string) =
+let private runBudgeted (tmp: TempDir) (seconds: int) (run: string -> string -> int * string * string) =
     let attempt (seconds: int) =
         let out = tmp.File(sprintf "run%d" seconds)
         let code, stdout, err = run (sprintf "%ds" seconds) out
@@ -127,13 +127,13 @@ let private runBudgeted (tmp: TempDir) (run: string -> string -> int * string * 
             let need = err.Substring(err.IndexOf "give at least " + 14).Split(',')[0]
             Error(Budget.parseDuration need |> Option.map (fun s -> int (ceil (1.5 * s))), err.Trim())
         else Ok(code, stdout, err, out, sprintf "%ds" seconds)
-    match attempt 150 with
+    match attempt seconds with
     | Ok r -> Some r
     | Error(Some need, _) when need <= 360 ->
         match attempt need with
         | Ok r -> Some r
         | Error(_, err) ->
-            printfn "  NOTE: refused at 150 s and at %d s on this machine (%s); the re-plan is checked on a faster or idler one" need err
+            printfn "  NOTE: refused at %d s and at %d s on this machine (%s); the re-plan is checked on a faster or idler one" seconds need err
             None
     | Error(_, err) ->
         printfn "  NOTE: refused on this machine (%s); the re-plan is checked on a faster or idler one" err
@@ -384,7 +384,9 @@ let tests : Test list =
       testCase "a synthesis 3x slower than its probe (HAST_FAULT synth-batch:1:slow3) is re-planned after its first batch: fewer samples, the plan's balance kept; plan, config and run agree" <| fun () ->
         use tmp = new TempDir()
         let test = smallTest tmp 64
-        match runBudgeted tmp (fun budget out -> withEnv "HAST_FAULT" "synth-batch:1:slow3" (fun () -> runCli (slowSynthesisArgs budget test out))) with
+        // 210 s: room above the fine-tuning's minimum (20 iterations at twice their probe) on a loaded machine
+        // too, where at 150 s the re-plan came down to the least samples, with the share unbounded there
+        match runBudgeted tmp 210 (fun budget out -> withEnv "HAST_FAULT" "synth-batch:1:slow3" (fun () -> runCli (slowSynthesisArgs budget test out))) with
         | None -> ()
         | Some(code, stdout, err, out, _) ->
             Expect.equal code 0 (sprintf "hast run succeeds (%s)" (err.Trim()))
@@ -428,15 +430,17 @@ let tests : Test list =
       testCase "a budgeted run stopped in synthesis after the re-plan resumes with the re-planned samples, its stored batch kept" <| fun () ->
         use tmp = new TempDir()
         let test = smallTest tmp 64
-        // the second batch cannot be written (a full disk), after the re-plan that followed the first
-        let first = runBudgeted tmp (fun budget out ->
-                        withEnv "HAST_FAULT" "synth-batch:1:slow3,store-batch:2:enospc" (fun () -> runCli (slowSynthesisArgs budget test out)))
+        // the second batch cannot be written (a full disk), after the re-plan that followed the first; the
+        // fine-tune iterations given (40) and a synthesis 10x slower than probed keep the resumed run short
+        let argsOf budget out = slowSynthesisArgs budget test out @ [ "--iters"; "40" ]
+        let first = runBudgeted tmp 150 (fun budget out ->
+                        withEnv "HAST_FAULT" "synth-batch:1:slow10,store-batch:2:enospc" (fun () -> runCli (argsOf budget out)))
         match first with
         | None -> ()
         | Some(code, _, err, out, budget) ->
             Expect.equal code 1 (sprintf "stopped at the second batch (%s)" (err.Trim()))
             Expect.stringContains err "No space left on device" "by the injected full disk"
-            let args = slowSynthesisArgs budget test out
+            let args = argsOf budget out
             let planned () =
                 use plan = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "plan.json")))
                 plan.RootElement.GetProperty("samples").GetInt32(), plan.RootElement.GetProperty("replanned_synthesis").GetProperty("samples_planned_first").GetInt32()
