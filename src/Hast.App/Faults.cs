@@ -14,54 +14,84 @@ namespace Hast.App;
 ///   train-ckpt      train.ckpt is written to its temporary file, not yet renamed
 ///   final-ckpt      quantized.ckpt likewise
 ///   report          report.json likewise
+///   synth-batch     a synthesis batch of `hast run --time-budget` is stored (only `slow<k>`)
 /// Actions: `kill` (default: SIGKILL to itself, an abrupt death with no cleanup), `term` / `int`
 /// (SIGTERM / SIGINT to itself; the run then stops at its next safe point), `enospc` (an IOException
-/// "No space left on device", as a full disk gives). The plan is read when a command starts
-/// (`Program.Run`); each armed plan counts its own hits.
+/// "No space left on device", as a full disk gives), `slow<k>` (k >= 1: from the n-th synthesis batch
+/// on, each batch reports k times its probe's prediction as its time, whatever it really took, and the
+/// time budget's clock counts the synthesis stage as those seconds: the budget sees a synthesis k times
+/// slower than probed, with nothing slept, on any machine). Several plans are separated by commas
+/// (`synth-batch:1:slow4,synth-iter:30:kill`).
+/// The plans are read when a command starts (`Program.Run`); each armed plan counts its own hits.
 public static class Faults
 {
     public static readonly string[] Points =
-        ["synth-iter", "store-batch", "store-manifest", "calibration", "ft-iter", "train-ckpt", "final-ckpt", "report"];
+        ["synth-iter", "store-batch", "store-manifest", "calibration", "ft-iter", "train-ckpt", "final-ckpt", "report", "synth-batch"];
 
-    public enum Action { Kill, Term, Int, Enospc }
+    public enum Action { Kill, Term, Int, Enospc, Slow }
 
     const int Enospc = 28; // errno, which .NET puts in IOException.HResult on Unix
 
-    sealed class Plan(string point, int n, Action action)
+    sealed class Plan(string point, int n, Action action, double factor)
     {
         public readonly string Point = point;
         public readonly int N = n;
         public readonly Action Action = action;
+        /// `slow<k>`: k
+        public readonly double Factor = factor;
         public int Hits;
     }
 
-    static Plan? armed;
+    static Plan[] armed = [];
 
     /// Read `HAST_FAULT` (or `spec`) and arm it; a malformed value is a HastError naming the expected form.
     public static void Arm(string? spec)
     {
-        armed = null;
+        armed = [];
         if (string.IsNullOrEmpty(spec)) return;
-        var parts = spec.Split(':');
+        armed = spec.Split(',').Select(one => Parse(one, spec)).ToArray();
+    }
+
+    static Plan Parse(string one, string spec)
+    {
+        var parts = one.Split(':');
+        var factor = 1.0;
         var action = parts.Length == 3 ? parts[2] switch
         {
             "kill" => Action.Kill, "term" => Action.Term, "int" => Action.Int, "enospc" => Action.Enospc,
+            var a when a.StartsWith("slow", StringComparison.Ordinal)
+                       && double.TryParse(a[4..], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out factor)
+                       && factor >= 1 && double.IsFinite(factor) => Action.Slow,
             _ => (Action?)null,
         } : Action.Kill;
-        if (parts.Length is < 2 or > 3 || !Points.Contains(parts[0]) || !int.TryParse(parts[1], out var n) || n < 1 || action is null)
-            throw new HastError($"HAST_FAULT='{spec}' is not <point>:<n>[:kill|term|int|enospc] with n >= 1 and point one of {string.Join(", ", Points)}; unset it for a normal run");
+        if (parts.Length is < 2 or > 3 || !Points.Contains(parts[0]) || !int.TryParse(parts[1], out var n) || n < 1 || action is null
+            || (action == Action.Slow) != (parts[0] == "synth-batch"))
+            throw new HastError($"HAST_FAULT='{spec}' is not <point>:<n>[:kill|term|int|enospc] (or synth-batch:<n>:slow<k>, k >= 1), comma-separated, with n >= 1 and point one of {string.Join(", ", Points)}; unset it for a normal run");
         if (action is Action.Term or Action.Int && StopSignal.Current is null)
             throw new HastError($"HAST_FAULT='{spec}' sends a signal, which only the hast process handles (not an in-process Program.Run)");
-        armed = new Plan(parts[0], n, action.Value);
+        return new Plan(parts[0], n, action.Value, factor);
     }
 
-    public static void Disarm() => armed = null;
+    public static void Disarm() => armed = [];
+
+    /// The slowdown armed at `point` (`slow<k>`) for this hit of it: k from its n-th hit on, else 1.
+    public static double Slowdown(string point)
+    {
+        var k = 1.0;
+        foreach (var p in armed)
+            if (p.Action == Action.Slow && p.Point == point && Interlocked.Increment(ref p.Hits) >= p.N) k = Math.Max(k, p.Factor);
+        return k;
+    }
 
     /// The run reached `point` (`detail` says where, for the message printed before the fault).
     public static void At(string point, string detail = "")
     {
-        var p = armed;
-        if (p is null || p.Point != point || Interlocked.Increment(ref p.Hits) != p.N) return;
+        foreach (var p in armed)
+            if (p.Action != Action.Slow && p.Point == point && Interlocked.Increment(ref p.Hits) == p.N) Fire(p, point, detail);
+    }
+
+    static void Fire(Plan p, string point, string detail)
+    {
         var where = $"{point} #{p.N}{(detail.Length > 0 ? $" ({detail})" : "")}";
         switch (p.Action)
         {

@@ -263,6 +263,49 @@ let replanFineTune (pol: Policy) (p: Probes) (r: Request) (speed: float) (second
     let avail = secondsLeft * (1.0 - pol.Margin) - pol.MarginSeconds - p.Save
     max pol.MinFineTuneIters (fineTuneFitting q r avail)
 
+/// How the synthesis of this process has run when it is planned again (after its first batch).
+type SynthesisSoFar =
+    { /// seconds the batches synthesized by this process took
+      Seconds: float
+      /// their sample-iterations (each batch's samples x (iterations + 1))
+      SampleIterations: float
+      /// samples the store holds up to the end of its last stored batch: kept whatever the re-plan
+      Kept: int
+      /// seconds of the budget left
+      SecondsLeft: float }
+
+/// The samples to synthesize in all, planned again after the first synthesis batch of this process,
+/// which timed the synthesis at its real size for longer than the probe (issue 26: a shared
+/// machine ran the first batches 3.3x the probe's prediction and left the fine-tuning 228 of its 1351
+/// planned iterations). The synthesis keeps the plan's share of the stage time — what is left of the
+/// budget (less the margin and the steps still ahead: calibration, evaluations, checkpoints, at `speed`
+/// times their probes, clamped to [0.5, 2] as in `replanFineTune`) plus the seconds synthesized so far —
+/// or, with the fine-tune iterations given, what those leave; the remaining batches run at the speed
+/// the synthesis measured. Fewer samples, not fewer iterations: the iterations make each sample (the
+/// remaining batches of that run would have kept a few dozen of their 217 iterations, far from the BN
+/// statistics they are optimised towards), the samples of a store share one setting (the store's
+/// identity holds the iterations, not the count, so stored batches stay valid and a resumed run reads
+/// one store), and fewer samples cost accuracy slowly (docs/supplement.md, Table 4: 64 -> 256 samples
+/// +3.5 points, nothing resolvable beyond); fewer iterations were not measured.
+/// Never more than planned (a faster synthesis leaves its time to the fine-tuning's re-plan), never
+/// fewer than `Kept`, nor than the policy's minimum samples; samples given explicitly are kept.
+let replanSynthesis (pol: Policy) (p: Probes) (r: Request) (samples: int) (synthIters: int) (speed: float) (s: SynthesisSoFar) : int =
+    let perSampleIter = s.Seconds / s.SampleIterations
+    if r.Samples.IsSome || s.Kept >= samples || not (perSampleIter > 0.0 && Double.IsFinite perSampleIter) then samples
+    else
+        let k = if Double.IsFinite speed then Math.Clamp(speed, 0.5, 2.0) else 1.0
+        let q = { p with FineTuneIter = p.FineTuneIter * k; CalibBatch = p.CalibBatch * k; FpEval = p.FpEval * k; Eval = p.Eval * k; Save = p.Save * k }
+        let ahead = fixedSeconds q + float (calibBatches r samples) * q.CalibBatch
+        let stage = s.Seconds + s.SecondsLeft * (1.0 - pol.Margin) - pol.MarginSeconds - ahead
+        let fineTuneLeast = fineTuneSeconds q r (defaultArg r.FineTuneIters pol.MinFineTuneIters)
+        let target =
+            match r.FineTuneIters with
+            | Some _ -> stage - fineTuneLeast
+            | None -> min (pol.SynthesisShare * stage) (stage - fineTuneLeast)
+        let more = Math.Floor(Math.Max(0.0, target - s.Seconds) / (float (synthIters + 1) * perSampleIter))
+        let least = max s.Kept (min samples pol.MinSamples)
+        int (Math.Clamp(float s.Kept + more, float least, float (max least samples)))
+
 /// The fine-tune epochs to run in all, planned once more after the first epoch of this process:
 /// `finished` epochs are done, the last of them took `epochSeconds` (its steps, evaluation and checkpoint),
 /// and `secondsLeft` of the budget remain. As many further epochs as fit in the time left less the
@@ -289,8 +332,12 @@ let lapSeconds (laps: float seq) : float =
 /// The fine-tune settings of a probe: `iterations` steps of one epoch, everything else as the run.
 let fineTuneProbe (c: FineTune.Config) (iterations: int) : FineTune.Config = { c with Epochs = 1; ItersPerEpoch = iterations }
 
-/// The synthesis settings of a probe: one batch of `batch` samples, `iterations` steps.
-let synthesisProbe (c: Synthesis.Config) (batch: int) (iterations: int) : Synthesis.Config =
+/// The synthesis settings of a probe: one batch as the run will synthesize it (its batch size, or all
+/// the samples when fewer are given; its conv precision, augmentation and every other setting),
+/// `iterations` steps. A smaller probe batch read the synthesis 1.3x too fast (issue 26: batch 128
+/// against the run's 256).
+let synthesisProbe (c: Synthesis.Config) (samples: int option) (iterations: int) : Synthesis.Config =
+    let batch = match samples with Some n when n > 0 -> min n c.BatchSize | _ -> c.BatchSize
     { c with Samples = batch; BatchSize = batch; Iterations = iterations }
 
 /// A duration like `90s`, `30m`, `2h`, `1h30m`, `1.5h` in seconds; None if it is not one (or not > 0).

@@ -342,6 +342,11 @@ type Hooks =
       /// (`Budget.replanFineTune`), recorded by the shell so that a resumed run keeps them; None keeps
       /// the config's counts
       Replan: SynthesisTiming -> (int * int) option
+      /// under a time budget, after the first synthesis batch of this process when batches remain: given
+      /// how its batches ran and the samples the store holds up to its last stored batch, the samples to
+      /// synthesize in all, re-planned to the time left (`Budget.replanSynthesis`; never fewer than those
+      /// held), recorded by the shell so that a resumed run keeps them; None keeps the count
+      ReplanSynthesis: SynthesisTiming -> int -> int option
       /// under a time budget, after the first epoch this process fine-tuned: given the epochs done and
       /// that epoch's seconds, the total epochs re-planned to the time left (`Budget.replanEpochs`),
       /// recorded by the shell so that a resumed run keeps them; None keeps the current count
@@ -356,21 +361,40 @@ type Inputs =
       Test: Data.Dataset }
 
 /// Synthesize `cfg.Samples` samples of `teacher` into `store`, skipping the batches it already holds.
-/// Gives how long the batches synthesized here took.
-let synthesize (device: torch.Device) (teacher: Net) (side: int) (cfg: Synthesis.Config) (store: SampleStore) (event: Event -> unit) : SynthesisTiming =
-    let plan = Synthesis.plan cfg
-    let todo = plan |> List.filter (fun (i, _) -> not (store.HasBatch i))
-    let batches = plan.Length
+/// After the first batch synthesized here, when batches remain, `replan` (given how the batches ran and
+/// the samples held up to the last stored batch) may change the number of samples: the batches still
+/// to do follow the new count, those stored are kept. Gives how long the batches synthesized here took.
+let synthesize (device: torch.Device) (teacher: Net) (side: int) (cfg: Synthesis.Config) (store: SampleStore)
+               (replan: SynthesisTiming -> int -> int option) (event: Event -> unit) : SynthesisTiming =
+    let missing (cfg: Synthesis.Config) = Synthesis.plan cfg |> List.filter (fun (i, _) -> not (store.HasBatch i))
+    let todo = missing cfg
+    let batches = Synthesis.batchCount cfg
     event (StageStarted("synthesis", int64 (batches - todo.Length) * int64 cfg.Iterations, int64 batches * int64 cfg.Iterations))
-    todo
-    |> List.fold (fun (timing: SynthesisTiming) (index, count) ->
-        let clock = Diagnostics.Stopwatch.StartNew()
-        use result = Synthesis.synthesizeBatch device teacher cfg side index count (fun it -> event (SynthesisIteration(it, batches)))
-        let seconds = clock.Elapsed.TotalSeconds
-        store.Append result seconds
-        event (SynthesisBatchStored(result, batches, seconds))
-        { SampleIterations = timing.SampleIterations + float count * float (cfg.Iterations + 1)
-          Seconds = timing.Seconds + seconds }) { SampleIterations = 0.0; Seconds = 0.0 }
+    let rec go (cfg: Synthesis.Config) (first: bool) (timing: SynthesisTiming) (todo: (int * int) list) =
+        match todo with
+        | [] -> timing
+        | (index, count) :: rest ->
+            let batches = Synthesis.batchCount cfg
+            let clock = Diagnostics.Stopwatch.StartNew()
+            let seconds =
+                use result = Synthesis.synthesizeBatch device teacher cfg side index count (fun it -> event (SynthesisIteration(it, batches)))
+                let seconds = clock.Elapsed.TotalSeconds
+                store.Append result seconds
+                event (SynthesisBatchStored(result, batches, seconds))
+                seconds
+            let timing =
+                { SampleIterations = timing.SampleIterations + float count * float (cfg.Iterations + 1)
+                  Seconds = timing.Seconds + seconds }
+            if first && not rest.IsEmpty then
+                // the samples the store holds up to its last stored batch: every batch before it is whole
+                let held = Synthesis.plan cfg |> List.filter (fun (i, _) -> store.HasBatch i) |> List.map (fun (i, n) -> i * cfg.BatchSize + n) |> List.max
+                match replan timing held with
+                | Some n when max n held <> cfg.Samples ->
+                    let cfg = { cfg with Samples = max n held }
+                    go cfg false timing (missing cfg |> List.filter (fun (i, _) -> i > index))
+                | _ -> go cfg false timing rest
+            else go cfg false timing rest
+    go cfg true { SampleIterations = 0.0; Seconds = 0.0 } todo
 
 let private evaluate (inputs: Inputs) (c: Config) (event: Event -> unit) (phase: Phase) (model: Net) : Evaluate.Accuracy =
     let acc = Evaluate.accuracy inputs.Device (int64 c.Eval.BatchSize) (fun d t -> event (EvaluationBatch(phase, d, t))) model inputs.Test
@@ -403,7 +427,9 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
     // ---- samples
     let synthesisTiming =
         match c.Samples with
-        | Synthesize s -> synthesize inputs.Device inputs.Teacher inputs.Arch.Input.Size s hooks.Store event
+        | Synthesize s ->
+            let replan = match c.TimeBudget with Some _ -> hooks.ReplanSynthesis | None -> fun _ _ -> None
+            synthesize inputs.Device inputs.Teacher inputs.Arch.Input.Size s hooks.Store replan event
         | Store _
         | RealImages _ -> { SampleIterations = 0.0; Seconds = 0.0 }
     let images, labels =

@@ -72,9 +72,10 @@ let private restore (saved: Saved) (student: Net) (average: Net option) (opt: to
 exception private Stop
 
 /// Run `c` on the shared model and the first 64 test images, in memory. `stopAt`: raise at the
-/// `EpochSaved` of that epoch; `from`: restore that state; `replan`, `replanEpochs`: the shell's re-plans.
-let private runInMemoryWithBoth (replan: SynthesisTiming -> (int * int) option) (replanEpochs: int -> float -> int option)
-                                (c: Config) (stopAt: int option) (from: Saved option) =
+/// `EpochSaved` of that epoch; `from`: restore that state; `replan`, `replanEpochs`, `replanSynthesis`:
+/// the shell's re-plans.
+let private runInMemoryWithAll (replan: SynthesisTiming -> (int * int) option) (replanEpochs: int -> float -> int option)
+                               (replanSynthesis: SynthesisTiming -> int -> int option) (c: Config) (stopAt: int option) (from: Saved option) =
     let teacher = loadSharedModel ()
     let x, y = loadSharedTest ()
     use xs = x.slice(0L, 0L, 64L, 1L)
@@ -103,7 +104,8 @@ let private runInMemoryWithBoth (replan: SynthesisTiming -> (int * int) option) 
           Save = fun s -> saves.Add(save s)
           BudgetSecondsUsed = fun () -> 0.0
           Replan = replan
-          ReplanEpochs = replanEpochs }
+          ReplanEpochs = replanEpochs
+          ReplanSynthesis = replanSynthesis }
     let inputs = { Device = torch.CPU; Arch = arch; Classes = 10L; Teacher = teacher; Test = test }
     // one intra-op thread: the runs compared bit for bit do not depend on how work is split between threads
     let outcome =
@@ -116,7 +118,21 @@ let private runInMemoryWithBoth (replan: SynthesisTiming -> (int * int) option) 
             with Stop -> None)
     outcome, List.ofSeq saves, List.ofSeq events
 
+let private runInMemoryWithBoth replan replanEpochs = runInMemoryWithAll replan replanEpochs (fun _ _ -> None)
+
 let private runInMemoryWith replan = runInMemoryWithBoth replan (fun _ _ -> None)
+
+/// `Pipeline.synthesize` of `cfg` on the shared model into the in-memory store `batches` (index -> labels),
+/// re-planned by `replan`; the timing and the events.
+let private synthesizeInto (batches: Collections.Generic.Dictionary<int, torch.Tensor>) (cfg: Synthesis.Config) (replan: SynthesisTiming -> int -> int option) =
+    use teacher = loadSharedModel ()
+    let store : SampleStore =
+        { HasBatch = fun i -> batches.ContainsKey i
+          Append = fun r _ -> batches[r.Index] <- r.Labels.clone()
+          ReadAll = fun () -> failtest "not read" }
+    let events = Collections.Generic.List<Event>()
+    let timing = Pipeline.synthesize torch.CPU teacher 32 cfg store replan events.Add
+    timing, List.ofSeq events
 
 let private runInMemory = runInMemoryWith (fun _ -> None)
 
@@ -172,6 +188,51 @@ let tests : Test list =
         asked.Clear()
         runInMemoryWithBoth (fun _ -> None) (replanTo 4) (tinyConfig 5L) None None |> ignore
         Expect.equal asked.Count 0 "no budget, no re-plan"
+      testCase "synthesize: a re-plan after the first batch of the process sets the batches still to do; stored batches are kept" <| fun () ->
+        let cfg = { (match (tinyConfig 3L).Samples with Synthesize s -> s | _ -> failwith "synthesized") with Samples = 48; BatchSize = 16; Iterations = 2 }
+        let asked = Collections.Generic.List<SynthesisTiming * int>()
+        let replanTo (n: int option) (t: SynthesisTiming) (held: int) =
+            asked.Add((t, held))
+            n
+        // 48 samples in 3 batches, re-planned to 20 after the first: batch 1 becomes 4 samples, batch 2 is not synthesized
+        let batches = Collections.Generic.Dictionary<int, torch.Tensor>()
+        let timing, events = synthesizeInto batches cfg (replanTo (Some 20))
+        Expect.equal asked.Count 1 "asked once"
+        Expect.equal ((fst asked[0]).SampleIterations, snd asked[0]) (16.0 * 3.0, 16) "after the first batch: its 16 x (2 + 1) sample-iterations, 16 samples held"
+        Expect.equal (batches.Keys |> Seq.sort |> List.ofSeq) [ 0; 1 ] "batches 0 and 1"
+        Expect.equal batches[1].shape[0] 4L "the last batch holds the re-planned remainder"
+        Expect.equal timing.SampleIterations (20.0 * 3.0) "the timing covers the 20 samples"
+        Expect.equal (events |> List.choose (function SynthesisBatchStored(r, n, _) -> Some(r.Index, n) | _ -> None)) [ 0, 3; 1, 2 ] "the batch count follows the re-plan"
+        // a store holding batch 0 already (a resumed synthesis): the first batch of the process is batch 1; a re-plan
+        // below the samples held keeps them
+        asked.Clear()
+        let resumed = Collections.Generic.Dictionary<int, torch.Tensor>()
+        synthesizeInto resumed { cfg with Samples = 16 } (replanTo None) |> ignore
+        let before = resumed[0]
+        let _ = synthesizeInto resumed cfg (replanTo (Some 8))
+        Expect.equal (snd asked[0]) 32 "held after the process's first batch: 0 (stored before) and 1"
+        Expect.equal (resumed.Keys |> Seq.sort |> List.ofSeq) [ 0; 1 ] "nothing below the samples held, no third batch"
+        Expect.isTrue (obj.ReferenceEquals(resumed[0], before)) "batch 0 not synthesized again"
+        // None keeps the count; the last batch: nothing left to re-plan, not asked
+        asked.Clear()
+        let all = Collections.Generic.Dictionary<int, torch.Tensor>()
+        synthesizeInto all { cfg with Samples = 32 } (replanTo None) |> ignore
+        Expect.equal (all.Keys |> Seq.sort |> List.ofSeq, asked.Count) ([ 0; 1 ], 1) "kept: both batches, asked after the first only"
+        for d in [ batches; resumed; all ] do for t in d.Values do t.Dispose()
+      testCase "run: the synthesis is re-planned only under a time budget, and the run uses the re-planned samples" <| fun () ->
+        let c0 = tinyConfig 6L
+        let c = { c0 with Samples = (match c0.Samples with Synthesize s -> Synthesize { s with Samples = 48; BatchSize = 16; Iterations = 2 } | s -> s) }
+        let asked = ref 0
+        let replanTo32 _ _ =
+            asked.Value <- asked.Value + 1
+            Some 32
+        let budget = Some { Seconds = 3600.0; Samples = None; SynthIters = None; FineTuneIters = None }
+        let replanned, _, events = runInMemoryWithAll (fun _ -> None) (fun _ _ -> None) replanTo32 { c with TimeBudget = budget } None None
+        Expect.equal asked.Value 1 "asked once under a budget"
+        Expect.equal (events |> Seq.pick (function SamplesReady n -> Some n | _ -> None)) 32L "32 samples synthesized and used"
+        Expect.equal (replanned |> Option.map (fun (r, _) -> r.Samples)) (Some 32L) "the result counts them"
+        runInMemoryWithAll (fun _ -> None) (fun _ _ -> None) replanTo32 c None None |> ignore
+        Expect.equal asked.Value 1 "no budget, no re-plan"
       testCase "defaults: the authors' per-dataset settings as data (λ, ε, lr, batch, milestones)" <| fun () ->
         let d10, d100, di = datasetDefaults Cifar10, datasetDefaults Cifar100, datasetDefaults ImageNet
         Expect.equal (d10.Lambda, d10.Epsilon, d10.Lr, d10.BatchSize, d10.Milestones) (1000.0, 0.01, 1e-5, 64, [ 20; 40; 60 ]) "CIFAR-10"

@@ -316,7 +316,8 @@ let faultSpecCases =
         use d = new TempDir()
         let test = smallTest d 8
         let out = d.File "out"
-        for spec in [ "bogus"; "ft-iter"; "ft-iter:0"; "ft-iter:x"; "nowhere:1"; "ft-iter:1:explode"; "ft-iter:1:kill:2" ] do
+        for spec in [ "bogus"; "ft-iter"; "ft-iter:0"; "ft-iter:x"; "nowhere:1"; "ft-iter:1:explode"; "ft-iter:1:kill:2"
+                      "ft-iter:1:slow2"; "synth-batch:1"; "synth-batch:1:slow0.5"; "synth-batch:1:slowx"; "ft-iter:1,bogus" ] do
             let line = withEnv "HAST_FAULT" spec (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "<point>:<n>" ])
             printfn "  HAST_FAULT=%-18s -> %s" spec line
         // in-process there is no signal handler: a signal fault would end the caller, so it is refused

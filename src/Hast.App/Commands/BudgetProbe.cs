@@ -20,9 +20,11 @@ public static class BudgetProbe
     /// and take the median lap: the first iterations of a process are slower (oneDNN primitive
     /// creation, JIT, the allocator's first growth), and with one warm-up and three timed iterations the
     /// probes read 0.37–0.52 s for a step whose runs then averaged 0.38–0.40 s, leaving up to 9 of 30
-    /// minutes unused (docs/results.md). Costs about 6 s of fine-tuning and 3 s of synthesis. The
-    /// machine's speed still drifts after the probes: `Replan` corrects the fine-tuning after synthesis.
-    const int StepWarmup = 8, StepTimed = 8, CalibWarmup = 1, CalibTimed = 8, SynthProbeBatch = 128, EvalProbeImages = 250;
+    /// minutes unused (docs/results.md). Costs about 6 s of fine-tuning and, the synthesis probed as it
+    /// will run (`Budget.synthesisProbe`: its batch size and conv precision), 16 iterations of one batch.
+    /// The machine's speed still drifts after the probes: `ReplanSynthesis` corrects the samples after the
+    /// first synthesis batch, `Replan` the fine-tuning after synthesis.
+    const int StepWarmup = 8, StepTimed = 8, CalibWarmup = 1, CalibTimed = 8, EvalProbeImages = 250;
 
     /// A planned config, the plan as JSON (for plan.json, metrics and the report) and as lines for people;
     /// the probes and request it was made from, and the config before the counts (null when resuming
@@ -101,6 +103,45 @@ public static class BudgetProbe
         var line = $"time budget: synthesis took {speed:F2}x its probe's prediction{applied}; fine-tuning re-planned to {ft.Epochs} x {ft.ItersPerEpoch} " +
                    $"= {FineTune.totalIterations(ft)} iterations (planned first: {before}) in the {secondsLeft:F0}s left";
         return (next, line);
+    }
+
+    /// The synthesis re-planned after its first batch in this process (`Pipeline.Hooks.ReplanSynthesis`):
+    /// from how that batch ran against the probe (`timing`, as the budget saw it), the samples the store
+    /// holds up to its last stored batch (`held`, kept) and the `secondsLeft` of the budget
+    /// (`Budget.replanSynthesis`). Gives the config with the new number of samples, or null to keep
+    /// `current` (a resumed plan, samples given, or the same count); records it in plan.json
+    /// (`replanned_synthesis`; `samples` and `calib_batches` follow).
+    public static (QuantizeCli.PipelineConfig Config, int Samples, string Line)? ReplanSynthesis(Planned planned, QuantizeCli.PipelineConfig current,
+                                                                                              Pipeline.SynthesisTiming timing, int held, double secondsLeft, string outDir)
+    {
+        if (planned.Probes is not { } probes || planned.Request is not { } request || request.Samples is not null
+            || current.Run.Samples is not Pipeline.Samples.Synthesize syn) return null;
+        var predicted = timing.SampleIterations * probes.SynthIterPerSample;
+        var speed = timing.SampleIterations > 0 && predicted > 0 ? timing.Seconds / predicted : 1.0;
+        // the steps still ahead (calibration, evaluations, checkpoints) at the machine's speed, as the
+        // fine-tuning's re-plan takes it
+        var stagesSpeed = Budget.fineTuneSpeed(syn.Item.ConvPrecision, current.Run.FineTune.ConvPrecision, speed);
+        var before = syn.Item.Samples;
+        var samples = Budget.replanSynthesis(Budget.measured, probes, request, before, syn.Item.Iterations, stagesSpeed,
+            new Budget.SynthesisSoFar(timing.Seconds, timing.SampleIterations, held, secondsLeft));
+        if (samples == before) return null;
+        var next = QuantizeCli.withCounts(samples, syn.Item.Iterations, FineTune.totalIterations(current.Run.FineTune), current);
+        var json = planned.Json;
+        json["replanned_synthesis"] = new JsonObject
+        {
+            ["samples_held"] = held,
+            ["synthesis_s"] = Math.Round(timing.Seconds, 2),
+            ["synthesis_speed"] = Math.Round(speed, 4),
+            ["seconds_left"] = Math.Round(secondsLeft, 1),
+            ["samples_planned_first"] = before,
+        };
+        json["samples"] = samples;
+        var calibImages = Math.Min((long)request.CalibBatches * request.CalibBatchSize, samples);
+        json["calib_batches"] = (int)((calibImages + request.CalibBatchSize - 1) / request.CalibBatchSize);
+        WritePlan(json, outDir);
+        var line = $"time budget: synthesis ran {speed:F2}x its probe's prediction; re-planned to {samples} samples (planned first: {before}, " +
+                   $"{held} kept) x {syn.Item.Iterations} iterations, keeping the plan's balance with fine-tuning in the {secondsLeft:F0}s left";
+        return (next, samples, line);
     }
 
     /// The fine-tune epochs re-planned after the first epoch of this process (`Pipeline.Hooks.ReplanEpochs`):
@@ -194,12 +235,15 @@ public static class BudgetProbe
             var ftLaps = Laps(onLap => FineTune.epoch(device, ft, teacher.Net, student.Net, opt, images, labels, 0,
                 FuncConvert.FromAction<FineTune.IterInfo>(it => onLap(it.Iteration >= StepWarmup))));
 
-            // synthesis iterations, per sample (a batch of at most 128: larger batches cost no more per sample)
+            // synthesis iterations, per sample, on one batch as the run synthesizes it (a batch of 128 read
+            // the run's batches of 256 1.3x too fast: issue 26)
             var synth = c.Run.Samples is Pipeline.Samples.Synthesize syn ? syn.Item : Synthesis.defaultsFor(teacher.Arch.Family);
-            var batch = Math.Min(synth.BatchSize, SynthProbeBatch);
+            var given = c.Run.TimeBudget is { } tb ? tb.Value.Samples : null;
+            var probe = Budget.synthesisProbe(synth, given, StepWarmup + StepTimed);
+            var batch = probe.BatchSize;
             var synthLaps = Laps(onLap =>
             {
-                using var r = Synthesis.synthesizeBatch(device, teacher.Net, Budget.synthesisProbe(synth, batch, StepWarmup + StepTimed), side, 0, batch,
+                using var r = Synthesis.synthesizeBatch(device, teacher.Net, probe, side, 0, batch,
                     FuncConvert.FromAction<Synthesis.IterInfo>(it => onLap(it.Iteration > StepWarmup)));
             });
 

@@ -110,6 +110,28 @@ public static class PipelineCommand
         using var sinkGuard = sinkGuard2;
         double secondsBefore = resumeFrom is { } rf0 ? (double)rf0.Meta["seconds"]! : 0;
         var events = new Events(c, log, sink, store, storeDir);
+        // the seconds the synthesis of this process took as the budget sees them, and the seconds a
+        // HAST_FAULT slowdown (`synth-batch:<n>:slow<k>`) put in place of the real ones: once it applies,
+        // the budget's clock counts the synthesis stage as the batches' reported seconds alone
+        double synthesisSeen = 0, injected = 0, synthesisStart = 0, leftAfterSynthesis = double.NaN;
+        double Used() => secondsBefore + Elapsed(clock) + injected;
+        void OnEvent(Pipeline.Event e)
+        {
+            if (e is Pipeline.Event.StageStarted { stage: "synthesis" }) synthesisStart = Elapsed(clock);
+            if (e is Pipeline.Event.SynthesisBatchStored b)
+            {
+                var k = Faults.Slowdown("synth-batch");
+                if (k > 1 && planned?.Probes is { } pr && c.Run.Samples is Pipeline.Samples.Synthesize sy)
+                {
+                    synthesisSeen += k * b.Item1.Labels.shape[0] * (sy.Item.Iterations + 1) * pr.SynthIterPerSample;
+                    injected = synthesisSeen - (Elapsed(clock) - synthesisStart);
+                }
+                else synthesisSeen += b.seconds;
+                if (c.Run.TimeBudget is { } tb) leftAfterSynthesis = tb.Value.Seconds - Used();
+            }
+            events.On(e);
+        }
+        Pipeline.SynthesisTiming Seen(Pipeline.SynthesisTiming t) => injected == 0 ? t : new(t.SampleIterations, synthesisSeen);
         // a re-planned config: the settings a resumed run is matched against, config.json and the
         // progress display follow; the plan's record of it goes to the log and the metrics
         void Adopt(QuantizeCli.PipelineConfig next, string line, string metric, string planKey)
@@ -122,25 +144,33 @@ public static class PipelineCommand
             log.Metric(metric, planned!.Json[planKey]!.DeepClone().AsObject());
         }
         var hooks = new Pipeline.Hooks(
-            FuncConvert.FromAction<Pipeline.Event>(events.On),
+            FuncConvert.FromAction<Pipeline.Event>(OnEvent),
             storeHooks,
             FuncConvert.FromFunc<Net, FSharpOption<Net>, TorchSharp.torch.optim.Optimizer, FSharpOption<Pipeline.Progress>>((student, average, opt) =>
                 resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, average, opt) : null),
             FuncConvert.FromAction<Pipeline.Snapshot>(s =>
                 SaveTrain(trainPath, s, c, teacher, settings, store, secondsBefore + Elapsed(started))),
-            FuncConvert.FromFunc<Unit, double>(_ => secondsBefore + Elapsed(clock)),
+            FuncConvert.FromFunc<Unit, double>(_ => Used()),
             FuncConvert.FromFunc<Pipeline.SynthesisTiming, FSharpOption<Tuple<int, int>>>(timing =>
             {
                 if (planned is null || c.Run.TimeBudget is not { } budget) return null;
-                var replanned = BudgetProbe.Replan(planned, c, timing, budget.Value.Seconds - (secondsBefore + Elapsed(clock)), outDir);
+                var replanned = BudgetProbe.Replan(planned, c, Seen(timing), budget.Value.Seconds - Used(), outDir);
                 if (replanned is not { } r) return null;
                 Adopt(r.Config, r.Line, "replan", "replanned");
                 return FSharpOption<Tuple<int, int>>.Some(Tuple.Create(c.Run.FineTune.Epochs, c.Run.FineTune.ItersPerEpoch));
             }),
+            FuncConvert.FromFunc<Pipeline.SynthesisTiming, int, FSharpOption<int>>((timing, held) =>
+            {
+                if (planned is null || c.Run.TimeBudget is not { } budget) return null;
+                var replanned = BudgetProbe.ReplanSynthesis(planned, c, Seen(timing), held, budget.Value.Seconds - Used(), outDir);
+                if (replanned is not { } r) return null;
+                Adopt(r.Config, r.Line, "replan_synthesis", "replanned_synthesis");
+                return FSharpOption<int>.Some(r.Samples);
+            }),
             FuncConvert.FromFunc<int, double, FSharpOption<int>>((done, epochSeconds) =>
             {
                 if (planned is null || c.Run.TimeBudget is not { } budget) return null;
-                var replanned = BudgetProbe.ReplanEpochs(planned, c, done, epochSeconds, budget.Value.Seconds - (secondsBefore + Elapsed(clock)), outDir);
+                var replanned = BudgetProbe.ReplanEpochs(planned, c, done, epochSeconds, budget.Value.Seconds - Used(), outDir);
                 if (replanned is not { } r) return null;
                 Adopt(r.Config, r.Line, "replan_epochs", "replanned_epochs");
                 return FSharpOption<int>.Some(c.Run.FineTune.Epochs);
@@ -156,7 +186,13 @@ public static class PipelineCommand
         if (planned is not null)
         {
             var plan = planned.Json.DeepClone().AsObject();
-            plan["used_s"] = Math.Round(secondsBefore + Elapsed(clock), 1);
+            plan["used_s"] = Math.Round(Used(), 1);
+            if (synthesisSeen > 0)
+            {
+                // this process's synthesis as the budget saw it, and what its last batch left: the plan's balance, measured
+                plan["synthesis_s"] = Math.Round(synthesisSeen, 2);
+                plan["left_after_synthesis_s"] = Math.Round(leftAfterSynthesis, 2);
+            }
             if (result.StoppedByBudget) plan["stopped_after_epoch"] = result.EpochsDone;
             json["time_budget"] = plan;
         }

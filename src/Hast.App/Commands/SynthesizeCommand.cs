@@ -58,7 +58,8 @@ public static class SynthesizeCommand
     public static SampleStore Synthesize(LoadedModel teacher, Synthesis.Config cfg, string dir, Device device, TextWriter stdout)
     {
         using var sink = StoreSink.Open(teacher, cfg, dir, stdout);
-        Pipeline.synthesize(device, teacher.Net, teacher.Arch.Input.Size, cfg, sink.Hooks(null), FuncConvert.FromAction<Pipeline.Event>(sink.OnEvent));
+        Pipeline.synthesize(device, teacher.Net, teacher.Arch.Input.Size, cfg, sink.Hooks(null),
+            FuncConvert.FromFunc<Pipeline.SynthesisTiming, int, FSharpOption<int>>((_, _) => null), FuncConvert.FromAction<Pipeline.Event>(sink.OnEvent));
         sink.Finish();
         return sink.Store;
     }
