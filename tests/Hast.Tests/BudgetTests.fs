@@ -343,7 +343,10 @@ let tests : Test list =
                      "--lr"; "1e-5"; "--schedule"; "cosine"; "--out"; out ]
         let wall = clock.Elapsed.TotalSeconds
         if code <> 0 && err.Contains "too short here" then
-            Expect.isLessThanOrEqual wall (budget * 1.05) "a refusal comes at planning time, within the budget + 5%"
+            // at planning time: nothing synthesized, nothing fine-tuned (its wall time is the probes', which
+            // a loaded machine stretches: not a bound a test can hold on any machine)
+            Expect.isFalse (Directory.Exists(Path.Combine(out, "samples")) && Directory.EnumerateFiles(Path.Combine(out, "samples"), "*", SearchOption.AllDirectories) |> Seq.exists (fun f -> f.Contains "batch")) "a refusal comes at planning time: no batch synthesized"
+            Expect.isFalse (File.Exists(Path.Combine(out, "train.ckpt"))) "and no fine-tuning state"
             let need = err.Substring(err.IndexOf "give at least " + 14).Split(',')[0]
             Expect.isGreaterThan (defaultArg (Budget.parseDuration need) 0.0) budget "the refusal names a larger budget"
             Expect.isFalse (File.Exists(Path.Combine(out, "report.json"))) "no result"
