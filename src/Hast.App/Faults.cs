@@ -16,14 +16,20 @@ namespace Hast.App;
 ///   report          report.json likewise
 /// Actions: `kill` (default: SIGKILL to itself, an abrupt death with no cleanup), `term` / `int`
 /// (SIGTERM / SIGINT to itself; the run then stops at its next safe point), `enospc` (an IOException
-/// "No space left on device", as a full disk gives). The plan is read when a command starts
+/// "No space left on device", as a full disk gives); at `ft-iter` only, `nan` (one weight tensor of the
+/// student becomes NaN after that step, as a step that blew up), `nan-from` (the same after the n-th step
+/// and every later one: a training that cannot recover) and `spike` (that step's loss reads
+/// `SpikeFactor` times its value): faults for the fine-tuning's divergence guard (`Pipeline.Hooks.Fault`). The plan is read when a command starts
 /// (`Program.Run`); each armed plan counts its own hits.
 public static class Faults
 {
     public static readonly string[] Points =
         ["synth-iter", "store-batch", "store-manifest", "calibration", "ft-iter", "train-ckpt", "final-ckpt", "report"];
 
-    public enum Action { Kill, Term, Int, Enospc }
+    public enum Action { Kill, Term, Int, Enospc, Nan, NanFrom, Spike }
+
+    /// How much an injected `spike` multiplies a step's loss by.
+    public const double SpikeFactor = 1000;
 
     const int Enospc = 28; // errno, which .NET puts in IOException.HResult on Unix
 
@@ -46,10 +52,13 @@ public static class Faults
         var action = parts.Length == 3 ? parts[2] switch
         {
             "kill" => Action.Kill, "term" => Action.Term, "int" => Action.Int, "enospc" => Action.Enospc,
+            "nan" => Action.Nan, "nan-from" => Action.NanFrom, "spike" => Action.Spike,
             _ => (Action?)null,
         } : Action.Kill;
         if (parts.Length is < 2 or > 3 || !Points.Contains(parts[0]) || !int.TryParse(parts[1], out var n) || n < 1 || action is null)
-            throw new HastError($"HAST_FAULT='{spec}' is not <point>:<n>[:kill|term|int|enospc] with n >= 1 and point one of {string.Join(", ", Points)}; unset it for a normal run");
+            throw new HastError($"HAST_FAULT='{spec}' is not <point>:<n>[:kill|term|int|enospc|nan|nan-from|spike] with n >= 1 and point one of {string.Join(", ", Points)}; unset it for a normal run");
+        if (action is Action.Nan or Action.NanFrom or Action.Spike && parts[0] != "ft-iter")
+            throw new HastError($"HAST_FAULT='{spec}': nan, nan-from and spike are faults of a fine-tune step, at ft-iter only");
         if (action is Action.Term or Action.Int && StopSignal.Current is null)
             throw new HastError($"HAST_FAULT='{spec}' sends a signal, which only the hast process handles (not an in-process Program.Run)");
         armed = new Plan(parts[0], n, action.Value);
@@ -61,7 +70,7 @@ public static class Faults
     public static void At(string point, string detail = "")
     {
         var p = armed;
-        if (p is null || p.Point != point || Interlocked.Increment(ref p.Hits) != p.N) return;
+        if (p is null || p.Point != point || IsTrainingFault(p.Action) || Interlocked.Increment(ref p.Hits) != p.N) return;
         var where = $"{point} #{p.N}{(detail.Length > 0 ? $" ({detail})" : "")}";
         switch (p.Action)
         {
@@ -82,6 +91,20 @@ public static class Faults
                 break;
         }
     }
+
+    /// A fine-tune step finished at `point`: the training fault (`nan`, `spike`) to inject after it when the
+    /// armed plan is one and this is its n-th step, else null.
+    public static Action? Corrupt(string point, string detail = "")
+    {
+        var p = armed;
+        if (p is null || p.Point != point || !IsTrainingFault(p.Action)) return null;
+        var hit = Interlocked.Increment(ref p.Hits);
+        if (p.Action == Action.NanFrom ? hit < p.N : hit != p.N) return null;
+        Console.Error.WriteLine($"hast: HAST_FAULT: {(p.Action == Action.Spike ? "loss spike" : "NaN weights")} after {point} #{hit}{(detail.Length > 0 ? $" ({detail})" : "")}");
+        return p.Action == Action.Spike ? Action.Spike : Action.Nan;
+    }
+
+    static bool IsTrainingFault(Action a) => a is Action.Nan or Action.NanFrom or Action.Spike;
 
     /// An atomic write of `target` has its complete temporary file `temp` and is about to rename it.
     public static void BeforeRename(string target, string temp)
