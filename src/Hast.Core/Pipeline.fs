@@ -60,10 +60,10 @@ type TimeBudget =
 /// training only (zero-shot: no test data decides): an epoch diverged when a step's loss is NaN or
 /// infinite, when its weights are not finite at its end, or when its mean training loss is above
 /// `SpikeFactor` x the lowest epoch mean of the run (so not in the first epoch: one step's loss is too
-/// noisy a reference, measured: a normal tiny run's first epoch averaged 2x its first step). Then the student (its weight average and the
-/// optimizer's momentum too) goes back to the last good state kept in memory (after the last accepted
-/// epoch, or after calibration), the learning rate is multiplied by `LrFactor` for the rest of the run,
-/// and the epoch runs again; after `Retries` rollbacks of one epoch the run stops and delivers the last
+/// noisy a reference; measured, a normal tiny run's first epoch averaged 2x its first step). Then the
+/// student (its weight average and the optimizer's momentum too) goes back to the last good state kept
+/// in memory (after the last accepted epoch, or after calibration), the learning rate is multiplied by
+/// `LrFactor` for the rest of the run, and the epoch runs again; after `Retries` rollbacks of one epoch the run stops and delivers the last
 /// good weights, marked degraded.
 type Guard =
     { /// an epoch whose mean training loss exceeds this many times the best (lowest) epoch mean diverged

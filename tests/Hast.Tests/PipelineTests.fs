@@ -150,43 +150,49 @@ let private faultAt (epoch: int) (iteration: int) (times: int) (f: FineTune.Faul
 
 let private runFaulty fault c from = runInMemoryGeneral fault (fun _ -> false) (fun _ -> None) (fun _ _ -> None) c from
 
-/// A fault in epoch 2 that happens once: the guard rolls back to epoch 1's state, halves the learning
-/// rate and runs epoch 2 again. The state saved after the rollback is epoch 1's (so a resumed run is
-/// consistent), the run ends where epoch 1's state resumed at half the learning rate ends, and a run
-/// resumed from the rollback's save ends where the guarded run ends.
-let private recoversFrom (fault: FineTune.Fault) (reason: string) =
+/// A fault in epoch `epoch` + 1 that happens once: the guard rolls back to the state after `epoch`
+/// epochs (the calibrated one for 0), halves the learning rate and runs the epoch again. The state saved
+/// after the rollback is the good one (so a resumed run is consistent), the run ends where the good
+/// state resumed at half the learning rate ends, and a run resumed from the rollback's save ends where
+/// the guarded run ends.
+let private recoversFrom (epoch: int) (fault: FineTune.Fault) (reason: string) =
     let c = tinyConfig 3L
-    let whole, saves, events = runFaulty (faultAt 1 0 1 fault) c None
+    let whole, saves, events = runFaulty (faultAt epoch 0 1 fault) c None
     let result, parameters = finishedRun whole
     Expect.equal (result.EpochsDone, result.Degraded, result.StoppedByBudget) (2, None, false) "finished both epochs, not degraded"
-    Expect.equal (result.Rollbacks |> List.map (fun r -> r.Epoch, r.LrScale)) [ 2, 0.5 ] "one rollback of epoch 2, lr x0.5"
+    Expect.equal (result.Rollbacks |> List.map (fun r -> r.Epoch, r.LrScale)) [ epoch + 1, 0.5 ] "one rollback of the epoch, lr x0.5"
     Expect.stringContains (result.Rollbacks.Head.Reason.ToLowerInvariant()) reason "the reason names what the guard saw"
     Expect.isTrue (finiteTensors parameters) "the delivered weights are finite"
-    Expect.equal (saves |> List.map (fun s -> s.Progress.EpochsDone, s.Progress.Rollbacks.Length)) [ 0, 0; 1, 0; 1, 1; 2, 1 ]
-        "saved after calibration, epoch 1, the rollback (epoch 1's state) and epoch 2"
-    Expect.isTrue (sameTensors saves[2].State saves[1].State) "the state saved after the rollback is epoch 1's, bit for bit"
-    Expect.equal saves[2].Optimizer saves[1].Optimizer "with epoch 1's optimizer state (momentum)"
-    Expect.isTrue (events |> List.exists (function RolledBack({ Epoch = 2 }, 1, 3) -> true | _ -> false)) "the rollback is reported (1 of 3)"
+    Expect.equal (saves |> List.map (fun s -> s.Progress.EpochsDone, s.Progress.Rollbacks.Length))
+        (if epoch = 0 then [ 0, 0; 0, 1; 1, 1; 2, 1 ] else [ 0, 0; 1, 0; 1, 1; 2, 1 ])
+        "saved after calibration, each epoch and the rollback (the good state)"
+    let good, rolledBack = saves[epoch], saves[epoch + 1]
+    Expect.isTrue (sameTensors rolledBack.State good.State) "the state saved after the rollback is the good one, bit for bit"
+    Expect.equal rolledBack.Optimizer good.Optimizer "with its optimizer state (momentum; none after calibration)"
+    Expect.isTrue (events |> List.exists (function RolledBack(r, 1, 3) -> r.Epoch = epoch + 1 | _ -> false)) "the rollback is reported (1 of 3)"
     Expect.equal (events |> List.filter (function EpochFinished _ -> true | _ -> false) |> List.length) 2 "the diverged attempt is no epoch"
     Expect.equal (events |> List.choose (function Evaluated(AfterEpoch e, _) -> Some e | _ -> None)) [ 1; 2 ] "the diverged attempt is not evaluated"
-    // it derives from the last good epoch: epoch 1's state resumed at half the learning rate ends here
+    // it derives from the last good state: that state resumed at half the learning rate ends here
     let half = { c with FineTune = { c.FineTune with Lr = c.FineTune.Lr * 0.5 } }
-    let resumedHalf, _, _ = runInMemory half None (Some saves[1])
+    let resumedHalf, _, _ = runInMemory half None (Some good)
     let r2, p2 = finishedRun resumedHalf
-    Expect.isTrue (sameTensors parameters p2) "the weights of epoch 1 trained on at half the lr, bit for bit"
+    Expect.isTrue (sameTensors parameters p2) "the good weights trained on at half the lr, bit for bit"
     Expect.equal r2.History result.History "the same epochs"
     // resumed from the rollback's save, the run ends where the guarded run ends
-    let resumed, _, _ = runInMemory c None (Some saves[2])
+    let resumed, _, _ = runInMemory c None (Some rolledBack)
     let r3, p3 = finishedRun resumed
     Expect.equal r3 result "the same result, rollback included"
     Expect.isTrue (sameTensors parameters p3) "the same weights, bit for bit"
 
 let private guardTests : Test list =
     [ testCase "divergence guard: NaN weights after a step of epoch 2 -> NaN loss -> back to epoch 1's state, lr x0.5, finished with finite weights from epoch 1's; resumable after the rollback" <| fun () ->
-        recoversFrom FineTune.NanWeights "nan"
+        recoversFrom 1 FineTune.NanWeights "nan"
+
+      testCase "divergence guard: NaN weights in epoch 1 -> back to the calibrated state (no momentum yet), lr x0.5, finished; resumable after the rollback" <| fun () ->
+        recoversFrom 0 FineTune.NanWeights "nan"
 
       testCase "divergence guard: an epoch whose mean loss spikes above 2x the best epoch's -> back to epoch 1's state, lr x0.5, finished; resumable after the rollback" <| fun () ->
-        recoversFrom (FineTune.LossSpike 1000.0) "above 2 x the best epoch"
+        recoversFrom 1 (FineTune.LossSpike 1000.0) "above 2 x the best epoch"
 
       testCase "divergence guard: a fault on every retry -> after 3 rollbacks the last good weights are delivered, degraded, evaluated; no epoch good -> the calibrated weights" <| fun () ->
         // epoch 1 is not an evaluation epoch (every 2nd): the delivered state is evaluated when the guard gives up
