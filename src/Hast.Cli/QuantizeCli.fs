@@ -102,6 +102,9 @@ type QuantizeArgs =
     | Conv_Precision of format: string
     | Synth_Conv_Precision of format: string
     | Weight_Ema of decay: float
+    | Divergence_Spike of factor: float
+    | Divergence_Lr_Factor of factor: float
+    | Divergence_Retries of n: int
     interface IArgParserTemplate with
         member a.Usage =
             // every default shown comes from the records that define it
@@ -191,6 +194,15 @@ type QuantizeArgs =
             | Weight_Ema _ ->
                 sprintf "decay of an exponential moving average of the student's weights, updated every step, evaluated after each epoch beside the last weights and delivered instead of them; 0 = the last weights (default: %s)"
                     (averagingText f.Averaging)
+            | Divergence_Spike _ ->
+                sprintf "divergence guard: an epoch whose mean training loss is above this many times the best epoch's diverged, as one with a NaN/Inf loss (default: %g)"
+                    Pipeline.guardDefaults.SpikeFactor
+            | Divergence_Lr_Factor _ ->
+                sprintf "divergence guard: after a divergence the run goes back to the last good epoch and multiplies the learning rate by this (default: %g)"
+                    Pipeline.guardDefaults.LrFactor
+            | Divergence_Retries _ ->
+                sprintf "divergence guard: rollbacks of one epoch before the run stops and delivers the last good weights, marked degraded (exit 3) (default: %d)"
+                    Pipeline.guardDefaults.Retries
             | Synth_Lr _ -> sprintf "run: synthesis Adam learning rate (default: %g)" s.Lr
             | Synth_Patience _ -> sprintf "run: synthesis reduce-on-plateau patience in iterations (default: %d)" s.Patience
             | Synth_Factor _ -> sprintf "run: synthesis reduce-on-plateau factor (default: %g)" s.Factor
@@ -430,6 +442,10 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
           Calibration = calibration
           FineTune = ft
           Eval = { Every = r.Int("eval-every", b.Eval.Every); BatchSize = r.Int("eval-batch", b.Eval.BatchSize) }
+          Guard =
+            { SpikeFactor = r.Float("divergence-spike", b.Guard.SpikeFactor)
+              LrFactor = r.Float("divergence-lr-factor", b.Guard.LrFactor)
+              Retries = r.Int("divergence-retries", b.Guard.Retries) }
           TimeBudget = timeBudget }
     let run = flags (fun () -> Pipeline.validate run)
     { IsRun = isRun
@@ -569,6 +585,9 @@ let toLayer (c: PipelineConfig) : Layer =
       yield "seed", string ft.Seed
       yield "eval-every", string run.Eval.Every
       yield "eval-batch", string run.Eval.BatchSize
+      yield "divergence-spike", num run.Guard.SpikeFactor
+      yield "divergence-lr-factor", num run.Guard.LrFactor
+      yield "divergence-retries", string run.Guard.Retries
       match run.TimeBudget with
       | Some tb -> yield "time-budget", seconds tb.Seconds
       | None -> () ]

@@ -303,12 +303,31 @@ let paperNote (study: Study) : string =
 // ------------------------------------------------------------------------------------------------
 // results and tables
 
+/// How a point's fine-tuning went (the divergence guard of `Pipeline.run`).
+type PointStatus =
+    /// no divergence
+    | Finished
+    /// it diverged, went back to its last good epoch at a lower learning rate `rollbacks` times and
+    /// finished: a normal point
+    | Recovered of rollbacks: int
+    /// it diverged and did not recover (the run's `Degraded` reason): the run delivered its last good
+    /// weights, whose accuracy is not the setting's result, so the point stays out of its row's mean
+    /// (Table 2's finding is such a collapse)
+    | Diverged of reason: string
+
+let statusName =
+    function
+    | Finished -> "finished"
+    | Recovered _ -> "recovered"
+    | Diverged _ -> "diverged"
+
 /// What a point's run ended with (its report.json).
 type PointResult =
     { FinalTop1: float
       BestTop1: float
       CalibTop1: float
-      FpTop1: float }
+      FpTop1: float
+      Status: PointStatus }
 
 /// Mean, sample standard deviation (n − 1; NaN below 2 values) and count.
 let meanStd (xs: float list) : float * float * int =
@@ -323,10 +342,14 @@ let meanStd (xs: float list) : float * float * int =
 type Row =
     { Setting: Setting
       Label: string
-      /// final top-1 over the seeds run so far
+      /// final top-1 over the seeds run so far that did not diverge
       Mean: float
       Std: float
       N: int
+      /// points of this value that diverged and did not recover (not in `Mean` and `N`)
+      Diverged: int
+      /// points of this value that diverged and recovered (in `Mean` and `N`)
+      Recovered: int
       CalibMean: float
       Paper: float option }
 
@@ -350,16 +373,24 @@ let rows (grid: Setting list) (wbits: int) (abits: int) (results: (Point * Point
     |> List.distinct
     |> List.map (fun s ->
         let mine = results |> List.filter (fun (p, _) -> p.Setting = s) |> List.map snd
-        let m, sd, n = meanStd (mine |> List.map (fun r -> r.FinalTop1))
+        let finished = mine |> List.filter (fun r -> match r.Status with Diverged _ -> false | _ -> true)
+        let m, sd, n = meanStd (finished |> List.map (fun r -> r.FinalTop1))
         let cm, _, _ = meanStd (mine |> List.map (fun r -> r.CalibTop1))
-        { Setting = s; Label = label s; Mean = m; Std = sd; N = n; CalibMean = cm; Paper = paperTop1In grid s wbits abits })
+        { Setting = s; Label = label s; Mean = m; Std = sd; N = n
+          Diverged = mine.Length - finished.Length
+          Recovered = mine |> List.filter (fun r -> match r.Status with Recovered _ -> true | _ -> false) |> List.length
+          CalibMean = cm; Paper = paperTop1In grid s wbits abits })
 
 let private cell (v: float) = if Double.IsNaN v then "—" else v.ToString("F2", Globalization.CultureInfo.InvariantCulture)
 
 let meanStdText (r: Row) =
-    if r.N = 0 then "—"
-    elif r.N = 1 then cell r.Mean
-    else sprintf "%s ± %s" (cell r.Mean) (cell r.Std)
+    let value =
+        if r.N = 0 then (if r.Diverged > 0 then "diverged" else "—")
+        elif r.N = 1 then cell r.Mean
+        else sprintf "%s ± %s" (cell r.Mean) (cell r.Std)
+    if r.N > 0 && r.Diverged > 0 then sprintf "%s (+%d diverged)" value r.Diverged
+    elif r.N = 0 && r.Diverged > 1 then sprintf "diverged (%d)" r.Diverged
+    else value
 
 /// The study's table in markdown: heading, what was run, one row per grid value, the paper's note.
 let markdown (study: Study) (budget: SweepBudget) (wbits: int) (abits: int) (seeds: int64 list) (fpTop1: float) (rs: Row list) : string =
@@ -380,5 +411,13 @@ let markdown (study: Study) (budget: SweepBudget) (wbits: int) (abits: int) (see
     for r in rs do
         line (sprintf "| %s | %s | %d | %s | %s |" r.Label (meanStdText r) r.N (cell r.CalibMean) (r.Paper |> Option.map cell |> Option.defaultValue "—"))
     line ""
+    let diverged = rs |> List.sumBy (fun r -> r.Diverged)
+    let recovered = rs |> List.sumBy (fun r -> r.Recovered)
+    if diverged > 0 then
+        line (sprintf "diverged: %d run(s) whose fine-tuning diverged (a NaN/Inf loss or weights, or an epoch's mean loss far above the best epoch's) and did not recover after the divergence guard's rollbacks; each delivered its last good weights, whose accuracy is in results.json and not in the mean or n." diverged)
+        line ""
+    if recovered > 0 then
+        line (sprintf "recovered: %d run(s) diverged, went back to their last good epoch at a lower learning rate and finished; they count as normal runs (their rollbacks are in results.json)." recovered)
+        line ""
     line (paperNote study)
     b.ToString()

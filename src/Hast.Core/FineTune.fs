@@ -212,8 +212,18 @@ type StepStats =
       PromotionGain: float
       Lr: float }
 
+/// A step's loss that is NaN or infinite: which loss and its value. Raised inside the step and turned
+/// into an epoch outcome by `tryEpoch` (the divergence guard of `Pipeline.run` acts on it) or into the
+/// one-line `HastError` by `step` and `epoch`.
+exception private NonFiniteLoss of What: string * Value: float
+
 let private ensureFinite (what: string) (v: float) =
+    if Double.IsNaN v || Double.IsInfinity v then raise (NonFiniteLoss(what, v))
+
+/// The one line of a step that diverged (as every stage: `requireFinite`).
+let private failNonFinite (what: string) (v: float) : 'a =
     requireFinite "fine-tuning" what "lower the learning rate or check the samples" v
+    failwith "unreachable: requireFinite raises on a non-finite value"
 
 /// The clean half of a promoted step on batch `x` (on the device): the loss terms L(x), with
 /// a·∇θ L(x) accumulated into the student's `.grad`, and the input gradient g that sets
@@ -245,7 +255,7 @@ let promotionGradient (c: Config) (p: Promotion) (teacher: Net) (student: Net) (
 /// promotion, L(x) without. Gradients flow into the student's parameters only; the teacher's
 /// parameters are frozen for the step (requires_grad false, restored afterwards) and never change.
 /// The teacher keeps a graph only for the clean forward with `Both`; on x + δ it runs under no_grad.
-let step (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer) (lr: float) (x: Tensor) (labels: Tensor) : StepStats =
+let private stepUnchecked (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer) (lr: float) (x: Tensor) (labels: Tensor) : StepStats =
     for g in opt.ParamGroups do g.LearningRate <- lr
     opt.zero_grad ()
     // channels-last activations: faster convolutions (same values up to float rounding)
@@ -280,6 +290,12 @@ let step (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer) 
             opt.step () |> ignore
             stats t perturbed)
 
+/// One optimisation step (as above); a NaN or infinite loss fails with one line ("fine-tuning diverged:
+/// the loss is nan; ...") before the optimizer steps.
+let step (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer) (lr: float) (x: Tensor) (labels: Tensor) : StepStats =
+    try stepUnchecked c teacher student opt lr x labels
+    with NonFiniteLoss(what, v) -> failNonFinite what v
+
 // ---------------------------------------------------------------------------------------------
 // Epochs
 
@@ -308,31 +324,94 @@ let private epochIndices (c: Config) (count: int64) (epoch: int) (gen: torch.Gen
     let perms = (need + count - 1L) / count
     torch.cat([| for _ in 1L .. perms -> torch.randperm(count, generator = gen) |], 0L).slice(0L, 0L, need, 1L)
 
-/// Run epoch `epoch` (0-based) of fine-tuning. Samples stay on the CPU; batches move to `device`.
-/// Student and teacher are in eval mode (BN uses running statistics; BN affine parameters train).
-let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer)
-          (images: Tensor) (labels: Tensor) (ep: int) (onIter: IterInfo -> unit) : EpochStats =
+/// A fault injected into an epoch's steps, for the tests of the divergence guard (`Pipeline.run`;
+/// `HAST_FAULT=ft-iter:N:nan|spike` in the shell). Not a setting: nothing injects one in a normal run.
+type Fault =
+    /// after the step, one weight tensor of the student becomes NaN (as a step that blew up): the next
+    /// step's loss is NaN, or, after an epoch's last step, its weights are not finite
+    | NanWeights
+    /// the step's loss reads `factor` times its value (a spike in the epoch's mean; the weights are untouched)
+    | LossSpike of factor: float
+
+/// Why an epoch is taken for diverged (the divergence guard of `Pipeline.run`).
+type DivergenceCause =
+    /// a step's loss was NaN or infinite: the iteration (1-based within the epoch), which loss, its value
+    | NonFiniteStepLoss of iteration: int * what: string * value: float
+    /// the epoch ended with a NaN or infinite weight in the student
+    | NonFiniteWeights
+    /// the epoch's mean training loss `mean` is above `factor` × `best`, the lowest epoch mean of the run
+    | LossAboveBest of mean: float * best: float * factor: float
+
+let describeCause =
+    function
+    | NonFiniteStepLoss(i, what, v) -> sprintf "%s is %g at iteration %d" what v i
+    | NonFiniteWeights -> "the student's weights are not finite after the epoch"
+    | LossAboveBest(m, b, f) -> sprintf "the mean training loss %.4g is above %g x the best epoch's %.4g" m f b
+
+/// How an epoch of `tryEpoch` ended.
+type EpochOutcome =
+    | Completed of EpochStats
+    /// it stopped at the first non-finite loss (no optimizer step on it), or ended with non-finite weights
+    | Diverged of DivergenceCause
+
+let private applyFault (student: Net) (s: StepStats) (f: Fault) : StepStats =
+    match f with
+    | NanWeights ->
+        use _ = torch.no_grad ()
+        let w = student.parameters () |> Seq.head
+        w.fill_(nan) |> ignore
+        s
+    | LossSpike k ->
+        { s with KL = s.KL * k; FA = s.FA * k; CE = s.CE * k; Total = s.Total * k; PerturbedTotal = s.PerturbedTotal * k }
+
+/// Run epoch `epoch` (0-based) of fine-tuning, as `epoch`, without failing on divergence: a NaN or
+/// infinite loss stops the epoch at that step (before the optimizer steps on it), non-finite weights
+/// at its end are reported, and the caller decides (`Pipeline.run` rolls back). `fault i` injects a
+/// fault after step `i` (0-based; tests only: `fun _ -> None` otherwise).
+let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer)
+             (images: Tensor) (labels: Tensor) (ep: int) (fault: int -> Fault option) (onIter: IterInfo -> unit) : EpochOutcome =
     teacher.eval ()
     student.eval ()
     use gen = generator (deriveSeed c.Seed [ 2L; int64 ep ])
     use order = epochIndices c images.shape[0] ep gen
     let mutable sum = { KL = 0.0; FA = 0.0; CE = 0.0; Total = 0.0; PerturbedTotal = 0.0; PromotionGain = 0.0; Lr = 0.0 }
+    let mutable diverged = None
     ConvPrecision.within c.ConvPrecision [ teacher :> torch.nn.Module; student :> torch.nn.Module ] (fun () ->
-    for i in 0 .. c.ItersPerEpoch - 1 do
+    let mutable i = 0
+    while diverged.IsNone && i < c.ItersPerEpoch do
         use _ = torch.NewDisposeScope()
         let idx = order.slice(0L, int64 i * int64 c.BatchSize, int64 (i + 1) * int64 c.BatchSize, 1L)
         let xb = images.index_select(0L, idx)
         let yb = labels.index_select(0L, idx).``to``(device)
         let xa = Augment.perSampleCrop gen c.Crop xb
         let lr = lrAt c (ep * c.ItersPerEpoch + i)
-        let s = step c teacher student opt lr (xa.``to``(device)) yb
-        sum <-
-            { KL = sum.KL + s.KL; FA = sum.FA + s.FA; CE = sum.CE + s.CE; Total = sum.Total + s.Total
-              PerturbedTotal = sum.PerturbedTotal + s.PerturbedTotal; PromotionGain = sum.PromotionGain + s.PromotionGain
-              Lr = s.Lr }
-        onIter { Epoch = ep; Iteration = i; ItersPerEpoch = c.ItersPerEpoch; Stats = s })
-    let n = float c.ItersPerEpoch
-    { Epoch = ep
-      Mean =
-        { KL = sum.KL / n; FA = sum.FA / n; CE = sum.CE / n; Total = sum.Total / n
-          PerturbedTotal = sum.PerturbedTotal / n; PromotionGain = sum.PromotionGain / n; Lr = sum.Lr } }
+        match (try Ok(stepUnchecked c teacher student opt lr (xa.``to``(device)) yb) with NonFiniteLoss(w, v) -> Error(w, v)) with
+        | Error(what, v) -> diverged <- Some(NonFiniteStepLoss(i + 1, what, v))
+        | Ok s ->
+            let s = match fault i with Some f -> applyFault student s f | None -> s
+            sum <-
+                { KL = sum.KL + s.KL; FA = sum.FA + s.FA; CE = sum.CE + s.CE; Total = sum.Total + s.Total
+                  PerturbedTotal = sum.PerturbedTotal + s.PerturbedTotal; PromotionGain = sum.PromotionGain + s.PromotionGain
+                  Lr = s.Lr }
+            onIter { Epoch = ep; Iteration = i; ItersPerEpoch = c.ItersPerEpoch; Stats = s }
+            i <- i + 1)
+    match diverged with
+    | Some cause -> Diverged cause
+    | None when not (student.parameters () |> Seq.forall allFinite) -> Diverged NonFiniteWeights
+    | None ->
+        let n = float c.ItersPerEpoch
+        Completed
+            { Epoch = ep
+              Mean =
+                { KL = sum.KL / n; FA = sum.FA / n; CE = sum.CE / n; Total = sum.Total / n
+                  PerturbedTotal = sum.PerturbedTotal / n; PromotionGain = sum.PromotionGain / n; Lr = sum.Lr } }
+
+/// Run epoch `epoch` (0-based) of fine-tuning. Samples stay on the CPU; batches move to `device`.
+/// Student and teacher are in eval mode (BN uses running statistics; BN affine parameters train).
+/// A NaN or infinite loss, or weights that are not finite after the epoch, fail with one line.
+let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer)
+          (images: Tensor) (labels: Tensor) (ep: int) (onIter: IterInfo -> unit) : EpochStats =
+    match tryEpoch device c teacher student opt images labels ep (fun _ -> None) onIter with
+    | Completed stats -> stats
+    | Diverged(NonFiniteStepLoss(_, what, v)) -> failNonFinite what v
+    | Diverged cause -> failf "fine-tuning diverged: %s; lower the learning rate or check the samples" (describeCause cause)

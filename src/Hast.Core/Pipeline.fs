@@ -56,6 +56,27 @@ type TimeBudget =
       SynthIters: int option
       FineTuneIters: int option }
 
+/// The divergence guard of the fine-tuning (issue 29: a run never ends with nothing). It watches the
+/// training only (zero-shot: no test data decides): an epoch diverged when a step's loss is NaN or
+/// infinite, when its weights are not finite at its end, or when its mean training loss is above
+/// `SpikeFactor` x the lowest epoch mean of the run (so not in the first epoch: one step's loss is too
+/// noisy a reference; measured, a normal tiny run's first epoch averaged 2x its first step). Then the
+/// student (its weight average and the optimizer's momentum too) goes back to the last good state kept
+/// in memory (after the last accepted epoch, or after calibration), the learning rate is multiplied by
+/// `LrFactor` for the rest of the run, and the epoch runs again; after `Retries` rollbacks of one epoch the run stops and delivers the last
+/// good weights, marked degraded.
+type Guard =
+    { /// an epoch whose mean training loss exceeds this many times the best (lowest) epoch mean diverged
+      SpikeFactor: float
+      /// the learning rate's factor after each rollback (cumulative)
+      LrFactor: float
+      /// rollbacks of one epoch before the run gives up (0: the first divergence ends the run)
+      Retries: int }
+
+/// The guard's defaults: 2x the best epoch mean (the collapse in issue 29 went 88 -> 101 -> 339; a
+/// healthy run's epoch means fall), half the learning rate per rollback, 3 rollbacks of an epoch.
+let guardDefaults : Guard = { SpikeFactor = 2.0; LrFactor = 0.5; Retries = 3 }
+
 /// Everything that determines a run's result, apart from the teacher's weights and the data.
 type Config =
     { WBits: int
@@ -64,6 +85,8 @@ type Config =
       Calibration: Calibration
       FineTune: FineTune.Config
       Eval: EvalConfig
+      /// what the fine-tuning does when it diverges
+      Guard: Guard
       /// plan the counts to a wall time; until planned, the counts not given hold placeholders
       TimeBudget: TimeBudget option }
 
@@ -133,6 +156,7 @@ let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Con
       Calibration = FromSamples sampleCalibrationDefaults
       FineTune = fineTuneDefaults (datasetOf family classes)
       Eval = evalDefaults
+      Guard = guardDefaults
       TimeBudget = None }
 
 /// The default synthesized samples of a family (`Synthesis.defaultsFor`).
@@ -158,6 +182,11 @@ let validate (c: Config) : Config =
     FineTune.validate c.FineTune |> ignore
     if c.Eval.Every <= 0 then invalid "eval-every" (sprintf "must be a positive integer (got %d)" c.Eval.Every)
     if c.Eval.BatchSize <= 0 then invalid "eval-batch" (sprintf "must be a positive integer (got %d)" c.Eval.BatchSize)
+    if not (c.Guard.SpikeFactor > 1.0) || Double.IsInfinity c.Guard.SpikeFactor then
+        invalidf "divergence-spike" "must be a finite number above 1 (got %g)" c.Guard.SpikeFactor
+    if not (c.Guard.LrFactor > 0.0 && c.Guard.LrFactor <= 1.0) then
+        invalidf "divergence-lr-factor" "must be in (0, 1] (got %g)" c.Guard.LrFactor
+    if c.Guard.Retries < 0 then invalidf "divergence-retries" "must be a non-negative integer (got %d)" c.Guard.Retries
     match c.TimeBudget with
     | Some tb ->
         requirePositive "time-budget" tb.Seconds
@@ -227,13 +256,29 @@ type EpochRecord =
       /// with weight averaging: the test accuracy of the student's last weights, beside `Accuracy`
       LastWeights: Evaluate.Accuracy option }
 
+/// One rollback of the divergence guard: the epoch went back to the last good state and ran again.
+type Rollback =
+    { /// the epoch (1-based) that diverged
+      Epoch: int
+      /// what the guard saw (`FineTune.describeCause`)
+      Reason: string
+      /// the learning rate's factor from this rollback on
+      LrScale: float }
+
 /// The state saved after calibration and after each epoch, and restored to resume.
 type Progress =
     { FpTop1: float
       CalibTop1: float
       /// finished epochs, oldest first
       History: EpochRecord list
-      EpochsDone: int }
+      EpochsDone: int
+      /// the divergence guard's rollbacks so far, oldest first (the saved state after one is the good state)
+      Rollbacks: Rollback list
+      /// set when the guard gave up: why; the state is the last good one and the run ends there
+      Degraded: string option }
+
+/// The learning rate's factor after the rollbacks so far.
+let lrScale (p: Progress) = p.Rollbacks |> List.tryLast |> Option.map (fun r -> r.LrScale) |> Option.defaultValue 1.0
 
 /// What a run ends with.
 type RunResult =
@@ -254,7 +299,11 @@ type RunResult =
       Iterations: int64
       Samples: int64
       /// stopped before the planned epochs because the time budget ran out
-      StoppedByBudget: bool }
+      StoppedByBudget: bool
+      /// the divergence guard's rollbacks (each epoch that diverged and ran again at a lower lr)
+      Rollbacks: Rollback list
+      /// the guard gave up: why; the delivered model is the last good state (EpochsDone epochs)
+      Degraded: string option }
 
 /// The final/best rule over a run's progress: final = the last evaluated epoch, best = the best
 /// evaluated epoch (the earliest of equals); both are the calibration's when no epoch was evaluated.
@@ -278,7 +327,9 @@ let summarize (c: Config) (samples: int64) (p: Progress) : RunResult =
       EpochsDone = p.EpochsDone
       Iterations = int64 p.EpochsDone * int64 c.FineTune.ItersPerEpoch
       Samples = samples
-      StoppedByBudget = p.EpochsDone < c.FineTune.Epochs }
+      StoppedByBudget = p.EpochsDone < c.FineTune.Epochs && p.Degraded.IsNone
+      Rollbacks = p.Rollbacks
+      Degraded = p.Degraded }
 
 // ------------------------------------------------------------------------------------------------
 // the run
@@ -304,6 +355,12 @@ type Event =
     /// the state after `epochsDone` epochs is saved (a safe point to stop at)
     | EpochSaved of epochsDone: int * epochs: int
     | StoppedForBudget of epochsDone: int * epochs: int * secondsLeft: float * epochSeconds: float
+    /// the divergence guard rolled back to the state after `rollback.Epoch - 1` epochs and runs that epoch
+    /// again at the lower learning rate (its `retry`-th of at most `retries`); the state is saved
+    | RolledBack of rollback: Rollback * retry: int * retries: int
+    /// the guard gave up after its retries: the run ends with the state after `epochsDone` epochs (the
+    /// last good one); `message` is the warning the result carries as `Degraded`
+    | GaveUp of epoch: int * reason: string * epochsDone: int * message: string
 
 /// A sample store as the run sees it (the shell's files).
 type SampleStore =
@@ -350,7 +407,10 @@ type Hooks =
       /// under a time budget, after the first epoch this process fine-tuned: given the epochs done and
       /// that epoch's seconds, the total epochs re-planned to the time left (`Budget.replanEpochs`),
       /// recorded by the shell so that a resumed run keeps them; None keeps the current count
-      ReplanEpochs: int -> float -> int option }
+      ReplanEpochs: int -> float -> int option
+      /// tests only (`HAST_FAULT=ft-iter:N:nan|spike` in the shell): a fault to inject after the step of
+      /// (epoch, iteration), both 0-based, called once per step; `fun _ _ -> None` in a normal run
+      Fault: int -> int -> FineTune.Fault option }
 
 /// The teacher and test set of a run, loaded by the shell.
 type Inputs =
@@ -417,6 +477,40 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
         event (StageStarted("generator calibration", 0L, int64 g.Iterations))
         Generator.calibrateWithGenerator inputs.Device g inputs.Teacher student inputs.Arch.Input.Size (GeneratorIteration >> event)
 
+/// The training state kept in memory for the divergence guard: copies of the student's and the weight
+/// average's tensors (parameters and buffers) and the optimizer's state (momentum).
+type private Kept =
+    { Student: (string * Tensor) list
+      Average: (string * Tensor) list option
+      Optimizer: byte[] }
+
+let private copyState (m: Net) : (string * Tensor) list =
+    use _ = torch.no_grad ()
+    [ for kv in m.state_dict () ->
+          use d = kv.Value.detach ()
+          kv.Key, d.clone().DetachFromDisposeScope() ]
+
+let private keep (student: Net) (average: Net option) (opt: torch.optim.Optimizer) : Kept =
+    use ms = new IO.MemoryStream()
+    using (new IO.BinaryWriter(ms, Text.Encoding.UTF8, true)) (fun w -> (opt :?> TorchSharp.Modules.OptimizerHelper).save_state_dict w)
+    { Student = copyState student; Average = average |> Option.map copyState; Optimizer = ms.ToArray() }
+
+/// Put a kept state back into the student, its average and the optimizer.
+let private putBack (k: Kept) (student: Net) (average: Net option) (opt: torch.optim.Optimizer) =
+    let into (m: Net) (state: (string * Tensor) list) =
+        use _ = torch.no_grad ()
+        let sd = m.state_dict ()
+        for name, t in state do sd[name].copy_ t |> ignore
+    into student k.Student
+    match average, k.Average with
+    | Some a, Some state -> into a state
+    | _ -> ()
+    use r = new IO.BinaryReader(new IO.MemoryStream(k.Optimizer))
+    (opt :?> TorchSharp.Modules.OptimizerHelper).load_state_dict r |> ignore
+
+let private release (k: Kept) =
+    for _, t in k.Student @ defaultArg k.Average [] do t.Dispose()
+
 /// Run the pipeline: samples, quantize, calibrate (or restore), fine-tune with evaluations, result.
 /// The student (and, with weight averaging, its average) is built here; the shell saves it through
 /// `hooks.Save` and gets the delivered model back in the result pair: the average with averaging,
@@ -482,32 +576,57 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                     | Some(epochs, ipe) -> { c with FineTune = { c.FineTune with Epochs = epochs; ItersPerEpoch = ipe } }
                     | None -> c
                 average |> Option.iter (fun a -> WeightAverage.copyInto a student)
-                let p = { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; History = []; EpochsDone = 0 }
+                let p = { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; History = []; EpochsDone = 0; Rollbacks = []; Degraded = None }
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
                 c, p
         // ---- fine-tune, epoch by epoch
         event (StageStarted("fine-tune", int64 start.EpochsDone * int64 c.FineTune.ItersPerEpoch, int64 (FineTune.totalIterations c.FineTune)))
         let clock = Diagnostics.Stopwatch.StartNew()
+        // the divergence guard's copy of the last good state (the state saved last), and the epochs run
+        // by this process, rolled back ones included (the budget's time per epoch)
+        let kept = ref (keep student average opt)
+        let epochRuns = ref 0
+        let evaluateEpoch (epoch: int) =
+            match average with
+            | Some a ->
+                let last = evaluate inputs c event (LastWeightsAfterEpoch(epoch + 1)) student
+                Some(evaluate inputs c event (AfterEpoch(epoch + 1)) a), Some last
+            | None -> Some(evaluate inputs c event (AfterEpoch(epoch + 1)) student), None
+        let budgetStop (ft: FineTune.Config) (epochsDone: int) =
+            match c.TimeBudget with
+            | Some budget when epochsDone < ft.Epochs ->
+                let perEpoch = clock.Elapsed.TotalSeconds / float epochRuns.Value
+                let left = budget.Seconds - hooks.BudgetSecondsUsed()
+                if stopForBudget perEpoch left then Some(left, perEpoch) else None
+            | _ -> None
         let rec epochs (ft: FineTune.Config) (p: Progress) : FineTune.Config * Progress =
-            if p.EpochsDone >= ft.Epochs then ft, p
+            if p.EpochsDone >= ft.Epochs || p.Degraded.IsSome then ft, p
             else
                 let epoch = p.EpochsDone
                 let afterStep =
                     match ft.Averaging, average with
                     | FineTune.Ema decay, Some a -> fun () -> WeightAverage.update decay a student
                     | _ -> ignore
-                let stats =
-                    FineTune.epoch inputs.Device ft inputs.Teacher student opt images labels epoch (fun it ->
+                // the schedule's learning rate times the guard's factor (1 until a rollback)
+                let scale = lrScale p
+                let ftRun = if scale = 1.0 then ft else { ft with Lr = ft.Lr * scale }
+                epochRuns.Value <- epochRuns.Value + 1
+                let outcome =
+                    FineTune.tryEpoch inputs.Device ftRun inputs.Teacher student opt images labels epoch (hooks.Fault epoch) (fun it ->
                         afterStep ()
                         event (FineTuneIteration it))
-                let evaluateEpoch () =
-                    match average with
-                    | Some a ->
-                        let last = evaluate inputs c event (LastWeightsAfterEpoch(epoch + 1)) student
-                        Some(evaluate inputs c event (AfterEpoch(epoch + 1)) a), Some last
-                    | None -> Some(evaluate inputs c event (AfterEpoch(epoch + 1)) student), None
+                // the guard's third rule: the epoch's mean training loss against the best epoch's (none
+                // before the first accepted epoch: one step's loss is too noisy a reference)
+                let outcome =
+                    match outcome, p.History |> List.map (fun e -> e.Mean.Total) |> List.filter Double.IsFinite with
+                    | FineTune.Completed stats, (_ :: _ as means) when stats.Mean.Total > c.Guard.SpikeFactor * List.min means ->
+                        FineTune.Diverged(FineTune.LossAboveBest(stats.Mean.Total, List.min means, c.Guard.SpikeFactor))
+                    | o, _ -> o
+                match outcome with
+                | FineTune.Diverged cause -> diverged ft p epoch cause
+                | FineTune.Completed stats ->
                 let evaluated =
-                    if (epoch + 1) % c.Eval.Every = 0 || epoch + 1 = ft.Epochs then Some(evaluateEpoch ()) else None
+                    if (epoch + 1) % c.Eval.Every = 0 || epoch + 1 = ft.Epochs then Some(evaluateEpoch epoch) else None
                 // under a time budget, the first epoch of this process (its steps, evaluation included)
                 // measured the fine-tuning itself: the epochs still planned are planned once more,
                 // before the checkpoint records them (none when that epoch was the last: its cosine
@@ -522,7 +641,7 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                 let acc, lastWeights =
                     match evaluated with
                     | Some r -> r
-                    | None when epoch + 1 >= ft.Epochs -> evaluateEpoch () // the re-plan made it the last epoch
+                    | None when epoch + 1 >= ft.Epochs -> evaluateEpoch epoch // the re-plan made it the last epoch
                     | None -> None, None
                 let record =
                     { Epoch = epoch + 1; Iterations = int64 (epoch + 1) * int64 ft.ItersPerEpoch; Mean = stats.Mean
@@ -530,21 +649,52 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                 let p = { p with History = p.History @ [ record ]; EpochsDone = epoch + 1 }
                 event (EpochFinished(record, ft.Epochs))
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
-                let budgetStop =
-                    match c.TimeBudget with
-                    | Some budget when epoch + 1 < ft.Epochs ->
-                        let perEpoch = clock.Elapsed.TotalSeconds / float (epoch + 1 - start.EpochsDone)
-                        let left = budget.Seconds - hooks.BudgetSecondsUsed()
-                        if stopForBudget perEpoch left then Some(left, perEpoch) else None
-                    | _ -> None
-                match budgetStop with
+                release kept.Value
+                kept.Value <- keep student average opt
+                match budgetStop ft (epoch + 1) with
                 | Some(left, perEpoch) ->
                     event (StoppedForBudget(epoch + 1, ft.Epochs, left, perEpoch))
                     ft, p
                 | None ->
                     if epoch + 1 < ft.Epochs then event (EpochSaved(epoch + 1, ft.Epochs))
                     epochs ft p
-        let ft, final = epochs c.FineTune start
+        /// epoch `epoch` (0-based) diverged: back to the last good state; again at a lower learning rate,
+        /// or, after the guard's retries, the end of the run with that state
+        and diverged (ft: FineTune.Config) (p: Progress) (epoch: int) (cause: FineTune.DivergenceCause) =
+            putBack kept.Value student average opt
+            let reason = FineTune.describeCause cause
+            let retries = p.Rollbacks |> List.filter (fun r -> r.Epoch = epoch + 1) |> List.length
+            if retries < c.Guard.Retries then
+                let rollback = { Epoch = epoch + 1; Reason = reason; LrScale = lrScale p * c.Guard.LrFactor }
+                let p = { p with Rollbacks = p.Rollbacks @ [ rollback ] }
+                hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
+                event (RolledBack(rollback, retries + 1, c.Guard.Retries))
+                match budgetStop ft epoch with
+                | Some(left, perEpoch) ->
+                    event (StoppedForBudget(epoch, ft.Epochs, left, perEpoch))
+                    ft, p
+                | None ->
+                    event (EpochSaved(epoch, ft.Epochs))
+                    epochs ft p
+            else
+                let delivered = if epoch = 0 then "the calibrated weights (no epoch finished)" else sprintf "the weights after epoch %d (the last good epoch)" epoch
+                let message =
+                    sprintf "fine-tuning diverged in epoch %d (%s) and did not recover after %d rollback(s) (lr x%g); delivered %s"
+                        (epoch + 1) reason retries (lrScale p) delivered
+                // the delivered state's accuracy, when its epoch was not evaluated
+                let history =
+                    match List.tryLast p.History with
+                    | Some last when last.Accuracy.IsNone ->
+                        let acc, lastWeights = evaluateEpoch (last.Epoch - 1)
+                        List.take (p.History.Length - 1) p.History @ [ { last with Accuracy = acc; LastWeights = lastWeights } ]
+                    | _ -> p.History
+                let p = { p with History = history; Degraded = Some message }
+                hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
+                event (GaveUp(epoch + 1, reason, epoch, message))
+                ft, p
+        let ft, final =
+            try epochs c.FineTune start
+            finally release kept.Value
         let c = { c with FineTune = ft }
         // the delivered model: the weight average, or the last weights
         match average with

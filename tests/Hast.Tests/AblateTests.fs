@@ -99,4 +99,46 @@ let tests : Test list =
         Expect.equal (pointDirs ()).Length 3 "three distinct points in the cache"
         let table = File.ReadAllText(Path.Combine(out, "table.md"))
         Expect.stringContains table "| (3, 1) |" "the table is the current grid's"
-        Expect.isFalse (table.Contains "| (2, 1) |") "...and only its" ]
+        Expect.isFalse (table.Contains "| (2, 1) |") "...and only its"
+
+      testCase "a point that diverges for good is a result: the sweep goes on, the table and JSON say 'diverged' (kept out of the mean); a point that recovers is a normal point with its rollbacks" <| fun () ->
+        use tmp = new TempDir()
+        let test = smallTest tmp 64
+        let out = tmp.File "sweep"
+        let sweep pairs = ablate "weights" test out [ "--pairs"; pairs ]
+        // tiny: 2 epochs x 5 iterations a point; from the 13th fine-tune step of the sweep on (the second
+        // point's 3rd) every step leaves NaN weights: no retry can recover
+        let code, stdout, err = withEnv "HAST_FAULT" "ft-iter:13:nan-from" (fun () -> runCli (sweep "1:0,1:1"))
+        Expect.equal code 0 (sprintf "the sweep finishes: %s" err)
+        Expect.equal (counts stdout) (2, 0, 0) "both points ran"
+        Expect.stringContains stdout "point 2/2 (1, 1) seed 0: diverged, not recovered" "the sweep says so and goes on"
+        let table = File.ReadAllText(Path.Combine(out, "table.md"))
+        let row label = table.Split('\n') |> Array.find (fun l -> l.StartsWith("| " + label + " |"))
+        Expect.stringContains (row "(1, 1)") "| diverged | 0 |" "the diverged value: 'diverged', n = 0"
+        Expect.isFalse ((row "(1, 0)").Contains "diverged") "the other value is a number"
+        Expect.stringContains table "diverged: 1 run(s)" "the table explains it"
+        let points () =
+            use doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "results.json")))
+            [ for p in doc.RootElement.GetProperty("points").EnumerateArray() ->
+                p.GetProperty("label").GetString(), p.GetProperty("status").GetString(), p.GetProperty("diverged_reason").ValueKind ]
+        Expect.equal (points ()) [ "(1, 0)", "finished", JsonValueKind.Null; "(1, 1)", "diverged", JsonValueKind.String ] "results.json: every point's status, the reason"
+        use doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "results.json")))
+        let rows = doc.RootElement.GetProperty("rows").EnumerateArray() |> List.ofSeq
+        Expect.equal (rows |> List.map (fun r -> r.GetProperty("diverged").GetInt32(), r.GetProperty("n").GetInt32())) [ 0, 1; 1, 0 ] "rows: diverged and n"
+        let dir = Path.Combine(out, "points") |> Directory.GetDirectories |> Array.find (fun d -> File.ReadAllText(Path.Combine(d, "config.json")).Contains "\"perturbed-weight\": \"1\"")
+        Expect.isTrue (File.Exists(Path.Combine(dir, "quantized.ckpt"))) "the diverged point delivered its last good weights"
+        // cached: the diverged point is a finished result, not run again
+        let stdout = runOk (sweep "1:0,1:1")
+        Expect.equal (counts stdout) (0, 0, 2) "both cached"
+        Expect.equal (points ()) [ "(1, 0)", "finished", JsonValueKind.Null; "(1, 1)", "diverged", JsonValueKind.String ] "the status read back from the point's report"
+        // a fault once: the point rolls back, recovers and counts
+        let out2 = tmp.File "sweep2"
+        let code, stdout, err = withEnv "HAST_FAULT" "ft-iter:3:nan" (fun () -> runCli (ablate "weights" test out2 [ "--pairs"; "1:1" ]))
+        Expect.equal code 0 (sprintf "the sweep finishes: %s" err)
+        Expect.stringContains stdout "recovered after 1 rollback(s)" "the sweep says so"
+        use doc2 = JsonDocument.Parse(File.ReadAllText(Path.Combine(out2, "results.json")))
+        let p = doc2.RootElement.GetProperty("points").[0]
+        Expect.equal (p.GetProperty("status").GetString(), p.GetProperty("rollbacks").GetInt32()) ("recovered", 1) "recovered, 1 rollback"
+        let r = doc2.RootElement.GetProperty("rows").[0]
+        Expect.equal (r.GetProperty("n").GetInt32(), r.GetProperty("recovered").GetInt32(), r.GetProperty("diverged").GetInt32()) (1, 1, 0) "a normal point of its row"
+        Expect.stringContains (File.ReadAllText(Path.Combine(out2, "table.md"))) "recovered: 1 run(s)" "the table notes it" ]

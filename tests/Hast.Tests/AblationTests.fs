@@ -121,7 +121,7 @@ let tests : Test list =
         let _, sd1, _ = meanStd [ 5.0 ]
         Expect.isTrue (System.Double.IsNaN sd1) "no std from one value"
         let c = parse (required "alignment" [ "--budget"; "tiny"; "--seeds"; "0,1" ])
-        let res v = { FinalTop1 = v; BestTop1 = v; CalibTop1 = 50.0; FpTop1 = 91.63 }
+        let res v = { FinalTop1 = v; BestTop1 = v; CalibTop1 = 50.0; FpTop1 = 91.63; Status = Finished }
         let results = List.zip c.Points [ res 80.0; res 84.0; res 82.0; res 86.0 ]
         let rs = rows (settings c.Study c.Grids) 3 3 results
         Expect.equal (rs |> List.map (fun r -> r.Label, r.Mean, r.N)) [ "direct", 81.0, 2; "relaxed", 85.0, 2 ] "rows"

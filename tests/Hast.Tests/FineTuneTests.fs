@@ -220,4 +220,57 @@ let precisionTests = [
     }
 ]
 
-let tests : Test list = promotionTests @ scheduleTests @ promotionGradTests @ precisionTests
+/// The divergence guard's view of an epoch (`tryEpoch`): a NaN stops the epoch at the first step
+/// whose loss is NaN, non-finite weights after the last step are reported, a spike shows in the
+/// mean, `epoch` fails with one line as before. Faults are injected (`FineTune.Fault`), seeded inputs.
+let divergenceTests = [
+    test "tryEpoch: NaN weights after step k -> diverged at step k+1 with the loss named, no further steps; after the last step -> non-finite weights; epoch fails with 'diverged'" {
+        use _ = torch.NewDisposeScope()
+        use g = generator 9L
+        let images = torch.randn([| 16L; 3L; 32L; 32L |], generator = g)
+        let labels = torch.randint(10L, [| 16L |], generator = g)
+        let c = { FineTune.defaults with BatchSize = 4; Epochs = 1; ItersPerEpoch = 4; Seed = 9L }
+        let run (at: int) =
+            let teacher, student = pair 4 4
+            let steps = System.Collections.Generic.List<int>()
+            let outcome =
+                FineTune.tryEpoch torch.CPU c teacher student (FineTune.optimizer c student) images labels 0
+                    (fun i -> if i = at then Some FineTune.NanWeights else None) (fun it -> steps.Add it.Iteration)
+            outcome, List.ofSeq steps
+        match run 1 with
+        | FineTune.Diverged(FineTune.NonFiniteStepLoss(i, what, v)), steps ->
+            Expect.equal i 3 "the step after the fault (1-based: the fault follows step 2)"
+            Expect.equal what "the loss" "the clean loss is the first to read NaN"
+            Expect.isTrue (System.Double.IsNaN v) "NaN"
+            Expect.equal steps [ 0; 1 ] "no progress reported for the diverged step, none after it"
+        | other -> failtestf "expected a NaN step loss, got %A" (fst other)
+        match run 3 with
+        | FineTune.Diverged FineTune.NonFiniteWeights, steps -> Expect.equal steps [ 0; 1; 2; 3 ] "every step ran"
+        | other -> failtestf "expected non-finite weights, got %A" (fst other)
+        let clean, steps = run -1
+        Expect.equal steps [ 0; 1; 2; 3 ] "no fault: every step"
+        match clean with
+        | FineTune.Completed e -> Expect.isTrue (System.Double.IsFinite e.Mean.Total) "a finite mean"
+        | other -> failtestf "no fault completes, got %A" other
+        // the spike multiplies one step's reading: the mean shows it, the weights are the same as without it
+        let teacher, s1 = pair 4 4
+        let _, s2 = pair 4 4
+        let spiked = FineTune.tryEpoch torch.CPU c teacher s1 (FineTune.optimizer c s1) images labels 0 (fun i -> if i = 0 then Some(FineTune.LossSpike 100.0) else None) ignore
+        let plain = FineTune.tryEpoch torch.CPU c teacher s2 (FineTune.optimizer c s2) images labels 0 (fun _ -> None) ignore
+        match spiked, plain with
+        | FineTune.Completed a, FineTune.Completed b ->
+            Expect.isGreaterThan a.Mean.Total (10.0 * b.Mean.Total) "the spike shows in the epoch mean (100x one of 4 steps)"
+            let diff = List.map2 (fun (x: Tensor) (y: Tensor) -> scalar ((x - y).abs().max())) (paramsOf s1) (paramsOf s2) |> List.max
+            Expect.isLessThan diff 1e-6 "the spike does not touch the weights"
+        | a, b -> failtestf "both complete: %A / %A" a b
+        // the old entry point fails with the one line it always gave
+        let teacher, student = pair 4 4
+        let huge = { c with Lr = 1e12 }
+        let e = Expect.throwsC (fun () -> FineTune.epoch torch.CPU huge teacher student (FineTune.optimizer huge student) images labels 0 ignore |> ignore) id
+        match e with
+        | HastError msg -> Expect.stringContains msg "fine-tuning diverged" "the one-line message"
+        | other -> failtestf "a HastError, got %O" other
+    }
+]
+
+let tests : Test list = promotionTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests

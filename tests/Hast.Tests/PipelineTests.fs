@@ -71,11 +71,12 @@ let private restore (saved: Saved) (student: Net) (average: Net option) (opt: to
 
 exception private Stop
 
-/// Run `c` on the shared model and the first 64 test images, in memory. `stopAt`: raise at the
-/// `EpochSaved` of that epoch; `from`: restore that state; `replan`, `replanEpochs`, `replanSynthesis`:
-/// the shell's re-plans.
-let private runInMemoryWithAll (replan: SynthesisTiming -> (int * int) option) (replanEpochs: int -> float -> int option)
-                               (replanSynthesis: SynthesisTiming -> int -> int option) (c: Config) (stopAt: int option) (from: Saved option) =
+/// Run `c` on the shared model and the first 64 test images, in memory. `stopOn`: raise at that event
+/// (after it is recorded); `from`: restore that state; `replan`, `replanEpochs`, `replanSynthesis`: the
+/// shell's re-plans; `fault`: the faults injected into the fine-tuning (`Hooks.Fault`).
+let private runInMemoryGeneral (fault: int -> int -> FineTune.Fault option) (stopOn: Event -> bool)
+                               (replan: SynthesisTiming -> (int * int) option) (replanEpochs: int -> float -> int option)
+                               (replanSynthesis: SynthesisTiming -> int -> int option) (c: Config) (from: Saved option) =
     let teacher = loadSharedModel ()
     let x, y = loadSharedTest ()
     use xs = x.slice(0L, 0L, 64L, 1L)
@@ -96,16 +97,15 @@ let private runInMemoryWithAll (replan: SynthesisTiming -> (int * int) option) (
         { Event =
             fun e ->
                 events.Add e
-                match e, stopAt with
-                | EpochSaved(n, _), Some s when n = s -> raise Stop
-                | _ -> ()
+                if stopOn e then raise Stop
           Store = store
           Restore = fun student average opt -> from |> Option.bind (fun f -> restore f student average opt)
           Save = fun s -> saves.Add(save s)
           BudgetSecondsUsed = fun () -> 0.0
           Replan = replan
           ReplanEpochs = replanEpochs
-          ReplanSynthesis = replanSynthesis }
+          ReplanSynthesis = replanSynthesis
+          Fault = fault }
     let inputs = { Device = torch.CPU; Arch = arch; Classes = 10L; Teacher = teacher; Test = test }
     // one intra-op thread: the runs compared bit for bit do not depend on how work is split between threads
     let outcome =
@@ -117,6 +117,10 @@ let private runInMemoryWithAll (replan: SynthesisTiming -> (int * int) option) (
                 Some(result, parameters)
             with Stop -> None)
     outcome, List.ofSeq saves, List.ofSeq events
+
+/// `runInMemoryGeneral` without faults; `stopAt`: raise at the `EpochSaved` of that epoch.
+let private runInMemoryWithAll replan replanEpochs replanSynthesis (c: Config) (stopAt: int option) (from: Saved option) =
+    runInMemoryGeneral (fun _ _ -> None) (function EpochSaved(n, _) -> Some n = stopAt | _ -> false) replan replanEpochs replanSynthesis c from
 
 let private runInMemoryWithBoth replan replanEpochs = runInMemoryWithAll replan replanEpochs (fun _ _ -> None)
 
@@ -139,6 +143,110 @@ let private runInMemory = runInMemoryWith (fun _ -> None)
 let private sameTensors (a: (string * torch.Tensor) list) (b: (string * torch.Tensor) list) =
     List.length a = List.length b
     && List.forall2 (fun (ka: string, ta: torch.Tensor) (kb: string, tb: torch.Tensor) -> ka = kb && ta.shape = tb.shape && (use e = ta.eq tb in use all = e.all () in all.item<bool> ())) a b
+
+// ------------------------------------------------------------------------------------------------
+// the divergence guard (issue 29): faults injected through `Hooks.Fault` at a chosen step
+
+let private finishedRun (o: (RunResult * (string * torch.Tensor) list) option) =
+    match o with
+    | Some r -> r
+    | None -> failtest "the run finished"
+
+let private finiteTensors (ps: (string * torch.Tensor) list) = ps |> List.forall (fun (_, t) -> allFinite t)
+
+/// `f` after step `iteration` of epoch `epoch` (both 0-based), its first `times` times.
+let private faultAt (epoch: int) (iteration: int) (times: int) (f: FineTune.Fault) =
+    let hits = ref 0
+    fun e i ->
+        if e = epoch && i = iteration && hits.Value < times then
+            hits.Value <- hits.Value + 1
+            Some f
+        else None
+
+let private runFaulty fault c from = runInMemoryGeneral fault (fun _ -> false) (fun _ -> None) (fun _ _ -> None) (fun _ _ -> None) c from
+
+/// A fault in epoch `epoch` + 1 that happens once: the guard rolls back to the state after `epoch`
+/// epochs (the calibrated one for 0), halves the learning rate and runs the epoch again. The state saved
+/// after the rollback is the good one (so a resumed run is consistent), the run ends where the good
+/// state resumed at half the learning rate ends, and a run resumed from the rollback's save ends where
+/// the guarded run ends.
+let private recoversFrom (epoch: int) (fault: FineTune.Fault) (reason: string) =
+    let c = tinyConfig 3L
+    let whole, saves, events = runFaulty (faultAt epoch 0 1 fault) c None
+    let result, parameters = finishedRun whole
+    Expect.equal (result.EpochsDone, result.Degraded, result.StoppedByBudget) (2, None, false) "finished both epochs, not degraded"
+    Expect.equal (result.Rollbacks |> List.map (fun r -> r.Epoch, r.LrScale)) [ epoch + 1, 0.5 ] "one rollback of the epoch, lr x0.5"
+    Expect.stringContains (result.Rollbacks.Head.Reason.ToLowerInvariant()) reason "the reason names what the guard saw"
+    Expect.isTrue (finiteTensors parameters) "the delivered weights are finite"
+    Expect.equal (saves |> List.map (fun s -> s.Progress.EpochsDone, s.Progress.Rollbacks.Length))
+        (if epoch = 0 then [ 0, 0; 0, 1; 1, 1; 2, 1 ] else [ 0, 0; 1, 0; 1, 1; 2, 1 ])
+        "saved after calibration, each epoch and the rollback (the good state)"
+    let good, rolledBack = saves[epoch], saves[epoch + 1]
+    Expect.isTrue (sameTensors rolledBack.State good.State) "the state saved after the rollback is the good one, bit for bit"
+    Expect.equal rolledBack.Optimizer good.Optimizer "with its optimizer state (momentum; none after calibration)"
+    Expect.isTrue (events |> List.exists (function RolledBack(r, 1, 3) -> r.Epoch = epoch + 1 | _ -> false)) "the rollback is reported (1 of 3)"
+    Expect.equal (events |> List.filter (function EpochFinished _ -> true | _ -> false) |> List.length) 2 "the diverged attempt is no epoch"
+    Expect.equal (events |> List.choose (function Evaluated(AfterEpoch e, _) -> Some e | _ -> None)) [ 1; 2 ] "the diverged attempt is not evaluated"
+    // it derives from the last good state: that state resumed at half the learning rate ends here
+    let half = { c with FineTune = { c.FineTune with Lr = c.FineTune.Lr * 0.5 } }
+    let resumedHalf, _, _ = runInMemory half None (Some good)
+    let r2, p2 = finishedRun resumedHalf
+    Expect.isTrue (sameTensors parameters p2) "the good weights trained on at half the lr, bit for bit"
+    Expect.equal r2.History result.History "the same epochs"
+    // resumed from the rollback's save, the run ends where the guarded run ends
+    let resumed, _, _ = runInMemory c None (Some rolledBack)
+    let r3, p3 = finishedRun resumed
+    Expect.equal r3 result "the same result, rollback included"
+    Expect.isTrue (sameTensors parameters p3) "the same weights, bit for bit"
+
+let private guardTests : Test list =
+    [ testCase "divergence guard: NaN weights after a step of epoch 2 -> NaN loss -> back to epoch 1's state, lr x0.5, finished with finite weights from epoch 1's; resumable after the rollback" <| fun () ->
+        recoversFrom 1 FineTune.NanWeights "nan"
+
+      testCase "divergence guard: NaN weights in epoch 1 -> back to the calibrated state (no momentum yet), lr x0.5, finished; resumable after the rollback" <| fun () ->
+        recoversFrom 0 FineTune.NanWeights "nan"
+
+      testCase "divergence guard: an epoch whose mean loss spikes above 2x the best epoch's -> back to epoch 1's state, lr x0.5, finished; resumable after the rollback" <| fun () ->
+        recoversFrom 1 (FineTune.LossSpike 1000.0) "above 2 x the best epoch"
+
+      testCase "divergence guard: a fault on every retry -> after 3 rollbacks the last good weights are delivered, degraded, evaluated; no epoch good -> the calibrated weights" <| fun () ->
+        // epoch 1 is not an evaluation epoch (every 2nd): the delivered state is evaluated when the guard gives up
+        let c = { tinyConfig 4L with Eval = { (tinyConfig 4L).Eval with Every = 2 } }
+        let whole, saves, events = runFaulty (faultAt 1 0 100 FineTune.NanWeights) c None
+        let result, parameters = finishedRun whole
+        Expect.equal (result.Rollbacks |> List.map (fun r -> r.Epoch, r.LrScale)) [ 2, 0.5; 2, 0.25; 2, 0.125 ] "3 rollbacks, lr halved each time"
+        Expect.equal (result.EpochsDone, result.StoppedByBudget) (1, false) "ends with epoch 1's state; not a budget stop"
+        match result.Degraded with
+        | Some m ->
+            Expect.stringContains m "diverged in epoch 2" "names the epoch"
+            Expect.stringContains m "after epoch 1" "names what is delivered"
+        | None -> failtest "the result says it is degraded"
+        Expect.isTrue (finiteTensors parameters) "finite weights"
+        let good = saves |> List.find (fun s -> s.Progress.EpochsDone = 1 && s.Progress.Rollbacks.IsEmpty)
+        Expect.isTrue (sameTensors parameters good.State) "the delivered weights are epoch 1's, bit for bit"
+        Expect.isSome result.History.Head.Accuracy "the delivered epoch is evaluated"
+        Expect.equal result.FinalTop1 result.History.Head.Accuracy.Value.Top1 "final = the delivered epoch's accuracy"
+        Expect.isTrue (events |> List.exists (function GaveUp(2, _, 1, _) -> true | _ -> false)) "the guard's end is reported"
+        Expect.isSome (List.last saves).Progress.Degraded "the last save records it"
+        // resumed from there, the run ends at once with the same result
+        let resumed, _, _ = runInMemory c None (Some(List.last saves))
+        let r2, p2 = finishedRun resumed
+        Expect.equal r2 result "a resumed degraded run ends as it ended"
+        Expect.isTrue (sameTensors parameters p2) "with the same weights"
+        // no good epoch at all: the calibrated weights, the calibration's accuracy
+        let first, firstSaves, _ = runFaulty (faultAt 0 0 100 FineTune.NanWeights) (tinyConfig 4L) None
+        let r0, p0 = finishedRun first
+        Expect.equal (r0.EpochsDone, r0.Rollbacks.Length, r0.History) (0, 3, []) "no epoch, 3 rollbacks"
+        Expect.stringContains r0.Degraded.Value "calibrated weights" "says so"
+        Expect.isTrue (sameTensors p0 firstSaves.Head.State) "the calibrated weights, bit for bit"
+        Expect.equal r0.FinalTop1 r0.CalibTop1 "the calibration's accuracy"
+
+      testCase "divergence guard: no fault, no rollback; a run that is not faulted saves and reports as before" <| fun () ->
+        let whole, saves, events = runFaulty (fun _ _ -> None) (tinyConfig 3L) None
+        let result, _ = finishedRun whole
+        Expect.equal (result.Rollbacks, result.Degraded) ([], None) "nothing rolled back"
+        Expect.equal (saves |> List.map (fun s -> s.Progress.EpochsDone)) [ 0; 1; 2 ] "saved after calibration and each epoch only"
+        Expect.isFalse (events |> List.exists (function RolledBack _ | GaveUp _ -> true | _ -> false)) "no guard event" ]
 
 let tests : Test list =
     [ testCase "run: under a time budget the fine-tuning is re-planned once calibrated, from this process's synthesis; not without a budget nor on resume" <| fun () ->
@@ -259,6 +367,10 @@ let tests : Test list =
               "epochs", fun c -> { c with FineTune = { c.FineTune with Epochs = 0 } }
               "perturbed-weight", fun c -> { c with FineTune = { c.FineTune with Promotion = Some { Promotion.defaults with CleanWeight = 0.0; PerturbedWeight = 0.0 } } }
               "weight-ema", fun c -> { c with FineTune = { c.FineTune with Averaging = FineTune.Ema 1.0 } }
+              "divergence-spike", fun c -> { c with Guard = { c.Guard with SpikeFactor = 1.0 } }
+              "divergence-lr-factor", fun c -> { c with Guard = { c.Guard with LrFactor = 0.0 } }
+              "divergence-lr-factor", fun c -> { c with Guard = { c.Guard with LrFactor = 1.5 } }
+              "divergence-retries", fun c -> { c with Guard = { c.Guard with Retries = -1 } }
               "time-budget", fun c -> { c with TimeBudget = Some { Seconds = -1.0; Samples = None; SynthIters = None; FineTuneIters = None } } ]
         for name, change in cases do
             Expect.equal (settingOf (fun () -> validate (change cifar) |> ignore)) (Some name) (sprintf "names %s" name)
@@ -266,7 +378,7 @@ let tests : Test list =
 
       testCase "summarize: final = last evaluated epoch, best = best evaluated (earliest of equals), calibration when none" <| fun () ->
         let c = { cifar with FineTune = { cifar.FineTune with Epochs = 4; ItersPerEpoch = 10 } }
-        let p = { FpTop1 = 90.0; CalibTop1 = 80.0; History = [ epoch 1 (Some 85L); epoch 2 (Some 87L); epoch 3 None; epoch 4 (Some 87L) ]; EpochsDone = 4 }
+        let p = { FpTop1 = 90.0; CalibTop1 = 80.0; History = [ epoch 1 (Some 85L); epoch 2 (Some 87L); epoch 3 None; epoch 4 (Some 87L) ]; EpochsDone = 4; Rollbacks = []; Degraded = None }
         let r = summarize c 100L p
         Expect.equal (r.FinalTop1, r.BestTop1, r.BestEpoch) (87.0, 87.0, 2) "final epoch 4; best epoch 2 (first of equals)"
         Expect.equal (r.Iterations, r.StoppedByBudget) (40L, false) "4 epochs x 10"
@@ -352,3 +464,4 @@ let tests : Test list =
         let result2, parameters2 = finished resumed
         Expect.equal result2 result "the same result"
         Expect.isTrue (sameTensors parameters parameters2) "the same average, bit for bit" ]
+    @ guardTests

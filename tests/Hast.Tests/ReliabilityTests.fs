@@ -323,6 +323,9 @@ let faultSpecCases =
         // in-process there is no signal handler: a signal fault would end the caller, so it is refused
         let line = withEnv "HAST_FAULT" "ft-iter:1:term" (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "signal" ])
         printfn "  HAST_FAULT=%-18s -> %s" "ft-iter:1:term" line
+        // the training faults belong to a fine-tune step
+        let line = withEnv "HAST_FAULT" "calibration:1:nan" (fun () -> expectCleanFailure (runArgs test out []) [ out ] [ "HAST_FAULT"; "ft-iter only" ])
+        printfn "  HAST_FAULT=%-18s -> %s" "calibration:1:nan" line
 
 let plainTextCases =
     testCase "output that is not a terminal loses its escape codes (PlainText)" <| fun () ->
@@ -670,27 +673,75 @@ let memoryTest =
         Expect.isLessThan growth 0.10 "RSS never grows more than 10% above its level at iteration 100"
         Expect.isLessThanOrEqual live[live.Count - 1] (live[0] + 8L) "no tensors accumulate between iteration 100 and 500"
 
-/// Fine-tuning that diverges (an absurd learning rate) stops within the step with one clear line, and
-/// the last good checkpoint (written after calibration) stays loadable; no final outputs appear.
+/// The files of a finished run that the divergence guard acted on: quantized.ckpt evaluates to a finite
+/// accuracy, train.ckpt is gone, report.json and metrics.jsonl carry the rollbacks; the report.
+let private guardedOutputs (test: string) (out: string) =
+    Expect.isTrue (File.Exists(Path.Combine(out, "quantized.ckpt"))) "a quantized model is delivered"
+    Expect.isFalse (File.Exists(Path.Combine(out, "train.ckpt"))) "the run is finished"
+    let code, _, err = runCli [ "eval"; "--checkpoint"; Path.Combine(out, "quantized.ckpt"); "--test"; test; "--report"; Path.Combine(out, "eval.json") ]
+    Expect.equal code 0 (sprintf "the delivered model evaluates: %s" err)
+    use ev = Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "eval.json")))
+    let top1 = ev.RootElement.GetProperty("top1").GetDouble()
+    Expect.isTrue (top1 > 10.0 && top1 <= 100.0) (sprintf "a working model (top-1 %.2f%%), not NaN outputs" top1)
+    let events =
+        File.ReadAllLines(Path.Combine(out, "metrics.jsonl"))
+        |> Array.map (fun l -> (Text.Json.Nodes.JsonNode.Parse l).["event"].GetValue<string>())
+    Expect.contains events "rollback" "metrics.jsonl records the rollback"
+    Expect.stringContains (File.ReadAllText(Path.Combine(out, "log.txt"))) "WARNING: fine-tuning diverged" "log.txt warns"
+    Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "report.json")))
+
+/// Fine-tuning that diverges for good (an absurd learning rate: every retry at a lower one diverges
+/// too) no longer ends with nothing: after the guard's 3 rollbacks the run delivers its last good
+/// weights (here the calibrated ones: no epoch finished), says so in the log, report and metrics, and
+/// exits 3 (finished, degraded).
 let divergenceTest =
-    testCase "a diverging fine-tune stops with a clear message and keeps the last good checkpoint" <| fun () ->
+    testCase "a fine-tune that diverges and cannot recover delivers the last good weights, marked degraded, exit 3" <| fun () ->
         use tmp = new TempDir()
+        let test = smallTest tmp 64
         let out = tmp.File "run"
-        let code, _, err =
+        let code, stdout, err =
             runCli
-                [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest; "--out"; out
+                [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
                   "--samples"; "8"; "--synth-batch"; "8"; "--synth-iters"; "2"; "--calib-batches"; "1"; "--calib-batch"; "8"
                   "--batch"; "8"; "--iters"; "6"; "--iters-per-epoch"; "3"; "--lr"; "1e6"; "--seed"; "2" ]
-        Expect.notEqual code 0 "non-zero exit"
-        let line = err.Trim()
-        Expect.stringContains line "diverged" "names the problem"
-        Expect.isFalse (line.Contains "\n" || line.Contains "   at ") "one line, no stack trace"
-        let train = Path.Combine(out, "train.ckpt")
-        Expect.isTrue (File.Exists train) "last good checkpoint kept"
-        use ck = Hast.App.IO.Checkpoint.Load train
-        Expect.equal (int ck.Meta["epochs_done"]) 0 "the checkpoint is the last good state (after calibration)"
-        Expect.isFalse (File.Exists(Path.Combine(out, "quantized.ckpt"))) "no final checkpoint"
-        Expect.isFalse (File.Exists(Path.Combine(out, "report.json"))) "no report"
+        Expect.equal code Hast.App.PipelineCommand.ExitDegraded (sprintf "exit 3, finished but degraded: %s" err)
+        Expect.equal (err.Trim()) "" "nothing on stderr: it is not a failure"
+        Expect.stringContains stdout "WARNING: DEGRADED RESULT" "the last line says so"
+        use report = guardedOutputs test out
+        let root = report.RootElement
+        Expect.equal (root.GetProperty("rollbacks").GetInt32()) 3 "3 rollbacks"
+        Expect.equal (root.GetProperty("lr_scale").GetDouble()) 0.125 "lr x0.5 each"
+        Expect.stringContains (root.GetProperty("degraded").GetString()) "calibrated weights" "report.json: degraded, and what was delivered"
+        Expect.equal (root.GetProperty("epochs_done").GetInt32()) 0 "no epoch finished"
+        Expect.equal (root.GetProperty("final_top1").GetDouble()) (root.GetProperty("calib_top1").GetDouble()) "final = the calibrated model's"
+        let events = File.ReadAllLines(Path.Combine(out, "metrics.jsonl")) |> Array.filter (fun l -> l.Contains "\"event\":\"degraded\"")
+        Expect.equal events.Length 1 "metrics.jsonl: one degraded event"
+
+/// A fault injected once (HAST_FAULT=ft-iter:N:nan|spike): the guard rolls back, the run finishes
+/// normally (exit 0) with the rollback in report.json and metrics.jsonl.
+let divergenceRecoveryTest =
+    testCase "HAST_FAULT NaN weights or a loss spike in epoch 2: rolled back to epoch 1, lr x0.5, finished with exit 0 and the rollback reported" <| fun () ->
+        use tmp = new TempDir()
+        let test = smallTest tmp 64
+        for action, reason in [ "nan", "NaN"; "spike", "above 2 x the best epoch" ] do
+            let out = tmp.File("run-" + action)
+            // 2 epochs x 3 iterations: the fault follows the 4th step (epoch 2, iteration 1)
+            let code, _, err =
+                withEnv "HAST_FAULT" ("ft-iter:4:" + action) (fun () ->
+                    runCli
+                        [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
+                          "--samples"; "8"; "--synth-batch"; "8"; "--synth-iters"; "2"; "--calib-batches"; "1"; "--calib-batch"; "8"
+                          "--batch"; "8"; "--iters"; "6"; "--iters-per-epoch"; "3"; "--seed"; "2" ])
+            Expect.equal code 0 (sprintf "%s: recovered, exit 0: %s" action err)
+            use report = guardedOutputs test out
+            let root = report.RootElement
+            Expect.equal (root.GetProperty("rollbacks").GetInt32()) 1 (action + ": one rollback")
+            Expect.equal (root.GetProperty("degraded").ValueKind) Text.Json.JsonValueKind.Null (action + ": not degraded")
+            Expect.equal (root.GetProperty("epochs_done").GetInt32()) 2 (action + ": both epochs")
+            let rollback = root.GetProperty("rollback_log").[0]
+            Expect.equal (rollback.GetProperty("epoch").GetInt32(), rollback.GetProperty("lr_scale").GetDouble()) (2, 0.5) (action + ": epoch 2, lr x0.5")
+            Expect.stringContains (rollback.GetProperty("reason").GetString()) reason (action + ": the reason")
+            printfn "  %s: %s" action (rollback.GetProperty("reason").GetString())
 
 /// OUT/config.json is the run's whole configuration: a killed run resumed with one setting changed is
 /// refused, naming that setting and both values; `--config OUT/config.json` repeats the run exactly.
@@ -718,4 +769,4 @@ let configFileTest =
         Expect.equal (File.ReadAllText(Path.Combine(again, "config.json"))) (File.ReadAllText(Path.Combine(out, "config.json"))) "the same configuration"
         compareRuns out again |> ignore
 
-let tests : Test list = validationTests @ [ crashTest; configFileTest; lockCases; diskFullFaultTest; tmpfsTest; divergenceTest; memoryTest ]
+let tests : Test list = validationTests @ [ crashTest; configFileTest; lockCases; diskFullFaultTest; tmpfsTest; divergenceTest; divergenceRecoveryTest; memoryTest ]

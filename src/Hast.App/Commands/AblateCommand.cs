@@ -67,6 +67,11 @@ public static class AblateCommand
                 PipelineCommand.Run(resume ? AblateCli.resumed(command) : command, stdout);
                 var result = Finished(pointDir, command)
                              ?? throw new HastError($"point {Path.Combine(PointsDir, key)} ended without a report");
+                // a point that diverged is a result of the study: recorded as such, and the sweep goes on
+                if (result.Status is Ablation.PointStatus.Diverged dv)
+                    stdout.WriteLine($"{head}: diverged, not recovered ({dv.reason}); shown as diverged, its delivered accuracy {result.FinalTop1:F2}% kept out of the mean");
+                else if (result.Status is Ablation.PointStatus.Recovered rc)
+                    stdout.WriteLine($"{head}: recovered after {rc.rollbacks} rollback(s) of the divergence guard");
                 done.Add((p, result, key, command, false));
             }
             WriteResults(c, outDir, report, done, figure: false);
@@ -92,7 +97,12 @@ public static class AblateCommand
             using var doc = JsonDocument.Parse(File.ReadAllText(reportPath));
             var root = doc.RootElement;
             double Get(string k) => root.GetProperty(k).GetDouble();
-            return new Ablation.PointResult(Get("final_top1"), Get("best_top1"), Get("calib_top1"), Get("fp_top1"));
+            // the divergence guard's record (reports written before it had none: no divergence)
+            var rollbacks = root.TryGetProperty("rollbacks", out var rb) ? rb.GetInt32() : 0;
+            var status = root.TryGetProperty("degraded", out var dg) && dg.ValueKind == JsonValueKind.String
+                ? Ablation.PointStatus.NewDiverged(dg.GetString()!)
+                : rollbacks > 0 ? Ablation.PointStatus.NewRecovered(rollbacks) : Ablation.PointStatus.Finished;
+            return new Ablation.PointResult(Get("final_top1"), Get("best_top1"), Get("calib_top1"), Get("fp_top1"), status);
         }
         catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or HastError)
         {
@@ -130,6 +140,7 @@ public static class AblateCommand
                 ["label"] = row.Label, ["parameter"] = Ablation.parameter(row.Setting),
                 ["value"] = Ablation.numericValue(row.Setting) is { } v ? v.Value : null,
                 ["n"] = row.N, ["mean_top1"] = Finite(row.Mean), ["std_top1"] = Finite(row.Std), ["calib_mean_top1"] = Finite(row.CalibMean),
+                ["diverged"] = row.Diverged, ["recovered"] = row.Recovered,
                 ["paper_top1"] = row.Paper is { } pv ? pv.Value : null,
             }).ToArray()),
             ["points"] = new JsonArray(done.Select(d =>
@@ -141,6 +152,11 @@ public static class AblateCommand
                     ["label"] = Ablation.label(d.Point.Setting), ["parameter"] = Ablation.parameter(d.Point.Setting), ["seed"] = d.Point.Seed,
                     ["key"] = d.Key, ["dir"] = Path.Combine(PointsDir, d.Key), ["cached"] = d.Cached,
                     ["config"] = config,
+                    // finished | recovered (a normal point) | diverged (not recovered: its accuracy is of its
+                    // last good weights and is not in the row's mean)
+                    ["status"] = Ablation.statusName(d.Result.Status),
+                    ["rollbacks"] = d.Result.Status is Ablation.PointStatus.Recovered r ? r.rollbacks : null,
+                    ["diverged_reason"] = d.Result.Status is Ablation.PointStatus.Diverged dv ? dv.reason : null,
                     ["result"] = new JsonObject
                     {
                         ["final_top1"] = d.Result.FinalTop1, ["best_top1"] = d.Result.BestTop1,

@@ -18,6 +18,10 @@ public static class PipelineCommand
 {
     public const string TrainCheckpoint = "train.ckpt", FinalCheckpoint = "quantized.ckpt", ReportFile = "report.json", ConfigFile = "config.json";
 
+    /// The run finished and wrote quantized.ckpt and report.json, but fine-tuning diverged and did not
+    /// recover: the model is the last good state (report.json `degraded`).
+    public const int ExitDegraded = 3;
+
     public static int Run(QuantizeCli.PipelineConfig c, TextWriter stdout)
     {
         var started = DateTime.UtcNow;
@@ -174,7 +178,14 @@ public static class PipelineCommand
                 if (replanned is not { } r) return null;
                 Adopt(r.Config, r.Line, "replan_epochs", "replanned_epochs");
                 return FSharpOption<int>.Some(c.Run.FineTune.Epochs);
-            }));
+            }),
+            FuncConvert.FromFunc<int, FSharpFunc<int, FSharpOption<FineTune.Fault>>>(epoch => FuncConvert.FromFunc<int, FSharpOption<FineTune.Fault>>(iteration =>
+                Faults.Corrupt("ft-iter", $"epoch {epoch + 1} iteration {iteration + 1}") switch
+                {
+                    Faults.Action.Nan => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NanWeights),
+                    Faults.Action.Spike => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NewLossSpike(Faults.SpikeFactor)),
+                    _ => null,
+                })));
         var inputs = new Pipeline.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
         var (result, studentNet) = Pipeline.run(inputs, c.Run, hooks).ToValueTuple();
         using var _student = studentNet;
@@ -206,7 +217,14 @@ public static class PipelineCommand
         File.Delete(trainPath);
         log.Info($"final W{c.Run.WBits}A{c.Run.ABits} top-1 {result.FinalTop1:F2}%" +
                  (result.FinalLastWeightsTop1 is { } flw ? $" with the weight average (last weights {flw.Value:F2}%)" : "") + $" (full precision {result.FpTop1:F2}%, calibration only {result.CalibTop1:F2}%; " +
-                 $"best epoch {result.BestEpoch} {result.BestTop1:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}");
+                 $"best epoch {result.BestEpoch} {result.BestTop1:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}" +
+                 (result.Rollbacks.IsEmpty ? "" : $"; the divergence guard rolled back {result.Rollbacks.Length} time(s), lr x{Pipeline.lrScale(Progress(result)):G3}"));
+        log.Metric("result", json);
+        if (result.Degraded is { } degraded)
+        {
+            log.Info($"WARNING: DEGRADED RESULT: {degraded.Value} (exit {ExitDegraded})");
+            return ExitDegraded;
+        }
         return Program.ExitOk;
     }
 
@@ -315,6 +333,18 @@ public static class PipelineCommand
                 case Pipeline.Event.StoppedForBudget sb:
                     log.Info($"time budget: stopping after epoch {sb.epochsDone}/{sb.epochs}: {sb.secondsLeft:F0}s left, an epoch takes {sb.epochSeconds:F0}s");
                     break;
+                case Pipeline.Event.RolledBack rb:
+                {
+                    var r = rb.rollback;
+                    log.Info($"WARNING: fine-tuning diverged in epoch {r.Epoch} ({r.Reason}): back to the state after epoch {r.Epoch - 1}, " +
+                             $"lr x{r.LrScale:G3} from now on, epoch {r.Epoch} again (rollback {rb.retry}/{rb.retries} of this epoch)");
+                    log.Metric("rollback", RollbackJson(r));
+                    break;
+                }
+                case Pipeline.Event.GaveUp gu:
+                    log.Info($"WARNING: {gu.message}");
+                    log.Metric("degraded", new JsonObject { ["epoch"] = gu.epoch, ["reason"] = gu.reason, ["epochs_done"] = gu.epochsDone, ["message"] = gu.message });
+                    break;
             }
         }
     }
@@ -367,8 +397,11 @@ public static class PipelineCommand
         }
         RestoreOptimizer((OptimizerHelper)opt, ck.Extra);
         var history = meta["history"]!.AsArray().Select(h => EpochOf(h!.AsObject()));
+        var rollbacks = (meta["rollbacks"] as JsonArray ?? []).Select(r => RollbackOf(r!.AsObject()));
+        var degraded = (string?)meta["degraded"];
         return new Pipeline.Progress((double)meta["fp_top1"]!, (double)meta["calib_top1"]!,
-            Microsoft.FSharp.Collections.ListModule.OfSeq(history), (int)meta["epochs_done"]!);
+            Microsoft.FSharp.Collections.ListModule.OfSeq(history), (int)meta["epochs_done"]!,
+            Microsoft.FSharp.Collections.ListModule.OfSeq(rollbacks), degraded is null ? null : FSharpOption<string>.Some(degraded));
     }
 
     static JsonObject ResultJson(Pipeline.RunResult r, QuantizeCli.PipelineConfig c, double seconds) => new()
@@ -384,7 +417,21 @@ public static class PipelineCommand
         ["iterations"] = r.Iterations,
         ["seconds"] = seconds,
         ["wbits"] = c.Run.WBits, ["abits"] = c.Run.ABits, ["seed"] = c.Run.FineTune.Seed, ["samples"] = r.Samples,
+        // the divergence guard: every rollback, and why the result is degraded (null: it is not)
+        ["rollbacks"] = r.Rollbacks.Length,
+        ["rollback_log"] = new JsonArray(r.Rollbacks.Select(x => (JsonNode)RollbackJson(x)).ToArray()),
+        ["lr_scale"] = Pipeline.lrScale(Progress(r)),
+        ["degraded"] = r.Degraded is { } d ? d.Value : null,
+        ["epochs_done"] = r.EpochsDone,
     };
+
+    /// The guard's state of a result (for `Pipeline.lrScale`).
+    static Pipeline.Progress Progress(Pipeline.RunResult r) =>
+        new(r.FpTop1, r.CalibTop1, r.History, r.EpochsDone, r.Rollbacks, r.Degraded);
+
+    static JsonObject RollbackJson(Pipeline.Rollback r) => new() { ["epoch"] = r.Epoch, ["reason"] = r.Reason, ["lr_scale"] = r.LrScale };
+
+    static Pipeline.Rollback RollbackOf(JsonObject o) => new((int)o["epoch"]!, (string)o["reason"]!, (double)o["lr_scale"]!);
 
     /// One epoch of the history as saved in train.ckpt and written to metrics.jsonl.
     static JsonObject EpochJson(Pipeline.EpochRecord e)
@@ -459,6 +506,8 @@ public static class PipelineCommand
         meta["calib_top1"] = p.CalibTop1;
         meta["history"] = new JsonArray(p.History.Select(e => (JsonNode)EpochJson(e)).ToArray());
         meta["epochs_done"] = p.EpochsDone;
+        meta["rollbacks"] = new JsonArray(p.Rollbacks.Select(r => (JsonNode)RollbackJson(r)).ToArray());
+        meta["degraded"] = p.Degraded is { } d ? d.Value : null;
         meta["seconds"] = seconds;
         using var ms = new MemoryStream();
         using (var w = new BinaryWriter(ms, System.Text.Encoding.UTF8, leaveOpen: true)) ((OptimizerHelper)s.Optimizer).save_state_dict(w);
