@@ -105,6 +105,7 @@ type QuantizeArgs =
     | Divergence_Spike of factor: float
     | Divergence_Lr_Factor of factor: float
     | Divergence_Retries of n: int
+    | Divergence_Spike_Min_Iters of n: int
     interface IArgParserTemplate with
         member a.Usage =
             // every default shown comes from the records that define it
@@ -203,6 +204,9 @@ type QuantizeArgs =
             | Divergence_Retries _ ->
                 sprintf "divergence guard: rollbacks of one epoch before the run stops and delivers the last good weights, marked degraded (exit 3) (default: %d)"
                     Pipeline.guardDefaults.Retries
+            | Divergence_Spike_Min_Iters _ ->
+                sprintf "divergence guard: the loss-spike rule (--divergence-spike) applies only to epochs of at least this many iterations; shorter epochs' means read their batches, not the training (default: %d)"
+                    Pipeline.guardDefaults.SpikeMinIters
             | Synth_Lr _ -> sprintf "run: synthesis Adam learning rate (default: %g)" s.Lr
             | Synth_Patience _ -> sprintf "run: synthesis reduce-on-plateau patience in iterations (default: %d)" s.Patience
             | Synth_Factor _ -> sprintf "run: synthesis reduce-on-plateau factor (default: %g)" s.Factor
@@ -445,7 +449,8 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
           Guard =
             { SpikeFactor = r.Float("divergence-spike", b.Guard.SpikeFactor)
               LrFactor = r.Float("divergence-lr-factor", b.Guard.LrFactor)
-              Retries = r.Int("divergence-retries", b.Guard.Retries) }
+              Retries = r.Int("divergence-retries", b.Guard.Retries)
+              SpikeMinIters = r.Int("divergence-spike-min-iters", b.Guard.SpikeMinIters) }
           TimeBudget = timeBudget }
     let run = flags (fun () -> Pipeline.validate run)
     { IsRun = isRun
@@ -588,6 +593,7 @@ let toLayer (c: PipelineConfig) : Layer =
       yield "divergence-spike", num run.Guard.SpikeFactor
       yield "divergence-lr-factor", num run.Guard.LrFactor
       yield "divergence-retries", string run.Guard.Retries
+      yield "divergence-spike-min-iters", string run.Guard.SpikeMinIters
       match run.TimeBudget with
       | Some tb -> yield "time-budget", seconds tb.Seconds
       | None -> () ]

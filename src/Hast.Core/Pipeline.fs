@@ -71,11 +71,16 @@ type Guard =
       /// the learning rate's factor after each rollback (cumulative)
       LrFactor: float
       /// rollbacks of one epoch before the run gives up (0: the first divergence ends the run)
-      Retries: int }
+      Retries: int
+      /// the spike rule applies only to epochs of at least this many iterations: a mean over a few
+      /// batches reads their content, not the training (measured: `hast quantize --preset tiny
+      /// --real-data` with 2-iteration epochs read 80.7, then 199-262 for the next epoch's batches at
+      /// every learning rate, and gave up on a healthy run)
+      SpikeMinIters: int }
 
 /// The guard's defaults: 2x the best epoch mean (the collapse in issue 29 went 88 -> 101 -> 339; a
 /// healthy run's epoch means fall), half the learning rate per rollback, 3 rollbacks of an epoch.
-let guardDefaults : Guard = { SpikeFactor = 2.0; LrFactor = 0.5; Retries = 3 }
+let guardDefaults : Guard = { SpikeFactor = 2.0; LrFactor = 0.5; Retries = 3; SpikeMinIters = 20 }
 
 /// Everything that determines a run's result, apart from the teacher's weights and the data.
 type Config =
@@ -187,6 +192,7 @@ let validate (c: Config) : Config =
     if not (c.Guard.LrFactor > 0.0 && c.Guard.LrFactor <= 1.0) then
         invalidf "divergence-lr-factor" "must be in (0, 1] (got %g)" c.Guard.LrFactor
     if c.Guard.Retries < 0 then invalidf "divergence-retries" "must be a non-negative integer (got %d)" c.Guard.Retries
+    if c.Guard.SpikeMinIters < 1 then invalidf "divergence-spike-min-iters" "must be a positive integer (got %d)" c.Guard.SpikeMinIters
     match c.TimeBudget with
     | Some tb ->
         requirePositive "time-budget" tb.Seconds
@@ -619,7 +625,8 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                 // before the first accepted epoch: one step's loss is too noisy a reference)
                 let outcome =
                     match outcome, p.History |> List.map (fun e -> e.Mean.Total) |> List.filter Double.IsFinite with
-                    | FineTune.Completed stats, (_ :: _ as means) when stats.Mean.Total > c.Guard.SpikeFactor * List.min means ->
+                    | FineTune.Completed stats, (_ :: _ as means) when ft.ItersPerEpoch >= c.Guard.SpikeMinIters
+                                                                        && stats.Mean.Total > c.Guard.SpikeFactor * List.min means ->
                         FineTune.Diverged(FineTune.LossAboveBest(stats.Mean.Total, List.min means, c.Guard.SpikeFactor))
                     | o, _ -> o
                 match outcome with

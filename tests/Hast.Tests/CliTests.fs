@@ -359,7 +359,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Calibration = (if generator then Pipeline.FromGenerator generatorCfg else Pipeline.FromSamples { Batches = 9; BatchSize = 3 })
           FineTune = fineTune
           Eval = { Every = 2; BatchSize = 100 }
-          Guard = { SpikeFactor = 3.5; LrFactor = 0.25; Retries = 5 }
+          Guard = { SpikeFactor = 3.5; LrFactor = 0.25; Retries = 5; SpikeMinIters = 7 }
           TimeBudget = None }
     { IsRun = isRun; Arch = "cifar-resnet32-a"; Weights = "/w/r32.th"; Classes = Some 10; Test = "/t/test.bin"; Device = "cpu"
       Run = run; Out = "o"; Report = None; Resume = false; Preset = None }

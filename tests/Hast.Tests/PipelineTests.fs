@@ -171,7 +171,8 @@ let private runFaulty fault c from = runInMemoryGeneral fault (fun _ -> false) (
 /// state resumed at half the learning rate ends, and a run resumed from the rollback's save ends where
 /// the guarded run ends.
 let private recoversFrom (epoch: int) (fault: FineTune.Fault) (reason: string) =
-    let c = tinyConfig 3L
+    // the spike rule on 2-iteration epochs (its default needs 20)
+    let c = { tinyConfig 3L with Guard = { guardDefaults with SpikeMinIters = 1 } }
     let whole, saves, events = runFaulty (faultAt epoch 0 1 fault) c None
     let result, parameters = finishedRun whole
     Expect.equal (result.EpochsDone, result.Degraded, result.StoppedByBudget) (2, None, false) "finished both epochs, not degraded"
@@ -208,6 +209,13 @@ let private guardTests : Test list =
 
       testCase "divergence guard: an epoch whose mean loss spikes above 2x the best epoch's -> back to epoch 1's state, lr x0.5, finished; resumable after the rollback" <| fun () ->
         recoversFrom 1 (FineTune.LossSpike 1000.0) "above 2 x the best epoch"
+
+      testCase "divergence guard: a loss spike in epochs shorter than divergence-spike-min-iters (2 < 20) is no divergence: their means read their batches" <| fun () ->
+        let whole, _, _ = runFaulty (faultAt 1 0 1 (FineTune.LossSpike 1000.0)) (tinyConfig 3L) None
+        let result, parameters = finishedRun whole
+        Expect.isEmpty result.Rollbacks "no rollback"
+        Expect.isNone result.Degraded "not degraded"
+        Expect.isTrue (parameters |> List.forall (fun (_, t) -> allFinite t)) "finite weights"
 
       testCase "divergence guard: a fault on every retry -> after 3 rollbacks the last good weights are delivered, degraded, evaluated; no epoch good -> the calibrated weights" <| fun () ->
         // epoch 1 is not an evaluation epoch (every 2nd): the delivered state is evaluated when the guard gives up
@@ -371,6 +379,7 @@ let tests : Test list =
               "divergence-lr-factor", fun c -> { c with Guard = { c.Guard with LrFactor = 0.0 } }
               "divergence-lr-factor", fun c -> { c with Guard = { c.Guard with LrFactor = 1.5 } }
               "divergence-retries", fun c -> { c with Guard = { c.Guard with Retries = -1 } }
+              "divergence-spike-min-iters", fun c -> { c with Guard = { c.Guard with SpikeMinIters = 0 } }
               "time-budget", fun c -> { c with TimeBudget = Some { Seconds = -1.0; Samples = None; SynthIters = None; FineTuneIters = None } } ]
         for name, change in cases do
             Expect.equal (settingOf (fun () -> validate (change cifar) |> ignore)) (Some name) (sprintf "names %s" name)

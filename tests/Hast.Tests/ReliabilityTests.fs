@@ -731,7 +731,7 @@ let divergenceRecoveryTest =
                     runCli
                         [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
                           "--samples"; "8"; "--synth-batch"; "8"; "--synth-iters"; "2"; "--calib-batches"; "1"; "--calib-batch"; "8"
-                          "--batch"; "8"; "--iters"; "6"; "--iters-per-epoch"; "3"; "--seed"; "2" ])
+                          "--batch"; "8"; "--iters"; "6"; "--iters-per-epoch"; "3"; "--seed"; "2"; "--divergence-spike-min-iters"; "1" ])
             Expect.equal code 0 (sprintf "%s: recovered, exit 0: %s" action err)
             use report = guardedOutputs test out
             let root = report.RootElement
