@@ -116,7 +116,7 @@ public static class ConvRouting
     public static string ErrorText(ConvCheck.Errors e) =>
         $"relative error output {Num(e.Output)}, input gradient {Num(e.GradInput)}, weight gradient {Num(e.GradWeight)}";
 
-    static string Num(double d) => double.IsFinite(d) ? d.ToString("0.##e+0", System.Globalization.CultureInfo.InvariantCulture) : "NaN/inf";
+    public static string Num(double d) => double.IsFinite(d) ? d.ToString("0.##e+0", System.Globalization.CultureInfo.InvariantCulture) : "NaN/inf";
 
     /// The routes a model carries, for config.json and reports: each rerouted shape with its route.
     public static JsonArray Describe(FSharpMap<ConvKey, ConvRoute> routes) =>

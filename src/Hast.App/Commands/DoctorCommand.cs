@@ -43,7 +43,7 @@ public static class DoctorCommand
         foreach (var v in mine)
         {
             var route = v.Route is null ? "NONE (refused)" : ConvRouteModule.name(v.Route.Value);
-            var trials = string.Join("; ", v.Trials.Select(t => $"{ConvRouteModule.name(t.Route)} {(t.Passed ? "ok" : "WRONG")} (max rel. error {Num(ConvCheck.ErrorsModule.worst(t.Errors))})"));
+            var trials = string.Join("; ", v.Trials.Select(t => $"{ConvRouteModule.name(t.Route)} {(t.Passed ? "ok" : "WRONG")} (max rel. error {ConvRouting.Num(ConvCheck.ErrorsModule.worst(t.Errors))})"));
             stdout.WriteLine($"  {ConvCheck.describe(v.Key),-36} -> {route,-14} {trials}");
         }
         if (report is not null)
@@ -57,6 +57,4 @@ public static class DoctorCommand
         }
         return mine.Any(v => v.Route is null) ? Program.ExitFailure : Program.ExitOk;
     }
-
-    static string Num(double d) => double.IsFinite(d) ? d.ToString("0.##e+0", System.Globalization.CultureInfo.InvariantCulture) : "NaN/inf";
 }
