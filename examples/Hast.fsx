@@ -13,3 +13,6 @@ open System.IO
 let private nativeDir = Path.Combine(__SOURCE_DIRECTORY__, "../src/Hast.App/bin/Release/net10.0/runtimes/linux-x64/native")
 if OperatingSystem.IsLinux() && Directory.Exists nativeDir then
     Runtime.InteropServices.NativeLibrary.Load(Path.Combine(nativeDir, "libLibTorchSharp.so")) |> ignore
+
+// libtorch's own warnings hidden, as the hast command does (NativeTuning.QuietLibtorch)
+Hast.App.NativeTuning.QuietLibtorch false
