@@ -75,10 +75,42 @@ type IQuantizerState =
     interface
     end
 
-/// Activation kinds that appear in the supported architectures.
+/// Activation kinds: those of the built-in architectures (ReLU, ReLU6) and the ReLU family an
+/// imported ONNX graph may hold. Each is followed by an activation quantizer in a quantized model.
 type Activation =
     | Relu
     | Relu6
+    /// clamp to [min, max] (ONNX Clip other than (0, 6))
+    | Clip of min: float32 * max: float32
+    | LeakyRelu of alpha: float32
+    | HardSwish
+
+module Activation =
+    /// The activation as a tensor function (out of place; its backward reads the input, never the
+    /// output, so the output may be overwritten in place afterwards).
+    let apply (kind: Activation) (x: Tensor) : Tensor =
+        match kind with
+        | Relu ->
+            use zero = (0.0).ToScalar()
+            x.threshold(zero, zero)
+        | Relu6 -> x.relu6 ()
+        | Clip(lo, hi) -> x.clamp((float lo).ToScalar(), (float hi).ToScalar())
+        | LeakyRelu a -> torch.nn.functional.leaky_relu(x, float a)
+        | HardSwish -> torch.nn.functional.hardswish x
+
+    /// The activation never outputs a negative value (its quantizer's grid may start at 0).
+    let nonNegative (kind: Activation) : bool =
+        match kind with
+        | Relu | Relu6 -> true
+        | Clip(lo, _) -> lo >= 0.0f
+        | LeakyRelu _ | HardSwish -> false
+
+/// An activation of a kind TorchSharp has no module for (`Clip`, `LeakyRelu`, `HardSwish`), as a
+/// module without parameters.
+type Activate(kind: Activation) =
+    inherit Module<Tensor, Tensor>("Activate")
+    member _.Kind = kind
+    override _.forward(x: Tensor) : Tensor = Activation.apply kind x
 
 /// 2-D convolution hyper-parameters (PyTorch's Conv2d arguments).
 type ConvSpec =
@@ -342,7 +374,8 @@ module LayerKit =
           Act =
             function
             | Relu -> ReLU() :> Module<Tensor, Tensor>
-            | Relu6 -> ReLU6() :> Module<Tensor, Tensor> }
+            | Relu6 -> ReLU6() :> Module<Tensor, Tensor>
+            | other -> new Activate(other) :> Module<Tensor, Tensor> }
 
 /// Convolution + BatchNorm (+ activation), the unit most architectures repeat. `names` are the
 /// PyTorch names of the three children: pytorchcv uses ("conv", "bn", "activ"), torchvision's

@@ -275,17 +275,12 @@ type ActQuant(bits: int, momentum: float) as this =
             this.Prepare x
             fakeQuantInPlaceOf this.ZeroPointIsZero x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
 
-/// The activation `kind` as an operation whose backward reads its input, not its output: ReLU as
-/// `threshold(x, 0, 0)` (gradient where x > 0, as ReLU's); ReLU6 as itself (libtorch computes it as
-/// `hardtanh(x, 0, 6)`, whose backward reads the input). The same values and gradients as the
-/// `ReLU`/`ReLU6` modules, but the output may be overwritten in place afterwards (ReLU's own backward
-/// reads its output). (TorchSharp 0.107's `hardtanh` returns its input unchanged: not used.)
-let private activateSavingInput (kind: Activation) (x: Tensor) : Tensor =
-    match kind with
-    | Relu ->
-        use zero = (0.0).ToScalar()
-        x.threshold(zero, zero)
-    | Relu6 -> x.relu6 ()
+/// The activation `kind` as an operation whose backward reads its input, not its output
+/// (`Activation.apply`: ReLU as `threshold(x, 0, 0)`, ReLU6 as itself, whose libtorch backward reads
+/// the input; clamp, leaky ReLU and hard-swish read their input too). The same values and gradients
+/// as the `ReLU`/`ReLU6` modules, but the output may be overwritten in place afterwards (ReLU's own
+/// backward reads its output). (TorchSharp 0.107's `hardtanh` returns its input unchanged: not used.)
+let private activateSavingInput (kind: Activation) (x: Tensor) : Tensor = Activation.apply kind x
 
 /// An activation followed by its quantizer, as one module (children `act`, `quant`). The activation's
 /// output is quantized in place (`ActQuant.ForwardInPlace`): one buffer and one pass fewer per
@@ -297,7 +292,8 @@ type QAct(kind: Activation, bits: int) as this =
         match kind with
         | Relu -> ReLU() :> Module<Tensor, Tensor>
         | Relu6 -> ReLU6() :> Module<Tensor, Tensor>
-    let quant = new ActQuant(bits, InputNonNegative = true)
+        | other -> new Activate(other) :> Module<Tensor, Tensor>
+    let quant = new ActQuant(bits, InputNonNegative = Activation.nonNegative kind)
     do
         this.register_module("act", act)
         this.register_module("quant", quant)

@@ -74,3 +74,16 @@ let find (name: string) : Arch =
     match all |> List.tryFind (fun a -> a.Name.Equals(name, System.StringComparison.OrdinalIgnoreCase)) with
     | Some a -> a
     | None -> failf "unknown architecture '%s'; choose one of: %s" name (String.concat ", " names)
+
+/// The name an imported graph goes by (`onnx:` and its file's stem).
+let importedName (stem: string) = "onnx:" + stem
+
+/// An imported graph (`Graph.Topology`) as an architecture: its own class count only, the input
+/// preprocessing its user states, the dataset defaults of `family`.
+let imported (topology: Graph.Topology) (family: Family) (input: Preprocess) : Arch =
+    { Name = topology.Name
+      Family = family
+      DefaultClasses = topology.Classes
+      AllowedClasses = [ topology.Classes ]
+      Input = input
+      Build = Graph.build topology }
