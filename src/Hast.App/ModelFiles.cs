@@ -1,8 +1,11 @@
 using System.Security.Cryptography;
 using System.Text.Json.Nodes;
 using Hast.App.IO;
+using Hast.Cli;
 using Hast.Core;
 using Hast.Core.Models;
+using Hast.Onnx;
+using Graph = Hast.Core.Models.Graph;
 using Microsoft.FSharp.Core;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -16,6 +19,60 @@ public sealed record LoadedModel(Registry.Arch Arch, long Classes, Net Net, int 
 /// checkpoint (a quantized, calibrated, possibly fine-tuned model) back into its topology.
 public static class ModelFiles
 {
+    /// The full-precision model a command names: built-in architecture and PyTorch weights, or an ONNX file.
+    public static LoadedModel LoadTeacher(ModelCli.ModelSource source, long? classes, Device device) => source switch
+    {
+        ModelCli.ModelSource.BuiltIn b => LoadWeights(b.arch, b.weights, classes, device),
+        ModelCli.ModelSource.OnnxFile o => LoadOnnx(o.path, o.input, classes, device),
+        _ => throw new InvalidOperationException("unknown model source"),
+    };
+
+    /// The bytes of an ONNX model file, or one clear line.
+    static byte[] ReadOnnx(string path)
+    {
+        if (Directory.Exists(path)) throw new HastError($"--model {path} is a folder; give the .onnx file itself");
+        if (!File.Exists(path)) throw new HastError($"--model file '{path}' not found; export your network to ONNX first (README: Your own model)");
+        var bytes = File.ReadAllBytes(path);
+        if (bytes.Length == 0) throw new HastError($"--model {path} is empty, not an ONNX model");
+        return bytes;
+    }
+
+    /// `path` imported as a graph (the name is `onnx:` and the file's stem). The caller disposes the weights.
+    static Import.Imported ImportOnnx(string path) =>
+        Import.import(Registry.importedName(Path.GetFileNameWithoutExtension(path)), Import.parse(path, ReadOnnx(path)));
+
+    /// What the command line needs of an ONNX model before loading it (the defaults of its family).
+    public static ModelCli.ModelFacts Inspect(string path)
+    {
+        var imported = ImportOnnx(path);
+        foreach (var (_, t) in imported.Weights) t.Dispose();
+        return new ModelCli.ModelFacts(ModelCli.familyOfSide(imported.Topology.Side), imported.Topology.Classes);
+    }
+
+    /// An ONNX model imported into Hast's graph model, with the preprocessing the user gave; the import's
+    /// notes (a removed Softmax, how many convolutions have a BatchNorm, ...) one line each on stderr.
+    public static LoadedModel LoadOnnx(string path, ModelCli.OnnxInput input, long? classes, Device device)
+    {
+        var sha256 = Sha256Of(path);
+        var imported = ImportOnnx(path);
+        try
+        {
+            var topology = imported.Topology;
+            if (classes is { } k && k != topology.Classes)
+                throw new HastError($"--model {path} gives {topology.Classes} classes, not --classes {k}");
+            foreach (var note in imported.Notes) Console.Error.WriteLine($"{Path.GetFileName(path)}: {note}");
+            var arch = Registry.imported(topology, ModelCli.familyOfSide(topology.Side), ModelCli.preprocess(input, (int)topology.Side));
+            var weights = imported.Weights.ToDictionary(w => w.Item1, w => w.Item2);
+            var net = Build(arch, topology.Classes, LayerKitModule.fullPrecision, device,
+                m => StateDict.load(Path.GetFileName(path), weights, m));
+            return new LoadedModel(arch, topology.Classes, net, 32, 32, path, sha256);
+        }
+        finally
+        {
+            foreach (var (_, t) in imported.Weights) t.Dispose();
+        }
+    }
+
     public static string Sha256Of(string path)
     {
         using var s = File.OpenRead(path);
@@ -85,15 +142,57 @@ public static class ModelFiles
     }
 
     /// Metadata that lets `LoadCheckpoint` rebuild a model.
-    public static JsonObject CheckpointMeta(LoadedModel m, string teacherFile, string teacherSha256) => new()
+    /// An imported model's checkpoint also holds its topology (`graph`), family and preprocessing
+    /// (`input`), so it rebuilds without the ONNX file.
+    public static JsonObject CheckpointMeta(LoadedModel m, string teacherFile, string teacherSha256)
     {
-        ["arch"] = m.Arch.Name,
-        ["classes"] = m.Classes,
-        ["wbits"] = m.WBits,
-        ["abits"] = m.ABits,
-        ["teacher_file"] = Path.GetFileName(teacherFile),
-        ["teacher_sha256"] = teacherSha256,
+        var meta = new JsonObject
+        {
+            ["arch"] = m.Arch.Name,
+            ["classes"] = m.Classes,
+            ["wbits"] = m.WBits,
+            ["abits"] = m.ABits,
+            ["teacher_file"] = Path.GetFileName(teacherFile),
+            ["teacher_sha256"] = teacherSha256,
+        };
+        if (m.Net is Graph.GraphNet g)
+        {
+            meta["graph"] = JsonNode.Parse(Graph.toJson(g.Topology));
+            meta["family"] = m.Arch.Family.IsCifar ? "cifar" : "imagenet";
+            meta["input"] = InputJson(m.Arch.Input);
+        }
+        return meta;
+    }
+
+    static JsonObject InputJson(Registry.Preprocess p) => new()
+    {
+        ["resize"] = p.Resize is { } r ? r.Value : null,
+        ["center_crop"] = p.CenterCrop is { } c ? c.Value : null,
+        ["size"] = p.Size,
+        ["mean"] = new JsonArray([.. p.Mean.Select(v => (JsonNode)JsonValue.Create(v))]),
+        ["std"] = new JsonArray([.. p.Std.Select(v => (JsonNode)JsonValue.Create(v))]),
     };
+
+    /// The architecture a checkpoint's metadata names: a registry name, or an imported graph.
+    static Registry.Arch ArchOf(JsonObject meta, string path)
+    {
+        string archName = (string?)meta["arch"] ?? throw new HastError($"checkpoint {path} names no architecture; re-create it");
+        if (meta["graph"] is not { } graph) return Registry.find(archName);
+        try
+        {
+            var topology = Graph.ofJson(path, graph.ToJsonString());
+            var family = (string?)meta["family"] == "imagenet" ? Registry.Family.ImageNet : Registry.Family.Cifar;
+            var i = meta["input"]!.AsObject();
+            float[] Floats(string k) => [.. i[k]!.AsArray().Select(v => v!.GetValue<float>())];
+            FSharpOption<int> Opt(string k) => i[k] is { } v ? FSharpOption<int>.Some(v.GetValue<int>()) : FSharpOption<int>.None;
+            var input = new Registry.Preprocess(Opt("resize"), Opt("center_crop"), i["size"]!.GetValue<int>(), Floats("mean"), Floats("std"));
+            return Registry.imported(topology, family, input);
+        }
+        catch (Exception e) when (e is NullReferenceException or InvalidOperationException or FormatException or System.Text.Json.JsonException)
+        {
+            throw new HastError($"checkpoint {path} holds a malformed imported model ({e.Message}); re-create it");
+        }
+    }
 
     /// A model saved as a Hast checkpoint (quantized or not), with its metadata.
     public static (LoadedModel Model, Checkpoint Checkpoint) LoadCheckpoint(string path, Device device)
@@ -105,8 +204,7 @@ public static class ModelFiles
         try
         {
             var meta = ckpt.Meta;
-            string archName = (string?)meta["arch"] ?? throw new HastError($"checkpoint {path} names no architecture; re-create it");
-            var arch = Registry.find(archName);
+            var arch = ArchOf(meta, path);
             long classes = (long?)meta["classes"] ?? arch.DefaultClasses;
             int wbits = (int?)meta["wbits"] ?? 32, abits = (int?)meta["abits"] ?? 32;
             var kit = wbits == 32 && abits == 32 ? LayerKitModule.fullPrecision : Quantizers.LayerKit.quantized(wbits, abits);

@@ -29,7 +29,7 @@ public static class Program
         Root.Command command;
         try
         {
-            command = Root.parse(FuncConvert.FromFunc<string, string>(ReadConfig), args);
+            command = Root.parseWith(new ModelCli.Io(FuncConvert.FromFunc<string, string>(ReadConfig), FuncConvert.FromFunc<string, ModelCli.ModelFacts>(ModelFiles.Inspect)), args);
         }
         catch (Common.CliUsage u)
         {

@@ -16,8 +16,7 @@ open Hast.Cli.Common
 type AblateConfig =
     { Study: Study
       Budget: SweepBudget
-      Arch: string
-      Weights: string
+      Model: ModelCli.ModelSource
       Classes: int option
       Test: string
       Device: string
@@ -34,6 +33,10 @@ type AblateArgs =
     | [<MainCommand; ExactlyOnce; First>] Study of study: string
     | Arch of name: string
     | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
     | Classes of n: int
     | Test of path: string
     | Wbits of bits: int
@@ -56,8 +59,12 @@ type AblateArgs =
             let floats (xs: float list) = xs |> List.map (fun v -> v.ToString("G6", CultureInfo.InvariantCulture)) |> String.concat ","
             match a with
             | Study _ -> sprintf "the study: %s" (studies |> List.map studyName |> String.concat " | ")
-            | Arch _ -> sprintf "architecture: %s" (String.concat ", " Registry.names)
-            | Weights _ -> "PyTorch checkpoint of the full-precision model (the teacher)"
+            | Arch _ -> ModelCli.Usage.arch
+            | Weights _ -> ModelCli.Usage.weights
+            | Model _ -> ModelCli.Usage.model
+            | Mean _ -> ModelCli.Usage.mean
+            | Std _ -> ModelCli.Usage.std
+            | Input_Scale _ -> ModelCli.Usage.inputScale
             | Classes _ -> "number of classes (default: read from the weights)"
             | Test _ -> "test set (CIFAR binary file or image folder) every point is evaluated on"
             | Wbits _ -> sprintf "weight bits (default: %d)" Quantizers.defaultBits
@@ -154,7 +161,7 @@ let private parseSeeds (s: string) =
         | _ -> failf "--seeds must be a comma-separated list of whole numbers (got '%s')" s)
 
 /// A parsed layer as a validated sweep.
-let ofLayer (layer: Layer) : AblateConfig =
+let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
     let r = Reader(layer)
     let require (k: string) (what: string) =
         match r.TryString k with
@@ -168,8 +175,9 @@ let ofLayer (layer: Layer) : AblateConfig =
         match tryParseStudy studyText with
         | Some s -> s
         | None -> failf "unknown study '%s'; choose one of: %s" studyText (studies |> List.map studyName |> String.concat ", ")
-    let arch = Registry.find (require "arch" (String.concat ", " Registry.names))
+    let model = ModelCli.require r
     let classes = r.TryInt "classes" |> Option.map (checkPositiveInt "--classes")
+    let family, classCount = ModelCli.factsOf io model classes
     let budgetText = r.String("budget", budgetName StudyBudget)
     let budget =
         match tryParseBudget budgetText with
@@ -179,10 +187,9 @@ let ofLayer (layer: Layer) : AblateConfig =
         if r.Has flag && owner <> study then failf "--%s applies to `hast ablate %s`, not to `hast ablate %s`" flag (studyName owner) (studyName study)
     let wbits = checkBits "--wbits" (r.Int("wbits", Quantizers.defaultBits))
     let abits = checkBits "--abits" (r.Int("abits", Quantizers.defaultBits))
-    let classCount = classes |> Option.map int64 |> Option.defaultValue 0L
-    let grids = gridsOf budget arch.Family classCount r
+    let grids = gridsOf budget family classCount r
     let seeds = r.TryString "seeds" |> Option.map parseSeeds |> Option.defaultValue [ 0L ]
-    let baseCfg = baseConfig budget arch.Family classCount wbits abits
+    let baseCfg = baseConfig budget family classCount wbits abits
     let pts = points study grids seeds baseCfg
     // every point's settings are checked before any work, under the grid flag that set them
     for p in pts do
@@ -193,8 +200,7 @@ let ofLayer (layer: Layer) : AblateConfig =
             | _ -> ())
     { Study = study
       Budget = budget
-      Arch = arch.Name
-      Weights = require "weights" "the full-precision PyTorch checkpoint"
+      Model = model
       Classes = classes
       Test = require "test" "a test set to report accuracy on"
       Device = r.String("device", "cpu")
@@ -206,11 +212,11 @@ let ofLayer (layer: Layer) : AblateConfig =
       Out = require "out" "a sweep folder"
       Report = r.TryString "report" }
 
-let ofResults (res: ParseResults<AblateArgs>) : AblateConfig = ofLayer (Settings.ofResults res)
+let ofResults (io: ModelCli.Io) (res: ParseResults<AblateArgs>) : AblateConfig = ofLayer io (Settings.ofResults res)
 
 /// The config with its paths (weights, test set, sweep folder) made absolute by `full`.
 let withFullPaths (full: string -> string) (c: AblateConfig) : AblateConfig =
-    { c with Weights = full c.Weights; Test = full c.Test; Out = full c.Out; Report = c.Report |> Option.map full }
+    { c with Model = ModelCli.withFullPath full c.Model; Test = full c.Test; Out = full c.Out; Report = c.Report |> Option.map full }
 
 // ------------------------------------------------------------------------------------------------
 // stores and run folders
@@ -231,8 +237,7 @@ let storeSynthesis (p: Point) : Synthesis.Config =
 /// name the store).
 let private runCommand (c: AblateConfig) (p: Point) : QuantizeCli.PipelineConfig =
     { IsRun = true
-      Arch = c.Arch
-      Weights = c.Weights
+      Model = c.Model
       Classes = c.Classes
       Test = c.Test
       Device = c.Device
@@ -246,7 +251,7 @@ let private runCommand (c: AblateConfig) (p: Point) : QuantizeCli.PipelineConfig
 /// the synthesis convolutions' number format only when it is not fp32 (so fp32 stores keep the keys
 /// they had before the setting existed).
 let storeSettings (c: AblateConfig) (p: Point) : Layer =
-    let keep = set ([ "arch"; "weights"; "classes"; "samples"; "seed" ] @ QuantizeCli.synthesisKeys)
+    let keep = set (ModelCli.keys @ [ "classes"; "samples"; "seed" ] @ QuantizeCli.synthesisKeys)
     QuantizeCli.toLayer (runCommand c p)
     |> Map.filter (fun k v -> keep.Contains k && not (k = "synth-conv-precision" && v = ConvPrecision.name Float32))
 

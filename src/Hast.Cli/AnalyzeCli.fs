@@ -8,8 +8,7 @@ open Hast.Cli.Common
 
 /// What both analyses need: teacher, samples, the quantized student, where to write.
 type Setup =
-    { Arch: string
-      Weights: string
+    { Model: ModelCli.ModelSource
       Samples: string
       /// bits of a fresh quantized student (None with --checkpoint: the checkpoint's)
       WBits: int option
@@ -47,8 +46,6 @@ let calibDefaults = 1, 512
 
 /// Help texts of the flags both analyses take.
 module private Usage =
-    let arch = sprintf "architecture of the teacher: %s" (String.concat ", " Models.Registry.names)
-    let weights = "PyTorch checkpoint of the full-precision teacher"
     let wbits = "weight bits of the quantized student, 2..8 (not with --checkpoint)"
     let abits = "activation bits of the quantized student, 2..8 (not with --checkpoint)"
     let calibBatch = sprintf "activation calibration batch size on the store's first samples (default: %d)" (fst calibDefaults)
@@ -58,8 +55,12 @@ module private Usage =
     let device = "cpu or cuda (default: cpu)"
 
 type HessianArgs =
-    | [<Mandatory>] Arch of name: string
-    | [<Mandatory>] Weights of path: string
+    | Arch of name: string
+    | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
     | [<Mandatory>] Samples of dir: string
     | Wbits of bits: int
     | Abits of bits: int
@@ -83,8 +84,12 @@ type HessianArgs =
         member a.Usage =
             let d = Analysis.hessianDefaults
             match a with
-            | Arch _ -> Usage.arch
-            | Weights _ -> Usage.weights
+            | Arch _ -> ModelCli.Usage.arch
+            | Weights _ -> ModelCli.Usage.weights
+            | Model _ -> ModelCli.Usage.model
+            | Mean _ -> ModelCli.Usage.mean
+            | Std _ -> ModelCli.Usage.std
+            | Input_Scale _ -> ModelCli.Usage.inputScale
             | Samples _ -> "sample store (hast synthesize) of this teacher: the batch and the calibration images"
             | Wbits _ -> Usage.wbits
             | Abits _ -> Usage.abits
@@ -106,8 +111,12 @@ type HessianArgs =
             | Report _ -> "write the JSON (hessian.json) here as well"
 
 type GradcosArgs =
-    | [<Mandatory>] Arch of name: string
-    | [<Mandatory>] Weights of path: string
+    | Arch of name: string
+    | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
     | [<Mandatory>] Samples of dir: string
     | Wbits of bits: int
     | Abits of bits: int
@@ -129,8 +138,12 @@ type GradcosArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Arch _ -> Usage.arch
-            | Weights _ -> Usage.weights
+            | Arch _ -> ModelCli.Usage.arch
+            | Weights _ -> ModelCli.Usage.weights
+            | Model _ -> ModelCli.Usage.model
+            | Mean _ -> ModelCli.Usage.mean
+            | Std _ -> ModelCli.Usage.std
+            | Input_Scale _ -> ModelCli.Usage.inputScale
             | Samples _ -> "sample store (hast synthesize) of this teacher: fine-tuning, probe and calibration images"
             | Wbits _ -> Usage.wbits
             | Abits _ -> Usage.abits
@@ -167,10 +180,9 @@ let private bitsOf (wbits: int option) (abits: int option) (checkpoint: string o
     | Some _, None, None -> None, None
     | Some _, _, _ -> fail "--checkpoint brings its own bits; drop --wbits/--abits"
 
-let private setupOf arch weights samples wbits abits checkpoint calibBatch calibBatches out report device seed : Setup =
+let private setupOf model samples wbits abits checkpoint calibBatch calibBatches out report device seed : Setup =
     let w, a = bitsOf wbits abits checkpoint
-    { Arch = (Models.Registry.find arch).Name
-      Weights = weights
+    { Model = model
       Samples = samples
       WBits = w
       ABits = a
@@ -191,7 +203,7 @@ let private lossWeights (c: FineTune.Config) (temperature: float) (alpha: float)
 let private hessianOf (r: ParseResults<HessianArgs>) : HessianConfig =
     let d = Analysis.hessianDefaults
     let setup =
-        setupOf (r.GetResult <@ HessianArgs.Arch @>) (r.GetResult <@ HessianArgs.Weights @>) (r.GetResult <@ HessianArgs.Samples @>)
+        setupOf (ModelCli.require (Settings.Reader(Settings.ofResults r))) (r.GetResult <@ HessianArgs.Samples @>)
                 (r.TryGetResult <@ HessianArgs.Wbits @>) (r.TryGetResult <@ HessianArgs.Abits @>) (r.TryGetResult <@ HessianArgs.Checkpoint @>)
                 (getOr r <@ HessianArgs.Calib_Batch @> (fst calibDefaults)) (getOr r <@ HessianArgs.Calib_Batches @> (snd calibDefaults))
                 (r.GetResult <@ HessianArgs.Out @>) (r.TryGetResult <@ HessianArgs.Report @>)
@@ -215,7 +227,7 @@ let private hessianOf (r: ParseResults<HessianArgs>) : HessianConfig =
 
 let private gradcosOf (r: ParseResults<GradcosArgs>) : GradcosConfig =
     let setup =
-        setupOf (r.GetResult <@ GradcosArgs.Arch @>) (r.GetResult <@ GradcosArgs.Weights @>) (r.GetResult <@ GradcosArgs.Samples @>)
+        setupOf (ModelCli.require (Settings.Reader(Settings.ofResults r))) (r.GetResult <@ GradcosArgs.Samples @>)
                 (r.TryGetResult <@ GradcosArgs.Wbits @>) (r.TryGetResult <@ GradcosArgs.Abits @>) (r.TryGetResult <@ GradcosArgs.Checkpoint @>)
                 (getOr r <@ GradcosArgs.Calib_Batch @> (fst calibDefaults)) (getOr r <@ GradcosArgs.Calib_Batches @> (snd calibDefaults))
                 (r.GetResult <@ GradcosArgs.Out @>) (r.TryGetResult <@ GradcosArgs.Report @>)

@@ -4,6 +4,7 @@ module Hast.Cli.BenchCli
 
 open Argu
 open Hast.Cli.Common
+open Hast.Cli.ModelCli
 
 /// One timed phase of the benchmark.
 type Phase =
@@ -37,8 +38,7 @@ module Phase =
                 (all |> List.map name |> String.concat ", ")
 
 type BenchConfig =
-    { Arch: string
-      Weights: string
+    { Model: ModelSource
       WBits: int
       ABits: int
       /// fine-tune batch size
@@ -67,13 +67,17 @@ type BenchConfig =
       Report: string option }
 
 let defaults =
-    { Arch = ""; Weights = ""; WBits = 4; ABits = 4; Batch = 64; Iters = 30; SynthBatch = 256; SynthIters = 20
+    { Model = BuiltIn("", ""); WBits = 4; ABits = 4; Batch = 64; Iters = 30; SynthBatch = 256; SynthIters = 20
       EvalBatch = 256; EvalIters = 10; Warmup = 3; Threads = None; InteropThreads = None; Phases = Phase.all
       PromotionGrad = Hast.Core.Promotion.defaults.Grad; ConvPrecision = Hast.Core.FineTune.defaults.ConvPrecision; Device = "cpu"; Seed = 0L; Report = None }
 
 type BenchArgs =
-    | [<Mandatory>] Arch of name: string
-    | [<Mandatory>] Weights of path: string
+    | Arch of name: string
+    | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
     | Wbits of bits: int
     | Abits of bits: int
     | Batch of n: int
@@ -94,8 +98,12 @@ type BenchArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Arch _ -> sprintf "architecture: %s" (String.concat ", " Hast.Core.Models.Registry.names)
-            | Weights _ -> "PyTorch checkpoint (zip or legacy .th/.pth) of the full-precision model"
+            | Arch _ -> Usage.arch
+            | Weights _ -> Usage.weights
+            | Model _ -> Usage.model
+            | Mean _ -> Usage.mean
+            | Std _ -> Usage.std
+            | Input_Scale _ -> Usage.inputScale
             | Wbits _ -> sprintf "weight bits of the student, 2..8 or 32 (default: %d)" defaults.WBits
             | Abits _ -> sprintf "activation bits of the student, 2..8 or 32 (default: %d)" defaults.ABits
             | Batch _ -> sprintf "fine-tune batch size (default: %d)" defaults.Batch
@@ -126,8 +134,7 @@ let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =
             let ps = s.Split(',', System.StringSplitOptions.RemoveEmptyEntries) |> Array.map Phase.parse |> List.ofArray |> List.distinct
             if List.isEmpty ps then Hast.Core.Prelude.fail "--phases is empty; name at least one of ft-promo, ft, synth, eval, eval-fp"
             ps
-    { Arch = r.GetResult <@ Arch @>
-      Weights = r.GetResult <@ Weights @>
+    { Model = ModelCli.require (Settings.Reader(Settings.ofResults r))
       WBits = getOr r <@ Wbits @> defaults.WBits |> checkBits "--wbits"
       ABits = getOr r <@ Abits @> defaults.ABits |> checkBits "--abits"
       Batch = getOr r <@ Batch @> defaults.Batch |> checkPositiveInt "--batch"

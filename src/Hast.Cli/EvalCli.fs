@@ -3,13 +3,14 @@ module Hast.Cli.EvalCli
 
 open Argu
 open Hast.Cli.Common
+open Hast.Cli.ModelCli
 
 /// ONNX Runtime graph optimisation levels `--ort-opt` accepts (Hast.Onnx.Runtime.Optimization).
 let ortLevels = [ "disabled"; "basic"; "extended"; "all" ]
 
 type EvalConfig =
-    { Arch: string option
-      Weights: string option
+    { /// `--arch/--weights` or `--model` (None with --checkpoint or --onnx)
+      Model: ModelSource option
       Checkpoint: string option
       /// an ONNX file written by `hast export`, run in ONNX Runtime
       Onnx: string option
@@ -27,12 +28,16 @@ type EvalConfig =
       Report: string option }
 
 let defaults =
-    { Arch = None; Weights = None; Checkpoint = None; Onnx = None; OrtOpt = "all"; Threads = None; Test = ""; Classes = None
+    { Model = None; Checkpoint = None; Onnx = None; OrtOpt = "all"; Threads = None; Test = ""; Classes = None
       WBits = 32; ABits = 32; CalibBatches = 4; BatchSize = 200; Device = "cpu"; Report = None }
 
 type EvalArgs =
     | Arch of name: string
     | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
     | Checkpoint of path: string
     | Onnx of path: string
     | Ort_Opt of level: string
@@ -48,9 +53,13 @@ type EvalArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Arch _ -> sprintf "architecture: %s (with --weights)" (String.concat ", " Hast.Core.Models.Registry.names)
-            | Weights _ -> "PyTorch checkpoint (zip or legacy .th/.pth) of the full-precision model"
-            | Checkpoint _ -> "Hast checkpoint (quantized.ckpt) instead of --arch/--weights"
+            | Arch _ -> Usage.arch
+            | Weights _ -> Usage.weights
+            | Model _ -> Usage.model
+            | Mean _ -> Usage.mean
+            | Std _ -> Usage.std
+            | Input_Scale _ -> Usage.inputScale
+            | Checkpoint _ -> "Hast checkpoint (quantized.ckpt) instead of --arch/--weights or --model"
             | Onnx _ -> "ONNX file written by hast export, run in ONNX Runtime (CPU) instead of Hast; prints images/s"
             | Ort_Opt _ ->
                 sprintf "ONNX Runtime graph optimisation level with --onnx: %s (default: %s; see docs/export.md)"
@@ -68,8 +77,7 @@ type EvalArgs =
 
 let ofResults (r: ParseResults<EvalArgs>) : EvalConfig =
     let c =
-        { Arch = r.TryGetResult <@ Arch @>
-          Weights = r.TryGetResult <@ Weights @>
+        { Model = tryOf (Settings.Reader(Settings.ofResults r))
           Checkpoint = r.TryGetResult <@ Checkpoint @>
           Onnx = r.TryGetResult <@ Onnx @>
           OrtOpt =
@@ -86,11 +94,12 @@ let ofResults (r: ParseResults<EvalArgs>) : EvalConfig =
           BatchSize = getOr r <@ Batch_Size @> defaults.BatchSize |> checkPositiveInt "--batch-size"
           Device = getOr r <@ Device @> defaults.Device
           Report = r.TryGetResult <@ Report @> }
-    match c.Checkpoint, c.Onnx, c.Arch, c.Weights with
-    | Some _, None, None, None
-    | None, Some _, None, None
-    | None, None, Some _, Some _ -> c
-    | Some _, Some _, _, _ -> Hast.Core.Prelude.fail "give either --checkpoint or --onnx, not both"
-    | Some _, _, _, _
-    | _, Some _, _, _ -> Hast.Core.Prelude.fail "give either --checkpoint / --onnx, or --arch with --weights, not both"
-    | None, None, _, _ -> Hast.Core.Prelude.fail "give --arch and --weights (a PyTorch checkpoint), --checkpoint (a Hast checkpoint), or --onnx (an exported model)"
+    match c.Checkpoint, c.Onnx, c.Model with
+    | Some _, None, None
+    | None, Some _, None
+    | None, None, Some _ -> c
+    | Some _, Some _, _ -> Hast.Core.Prelude.fail "give either --checkpoint or --onnx, not both"
+    | Some _, _, _
+    | _, Some _, _ -> Hast.Core.Prelude.fail "give either --checkpoint / --onnx, or --arch with --weights / --model, not both"
+    | None, None, None ->
+        Hast.Core.Prelude.fail "give --arch and --weights (a PyTorch checkpoint), --model (your own ONNX model), --checkpoint (a Hast checkpoint), or --onnx (an exported model)"

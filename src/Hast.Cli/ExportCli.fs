@@ -4,11 +4,12 @@ module Hast.Cli.ExportCli
 
 open Argu
 open Hast.Cli.Common
+open Hast.Cli.ModelCli
 
 type ExportConfig =
     { Checkpoint: string option
-      Arch: string option
-      Weights: string option
+      /// full-precision `--arch/--weights` or `--model` (None with --checkpoint)
+      Model: ModelSource option
       Classes: int option
       Out: string }
 
@@ -16,26 +17,33 @@ type ExportArgs =
     | Checkpoint of path: string
     | Arch of name: string
     | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
     | Classes of n: int
     | [<Mandatory>] Out of path: string
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Checkpoint _ -> "Hast checkpoint (quantized.ckpt) to export: integer weights and QDQ activations"
-            | Arch _ -> sprintf "architecture of full-precision --weights: %s" (String.concat ", " Hast.Core.Models.Registry.names)
-            | Weights _ -> "PyTorch checkpoint of the full-precision model (exported in float32, with --arch)"
+            | Arch _ -> Usage.arch
+            | Weights _ -> Usage.weights + " (exported in float32)"
+            | Model _ -> Usage.model + " (exported in float32, as Hast imports it)"
+            | Mean _ -> Usage.mean
+            | Std _ -> Usage.std
+            | Input_Scale _ -> Usage.inputScale
             | Classes _ -> "number of classes of --weights (default: read from the weights)"
             | Out _ -> "the ONNX file to write (written atomically; the size is reported)"
 
 let ofResults (r: ParseResults<ExportArgs>) : ExportConfig =
     let c =
         { Checkpoint = r.TryGetResult <@ Checkpoint @>
-          Arch = r.TryGetResult <@ Arch @>
-          Weights = r.TryGetResult <@ Weights @>
+          Model = tryOf (Settings.Reader(Settings.ofResults r))
           Classes = r.TryGetResult <@ Classes @> |> Option.map (checkPositiveInt "--classes")
           Out = r.GetResult <@ Out @> }
-    match c.Checkpoint, c.Arch, c.Weights with
-    | Some _, None, None when c.Classes.IsNone -> c
-    | Some _, _, _ -> Hast.Core.Prelude.fail "give either --checkpoint, or --arch with --weights (and optionally --classes), not both"
-    | None, Some _, Some _ -> c
-    | None, _, _ -> Hast.Core.Prelude.fail "give --checkpoint (a Hast checkpoint), or --arch and --weights (full-precision PyTorch weights)"
+    match c.Checkpoint, c.Model with
+    | Some _, None when c.Classes.IsNone -> c
+    | Some _, _ -> Hast.Core.Prelude.fail "give either --checkpoint, or --arch with --weights (and optionally --classes) / --model, not both"
+    | None, Some _ -> c
+    | None, None -> Hast.Core.Prelude.fail "give --checkpoint (a Hast checkpoint), --arch and --weights (full-precision PyTorch weights), or --model (an ONNX file)"

@@ -16,8 +16,8 @@ open Hast.Cli.Common
 type PipelineConfig =
     { /// `hast run` (synthesize first) or `hast quantize` (a sample store)
       IsRun: bool
-      Arch: string
-      Weights: string
+      /// the full-precision teacher: `--arch/--weights` or `--model`
+      Model: ModelCli.ModelSource
       Classes: int option
       Test: string
       Device: string
@@ -37,6 +37,10 @@ let averagingText (a: FineTune.Averaging) : string =
 type QuantizeArgs =
     | Arch of name: string
     | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
     | Classes of n: int
     | Test of path: string
     | Out of dir: string
@@ -123,8 +127,12 @@ type QuantizeArgs =
                 sprintf "CIFAR-10 %s, CIFAR-100 %s, ImageNet %s" (fmt (get c10)) (fmt (get c100)) (fmt (get inet))
             let g' (v: float) = sprintf "%g" v
             match a with
-            | Arch _ -> sprintf "architecture: %s" (String.concat ", " Registry.names)
-            | Weights _ -> "PyTorch checkpoint of the full-precision model (the teacher)"
+            | Arch _ -> ModelCli.Usage.arch
+            | Weights _ -> ModelCli.Usage.weights + " (the teacher)"
+            | Model _ -> ModelCli.Usage.model
+            | Mean _ -> ModelCli.Usage.mean
+            | Std _ -> ModelCli.Usage.std
+            | Input_Scale _ -> ModelCli.Usage.inputScale
             | Classes _ -> "number of classes (default: read from the weights)"
             | Test _ -> "test set (CIFAR binary file or image folder), evaluated after calibration and each epoch"
             | Out _ -> "output folder: quantized.ckpt, train.ckpt (per epoch), config.json, report.json, log.txt, metrics.jsonl"
@@ -250,17 +258,18 @@ let baseConfig (isRun: bool) (family: Family) (classes: int option) (preset: Pre
 
 /// Turn merged settings (config file, then flags) into a validated command over `base` (the model's
 /// defaults and preset): every setting not given keeps `base`'s value.
-let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (layer: Layer) : PipelineConfig =
+let ofLayerOver (io: ModelCli.Io) (isRun: bool) (presetName: string option) (b: Pipeline.Config) (layer: Layer) : PipelineConfig =
     let r = Reader(layer)
     let require (k: string) (what: string) =
         match r.TryString k with
         | Some v when v.Trim() <> "" -> v
         | _ -> failf "--%s is required (%s)" k what
-    let arch = Registry.find (require "arch" (String.concat ", " Registry.names))
+    let model = ModelCli.require r
     let classes = r.TryInt "classes" |> Option.map (checkPositiveInt "--classes")
+    let family, classCount = ModelCli.factsOf io model classes
     let bf = b.FineTune
     // the dataset whose defaults fill settings the base leaves unset (as `baseConfig` chose it)
-    let datasetDefaults = Pipeline.datasetDefaults (Pipeline.datasetOf arch.Family (classes |> Option.map int64 |> Option.defaultValue 0L))
+    let datasetDefaults = Pipeline.datasetDefaults (Pipeline.datasetOf family classCount)
     // ---- fine-tuning
     let epochsGiven = r.TryInt "epochs"
     let itersPerEpoch = r.Int("iters-per-epoch", bf.ItersPerEpoch)
@@ -454,8 +463,7 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
           TimeBudget = timeBudget }
     let run = flags (fun () -> Pipeline.validate run)
     { IsRun = isRun
-      Arch = arch.Name
-      Weights = require "weights" "the full-precision PyTorch checkpoint"
+      Model = model
       Classes = classes
       Test = require "test" "a test set to report accuracy on"
       Device = r.String("device", "cpu")
@@ -466,15 +474,15 @@ let ofLayerOver (isRun: bool) (presetName: string option) (b: Pipeline.Config) (
       Preset = presetName }
 
 /// The model family and class count a layer names (for the defaults), before anything else is read.
-let private modelOf (layer: Layer) =
+let private modelOf (io: ModelCli.Io) (layer: Layer) =
     let r = Reader(layer)
-    match r.TryString "arch" with
-    | Some a when a.Trim() <> "" -> (Registry.find a).Family, r.TryInt "classes" |> Option.map (checkPositiveInt "--classes")
-    | _ -> failf "--arch is required (%s)" (String.concat ", " Registry.names)
+    let classes = r.TryInt "classes" |> Option.map (checkPositiveInt "--classes")
+    let family, count = ModelCli.factsOf io (ModelCli.require r) classes
+    family, (if count > 0L then Some(int count) else None)
 
 /// Turn merged settings into a validated command: the preset named by `preset` (if any) over the
 /// model's defaults, then the layer.
-let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
+let ofLayer (io: ModelCli.Io) (isRun: bool) (layer: Layer) : PipelineConfig =
     let presetName = Map.tryFind "preset" layer
     let preset =
         presetName
@@ -482,8 +490,8 @@ let ofLayer (isRun: bool) (layer: Layer) : PipelineConfig =
             match Presets.tryFind n with
             | Some p -> p
             | None -> failf "unknown preset '%s'; choose one of: %s" n (String.concat ", " Presets.names))
-    let family, classes = modelOf layer
-    ofLayerOver isRun (preset |> Option.map (fun p -> p.Name)) (baseConfig isRun family classes preset) (Map.remove "preset" layer)
+    let family, classes = modelOf io layer
+    ofLayerOver io isRun (preset |> Option.map (fun p -> p.Name)) (baseConfig isRun family classes preset) (Map.remove "preset" layer)
 
 // ------------------------------------------------------------------------------------------------
 // the resolved configuration as settings (config.json, the resume fingerprint)
@@ -500,8 +508,7 @@ let toLayer (c: PipelineConfig) : Layer =
     let run = c.Run
     let ft = run.FineTune
     let p = ft.Promotion
-    [ yield "arch", c.Arch
-      yield "weights", c.Weights
+    [ yield! ModelCli.toLayer c.Model
       match c.Classes with
       | Some n -> yield "classes", string n
       | None -> ()
@@ -612,7 +619,7 @@ let firstDifference (a: Layer) (b: Layer) : (string * string * string) option =
 /// config.json reproduces the run from any folder.
 let withFullPaths (full: string -> string) (c: PipelineConfig) : PipelineConfig =
     { c with
-        Weights = full c.Weights
+        Model = ModelCli.withFullPath full c.Model
         Test = full c.Test
         Run =
             { c.Run with
@@ -658,5 +665,5 @@ let layers (isRun: bool) (readFile: string -> string) (res: ParseResults<Quantiz
     merge [ file; flags ]
 
 /// Parse a `quantize` / `run` command line into a validated config.
-let ofResults (isRun: bool) (readFile: string -> string) (res: ParseResults<QuantizeArgs>) : PipelineConfig =
-    ofLayer isRun (layers isRun readFile res)
+let ofResults (isRun: bool) (io: ModelCli.Io) (res: ParseResults<QuantizeArgs>) : PipelineConfig =
+    ofLayer io isRun (layers isRun io.ReadFile res)

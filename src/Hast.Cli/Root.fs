@@ -50,7 +50,7 @@ type HastArgs =
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
-let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export"; "analyze"; "hessian"; "gradcos"; "ablate"; "direction"; "weights"; "alignment"; "sensitivity"; "doctor" ]
+let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export"; "analyze"; "hessian"; "gradcos"; "ablate"; "direction"; "weights"; "alignment"; "sensitivity"; "doctor"; "bench"; "download" ]
 
 /// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
 /// and where to find help, e.g. `hast: parameter '--lr' must be followed by <double>, but was 'inf'; see hast run --help`.
@@ -64,26 +64,31 @@ let private oneLine (argv: string[]) (message: string) =
     let cmd = argv |> Array.takeWhile commandWords.Contains |> Array.map (fun w -> w + " ") |> String.concat ""
     sprintf "hast: %s; see hast %s--help" first cmd
 
-/// Parse argv into a command. `readFile` reads a `--config` file (the shell's IO). Raises `CliUsage`
-/// for --help or malformed arguments and `HastError` for well-formed but invalid values; nothing else.
-let parse (readFile: string -> string) (argv: string[]) : Command =
+/// Parse argv into a command. `io` reads a `--config` file and the facts of a `--model` file (the
+/// shell's IO). Raises `CliUsage` for --help or malformed arguments and `HastError` for well-formed
+/// but invalid values; nothing else.
+let parseWith (io: ModelCli.Io) (argv: string[]) : Command =
     // Argu raises ArguParseException while parsing, and also later when a sub-command's mandatory
     // argument is read (`GetResult`); both are usage errors
     try
         let results = parser().ParseCommandLine(argv, raiseOnUsage = true)
         match results.GetSubCommand() with
         | HastArgs.Eval r -> Command.Eval(EvalCli.ofResults r)
-        | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults r)
+        | HastArgs.Synthesize r -> Command.Synthesize(SynthesizeCli.ofResults io r)
         | HastArgs.Samples r -> Command.Samples(SamplesCli.ofResults r)
-        | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false readFile r)
-        | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true readFile r)
+        | HastArgs.Quantize r -> Command.Quantize(QuantizeCli.ofResults false io r)
+        | HastArgs.Run r -> Command.Run(QuantizeCli.ofResults true io r)
         | HastArgs.Download r -> Command.Download(DownloadCli.ofResults r)
         | HastArgs.Bench r -> Command.Bench(BenchCli.ofResults r)
         | HastArgs.Export r -> Command.Export(ExportCli.ofResults r)
         | HastArgs.Analyze r -> Command.Analyze(AnalyzeCli.ofResults r)
-        | HastArgs.Ablate r -> Command.Ablate(AblateCli.ofResults r)
+        | HastArgs.Ablate r -> Command.Ablate(AblateCli.ofResults io r)
         | HastArgs.Doctor r -> Command.Doctor(DoctorCli.ofResults r)
         | HastArgs.Verbose -> raise (CliUsage("hast: name a command after --verbose; see hast --help", false))
     with :? ArguParseException as e ->
         if e.ErrorCode = ErrorCode.HelpText || argv.Length = 0 then raise (CliUsage(e.Message.TrimEnd(), e.ErrorCode = ErrorCode.HelpText))
         else raise (CliUsage(oneLine argv e.Message, false))
+
+/// `parseWith` for command lines that name no `--model` file (built-in architectures only).
+let parse (readFile: string -> string) (argv: string[]) : Command =
+    parseWith { ReadFile = readFile; Inspect = ModelCli.noInspect } argv

@@ -6,10 +6,10 @@ open Hast.Core
 open Hast.Core.Models
 open Hast.Core.Models.Registry
 open Hast.Cli.Settings
+open Hast.Cli.ModelCli
 
 type SynthesizeConfig =
-    { Arch: string
-      Weights: string
+    { Model: ModelSource
       Classes: int option
       Out: string
       Report: string option
@@ -17,8 +17,12 @@ type SynthesizeConfig =
       Synthesis: Synthesis.Config }
 
 type SynthesizeArgs =
-    | [<Mandatory>] Arch of name: string
-    | [<Mandatory>] Weights of path: string
+    | Arch of name: string
+    | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
     | Classes of n: int
     | [<Mandatory>] Out of dir: string
     | Samples of n: int
@@ -38,8 +42,12 @@ type SynthesizeArgs =
             let c = Synthesis.defaultsFor Cifar
             let i = Synthesis.defaultsFor ImageNet
             match a with
-            | Arch _ -> sprintf "architecture of the teacher: %s" (String.concat ", " Registry.names)
-            | Weights _ -> "PyTorch checkpoint of the full-precision teacher"
+            | Arch _ -> Usage.arch
+            | Weights _ -> Usage.weights
+            | Model _ -> Usage.model
+            | Mean _ -> Usage.mean
+            | Std _ -> Usage.std
+            | Input_Scale _ -> Usage.inputScale
             | Classes _ -> "number of classes (default: read from the weights)"
             | Out _ -> "sample store folder; an existing store made with the same teacher and settings is resumed"
             | Samples _ -> sprintf "number of samples (default: %d)" c.Samples
@@ -91,13 +99,14 @@ let synthesisOf (family: Family) (r: Reader) : Synthesis.Config =
     Common.withFlags synthesizeFlag (fun () -> Synthesis.validate cfg)
     cfg
 
-let ofResults (res: ParseResults<SynthesizeArgs>) : SynthesizeConfig =
+let ofResults (io: Io) (res: ParseResults<SynthesizeArgs>) : SynthesizeConfig =
     let r = Reader(Settings.ofResults res)
-    let arch = Registry.find (r.String("arch", ""))
-    { Arch = arch.Name
-      Weights = r.String("weights", "")
-      Classes = r.TryInt "classes" |> Option.map (Common.checkPositiveInt "--classes")
+    let model = ModelCli.require r
+    let classes = r.TryInt "classes" |> Option.map (Common.checkPositiveInt "--classes")
+    let family, _ = factsOf io model classes
+    { Model = model
+      Classes = classes
       Out = r.String("out", "")
       Report = r.TryString "report"
       Device = r.String("device", "cpu")
-      Synthesis = synthesisOf arch.Family r }
+      Synthesis = synthesisOf family r }

@@ -361,8 +361,63 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Eval = { Every = 2; BatchSize = 100 }
           Guard = { SpikeFactor = 3.5; LrFactor = 0.25; Retries = 5; SpikeMinIters = 7 }
           TimeBudget = None }
-    { IsRun = isRun; Arch = "cifar-resnet32-a"; Weights = "/w/r32.th"; Classes = Some 10; Test = "/t/test.bin"; Device = "cpu"
+    { IsRun = isRun; Model = ModelCli.BuiltIn("cifar-resnet32-a", "/w/r32.th"); Classes = Some 10; Test = "/t/test.bin"; Device = "cpu"
       Run = run; Out = "o"; Report = None; Resume = false; Preset = None }
+
+/// The reads of a parse that meets no `--model` file.
+let private builtInIo : ModelCli.Io = { ReadFile = (fun _ -> failwith "no config files here"); Inspect = ModelCli.noInspect }
+
+/// A parse whose `--model` files are 32-px, 10-class models (what the shell would read from the file).
+let private onnxIo : ModelCli.Io =
+    { ReadFile = (fun _ -> failwith "no config files here")
+      Inspect = fun _ -> { Family = Models.Registry.Cifar; Classes = 10L } }
+
+let modelFlagTests : Test list =
+    let parse (argv: string list) = Root.parseWith onnxIo (Array.ofList argv)
+    let runOf argv =
+        match parse ("run" :: argv @ [ "--test"; "t.bin"; "--out"; "o" ]) with
+        | Root.Command.Run p -> p
+        | other -> failtestf "a run, got %A" other
+    [ testCase "--model with --mean/--std/--input-scale: an ONNX source, mean and std as given" <| fun () ->
+        let p = runOf [ "--model"; "/m/net.onnx"; "--mean"; "0.5,0.4,0.3"; "--std"; "0.2"; "--input-scale"; "255" ]
+        match p.Model with
+        | ModelCli.OnnxFile(path, input) ->
+            Expect.equal path "/m/net.onnx" "path"
+            Expect.equal input.Mean [| 0.5f; 0.4f; 0.3f |] "mean"
+            Expect.equal input.Std [| 0.2f; 0.2f; 0.2f |] "one std for all channels"
+            Expect.equal input.InputScale 255.0f "scale"
+        | other -> failtestf "an ONNX source, got %A" other
+        // the family's defaults (CIFAR-10 here): what `--arch cifar-resnet20-a` gets
+        let b = runOf [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.th" ]
+        Expect.equal p.Run.FineTune b.Run.FineTune "CIFAR-10 fine-tuning defaults"
+        Expect.equal (ModelCli.preprocess (match p.Model with ModelCli.OnnxFile(_, i) -> i | _ -> ModelCli.defaultInput) 32).Mean
+            [| 0.5f / 255.0f; 0.4f / 255.0f; 0.3f / 255.0f |] "255-scaled mean in [0, 1] units"
+
+      testCase "--model settings round-trip through config.json" <| fun () ->
+        let p = runOf [ "--model"; "/m/net.onnx"; "--mean"; "0.4914,0.4822,0.4465"; "--std"; "0.247,0.2435,0.2616" ]
+        let back = QuantizeCli.ofLayer onnxIo true (QuantizeCli.toLayer p |> Map.add "out" "o")
+        Expect.equal back p "the same command"
+
+      testCase "model flags: every wrong mix is one clear error" <| fun () ->
+        for argv in
+            [ [ "--model"; "m.onnx"; "--arch"; "cifar-resnet20-a" ]
+              [ "--model"; "m.onnx"; "--weights"; "w.th" ]
+              [ "--arch"; "cifar-resnet20-a"; "--weights"; "w.th"; "--mean"; "0,0,0" ]
+              [ "--arch"; "cifar-resnet20-a" ]
+              [ "--weights"; "w.th" ]
+              []
+              [ "--model"; "m.onnx"; "--input-scale"; "2" ]
+              [ "--model"; "m.onnx"; "--std"; "0,1,1" ]
+              [ "--model"; "m.onnx"; "--mean"; "1,2" ] ] do
+            Expect.throwsT<HastError> (fun () -> runOf argv |> ignore) (sprintf "%A" argv)
+        // the same rules under every command that loads a model
+        for cmd in [ [ "eval"; "--test"; "t" ]; [ "export"; "--out"; "x.onnx" ]; [ "synthesize"; "--out"; "s"; "--samples"; "8" ] ] do
+            Expect.throwsT<HastError> (fun () -> parse (cmd @ [ "--model"; "m.onnx"; "--arch"; "cifar-resnet20-a" ]) |> ignore) (sprintf "%A" cmd)
+            match parse (cmd @ [ "--model"; "m.onnx" ]) with
+            | Root.Command.Eval e -> Expect.isSome e.Model "eval --model"
+            | Root.Command.Export e -> Expect.isSome e.Model "export --model"
+            | Root.Command.Synthesize s -> Expect.equal (ModelCli.file s.Model) "m.onnx" "synthesize --model"
+            | other -> failtestf "%A" other ]
 
 let configTests : Test list =
     [ testCase "config.json: every setting round-trips (toLayer, then ofLayer gives the same command)" <| fun () ->
@@ -371,16 +426,16 @@ let configTests : Test list =
                 for cosine in [ false; true ] do
                     let c = everySetting isRun generator cosine
                     let layer = QuantizeCli.toLayer c |> Map.add "out" "o"
-                    let back = QuantizeCli.ofLayer isRun layer
+                    let back = QuantizeCli.ofLayer builtInIo isRun layer
                     Expect.equal back c (sprintf "run=%b generator=%b cosine=%b" isRun generator cosine)
         // promotion off and the baseline method also survive
         let c = everySetting true false false
         let off = { c with Run = { c.Run with FineTune = FineTune.baseline c.Run.FineTune } }
-        Expect.equal (QuantizeCli.ofLayer true (QuantizeCli.toLayer off |> Map.add "out" "o")) off "baseline (no promotion, CE 1, no alignment)"
+        Expect.equal (QuantizeCli.ofLayer builtInIo true (QuantizeCli.toLayer off |> Map.add "out" "o")) off "baseline (no promotion, CE 1, no alignment)"
         // real images instead of a store (the supplement's non-zero-shot reference)
         let q = everySetting false false false
         let real = { q with Run = { q.Run with Samples = Pipeline.RealImages "/data/real" } }
-        Expect.equal (QuantizeCli.ofLayer false (QuantizeCli.toLayer real |> Map.add "out" "o")) real "--real-data"
+        Expect.equal (QuantizeCli.ofLayer builtInIo false (QuantizeCli.toLayer real |> Map.add "out" "o")) real "--real-data"
 
       testCase "config.json: `--config OUT/config.json` reproduces the command; flags still override it" <| fun () ->
         let c = everySetting true false true

@@ -36,7 +36,7 @@ let all =
         testList "weights" WeightTests.tests
         testList "store" StoreTests.tests
         testList "download" DownloadTests.tests
-        testList "cli" (CliTests.tests @ CliTests.configTests)
+        testList "cli" (CliTests.tests @ CliTests.configTests @ CliTests.modelFlagTests)
         testList "perf" PerfTests.tests
         testList "reliability" ReliabilityTests.tests
         testList "conv routing" ConvRoutingTests.tests
@@ -44,6 +44,7 @@ let all =
         testList "end to end" EndToEndTests.tests
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
+        testList "your own model" ModelFilesTests.tests
         testList "ablate" (AblationTests.tests @ AblateTests.tests)
     ]
 

@@ -26,6 +26,10 @@ let zipWeights = shared "models/resnet20_cifar10_akamaster.pth"
 let legacyWeights = shared "models/resnet20-12fca82f.th"
 let cifarTest = shared "data/cifar10/test_batch_head932.bin"
 let trainJpeg = shared "data/cifar10/train_jpeg5k"
+/// A CIFAR-10 ResNet-20 exported to ONNX by another project (BatchNorm kept, PyTorch 1.6, opset 9).
+let onncModel = shared "models/onnc_resnet20.onnx"
+/// The same family exported with BatchNorm folded into the convolutions (refused by the importer).
+let aceFoldedModel = shared "models/ace_resnet20_cifar10_pre.onnx"
 
 /// The FsCheck seed (seed, gamma) of every property test, fixed so that a failure reproduces; printed at
 /// the start of each test run (and by Expecto beside a failure). `HAST_PROPERTY_SEED=<seed>,<gamma>`

@@ -29,7 +29,7 @@ public static class AblateCommand
         var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
         var device = Prelude.device(c.Device);
         // the teacher and the test set are checked before anything is written
-        var teacher = ModelFiles.LoadWeights(c.Arch, c.Weights, c.Classes is { } n ? n.Value : null, device);
+        var teacher = ModelFiles.LoadTeacher(c.Model, c.Classes is { } n ? n.Value : null, device);
         using var _teacher = teacher.Net;
         Data.checkClasses(c.Test, Datasets.Open(c.Test, teacher.Arch.Input, teacher.Classes).Dataset, teacher.Classes);
         using var runLock = RunLock.Acquire(outDir, "--out", "hast ablate");
@@ -131,7 +131,7 @@ public static class AblateCommand
             ["study"] = Ablation.studyName(c.Study),
             ["title"] = Ablation.studyTitle(c.Study),
             ["budget"] = Ablation.budgetName(c.Budget),
-            ["arch"] = c.Arch, ["weights"] = c.Weights, ["test"] = c.Test,
+            ["arch"] = ModelCli.name(c.Model), ["weights"] = ModelCli.file(c.Model), ["test"] = c.Test,
             ["wbits"] = c.WBits, ["abits"] = c.ABits,
             ["seeds"] = new JsonArray(c.Seeds.Select(s => (JsonNode)JsonValue.Create(s)!).ToArray()),
             ["paper_note"] = Ablation.paperNote(c.Study),

@@ -33,7 +33,7 @@ public static class AnalyzeCommand
         var outDir = OutputPaths.CheckWritableDir(s.Out, "--out");
         RunLock.CheckFree(outDir, "--out");
         var report = s.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
-        var teacher = ModelFiles.LoadWeights(s.Arch, s.Weights, null, device);
+        var teacher = ModelFiles.LoadTeacher(s.Model, null, device);
         var store = SampleStore.Open(s.Samples);
         if (store.TeacherInfo.Sha256 != teacher.Sha256)
             throw new HastError($"sample store {store.Dir} was synthesized from {store.TeacherInfo.File}, not from this --weights file; synthesize samples of this teacher");
@@ -83,7 +83,7 @@ public static class AnalyzeCommand
 
     static JsonObject SetupJson(AnalyzeCli.Setup s, Prepared p, LoadedModel student) => new()
     {
-        ["arch"] = s.Arch, ["weights"] = Path.GetFileName(s.Weights), ["weights_sha256"] = p.Teacher.Sha256,
+        ["arch"] = p.Teacher.Arch.Name, ["weights"] = Path.GetFileName(ModelCli.file(s.Model)), ["weights_sha256"] = p.Teacher.Sha256,
         ["samples"] = Path.GetFullPath(s.Samples), ["store_count"] = p.Images.shape[0],
         ["wbits"] = student.WBits, ["abits"] = student.ABits,
         ["checkpoint"] = s.Checkpoint is { } ck ? Path.GetFullPath(ck.Value) : null,

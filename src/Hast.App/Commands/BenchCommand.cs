@@ -43,7 +43,7 @@ public static class BenchCommand
         if (c.InteropThreads is { } it) torch.set_num_interop_threads(it.Value);
         if (c.Threads is { } t) torch.set_num_threads(t.Value);
 
-        var fp = ModelFiles.LoadWeights(c.Arch, c.Weights, null, device);
+        var fp = ModelFiles.LoadTeacher(c.Model, null, device);
         var student = ModelFiles.Quantized(fp, c.WBits, c.ABits);
         var side = fp.Arch.Input.Size;
         using var gen = Prelude.generator(c.Seed);

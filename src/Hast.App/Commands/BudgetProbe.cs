@@ -250,7 +250,7 @@ public static class BudgetProbe
             // a checkpoint (twice: train checkpoints also hold the optimizer state)
             var tmp = Path.Combine(outDir, ".budget-probe.ckpt");
             var saveClock = Stopwatch.StartNew();
-            try { Checkpoint.Save(tmp, ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256), student.Net); }
+            try { Checkpoint.Save(tmp, ModelFiles.CheckpointMeta(student, ModelCli.file(c.Model), teacher.Sha256), student.Net); }
             finally { File.Delete(tmp); }
             var save = 2 * saveClock.Elapsed.TotalSeconds;
 

@@ -18,7 +18,7 @@ public static class EvalCommand
         if (c.Onnx is { } onnx) return RunOnnx(c, onnx.Value, report, stdout);
         var device = Prelude.device(c.Device);
 
-        var model = LoadModel(c.Checkpoint, c.Arch, c.Weights, c.Classes, device);
+        var model = LoadModel(c.Checkpoint, c.Model, c.Classes, device);
         var test = Datasets.Open(c.Test, model.Arch.Input, model.Classes);
         Data.checkClasses(c.Test, test.Dataset, model.Classes);
 
@@ -45,10 +45,10 @@ public static class EvalCommand
         return Program.ExitOk;
     }
 
-    /// The model of a command that takes `--checkpoint C`, or `--arch A --weights W [--classes N]`
-    /// (the CLI has checked that exactly one of the two is given).
-    public static LoadedModel LoadModel(FSharpOption<string>? checkpoint, FSharpOption<string>? arch,
-                                        FSharpOption<string>? weights, FSharpOption<int>? classes, Device device)
+    /// The model of a command that takes `--checkpoint C`, or `--arch A --weights W [--classes N]` /
+    /// `--model F.onnx` (the CLI has checked that exactly one of the two is given).
+    public static LoadedModel LoadModel(FSharpOption<string>? checkpoint, FSharpOption<ModelCli.ModelSource>? model,
+                                        FSharpOption<int>? classes, Device device)
     {
         if (checkpoint is { } ck)
         {
@@ -56,7 +56,7 @@ public static class EvalCommand
             saved.Dispose();
             return m;
         }
-        return ModelFiles.LoadWeights(arch!.Value, weights!.Value, classes is { } n ? n.Value : null, device);
+        return ModelFiles.LoadTeacher(model!.Value, classes is { } n ? n.Value : null, device);
     }
 
     static JsonObject Report(Evaluate.Accuracy acc) => new()

@@ -21,7 +21,7 @@ public static class ExportCommand
     public static int Run(ExportCli.ExportConfig c, TextWriter stdout)
     {
         var output = OutputPaths.CheckWritableFile(c.Out, "--out");
-        var model = EvalCommand.LoadModel(c.Checkpoint, c.Arch, c.Weights, c.Classes, CPU);
+        var model = EvalCommand.LoadModel(c.Checkpoint, c.Model, c.Classes, CPU);
 
         var info = new Metadata.Info(
             model.Arch.Name, model.Classes, Metadata.defaultClassNames(model.Arch, model.Classes),

@@ -37,7 +37,7 @@ public static class PipelineCommand
             throw new HastError($"{c.Out} already holds a run ({TrainCheckpoint}); pass --resume to continue it, or choose a new --out");
         if (c.Resume && !File.Exists(trainPath) && File.Exists(Path.Combine(outDir, FinalCheckpoint)))
             throw new HastError($"{c.Out} holds a finished run ({FinalCheckpoint}); choose a new --out");
-        var teacher = ModelFiles.LoadWeights(c.Arch, c.Weights, c.Classes is { } n ? n.Value : null, device);
+        var teacher = ModelFiles.LoadTeacher(c.Model, c.Classes is { } n ? n.Value : null, device);
         var test = Datasets.Open(c.Test, teacher.Arch.Input, teacher.Classes);
         Data.checkClasses(c.Test, test.Dataset, teacher.Classes);
         // --time-budget: probe the steps and plan the counts before anything depends on them
@@ -76,7 +76,7 @@ public static class PipelineCommand
         using var log = new RunLog(outDir, stdout);
         if (runLock.TookOverFrom is { } previous) log.Info($"took over {c.Out} from a run that is no longer running ({previous})");
         var ft = c.Run.FineTune;
-        log.Info($"hast {(isRun ? "run" : "quantize")}: {teacher.Arch.Name} W{c.Run.WBits}A{c.Run.ABits}, teacher {Path.GetFileName(c.Weights)}, " +
+        log.Info($"hast {(isRun ? "run" : "quantize")}: {teacher.Arch.Name} W{c.Run.WBits}A{c.Run.ABits}, teacher {Path.GetFileName(ModelCli.file(c.Model))}, " +
                  $"{ft.Epochs} epoch(s) x {ft.ItersPerEpoch} iterations, batch {ft.BatchSize}, seed {ft.Seed}" +
                  (c.Preset is { } p ? $", preset {p.Value}" : ""));
         log.Metric("settings", settings);
@@ -208,7 +208,7 @@ public static class PipelineCommand
             json["time_budget"] = plan;
         }
         var student = teacher with { Net = studentNet, WBits = c.Run.WBits, ABits = c.Run.ABits };
-        var finalMeta = ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256);
+        var finalMeta = ModelFiles.CheckpointMeta(student, ModelCli.file(c.Model), teacher.Sha256);
         finalMeta["result"] = json.DeepClone();
         finalMeta["settings"] = settings.DeepClone();
         Checkpoint.Save(Path.Combine(outDir, FinalCheckpoint), finalMeta, studentNet);
@@ -498,7 +498,7 @@ public static class PipelineCommand
     static void SaveTrain(string path, Pipeline.Snapshot s, QuantizeCli.PipelineConfig c, LoadedModel teacher, JsonObject settings, SampleStore? store, double seconds)
     {
         var student = teacher with { Net = s.Student, WBits = c.Run.WBits, ABits = c.Run.ABits };
-        var meta = ModelFiles.CheckpointMeta(student, c.Weights, teacher.Sha256);
+        var meta = ModelFiles.CheckpointMeta(student, ModelCli.file(c.Model), teacher.Sha256);
         var p = s.Progress;
         meta["settings"] = settings.DeepClone();
         meta["store_manifest_sha256"] = ManifestHash(store);

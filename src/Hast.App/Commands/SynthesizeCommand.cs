@@ -18,7 +18,7 @@ public static class SynthesizeCommand
         var device = Prelude.device(c.Device);
         var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
         RunLock.CheckFree(OutputPaths.CheckWritableDir(c.Out, "--out"), "--out");
-        var teacher = ModelFiles.LoadWeights(c.Arch, c.Weights, c.Classes is { } n ? n.Value : null, device);
+        var teacher = ModelFiles.LoadTeacher(c.Model, c.Classes is { } n ? n.Value : null, device);
         var store = Synthesize(teacher, c.Synthesis, c.Out, device, stdout);
         var summary = Summary(store, ResumedSeconds: null);
         if (report is not null) AtomicFile.WriteAllText(report, summary.ToJsonString() + "\n");

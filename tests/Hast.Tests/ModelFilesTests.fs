@@ -1,0 +1,48 @@
+/// Your own model (`--model FILE.onnx`, `ModelFiles.LoadOnnx`) through the shell: a run, its checkpoint
+/// without the ONNX file, export, ONNX Runtime; and the refusals.
+module Hast.Tests.ModelFilesTests
+
+open System.IO
+open System.Text.Json
+open Expecto
+open Hast.Tests.TestUtil
+open Hast.Tests.ReliabilityTests
+
+let tests : Test list =
+    [ testCase "your own model: hast run --model FILE.onnx -> a checkpoint that needs no ONNX file -> export -> ONNX Runtime agrees" <| fun () ->
+        use tmp = new TempDir()
+        // the shared third-party ONNX ResNet-20 (1x1 shortcuts, PyTorch 1.6, opset 9), copied so that it
+        // can be taken away after the run
+        let model = tmp.File "net.onnx"
+        File.Copy(onncModel, model)
+        let out = tmp.File "run"
+        let code, stdout, err =
+            runCli [ "run"; "--preset"; "tiny"; "--model"; model; "--mean"; "0.4914,0.4822,0.4465"; "--std"; "0.2470,0.2435,0.2616"
+                     "--test"; cifarTest; "--wbits"; "4"; "--abits"; "4"; "--out"; out; "--seed"; "0" ]
+        Expect.equal code 0 (sprintf "hast run --model succeeds (%s)" (err.Trim()))
+        Expect.stringContains stdout "onnx:net" "the model goes by its file's name"
+        use report = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "report.json")))
+        let fp = report.RootElement.GetProperty("fp_top1").GetDouble()
+        printfn "  imported ResNet-20: full precision %.2f%% on the head (an independent evaluator: 92.17%%)" fp
+        Expect.floatClose Accuracy.medium fp 92.17 "the imported network scores what ONNX Runtime scores"
+        use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "config.json")))
+        Expect.equal (config.RootElement.GetProperty("model").GetString()) (Path.GetFullPath model) "config.json names the file"
+        // the checkpoint alone rebuilds the model: the ONNX file is gone
+        File.Delete model
+        let ck = Path.Combine(out, "quantized.ckpt")
+        let hastTop1 = ExportTests.evalTop1 [ "--checkpoint"; ck; "--test"; cifarTest ] (tmp.File "hast.json")
+        Expect.floatClose Accuracy.veryHigh hastTop1 (report.RootElement.GetProperty("final_top1").GetDouble()) "eval --checkpoint = the run's final top-1"
+        let onnx = tmp.File "w4a4.onnx"
+        ExportTests.exportOk [ "--checkpoint"; ck; "--out"; onnx ] |> ignore
+        let ortTop1 = ExportTests.evalTop1 [ "--onnx"; onnx; "--test"; cifarTest ] (tmp.File "ort.json")
+        printfn "  W4A4: Hast %.2f%%, ONNX Runtime %.2f%%" hastTop1 ortTop1
+        Expect.isLessThanOrEqual (abs (ortTop1 - hastTop1)) 0.3 "ONNX Runtime within 0.3 points of Hast"
+
+      testCase "your own model: a graph with BatchNorm folded away is refused in one line that says how to re-export" <| fun () ->
+        use tmp = new TempDir()
+        let code, _, err =
+            runCli [ "run"; "--preset"; "tiny"; "--model"; aceFoldedModel; "--test"; cifarTest; "--out"; tmp.File "run" ]
+        Expect.notEqual code 0 "refused"
+        Expect.isFalse (err.Trim().Contains '\n') (sprintf "one line: %s" err)
+        Expect.stringContains err "TrainingMode.PRESERVE" "the PyTorch fix"
+        Expect.isFalse (Directory.Exists(tmp.File "run")) "nothing written" ]
