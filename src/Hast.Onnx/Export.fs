@@ -3,17 +3,24 @@
 ///
 /// The graph mirrors the model's forward pass layer by layer:
 ///  - a full-precision layer becomes its float ONNX operator (Conv, Gemm, BatchNormalization,
-///    Relu, Clip for ReLU6, MaxPool, Add);
+///    Relu, Clip for ReLU6 and other clamps, LeakyRelu, HardSwish, MaxPool, Add);
 ///  - a quantized conv / linear keeps its float operator, fed by its weight as integer codes through
 ///    DequantizeLinear (see `Graph.weight`); BatchNorm stays a separate float node as in Hast
 ///    (folding it into the weights would change the quantized weights);
 ///  - an activation quantizer becomes QuantizeLinear -> DequantizeLinear on its calibrated range
-///    (`Graph.actQuant`);
+///    (`Graph.actQuant`), with a non-zero zero point after activations that can go negative;
 ///  - the option-A shortcut is Slice (stride-2 subsampling) + Pad (zero channels);
-///  - every supported net ends in global average pooling and flatten before its linear classifier
+///  - every built-in net ends in global average pooling and flatten before its linear classifier
 ///    (a Linear on a spatial value gets them first); Dropout is the identity at inference.
-/// The walk goes through the modules in registration order, which is execution order in every Hast
-/// model except inside residual blocks, which have their own emitters. An unknown module type fails.
+/// The walk goes through the modules in registration order, which is execution order in every
+/// built-in Hast model except inside residual blocks, which have their own emitters. An unknown
+/// module type fails.
+///
+/// An imported graph (`Models.Graph.GraphNet`, a model whose topology is data) is walked node by
+/// node instead (`graphNet`): its layers go through the same module emitters (so they are float or
+/// QDQ exactly as above), its tensor functions become their ONNX operators one for one, its
+/// constants become initializers (`const.<name>`), and an NHWC graph gets the same Transpose of the
+/// NCHW input that `GraphNet.Run` does.
 module Hast.Onnx.Export
 
 open TorchSharp
@@ -22,6 +29,10 @@ open Onnx
 open Hast.Core
 open Hast.Core.Models
 open Hast.Onnx.Graph
+
+/// The imported-graph model (aliased: its `Graph`, `Node`, `Value` and `Op` names clash with this
+/// project's).
+module GraphModel = Hast.Core.Models.Graph
 
 /// A value flowing through the graph: its name and whether it is still (N, C, H, W).
 type private Value = { Name: string; Spatial: bool }
@@ -103,6 +114,7 @@ let rec private emit (b: Builder) (path: string) (m: torch.nn.Module) (x: Value)
     | :? BatchNorm2d as bn -> { x with Name = batchNorm b path bn x.Name }
     | :? ReLU -> { x with Name = relu b path x.Name }
     | :? ReLU6 -> { x with Name = relu6 b path x.Name }
+    | :? Activate as a -> { x with Name = activation b path a.Kind x.Name }
     | :? Quantizers.ActQuant as q ->
         if q.Bits = Quantizers.fullPrecisionBits then x
         else
@@ -122,6 +134,7 @@ let rec private emit (b: Builder) (path: string) (m: torch.nn.Module) (x: Value)
     | :? MobileNetV2.InvertedResidual as ir ->
         let body = emit b (join path "conv") (child m path "conv") x
         if ir.Residual then { body with Name = add b (join path "add") x.Name body.Name } else body
+    | :? GraphModel.GraphNet as g -> graphNet b path g x
     // containers whose children run in registration order: Node, ConvBnAct, QAct, the nets
     | :? Node
     | :? ConvBnAct
@@ -155,24 +168,130 @@ and private basicBlockA b path m x : Value =
     let sum = { h with Name = add b (join path "add") h.Name sc.Name }
     emit b (join path "act2") (child m path "act2") sum
 
+/// An imported graph: the input (transposed to NHWC first for an NHWC graph, as `GraphNet.Run`
+/// does), then each node in order over a map from value numbers to ONNX names; the result is the
+/// topology's output value. Graph values are never treated as spatial: the topology has its own
+/// Flatten / pooling before a Linear.
+and private graphNet (b: Builder) (path: string) (g: GraphModel.GraphNet) (x: Value) : Value =
+    let t = g.Topology
+    let constants =
+        t.Constants
+        |> List.map (fun (c, _) ->
+            let v = g.Constant c
+            c, b.Init(Proto.floatTensor (join path ("const." + c)) v.shape (floats v)))
+        |> Map.ofList
+    let input =
+        match t.Layout with
+        | GraphModel.NCHW -> x.Name
+        | GraphModel.NHWC -> b.Op("Transpose", join path "input_nhwc", [ x.Name ], [ Proto.intsAttr "perm" [ 0L; 2L; 3L; 1L ] ])
+    let operand (n: GraphModel.Node) (values: Map<int, string>) (o: GraphModel.Operand) =
+        match o with
+        | GraphModel.Value v ->
+            match Map.tryFind v values with
+            | Some name -> name
+            | None -> invalidOp (sprintf "cannot export %s: node %s reads value %d before any node computes it" t.Name n.Name v)
+        | GraphModel.Constant c ->
+            match Map.tryFind c constants with
+            | Some name -> name
+            | None -> invalidOp (sprintf "cannot export %s: node %s reads an unknown constant '%s'" t.Name n.Name c)
+    let step (values: Map<int, string>) (n: GraphModel.Node) =
+        let xs = n.Inputs |> List.map (operand n values)
+        let name = join path n.Name
+        let outs =
+            match n.Op, xs with
+            | (GraphModel.Conv _ | GraphModel.Linear _ | GraphModel.BatchNorm _ | GraphModel.Act _), [ v ] ->
+                [ (emit b name (g.Layer n.Name) { Name = v; Spatial = false }).Name ]
+            | (GraphModel.Conv _ | GraphModel.Linear _ | GraphModel.BatchNorm _ | GraphModel.Act _), _ ->
+                invalidOp (sprintf "cannot export %s: layer %s takes one operand, got %d" t.Name n.Name xs.Length)
+            | op, _ -> graphFunction b name op xs
+        if outs.Length <> n.Outputs.Length then
+            invalidOp (sprintf "cannot export %s: node %s gives %d values, not %d" t.Name n.Name outs.Length n.Outputs.Length)
+        List.fold2 (fun m v o -> Map.add v o m) values n.Outputs outs
+    let values = t.Nodes |> List.fold step (Map.ofList [ GraphModel.inputValue, input ])
+    match Map.tryFind t.Output values with
+    | Some out -> { Name = out; Spatial = false }
+    | None -> invalidOp (sprintf "cannot export %s: no node computes its output value %d" t.Name t.Output)
+
+/// A tensor function of an imported graph (every `Op` but the layers) as its ONNX operator(s), on
+/// the operands' names; returns the outputs' names (several for Split).
+and private graphFunction (b: Builder) (name: string) (op: GraphModel.Op) (xs: string list) : string list =
+    let one () =
+        match xs with
+        | [ x ] -> x
+        | _ -> invalidOp (sprintf "cannot export %s: %A takes one operand, got %d" name op xs.Length)
+    let two (onnx: string) =
+        match xs with
+        | [ a; c ] -> [ b.Op(onnx, name, [ a; c ]) ]
+        | _ -> invalidOp (sprintf "cannot export %s: %s takes two operands, got %d" name onnx xs.Length)
+    let window (w: GraphModel.Window) =
+        if w.Kernel.Length <> 2 || w.Stride.Length <> 2 || w.Dilation.Length <> 2 || w.Pads.Length <> 4 then
+            invalidOp (sprintf "cannot export %s: a pooling window needs 2 kernel, stride, dilation and 4 pad values" name)
+        w
+    match op with
+    | GraphModel.Sigmoid -> [ b.Op("Sigmoid", name, [ one () ]) ]
+    | GraphModel.HardSigmoid(alpha, beta) ->
+        [ b.Op("HardSigmoid", name, [ one () ], [ Proto.floatAttr "alpha" alpha; Proto.floatAttr "beta" beta ]) ]
+    | GraphModel.Add -> two "Add"
+    | GraphModel.Sub -> two "Sub"
+    | GraphModel.Mul -> two "Mul"
+    | GraphModel.Div -> two "Div"
+    | GraphModel.Concat axis -> [ b.Op("Concat", name, xs, [ Proto.intAttr "axis" axis ]) ]
+    | GraphModel.MaxPool w ->
+        let w = window w
+        [ pool b "MaxPool" name w.Kernel w.Stride w.Pads w.CeilMode [ Proto.intsAttr "dilations" w.Dilation ] (one ()) ]
+    | GraphModel.AvgPool(w, countPad) ->
+        let w = window w
+        // Hast's average pooling (torch's avg_pool2d) has no dilation
+        if w.Dilation |> Array.exists (fun d -> d <> 1L) then
+            invalidOp (sprintf "cannot export %s: average pooling with dilation %A (Hast computes it without)" name w.Dilation)
+        [ pool b "AveragePool" name w.Kernel w.Stride w.Pads w.CeilMode
+              [ Proto.intAttr "count_include_pad" (if countPad then 1L else 0L) ] (one ()) ]
+    | GraphModel.GlobalAvgPool -> [ b.Op("GlobalAveragePool", name, [ one () ]) ]
+    | GraphModel.ReduceMean(axes, keep) ->
+        let x = one ()
+        [ b.Op("ReduceMean", name, [ x; int64Init b (name + "_axes") axes ], [ Proto.intAttr "keepdims" (if keep then 1L else 0L) ]) ]
+    | GraphModel.Flatten -> [ b.Op("Flatten", name, [ one () ], [ Proto.intAttr "axis" 1L ]) ]
+    | GraphModel.Reshape dims ->
+        // 0 copies the batch from the input (allowzero = 0)
+        let x = one ()
+        [ b.Op("Reshape", name, [ x; int64Init b (name + "_shape") (Array.append [| 0L |] dims) ]) ]
+    | GraphModel.Transpose perm -> [ b.Op("Transpose", name, [ one () ], [ Proto.intsAttr "perm" perm ]) ]
+    | GraphModel.Pad(pads, mode) ->
+        let x = one ()
+        match mode with
+        | GraphModel.ConstantPad v -> [ pad b name pads "constant" v x ]
+        | GraphModel.ReflectPad -> [ pad b name pads "reflect" 0.0f x ]
+        | GraphModel.EdgePad -> [ pad b name pads "edge" 0.0f x ]
+    | GraphModel.Slice axes -> [ slice b name axes (one ()) ]
+    | GraphModel.Split(axis, sizes) -> split b name axis sizes (one ())
+    | GraphModel.Conv _ | GraphModel.Linear _ | GraphModel.BatchNorm _ | GraphModel.Act _ ->
+        invalidOp (sprintf "cannot export %s: %A is a layer, not a function" name op)
+
 /// Name of the graph's input and output.
 let inputName = "input"
 let outputName = "logits"
 
 /// The ONNX model of `net` (in eval mode, on any device) with `info` as metadata. Float input
-/// `input` (N, 3, S, S), already normalised as `info.Input` says; output `logits` (N, classes).
+/// `input` (N, 3, S, S) (an imported graph: its own channel count), already normalised as `info.Input` says; output `logits` (N, classes).
 /// Fails (HastError) on a model with an uncalibrated activation quantizer.
 let export (info: Metadata.Info) (net: Net) : ModelProto =
     checkCalibrated (sprintf "%s (%s)" info.Source info.Arch) net
     use _ = torch.NewDisposeScope()
     use _ng = torch.no_grad ()
+    let channels =
+        match net with
+        | :? GraphModel.GraphNet as g ->
+            if g.Topology.Side <> int64 info.Input.Size then
+                failf "cannot export %s: its graph was imported for %dx%d inputs, the metadata says %d" g.Topology.Name g.Topology.Side g.Topology.Side info.Input.Size
+            g.Topology.Channels
+        | _ -> 3L
     let b = Builder()
     let out = emit b "" net { Name = inputName; Spatial = true }
     if out.Spatial then invalidOp "the exported graph ends in a spatial value, not logits"
     b.Op("Identity", outputName, [ out.Name ]) |> ignore
     let side = int64 info.Input.Size
     let graph = GraphProto(Name = info.Arch)
-    graph.Input.Add(Proto.floatValue inputName [ Choice2Of2 "N"; Choice1Of2 3L; Choice1Of2 side; Choice1Of2 side ])
+    graph.Input.Add(Proto.floatValue inputName [ Choice2Of2 "N"; Choice1Of2 channels; Choice1Of2 side; Choice1Of2 side ])
     graph.Output.Add(Proto.floatValue outputName [ Choice2Of2 "N"; Choice1Of2 info.Classes ])
     graph.Node.AddRange b.Nodes
     graph.Initializer.AddRange b.Initializers

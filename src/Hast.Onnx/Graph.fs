@@ -38,11 +38,19 @@ type Builder() =
         claim name
         nodes.Add(node op name inputs (defaultArg attrs []))
         name
+    /// Add a node with several outputs (`outputs`, each claimed); returns their names.
+    member _.Ops(op: string, name: string, outputs: string list, inputs: string list, ?attrs: AttributeProto list) : string list =
+        List.iter claim outputs
+        nodes.Add(nodeWithOutputs op name inputs outputs (defaultArg attrs []))
+        outputs
     member _.Nodes : NodeProto list = List.ofSeq nodes
     member _.Initializers : TensorProto list = List.ofSeq inits
 
 /// A float32 0-d constant.
 let scalarInit (b: Builder) (name: string) (v: float32) : string = b.Init(floatTensor name [||] [| v |])
+
+/// A 1-D int64 constant (shapes, axes, pads, slice bounds).
+let int64Init (b: Builder) (name: string) (vs: int64[]) : string = b.Init(int64Tensor name vs)
 
 /// A weight: a float initializer for `bits` = 32; otherwise the integer codes Hast's per-output-channel
 /// weight quantizer computes (`Quantizers.weightRange` / `quantCodes`), in the smallest unsigned
@@ -112,6 +120,16 @@ let relu (b: Builder) (name: string) (x: string) : string = b.Op("Relu", name, [
 let relu6 (b: Builder) (name: string) (x: string) : string =
     b.Op("Clip", name, [ x; scalarInit b (name + "_min") 0.0f; scalarInit b (name + "_max") 6.0f ])
 
+/// An activation of Hast's ReLU family as its ONNX operator: Relu, Clip(0, 6), Clip(lo, hi),
+/// LeakyRelu(alpha), HardSwish (ONNX's alpha 1/6, beta 1/2 is torch's hardswish).
+let activation (b: Builder) (name: string) (kind: Activation) (x: string) : string =
+    match kind with
+    | Relu -> relu b name x
+    | Relu6 -> relu6 b name x
+    | Clip(lo, hi) -> b.Op("Clip", name, [ x; scalarInit b (name + "_min") lo; scalarInit b (name + "_max") hi ])
+    | LeakyRelu alpha -> b.Op("LeakyRelu", name, [ x ], [ floatAttr "alpha" alpha ])
+    | HardSwish -> b.Op("HardSwish", name, [ x ])
+
 let add (b: Builder) (name: string) (x: string) (y: string) : string = b.Op("Add", name, [ x; y ])
 
 /// (N, C, H, W) -> (N, C): global average pooling, then flatten.
@@ -136,3 +154,41 @@ let subsampleAndPadChannels (b: Builder) (name: string) (stride: int64) (pad: in
                i64 "_axes" [| 2L; 3L |]; i64 "_steps" [| stride; stride |] ])
     // pads: begin of N, C, H, W, then end of N, C, H, W
     b.Op("Pad", name, [ sliced; i64 "_pads" [| 0L; pad; 0L; 0L; 0L; pad; 0L; 0L |] ])
+
+/// 2-D MaxPool / AveragePool (`op`) over a window: kernel, strides (height, width), pads (top, left,
+/// bottom, right, which is ONNX's order x1_begin, x2_begin, x1_end, x2_end), ceil_mode, and `attrs`
+/// of the operator's own (dilations, count_include_pad).
+let pool (b: Builder) (op: string) (name: string) (kernel: int64[]) (stride: int64[]) (pads: int64[]) (ceil: bool)
+         (attrs: AttributeProto list) (x: string) : string =
+    b.Op(op, name, [ x ],
+         [ intsAttr "kernel_shape" kernel
+           intsAttr "strides" stride
+           intsAttr "pads" pads
+           intAttr "ceil_mode" (if ceil then 1L else 0L) ]
+         @ attrs)
+
+/// torch's pad list ((begin, end) pairs from the last dimension backwards) as ONNX Pad with an
+/// `axes` input (-1, -2, ...), so the input's rank need not be known; `mode` is "constant" (with
+/// `value`), "reflect" or "edge".
+let pad (b: Builder) (name: string) (torchPads: int64[]) (mode: string) (value: float32) (x: string) : string =
+    if torchPads.Length % 2 <> 0 then invalidArg "torchPads" (sprintf "%s: odd pad list %A" name torchPads)
+    let k = torchPads.Length / 2
+    let begins = Array.init k (fun i -> torchPads[2 * i])
+    let ends = Array.init k (fun i -> torchPads[2 * i + 1])
+    let pads = int64Init b (name + "_pads") (Array.append begins ends)
+    let axes = int64Init b (name + "_axes") (Array.init k (fun i -> -1L - int64 i))
+    let constant = if mode = "constant" then scalarInit b (name + "_value") value else ""
+    b.Op("Pad", name, [ x; pads; constant; axes ], [ stringAttr "mode" mode ])
+
+/// Slice of `x` along (axis, start, end, step) for each sliced axis.
+let slice (b: Builder) (name: string) (axes: (int64 * int64 * int64 * int64) list) (x: string) : string =
+    let part f suffix = int64Init b (name + suffix) (axes |> List.map f |> Array.ofList)
+    b.Op("Slice", name,
+         [ x; part (fun (_, s, _, _) -> s) "_starts"; part (fun (_, _, e, _) -> e) "_ends"
+           part (fun (a, _, _, _) -> a) "_axes"; part (fun (_, _, _, st) -> st) "_steps" ])
+
+/// Split of `x` along `axis` into parts of `sizes` (opset 18+: the sizes are an input); outputs
+/// `name_0`, `name_1`, ...
+let split (b: Builder) (name: string) (axis: int64) (sizes: int64[]) (x: string) : string list =
+    let outputs = [ for i in 0 .. sizes.Length - 1 -> sprintf "%s_%d" name i ]
+    b.Ops("Split", name, outputs, [ x; int64Init b (name + "_split") sizes ], [ intAttr "axis" axis ])

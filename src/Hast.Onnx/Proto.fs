@@ -96,13 +96,20 @@ let intsAttr (name: string) (vs: int64 seq) =
     a.Ints.AddRange vs
     a
 
-/// A node of the default (ai.onnx) domain with one output named like the node.
-let node (op: string) (name: string) (inputs: string list) (attrs: AttributeProto list) : NodeProto =
+let stringAttr (name: string) (v: string) =
+    AttributeProto(Name = name, Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8 v)
+
+/// A node of the default (ai.onnx) domain with the given outputs.
+let nodeWithOutputs (op: string) (name: string) (inputs: string list) (outputs: string list) (attrs: AttributeProto list) : NodeProto =
     let n = NodeProto(OpType = op, Name = name)
     n.Input.AddRange inputs
-    n.Output.Add name
+    n.Output.AddRange outputs
     n.Attribute.AddRange attrs
     n
+
+/// A node of the default (ai.onnx) domain with one output named like the node.
+let node (op: string) (name: string) (inputs: string list) (attrs: AttributeProto list) : NodeProto =
+    nodeWithOutputs op name inputs [ name ] attrs
 
 /// A float32 graph input or output of shape `dims` (a dimension given as a string is symbolic).
 let floatValue (name: string) (dims: Choice<int64, string> list) : ValueInfoProto =

@@ -200,3 +200,211 @@ let badInput =
             Expect.equal code 2 (sprintf "usage error for %A: %s" args err)
 
 let tests : Test list = [ parityCase 4; parityCase 3; sizeAndMetadata; threeBitLevels; badInput ]
+
+// ---------------------------------------------------------------------------------------------
+// Imported graphs (`Models.Graph.GraphNet`): hand-made topologies that together use every `Op`,
+// every activation and every pad mode, exported full-precision and W4A4 and run in ONNX Runtime.
+// Forward passes only: fp32 convolution outputs are right on every machine (docs/machines.md), so,
+// as in OnnxTests' random-weight parity tests, no convolution routes are needed.
+
+module Topo = Hast.Core.Models.Graph
+
+let private node (name: string) (op: Topo.Op) (inputs: Topo.Operand list) (outputs: int list) : Topo.Node =
+    { Name = name; Op = op; Inputs = inputs; Outputs = outputs; Body = None }
+
+/// A one-operand, one-output node from value `i` to value `o`.
+let private step (name: string) (op: Topo.Op) (i: int) (o: int) = node name op [ Topo.Value i ] [ o ]
+
+let private window (k: int64) (s: int64) (dilation: int64) (pads: int64[]) (ceil: bool) : Topo.Window =
+    { Kernel = [| k; k |]; Stride = [| s; s |]; Dilation = [| dilation; dilation |]; Pads = pads; CeilMode = ceil }
+
+let private conv cin cout k s p = Topo.Conv(ConvSpec.make cin cout k s p)
+
+/// conv-bn-relu stem, a residual block (Add with a marked body), a depthwise conv with bias and
+/// LeakyRelu, MaxPool with asymmetric pads and ceil_mode, global pooling, Flatten, Linear.
+let resBlockGraph : Topo.Topology =
+    { Name = "graph-resblock"; Channels = 3L; Side = 12L; Layout = Topo.NCHW; Classes = 10L; Constants = []; Output = 16
+      Nodes =
+        [ step "conv1" (conv 3L 16L 3L 1L 1L) 0 1
+          step "bn1" (Topo.BatchNorm(16L, 1e-5)) 1 2
+          step "act1" (Topo.Act Relu) 2 3
+          step "conv2" (conv 16L 16L 3L 1L 1L) 3 4
+          step "bn2" (Topo.BatchNorm(16L, 1e-5)) 4 5
+          step "act2" (Topo.Act Relu) 5 6
+          step "conv3" (conv 16L 16L 3L 1L 1L) 6 7
+          step "bn3" (Topo.BatchNorm(16L, 1e-3)) 7 8
+          { node "add1" Topo.Add [ Topo.Value 8; Topo.Value 3 ] [ 9 ] with Body = Some 0 }
+          step "act3" (Topo.Act Relu6) 9 10
+          step "dw" (Topo.Conv { ConvSpec.make 16L 16L 3L 2L 1L with Groups = 16L; Bias = true }) 10 11
+          step "act4" (Topo.Act(LeakyRelu 0.1f)) 11 12
+          // 6x6 -> 3x3: pads top 0, left 0, bottom 1, right 1, the last window starting inside the image
+          step "pool" (Topo.MaxPool(window 3L 2L 1L [| 0L; 0L; 1L; 1L |] true)) 12 13
+          step "gap" Topo.GlobalAvgPool 13 14
+          step "flat" Topo.Flatten 14 15
+          step "fc" (Topo.Linear(16L, 10L)) 15 16 ] }
+
+/// HardSwish; a squeeze-excitation gate (ReduceMean, 1x1 conv, Sigmoid, Mul); HardSigmoid * Mul;
+/// constants through Mul, Add, Div and Sub; Split into two; Clip; Slice; Concat; reflect Pad;
+/// AvgPool; Transpose; Reshape; ReduceMean without keepdims; Linear.
+let gatesGraph : Topo.Topology =
+    let c name = Topo.Constant name
+    { Name = "graph-gates"; Channels = 3L; Side = 8L; Layout = Topo.NCHW; Classes = 4L; Output = 23
+      Constants = [ "scale", [| 1L; 8L; 1L; 1L |]; "shift", [| 1L; 8L; 1L; 1L |]; "std", [| 1L; 5L; 1L; 1L |]; "offset", [| 5L |] ]
+      Nodes =
+        [ step "stem" (Topo.Conv { ConvSpec.make 3L 8L 3L 1L 1L with Bias = true }) 0 1
+          step "hs" (Topo.Act HardSwish) 1 2
+          step "se_mean" (Topo.ReduceMean([| 2L; 3L |], true)) 2 3
+          step "se_fc" (Topo.Conv { ConvSpec.make 8L 8L 1L 1L 0L with Bias = true }) 3 4
+          step "se_gate" Topo.Sigmoid 4 5
+          node "se_mul" Topo.Mul [ Topo.Value 2; Topo.Value 5 ] [ 6 ]
+          step "hsig" (Topo.HardSigmoid(0.2f, 0.5f)) 6 7
+          node "hsig_mul" Topo.Mul [ Topo.Value 6; Topo.Value 7 ] [ 8 ]
+          node "scale" Topo.Mul [ Topo.Value 8; c "scale" ] [ 9 ]
+          node "shift" Topo.Add [ Topo.Value 9; c "shift" ] [ 10 ]
+          node "split" (Topo.Split(1L, [| 3L; 5L |])) [ Topo.Value 10 ] [ 11; 12 ]
+          step "clip" (Topo.Act(Clip(-0.5f, 1.5f))) 11 13
+          step "slice" (Topo.Slice [ 1L, 1L, 5L, 2L; 2L, 0L, 8L, 1L ]) 12 14
+          node "cat" (Topo.Concat 1L) [ Topo.Value 13; Topo.Value 14 ] [ 15 ]
+          node "div" Topo.Div [ Topo.Value 15; c "std" ] [ 16 ]
+          step "pad" (Topo.Pad([| 1L; 0L; 0L; 1L |], Topo.ReflectPad)) 16 17
+          step "avg" (Topo.AvgPool(window 3L 2L 1L [| 1L; 1L; 1L; 1L |] false, false)) 17 18
+          step "tr" (Topo.Transpose [| 0L; 2L; 3L; 1L |]) 18 19
+          step "rs" (Topo.Reshape [| 25L; 5L |]) 19 20
+          step "mean" (Topo.ReduceMean([| 1L |], false)) 20 21
+          node "sub" Topo.Sub [ Topo.Value 21; c "offset" ] [ 22 ]
+          step "fc" (Topo.Linear(5L, 4L)) 22 23 ] }
+
+/// An NHWC graph (its own Transpose back to NCHW first); constant and edge Pad; conv-bn-LeakyRelu;
+/// dilated MaxPool; AvgPool with asymmetric pads counted in the divisor; Flatten; Linear-HardSwish-Linear.
+let nhwcGraph : Topo.Topology =
+    { Name = "graph-nhwc"; Channels = 3L; Side = 8L; Layout = Topo.NHWC; Classes = 10L; Constants = []; Output = 12
+      Nodes =
+        [ step "to_nchw" (Topo.Transpose [| 0L; 3L; 1L; 2L |]) 0 1
+          step "cpad" (Topo.Pad([| 1L; 1L; 1L; 1L |], Topo.ConstantPad 0.5f)) 1 2
+          step "conv" (conv 3L 16L 3L 1L 0L) 2 3
+          step "bn" (Topo.BatchNorm(16L, 1e-5)) 3 4
+          step "lrelu" (Topo.Act(LeakyRelu 0.2f)) 4 5
+          step "epad" (Topo.Pad([| 0L; 1L; 0L; 1L |], Topo.EdgePad)) 5 6
+          step "mpool" (Topo.MaxPool(window 2L 2L 2L [| 0L; 0L; 0L; 0L |] false)) 6 7
+          step "apool" (Topo.AvgPool(window 2L 2L 1L [| 0L; 0L; 1L; 1L |] false, true)) 7 8
+          step "flat" Topo.Flatten 8 9
+          step "fc1" (Topo.Linear(64L, 32L)) 9 10
+          step "hs" (Topo.Act HardSwish) 10 11
+          step "fc2" (Topo.Linear(32L, 10L)) 11 12 ] }
+
+let graphs = [ resBlockGraph, 31L; gatesGraph, 32L; nhwcGraph, 33L ]
+
+/// Metadata of an exported graph (CIFAR preprocessing at the graph's side).
+let graphInfo (t: Topo.Topology) (bits: int) : Metadata.Info =
+    let arch = Models.Registry.find "cifar-resnet20-a"
+    { OnnxTests.info arch t.Classes bits bits with Arch = t.Name; Input = { arch.Input with Size = int t.Side } }
+
+/// The full-precision net of `t`: seeded weights, random BatchNorm and constants (positive ones for
+/// `std`, the divisor), in eval mode.
+let fpGraphNet (t: Topo.Topology) (seed: int64) : Net =
+    torch.manual_seed seed |> ignore
+    let net = Topo.build t t.Classes LayerKit.fullPrecision
+    OnnxTests.randomizeBn seed net
+    use g = generator (seed + 100L)
+    use _ng = torch.no_grad ()
+    let gn = net :?> Topo.GraphNet
+    for name, shape in t.Constants do
+        let r = if name = "std" then torch.rand(shape, generator = g) + 0.5f else torch.randn(shape, generator = g) * 0.5f
+        gn.Constant(name).copy_(r) |> ignore
+    net.eval ()
+    net
+
+let private graphInput (t: Topo.Topology) (seed: int64) (n: int64) =
+    use g = generator seed
+    torch.randn([| n; t.Channels; t.Side; t.Side |], generator = g)
+
+/// The W`bits`A`bits` net of `t` with `fp`'s weights, calibrated on 4 random batches of 2.
+let quantizedGraphNet (t: Topo.Topology) (fp: Net) (bits: int) (seed: int64) : Net =
+    let q = Topo.build t t.Classes (Quantizers.LayerKit.quantized bits bits)
+    Quantize.copyWeights fp q
+    Quantize.calibrate torch.CPU q [ for i in 1 .. 4 -> graphInput t (seed + 200L + int64 i) 2L ]
+    q.eval ()
+    q
+
+/// The zero point of the activation quantizer of Act node `name` in quantized net `q`.
+let actZeroPoint (q: Net) (name: string) : float =
+    let a = (q :?> Topo.GraphNet).Layer name :?> Quantizers.QAct
+    use _ = torch.NewDisposeScope()
+    scalar (snd a.Quantizer.Grid)
+
+let graphTests =
+    [ test "the test graphs use every Op, every activation and every pad mode" {
+        let ops = graphs |> List.collect (fun (t, _) -> t.Nodes |> List.map (fun n -> n.Op))
+        let caseName (o: obj) = (FSharp.Reflection.FSharpValue.GetUnionFields(o, o.GetType()) |> fst).Name
+        let used = ops |> List.map (box >> caseName) |> set
+        let all = FSharp.Reflection.FSharpType.GetUnionCases(typeof<Topo.Op>) |> Array.map (fun c -> c.Name) |> set
+        Expect.equal (Set.difference all used) Set.empty "Ops not covered"
+        let acts = ops |> List.choose (function Topo.Act a -> Some(caseName (box a)) | _ -> None) |> set
+        let allActs = FSharp.Reflection.FSharpType.GetUnionCases(typeof<Activation>) |> Array.map (fun c -> c.Name) |> set
+        Expect.equal (Set.difference allActs acts) Set.empty "activations not covered"
+        let pads = ops |> List.choose (function Topo.Pad(_, m) -> Some(caseName (box m)) | _ -> None) |> set
+        Expect.equal pads.Count 3 "constant, reflect and edge Pad"
+        Expect.isTrue (graphs |> List.exists (fun (t, _) -> t.Layout = Topo.NHWC)) "an NHWC graph"
+      }
+      test "FP export of imported graphs: ONNX Runtime's logits equal GraphNet's within 1e-4 at every level" {
+        for t, seed in graphs do
+            use _ = torch.NewDisposeScope()
+            let net = fpGraphNet t seed
+            let model = Export.export (graphInfo t 32) net
+            Expect.equal (model.Graph.Input[0].Type.TensorType.Shape.Dim |> Seq.map (fun d -> d.DimValue) |> Seq.toList) [ 0L; t.Channels; t.Side; t.Side ] (sprintf "%s input is NCHW" t.Name)
+            let x = graphInput t (seed + 1L) 3L
+            use _ng = torch.no_grad ()
+            let expected = net.forward x
+            for level in OnnxTests.allLevels do
+                use s = OnnxTests.session level model
+                let got = s.Run x
+                Expect.equal got.shape expected.shape (sprintf "%s logits shape (seed %d)" t.Name seed)
+                let d = OnnxTests.maxAbsDiff got expected
+                printfn "  %s %A (seed %d): max |logit| %.3f, max |diff| %.2e" t.Name level seed (scalar (expected.abs().max())) d
+                Expect.isLessThanOrEqual d 1e-4 (sprintf "%s FP logits within 1e-4 at %A (seed %d)" t.Name level seed)
+      }
+      test "W4A4 export of imported graphs: loads at every ONNX Runtime level, levels agree, close to Hast; negative ranges keep their zero point" {
+        for t, seed in graphs do
+            use _ = torch.NewDisposeScope()
+            let fp = fpGraphNet t seed
+            let q = quantizedGraphNet t fp 4 seed
+            let model = Export.export (graphInfo t 4) q
+            let x = graphInput t (seed + 2L) 16L
+            use _ng = torch.no_grad ()
+            let expected = q.forward x
+            use s0 = OnnxTests.session Runtime.Disabled model
+            let reference = s0.Run x
+            let top = max 1.0 (scalar (expected.abs().max()))
+            let d = OnnxTests.maxAbsDiff reference expected
+            let levelDiffs =
+                [ for level in OnnxTests.allLevels ->
+                    use s = OnnxTests.session level model
+                    level, OnnxTests.maxAbsDiff (s.Run x) reference ]
+            printfn "  %s W4A4 (seed %d): max |logit| %.3f, Hast vs ONNX Runtime %.2e; levels vs disabled %A" t.Name seed top d levelDiffs
+            // as OnnxTests' quantized architectures: codes may flip where libtorch and ONNX Runtime round a sum differently
+            Expect.isLessThanOrEqual d (0.05 * top) (sprintf "%s W4A4 close to Hast (seed %d)" t.Name seed)
+            // as the shared model's export: the same top-1 class on >= 99.5% of the images (here all 16)
+            let a = agreement (expected.argmax(1L).data<int64>().ToArray()) (reference.argmax(1L).data<int64>().ToArray())
+            Expect.isGreaterThanOrEqual a 0.995 (sprintf "%s W4A4 top-1 agreement with Hast (seed %d)" t.Name seed)
+            for level, ld in levelDiffs do
+                Expect.isLessThanOrEqual ld 1e-4 (sprintf "%s W4A4 at %A = disabled (seed %d)" t.Name level seed)
+            // every conv / linear weight is stored as codes, never as float
+            let inits = model.Graph.Initializer |> Seq.map (fun i -> i.Name, i) |> dict
+            for n in model.Graph.Node do
+                if n.OpType = "Conv" || n.OpType = "Gemm" then
+                    Expect.isFalse (inits.ContainsKey n.Input[1]) (sprintf "%s: %s is quantized" t.Name n.Input[1])
+            // activations that go negative: a grid with a non-zero zero point, exported as such
+            for a in t.Nodes |> List.choose (fun n -> match n.Op with Topo.Act(LeakyRelu _ | HardSwish | Clip _) -> Some n.Name | _ -> None) do
+                let zp = actZeroPoint q a
+                Expect.isGreaterThan zp 0.0 (sprintf "%s %s: negative range, non-zero zero point (seed %d)" t.Name a seed)
+                let stored = inits[a + ".quant_zero_point"].RawData.ToByteArray()
+                Expect.equal stored [| byte zp |] (sprintf "%s %s: exported zero point" t.Name a)
+      }
+      test "an imported graph exported with another input size fails in one line" {
+        use _ = torch.NewDisposeScope()
+        let net = fpGraphNet nhwcGraph 34L
+        let info = graphInfo nhwcGraph 32
+        let msg = hastError "side mismatch" (fun () -> Export.export { info with Input = { info.Input with Size = 32 } } net)
+        expectContains msg "graph-nhwc"
+        expectContains msg "32"
+      } ]
