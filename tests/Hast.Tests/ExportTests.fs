@@ -237,8 +237,9 @@ let resBlockGraph : Topo.Topology =
           step "act3" (Topo.Act Relu6) 9 10
           step "dw" (Topo.Conv { ConvSpec.make 16L 16L 3L 2L 1L with Groups = 16L; Bias = true }) 10 11
           step "act4" (Topo.Act(LeakyRelu 0.1f)) 11 12
-          // 6x6 -> 3x3: pads top 0, left 0, bottom 1, right 1, the last window starting inside the image
-          step "pool" (Topo.MaxPool(window 3L 2L 1L [| 0L; 0L; 1L; 1L |] true)) 12 13
+          // 6x6 -> 3x3: pads top 0, left 0, bottom 1, right 1; ceil_mode would add a 4th window that
+          // starts in the end padding, which ONNX (and PyTorch) drop
+          step "pool" (Topo.MaxPool(window 2L 2L 1L [| 0L; 0L; 1L; 1L |] true)) 12 13
           step "gap" Topo.GlobalAvgPool 13 14
           step "flat" Topo.Flatten 14 15
           step "fc" (Topo.Linear(16L, 10L)) 15 16 ] }

@@ -142,8 +142,16 @@ let applyFunction (op: Op) (xs: Tensor list) : Tensor list =
         match symmetric w with
         | Some p -> [ torch.nn.functional.max_pool2d(x, w.Kernel, w.Stride, p, w.Dilation, w.CeilMode) ]
         | None ->
-            let x = padWindow w System.Double.NegativeInfinity x
-            [ torch.nn.functional.max_pool2d(x, w.Kernel, w.Stride, [| 0L; 0L |], w.Dilation, w.CeilMode) ]
+            let y = torch.nn.functional.max_pool2d(padWindow w System.Double.NegativeInfinity x, w.Kernel, w.Stride, [| 0L; 0L |], w.Dilation, w.CeilMode)
+            // with ceil_mode, pooling the explicitly padded input may add a window that starts in the end
+            // padding; ONNX (as PyTorch) drops a last window that does not start inside input or begin padding
+            let side (axis: int) =
+                let n = x.shape[2 + axis]
+                let span = w.Dilation[axis] * (w.Kernel[axis] - 1L) + 1L
+                let total = n + w.Pads[axis] + w.Pads[axis + 2] - span
+                let out = (if w.CeilMode then (total + w.Stride[axis] - 1L) / w.Stride[axis] else total / w.Stride[axis]) + 1L
+                if w.CeilMode && (out - 1L) * w.Stride[axis] >= n + w.Pads[axis] then out - 1L else out
+            [ y.narrow(2L, 0L, side 0).narrow(3L, 0L, side 1) ]
     | AvgPool(w, countPad) ->
         let x = one ()
         match symmetric w with
