@@ -246,7 +246,8 @@ let summarize (t: Topology) : Summary =
       ResidualAdds = count (fun n -> n.Body.IsSome) }
 
 let private jsonOptions =
-    let o = JsonSerializerOptions()
+    // a Clip bound or a pad value may be infinite: JSON numbers cannot be, so as "Infinity" etc.
+    let o = JsonSerializerOptions(NumberHandling = JsonNumberHandling.AllowNamedFloatingPointLiterals)
     o.Converters.Add(JsonFSharpConverter(JsonUnionEncoding.ExternalTag ||| JsonUnionEncoding.UnwrapFieldlessTags))
     o
 
