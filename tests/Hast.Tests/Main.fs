@@ -44,6 +44,7 @@ let all =
         testList "end to end" EndToEndTests.tests
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
+        testList "onnx import" ImportTests.tests
         testList "ablate" (AblationTests.tests @ AblateTests.tests)
     ]
 
