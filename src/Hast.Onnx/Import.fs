@@ -261,9 +261,12 @@ let import (name: string) (model: ModelProto) : Imported =
     if dims.Length <> 4 then
         failf "%s: input '%s' has %d dimensions; Hast imports image classifiers with a 4-D input (N, C, H, W)" what input.Name dims.Length
     let firstConsumer = g.Node |> Seq.tryFind (fun n -> n.Input.Contains input.Name)
+    // NHWC: 1 or 3 values last, and first a Transpose to NCHW, or a square H x W before them while
+    // dimension 1 is no image channel count (an NCHW image input never is NHWC here)
     let nhwc =
-        match firstConsumer, dims[3] with
-        | Some n, Some c when n.OpType = "Transpose" && (c = 1L || c = 3L) -> attrInts n "perm" = Some [| 0L; 3L; 1L; 2L |]
+        match firstConsumer, dims[1], dims[2], dims[3] with
+        | Some n, _, _, Some c when n.OpType = "Transpose" && (c = 1L || c = 3L) && attrInts n "perm" = Some [| 0L; 3L; 1L; 2L |] -> true
+        | _, Some a, Some b, Some c when (c = 1L || c = 3L) && a = b && a <> 1L && a <> 3L -> true
         | _ -> false
     let fixedDim (i: int) (label: string) =
         match dims[i] with
@@ -290,7 +293,7 @@ let import (name: string) (model: ModelProto) : Imported =
     for n in g.Node do
         for i in n.Input do consumers[i] <- (match consumers.TryGetValue i with | true, c -> c + 1 | _ -> 1)
     let removed = List<string>()
-    g.Node |> Seq.iteri (fun index n ->
+    let step (index: int) (n: NodeProto) : unit =
         let fail fmt = Printf.ksprintf (fun s -> failf "%s: node '%s' (%s): %s" what n.Name n.OpType s) fmt
         let inputAt (i: int) : (string * Val) option =
             if i < n.Input.Count && n.Input[i] <> "" then
@@ -721,7 +724,13 @@ let import (name: string) (model: ModelProto) : Imported =
             let out = xd.matmul(weight.t ()) + bias
             let v = layer (Linear(inF, outF)) x out nm
             if open' then it.OpenBias[v] <- nm
-        | op -> fail "operator %s is not imported" op)
+        | op -> fail "operator %s is not imported" op
+    g.Node
+    |> Seq.iteri (fun index n ->
+        try step index n
+        with
+        | HastError _ -> reraise ()
+        | e -> failf "%s: node '%s' (%s) cannot be computed for a %dx%d input (%s)" what n.Name n.OpType h w (e.Message.Split('\n')[0]))
     // 5. the output
     let outName = g.Output[0].Name
     let output, outDummy =
