@@ -131,7 +131,13 @@ let applyFunction (op: Op) (xs: Tensor list) : Tensor list =
         | _ -> failf "%A takes two operands, got %d" op xs.Length
     match op with
     | Sigmoid -> [ one().sigmoid () ]
-    | HardSigmoid(a, b) -> [ (one () * float a + float b).clamp((0.0).ToScalar(), (1.0).ToScalar()) ]
+    | HardSigmoid(a, b) ->
+        // native scalars disposed here, not left to the finalizer (see "Native scalars" in Prelude)
+        use sa = (float a).ToScalar()
+        use sb = (float b).ToScalar()
+        use lo = (0.0).ToScalar()
+        use hi = (1.0).ToScalar()
+        [ one().mul(sa).add(sb).clamp(lo, hi) ]
     | Add -> [ two () ||> plus ]
     | Sub -> let a, b = two () in [ a - b ]
     | Mul -> let a, b = two () in [ a * b ]
