@@ -145,7 +145,7 @@ let private shapeText (s: int64[]) = "[" + String.Join(", ", s) + "]"
 let private normAxis (rank: int) (a: int64) = if a < 0L then a + int64 rank else a
 
 let private reFoldMessage =
-    "re-export it with BatchNorm kept: from PyTorch with the model in eval mode and torch.onnx.export(..., training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) "
+    "if BN was folded, re-export it with BatchNorm kept: from PyTorch with the model in eval mode and torch.onnx.export(..., training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) "
     + "(the default TrainingMode.EVAL folds each BatchNorm into the convolution before it); from Keras/TensorFlow convert a model whose graph still has its BatchNormalization layers (not a frozen or optimised graph with BN folded), and check that the ONNX file shows BatchNormalization nodes"
 
 /// The interpretation of one graph: nodes, constants and weights gathered in order.
@@ -242,7 +242,7 @@ let import (name: string) (model: ModelProto) : Imported =
             what unsupported.Length (String.concat ", " items)
     // 2. BatchNorm
     if not (g.Node |> Seq.exists (fun n -> n.OpType = "BatchNormalization")) then
-        failf "%s has no BatchNormalization node: its BatchNorm was folded into the convolutions, and zero-shot synthesis needs the BN statistics; %s" what reFoldMessage
+        failf "%s has no BatchNormalization node (its BatchNorm was folded into the convolutions, or it never had any), and zero-shot synthesis needs the BN statistics; %s" what reFoldMessage
     if g.Output.Count <> 1 then
         failf "%s has %d graph outputs; Hast imports classifiers with one output (the logits)" what g.Output.Count
     // 3. the input

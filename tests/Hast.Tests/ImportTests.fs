@@ -458,4 +458,22 @@ let quantizedTests =
             Expect.isTrue (allFinite y) (sprintf "%s: finite" what)
       } ]
 
-let tests : Test list = fileTests @ opTests @ roundTripTests @ refusalTests @ quantizedTests
+let jsonTests =
+    [ test "JSON round trip of a topology with infinite Clip bounds and every window field" {
+        let window : Graph.Window = { Kernel = [| 3L; 3L |]; Stride = [| 2L; 2L |]; Dilation = [| 1L; 1L |]; Pads = [| 0L; 1L; 1L; 0L |]; CeilMode = true }
+        let node name op inputs outputs body : Graph.Node = { Name = name; Op = op; Inputs = inputs; Outputs = outputs; Body = body }
+        let t : Graph.Topology =
+            { Name = "onnx:t"; Channels = 3L; Side = 8L; Layout = Graph.NHWC
+              Nodes =
+                [ node "a" (Graph.Act(Clip(Single.NegativeInfinity, 6.0f))) [ Graph.Value 0 ] [ 1 ] None
+                  node "p" (Graph.MaxPool window) [ Graph.Value 1 ] [ 2 ] None
+                  node "s" (Graph.Slice [ 1L, 0L, 2L, 1L ]) [ Graph.Value 2 ] [ 3 ] None
+                  node "add" Graph.Add [ Graph.Value 3; Graph.Constant "k" ] [ 4 ] (Some 1)
+                  node "pad" (Graph.Pad([| 1L; 1L |], Graph.ConstantPad Single.PositiveInfinity)) [ Graph.Value 4 ] [ 5 ] None ]
+              Constants = [ "k", [| 1L; 2L; 1L; 1L |] ]
+              Output = 5
+              Classes = 2L }
+        Expect.equal (Graph.ofJson "t" (Graph.toJson t)) t "round trip"
+      } ]
+
+let tests : Test list = fileTests @ opTests @ roundTripTests @ refusalTests @ quantizedTests @ jsonTests
