@@ -145,8 +145,8 @@ let private shapeText (s: int64[]) = "[" + String.Join(", ", s) + "]"
 let private normAxis (rank: int) (a: int64) = if a < 0L then a + int64 rank else a
 
 let private reFoldMessage =
-    "if BN was folded, re-export it with BatchNorm kept: from PyTorch with the model in eval mode and torch.onnx.export(..., training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) "
-    + "(the default TrainingMode.EVAL folds each BatchNorm into the convolution before it); from Keras/TensorFlow convert a model whose graph still has its BatchNormalization layers (not a frozen or optimised graph with BN folded), and check that the ONNX file shows BatchNormalization nodes"
+    "if BN was folded, re-export it with BatchNorm kept: from PyTorch with the model in eval mode and torch.onnx.export(..., training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False), on torch >= 2.5 also dynamo=False "
+    + "(the TorchScript exporter's default TrainingMode.EVAL, and the dynamo exporter's graph optimizer, fold each BatchNorm into the convolution before it); from Keras/TensorFlow convert a model whose graph still has its BatchNormalization layers (not a frozen or optimised graph with BN folded); the ONNX file must show BatchNormalization nodes"
 
 /// The interpretation of one graph: nodes, constants and weights gathered in order.
 type private Interpreter(nodeNames: HashSet<string>) =

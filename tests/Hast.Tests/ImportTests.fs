@@ -268,6 +268,15 @@ let opCases : (string * int64 * (int64 -> ModelProto)) list =
         let w = g.Rand("fc", [| 5L; 16L |], 0.3f)
         g.Model(9L, [ Choice1Of2 1L; Choice1Of2 3L; Choice1Of2 8L; Choice1Of2 8L ], g.N("Gemm", [ f; w; g.Rand("fcb", [| 5L |], 0.1f) ], [ Proto.intAttr "transB" 1L ])) ]
 
+let private bodyTests =
+    [ test "residual Add: the body is the operand with more convolutions on its path (here operand 1)" {
+        use _ = torch.NewDisposeScope()
+        let _, _, make = opCases |> List.find (fun (n, _, _) -> n.StartsWith "Split as attribute")
+        let imp = Import.import "split" (make 4700L)
+        let adds = imp.Topology.Nodes |> List.filter (fun n -> n.Op = Graph.Add)
+        Expect.equal (adds |> List.map (fun n -> n.Body)) [ Some 1 ] "one residual Add, body = operand 1"
+      } ]
+
 let private opTests =
     [ for name, opset, make in opCases ->
         test (sprintf "%s: imported = ONNX Runtime" name) {
@@ -319,6 +328,10 @@ let fileTests =
         let o = net.Forward(torch.randn([| 2L; 3L; 32L; 32L |], generator = generator 4300L))
         Expect.equal o.Blocks.Length 9 "9 block outputs"
         Expect.equal o.Bn.Length 21 "21 BN taps"
+        for k, t in imp.Weights do
+            Expect.equal t.dtype torch.float32 (sprintf "%s float32" k)
+            Expect.equal t.device_type DeviceType.CPU (sprintf "%s on the CPU" k)
+        Expect.isTrue (imp.Weights |> List.exists (fun (k, _) -> k.EndsWith ".running_var")) "BN statistics among the weights"
         let names = imp.Topology.Nodes |> List.map (fun n -> n.Name)
         Expect.equal (List.distinct names) names "node names unique"
         for n in names do
@@ -476,4 +489,4 @@ let jsonTests =
         Expect.equal (Graph.ofJson "t" (Graph.toJson t)) t "round trip"
       } ]
 
-let tests : Test list = fileTests @ opTests @ roundTripTests @ refusalTests @ quantizedTests @ jsonTests
+let tests : Test list = fileTests @ opTests @ bodyTests @ roundTripTests @ refusalTests @ quantizedTests @ jsonTests
