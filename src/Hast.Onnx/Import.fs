@@ -139,6 +139,17 @@ type private Val =
     | Known of Tensor
     | Dyn of value: int * dummy: Tensor
 
+/// The indices ONNX `Slice` takes along a dimension of size `dim` from `start` to `stop` (exclusive)
+/// by `step` (either sign; negative bounds count from the end, then are clamped as the spec says).
+let private sliceIndices (dim: int64) (start: int64) (stop: int64) (step: int64) : int64[] =
+    let from (i: int64) = if i < 0L then i + dim else i
+    if step > 0L then
+        let s, e = from start |> max 0L |> min dim, from stop |> max 0L |> min dim
+        [| s .. step .. e - 1L |]
+    else
+        let s, e = from start |> max 0L |> min (dim - 1L), from stop |> max -1L |> min (dim - 1L)
+        [| s .. step .. e + 1L |]
+
 /// A shape as `[1, 64, 8, 8]`.
 let private shapeText (s: int64[]) = "[" + String.Join(", ", s) + "]"
 
@@ -516,20 +527,24 @@ let import (name: string) (model: ModelProto) : Imported =
                     let s = longs (known 1)
                     s, longs (known 2), (knownOpt 3 |> Option.map longs |> Option.defaultValue (Array.init s.Length int64)),
                     (knownOpt 4 |> Option.map longs |> Option.defaultValue (Array.create s.Length 1L))
-            let resolved =
-                [ for i in 0 .. starts.Length - 1 ->
-                    let axis = normAxis rank axes[i]
-                    let dim = t.shape[int axis]
-                    let step = steps[i]
-                    if step <= 0L then fail "negative or zero slice steps are not imported"
-                    let clampIdx (v: int64) = (if v < 0L then v + dim else v) |> max 0L |> min dim
-                    axis, clampIdx starts[i], clampIdx ends[i], step ]
-            let out = resolved |> List.fold (fun (a: Tensor) (ax, s, e, st) -> if e > s then a.slice(ax, s, e, st) else a.narrow(ax, 0L, 0L)) t
+            let parts = [ for i in 0 .. starts.Length - 1 -> normAxis rank axes[i], starts[i], ends[i], steps[i] ]
+            if parts |> List.exists (fun (_, _, _, st) -> st = 0L) then fail "a slice step is 0"
             match x with
-            | Known _ ->
+            | Known t ->
+                let out =
+                    parts |> List.fold (fun (a: Tensor) (ax, s, e, st) ->
+                        let idx = sliceIndices a.shape[int ax] s e st
+                        a.index_select(ax, longTensor [| int64 idx.Length |] idx)) t
                 it.CountFolded()
                 bind (Known out)
             | Dyn(v, d) ->
+                if parts |> List.exists (fun (_, _, _, st) -> st < 0L) then fail "negative slice steps on image-dependent values are not imported"
+                let resolved =
+                    parts |> List.map (fun (ax, s, e, st) ->
+                        let dim = d.shape[int ax]
+                        let clampIdx (i: int64) = (if i < 0L then i + dim else i) |> max 0L |> min dim
+                        ax, clampIdx s, clampIdx e, st)
+                if resolved |> List.exists (fun (_, s, e, _) -> e <= s) then fail "it gives an empty slice"
                 let batchSliced = resolved |> List.exists (fun (ax, s, e, st) -> ax = 0L && not (s = 0L && e >= 1L && st = 1L))
                 if batchSliced then fail "it slices the batch dimension"
                 let kept = resolved |> List.filter (fun (ax, s, e, st) -> not (ax = 0L || (s = 0L && e = d.shape[int ax] && st = 1L)))

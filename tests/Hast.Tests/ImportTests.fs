@@ -229,6 +229,19 @@ let opCases : (string * int64 * (int64 -> ModelProto)) list =
         let p2 = g.N("Pad", [ p1; g.Ints("p2", [| 0L; 0L; 1L; 1L; 0L; 0L; 2L; 0L |]) ], [ AttributeProto(Name = "mode", Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8 "reflect") ])
         let p3 = g.N("Pad", [ p2; g.Ints("p3", [| 0L; 0L; 0L; 2L; 0L; 0L; 1L; 1L |]) ], [ AttributeProto(Name = "mode", Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8 "edge") ])
         g.Model(13L, nchw 3L 8L, head g 13L p3)
+      "F.pad as PyTorch's opset 11 writes it (ConstantOfShape, Concat, Reshape, Slice step -1, Transpose, Cast)", 11L, fun seed ->
+        let g = G(seed)
+        let a = convBnRelu g 3L 16L 3L pads3 "x"
+        let c = g.Ints("torchpads", [| 1L; 2L; 0L; 1L |])
+        let z = g.N("ConstantOfShape", [ g.Ints("four", [| 4L |]) ], [ AttributeProto(Name = "value", Type = AttributeProto.Types.AttributeType.Tensor, T = Proto.int64Tensor "zero" [| 0L |]) ])
+        let full = g.N("Concat", [ c; z ], [ Proto.intAttr "axis" 0L ])
+        let pairs = g.N("Reshape", [ full; g.Ints("pairs", [| -1L; 2L |]) ])
+        let rev = g.N("Slice", [ pairs; g.Ints("rs", [| -1L |]); g.Ints("re", [| -Int64.MaxValue |]); g.Ints("ra", [| 0L |]); g.Ints("rstep", [| -1L |]) ])
+        let tr = g.N("Transpose", [ rev ], [ Proto.intsAttr "perm" [ 1L; 0L ] ])
+        let flat = g.N("Reshape", [ tr; g.Ints("minus1", [| -1L |]) ])
+        let pads = g.N("Cast", [ flat ], [ Proto.intAttr "to" (int64 Proto.DataType.Int64) ])
+        let p = g.N("Pad", [ a; pads; g.Scalar("pv", -0.5f) ])
+        g.Model(11L, nchw 3L 8L, head g 16L p)
       "MaxPool ceil_mode, AveragePool with and without count_include_pad", 13L, fun seed ->
         let g = G(seed)
         let a = convBnRelu g 3L 16L 3L pads3 "x"
