@@ -744,7 +744,8 @@ let import (name: string) (model: ModelProto) : Imported =
     |> Seq.iteri (fun index n ->
         try step index n
         with
-        | HastError _ -> reraise ()
+        | HastError m when m.StartsWith(what + ":") || m.StartsWith(what + " ") -> reraise ()
+        | HastError m -> failf "%s: node '%s' (%s): %s" what n.Name n.OpType m
         | e -> failf "%s: node '%s' (%s) cannot be computed for a %dx%d input (%s)" what n.Name n.OpType h w (e.Message.Split('\n')[0]))
     // 5. the output
     let outName = g.Output[0].Name

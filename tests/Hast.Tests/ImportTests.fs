@@ -446,6 +446,10 @@ let refusalTests =
               (let g = G(4505L)
                let y = convBnRelu g 3L 4L 3L pads3 "x"
                g.Model(13L, nchw 3L 8L, head g 4L (g.N("Concat", [ y; y ], [ Proto.intAttr "axis" 0L ]))))
+              "asymmetric AveragePool not counting the padding", "AveragePool",
+              (let g = G(4507L)
+               let y = convBnRelu g 3L 4L 3L pads3 "x"
+               g.Model(13L, nchw 3L 8L, head g 4L (g.N("AveragePool", [ y ], [ Proto.intsAttr "kernel_shape" [ 2L; 2L ]; Proto.intsAttr "pads" [ 1L; 1L; 0L; 0L ] ]))))
               "batch Transpose", "batch",
               (let g = G(4506L)
                let y = convBnRelu g 3L 4L 3L pads3 "x"
