@@ -45,6 +45,7 @@ let all =
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
         testList "export graph" ExportTests.graphTests
+        testList "onnx import" ImportTests.tests
         testList "your own model" ModelFilesTests.tests
         testList "ablate" (AblationTests.tests @ AblateTests.tests)
     ]

@@ -131,7 +131,13 @@ let applyFunction (op: Op) (xs: Tensor list) : Tensor list =
         | _ -> failf "%A takes two operands, got %d" op xs.Length
     match op with
     | Sigmoid -> [ one().sigmoid () ]
-    | HardSigmoid(a, b) -> [ (one () * float a + float b).clamp((0.0).ToScalar(), (1.0).ToScalar()) ]
+    | HardSigmoid(a, b) ->
+        // native scalars disposed here, not left to the finalizer (see "Native scalars" in Prelude)
+        use sa = (float a).ToScalar()
+        use sb = (float b).ToScalar()
+        use lo = (0.0).ToScalar()
+        use hi = (1.0).ToScalar()
+        [ one().mul(sa).add(sb).clamp(lo, hi) ]
     | Add -> [ two () ||> plus ]
     | Sub -> let a, b = two () in [ a - b ]
     | Mul -> let a, b = two () in [ a * b ]
@@ -254,7 +260,8 @@ let summarize (t: Topology) : Summary =
       ResidualAdds = count (fun n -> n.Body.IsSome) }
 
 let private jsonOptions =
-    let o = JsonSerializerOptions()
+    // a Clip bound or a pad value may be infinite: JSON numbers cannot be, so as "Infinity" etc.
+    let o = JsonSerializerOptions(NumberHandling = JsonNumberHandling.AllowNamedFloatingPointLiterals)
     o.Converters.Add(JsonFSharpConverter(JsonUnionEncoding.ExternalTag ||| JsonUnionEncoding.UnwrapFieldlessTags))
     o
 
