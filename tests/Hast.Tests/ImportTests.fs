@@ -147,6 +147,13 @@ let opCases : (string * int64 * (int64 -> ModelProto)) list =
         let g = G(seed)
         let y = convBnRelu g 3L 16L 3L [ Proto.intsAttr "strides" [ 2L; 2L ]; AttributeProto(Name = "auto_pad", Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8 "SAME_UPPER") ] (("x"))
         g.Model(13L, nchw 3L 9L, head g 16L y)
+      "Conv and MaxPool auto_pad SAME_LOWER, Conv VALID", 13L, fun seed ->
+        let g = G(seed)
+        let autoPad (v: string) = AttributeProto(Name = "auto_pad", Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8 v)
+        let y = convBnRelu g 3L 16L 2L [ autoPad "SAME_LOWER" ] "x"
+        let m = g.N("MaxPool", [ y ], [ Proto.intsAttr "kernel_shape" [ 2L; 2L ]; Proto.intsAttr "strides" [ 2L; 2L ]; autoPad "SAME_LOWER" ])
+        let v = convBnRelu g 16L 16L 3L [ autoPad "VALID" ] m
+        g.Model(13L, nchw 3L 13L, head g 16L v)
       "Conv asymmetric pads (a Pad before)", 13L, fun seed ->
         let g = G(seed)
         let y = convBnRelu g 3L 16L 3L [ Proto.intsAttr "pads" [ 1L; 0L; 2L; 1L ]; Proto.intsAttr "strides" [ 2L; 2L ] ] "x"
