@@ -303,6 +303,7 @@ let import (name: string) (model: ModelProto) : Imported =
         else fixedDim 1 "channel count", fixedDim 2 "height", fixedDim 3 "width"
     if h <> w then failf "%s: input '%s' is %dx%d; Hast imports models with a square input" what input.Name h w
     let notes = List<string>()
+    if channels <> 3L then notes.Add(sprintf "the input has %d channel(s), not 3: Hast's image pipelines give RGB images" channels)
     if nhwc then notes.Add(sprintf "input NHWC (N, %d, %d, %d) in the file: the network takes NCHW images and transposes them first" h w channels)
     match dims[0] with
     | Some 1L -> notes.Add "the file fixes the batch at 1: the network takes any batch size"

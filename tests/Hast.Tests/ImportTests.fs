@@ -381,6 +381,8 @@ let fileTests =
       test "not an ONNX file: one line" {
         let msg = hastError "garbage" (fun () -> Import.parse "garbage.onnx" [| 1uy; 2uy; 3uy; 255uy; 255uy |])
         expectContains msg "garbage.onnx"
+        let msg = hastError "a PyTorch checkpoint" (fun () -> Import.parse "resnet20.pth" (bytesOf zipWeights))
+        expectContains msg "resnet20.pth"
       } ]
 
 // ---------------------------------------------------------------------------------------------
