@@ -256,6 +256,12 @@ let opCases : (string * int64 * (int64 -> ModelProto)) list =
         let p = g.N("AveragePool", [ m ], [ Proto.intsAttr "kernel_shape" [ 3L; 3L ]; Proto.intsAttr "strides" [ 1L; 1L ]; Proto.intsAttr "pads" [ 1L; 1L; 1L; 1L ] ])
         let q = g.N("AveragePool", [ p ], [ Proto.intsAttr "kernel_shape" [ 2L; 2L ]; Proto.intsAttr "strides" [ 1L; 1L ]; Proto.intsAttr "pads" [ 1L; 1L; 0L; 0L ]; Proto.intAttr "count_include_pad" 1L ])
         g.Model(13L, nchw 3L 11L, head g 16L q)
+      "AveragePool ceil_mode, with and without count_include_pad", 13L, fun seed ->
+        let g = G(seed)
+        let a = convBnRelu g 3L 16L 3L pads3 "x"
+        let p = g.N("AveragePool", [ a ], [ Proto.intsAttr "kernel_shape" [ 3L; 3L ]; Proto.intsAttr "strides" [ 2L; 2L ]; Proto.intsAttr "pads" [ 1L; 1L; 1L; 1L ]; Proto.intAttr "ceil_mode" 1L ])
+        let q = g.N("AveragePool", [ p ], [ Proto.intsAttr "kernel_shape" [ 2L; 2L ]; Proto.intsAttr "strides" [ 2L; 2L ]; Proto.intAttr "ceil_mode" 1L; Proto.intAttr "count_include_pad" 1L ])
+        g.Model(13L, nchw 3L 10L, head g 16L q)
       "ReduceMean axes as attribute (opset 13), keepdims 0", 13L, fun seed ->
         let g = G(seed)
         let a = convBnRelu g 3L 16L 3L pads3 "x"
