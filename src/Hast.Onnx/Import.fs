@@ -183,7 +183,7 @@ type private Interpreter(nodeNames: HashSet<string>) =
     let constantOf = Dictionary<string, string>()
     let constNames = HashSet<string>()
     let depth = Dictionary<int, int>()
-    /// value -> (linear node, weight) of a MatMul whose bias is still open
+    /// value -> name of the Linear node (from a MatMul) whose bias a following Add may still give
     let openBias = Dictionary<int, string>()
     let mutable next = 1
     let mutable folded = 0
