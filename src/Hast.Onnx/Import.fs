@@ -150,6 +150,21 @@ let private sliceIndices (dim: int64) (start: int64) (stop: int64) (step: int64)
         let s, e = from start |> max 0L |> min (dim - 1L), from stop |> max -1L |> min (dim - 1L)
         [| s .. step .. e + 1L |]
 
+/// The (top, left, bottom, right) padding of a Conv or pooling node for an input of `size` (height,
+/// width), kernel and strides: from `auto_pad` (SAME_UPPER puts an odd pixel at the end, SAME_LOWER
+/// at the beginning; VALID none), else the `pads` attribute (ONNX's order is the same).
+let private windowPads (n: NodeProto) (size: int64 * int64) (kernel: int64 * int64) (stride: int64 * int64) : int64[] =
+    let same (upper: bool) (size: int64) (k: int64) (s: int64) =
+        let total = max 0L (((size + s - 1L) / s - 1L) * s + k - size)
+        if upper then total / 2L, total - total / 2L else total - total / 2L, total / 2L
+    match attrString n "auto_pad" "NOTSET" with
+    | "SAME_UPPER" | "SAME_LOWER" as m ->
+        let t, b = same (m = "SAME_UPPER") (fst size) (fst kernel) (fst stride)
+        let l, r = same (m = "SAME_UPPER") (snd size) (snd kernel) (snd stride)
+        [| t; l; b; r |]
+    | "VALID" -> [| 0L; 0L; 0L; 0L |]
+    | _ -> attrInts n "pads" |> Option.defaultValue [| 0L; 0L; 0L; 0L |]
+
 /// A shape as `[1, 64, 8, 8]`.
 let private shapeText (s: int64[]) = "[" + String.Join(", ", s) + "]"
 
@@ -168,7 +183,7 @@ type private Interpreter(nodeNames: HashSet<string>) =
     let constantOf = Dictionary<string, string>()
     let constNames = HashSet<string>()
     let depth = Dictionary<int, int>()
-    /// value -> (linear node, weight) of a MatMul whose bias is still open
+    /// value -> name of the Linear node (from a MatMul) whose bias a following Add may still give
     let openBias = Dictionary<int, string>()
     let mutable next = 1
     let mutable folded = 0
@@ -288,6 +303,7 @@ let import (name: string) (model: ModelProto) : Imported =
         else fixedDim 1 "channel count", fixedDim 2 "height", fixedDim 3 "width"
     if h <> w then failf "%s: input '%s' is %dx%d; Hast imports models with a square input" what input.Name h w
     let notes = List<string>()
+    if channels <> 3L then notes.Add(sprintf "the input has %d channel(s), not 3: Hast's image pipelines give RGB images" channels)
     if nhwc then notes.Add(sprintf "input NHWC (N, %d, %d, %d) in the file: the network takes NCHW images and transposes them first" h w channels)
     match dims[0] with
     | Some 1L -> notes.Add "the file fixes the batch at 1: the network takes any batch size"
@@ -606,19 +622,7 @@ let import (name: string) (model: ModelProto) : Imported =
             let groups = attrInt n "group" 1L
             let stride = strides[0]
             let inH, inW = xd.shape[2], xd.shape[3]
-            let same (size: int64) (upper: bool) =
-                let outSize = (size + stride - 1L) / stride
-                let total = max 0L ((outSize - 1L) * stride + kh - size)
-                if upper then total / 2L, total - total / 2L else total - total / 2L, total / 2L
-            let pads =
-                match attrString n "auto_pad" "NOTSET" with
-                | "SAME_UPPER" | "SAME_LOWER" as m ->
-                    let upper = m = "SAME_UPPER"
-                    let t, b = same inH upper
-                    let l, r = same inW upper
-                    [| t; l; b; r |]
-                | "VALID" -> [| 0L; 0L; 0L; 0L |]
-                | _ -> attrInts n "pads" |> Option.defaultValue [| 0L; 0L; 0L; 0L |]
+            let pads = windowPads n (inH, inW) (kh, kw) (stride, stride)
             let convName = nodeName ()
             let symmetricPad = pads |> Array.forall (fun p -> p = pads[0])
             let x, xd, padding =
@@ -692,18 +696,7 @@ let import (name: string) (model: ModelProto) : Imported =
             let k = (attrInts n "kernel_shape").Value
             let s = attrInts n "strides" |> Option.defaultValue [| 1L; 1L |]
             let dil = attrInts n "dilations" |> Option.defaultValue [| 1L; 1L |]
-            let pads =
-                match attrString n "auto_pad" "NOTSET" with
-                | "SAME_UPPER" | "SAME_LOWER" as m ->
-                    let one (size: int64) (k: int64) (s: int64) =
-                        let o = (size + s - 1L) / s
-                        let total = max 0L ((o - 1L) * s + k - size)
-                        if m = "SAME_UPPER" then total / 2L, total - total / 2L else total - total / 2L, total / 2L
-                    let t, b = one d.shape[2] k[0] s[0]
-                    let l, r = one d.shape[3] k[1] s[1]
-                    [| t; l; b; r |]
-                | "VALID" -> [| 0L; 0L; 0L; 0L |]
-                | _ -> attrInts n "pads" |> Option.defaultValue [| 0L; 0L; 0L; 0L |]
+            let pads = windowPads n (d.shape[2], d.shape[3]) (k[0], k[1]) (s[0], s[1])
             let window = { Kernel = k; Stride = s; Dilation = dil; Pads = pads; CeilMode = attrInt n "ceil_mode" 0L = 1L }
             let op =
                 if n.OpType = "MaxPool" then MaxPool window

@@ -147,6 +147,13 @@ let opCases : (string * int64 * (int64 -> ModelProto)) list =
         let g = G(seed)
         let y = convBnRelu g 3L 16L 3L [ Proto.intsAttr "strides" [ 2L; 2L ]; AttributeProto(Name = "auto_pad", Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8 "SAME_UPPER") ] (("x"))
         g.Model(13L, nchw 3L 9L, head g 16L y)
+      "Conv and MaxPool auto_pad SAME_LOWER, Conv VALID", 13L, fun seed ->
+        let g = G(seed)
+        let autoPad (v: string) = AttributeProto(Name = "auto_pad", Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8 v)
+        let y = convBnRelu g 3L 16L 2L [ autoPad "SAME_LOWER" ] "x"
+        let m = g.N("MaxPool", [ y ], [ Proto.intsAttr "kernel_shape" [ 2L; 2L ]; Proto.intsAttr "strides" [ 2L; 2L ]; autoPad "SAME_LOWER" ])
+        let v = convBnRelu g 16L 16L 3L [ autoPad "VALID" ] m
+        g.Model(13L, nchw 3L 13L, head g 16L v)
       "Conv asymmetric pads (a Pad before)", 13L, fun seed ->
         let g = G(seed)
         let y = convBnRelu g 3L 16L 3L [ Proto.intsAttr "pads" [ 1L; 0L; 2L; 1L ]; Proto.intsAttr "strides" [ 2L; 2L ] ] "x"
@@ -249,6 +256,12 @@ let opCases : (string * int64 * (int64 -> ModelProto)) list =
         let p = g.N("AveragePool", [ m ], [ Proto.intsAttr "kernel_shape" [ 3L; 3L ]; Proto.intsAttr "strides" [ 1L; 1L ]; Proto.intsAttr "pads" [ 1L; 1L; 1L; 1L ] ])
         let q = g.N("AveragePool", [ p ], [ Proto.intsAttr "kernel_shape" [ 2L; 2L ]; Proto.intsAttr "strides" [ 1L; 1L ]; Proto.intsAttr "pads" [ 1L; 1L; 0L; 0L ]; Proto.intAttr "count_include_pad" 1L ])
         g.Model(13L, nchw 3L 11L, head g 16L q)
+      "AveragePool ceil_mode, with and without count_include_pad", 13L, fun seed ->
+        let g = G(seed)
+        let a = convBnRelu g 3L 16L 3L pads3 "x"
+        let p = g.N("AveragePool", [ a ], [ Proto.intsAttr "kernel_shape" [ 3L; 3L ]; Proto.intsAttr "strides" [ 2L; 2L ]; Proto.intsAttr "pads" [ 1L; 1L; 1L; 1L ]; Proto.intAttr "ceil_mode" 1L ])
+        let q = g.N("AveragePool", [ p ], [ Proto.intsAttr "kernel_shape" [ 2L; 2L ]; Proto.intsAttr "strides" [ 2L; 2L ]; Proto.intAttr "ceil_mode" 1L; Proto.intAttr "count_include_pad" 1L ])
+        g.Model(13L, nchw 3L 10L, head g 16L q)
       "ReduceMean axes as attribute (opset 13), keepdims 0", 13L, fun seed ->
         let g = G(seed)
         let a = convBnRelu g 3L 16L 3L pads3 "x"
@@ -374,6 +387,8 @@ let fileTests =
       test "not an ONNX file: one line" {
         let msg = hastError "garbage" (fun () -> Import.parse "garbage.onnx" [| 1uy; 2uy; 3uy; 255uy; 255uy |])
         expectContains msg "garbage.onnx"
+        let msg = hastError "a PyTorch checkpoint" (fun () -> Import.parse "resnet20.pth" (bytesOf zipWeights))
+        expectContains msg "resnet20.pth"
       } ]
 
 // ---------------------------------------------------------------------------------------------
