@@ -102,4 +102,28 @@ let private stageTests =
               Expect.isFalse (same (a.Images) (c.Images)) "another batch index, other images"
       } ]
 
-let tests : Test list = stageTests
+/// The BN-statistics warning: a model whose BN statistics are on a much smaller scale (the shared
+/// third-party ONNX ResNet-20, trained with strong weight decay) has its BN loss raised many times by
+/// synthesis at beta = 10; the built-in ResNet-20's stays within the factor; beta / 1000 lowers the
+/// first one's.
+let private warningTests =
+    [ test "synthesis that raises the BN-statistics loss says so in one line naming --beta" {
+          let onnc =
+              Hast.App.ModelFiles.LoadTeacher(Hast.Cli.ModelCli.OnnxFile(TestUtil.onncModel, Hast.Cli.ModelCli.defaultInput), System.Nullable(), torch.CPU)
+          use _ = onnc.Net
+          let cfg = { tiny 10 with Beta = 10.0 }
+          use r = synthesizeBatch torch.CPU onnc.Net cfg 32 0 8 ignore
+          match bnsWarning cfg r with
+          | Some w ->
+              Expect.isGreaterThan r.Final.Bns (bnsWarningFactor * r.Initial.Bns) (sprintf "raised (%g -> %g)" r.Initial.Bns r.Final.Bns)
+              Expect.stringContains w "--beta 0.01" "names the setting"
+              Expect.isFalse (w.Contains '\n') "one line"
+          | None -> failtestf "a warning for %g -> %g" r.Initial.Bns r.Final.Bns
+          use scaled = synthesizeBatch torch.CPU onnc.Net { cfg with Beta = 0.01 } 32 0 8 ignore
+          Expect.isNone (bnsWarning { cfg with Beta = 0.01 } scaled) (sprintf "beta 0.01: %g -> %g" scaled.Initial.Bns scaled.Final.Bns)
+          let shared = TestUtil.loadSharedModel ()
+          use b = synthesizeBatch torch.CPU shared cfg 32 0 8 ignore
+          Expect.isNone (bnsWarning cfg b) (sprintf "the built-in model: %g -> %g" b.Initial.Bns b.Final.Bns)
+      } ]
+
+let tests : Test list = stageTests @ warningTests

@@ -70,6 +70,8 @@ public static class SynthesizeCommand
     {
         public SampleStore Store { get; }
         readonly Synthesis.Config cfg;
+        /// the BN-statistics warning is said once per store
+        bool warned;
         readonly string dir;
         readonly RunLock runLock;
         readonly RunLog log;
@@ -149,9 +151,14 @@ public static class SynthesizeCommand
                     var meanDifficulty = MeanDifficulty(r);
                     log.Info($"batch {r.Index + 1}/{b.batches}: {count} samples, bns={r.Final.Bns:G4} ce={r.Final.Ce:G4} " +
                              $"teacher top-1 {r.Final.Accuracy * 100:F1}% mean difficulty {meanDifficulty:F4} ({b.seconds:F0}s)");
+                    if (!warned && Synthesis.bnsWarning(cfg, r) is { } warning)
+                    {
+                        warned = true;
+                        log.Info("WARNING: " + warning.Value);
+                    }
                     log.Metric("batch", new JsonObject
                     {
-                        ["batch"] = r.Index, ["count"] = count, ["bns"] = r.Final.Bns, ["ce"] = r.Final.Ce,
+                        ["batch"] = r.Index, ["count"] = count, ["bns"] = r.Final.Bns, ["bns_initial"] = r.Initial.Bns, ["ce"] = r.Final.Ce,
                         ["teacher_top1"] = r.Final.Accuracy * 100, ["mean_difficulty"] = meanDifficulty,
                         ["seconds"] = b.seconds,
                     });
