@@ -159,39 +159,21 @@ public static class ModelFiles
         {
             meta["graph"] = JsonNode.Parse(Graph.toJson(g.Topology));
             meta["family"] = m.Arch.Family.IsCifar ? "cifar" : "imagenet";
-            meta["input"] = InputJson(m.Arch.Input);
+            meta["input"] = JsonNode.Parse(Metadata.preprocessJson(m.Arch.Input));
         }
         return meta;
     }
 
-    static JsonObject InputJson(Registry.Preprocess p) => new()
-    {
-        ["resize"] = p.Resize is { } r ? r.Value : null,
-        ["center_crop"] = p.CenterCrop is { } c ? c.Value : null,
-        ["size"] = p.Size,
-        ["mean"] = new JsonArray([.. p.Mean.Select(v => (JsonNode)JsonValue.Create(v))]),
-        ["std"] = new JsonArray([.. p.Std.Select(v => (JsonNode)JsonValue.Create(v))]),
-    };
-
-    /// The architecture a checkpoint's metadata names: a registry name, or an imported graph.
+    /// The architecture a checkpoint's metadata names: a registry name, or an imported graph (its
+    /// topology, family and preprocessing as `CheckpointMeta` wrote them).
     static Registry.Arch ArchOf(JsonObject meta, string path)
     {
         string archName = (string?)meta["arch"] ?? throw new HastError($"checkpoint {path} names no architecture; re-create it");
         if (meta["graph"] is not { } graph) return Registry.find(archName);
-        try
-        {
-            var topology = Graph.ofJson(path, graph.ToJsonString());
-            var family = (string?)meta["family"] == "imagenet" ? Registry.Family.ImageNet : Registry.Family.Cifar;
-            var i = meta["input"]!.AsObject();
-            float[] Floats(string k) => [.. i[k]!.AsArray().Select(v => v!.GetValue<float>())];
-            FSharpOption<int> Opt(string k) => i[k] is { } v ? FSharpOption<int>.Some(v.GetValue<int>()) : FSharpOption<int>.None;
-            var input = new Registry.Preprocess(Opt("resize"), Opt("center_crop"), i["size"]!.GetValue<int>(), Floats("mean"), Floats("std"));
-            return Registry.imported(topology, family, input);
-        }
-        catch (Exception e) when (e is NullReferenceException or InvalidOperationException or FormatException or System.Text.Json.JsonException)
-        {
-            throw new HastError($"checkpoint {path} holds a malformed imported model ({e.Message}); re-create it");
-        }
+        if (meta["input"] is not { } input) throw new HastError($"checkpoint {path} holds an imported model without its input preprocessing; re-create it");
+        var topology = Graph.ofJson(path, graph.ToJsonString());
+        var family = (string?)meta["family"] == "imagenet" ? Registry.Family.ImageNet : Registry.Family.Cifar;
+        return Registry.imported(topology, family, Metadata.preprocessOfJson(path, input.ToJsonString()));
     }
 
     /// A model saved as a Hast checkpoint (quantized or not), with its metadata.

@@ -94,7 +94,11 @@ module Activation =
             use zero = (0.0).ToScalar()
             x.threshold(zero, zero)
         | Relu6 -> x.relu6 ()
-        | Clip(lo, hi) -> x.clamp((float lo).ToScalar(), (float hi).ToScalar())
+        | Clip(lo, hi) ->
+            // native scalars disposed here, not left to the finalizer (see "Native scalars" in Prelude)
+            use lo = (float lo).ToScalar()
+            use hi = (float hi).ToScalar()
+            x.clamp(lo, hi)
         | LeakyRelu a -> torch.nn.functional.leaky_relu(x, float a)
         | HardSwish -> torch.nn.functional.hardswish x
 

@@ -46,7 +46,9 @@ let defaultClassNames (arch: Registry.Arch) (classes: int64) : string list =
 
 let private floatsJson (xs: float32[]) = JsonArray(xs |> Array.map (fun x -> JsonValue.Create<float32> x :> JsonNode))
 
-let private preprocessJson (p: Registry.Preprocess) : string =
+/// The input preprocessing as JSON (the exported file's `hast.preprocess`; also in checkpoints of
+/// imported models).
+let preprocessJson (p: Registry.Preprocess) : string =
     let opt (v: int option) = match v with Some n -> JsonValue.Create n :> JsonNode | None -> null
     JsonObject(
         [ KeyValuePair("resize_shorter_side", opt p.Resize)
@@ -82,6 +84,27 @@ let toProps (info: Info) : (string * string) list =
       Keys.source, info.Source
       Keys.sourceSha256, info.SourceSha256 ]
 
+/// `preprocessJson`'s text back; fails (HastError) when malformed. `what` names its file in messages.
+let preprocessOfJson (what: string) (json: string) : Registry.Preprocess =
+    let bad () = failf "%s has malformed Hast metadata ('%s'); re-export it with hast export" what Keys.preprocess
+    try
+        let p = JsonNode.Parse(json).AsObject()
+        let field (k: string) = match p[k] with null -> bad () | v -> v
+        let optInt (k: string) = match p[k] with null -> None | v -> Some(v.GetValue<int>())
+        let floats (k: string) = (field k).AsArray() |> Seq.map (fun v -> float32 (v.GetValue<float>())) |> Array.ofSeq
+        let input =
+            { Registry.Preprocess.Resize = optInt "resize_shorter_side"
+              Registry.Preprocess.CenterCrop = optInt "center_crop"
+              Registry.Preprocess.Size = (field "size").GetValue<int>()
+              Registry.Preprocess.Mean = floats "mean"
+              Registry.Preprocess.Std = floats "std" }
+        if input.Mean.Length <> 3 || input.Std.Length <> 3 || input.Size <= 0 then bad ()
+        input
+    with
+    | :? JsonException
+    | :? System.InvalidOperationException
+    | :? System.FormatException -> bad ()
+
 /// Read the metadata back. `what` names the file in messages. Fails (HastError) when a key is
 /// missing or malformed, e.g. for an ONNX file not written by `hast export`.
 let ofProps (what: string) (props: IReadOnlyDictionary<string, string>) : Info =
@@ -92,17 +115,7 @@ let ofProps (what: string) (props: IReadOnlyDictionary<string, string>) : Info =
     let bad key = failf "%s has malformed Hast metadata ('%s'); re-export it with hast export" what key
     let int key = match System.Int32.TryParse(get key) with | true, v -> v | _ -> bad key
     try
-        let p = JsonNode.Parse(get Keys.preprocess).AsObject()
-        let field (k: string) = match p[k] with null -> bad Keys.preprocess | v -> v
-        let optInt (k: string) = match p[k] with null -> None | v -> Some(v.GetValue<int>())
-        let floats (k: string) = (field k).AsArray() |> Seq.map (fun v -> float32 (v.GetValue<float>())) |> Array.ofSeq
-        let input =
-            { Registry.Preprocess.Resize = optInt "resize_shorter_side"
-              Registry.Preprocess.CenterCrop = optInt "center_crop"
-              Registry.Preprocess.Size = (field "size").GetValue<int>()
-              Registry.Preprocess.Mean = floats "mean"
-              Registry.Preprocess.Std = floats "std" }
-        if input.Mean.Length <> 3 || input.Std.Length <> 3 || input.Size <= 0 then bad Keys.preprocess
+        let input = preprocessOfJson what (get Keys.preprocess)
         let names =
             match JsonNode.Parse(get Keys.classNames) with
             | :? JsonArray as a -> a |> Seq.map (fun v -> if isNull v then bad Keys.classNames else v.GetValue<string>()) |> List.ofSeq

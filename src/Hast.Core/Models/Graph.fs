@@ -224,11 +224,9 @@ type GraphNet(topology: Topology, kit: LayerKit) as this =
                 match n.Op, xs with
                 | BatchNorm _, [ x ] -> [ tape.Bn(layers[n.Name] :?> BatchNorm2d, x) ]
                 | (Conv _ | Linear _ | Act _), [ x ] -> [ (layers[n.Name] :?> Module<Tensor, Tensor>).forward x ]
-                | Add, [ a; b ] ->
-                    match n.Body with
-                    | Some i -> tape.Block(if i = 0 then a else b) |> ignore
-                    | None -> ()
-                    [ plus a b ]
+                | Add, [ a; b ] when n.Body.IsSome ->
+                    tape.Block(if n.Body = Some 0 then a else b) |> ignore
+                    applyFunction Add xs
                 | op, xs -> applyFunction op xs
             List.iter2 (fun v t -> values[v] <- t) n.Outputs outs
         values[topology.Output]
