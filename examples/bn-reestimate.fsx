@@ -1,7 +1,7 @@
 // BatchNorm re-estimation after fine-tuning: each run's delivered student gets new BN running
 // statistics, measured on its own synthetic samples passed through it (no gradient, a cumulative
 // average over all samples, the quantizers as delivered), and is evaluated before and after.
-// Measured not to help (docs/results.md, "BN re-estimation"): fine-tuning learns the BN affine
+// Measured not to help (docs/history/results-log.md, "BN re-estimation"): fine-tuning learns the BN affine
 // parameters against the teacher's frozen statistics, and new statistics undo that.
 //
 //   dotnet build src/Hast.App -c Release

@@ -1,7 +1,7 @@
 // The promoted fine-tune step as two half-batch streams, one intra-op thread each, against one
 // stream over the whole batch on two threads (and on one). With BatchNorm frozen and every loss
 // term a mean over samples the step splits exactly into halves, so each core could run one half
-// without libgomp hand-offs. Measured not to help (docs/benchmarks.md, "two half-batch streams").
+// without libgomp hand-offs. Measured not to help (docs/history/benchmarks-log.md, "two half-batch streams").
 // Timing only: W4A4 student on the shared ResNet-20, promotion through both networks, batch 64,
 // no optimizer step; 10 untimed warm-up steps, then the median of 30. Run it alone on the machine.
 //

@@ -1,8 +1,8 @@
 // Weight averaging at W3A3: one fine-tuning run that tracks the student's last weights and several
 // averages of them (EMAs of decays 0.99 ... 0.999, and a uniform average of the last 40% of the
 // steps), each evaluated on the test set after every epoch. The averages only read the student, so
-// all columns share one trajectory. The measurement behind `--weight-ema` (docs/results.md, "Weight
-// averaging"). An experimentation script, not a test.
+// all columns share one trajectory. The measurement behind `--weight-ema` (docs/history/results-log.md,
+// "Weight averaging"). An experimentation script, not a test.
 //
 //   dotnet build src/Hast.App -c Release
 //   dotnet fsi examples/weight-average.fsx STORE SEED BITS EPOCHS ITERS_PER_EPOCH
