@@ -57,7 +57,7 @@ public static class Figures
     }
 
     /// PNG images (same height) side by side under a title line.
-    static byte[] SideBySide(IReadOnlyList<byte[]> pngs, string title)
+    internal static byte[] SideBySide(IReadOnlyList<byte[]> pngs, string title)
     {
         const int titleHeight = 36;
         var decoded = pngs.Select(b => SKBitmap.Decode(b)).ToList();

@@ -11,6 +11,8 @@ namespace Hast.App;
 /// otherwise (CI, redirected output) a progress line is printed at most every few seconds.
 public sealed class RunLog : IDisposable
 {
+    public const string MetricsFile = "metrics.jsonl";
+
     readonly TextWriter console;
     readonly StreamWriter? log, metrics;
     readonly Stopwatch clock = Stopwatch.StartNew();
@@ -30,7 +32,7 @@ public sealed class RunLog : IDisposable
         {
             Directory.CreateDirectory(dir);
             log = new StreamWriter(Path.Combine(dir, "log.txt"), append) { AutoFlush = true };
-            metrics = new StreamWriter(Path.Combine(dir, "metrics.jsonl"), append) { AutoFlush = true };
+            metrics = new StreamWriter(Path.Combine(dir, MetricsFile), append) { AutoFlush = true };
         }
     }
 

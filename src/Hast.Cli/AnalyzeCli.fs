@@ -42,7 +42,7 @@ type AnalyzeConfig =
     | Hessian of HessianConfig
     | Gradcos of GradcosConfig
 
-let calibDefaults = 1, 512
+let calibDefaults = Hast.Core.Pipeline.sampleCalibrationDefaults.BatchSize, Hast.Core.Pipeline.sampleCalibrationDefaults.Batches
 
 /// Help texts of the flags both analyses take.
 module private Usage =

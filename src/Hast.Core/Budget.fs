@@ -2,7 +2,7 @@
 /// probes on this machine and model (the shell measures them), choose the number of samples, synthesis
 /// iterations and fine-tune iterations so that the predicted run time fits the budget.
 ///
-/// The split follows the measured `cpu-30min` run of docs/results.md (ResNet-20, 2 cores, 21 min 15 s):
+/// The split follows the measured `cpu-30min` run of docs/history/results-log.md (ResNet-20, 2 cores, 21 min 15 s):
 /// synthesis of 1024 samples x 200 iterations took 7 min 31 s (451 s); the fine-tuning stage (2400
 /// iterations at ~0.33 s, 12 test evaluations, a checkpoint per epoch) ~800 s; start-up, weight loading,
 /// the full-precision evaluation, 512 per-sample calibration forwards, the calibration-only evaluation and
@@ -50,7 +50,7 @@ type Policy =
       /// seconds held back in any case (process exit, small unprobed steps)
       MarginSeconds: float }
 
-/// The policy derived from docs/results.md (see the module comment).
+/// The policy derived from docs/history/results-log.md (see the module comment).
 let measured : Policy =
     { SynthesisShare = 0.36
       RefSamples = 1024
@@ -253,7 +253,7 @@ let fineTuneSpeed (synthesis: ConvPrecision) (fineTune: ConvPrecision) (synthesi
 /// (the final checkpoint is kept out). `speed` is how the synthesis of this process ran against the
 /// plan's prediction (measured seconds / predicted; 1 when nothing was synthesized): the probes at
 /// the start read the machine's speed of that minute, and a whole synthesis stage reads it over ten,
-/// and the fine-tuning then runs near the synthesis' ratio (docs/results.md, four cpu-30min runs:
+/// and the fine-tuning then runs near the synthesis' ratio (docs/history/results-log.md, four cpu-30min runs:
 /// synthesis at 1.06, 0.76, 0.97, 0.97 of its prediction, fine-tune epochs at 1.08, 0.82, 0.89, 0.93).
 /// Clamped to [0.5, 2]. The margin is the plan's fraction of the time left. At least the policy's
 /// minimum.
@@ -311,7 +311,7 @@ let replanSynthesis (pol: Policy) (p: Probes) (r: Request) (samples: int) (synth
 /// and `secondsLeft` of the budget remain. As many further epochs as fit in the time left less the
 /// plan's margin (none when not even one does). The first epoch measures the fine-tuning itself, at the
 /// machine's speed of that minute: the steps took 0.74–1.13× what the probes at the start read (seventeen
-/// runs, docs/results.md), and the re-plan after synthesis carries that over. `reserve`: seconds kept
+/// runs, docs/history/results-log.md), and the re-plan after synthesis carries that over. `reserve`: seconds kept
 /// for the end of the run (final checkpoint and report). Epochs keep their length, so their data order
 /// is unchanged; a cosine schedule stretches or shrinks to the new total (the pipeline re-plans only
 /// when more than one epoch was planned, so the schedule has not ended).
@@ -323,11 +323,8 @@ let replanEpochs (pol: Policy) (reserve: float) (epochSeconds: float) (secondsLe
 /// The seconds per step a probe reports from its timed laps: their median, so that one slow lap
 /// (a collection, a page-fault burst) does not move the plan. Fails on no laps.
 let lapSeconds (laps: float seq) : float =
-    let sorted = laps |> Seq.sort |> Array.ofSeq
-    let n = sorted.Length
-    if n = 0 then fail "a probe timed no laps"
-    elif n % 2 = 1 then sorted[n / 2]
-    else (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    if Seq.isEmpty laps then fail "a probe timed no laps"
+    Stats.median laps
 
 /// The fine-tune settings of a probe: `iterations` steps of one epoch, everything else as the run.
 let fineTuneProbe (c: FineTune.Config) (iterations: int) : FineTune.Config = { c with Epochs = 1; ItersPerEpoch = iterations }

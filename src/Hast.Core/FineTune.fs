@@ -63,7 +63,11 @@ type Config =
       Averaging: Averaging
       Seed: int64 }
 
-/// The authors' settings for a dataset family (CIFAR-10 λ = 1000, ε = 0.01).
+/// The authors' learning-rate factor at each milestone of the multi-step schedule.
+let milestoneDecay = 0.1
+
+/// The authors' settings for CIFAR-10 (λ = 1000, ε = 0.01); the other datasets' differences are
+/// `Pipeline.datasetDefaults`.
 let defaults : Config =
     { BatchSize = 64
       Lr = 1e-5
@@ -72,7 +76,7 @@ let defaults : Config =
       // the authors' 151 epochs less their 4 generator warm-up epochs (`--calibration generator`)
       Epochs = 147
       ItersPerEpoch = 200
-      Schedule = MultiStep([ 20; 40; 60 ], 0.1)
+      Schedule = MultiStep([ 20; 40; 60 ], milestoneDecay)
       Temperature = 20.0
       Alpha = 20.0
       Lambda = 1000.0

@@ -146,9 +146,9 @@ module ConvSpec =
 
 /// The number format a convolution computes in. Parameters, activations, BatchNorm, the quantizers
 /// and the losses stay float32 in either case; `BFloat16` casts a convolution's input and weight to
-/// bfloat16 (the output back to float32), which oneDNN runs about twice as fast on a CPU with
-/// AVX-512 BF16, with a relative error of ~2⁻⁹ per operand (accumulation stays float32). It changes
-/// results (docs/benchmarks.md: W3A3 1.7 points lower on average in a short check), so the stages
+/// bfloat16 (the output back to float32), which oneDNN runs faster on a CPU with AVX-512 BF16
+/// (docs/benchmarks.md), with a relative error of ~2⁻⁹ per operand (accumulation stays float32). It
+/// changes results (bf16 fine-tuning: W3A3 86.05% against 87.01%, docs/results.md), so the stages
 /// default to `Float32`.
 type ConvPrecision =
     | Float32

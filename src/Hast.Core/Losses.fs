@@ -167,7 +167,7 @@ let kl (temperature: float) (student: Tensor) (teacher: Tensor) : Tensor =
 /// A channels-last f is reduced as its (B, H·W, C) view, so that the gradient this gives f is
 /// channels-last too: reducing dims 2, 3 of the 4-d tensor gives a contiguous (NCHW) gradient, and a
 /// BatchNorm whose output gradient and input differ in layout runs libtorch's serial backward kernel
-/// (~10% of a promoted fine-tune step; measured in docs/benchmarks.md). The same sum, in another order.
+/// (~10% of a promoted fine-tune step; measured in docs/history/benchmarks-log.md, issue 13). The same sum, in another order.
 let attention (f: Tensor) : Tensor =
     let a =
         match channelRows f with

@@ -126,10 +126,17 @@ type DatasetDefaults =
       Milestones: int list }
 
 let datasetDefaults (d: Dataset) : DatasetDefaults =
+    // CIFAR-10 is the authors' base config: `FineTune.defaults` and `Promotion.defaults` state it
+    let cifar10 =
+        { Lambda = FineTune.defaults.Lambda
+          Epsilon = Promotion.defaults.Epsilon
+          Lr = FineTune.defaults.Lr
+          BatchSize = FineTune.defaults.BatchSize
+          Milestones = (match FineTune.defaults.Schedule with FineTune.MultiStep(ms, _) -> ms | FineTune.Cosine _ -> []) }
     match d with
-    | Cifar10 -> { Lambda = 1000.0; Epsilon = 0.01; Lr = 1e-5; BatchSize = 64; Milestones = [ 20; 40; 60 ] }
-    | Cifar100 -> { Lambda = 2000.0; Epsilon = 0.02; Lr = 1e-5; BatchSize = 64; Milestones = [ 20; 40; 60 ] }
-    | ImageNet -> { Lambda = 4000.0; Epsilon = 0.01; Lr = 1e-6; BatchSize = 4; Milestones = [ 100; 200; 350 ] }
+    | Cifar10 -> cifar10
+    | Cifar100 -> { cifar10 with Lambda = 2000.0; Epsilon = 0.02 }
+    | ImageNet -> { cifar10 with Lambda = 4000.0; Lr = 1e-6; BatchSize = 4; Milestones = [ 100; 200; 350 ] }
 
 let datasetName (d: Dataset) =
     match d with
@@ -340,11 +347,29 @@ let summarize (c: Config) (samples: int64) (p: Progress) : RunResult =
 // ------------------------------------------------------------------------------------------------
 // the run
 
+/// A stage of the run, as the progress display names it.
+[<RequireQualifiedAccess>]
+type Stage =
+    | Synthesis
+    | GeneratorCalibration
+    | EvalFullPrecision
+    | EvalCalibrated
+    | FineTuning
+
+module Stage =
+    let name (s: Stage) =
+        match s with
+        | Stage.Synthesis -> "synthesis"
+        | Stage.GeneratorCalibration -> "generator calibration"
+        | Stage.EvalFullPrecision -> "eval fp"
+        | Stage.EvalCalibrated -> "eval calibrated"
+        | Stage.FineTuning -> "fine-tune"
+
 /// What the run reports as it goes (progress display, metrics, fault points, stop checks: the sink
 /// may raise to stop the run at that point).
 type Event =
     /// a stage starts: its name, steps already done (resuming), steps in total
-    | StageStarted of stage: string * stepsDone: int64 * stepsTotal: int64
+    | StageStarted of stage: Stage * stepsDone: int64 * stepsTotal: int64
     | SynthesisIteration of Synthesis.IterInfo * batches: int
     /// a synthesized batch was handed to the store
     | SynthesisBatchStored of Synthesis.BatchResult * batches: int * seconds: float
@@ -435,7 +460,7 @@ let synthesize (device: torch.Device) (teacher: Net) (side: int) (cfg: Synthesis
     let missing (cfg: Synthesis.Config) = Synthesis.plan cfg |> List.filter (fun (i, _) -> not (store.HasBatch i))
     let todo = missing cfg
     let batches = Synthesis.batchCount cfg
-    event (StageStarted("synthesis", int64 (batches - todo.Length) * int64 cfg.Iterations, int64 batches * int64 cfg.Iterations))
+    event (StageStarted(Stage.Synthesis, int64 (batches - todo.Length) * int64 cfg.Iterations, int64 batches * int64 cfg.Iterations))
     let rec go (cfg: Synthesis.Config) (first: bool) (timing: SynthesisTiming) (todo: (int * int) list) =
         match todo with
         | [] -> timing
@@ -471,16 +496,11 @@ let private evaluate (inputs: Inputs) (c: Config) (event: Event -> unit) (phase:
 let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (event: Event -> unit) : unit =
     match c.Calibration with
     | FromSamples s ->
-        let n = min (int64 s.Batches * int64 s.BatchSize) images.shape[0]
-        event (CalibrationStarted(c.Calibration, n))
-        let count = int ((n + int64 s.BatchSize - 1L) / int64 s.BatchSize)
-        Quantize.calibrate inputs.Device student (seq {
-            for i in 0 .. count - 1 do
-                event (CalibrationBatch i)
-                yield images.slice(0L, int64 i * int64 s.BatchSize, min n (int64 (i + 1) * int64 s.BatchSize), 1L) })
+        event (CalibrationStarted(c.Calibration, Quantize.calibrationImages s.Batches s.BatchSize images.shape[0]))
+        Quantize.calibrateOnSamples inputs.Device student images s.Batches s.BatchSize (CalibrationBatch >> event)
     | FromGenerator g ->
         event (CalibrationStarted(c.Calibration, int64 g.Iterations * int64 g.BatchSize))
-        event (StageStarted("generator calibration", 0L, int64 g.Iterations))
+        event (StageStarted(Stage.GeneratorCalibration, 0L, int64 g.Iterations))
         Generator.calibrateWithGenerator inputs.Device g inputs.Teacher student inputs.Arch.Input.Size (GeneratorIteration >> event)
 
 /// The training state kept in memory for the divergence guard: copies of the student's and the weight
@@ -571,10 +591,10 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                 event (Resumed p.EpochsDone)
                 c, p
             | None ->
-                event (StageStarted("eval fp", 0L, inputs.Test.Count))
+                event (StageStarted(Stage.EvalFullPrecision, 0L, inputs.Test.Count))
                 let fp = evaluate inputs c event FullPrecision inputs.Teacher
                 calibrate inputs c student images event
-                event (StageStarted("eval calibrated", 0L, inputs.Test.Count))
+                event (StageStarted(Stage.EvalCalibrated, 0L, inputs.Test.Count))
                 let calib = evaluate inputs c event Calibrated student
                 // under a time budget, the fine-tuning is planned again now that only it is left
                 let c =
@@ -586,7 +606,7 @@ let run (inputs: Inputs) (c: Config) (hooks: Hooks) : RunResult * Net =
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
                 c, p
         // ---- fine-tune, epoch by epoch
-        event (StageStarted("fine-tune", int64 start.EpochsDone * int64 c.FineTune.ItersPerEpoch, int64 (FineTune.totalIterations c.FineTune)))
+        event (StageStarted(Stage.FineTuning, int64 start.EpochsDone * int64 c.FineTune.ItersPerEpoch, int64 (FineTune.totalIterations c.FineTune)))
         let clock = Diagnostics.Stopwatch.StartNew()
         // the divergence guard's copy of the last good state (the state saved last), and the epochs run
         // by this process, rolled back ones included (the budget's time per epoch)

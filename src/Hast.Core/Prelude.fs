@@ -102,3 +102,17 @@ module Prelude =
         use c = t.detach().cpu().to_type(torch.float64)
         use s = c.ToScalar()
         s.ToDouble()
+
+/// Order statistics of timings (the budget's probes, `hast bench`).
+module Stats =
+    /// The `p`-quantile (0..1) of `xs` by linear interpolation between order statistics (numpy's
+    /// default); fails on no values.
+    let percentile (p: float) (xs: float seq) : float =
+        let s = xs |> Seq.sort |> Array.ofSeq
+        if s.Length = 0 then Prelude.fail "no values to take a percentile of"
+        let pos = p * float (s.Length - 1)
+        let lo, hi = int (floor pos), int (ceil pos)
+        s[lo] + (s[hi] - s[lo]) * (pos - float lo)
+
+    /// The median (the mean of the two middle values of an even count).
+    let median (xs: float seq) : float = percentile 0.5 xs

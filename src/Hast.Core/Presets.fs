@@ -42,7 +42,7 @@ let cpu30min : Preset =
       Description =
         "end to end in 30 minutes on this machine (a 30-minute time budget: samples and iterations planned; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), synthesis convolutions in bfloat16, per-sample calibration, the authors' lr, cosine, promotion through both networks"
       Apply =
-        // bf16 synthesis: ~20% faster iterations, the samples measured equivalent (docs/benchmarks.md,
+        // bf16 synthesis: faster iterations (152–174 ms against 186–252 ms in fp32), the samples measured equivalent (docs/benchmarks.md,
         // "bfloat16 synthesis"); fine-tuning stays fp32 (bf16 there cost W3A3 accuracy)
         synthesis (fun s -> { s with Samples = Budget.measured.RefSamples; BatchSize = 256; ConvPrecision = BFloat16 })
         >> fineTune (fun f ->

@@ -54,3 +54,17 @@ let calibrate (device: torch.Device) (model: Net) (batches: seq<Tensor>) : unit 
     finally
         Quantizers.setCalibrating model false
         model.train wasTraining
+
+/// The images calibration on samples uses: the first `batches` x `batchSize` of `count` (all of them
+/// when there are fewer).
+let calibrationImages (batches: int) (batchSize: int) (count: int64) : int64 = min (int64 batches * int64 batchSize) count
+
+/// Calibrate on the first `batches` batches of `batchSize` of `images` (`calibrationImages`), in order;
+/// `onBatch i` before batch i. The calibration of a run (`Pipeline.calibrate`) and of `hast analyze`.
+let calibrateOnSamples (device: torch.Device) (model: Net) (images: Tensor) (batches: int) (batchSize: int) (onBatch: int -> unit) : unit =
+    let n = calibrationImages batches batchSize images.shape[0]
+    let count = int ((n + int64 batchSize - 1L) / int64 batchSize)
+    calibrate device model (seq {
+        for i in 0 .. count - 1 do
+            onBatch i
+            yield images.slice(0L, int64 i * int64 batchSize, min n (int64 (i + 1) * int64 batchSize), 1L) })

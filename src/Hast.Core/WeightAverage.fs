@@ -3,7 +3,7 @@
 ///
 /// Why one would: on a 3-bit grid a tiny parameter change flips weights between levels, so the last
 /// weights of a run are one draw from a band of nearby models whose test accuracy differs by points;
-/// an average of the recent weights sits inside that band. Measured at W3A3 (docs/results.md,
+/// an average of the recent weights sits inside that band. Measured at W3A3 (docs/history/results-log.md,
 /// "Weight averaging"): above the last weights over the second half of training, not at the final
 /// epoch; so it is an option (`--weight-ema`), not a preset's default.
 module Hast.Core.WeightAverage

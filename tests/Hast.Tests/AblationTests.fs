@@ -5,6 +5,7 @@ module Hast.Tests.AblationTests
 open Expecto
 open Hast.Core
 open Hast.Core.Ablation
+open Hast.Core.Sweep
 open Hast.Core.Models
 open Hast.Cli
 

@@ -75,7 +75,7 @@ let private genRequest : Gen<Budget.Request> =
               ItersPerEpoch = ipe; EvalEvery = evalEvery; ModelsPerEvaluation = models; CalibBatches = calibBatches; CalibBatchSize = calibBatch }
     }
 
-let private config = { FsCheckConfig.defaultConfig with maxTest = 500 }
+let private config = propertyConfig 500
 
 let private property name (g: Gen<'a>) (body: 'a -> bool) =
     testPropertyWithConfig config name (Prop.forAll (Arb.fromGen g) body)
@@ -85,7 +85,7 @@ let private planOf probes request =
     | Ok p -> Some p
     | Error _ -> None
 
-/// The timings of the measured cpu-30min run (docs/results.md: ResNet-20 W4A4 on 2 idle cores, 21 min 15 s;
+/// The timings of the measured cpu-30min run (docs/history/results-log.md: ResNet-20 W4A4 on 2 idle cores, 21 min 15 s;
 /// synthesis 451 s for 1024 samples x 200 iterations, ~0.33 s per fine-tune iteration).
 let private measuredRun : Budget.Probes =
     { SynthIterPerSample = 451.0 / (1024.0 * 201.0); FineTuneIter = 0.33; CalibBatch = 0.01
@@ -237,7 +237,7 @@ let tests : Test list =
           && float (n - finished) * epochSeconds <= max 0.0 avail * (1.0 + 1e-12)
           && float (n - finished + 1) * epochSeconds > avail * (1.0 - 1e-12))
       testCase "the epochs re-planned for the measured cpu-30min run: 1930 planned iterations became 13 epochs" (fun () ->
-          // /work/runs20 W3A3 seed 0 (docs/results.md): 10 x 193 planned after synthesis, epoch 1 took ~92 s
+          // /work/runs20 W3A3 seed 0 (docs/history/results-log.md): 10 x 193 planned after synthesis, epoch 1 took ~92 s
           // with ~1,230 s of the budget left
           Expect.equal (Budget.replanEpochs pol 2.2 92.0 1230.0 1) 13 "12 more epochs fit in 0.93 x 1230 - 2 - 2.2 s"
           Expect.throws (fun () -> Budget.replanEpochs pol 2.0 0.0 100.0 1 |> ignore) "an epoch takes time")

@@ -29,6 +29,8 @@ let all =
         testList "weight average" WeightAverageTests.tests
         testList "budget" BudgetTests.tests
         testList "pipeline" PipelineTests.tests
+        testList "run state" RunStateTests.tests
+        testList "run plan" RunPlanTests.tests
         testList "presets" PresetsTests.tests
         testList "study" StudyTests.tests
         testList "analyze" AnalyzeTests.tests

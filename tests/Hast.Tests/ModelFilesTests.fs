@@ -38,6 +38,29 @@ let tests : Test list =
         printfn "  W4A4: Hast %.2f%%, ONNX Runtime %.2f%%" hastTop1 ortTop1
         Expect.isLessThanOrEqual (abs (ortTop1 - hastTop1)) 0.3 "ONNX Runtime within 0.3 points of Hast"
 
+      testCase "your own model in the other commands: synthesize, analyze, bench and ablate take --model" <| fun () ->
+        use tmp = new TempDir()
+        let model = [ "--model"; onncModel; "--mean"; "0.4914,0.4822,0.4465"; "--std"; "0.2470,0.2435,0.2616" ]
+        let ok (args: string list) =
+            let code, stdout, err = runCli args
+            Expect.equal code 0 (sprintf "hast %s: %s" (String.concat " " args) (err.Trim()))
+            stdout
+        let store = tmp.File "store"
+        ok ([ "synthesize" ] @ model @ [ "--out"; store; "--samples"; "8"; "--batch"; "8"; "--iters"; "2"; "--beta"; "0.01"; "--seed"; "1" ]) |> ignore
+        let gradcos = tmp.File "gradcos"
+        ok ([ "analyze"; "gradcos" ] @ model
+            @ [ "--samples"; store; "--out"; gradcos; "--calib-batches"; "4"; "--wbits"; "4"; "--abits"; "4"
+                "--iters"; "2"; "--every"; "1"; "--probe-batch"; "4"; "--batch"; "4"; "--seed"; "1" ]) |> ignore
+        use j = JsonDocument.Parse(File.ReadAllText(Path.Combine(gradcos, "gradcos.json")))
+        Expect.equal (j.RootElement.GetProperty("fa_kl").GetArrayLength()) 3 "gradcos: cosines at iterations 0, 1, 2"
+        let bench = ok ([ "bench" ] @ model @ [ "--phases"; "ft,eval"; "--iters"; "2"; "--eval-iters"; "2"; "--warmup"; "1"; "--batch"; "4"; "--eval-batch"; "4" ])
+        Expect.stringContains bench "onnx:onnc_resnet20" "bench: the imported model"
+        let sweep = tmp.File "sweep"
+        ok ([ "ablate"; "alignment" ] @ model
+            @ [ "--test"; smallTest tmp 32; "--out"; sweep; "--wbits"; "4"; "--abits"; "4"; "--budget"; "tiny"; "--alignments"; "relaxed"; "--seeds"; "0" ]) |> ignore
+        use results = JsonDocument.Parse(File.ReadAllText(Path.Combine(sweep, "results.json")))
+        Expect.equal (results.RootElement.GetProperty("points").GetArrayLength()) 1 "ablate: one point run"
+
       testCase "your own model: a graph with BatchNorm folded away is refused in one line that says how to re-export" <| fun () ->
         use tmp = new TempDir()
         let code, _, err =

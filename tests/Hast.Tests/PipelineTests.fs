@@ -269,7 +269,7 @@ let tests : Test list =
         // 16 samples x (3 iterations + the final forward)
         Expect.equal asked[0].SampleIterations 64.0 "the sample-iterations synthesized here"
         Expect.isGreaterThan asked[0].Seconds 0.0 "and their seconds"
-        let started = events |> Seq.pick (function StageStarted("fine-tune", _, total) -> Some total | _ -> None)
+        let started = events |> Seq.pick (function StageStarted(Stage.FineTuning, _, total) -> Some total | _ -> None)
         Expect.equal started 6L "the fine-tuning runs the re-planned 3 x 2 iterations"
         let resumed, _, _ = runInMemoryWith replan c None (Some(List.last saves))
         Expect.equal asked.Count 1 "a resumed run keeps its counts"
@@ -417,7 +417,7 @@ let tests : Test list =
         Expect.equal (result.History |> List.map (fun e -> e.Epoch)) [ 1; 2 ] "history"
         Expect.isTrue (result.History |> List.forall (fun e -> e.Accuracy.IsSome)) "every epoch evaluated"
         Expect.equal result.FinalTop1 (result.History |> List.last).Accuracy.Value.Top1 "final = last epoch"
-        let stages = events |> Seq.choose (function StageStarted(s, _, _) -> Some s | _ -> None) |> List.ofSeq
+        let stages = events |> Seq.choose (function StageStarted(s, _, _) -> Some(Stage.name s) | _ -> None) |> List.ofSeq
         Expect.equal stages [ "synthesis"; "eval fp"; "eval calibrated"; "fine-tune" ] "the stages in order"
         // stopped at its first safe point after epoch 1, it has saved what the uninterrupted run saved
         // by then; resumed from that state (the uninterrupted run's copy of it: two runs from scratch

@@ -4,6 +4,7 @@ module Hast.Tests.PromotionTests
 open Expecto
 open TorchSharp
 open Hast.Core
+open Hast.Tests.TestUtil
 
 let tests : Test list =
     [ test "defaults are the authors': ε = 0.01, KL+FA through both networks, a = b = 1" {
@@ -26,7 +27,7 @@ let tests : Test list =
                   Expect.stringContains m "promotion-grad must be both or student" "names the setting and the choices"
                   Expect.isFalse (m.Contains '\n') "one line"
       }
-      testProperty "δ = ε·sign(g): ε where g ≠ 0, 0 where g = 0, sign of g; x + δ has no graph" <| fun (seed: int) (epsRaw: uint16) ->
+      testPropertyWithConfig (propertyConfig 100) "δ = ε·sign(g): ε where g ≠ 0, 0 where g = 0, sign of g; x + δ has no graph" <| fun (seed: int) (epsRaw: uint16) ->
           use _ = torch.NewDisposeScope()
           let eps = float epsRaw / 1000.0
           use gen = generator (int64 seed)

@@ -12,7 +12,7 @@ public static class AblationFigure
 {
     const int PanelWidth = 520, Width = 900, Height = 480;
 
-    public static byte[] Png(Ablation.Study study, int wbits, int abits, IEnumerable<Ablation.Row> rows)
+    public static byte[] Png(Ablation.Study study, int wbits, int abits, IEnumerable<Sweep.Row> rows)
     {
         var all = rows.ToList();
         if (study.IsSensitivityStudy)
@@ -25,7 +25,7 @@ public static class AblationFigure
         return Panel(all, $"{Ablation.studyTitle(study)} (W{wbits}A{abits})", Ablation.parameter(all.FirstOrDefault()?.Setting ?? Ablation.Setting.NewSampleCount(0)), lines: false, Width);
     }
 
-    static byte[] Panel(List<Ablation.Row> rows, string title, string xLabel, bool lines, int width)
+    static byte[] Panel(List<Sweep.Row> rows, string title, string xLabel, bool lines, int width)
     {
         using var plt = new Plot();
         var positions = Enumerable.Range(0, rows.Count).Select(i => (double)i).ToArray();

@@ -5,6 +5,7 @@ using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
 using Hast.Cli;
+using Microsoft.FSharp.Collections;
 using Microsoft.FSharp.Core;
 using static TorchSharp.torch;
 
@@ -35,11 +36,7 @@ public static class AnalyzeCommand
         var report = s.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
         var teacher = ModelFiles.LoadTeacher(s.Model, null, device);
         var store = SampleStore.Open(s.Samples);
-        if (store.TeacherInfo.Sha256 != teacher.Sha256)
-            throw new HastError($"sample store {store.Dir} was synthesized from {store.TeacherInfo.File}, not from this --weights file; synthesize samples of this teacher");
-        var side = teacher.Arch.Input.Size;
-        if (!store.ImageShape.SequenceEqual(new[] { 3, side, side }) || store.Classes != teacher.Classes)
-            throw new HastError($"sample store {store.Dir} holds [{string.Join(",", store.ImageShape)}] images of {store.Classes} classes; {teacher.Arch.Name} needs [3,{side},{side}] and {teacher.Classes}");
+        PipelineCommand.CheckStore(store, teacher);
         if (s.Checkpoint is not null) Student(s, teacher, null, device).Net.Dispose(); // a bad checkpoint fails before any work
         var (images, labels, difficulty) = store.ReadAll();
         difficulty.Dispose();
@@ -70,12 +67,7 @@ public static class AnalyzeCommand
         }
         var student = ModelFiles.Quantized(teacher, s.WBits!.Value, s.ABits!.Value);
         if (images is not null)
-        {
-            var n = Math.Min((long)s.CalibBatches * s.CalibBatch, images.shape[0]);
-            var batches = (int)((n + s.CalibBatch - 1) / s.CalibBatch);
-            Quantize.calibrate(device, student.Net, Enumerable.Range(0, batches)
-                .Select(i => images.slice(0, (long)i * s.CalibBatch, Math.Min(n, (long)(i + 1) * s.CalibBatch), 1)));
-        }
+            Quantize.calibrateOnSamples(device, student.Net, images, s.CalibBatches, s.CalibBatch, FuncConvert.FromAction<int>(_ => { }));
         return student;
     }
 
@@ -91,15 +83,11 @@ public static class AnalyzeCommand
             ? new JsonObject
             {
                 ["batch"] = s.CalibBatch, ["batches"] = s.CalibBatches,
-                ["images"] = Math.Min((long)s.CalibBatch * s.CalibBatches, p.Images.shape[0]), ["source"] = "the store's first samples",
+                ["images"] = Quantize.calibrationImages(s.CalibBatches, s.CalibBatch, p.Images.shape[0]), ["source"] = "the store's first samples",
             }
             : null,
         ["device"] = s.Device, ["seed"] = s.Seed,
     };
-
-    static JsonNode? Finite(double v) => double.IsFinite(v) ? JsonValue.Create(v) : null;
-
-    static JsonArray Array(IEnumerable<double> xs) => new(xs.Select(Finite).ToArray());
 
     static void WriteOutputs(Prepared p, string name, JsonObject json, string markdown, byte[] png, RunLog log)
     {
@@ -111,7 +99,6 @@ public static class AnalyzeCommand
         log.Info($"wrote {name}.json, {name}.md, {name}.png in {p.OutDir}" + (p.Report is { } rr ? $" and {rr}" : ""));
     }
 
-    static string G(double v) => double.IsFinite(v) ? v.ToString("G4", CultureInfo.InvariantCulture) : "-";
 
     // ---------------------------------------------------------------------------------------------
     // hessian
@@ -143,7 +130,6 @@ public static class AnalyzeCommand
                  $"{a.Runs} x {a.LanczosSteps} Lanczos steps, <= {a.Power.MaxIterations} power iterations, <= {a.Trace.MaxSamples} Hutchinson probes, seed {s.Seed}");
         log.Metric("settings", settings);
 
-        var losses = new JsonObject();
         var spectra = new List<Analysis.Spectrum>();
         long total = (long)a.Runs * a.LanczosSteps + a.Power.MaxIterations + a.Trace.MaxSamples;
         foreach (var loss in Analysis.losses)
@@ -158,65 +144,16 @@ public static class AnalyzeCommand
                 StopSignal.Check(() => $"in the Hessian of {name} ({e}, product {n}); nothing was written, run the command again");
             }));
             spectra.Add(sp);
-            var entry = SpectrumJson(sp);
-            entry["loss_weight"] = Analysis.lossWeight(a.FineTune, loss);
-            losses[name] = entry;
-            log.Info($"{name}: loss {G(sp.Value)}, top eigenvalue {G(sp.Top.Value)} ({sp.Top.Iterations} power iterations{(sp.Top.Converged ? "" : ", not converged")}), " +
-                     $"trace {G(sp.Trace.Estimate)} +- {G(sp.Trace.StandardError)} ({sp.Trace.Samples.Length} probes), Ritz values in [{G(sp.Density.Runs.Min(r => r.Nodes.Min()))}, {G(sp.Density.Runs.Max(r => r.Nodes.Max()))}]");
-            log.Metric("spectrum", new JsonObject
-            {
-                ["loss"] = name, ["value"] = Finite(sp.Value), ["top_eigenvalue"] = Finite(sp.Top.Value), ["trace"] = Finite(sp.Trace.Estimate),
-                ["trace_standard_error"] = Finite(sp.Trace.StandardError),
-            });
+            log.Info(AnalysisReport.spectrumLine(sp));
+            log.Metric("spectrum", AnalysisReport.spectrumMetric(sp));
         }
-        var json = new JsonObject { ["settings"] = settings, ["seed"] = s.Seed, ["parameters"] = spectra[0].Dimension, ["losses"] = losses };
+        var all = ListModule.OfSeq(spectra);
+        var json = AnalysisReport.hessianJson(settings, s.Seed, a.FineTune, all);
         var title = $"{p.Teacher.Arch.Name} {Bits(sm)}: Hessian eigenvalue density (SLQ, {a.Runs} x {a.LanczosSteps} steps, batch {c.Batch}, seed {s.Seed})";
         var png = Figures.Densities(spectra.Select(sp => (Analysis.lossName(sp.Loss).ToUpperInvariant(), sp.Grid, sp.DensityValues)).ToList(), title);
-        WriteOutputs(p, "hessian", json, HessianMarkdown(spectra, a.FineTune, title), png, log);
+        WriteOutputs(p, "hessian", json, AnalysisReport.hessianMarkdown(all, a.FineTune, title), png, log);
         p.Images.Dispose(); p.Labels.Dispose();
         return Program.ExitOk;
-    }
-
-    static JsonObject SpectrumJson(Analysis.Spectrum sp) => new()
-    {
-        ["loss_value"] = Finite(sp.Value),
-        ["eigenvalues"] = new JsonArray(sp.Density.Runs.Select(r => (JsonNode)Array(r.Nodes)).ToArray()),
-        ["density_weights"] = new JsonArray(sp.Density.Runs.Select(r => (JsonNode)Array(r.Weights)).ToArray()),
-        ["top_eigenvalue"] = Finite(sp.Top.Value),
-        ["top_eigenvalue_iterations"] = sp.Top.Iterations,
-        ["top_eigenvalue_converged"] = sp.Top.Converged,
-        ["trace"] = Finite(sp.Trace.Estimate),
-        ["trace_standard_error"] = Finite(sp.Trace.StandardError),
-        ["trace_probes"] = sp.Trace.Samples.Length,
-        ["quadrature_trace"] = Finite(Study.densityTrace(sp.Density)),
-        ["sigma_squared"] = sp.SigmaSquared,
-        ["grid"] = Array(sp.Grid),
-        ["density"] = Array(sp.DensityValues),
-    };
-
-    static string HessianMarkdown(IReadOnlyList<Analysis.Spectrum> spectra, FineTune.Config weights, string title)
-    {
-        var b = new StringBuilder();
-        b.AppendLine($"{title}").AppendLine();
-        b.AppendLine("| loss | weight w | value | top eigenvalue (power) | trace (Hutchinson) ± SE | top eigenvalue / w | trace / w | Ritz values (SLQ) min / max | SLQ weight with abs(λ) ≤ 0.1% of max | share of the SLQ trace in λ > 10% of max |");
-        b.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        foreach (var sp in spectra)
-        {
-            var w = Analysis.lossWeight(weights, sp.Loss);
-            var nodes = sp.Density.Runs.SelectMany(r => r.Nodes).ToArray();
-            var max = nodes.Max();
-            double Mean(Func<double, double, double> term, Func<double, bool> where) =>
-                sp.Density.Runs.Average(r => r.Nodes.Zip(r.Weights).Where(t => where(t.First)).Sum(t => term(t.First, t.Second)));
-            var near = Mean((_, wt) => wt, l => Math.Abs(l) <= 1e-3 * Math.Abs(max));
-            var tail = Mean((l, wt) => l * wt, l => l > 0.1 * max) / Mean((l, wt) => l * wt, _ => true);
-            b.AppendLine($"| {Analysis.lossName(sp.Loss).ToUpperInvariant()} | {G(w)} | {G(sp.Value)} | {G(sp.Top.Value)}{(sp.Top.Converged ? "" : " (not converged)")} | " +
-                         $"{G(sp.Trace.Estimate)} ± {G(sp.Trace.StandardError)} | {G(sp.Top.Value / w)} | {G(sp.Trace.Estimate / w)} | {G(nodes.Min())} / {G(nodes.Max())} | " +
-                         $"{near:F4} | {G(tail)} |");
-        }
-        b.AppendLine().AppendLine(
-            "w is the factor the term carries in the fine-tuning loss (1 for CE, α·T² for KL, λ for FA); the columns ÷ w are the unweighted term's. " +
-            "The SLQ weights are the Lanczos quadrature weights (they sum to 1 per run), averaged over runs; the last two columns do not depend on w.");
-        return b.ToString();
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -241,7 +178,7 @@ public static class AnalyzeCommand
             ("fa_kl", "HAST: cos(grad FA, grad KL)", hast, Analysis.Loss.FA, Analysis.Loss.KL),
         };
         LoadedModel? first = null;
-        var results = new List<(string Key, string Label, List<Analysis.CosinePoint> Points)>();
+        var results = new List<AnalysisReport.CosineRun>();
         JsonObject? settings = null;
         foreach (var run in runs)
         {
@@ -254,8 +191,8 @@ public static class AnalyzeCommand
                 settings["command"] = "analyze gradcos";
                 settings["iters"] = c.Iters; settings["every"] = c.Every; settings["probe_batch"] = c.ProbeBatch;
                 settings["probe_source"] = "a fixed seeded subset of the store, no augmentation; cosines wrt all student parameters";
-                settings["fine_tune"] = FineTuneJson(hast);
-                settings["baseline"] = FineTuneJson(baseline);
+                settings["fine_tune"] = AnalysisReport.fineTuneJson(hast);
+                settings["baseline"] = AnalysisReport.fineTuneJson(baseline);
                 log.Info($"hast analyze gradcos: {p.Teacher.Arch.Name} {Bits(first)}, {c.Iters} iterations per run (batch {hast.BatchSize}, lr {hast.Lr:G3}), " +
                          $"cosines every {c.Every} on a probe batch of {c.ProbeBatch}, seed {s.Seed}");
                 log.Metric("settings", settings);
@@ -267,80 +204,20 @@ public static class AnalyzeCommand
                 {
                     var st = it.Stats;
                     log.Progress(it.Iteration + 1, c.Iters, [("kl", st.KL), ("fa", st.FA), ("ce", st.CE), ("loss", st.Total)]);
-                    if (FSharpOption<Analysis.CosinePoint>.get_IsSome(pt))
-                    {
-                        var q = pt.Value;
-                        log.Metric("cosine", new JsonObject
-                        {
-                            ["run"] = run.Key, ["iteration"] = q.Iteration, ["cosine"] = Finite(q.Comparison.Cosine),
-                            ["norm_a"] = q.Comparison.NormA, ["norm_b"] = q.Comparison.NormB, ["kl"] = st.KL, ["fa"] = st.FA, ["ce"] = st.CE,
-                        });
-                    }
+                    if (FSharpOption<Analysis.CosinePoint>.get_IsSome(pt)) log.Metric("cosine", AnalysisReport.cosineMetric(run.Key, pt.Value, st));
                     StopSignal.Check(() => $"in gradcos run {run.Key} after iteration {it.Iteration + 1}/{c.Iters}; nothing was written, run the command again");
-                })).ToList();
-            var cos = points.Select(q => q.Comparison.Cosine).ToArray();
-            log.Info($"{run.Label}: first {G(cos[0])}, last {G(cos[^1])}, mean {G(Mean(cos))}, positive {Positive(cos):P0} of {cos.Length} points");
-            results.Add((run.Key, run.Label, points));
+                }));
+            var result = new AnalysisReport.CosineRun(run.Key, run.Label, points);
+            log.Info(AnalysisReport.cosineLine(result));
+            results.Add(result);
         }
         var iterations = results[0].Points.Select(q => (double)q.Iteration).ToArray();
-        var json = new JsonObject
-        {
-            ["settings"] = settings,
-            ["seed"] = s.Seed,
-            ["iterations"] = new JsonArray(results[0].Points.Select(q => (JsonNode)q.Iteration).ToArray()),
-        };
-        foreach (var (key, _, points) in results)
-        {
-            json[key] = Array(points.Select(q => q.Comparison.Cosine));
-            json[key + "_norms"] = new JsonObject
-            {
-                ["a"] = Array(points.Select(q => q.Comparison.NormA)),
-                ["b"] = Array(points.Select(q => q.Comparison.NormB)),
-            };
-        }
-        json["summary"] = new JsonObject(results.Select(r =>
-        {
-            var cos = r.Points.Select(q => q.Comparison.Cosine).ToArray();
-            return KeyValuePair.Create(r.Key, (JsonNode?)new JsonObject
-            {
-                ["mean"] = Finite(Mean(cos)), ["fraction_positive"] = Positive(cos), ["first"] = Finite(cos[0]), ["last"] = Finite(cos[^1]),
-                ["min"] = Finite(cos.Min()), ["max"] = Finite(cos.Max()),
-            });
-        }));
+        var json = AnalysisReport.gradcosJson(settings!, s.Seed, ListModule.OfSeq(results));
         var title = $"{p.Teacher.Arch.Name} {Bits(first!)}: gradient cosine while fine-tuning ({c.Iters} iterations, batch {hast.BatchSize}, seed {s.Seed})";
         var png = Figures.Lines(iterations, results.Select(r => (r.Label, r.Points.Select(q => q.Comparison.Cosine).ToArray())).ToList(),
             "iteration", "cosine similarity", title);
-        WriteOutputs(p, "gradcos", json, GradcosMarkdown(results, title), png, log);
+        WriteOutputs(p, "gradcos", json, AnalysisReport.gradcosMarkdown(ListModule.OfSeq(results), title), png, log);
         p.Images.Dispose(); p.Labels.Dispose();
         return Program.ExitOk;
-    }
-
-    static double Mean(double[] xs) => xs.Where(double.IsFinite).DefaultIfEmpty(double.NaN).Average();
-
-    static double Positive(double[] xs) => xs.Length == 0 ? 0 : (double)xs.Count(v => v > 0) / xs.Length;
-
-    static JsonObject FineTuneJson(FineTune.Config f) => new()
-    {
-        ["batch"] = f.BatchSize, ["lr"] = f.Lr, ["momentum"] = f.Momentum, ["weight_decay"] = f.WeightDecay, ["schedule"] = f.Schedule.ToString(),
-        ["temperature"] = f.Temperature, ["alpha"] = f.Alpha, ["lambda"] = f.Lambda, ["alignment"] = f.Alignment.ToString(), ["ce_weight"] = f.CeWeight,
-        ["promotion"] = f.Promotion is { } pr
-            ? new JsonObject { ["epsilon"] = pr.Value.Epsilon, ["direction"] = Promotion.directionName(pr.Value.Direction), ["grad"] = Promotion.gradName(pr.Value.Grad), ["a"] = pr.Value.CleanWeight, ["b"] = pr.Value.PerturbedWeight }
-            : null,
-        ["crop_scale"] = new JsonArray(f.Crop.Scale.Item1, f.Crop.Scale.Item2),
-        ["seed"] = f.Seed,
-    };
-
-    static string GradcosMarkdown(List<(string Key, string Label, List<Analysis.CosinePoint> Points)> results, string title)
-    {
-        var b = new StringBuilder();
-        b.AppendLine(title).AppendLine();
-        b.AppendLine("| run | points | mean | fraction positive | first (iteration 0) | last | min | max |");
-        b.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|");
-        foreach (var (_, label, points) in results)
-        {
-            var cos = points.Select(q => q.Comparison.Cosine).ToArray();
-            b.AppendLine($"| {label} | {cos.Length} | {G(Mean(cos))} | {Positive(cos):F2} | {G(cos[0])} | {G(cos[^1])} | {G(cos.Min())} | {G(cos.Max())} |");
-        }
-        return b.ToString();
     }
 }

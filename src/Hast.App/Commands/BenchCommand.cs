@@ -25,15 +25,9 @@ public static class BenchCommand
         public double Min => Ms.Min();
         public double ImagesPerSecond => Batch * 1000.0 / Median;
         /// median process CPU time (all threads, user + system) per iteration
-        public double CpuMedian => CpuMs.OrderBy(v => v).ElementAt(CpuMs.Length / 2);
+        public double CpuMedian => Stats.median(CpuMs);
 
-        public double Percentile(double p)
-        {
-            var s = Ms.OrderBy(v => v).ToArray();
-            var pos = p * (s.Length - 1);
-            int lo = (int)Math.Floor(pos), hi = (int)Math.Ceiling(pos);
-            return s[lo] + (s[hi] - s[lo]) * (pos - lo);
-        }
+        public double Percentile(double p) => Stats.percentile(p, Ms);
     }
 
     public static int Run(BenchCli.BenchConfig c, TextWriter stdout)

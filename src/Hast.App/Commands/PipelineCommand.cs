@@ -42,8 +42,9 @@ public static class PipelineCommand
         Data.checkClasses(c.Test, test.Dataset, teacher.Classes);
         // --time-budget: probe the steps and plan the counts before anything depends on them
         var clock = BudgetProbe.ClockStart(started);
-        var planned = c.Run.TimeBudget is { } tb ? BudgetProbe.Plan(c, tb.Value, teacher, test.Dataset, device, outDir, clock) : null;
-        if (planned is not null) c = planned.Config;
+        RunPlan.Planned? planned = null;
+        IReadOnlyList<string> planLines = [];
+        if (c.Run.TimeBudget is { } tb) (planned, c, planLines) = BudgetProbe.Plan(c, tb.Value, teacher, test.Dataset, device, outDir, clock);
         var storeDir = c.Run.Samples switch
         {
             Pipeline.Samples.Store st => st.dir,
@@ -86,8 +87,8 @@ public static class PipelineCommand
         AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
         if (planned is not null)
         {
-            foreach (var line in planned.Lines) log.Info(line);
-            log.Metric("plan", planned.Json);
+            foreach (var line in planLines) log.Info(line);
+            log.Metric("plan", RunPlan.json(planned));
         }
 
         // ---- the run: synthesis into OUT/samples (its own lock and log), or the given store
@@ -113,7 +114,7 @@ public static class PipelineCommand
         }
         using var sinkGuard = sinkGuard2;
         double secondsBefore = resumeFrom is { } rf0 ? (double)rf0.Meta["seconds"]! : 0;
-        var events = new Events(c, log, sink, store, storeDir);
+        var events = new Events(c, log, sink, storeDir);
         // the seconds the synthesis of this process took as the budget sees them, and the seconds a
         // HAST_FAULT slowdown (`synth-batch:<n>:slow<k>`) put in place of the real ones: once it applies,
         // the budget's clock counts the synthesis stage as the batches' reported seconds alone
@@ -121,11 +122,11 @@ public static class PipelineCommand
         double Used() => secondsBefore + Elapsed(clock) + injected;
         void OnEvent(Pipeline.Event e)
         {
-            if (e is Pipeline.Event.StageStarted { stage: "synthesis" }) synthesisStart = Elapsed(clock);
+            if (e is Pipeline.Event.StageStarted { stage.IsSynthesis: true }) synthesisStart = Elapsed(clock);
             if (e is Pipeline.Event.SynthesisBatchStored b)
             {
                 var k = Faults.Slowdown("synth-batch");
-                if (k > 1 && planned?.Probes is { } pr && c.Run.Samples is Pipeline.Samples.Synthesize sy)
+                if (k > 1 && planned is not null && RunPlan.probesOf(planned) is { } pr0 && pr0.Value is var pr && c.Run.Samples is Pipeline.Samples.Synthesize sy)
                 {
                     synthesisSeen += k * b.Item1.Labels.shape[0] * (sy.Item.Iterations + 1) * pr.SynthIterPerSample;
                     injected = synthesisSeen - (Elapsed(clock) - synthesisStart);
@@ -138,45 +139,44 @@ public static class PipelineCommand
         Pipeline.SynthesisTiming Seen(Pipeline.SynthesisTiming t) => injected == 0 ? t : new(t.SampleIterations, synthesisSeen);
         // a re-planned config: the settings a resumed run is matched against, config.json and the
         // progress display follow; the plan's record of it goes to the log and the metrics
-        void Adopt(QuantizeCli.PipelineConfig next, string line, string metric, string planKey)
+        void Adopt(RunPlan.Replanned r)
         {
-            c = next;
+            planned = r.Planned;
+            BudgetProbe.Write(planned, outDir);
+            c = QuantizeCli.withRun(r.Config, c);
             settings = Settings(c);
             AtomicFile.WriteAllText(Path.Combine(outDir, ConfigFile), ConfigJson(c));
             events.Replanned(c);
-            log.Info(line);
-            log.Metric(metric, planned!.Json[planKey]!.DeepClone().AsObject());
+            log.Info(r.Line);
+            log.Metric(r.Metric.Item1, r.Metric.Item2);
         }
         var hooks = new Pipeline.Hooks(
             FuncConvert.FromAction<Pipeline.Event>(OnEvent),
             storeHooks,
             FuncConvert.FromFunc<Net, FSharpOption<Net>, TorchSharp.torch.optim.Optimizer, FSharpOption<Pipeline.Progress>>((student, average, opt) =>
-                resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, average, opt) : null),
+                resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, average, opt) : FSharpOption<Pipeline.Progress>.None),
             FuncConvert.FromAction<Pipeline.Snapshot>(s =>
                 SaveTrain(trainPath, s, c, teacher, settings, store, secondsBefore + Elapsed(started))),
             FuncConvert.FromFunc<Unit, double>(_ => Used()),
             FuncConvert.FromFunc<Pipeline.SynthesisTiming, FSharpOption<Tuple<int, int>>>(timing =>
             {
-                if (planned is null || c.Run.TimeBudget is not { } budget) return null;
-                var replanned = BudgetProbe.Replan(planned, c, Seen(timing), budget.Value.Seconds - Used(), outDir);
-                if (replanned is not { } r) return null;
-                Adopt(r.Config, r.Line, "replan", "replanned");
+                if (planned is null || c.Run.TimeBudget is not { } budget) return FSharpOption<Tuple<int, int>>.None;
+                if (RunPlan.replanFineTune(planned, c.Run, Seen(timing), budget.Value.Seconds - Used()) is not { } r) return FSharpOption<Tuple<int, int>>.None;
+                Adopt(r.Value);
                 return FSharpOption<Tuple<int, int>>.Some(Tuple.Create(c.Run.FineTune.Epochs, c.Run.FineTune.ItersPerEpoch));
             }),
             FuncConvert.FromFunc<Pipeline.SynthesisTiming, int, FSharpOption<int>>((timing, held) =>
             {
-                if (planned is null || c.Run.TimeBudget is not { } budget) return null;
-                var replanned = BudgetProbe.ReplanSynthesis(planned, c, Seen(timing), held, budget.Value.Seconds - Used(), outDir);
-                if (replanned is not { } r) return null;
-                Adopt(r.Config, r.Line, "replan_synthesis", "replanned_synthesis");
-                return FSharpOption<int>.Some(r.Samples);
+                if (planned is null || c.Run.TimeBudget is not { } budget) return FSharpOption<int>.None;
+                if (RunPlan.replanSynthesis(planned, c.Run, Seen(timing), held, budget.Value.Seconds - Used()) is not { } r) return FSharpOption<int>.None;
+                Adopt(r.Value.Item1);
+                return FSharpOption<int>.Some(r.Value.Item2);
             }),
             FuncConvert.FromFunc<int, double, FSharpOption<int>>((done, epochSeconds) =>
             {
-                if (planned is null || c.Run.TimeBudget is not { } budget) return null;
-                var replanned = BudgetProbe.ReplanEpochs(planned, c, done, epochSeconds, budget.Value.Seconds - Used(), outDir);
-                if (replanned is not { } r) return null;
-                Adopt(r.Config, r.Line, "replan_epochs", "replanned_epochs");
+                if (planned is null || c.Run.TimeBudget is not { } budget) return FSharpOption<int>.None;
+                if (RunPlan.replanEpochs(planned, c.Run, done, epochSeconds, budget.Value.Seconds - Used()) is not { } r) return FSharpOption<int>.None;
+                Adopt(r.Value);
                 return FSharpOption<int>.Some(c.Run.FineTune.Epochs);
             }),
             FuncConvert.FromFunc<int, FSharpFunc<int, FSharpOption<FineTune.Fault>>>(epoch => FuncConvert.FromFunc<int, FSharpOption<FineTune.Fault>>(iteration =>
@@ -184,7 +184,7 @@ public static class PipelineCommand
                 {
                     Faults.Action.Nan => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NanWeights),
                     Faults.Action.Spike => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NewLossSpike(Faults.SpikeFactor)),
-                    _ => null,
+                    _ => FSharpOption<FineTune.Fault>.None,
                 })));
         var inputs = new Pipeline.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
         var (result, studentNet) = Pipeline.run(inputs, c.Run, hooks).ToValueTuple();
@@ -192,21 +192,12 @@ public static class PipelineCommand
 
         // ---- results
         var seconds = Math.Round(secondsBefore + Elapsed(started), 1);
-        var json = ResultJson(result, c, seconds);
+        var json = RunState.resultJson(result, c.Run.WBits, c.Run.ABits, c.Run.FineTune.Seed, seconds);
         json["conv_routes"] = convRoutes.DeepClone();
         if (planned is not null)
-        {
-            var plan = planned.Json.DeepClone().AsObject();
-            plan["used_s"] = Math.Round(Used(), 1);
-            if (synthesisSeen > 0)
-            {
-                // this process's synthesis as the budget saw it, and what its last batch left: the plan's balance, measured
-                plan["synthesis_s"] = Math.Round(synthesisSeen, 2);
-                plan["left_after_synthesis_s"] = Math.Round(leftAfterSynthesis, 2);
-            }
-            if (result.StoppedByBudget) plan["stopped_after_epoch"] = result.EpochsDone;
-            json["time_budget"] = plan;
-        }
+            json["time_budget"] = RunPlan.reportJson(planned, new RunPlan.Outcome(Used(),
+                synthesisSeen > 0 ? FSharpOption<Tuple<double, double>>.Some(Tuple.Create(synthesisSeen, leftAfterSynthesis)) : null,
+                result.StoppedByBudget ? FSharpOption<int>.Some(result.EpochsDone) : null));
         var student = teacher with { Net = studentNet, WBits = c.Run.WBits, ABits = c.Run.ABits };
         var finalMeta = ModelFiles.CheckpointMeta(student, ModelCli.file(c.Model), teacher.Sha256);
         finalMeta["result"] = json.DeepClone();
@@ -218,8 +209,9 @@ public static class PipelineCommand
         log.Info($"final W{c.Run.WBits}A{c.Run.ABits} top-1 {result.FinalTop1:F2}%" +
                  (result.FinalLastWeightsTop1 is { } flw ? $" with the weight average (last weights {flw.Value:F2}%)" : "") + $" (full precision {result.FpTop1:F2}%, calibration only {result.CalibTop1:F2}%; " +
                  $"best epoch {result.BestEpoch} {result.BestTop1:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}" +
-                 (result.Rollbacks.IsEmpty ? "" : $"; the divergence guard rolled back {result.Rollbacks.Length} time(s), lr x{Pipeline.lrScale(Progress(result)):G3}"));
+                 (result.Rollbacks.IsEmpty ? "" : $"; the divergence guard rolled back {result.Rollbacks.Length} time(s), lr x{Pipeline.lrScale(RunState.progressOf(result)):G3}"));
         log.Metric("result", json);
+        WriteFigure(outDir, $"{teacher.Arch.Name} W{c.Run.WBits}A{c.Run.ABits}, seed {c.Run.FineTune.Seed}: final top-1 {result.FinalTop1:F2}%");
         if (result.Degraded is { } degraded)
         {
             log.Info($"WARNING: DEGRADED RESULT: {degraded.Value} (exit {ExitDegraded})");
@@ -229,7 +221,7 @@ public static class PipelineCommand
     }
 
     /// The run's events: progress and log lines, metrics, fault points and stop checks.
-    sealed class Events(QuantizeCli.PipelineConfig c, RunLog log, SynthesizeCommand.StoreSink? sink, SampleStore? store, string storeDir)
+    sealed class Events(QuantizeCli.PipelineConfig c, RunLog log, SynthesizeCommand.StoreSink? sink, string storeDir)
     {
         FineTune.Config ft = c.Run.FineTune;
 
@@ -246,7 +238,7 @@ public static class PipelineCommand
         {
             switch (e)
             {
-                case Pipeline.Event.StageStarted s when s.stage == "synthesis":
+                case Pipeline.Event.StageStarted s when s.stage.IsSynthesis:
                     synthesizing = true;
                     sink?.OnEvent(e);
                     break;
@@ -261,7 +253,7 @@ public static class PipelineCommand
                         : $"samples: {ready.count} from {storeDir}");
                     break;
                 case Pipeline.Event.StageStarted s:
-                    log.Stage(s.stage, s.stepsDone);
+                    log.Stage(Pipeline.StageModule.name(s.stage), s.stepsDone);
                     break;
                 case Pipeline.Event.Resumed r:
                     log.Info($"resuming {c.Out} after epoch {r.epochsDone}/{ft.Epochs}");
@@ -281,8 +273,7 @@ public static class PipelineCommand
                     var it = gi.Item;
                     log.Progress(it.Iteration, it.Total, [("ce", it.Ce), ("bns", it.Bns), ("loss", it.Loss), ("acc", it.TeacherAccuracy)]);
                     StopSignal.Check(() => "in generator calibration (the samples are kept; a resumed run calibrates again)");
-                    if (it.Iteration % 10 == 0 || it.Iteration == it.Total)
-                        log.Metric("generator", new JsonObject { ["iteration"] = it.Iteration, ["ce"] = it.Ce, ["bns"] = it.Bns, ["loss"] = it.Loss, ["teacher_acc"] = it.TeacherAccuracy });
+                    if (it.Iteration % 10 == 0 || it.Iteration == it.Total) log.Metric("generator", RunState.generatorJson(it));
                     break;
                 }
                 case Pipeline.Event.EvaluationBatch eb:
@@ -304,12 +295,7 @@ public static class PipelineCommand
                     var s = it.Stats;
                     log.Progress(step, (long)ft.Epochs * ft.ItersPerEpoch,
                         [("epoch", it.Epoch + 1), ("kl", s.KL), ("fa", s.FA), ("ce", s.CE), ("loss", s.Total), ("loss+d", s.PerturbedTotal), ("gain", s.PromotionGain), ("lr", s.Lr)]);
-                    if (it.Iteration % 10 == 0 || it.Iteration == it.ItersPerEpoch - 1)
-                        log.Metric("iter", new JsonObject
-                        {
-                            ["epoch"] = it.Epoch + 1, ["iteration"] = step, ["kl"] = s.KL, ["fa"] = s.FA, ["ce"] = s.CE,
-                            ["total"] = s.Total, ["perturbed_total"] = Finite(s.PerturbedTotal), ["promotion_gain"] = Finite(s.PromotionGain), ["lr"] = s.Lr,
-                        });
+                    if (it.Iteration % 10 == 0 || it.Iteration == it.ItersPerEpoch - 1) log.Metric("iter", RunState.iterationJson(it));
                     Faults.At("ft-iter", $"epoch {it.Epoch + 1} iteration {it.Iteration + 1}");
                     StopSignal.Check(() => $"in fine-tune epoch {it.Epoch + 1}/{ft.Epochs} after iteration {it.Iteration + 1}/{it.ItersPerEpoch} " +
                                            $"({Path.Combine(c.Out, TrainCheckpoint)} holds {it.Epoch} finished epoch(s))");
@@ -324,7 +310,7 @@ public static class PipelineCommand
                                  (double.IsFinite(m.PromotionGain) ? $", promotion gain {m.PromotionGain:F3}" : "") + $") lr {m.Lr:G3} " +
                                  $"-> test top-1 {acc.Value.Top1:F2}% top-5 {acc.Value.Top5:F2}%" +
                                  (rec.LastWeights is { } lw ? $" (weight average; last weights {lw.Value.Top1:F2}%)" : ""));
-                    log.Metric("epoch", EpochJson(rec));
+                    log.Metric("epoch", RunState.epochJson(rec));
                     break;
                 }
                 case Pipeline.Event.EpochSaved es:
@@ -338,7 +324,7 @@ public static class PipelineCommand
                     var r = rb.rollback;
                     log.Info($"WARNING: fine-tuning diverged in epoch {r.Epoch} ({r.Reason}): back to the state after epoch {r.Epoch - 1}, " +
                              $"lr x{r.LrScale:G3} from now on, epoch {r.Epoch} again (rollback {rb.retry}/{rb.retries} of this epoch)");
-                    log.Metric("rollback", RollbackJson(r));
+                    log.Metric("rollback", RunState.rollbackJson(r));
                     break;
                 }
                 case Pipeline.Event.GaveUp gu:
@@ -396,90 +382,29 @@ public static class PipelineCommand
             StateDict.restore(state, avg.Value);
         }
         RestoreOptimizer((OptimizerHelper)opt, ck.Extra);
-        var history = meta["history"]!.AsArray().Select(h => EpochOf(h!.AsObject()));
-        var rollbacks = (meta["rollbacks"] as JsonArray ?? []).Select(r => RollbackOf(r!.AsObject()));
-        var degraded = (string?)meta["degraded"];
-        return new Pipeline.Progress((double)meta["fp_top1"]!, (double)meta["calib_top1"]!,
-            Microsoft.FSharp.Collections.ListModule.OfSeq(history), (int)meta["epochs_done"]!,
-            Microsoft.FSharp.Collections.ListModule.OfSeq(rollbacks), degraded is null ? null : FSharpOption<string>.Some(degraded));
+        var progress = RunState.progressOfJson(meta);
+        if (progress.IsError) throw new HastError($"{Path.Combine(c.Out, TrainCheckpoint)} is damaged ({progress.ErrorValue}); start the run again in a new --out");
+        return FSharpOption<Pipeline.Progress>.Some(progress.ResultValue);
     }
 
-    static JsonObject ResultJson(Pipeline.RunResult r, QuantizeCli.PipelineConfig c, double seconds) => new()
+    /// OUT/run.png from OUT/metrics.jsonl (a line torn by an earlier crash is skipped).
+    static void WriteFigure(string outDir, string title)
     {
-        ["fp_top1"] = Math.Round(r.FpTop1, 4),
-        ["calib_top1"] = Math.Round(r.CalibTop1, 4),
-        ["final_top1"] = Math.Round(r.FinalTop1, 4),
-        ["final_last_weights_top1"] = r.FinalLastWeightsTop1 is { } lw ? Math.Round(lw.Value, 4) : null,
-        ["final_top1_note"] = r.FinalLastWeightsTop1 is null ? null : "final_top1 is the weight average (--weight-ema), final_last_weights_top1 the last weights of the student",
-        ["best_top1"] = Math.Round(r.BestTop1, 4),
-        ["best_top1_note"] = "best epoch selected on the test set; the headline is final_top1",
-        ["best_epoch"] = r.BestEpoch,
-        ["iterations"] = r.Iterations,
-        ["seconds"] = seconds,
-        ["wbits"] = c.Run.WBits, ["abits"] = c.Run.ABits, ["seed"] = c.Run.FineTune.Seed, ["samples"] = r.Samples,
-        // the divergence guard: every rollback, and why the result is degraded (null: it is not)
-        ["rollbacks"] = r.Rollbacks.Length,
-        ["rollback_log"] = new JsonArray(r.Rollbacks.Select(x => (JsonNode)RollbackJson(x)).ToArray()),
-        ["lr_scale"] = Pipeline.lrScale(Progress(r)),
-        ["degraded"] = r.Degraded is { } d ? d.Value : null,
-        ["epochs_done"] = r.EpochsDone,
-    };
-
-    /// The guard's state of a result (for `Pipeline.lrScale`).
-    static Pipeline.Progress Progress(Pipeline.RunResult r) =>
-        new(r.FpTop1, r.CalibTop1, r.History, r.EpochsDone, r.Rollbacks, r.Degraded);
-
-    static JsonObject RollbackJson(Pipeline.Rollback r) => new() { ["epoch"] = r.Epoch, ["reason"] = r.Reason, ["lr_scale"] = r.LrScale };
-
-    static Pipeline.Rollback RollbackOf(JsonObject o) => new((int)o["epoch"]!, (string)o["reason"]!, (double)o["lr_scale"]!);
-
-    /// One epoch of the history as saved in train.ckpt and written to metrics.jsonl.
-    static JsonObject EpochJson(Pipeline.EpochRecord e)
-    {
-        var m = e.Mean;
-        var o = new JsonObject
+        // the run's log still holds the file open for appending
+        using var stream = new FileStream(Path.Combine(outDir, RunLog.MetricsFile), FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        using var reader = new StreamReader(stream);
+        var metrics = new List<JsonObject>();
+        while (reader.ReadLine() is { } line)
         {
-            ["epoch"] = e.Epoch, ["iterations"] = e.Iterations,
-            ["kl"] = m.KL, ["fa"] = m.FA, ["ce"] = m.CE, ["total"] = m.Total,
-            ["perturbed_total"] = Finite(m.PerturbedTotal), ["promotion_gain"] = Finite(m.PromotionGain), ["lr"] = m.Lr,
-        };
-        if (e.Accuracy is { } a)
-        {
-            o["top1"] = a.Value.Top1;
-            o["top5"] = a.Value.Top5;
-            o["top1_correct"] = a.Value.Top1Correct;
-            o["top5_correct"] = a.Value.Top5Correct;
-            o["count"] = a.Value.Count;
+            try { if (JsonNode.Parse(line) is JsonObject o) metrics.Add(o); }
+            catch (JsonException) { }
         }
-        if (e.LastWeights is { } l)
-        {
-            o["last_weights_top1"] = l.Value.Top1;
-            o["last_weights_top5"] = l.Value.Top5;
-            o["last_weights_top1_correct"] = l.Value.Top1Correct;
-            o["last_weights_top5_correct"] = l.Value.Top5Correct;
-        }
-        return o;
-    }
-
-    static Pipeline.EpochRecord EpochOf(JsonObject o)
-    {
-        double Num(string k) => o[k] is { } v ? (double)v : double.NaN;
-        var mean = new FineTune.StepStats(Num("kl"), Num("fa"), Num("ce"), Num("total"), Num("perturbed_total"), Num("promotion_gain"), Num("lr"));
-        var acc = o["count"] is { } count
-            ? new Evaluate.Accuracy((long)o["top1_correct"]!, (long)o["top5_correct"]!, (long)count)
-            : null;
-        var last = o["count"] is { } n && o["last_weights_top1_correct"] is { } l1
-            ? new Evaluate.Accuracy((long)l1, (long)o["last_weights_top5_correct"]!, (long)n)
-            : null;
-        return new Pipeline.EpochRecord((int)o["epoch"]!, (long)o["iterations"]!, mean,
-            acc is null ? null : FSharpOption<Evaluate.Accuracy>.Some(acc), last is null ? null : FSharpOption<Evaluate.Accuracy>.Some(last));
+        AtomicFile.WriteAllBytes(Path.Combine(outDir, RunFigure.FileName), RunFigure.Png(metrics, title));
     }
 
     static double Elapsed(DateTime since) => (DateTime.UtcNow - since).TotalSeconds;
 
-    static JsonNode? Finite(double v) => double.IsFinite(v) ? JsonValue.Create(v) : null;
-
-    static void CheckStore(SampleStore store, LoadedModel teacher)
+    internal static void CheckStore(SampleStore store, LoadedModel teacher)
     {
         if (store.TeacherInfo.Sha256 != teacher.Sha256)
             throw new HastError($"sample store {store.Dir} was synthesized from {store.TeacherInfo.File}, not from this --weights file; synthesize samples of this teacher");
@@ -499,15 +424,9 @@ public static class PipelineCommand
     {
         var student = teacher with { Net = s.Student, WBits = c.Run.WBits, ABits = c.Run.ABits };
         var meta = ModelFiles.CheckpointMeta(student, ModelCli.file(c.Model), teacher.Sha256);
-        var p = s.Progress;
         meta["settings"] = settings.DeepClone();
         meta["store_manifest_sha256"] = ManifestHash(store);
-        meta["fp_top1"] = p.FpTop1;
-        meta["calib_top1"] = p.CalibTop1;
-        meta["history"] = new JsonArray(p.History.Select(e => (JsonNode)EpochJson(e)).ToArray());
-        meta["epochs_done"] = p.EpochsDone;
-        meta["rollbacks"] = new JsonArray(p.Rollbacks.Select(r => (JsonNode)RollbackJson(r)).ToArray());
-        meta["degraded"] = p.Degraded is { } d ? d.Value : null;
+        foreach (var (key, value) in RunState.progressJson(s.Progress).ToList()) meta[key] = value?.DeepClone();
         meta["seconds"] = seconds;
         using var ms = new MemoryStream();
         using (var w = new BinaryWriter(ms, System.Text.Encoding.UTF8, leaveOpen: true)) ((OptimizerHelper)s.Optimizer).save_state_dict(w);

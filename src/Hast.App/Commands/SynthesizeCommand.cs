@@ -120,7 +120,7 @@ public static class SynthesizeCommand
         {
             switch (e)
             {
-                case Pipeline.Event.StageStarted s when s.stage == "synthesis":
+                case Pipeline.Event.StageStarted s when s.stage.IsSynthesis:
                     step = s.stepsDone;
                     log.Stage("synthesis", step);
                     break;

@@ -1,0 +1,165 @@
+/// A run's progress and result as JSON: the metadata of the training checkpoint (`train.ckpt`, what a
+/// resumed run restores), the lines of `metrics.jsonl` and `report.json`. One owner for each record's
+/// format, beside the records (`Pipeline`); the shell writes the text to its files.
+module Hast.Core.RunState
+
+open System
+open System.Text.Json.Nodes
+open Hast.Core
+
+let private num (v: float) : JsonNode = JsonValue.Create v
+let private count (v: int64) : JsonNode = JsonValue.Create v
+let private int' (v: int) : JsonNode = JsonValue.Create v
+let private text (v: string) : JsonNode = JsonValue.Create v
+/// null for NaN and the infinities (a loss without promotion is NaN; JSON has no NaN)
+let finite (v: float) : JsonNode = if Double.IsFinite v then num v else null
+
+let private obj (fields: (string * JsonNode) list) : JsonObject =
+    let o = JsonObject()
+    for k, v in fields do o[k] <- v
+    o
+
+let private field (o: JsonObject) (key: string) : JsonNode =
+    match o[key] with
+    | null -> failwithf "'%s' is missing" key
+    | v -> v
+
+let private numOr (o: JsonObject) (key: string) : float =
+    match o[key] with
+    | null -> nan
+    | v -> v.GetValue<float>()
+
+/// A fine-tuning step's statistics (the `iter` metric).
+let iterationJson (it: FineTune.IterInfo) : JsonObject =
+    let s = it.Stats
+    obj [ "epoch", int' (it.Epoch + 1)
+          "iteration", count (int64 it.Epoch * int64 it.ItersPerEpoch + int64 it.Iteration + 1L)
+          "kl", num s.KL
+          "fa", num s.FA
+          "ce", num s.CE
+          "total", num s.Total
+          "perturbed_total", finite s.PerturbedTotal
+          "promotion_gain", finite s.PromotionGain
+          "lr", num s.Lr ]
+
+/// A generator-calibration step (the `generator` metric).
+let generatorJson (it: Generator.IterInfo) : JsonObject =
+    obj [ "iteration", int' it.Iteration
+          "ce", num it.Ce
+          "bns", num it.Bns
+          "loss", num it.Loss
+          "teacher_acc", num it.TeacherAccuracy ]
+
+/// One epoch of the history, as saved in train.ckpt and written to metrics.jsonl.
+let epochJson (e: Pipeline.EpochRecord) : JsonObject =
+    let m = e.Mean
+    let o =
+        obj [ "epoch", int' e.Epoch
+              "iterations", count e.Iterations
+              "kl", num m.KL
+              "fa", num m.FA
+              "ce", num m.CE
+              "total", num m.Total
+              "perturbed_total", finite m.PerturbedTotal
+              "promotion_gain", finite m.PromotionGain
+              "lr", num m.Lr ]
+    e.Accuracy
+    |> Option.iter (fun a ->
+        o["top1"] <- num a.Top1
+        o["top5"] <- num a.Top5
+        o["top1_correct"] <- count a.Top1Correct
+        o["top5_correct"] <- count a.Top5Correct
+        o["count"] <- count a.Count)
+    e.LastWeights
+    |> Option.iter (fun l ->
+        o["last_weights_top1"] <- num l.Top1
+        o["last_weights_top5"] <- num l.Top5
+        o["last_weights_top1_correct"] <- count l.Top1Correct
+        o["last_weights_top5_correct"] <- count l.Top5Correct)
+    o
+
+let private epochOf (o: JsonObject) : Pipeline.EpochRecord =
+    let n (k: string) = numOr o k
+    let long (k: string) = (field o k).GetValue<int64>()
+    let accuracy (top1: int64) (top5: int64) (count: int64) : Evaluate.Accuracy =
+        { Top1Correct = top1; Top5Correct = top5; Count = count }
+    let onTest =
+        match o["count"] with
+        | null -> None
+        | c -> Some(accuracy (long "top1_correct") (long "top5_correct") (c.GetValue<int64>()))
+    let last =
+        match o["count"], o["last_weights_top1_correct"] with
+        | null, _
+        | _, null -> None
+        | c, l1 -> Some(accuracy (l1.GetValue<int64>()) (long "last_weights_top5_correct") (c.GetValue<int64>()))
+    { Epoch = (field o "epoch").GetValue<int>()
+      Iterations = long "iterations"
+      Mean = { KL = n "kl"; FA = n "fa"; CE = n "ce"; Total = n "total"; PerturbedTotal = n "perturbed_total"; PromotionGain = n "promotion_gain"; Lr = n "lr" }
+      Accuracy = onTest
+      LastWeights = last }
+
+let rollbackJson (r: Pipeline.Rollback) : JsonObject =
+    obj [ "epoch", int' r.Epoch; "reason", text r.Reason; "lr_scale", num r.LrScale ]
+
+let private rollbackOf (o: JsonObject) : Pipeline.Rollback =
+    { Epoch = (field o "epoch").GetValue<int>()
+      Reason = (field o "reason").GetValue<string>()
+      LrScale = (field o "lr_scale").GetValue<float>() }
+
+/// The run's progress as train.ckpt's metadata holds it (beside the model's and the settings').
+let progressJson (p: Pipeline.Progress) : JsonObject =
+    obj [ "fp_top1", num p.FpTop1
+          "calib_top1", num p.CalibTop1
+          "history", JsonArray(p.History |> List.map (fun e -> epochJson e :> JsonNode) |> Array.ofList)
+          "epochs_done", int' p.EpochsDone
+          "rollbacks", JsonArray(p.Rollbacks |> List.map (fun r -> rollbackJson r :> JsonNode) |> Array.ofList)
+          "degraded", (match p.Degraded with Some d -> text d | None -> null) ]
+
+/// The progress back from train.ckpt's metadata; Error names what is missing or malformed.
+let progressOfJson (meta: JsonObject) : Result<Pipeline.Progress, string> =
+    try
+        let list (key: string) (f: JsonObject -> 'a) =
+            match meta[key] with
+            | :? JsonArray as a -> a |> Seq.map (fun n -> f (n.AsObject())) |> List.ofSeq
+            | _ -> []
+        Ok
+            { FpTop1 = (field meta "fp_top1").GetValue<float>()
+              CalibTop1 = (field meta "calib_top1").GetValue<float>()
+              History = (match meta["history"] with :? JsonArray -> list "history" epochOf | _ -> failwith "'history' is missing")
+              EpochsDone = (field meta "epochs_done").GetValue<int>()
+              Rollbacks = list "rollbacks" rollbackOf
+              Degraded = (match meta["degraded"] with null -> None | d -> Some(d.GetValue<string>())) }
+    with
+    | Failure m -> Error m
+    | :? InvalidOperationException as e -> Error e.Message
+    | :? FormatException as e -> Error e.Message
+
+/// The guard's state of a result (for `Pipeline.lrScale`).
+let progressOf (r: Pipeline.RunResult) : Pipeline.Progress =
+    { FpTop1 = r.FpTop1; CalibTop1 = r.CalibTop1; History = r.History; EpochsDone = r.EpochsDone; Rollbacks = r.Rollbacks; Degraded = r.Degraded }
+
+/// The report of a finished run (report.json, the `result` metric, the final checkpoint's `result`).
+let resultJson (r: Pipeline.RunResult) (wbits: int) (abits: int) (seed: int64) (seconds: float) : JsonObject =
+    obj [ "fp_top1", num (Math.Round(r.FpTop1, 4))
+          "calib_top1", num (Math.Round(r.CalibTop1, 4))
+          "final_top1", num (Math.Round(r.FinalTop1, 4))
+          "final_last_weights_top1", (match r.FinalLastWeightsTop1 with Some v -> num (Math.Round(v, 4)) | None -> null)
+          "final_top1_note",
+          (match r.FinalLastWeightsTop1 with
+           | Some _ -> text "final_top1 is the weight average (--weight-ema), final_last_weights_top1 the last weights of the student"
+           | None -> null)
+          "best_top1", num (Math.Round(r.BestTop1, 4))
+          "best_top1_note", text "best epoch selected on the test set; the headline is final_top1"
+          "best_epoch", int' r.BestEpoch
+          "iterations", count r.Iterations
+          "seconds", num seconds
+          "wbits", int' wbits
+          "abits", int' abits
+          "seed", count seed
+          "samples", count r.Samples
+          // the divergence guard: every rollback, and why the result is degraded (null: it is not)
+          "rollbacks", int' r.Rollbacks.Length
+          "rollback_log", JsonArray(r.Rollbacks |> List.map (fun x -> rollbackJson x :> JsonNode) |> Array.ofList)
+          "lr_scale", num (Pipeline.lrScale (progressOf r))
+          "degraded", (match r.Degraded with Some d -> text d | None -> null)
+          "epochs_done", int' r.EpochsDone ]

@@ -1,0 +1,74 @@
+/// A run's progress and result as JSON (`RunState`): what train.ckpt holds comes back as it was.
+module Hast.Tests.RunStateTests
+
+open System.Text.Json.Nodes
+open Expecto
+open Hast.Core
+
+let private stats (k: float) (promoted: bool) : FineTune.StepStats =
+    { KL = 0.5 * k; FA = 0.25 * k; CE = 0.0; Total = 0.75 * k
+      PerturbedTotal = (if promoted then 0.9 * k else nan)
+      PromotionGain = (if promoted then 1.2 else nan)
+      Lr = 1e-5 / k }
+
+let private acc (top1: int64) : Evaluate.Accuracy = { Top1Correct = top1; Top5Correct = 930L; Count = 932L }
+
+let private progress : Pipeline.Progress =
+    { FpTop1 = 91.63
+      CalibTop1 = 85.3
+      History =
+        [ { Epoch = 1; Iterations = 200L; Mean = stats 1.0 true; Accuracy = Some(acc 840L); LastWeights = None }
+          // not an evaluation epoch, no promotion
+          { Epoch = 2; Iterations = 400L; Mean = stats 2.0 false; Accuracy = None; LastWeights = None }
+          // weight averaging: the average and the last weights
+          { Epoch = 3; Iterations = 600L; Mean = stats 3.0 true; Accuracy = Some(acc 850L); LastWeights = Some(acc 845L) } ]
+      EpochsDone = 3
+      Rollbacks = [ { Epoch = 2; Reason = "loss NaN (kl) at iteration 17"; LrScale = 0.5 } ]
+      Degraded = None }
+
+let private text (o: JsonObject) = o.ToJsonString()
+
+let tests : Test list =
+    [ test "progress → JSON → progress is the same progress (NaN losses as null)" {
+          let j = RunState.progressJson progress
+          match RunState.progressOfJson (JsonNode.Parse(text j).AsObject()) with
+          | Error e -> failtestf "its own JSON did not read back: %s" e
+          | Ok back ->
+              // NaN <> NaN, so compare through the JSON, then the fields that matter one by one
+              Expect.equal (text (RunState.progressJson back)) (text j) "same JSON"
+              Expect.equal back.History.Length 3 "history"
+              Expect.equal back.History[2].LastWeights (Some(acc 845L)) "last weights"
+              Expect.isNone back.History[1].Accuracy "no evaluation"
+              Expect.isTrue (System.Double.IsNaN back.History[1].Mean.PromotionGain) "no promotion: NaN"
+              Expect.equal back.Rollbacks progress.Rollbacks "rollbacks"
+              Expect.equal (back.FpTop1, back.CalibTop1, back.EpochsDone, back.Degraded) (91.63, 85.3, 3, None) "the rest"
+          Expect.isNull ((j["history"].AsArray()[1])["promotion_gain"]) "JSON has no NaN: null"
+          let degraded = { progress with Degraded = Some "gave up" }
+          match RunState.progressOfJson (RunState.progressJson degraded) with
+          | Ok back -> Expect.equal back.Degraded (Some "gave up") "degraded"
+          | Error e -> failtest e
+      }
+      test "a progress with a field missing is an Error naming it" {
+          for key in [ "fp_top1"; "calib_top1"; "history"; "epochs_done" ] do
+              let j = RunState.progressJson progress
+              j.Remove key |> ignore
+              match RunState.progressOfJson j with
+              | Ok _ -> failtestf "read without %s" key
+              | Error e -> Expect.stringContains e key "names the field"
+      }
+      test "the result's report: the headline, the labelled best, the guard" {
+          let r = Pipeline.summarize (Presets.tiny.Apply(Pipeline.defaults Models.Registry.Family.Cifar 10L (Pipeline.synthesized Models.Registry.Family.Cifar))) 1024L progress
+          let j = RunState.resultJson r 4 4 7L 12.5
+          Expect.equal (float (j["final_top1"])) (System.Math.Round((acc 850L).Top1, 4)) "final = the last evaluated epoch"
+          Expect.equal (int (j["best_epoch"])) 3 "best epoch"
+          Expect.stringContains (string (j["best_top1_note"])) "selected on the test set" "best is labelled"
+          Expect.equal (float (j["lr_scale"])) 0.5 "the guard's lr scale"
+          Expect.equal (int (j["rollbacks"]), int64 (j["seed"]), int (j["wbits"])) (1, 7L, 4) "rollbacks, seed, bits"
+          Expect.isNotNull (j["final_last_weights_top1"]) "with averaging, the last weights beside the headline"
+      }
+      test "an iteration's metric: 1-based epoch, global iteration, NaN as null" {
+          let it: FineTune.IterInfo = { Epoch = 1; Iteration = 4; ItersPerEpoch = 10; Stats = stats 1.0 false }
+          let j = RunState.iterationJson it
+          Expect.equal (int (j["epoch"]), int64 (j["iteration"])) (2, 15L) "epoch 2, iteration 15"
+          Expect.isNull (j["promotion_gain"]) "no promotion: null"
+      } ]
