@@ -9,7 +9,7 @@ open System.IO
 open System.Text.Json
 open Expecto
 open Hast.Tests.TestUtil
-open Hast.Tests.ReliabilityTests
+open Hast.Tests.TestRuns
 
 let private ablate (study: string) (test: string) (out: string) (extra: string list) =
     [ "ablate"; study; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out

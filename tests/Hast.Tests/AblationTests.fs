@@ -148,7 +148,7 @@ let tests : Test list =
         let common = [ "--arch"; "cifar-resnet20-a"; "--weights"; "/w.pth"; "--test"; "/t.bin"; "--out"; "/o" ]
         let cases = ([ "ablate" ] @ common, [ "name the study"; "direction|weights" ]) :: [ for args, e in cases -> "ablate" :: List.head args :: common @ List.tail args, e ]
         for args, expect in cases do
-            let code, _, err = ReliabilityTests.runCli args
+            let code, _, err = TestRuns.runCli args
             let lines = err.Split('\n', System.StringSplitOptions.RemoveEmptyEntries)
             Expect.equal code 2 (sprintf "exit code of %A: %s" args err)
             Expect.equal lines.Length 1 (sprintf "one line for %A: %s" args err)

@@ -7,7 +7,7 @@ open System.IO
 open System.Text.Json.Nodes
 open Expecto
 open Hast.Tests.TestUtil
-open Hast.Tests.ReliabilityTests
+open Hast.Tests.TestRuns
 
 /// A tiny store of the shared teacher made by `hast synthesize` (8 samples, 2 iterations, seed 1).
 let private synthesize (dir: TempDir) =
@@ -95,9 +95,10 @@ let tests = [
         // training moves the student: the cosine changes between iteration 0 and 5
         let fa = numbers j["fa_kl"]
         Expect.notEqual fa[0] fa[3] "HAST fine-tuning changes the student"
-        Expect.equal (float (j["settings"]["baseline"]["ce_weight"])) 1.0 "baseline has CE"
-        Expect.isNull (j["settings"]["baseline"]["promotion"]) "baseline has no promotion"
-        Expect.isNotNull (j["settings"]["fine_tune"]["promotion"]) "HAST has promotion"
+        let baseline, hast = j["settings"]["baseline"], j["settings"]["fine_tune"]
+        Expect.equal (float baseline["ce_weight"]) 1.0 "baseline has CE"
+        Expect.isNull baseline["promotion"] "baseline has no promotion"
+        Expect.isNotNull hast["promotion"] "HAST has promotion"
         let md = File.ReadAllText(Path.Combine(out, "gradcos.md"))
         Expect.stringContains md "cos(grad CE, grad KL)" "baseline row"
         Expect.stringContains md "cos(grad FA, grad KL)" "HAST row"

@@ -1,4 +1,5 @@
-/// Tests of `Augment`: random resized crops and flips (shared per batch or per sample).
+/// Tests of `Augment`: random resized crops and flips (shared per batch or per sample), and the
+/// channels-last layout.
 module Hast.Tests.AugmentTests
 
 open Expecto
@@ -17,7 +18,7 @@ let private copies (n: int64) =
     let one = torch.randn([| 1L; 3L; 16L; 12L |], generator = generator 5L)
     one.expand(n, 3L, 16L, 12L).contiguous ()
 
-let tests : Test list =
+let private cropTests : Test list =
     [ for name, crop in [ "shared", sharedCrop; "per-sample", perSampleCrop ] do
           test (sprintf "%s crop keeps the shape and is reproducible from the generator" name) {
               let x = torch.randn([| 4L; 3L; 16L; 12L |], generator = generator 1L)
@@ -59,3 +60,24 @@ let tests : Test list =
           Expect.throwsT<HastError> (fun () -> perSampleCrop (generator 1L) identitySpec (torch.zeros(3L, 8L, 8L)) |> ignore) "3-d input"
       } ]
 
+/// `channelsLast`, the memory layout the fast paths of the losses and quantizers take.
+let private layoutTests : Test list = [
+    test "channelsLast keeps shape, values and gradient, and is a view when already channels-last" {
+        use _ = torch.NewDisposeScope()
+        let x = torch.randn(2L, 3L, 4L, 5L).requires_grad_(true)
+        let c = Augment.channelsLast x
+        Expect.equal c.shape x.shape "shape"
+        Expect.isTrue (same (c.detach ()) (x.detach ())) "values"
+        Expect.equal (c.stride ()) [| 60L; 1L; 15L; 3L |] "NHWC strides"
+        c.sum().backward ()
+        Expect.isTrue (same x.grad (torch.ones_like x)) "gradient"
+        let cd = Augment.channelsLast (x.detach ())
+        let before = cd.clone ()
+        (Augment.channelsLast cd).add_((1.0).ToScalar()) |> ignore
+        Expect.isTrue (same cd (before + 1.0)) "no copy when already channels-last (a view of the same memory)"
+        let v = torch.randn(3L, 4L)
+        Expect.isTrue (obj.ReferenceEquals(Augment.channelsLast v, v)) "non-4-d tensors unchanged"
+    }
+]
+
+let tests : Test list = cropTests @ layoutTests

@@ -12,7 +12,7 @@ open FsCheck
 open FsCheck.FSharp
 open Hast.Core
 open Hast.Tests.TestUtil
-open Hast.Tests.ReliabilityTests
+open Hast.Tests.TestRuns
 
 let private pol = Budget.measured
 

@@ -1,5 +1,6 @@
 /// Tests of `Models/CifarResNet`: the akamaster (option A) and pytorchcv CIFAR ResNets: state_dict
-/// names, order and shapes as the published checkpoints, depths, parameter counts.
+/// names, order and shapes as the published checkpoints, depths, parameter counts; the shared model's
+/// logits on channels-last input.
 module Hast.Tests.CifarResNetTests
 
 open Expecto
@@ -105,4 +106,15 @@ let tests : Test list =
           Expect.equal out.Logits.shape [| 2L; 10L |] "logits"
           Expect.equal out.Blocks.Length 9 "blocks"
           Expect.equal out.Bn.Length 19 "bn taps"
+      }
+
+      test "the shared model gives the same logits on channels-last input" {
+          use _ = torch.NewDisposeScope()
+          let net = TestUtil.loadSharedModel ()
+          torch.random.manual_seed 14L |> ignore
+          let x = torch.randn(8L, 3L, 32L, 32L)
+          use _ng = torch.no_grad ()
+          let a = net.forward x
+          let b = net.forward (Augment.channelsLast x)
+          Expect.isLessThan (maxAbsDiff a b) 1e-4 "logits"
       } ]

@@ -6,7 +6,7 @@ open System.IO
 open System.Text.Json
 open Expecto
 open Hast.Tests.TestUtil
-open Hast.Tests.ReliabilityTests
+open Hast.Tests.TestRuns
 
 /// The settings of the tiny run (every hyper-parameter visible here). W3A3, where calibration alone
 /// loses the most, so fine-tuning has something to recover within ~100 iterations.

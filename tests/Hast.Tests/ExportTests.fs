@@ -13,7 +13,7 @@ open Microsoft.ML.OnnxRuntime
 open Hast.Core
 open Hast.Onnx
 open Hast.Tests.TestUtil
-open Hast.Tests.ReliabilityTests
+open Hast.Tests.TestRuns
 
 /// Calibration images: `n` CIFAR-10 training images (the shared JPEG copies, spread over all classes),
 /// one per calibration batch as `hast quantize` calibrates by default. Real-looking inputs give a
@@ -360,7 +360,7 @@ let graphTests =
                 use s = OnnxTests.session level model
                 let got = s.Run x
                 Expect.equal got.shape expected.shape (sprintf "%s logits shape (seed %d)" t.Name seed)
-                let d = OnnxTests.maxAbsDiff got expected
+                let d = maxAbsDiff got expected
                 printfn "  %s %A (seed %d): max |logit| %.3f, max |diff| %.2e" t.Name level seed (scalar (expected.abs().max())) d
                 Expect.isLessThanOrEqual d 1e-4 (sprintf "%s FP logits within 1e-4 at %A (seed %d)" t.Name level seed)
       }
@@ -376,11 +376,11 @@ let graphTests =
             use s0 = OnnxTests.session Runtime.Disabled model
             let reference = s0.Run x
             let top = max 1.0 (scalar (expected.abs().max()))
-            let d = OnnxTests.maxAbsDiff reference expected
+            let d = maxAbsDiff reference expected
             let levelDiffs =
                 [ for level in OnnxTests.allLevels ->
                     use s = OnnxTests.session level model
-                    level, OnnxTests.maxAbsDiff (s.Run x) reference ]
+                    level, maxAbsDiff (s.Run x) reference ]
             printfn "  %s W4A4 (seed %d): max |logit| %.3f, Hast vs ONNX Runtime %.2e; levels vs disabled %A" t.Name seed top d levelDiffs
             // as OnnxTests' quantized architectures: codes may flip where libtorch and ONNX Runtime round a sum differently
             Expect.isLessThanOrEqual d (0.05 * top) (sprintf "%s W4A4 close to Hast (seed %d)" t.Name seed)

@@ -61,7 +61,7 @@ let private attempt (limit: TimeSpan) (read: unit -> Outcome) : Result<Outcome, 
 
 let private sameTensors (a: Collections.Generic.IDictionary<string, torch.Tensor>) (b: Collections.Generic.IDictionary<string, torch.Tensor>) =
     a.Count = b.Count
-    && a |> Seq.forall (fun kv -> b.ContainsKey kv.Key && ReliabilityTests.identical kv.Value b[kv.Key])
+    && a |> Seq.forall (fun kv -> b.ContainsKey kv.Key && identical kv.Value b[kv.Key])
 
 let private disposeAll (d: Collections.Generic.IDictionary<string, torch.Tensor>) = for t in d.Values do t.Dispose()
 
@@ -82,8 +82,8 @@ let fuzzTest =
         printfn "  fuzz seed %d (HAST_FUZZ_SEED=%d reproduces this run)" fuzzSeed fuzzSeed
         let rng = Random(fuzzSeed)
         // originals
-        let ckPath = ReliabilityTests.makeCheckpoint (d.File "original.ckpt")
-        let storeDir = ReliabilityTests.makeStore (d.File "store")
+        let ckPath = TestRuns.makeCheckpoint (d.File "original.ckpt")
+        let storeDir = TestRuns.makeStore (d.File "store")
         let store = Hast.App.IO.SampleStore.Open storeDir
         let storeAll () =
             let s = Hast.App.IO.SampleStore.Open storeDir
@@ -99,7 +99,7 @@ let fuzzTest =
         let sameStore () =
             let s, (i, l, df) = storeAll ()
             try
-                if ReliabilityTests.identical i sImg && ReliabilityTests.identical l sLab && ReliabilityTests.identical df sDif
+                if identical i sImg && identical l sLab && identical df sDif
                    && s.Classes = store.Classes && s.ImageShape = store.ImageShape && s.TeacherInfo = store.TeacherInfo
                 then Same else Altered
             finally

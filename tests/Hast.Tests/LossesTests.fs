@@ -176,4 +176,27 @@ let private hardnessTests : Test list =
           let wl, wh = w[0].item<float> (), w[1].item<float> ()
           wl >= wh && wh >= 0.0 && wl <= 1.0 ]
 
-let tests : Test list = hardnessTests @ fineTuneLossTests
+/// The fast batch statistics against the plain formula they replaced.
+let private fastPathTests : Test list = [
+    test "batchStats matches mean and biased variance (values and gradients), NCHW and channels-last" {
+        use _ = torch.NewDisposeScope()
+        torch.random.manual_seed 13L |> ignore
+        let x0 = torch.randn(6L, 5L, 4L, 3L) * 3.0 + 2.0
+        let dims = [| 0L; 2L; 3L |]
+        let reference (x: Tensor) = x.mean(dims), x.var(dims, false, false)
+        let run (stats: Tensor -> Tensor * Tensor) (x: Tensor) =
+            let x = x.detach().requires_grad_(true)
+            let m, v = stats x
+            let w = torch.arange(5L).to_type(torch.float32)
+            ((m * w).sum() + (v * (w + 1.0)).sum()).backward ()
+            m.detach (), v.detach (), x.grad
+        let mr, vr, gr = run reference x0
+        for (name, x) in [ "NCHW", x0; "channels-last", toChannelsLast x0 ] do
+            let m, v, g = run Losses.batchStats x
+            Expect.isLessThan (maxAbsDiff m mr) 1e-5 (name + " mean")
+            Expect.isLessThan (maxAbsDiff v vr) 1e-4 (name + " variance")
+            Expect.isLessThan (maxAbsDiff g gr) 1e-4 (name + " gradient")
+    }
+]
+
+let tests : Test list = hardnessTests @ fineTuneLossTests @ fastPathTests

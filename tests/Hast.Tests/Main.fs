@@ -7,7 +7,7 @@ open Expecto.Impl
 
 let all =
     testList "hast" [
-        // core modules, one list per module (src/Hast.Core/*.fs and Models/*.fs)
+        // Hast.Core, one list per module in its compile order (src/Hast.Core/*.fs and Models/*.fs)
         testList "prelude" PreludeTests.tests
         testList "layers" LayersTests.tests
         testList "quantizers" QuantizersTests.tests
@@ -32,24 +32,27 @@ let all =
         testList "run state" RunStateTests.tests
         testList "run plan" RunPlanTests.tests
         testList "presets" PresetsTests.tests
+        // the sweeps (Ablation) with `hast ablate` end to end (AblateTests, Hast.Cli): one list, one name
+        testList "ablate" (AblationTests.tests @ AblateTests.tests)
         testList "study" StudyTests.tests
-        testList "analyze" AnalyzeTests.tests
-        // the shell and whole runs
-        testList "weights" WeightTests.tests
-        testList "store" StoreTests.tests
-        testList "download" DownloadTests.tests
-        testList "cli" (CliTests.tests @ CliTests.configTests @ CliTests.modelFlagTests)
-        testList "perf" PerfTests.tests
-        testList "reliability" ReliabilityTests.tests
-        testList "conv routing" ConvRoutingTests.tests
-        testList "fuzz" FuzzTests.tests
-        testList "end to end" EndToEndTests.tests
+        testList "analysis" AnalysisTests.tests
+        // Hast.Onnx
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
         testList "export graph" ExportTests.graphTests
         testList "onnx import" ImportTests.tests
+        // Hast.Cli
+        testList "analyze" AnalyzeTests.tests
+        testList "cli" (CliTests.tests @ CliTests.configTests @ CliTests.modelFlagTests)
+        // the shell (Hast.App) and whole runs
+        testList "weights" WeightTests.tests
+        testList "store" StoreTests.tests
+        testList "download" DownloadTests.tests
+        testList "conv routing" ConvRoutingTests.tests
         testList "your own model" ModelFilesTests.tests
-        testList "ablate" (AblationTests.tests @ AblateTests.tests)
+        testList "reliability" ReliabilityTests.tests
+        testList "fuzz" FuzzTests.tests
+        testList "end to end" EndToEndTests.tests
     ]
 
 [<EntryPoint>]

@@ -6,7 +6,7 @@ open System.IO
 open System.Text.Json
 open Expecto
 open Hast.Tests.TestUtil
-open Hast.Tests.ReliabilityTests
+open Hast.Tests.TestRuns
 
 let tests : Test list =
     [ testCase "your own model: hast run --model FILE.onnx -> a checkpoint that needs no ONNX file -> export -> ONNX Runtime agrees" <| fun () ->

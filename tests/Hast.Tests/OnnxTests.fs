@@ -49,9 +49,6 @@ let randomizeBn (seed: int64) (net: Net) =
             bn.bias.copy_(torch.randn([| c |], generator = g) * 0.1f) |> ignore
         | _ -> ()
 
-/// Largest |a - b| of two logit tensors.
-let maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) = scalar ((a - b).abs().max())
-
 let codeTests =
     [ test "integer codes give Hast's fake-quantized weight bit for bit (every supported width, 2..8 bits)" {
         let seed = 20260312L

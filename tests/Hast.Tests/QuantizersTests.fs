@@ -332,4 +332,49 @@ let private layerTests =
               let left = leftForFinalizer calls f
               Expect.isLessThan left (int64 calls) (sprintf "%s: %d objects left to the finalizer by %d calls (fewer than one a call expected)" what left calls) ]
 
-let tests : Test list = propertyTests @ actTests @ layerTests
+// ---------- the fast paths against the plain formulas they replaced ----------
+
+/// The out-of-place fake quantizer (the original formula), values only.
+let private referenceQuant (x: Tensor) (lo: Tensor) (hi: Tensor) (bits: int) =
+    let scale, zp = Quantizers.qparams lo hi bits
+    let qmax = float ((1L <<< bits) - 1L)
+    let q = (x.detach() / scale).round().add(zp).clamp((0.0).ToScalar(), qmax.ToScalar())
+    (q - zp) * scale
+
+let private fastPathTests : Test list = [
+    test "fakeQuant equals the out-of-place formula bit for bit and passes the gradient unchanged" {
+        use _ = torch.NewDisposeScope()
+        torch.random.manual_seed 11L |> ignore
+        for bits in [ 2; 3; 4; 8 ] do
+            for mag in [ 0.01; 1.0; 40.0 ] do
+                let x = (torch.randn(4L, 8L, 5L, 5L) * mag).requires_grad_(true)
+                let lo, hi = torch.tensor(-0.7 * mag), torch.tensor(1.3 * mag)
+                let y = Quantizers.fakeQuant x lo hi bits
+                Expect.isTrue (same (y.detach ()) (referenceQuant x lo hi bits)) (sprintf "values, %d bits, scale %g" bits mag)
+                let g = torch.randn(4L, 8L, 5L, 5L)
+                (y * g).sum().backward ()
+                Expect.isTrue (same x.grad g) "identity gradient (also outside the range)"
+                // channels-last input: same values, and the layout is kept
+                let xc = toChannelsLast (x.detach ())
+                let yc = Quantizers.fakeQuant xc lo hi bits
+                Expect.isTrue (same yc (y.detach ())) "channels-last input gives the same values"
+                Expect.equal (yc.stride ()) (xc.stride ()) "layout preserved"
+    }
+    test "weightFakeQuant equals per-channel min/max quantization by the formula" {
+        use _ = torch.NewDisposeScope()
+        torch.random.manual_seed 12L |> ignore
+        let w = (torch.randn(6L, 3L, 3L, 3L) * torch.linspace(0.01, 5.0, 6L).view(6L, 1L, 1L, 1L)).requires_grad_(true)
+        for bits in [ 2; 4; 8 ] do
+            let y = Quantizers.weightFakeQuant w bits
+            let d = w.detach ()
+            let lo, hi = d.amin([| 1L; 2L; 3L |], keepdim = true), d.amax([| 1L; 2L; 3L |], keepdim = true)
+            Expect.isTrue (same (y.detach ()) (referenceQuant w lo hi bits)) (sprintf "%d bits" bits)
+        let lin = torch.randn(5L, 7L)
+        let d = lin.detach ()
+        Expect.isTrue
+            (same (Quantizers.weightFakeQuant lin 4) (referenceQuant lin (d.amin([| 1L |], keepdim = true)) (d.amax([| 1L |], keepdim = true)) 4))
+            "2-d (linear) weight"
+    }
+]
+
+let tests : Test list = propertyTests @ actTests @ layerTests @ fastPathTests

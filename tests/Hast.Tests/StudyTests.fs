@@ -5,41 +5,7 @@ open Expecto
 open TorchSharp
 open TorchSharp.Modules
 open Hast.Core
-
-/// conv 3x3 (2->3) - BN - act - linear (3*4*4 -> 5) on 2x4x4 inputs; the BN output is recorded as a
-/// block (for feature alignment) and as a BN tap.
-type private TinyNet(kit: LayerKit) as this =
-    inherit Net("tiny")
-    let conv = kit.Conv(ConvSpec.make 2L 3L 3L 1L 1L)
-    let bn = torch.nn.BatchNorm2d(3L)
-    let act = kit.Act Relu
-    let fc = kit.Linear 48L 5L
-    do
-        this.register_module("conv", conv)
-        this.register_module("bn", bn)
-        this.register_module("act", act)
-        this.register_module("fc", fc)
-    override _.Run(x: Tensor, tape: Tape) : Tensor =
-        let h = act.forward (tape.Block(tape.Bn(bn, conv.forward x)))
-        fc.forward (h.flatten(1L))
-
-/// A tiny net in float64 and eval mode, with seeded weights and non-trivial BN statistics.
-let private tiny (seed: int64) (kit: LayerKit) : Net =
-    torch.random.manual_seed seed |> ignore
-    let n = new TinyNet(kit)
-    n.``to``(torch.float64) |> ignore
-    use _ = torch.no_grad ()
-    for struct (name, b) in n.named_buffers () do
-        if name = "bn.running_mean" then b.copy_(torch.randn(3L, dtype = torch.float64) * 0.1) |> ignore
-        if name = "bn.running_var" then b.copy_(torch.rand(3L, dtype = torch.float64) + 0.5) |> ignore
-    for struct (name, p) in n.named_parameters () do
-        if name.StartsWith "bn." then p.copy_(torch.randn_like(p) * 0.2 + (if name.EndsWith "weight" then 1.0 else 0.0)) |> ignore
-    n.eval ()
-    n :> Net
-
-let private input (seed: int64) (batch: int64) =
-    torch.random.manual_seed seed |> ignore
-    torch.randn([| batch; 2L; 4L; 4L |], dtype = torch.float64)
+open Hast.Tests.TestUtil
 
 /// Cross entropy of the tiny net on a fixed batch (exercises conv2d, BN in eval, ReLU, log_softmax).
 let private ceLoss (net: Net) (x: Tensor) (y: Tensor) = torch.nn.functional.cross_entropy(net.forward x, y)
@@ -92,8 +58,8 @@ let gradientTests = [
     }
     test "gradient cosine on a net equals the cosine of backward() gradients, .grad untouched" {
         use _ = torch.NewDisposeScope()
-        let net = tiny 1L LayerKit.fullPrecision
-        let x = input 2L 6L
+        let net = tinyNet 1L LayerKit.fullPrecision
+        let x = tinyInput 2L 6L
         let a = ceLoss net x labels
         let b = (let o = net.forward x in (o * o).mean())
         let cos = Study.gradientCosine net a b
@@ -113,10 +79,10 @@ let gradientTests = [
     }
     test "termCosines: KL vs FA is a cosine, ε = 0 promotion gives clean = perturbed, modes restored" {
         use _ = torch.NewDisposeScope()
-        let teacher = tiny 1L LayerKit.fullPrecision
-        let student = tiny 4L LayerKit.fullPrecision
+        let teacher = tinyNet 1L LayerKit.fullPrecision
+        let student = tinyNet 4L LayerKit.fullPrecision
         student.train ()
-        let x = input 2L 6L
+        let x = tinyInput 2L 6L
         let promo eps : Promotion.Promotion option =
             Some { Promotion.defaults with Epsilon = eps }
         let c = { FineTune.defaults with Promotion = promo 0.0 }
@@ -139,8 +105,8 @@ let gradientTests = [
 let hessianTests = [
     test "H·v by double backward matches a finite difference of gradients (conv, BN eval, ReLU, log_softmax)" {
         use _ = torch.NewDisposeScope()
-        let net = tiny 1L LayerKit.fullPrecision
-        let x = input 2L 6L
+        let net = tinyNet 1L LayerKit.fullPrecision
+        let x = tinyInput 2L 6L
         let ps = Study.parameters net
         use h = new Study.HessianOperator(ps, ceLoss net x labels)
         use gen = generator 5L
@@ -166,8 +132,8 @@ let hessianTests = [
     }
     test "through the STE weight quantizer, H equals the FP Hessian at the dequantized weights" {
         use _ = torch.NewDisposeScope()
-        let q = tiny 1L (Quantizers.LayerKit.quantized 4 32)
-        let fp = tiny 2L LayerKit.fullPrecision
+        let q = tinyNet 1L (Quantizers.LayerKit.quantized 4 32)
+        let fp = tinyNet 2L LayerKit.fullPrecision
         do
             use _ = torch.no_grad ()
             let qs = q.state_dict ()
@@ -175,7 +141,7 @@ let hessianTests = [
                 let src = qs[k]
                 let v = if k = "conv.weight" || k = "fc.weight" then Quantizers.weightFakeQuant src 4 else src
                 t.copy_(v) |> ignore
-        let x = input 2L 6L
+        let x = tinyInput 2L 6L
         use hq = new Study.HessianOperator(Study.parameters q, ceLoss q x labels)
         use hf = new Study.HessianOperator(Study.parameters fp, ceLoss fp x labels)
         Expect.isLessThan (relErr hq.Gradient hf.Gradient) 1e-10 "same gradient"
@@ -189,9 +155,9 @@ let hessianTests = [
     }
     test "Hessian of a W4A4 net (activation STE) is symmetric: uᵀHv = vᵀHu" {
         use _ = torch.NewDisposeScope()
-        let q = tiny 1L (Quantizers.LayerKit.quantized 4 4)
-        Quantize.calibrate torch.CPU q [ input 7L 8L ]
-        let x = input 2L 6L
+        let q = tinyNet 1L (Quantizers.LayerKit.quantized 4 4)
+        Quantize.calibrate torch.CPU q [ tinyInput 7L 8L ]
+        let x = tinyInput 2L 6L
         use h = new Study.HessianOperator(Study.parameters q, ceLoss q x labels)
         use gen = generator 8L
         let u = torch.randn([| h.Dimension |], dtype = torch.float64, generator = gen)
@@ -278,9 +244,9 @@ let hessianTests = [
     }
     test "the three estimators against the explicit Hessian of a tiny W4A4 net (seeds 3, 4, 5)" {
         use _ = torch.NewDisposeScope()
-        let q = tiny 1L (Quantizers.LayerKit.quantized 4 4)
-        Quantize.calibrate torch.CPU q [ input 7L 8L ]
-        let x = input 2L 6L
+        let q = tinyNet 1L (Quantizers.LayerKit.quantized 4 4)
+        Quantize.calibrate torch.CPU q [ tinyInput 7L 8L ]
+        let x = tinyInput 2L 6L
         use h = new Study.HessianOperator(Study.parameters q, ceLoss q x labels)
         let n = h.Dimension
         // the explicit Hessian, one column per unit vector

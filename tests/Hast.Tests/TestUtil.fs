@@ -83,6 +83,18 @@ let loadSharedTest () : torch.Tensor * torch.Tensor =
 let sameValues (a: torch.Tensor) (b: torch.Tensor) =
     a.shape = b.shape && (use e = a.eq b in use al = e.all () in al.item<bool> ())
 
+/// Same shape, dtype and values, bit for bit.
+let identical (x: torch.Tensor) (y: torch.Tensor) =
+    x.shape = y.shape && x.dtype = y.dtype
+    && (use e = x.eq(y) in use a = e.all() in a.item<bool>())
+
+/// The largest absolute difference of two tensors of one shape.
+let maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) = scalar ((a - b).abs().max())
+
+/// A copy of the NCHW tensor `x` in channels-last memory (NHWC strides), made by hand rather than by
+/// `Augment.channelsLast`, so that tests of the fast paths do not depend on what they test.
+let toChannelsLast (x: torch.Tensor) = x.permute(0L, 2L, 3L, 1L).contiguous().permute(0L, 3L, 1L, 2L)
+
 /// True when `f` raises a user error: a HastError or an InvalidSetting (anything else propagates).
 /// Run `f` on one intra-op thread (the previous count restored afterwards, also on failure): runs that
 /// are compared bit for bit must not depend on how a kernel splits its work between threads (two
@@ -181,6 +193,45 @@ type ToyNet(kit: bool) as this =
         this.register_module("fc", fc)
         this.register_module("bn", bn)
     override _.Run(x, _) = bn.forward (fc.forward x)
+
+// ---------------------------------------------------------------------------------------------
+// A tiny float64 network for exact derivative checks (Study, Analysis)
+
+/// conv 3x3 (2->3) - BN - act - linear (3*4*4 -> 5) on 2x4x4 inputs; the BN output is recorded as a
+/// block (for feature alignment) and as a BN tap.
+type TinyNet(kit: LayerKit) as this =
+    inherit Net("tiny")
+    let conv = kit.Conv(ConvSpec.make 2L 3L 3L 1L 1L)
+    let bn = torch.nn.BatchNorm2d(3L)
+    let act = kit.Act Relu
+    let fc = kit.Linear 48L 5L
+    do
+        this.register_module("conv", conv)
+        this.register_module("bn", bn)
+        this.register_module("act", act)
+        this.register_module("fc", fc)
+    override _.Run(x: Tensor, tape: Tape) : Tensor =
+        let h = act.forward (tape.Block(tape.Bn(bn, conv.forward x)))
+        fc.forward (h.flatten(1L))
+
+/// A tiny net in float64 and eval mode, with seeded weights and non-trivial BN statistics.
+let tinyNet (seed: int64) (kit: LayerKit) : Net =
+    torch.random.manual_seed seed |> ignore
+    let n = new TinyNet(kit)
+    n.``to``(torch.float64) |> ignore
+    use _ = torch.no_grad ()
+    for struct (name, b) in n.named_buffers () do
+        if name = "bn.running_mean" then b.copy_(torch.randn(3L, dtype = torch.float64) * 0.1) |> ignore
+        if name = "bn.running_var" then b.copy_(torch.rand(3L, dtype = torch.float64) + 0.5) |> ignore
+    for struct (name, p) in n.named_parameters () do
+        if name.StartsWith "bn." then p.copy_(torch.randn_like(p) * 0.2 + (if name.EndsWith "weight" then 1.0 else 0.0)) |> ignore
+    n.eval ()
+    n :> Net
+
+/// A seeded float64 batch of `batch` inputs of the tiny net (2x4x4).
+let tinyInput (seed: int64) (batch: int64) =
+    torch.random.manual_seed seed |> ignore
+    torch.randn([| batch; 2L; 4L; 4L |], dtype = torch.float64)
 
 // ---------------------------------------------------------------------------------------------
 // Model helpers shared by the tests of the model modules (CifarResNet, ResNet, MobileNetV2, Registry).

@@ -59,7 +59,7 @@ public static class SynthesizeCommand
     {
         using var sink = StoreSink.Open(teacher, cfg, dir, stdout);
         Pipeline.synthesize(device, teacher.Net, teacher.Arch.Input.Size, cfg, sink.Hooks(null),
-            FuncConvert.FromFunc<Pipeline.SynthesisTiming, int, FSharpOption<int>>((_, _) => null), FuncConvert.FromAction<Pipeline.Event>(sink.OnEvent));
+            FuncConvert.FromFunc<Pipeline.SynthesisTiming, int, FSharpOption<int>>((_, _) => FSharpOption<int>.None), FuncConvert.FromAction<Pipeline.Event>(sink.OnEvent));
         sink.Finish();
         return sink.Store;
     }
