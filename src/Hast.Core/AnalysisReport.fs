@@ -8,18 +8,7 @@ open System.Globalization
 open System.Text
 open System.Text.Json.Nodes
 open Hast.Core
-
-let private num (v: float) : JsonNode = JsonValue.Create v
-let private int' (v: int) : JsonNode = JsonValue.Create v
-let private str (v: string) : JsonNode = JsonValue.Create v
-/// null for NaN and the infinities (JSON has neither)
-let finite (v: float) : JsonNode = if Double.IsFinite v then num v else null
-let private array (xs: float seq) : JsonNode = JsonArray(xs |> Seq.map finite |> Array.ofSeq)
-
-let private obj (fields: (string * JsonNode) list) : JsonObject =
-    let o = JsonObject()
-    for k, v in fields do o[k] <- v
-    o
+open Hast.Core.JsonRecord
 
 /// A number for a table: 4 significant digits, "-" when not finite.
 let g (v: float) = if Double.IsFinite v then v.ToString("G4", CultureInfo.InvariantCulture) else "-"
@@ -50,23 +39,23 @@ let shape (sp: Analysis.Spectrum) : Shape =
 /// One loss's spectrum in hessian.json (`weight`: the factor the term carries in the fine-tuning loss).
 let spectrumJson (sp: Analysis.Spectrum) (weight: float) : JsonObject =
     obj [ "loss_value", finite sp.Value
-          "eigenvalues", JsonArray(sp.Density.Runs |> List.map (fun r -> array r.Nodes) |> Array.ofList)
-          "density_weights", JsonArray(sp.Density.Runs |> List.map (fun r -> array r.Weights) |> Array.ofList)
+          "eigenvalues", JsonArray(sp.Density.Runs |> List.map (fun r -> finites r.Nodes) |> Array.ofList)
+          "density_weights", JsonArray(sp.Density.Runs |> List.map (fun r -> finites r.Weights) |> Array.ofList)
           "top_eigenvalue", finite sp.Top.Value
           "top_eigenvalue_iterations", int' sp.Top.Iterations
-          "top_eigenvalue_converged", JsonValue.Create sp.Top.Converged
+          "top_eigenvalue_converged", flag sp.Top.Converged
           "trace", finite sp.Trace.Estimate
           "trace_standard_error", finite sp.Trace.StandardError
           "trace_probes", int' sp.Trace.Samples.Length
           "quadrature_trace", finite (Study.densityTrace sp.Density)
           "sigma_squared", num sp.SigmaSquared
-          "grid", array sp.Grid
-          "density", array sp.DensityValues
+          "grid", finites sp.Grid
+          "density", finites sp.DensityValues
           "loss_weight", num weight ]
 
 /// The `spectrum` metric of one loss.
 let spectrumMetric (sp: Analysis.Spectrum) : JsonObject =
-    obj [ "loss", str (Analysis.lossName sp.Loss)
+    obj [ "loss", text (Analysis.lossName sp.Loss)
           "value", finite sp.Value
           "top_eigenvalue", finite sp.Top.Value
           "trace", finite sp.Trace.Estimate
@@ -152,7 +141,7 @@ let cosineLine (r: CosineRun) : string =
 
 /// The `cosine` metric of one measurement.
 let cosineMetric (run: string) (q: Analysis.CosinePoint) (stats: FineTune.StepStats) : JsonObject =
-    obj [ "run", str run
+    obj [ "run", text run
           "iteration", int' q.Iteration
           "cosine", finite q.Comparison.Cosine
           "norm_a", num q.Comparison.NormA
@@ -170,13 +159,13 @@ let fineTuneJson (f: FineTune.Config) : JsonObject =
           "schedule",
           (match f.Schedule with
            | FineTune.MultiStep(milestones, decay) ->
-               obj [ "kind", str "multistep"; "milestones", JsonArray(milestones |> List.map int' |> Array.ofList); "decay", num decay ]
-           | FineTune.Cosine floor -> obj [ "kind", str "cosine"; "floor", num floor ])
+               obj [ "kind", text "multistep"; "milestones", JsonArray(milestones |> List.map int' |> Array.ofList); "decay", num decay ]
+           | FineTune.Cosine floor -> obj [ "kind", text "cosine"; "floor", num floor ])
           "temperature", num f.Temperature
           "alpha", num f.Alpha
           "lambda", num f.Lambda
           "alignment",
-          str (
+          text (
               match f.Alignment with
               | FineTune.Relaxed -> "relaxed"
               | FineTune.Direct -> "direct"
@@ -187,8 +176,8 @@ let fineTuneJson (f: FineTune.Config) : JsonObject =
           (match f.Promotion with
            | Some p ->
                obj [ "epsilon", num p.Epsilon
-                     "direction", str (Promotion.directionName p.Direction)
-                     "grad", str (Promotion.gradName p.Grad)
+                     "direction", text (Promotion.directionName p.Direction)
+                     "grad", text (Promotion.gradName p.Grad)
                      "a", num p.CleanWeight
                      "b", num p.PerturbedWeight ]
                :> JsonNode
@@ -204,10 +193,10 @@ let gradcosJson (settings: JsonObject) (seed: int64) (runs: CosineRun list) : Js
               "seed", JsonValue.Create seed
               "iterations", JsonArray(match runs with r :: _ -> r.Points |> List.map (fun q -> int' q.Iteration) |> Array.ofList | [] -> [||]) ]
     for r in runs do
-        o[r.Key] <- array (cosines r)
+        o[r.Key] <- finites (cosines r)
         o[r.Key + "_norms"] <-
-            obj [ "a", array (r.Points |> List.map (fun q -> q.Comparison.NormA))
-                  "b", array (r.Points |> List.map (fun q -> q.Comparison.NormB)) ]
+            obj [ "a", finites (r.Points |> List.map (fun q -> q.Comparison.NormA))
+                  "b", finites (r.Points |> List.map (fun q -> q.Comparison.NormB)) ]
     let summary = JsonObject()
     for r in runs do
         let s = cosineSummary (cosines r)

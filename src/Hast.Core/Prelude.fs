@@ -116,3 +116,21 @@ module Stats =
 
     /// The median (the mean of the two middle values of an even count).
     let median (xs: float seq) : float = percentile 0.5 xs
+
+/// JSON records built field by field: the run's files (`RunState`, `RunPlan`), the reports of
+/// `hast ablate` and `hast analyze`. JSON has no NaN: `finite` writes null for it.
+module JsonRecord =
+    open System.Text.Json.Nodes
+
+    let obj (fields: (string * JsonNode) list) : JsonObject =
+        let o = JsonObject()
+        for k, v in fields do o[k] <- v
+        o
+    let num (v: float) : JsonNode = JsonValue.Create v
+    let int' (v: int) : JsonNode = JsonValue.Create v
+    let count (v: int64) : JsonNode = JsonValue.Create v
+    let text (v: string) : JsonNode = JsonValue.Create v
+    let flag (v: bool) : JsonNode = JsonValue.Create v
+    /// null for NaN and the infinities
+    let finite (v: float) : JsonNode = if Double.IsFinite v then num v else null
+    let finites (xs: float seq) : JsonNode = JsonArray(xs |> Seq.map finite |> Array.ofSeq)

@@ -13,6 +13,7 @@ open System.Text.Json.Nodes
 open TorchSharp
 open Hast.Core
 open Hast.Core.Models
+open Hast.Core.JsonRecord
 
 // ------------------------------------------------------------------------------------------------
 // the probes
@@ -137,12 +138,6 @@ type Record =
       ReplannedEpochs: EpochsReplan option }
 
 let private r6 (v: float) = Math.Round(v, 6)
-let private num (v: float) : JsonNode = JsonValue.Create v
-let private int' (v: int) : JsonNode = JsonValue.Create v
-let private obj (fields: (string * JsonNode) list) : JsonObject =
-    let o = JsonObject()
-    for k, v in fields do o[k] <- v
-    o
 
 let synthesisReplanJson (r: SynthesisReplan) =
     obj [ "samples_held", int' r.SamplesHeld

@@ -6,18 +6,8 @@ module Hast.Core.RunState
 open System
 open System.Text.Json.Nodes
 open Hast.Core
+open Hast.Core.JsonRecord
 
-let private num (v: float) : JsonNode = JsonValue.Create v
-let private count (v: int64) : JsonNode = JsonValue.Create v
-let private int' (v: int) : JsonNode = JsonValue.Create v
-let private text (v: string) : JsonNode = JsonValue.Create v
-/// null for NaN and the infinities (a loss without promotion is NaN; JSON has no NaN)
-let finite (v: float) : JsonNode = if Double.IsFinite v then num v else null
-
-let private obj (fields: (string * JsonNode) list) : JsonObject =
-    let o = JsonObject()
-    for k, v in fields do o[k] <- v
-    o
 
 let private field (o: JsonObject) (key: string) : JsonNode =
     match o[key] with

@@ -7,6 +7,7 @@ module Hast.Core.Sweep
 open System
 open System.Text.Json.Nodes
 open Hast.Core.Ablation
+open Hast.Core.JsonRecord
 
 /// How a point's fine-tuning went (the divergence guard of `Pipeline.run`).
 type PointStatus =
@@ -229,8 +230,6 @@ type Header =
       ABits: int
       Seeds: int64 list }
 
-let private finite (v: float) : JsonNode = if Double.IsFinite v then JsonValue.Create v else null
-
 let rowsOf (h: Header) (dones: Done list) = rows h.Grid h.WBits h.ABits (dones |> List.map (fun d -> d.Point, d.Result))
 
 /// The sweep's table (table.md, and printed at the end).
@@ -240,62 +239,54 @@ let table (h: Header) (dones: Done list) : string =
 
 /// results.json: the set-up, one row per grid value, every point with its settings and result.
 let resultsJson (h: Header) (dones: Done list) : JsonObject =
-    let o (fields: (string * JsonNode) list) =
-        let j = JsonObject()
-        for k, v in fields do j[k] <- v
-        j
-    let i (x: int) : JsonNode = JsonValue.Create x
-    let l (x: int64) : JsonNode = JsonValue.Create x
-    let f (x: float) : JsonNode = JsonValue.Create x
-    let b (x: bool) : JsonNode = JsonValue.Create x
-    let str (x: string) : JsonNode = JsonValue.Create x
     let arr (xs: JsonNode seq) : JsonNode = JsonArray(Array.ofSeq xs)
-    o [ "study", str (studyName h.Study)
-        "title", str (studyTitle h.Study)
-        "budget", str (budgetName h.Budget)
-        "arch", str h.Model
-        "weights", str h.Weights
-        "test", str h.Test
-        "wbits", i h.WBits
-        "abits", i h.ABits
-        "seeds", arr (h.Seeds |> List.map l)
-        "paper_note", str (paperNote h.Study)
+    let o = obj
+    o [ "study", text (studyName h.Study)
+        "title", text (studyTitle h.Study)
+        "budget", text (budgetName h.Budget)
+        "arch", text h.Model
+        "weights", text h.Weights
+        "test", text h.Test
+        "wbits", int' h.WBits
+        "abits", int' h.ABits
+        "seeds", arr (h.Seeds |> List.map count)
+        "paper_note", text (paperNote h.Study)
         "rows",
         arr (
             rowsOf h dones
             |> List.map (fun row ->
-                o [ "label", str row.Label
-                    "parameter", str (parameter row.Setting)
-                    "value", (match numericValue row.Setting with Some x -> f x | None -> null)
-                    "n", i row.N
+                o [ "label", text row.Label
+                    "parameter", text (parameter row.Setting)
+                    "value", (match numericValue row.Setting with Some x -> num x | None -> null)
+                    "n", int' row.N
                     "mean_top1", finite row.Mean
                     "std_top1", finite row.Std
                     "calib_mean_top1", finite row.CalibMean
-                    "diverged", i row.Diverged
-                    "recovered", i row.Recovered
-                    "paper_top1", (match row.Paper with Some x -> f x | None -> null) ]
+                    "diverged", int' row.Diverged
+                    "recovered", int' row.Recovered
+                    "paper_top1", (match row.Paper with Some x -> num x | None -> null) ]
                 :> JsonNode)
         )
         "points",
         arr (
             dones
             |> List.map (fun d ->
-                o [ "label", str (label d.Point.Setting)
-                    "parameter", str (parameter d.Point.Setting)
-                    "seed", l d.Point.Seed
-                    "key", str d.Key
-                    "dir", str (IO.Path.Combine("points", d.Key))
-                    "cached", b d.Cached
-                    "config", o (d.Settings |> List.map (fun (k, x) -> k, str x))
+                o [ "label", text (label d.Point.Setting)
+                    "parameter", text (parameter d.Point.Setting)
+                    "seed", count d.Point.Seed
+                    "key", text d.Key
+                    "dir", text (IO.Path.Combine("points", d.Key))
+                    "cached", flag d.Cached
+                    "config", o (d.Settings |> List.map (fun (k, x) -> k, text x))
                     // finished | recovered (a normal point) | diverged (not recovered: its accuracy is of
                     // its last good weights and is not in the row's mean)
-                    "status", str (statusName d.Result.Status)
-                    "rollbacks", (match d.Result.Status with Recovered n -> i n | _ -> null)
-                    "diverged_reason", (match d.Result.Status with Diverged r -> str r | _ -> null)
+                    "status", text (statusName d.Result.Status)
+                    "rollbacks", (match d.Result.Status with Recovered n -> int' n | _ -> null)
+                    "diverged_reason", (match d.Result.Status with Diverged r -> text r | _ -> null)
                     "result",
-                    o [ "final_top1", f d.Result.FinalTop1
-                        "best_top1", f d.Result.BestTop1
-                        "calib_top1", f d.Result.CalibTop1
-                        "fp_top1", f d.Result.FpTop1 ] ]
+                    o [ "final_top1", num d.Result.FinalTop1
+                        "best_top1", num d.Result.BestTop1
+                        "calib_top1", num d.Result.CalibTop1
+                        "fp_top1", num d.Result.FpTop1 ] ]
                 :> JsonNode)
         ) ]
