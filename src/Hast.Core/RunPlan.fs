@@ -200,7 +200,10 @@ type Counts =
 
 let countsOfText (text: string) : Result<JsonObject * Counts, string> =
     try
-        let o = JsonNode.Parse(text).AsObject()
+        let o =
+            match JsonNode.Parse text with
+            | :? JsonObject as o -> o
+            | _ -> failwith "not a JSON object"
         let count (key: string) =
             match o[key] with
             | null -> failwithf "'%s' is missing" key
@@ -217,7 +220,6 @@ let countsOfText (text: string) : Result<JsonObject * Counts, string> =
     | :? JsonException as e -> Error e.Message
     | :? FormatException as e -> Error e.Message
     | :? InvalidOperationException as e -> Error e.Message
-    | :? NullReferenceException -> Error "not a JSON object"
     | Failure m -> Error m
 
 // ------------------------------------------------------------------------------------------------

@@ -110,7 +110,12 @@ let progressOfJson (meta: JsonObject) : Result<Pipeline.Progress, string> =
     try
         let list (key: string) (f: JsonObject -> 'a) =
             match meta[key] with
-            | :? JsonArray as a -> a |> Seq.map (fun n -> f (n.AsObject())) |> List.ofSeq
+            | :? JsonArray as a ->
+                a
+                |> Seq.map (function
+                    | :? JsonObject as o -> f o
+                    | _ -> failwithf "'%s' holds something other than records" key)
+                |> List.ofSeq
             | _ -> []
         Ok
             { FpTop1 = (field meta "fp_top1").GetValue<float>()

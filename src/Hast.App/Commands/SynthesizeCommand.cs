@@ -122,7 +122,7 @@ public static class SynthesizeCommand
             {
                 case Pipeline.Event.StageStarted s when s.stage.IsSynthesis:
                     step = s.stepsDone;
-                    log.Stage("synthesis", step);
+                    log.Stage(Pipeline.StageModule.name(s.stage), step);
                     break;
                 case Pipeline.Event.SynthesisIteration si:
                 {
