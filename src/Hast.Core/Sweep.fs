@@ -9,7 +9,7 @@ open System.Text.Json.Nodes
 open Hast.Core.Ablation
 open Hast.Core.JsonRecord
 
-/// How a point's fine-tuning went (the divergence guard of `Pipeline.run`).
+/// How a point's fine-tuning went (the divergence guard of `Run.run`).
 type PointStatus =
     /// no divergence
     | Finished
