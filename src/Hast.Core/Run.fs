@@ -43,7 +43,7 @@ let synthesize (device: torch.Device) (teacher: Net) (side: int) (cfg: Synthesis
                 let seconds = clock.Elapsed.TotalSeconds
                 store.Append result seconds
                 let counted = counted result seconds
-                event (SynthesisBatchStored(result, batches, seconds))
+                event (SynthesisBatchStored(result, batches, seconds, counted))
                 counted
             let timing =
                 { SampleIterations = timing.SampleIterations + float count * float (cfg.Iterations + 1)
@@ -92,6 +92,12 @@ type private Budgeted(budget: TimeBudget option, plan: RunPlan.Planned option, h
                 r.Config, x)
         | _ -> None
 
+    /// The plan's probes under a budget (None without a budget or resumed).
+    member _.Probes: Budget.Probes option =
+        match budget with
+        | Some _ -> plan.Value |> Option.bind RunPlan.probesOf
+        | None -> None
+
 /// Run the pipeline: samples, quantize, calibrate (or restore), fine-tune with evaluations, result.
 /// Under a time budget, `plan` is the run's plan (`RunPlan.plan`, or `RunPlan.resume` of its record:
 /// a resumed plan keeps its counts); the run re-plans it three times as it goes (`RunPlan.replanSynthesis`
@@ -114,7 +120,13 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 |> Option.map (fun (next, samples) ->
                     current.Value <- next
                     samples)
-            let timing = synthesize inputs.Device inputs.Teacher inputs.Arch.Input.Size s hooks.Store hooks.SynthesisSeconds replan event
+            // a batch's seconds as the budget counts them: its own, or under the slowdown fault k times its probe's
+            let counted (r: Synthesis.BatchResult) (seconds: float) =
+                let k = hooks.SynthesisSlowdown()
+                match budgeted.Probes with
+                | Some probes when k > 1.0 -> k * float r.Labels.shape[0] * float (s.Iterations + 1) * probes.SynthIterPerSample
+                | _ -> seconds
+            let timing = synthesize inputs.Device inputs.Teacher inputs.Arch.Input.Size s hooks.Store counted replan event
             current.Value, timing
         | Store _
         | RealImages _ -> c, { SampleIterations = 0.0; Seconds = 0.0 }

@@ -1,7 +1,7 @@
-/// The run's side of the shell: the stages and events a run reports as it goes (progress, metrics,
-/// the time budget's re-plans to record, stop checks), the sample store it synthesizes into or reads,
-/// the training state it hands over to be saved, and the hooks through which the shell (files, clock,
-/// fault injection) takes part. The run itself is `Run`.
+/// What a run and the shell exchange: the stages and events a run reports as it goes (progress,
+/// metrics, the time budget's re-plans for the shell to record, stop checks), the sample store it
+/// synthesizes into or reads, the training state it hands over to be saved, and the hooks through
+/// which the shell (files, the budget's clock, fault injection) takes part. The run itself is `Run`.
 module Hast.Core.RunHooks
 
 open TorchSharp
@@ -33,8 +33,9 @@ type Event =
     /// a stage starts: its name, steps already done (resuming), steps in total
     | StageStarted of stage: Stage * stepsDone: int64 * stepsTotal: int64
     | SynthesisIteration of Synthesis.IterInfo * batches: int
-    /// a synthesized batch was handed to the store
-    | SynthesisBatchStored of Synthesis.BatchResult * batches: int * seconds: float
+    /// a synthesized batch was handed to the store: the seconds it took, and the seconds the time budget
+    /// counts for it (the same, but under `Hooks.SynthesisSlowdown`)
+    | SynthesisBatchStored of Synthesis.BatchResult * batches: int * seconds: float * counted: float
     | SamplesReady of count: int64
     | Resumed of epochsDone: int
     | CalibrationStarted of Calibration * images: int64
@@ -88,10 +89,11 @@ type Hooks =
       Save: Snapshot -> unit
       /// seconds of the budget used so far (including before a resume); only read under a time budget
       BudgetSecondsUsed: unit -> float
-      /// the seconds the time budget counts for a synthesized batch that took `seconds`: `seconds` in a
-      /// normal run; tests only (`HAST_FAULT=synth-batch:N:slowK` in the shell), more, as a slower
-      /// machine would take. Called once per stored batch, before its `SynthesisBatchStored`.
-      SynthesisSeconds: Synthesis.BatchResult -> float -> float
+      /// tests only (`HAST_FAULT=synth-batch:N:slowK` in the shell): called once per stored synthesis
+      /// batch, a factor k > 1 makes the time budget count that batch as k times its probe's prediction
+      /// (`RunPlan.probesOf` the plan) instead of the seconds it took: a synthesis k times slower than
+      /// probed on any machine, nothing slept. 1 in a normal run (and without a plan's probes, nothing changes)
+      SynthesisSlowdown: unit -> float
       /// tests only (`HAST_FAULT=ft-iter:N:nan|spike` in the shell): a fault to inject after the step of
       /// (epoch, iteration), both 0-based, called once per step; `fun _ _ -> None` in a normal run
       Fault: int -> int -> FineTune.Fault option }

@@ -121,25 +121,15 @@ public static class PipelineCommand
         // the budget's clock counts the synthesis stage as the batches' reported seconds alone
         double synthesisSeen = 0, injected = 0, synthesisStart = 0, leftAfterSynthesis = double.NaN;
         double Used() => secondsBefore + Elapsed(clock) + injected;
-        // the seconds the budget counts for a synthesized batch: its own, or under HAST_FAULT's slowdown
-        // the probe's prediction times k (and the budget's clock counts the synthesis stage as those)
-        double SynthesisSeconds(Synthesis.BatchResult batch, double seconds)
-        {
-            var k = Faults.Slowdown("synth-batch");
-            if (k > 1 && planned is not null && RunPlan.probesOf(planned) is { } pr0 && pr0.Value is var pr && c.Run.Samples is Pipeline.Samples.Synthesize sy)
-            {
-                var counted = k * batch.Labels.shape[0] * (sy.Item.Iterations + 1) * pr.SynthIterPerSample;
-                synthesisSeen += counted;
-                injected = synthesisSeen - (Elapsed(clock) - synthesisStart);
-                return counted;
-            }
-            synthesisSeen += seconds;
-            return seconds;
-        }
         void OnEvent(RunHooks.Event e)
         {
             if (e is RunHooks.Event.StageStarted { stage.IsSynthesis: true }) synthesisStart = Elapsed(clock);
-            if (e is RunHooks.Event.SynthesisBatchStored && c.Run.TimeBudget is { } tb) leftAfterSynthesis = tb.Value.Seconds - Used();
+            if (e is RunHooks.Event.SynthesisBatchStored b)
+            {
+                synthesisSeen += b.counted;
+                if (b.counted != b.seconds) injected = synthesisSeen - (Elapsed(clock) - synthesisStart);
+                if (c.Run.TimeBudget is { } tb) leftAfterSynthesis = tb.Value.Seconds - Used();
+            }
             if (e is RunHooks.Event.Replanned r) Adopt(r.Item);
             events.On(e);
         }
@@ -164,7 +154,7 @@ public static class PipelineCommand
             FuncConvert.FromAction<RunHooks.Snapshot>(s =>
                 SaveTrain(trainPath, s, c, teacher, settings, store, secondsBefore + Elapsed(started))),
             FuncConvert.FromFunc<Unit, double>(_ => Used()),
-            FuncConvert.FromFunc<Synthesis.BatchResult, double, double>(SynthesisSeconds),
+            FuncConvert.FromFunc<Unit, double>(_ => Faults.Slowdown("synth-batch")),
             FuncConvert.FromFunc<int, FSharpFunc<int, FSharpOption<FineTune.Fault>>>(epoch => FuncConvert.FromFunc<int, FSharpOption<FineTune.Fault>>(iteration =>
                 Faults.Corrupt("ft-iter", $"epoch {epoch + 1} iteration {iteration + 1}") switch
                 {
