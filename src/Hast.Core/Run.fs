@@ -24,7 +24,7 @@ open Hast.Core.RunHooks
 /// After the first batch synthesized here, when batches remain, `replan` (given how the batches ran and
 /// the samples held up to the last stored batch) may change the number of samples: the batches still
 /// to do follow the new count, those stored are kept. Gives how long the batches synthesized here took,
-/// each batch's seconds as `counted` gives them (the time budget's view: `Hooks.SynthesisSeconds`).
+/// each batch's seconds as `counted` (given the batch and its seconds) makes them for the time budget.
 let synthesize (device: torch.Device) (teacher: Net) (side: int) (cfg: Synthesis.Config) (store: SampleStore)
                (counted: Synthesis.BatchResult -> float -> float) (replan: SynthesisTiming -> int -> int option)
                (event: Event -> unit) : SynthesisTiming =
