@@ -116,7 +116,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
         | Synthesize s ->
             let current = ref c
             let replan (timing: SynthesisTiming) (held: int) =
-                budgeted.Replan(fun p left -> RunPlan.replanSynthesis p current.Value timing held left)
+                budgeted.Replan(fun plan left -> RunPlan.replanSynthesis plan current.Value timing held left)
                 |> Option.map (fun (next, samples) ->
                     current.Value <- next
                     samples)
@@ -176,7 +176,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 let calib = evaluate inputs c event Calibrated student
                 // under a time budget, the fine-tuning is planned again now that only it is left
                 let c =
-                    budgeted.Replan(fun p left -> RunPlan.replanFineTune p c synthesisTiming left |> Option.map (fun r -> r, ()))
+                    budgeted.Replan(fun plan left -> RunPlan.replanFineTune plan c synthesisTiming left |> Option.map (fun r -> r, ()))
                     |> Option.map fst
                     |> Option.defaultValue c
                 average |> Option.iter (fun a -> WeightAverage.copyInto a student)
@@ -238,8 +238,8 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 // schedule has ended)
                 let ft =
                     if epoch = start.EpochsDone && epoch + 1 < ft.Epochs then
-                        budgeted.Replan(fun p left ->
-                            RunPlan.replanEpochs p { c with FineTune = ft } (epoch + 1) clock.Elapsed.TotalSeconds left |> Option.map (fun r -> r, ()))
+                        budgeted.Replan(fun plan left ->
+                            RunPlan.replanEpochs plan { c with FineTune = ft } (epoch + 1) clock.Elapsed.TotalSeconds left |> Option.map (fun r -> r, ()))
                         |> Option.map (fun (next, ()) -> { ft with Epochs = max (epoch + 1) next.FineTune.Epochs })
                         |> Option.defaultValue ft
                     else ft
