@@ -43,6 +43,7 @@ let all =
         testList "onnx import" ImportTests.tests
         // Hast.Cli
         testList "analyze" AnalyzeTests.tests
+        testList "run settings" RunSettingsTests.tests
         testList "cli" (CliTests.tests @ CliTests.configTests @ CliTests.modelFlagTests)
         // the shell (Hast.App) and whole runs
         testList "weights" WeightTests.tests

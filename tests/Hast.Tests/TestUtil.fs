@@ -22,6 +22,14 @@ let sharedDir =
     | d -> d
 
 let shared (rel: string) = Path.Combine(sharedDir, rel)
+
+/// The repository this test build belongs to (the folder holding Hast.sln), for tests that read sources.
+let repoDir =
+    let rec up (d: DirectoryInfo) =
+        if isNull d then failwithf "no Hast.sln above %s" AppContext.BaseDirectory
+        elif File.Exists(Path.Combine(d.FullName, "Hast.sln")) then d.FullName
+        else up d.Parent
+    up (DirectoryInfo(AppContext.BaseDirectory))
 let zipWeights = shared "models/resnet20_cifar10_akamaster.pth"
 let legacyWeights = shared "models/resnet20-12fca82f.th"
 let cifarTest = shared "data/cifar10/test_batch_head932.bin"
