@@ -318,7 +318,7 @@ let tests : Test list =
         match Root.parse (fun _ -> "") [| "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--out"; "o"; "--synth-conv-precision"; "bf16" |] with
         | Root.Command.Synthesize s ->
             Expect.equal s.Synthesis.ConvPrecision BFloat16 "hast synthesize"
-            let json (p: ConvPrecision) = Hast.App.SynthesizeCommand.ConfigJson { s.Synthesis with ConvPrecision = p }
+            let json (p: ConvPrecision) = Synthesis.identityJson { s.Synthesis with ConvPrecision = p }
             Expect.equal (string (json BFloat16).["conv_precision"]) "bf16" "a bf16 store says so"
             Expect.isFalse ((json Float32).ContainsKey "conv_precision") "an fp32 store keeps the identity it had before the setting existed"
         | other -> failtestf "synthesize, got %A" other

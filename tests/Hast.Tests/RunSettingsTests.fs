@@ -143,7 +143,7 @@ let tests : Test list =
             Expect.equal (s.Show cfg) (Some(value s.Key)) (sprintf "--%s %s" s.Key (value s.Key))
         // a store's identity is how its samples are made: every synthesis setting, but not the number of
         // samples (a store grows) nor the seed (each batch records its own; stores of distinct seeds merge)
-        let identity (c: Synthesis.Config) = (Hast.App.SynthesizeCommand.ConfigJson c).ToJsonString()
+        let identity (c: Synthesis.Config) = (Synthesis.identityJson c).ToJsonString()
         for s in RunSettings.synthesis do
             let cfg = parseSynth (synth @ [ "--" + s.Key; value s.Key ])
             Expect.notEqual (identity cfg) (identity plain) (sprintf "--%s is part of the store's identity" s.Key)

@@ -126,4 +126,21 @@ let private warningTests =
           Expect.isNone (bnsWarning cfg b) (sprintf "the built-in model: %g -> %g" b.Initial.Bns b.Final.Bns)
       } ]
 
-let tests : Test list = stageTests @ warningTests
+/// A store's identity is a file format: stores written by earlier builds must still resume and merge.
+/// These are the texts the shell wrote before the identity moved into the core.
+let identityTests : Test list =
+    [ testCase "a store's identity: the same JSON text as stores written by earlier builds" <| fun () ->
+        let c = defaultsFor Models.Registry.Cifar
+        Expect.equal ((identityJson c).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":10,"gamma":2,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"augment":"none","augment_probability":0.5}"""
+            "CIFAR defaults"
+        Expect.equal ((identityJson (defaultsFor Models.Registry.ImageNet)).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":0.1,"gamma":0.5,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"augment":"sample scale=0.4-1","augment_probability":0.5}"""
+            "ImageNet defaults (per-sample crops)"
+        let other = { c with Augment = SharedCrop CropSpec.synthesis; ConvPrecision = BFloat16; Beta = 0.01; MinLr = 2e-4 }
+        Expect.equal ((identityJson other).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":0.01,"gamma":2,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0002,"augment":"batch scale=0.4-1","augment_probability":0.5,"conv_precision":"bf16"}"""
+            "shared crops, bf16, other numbers"
+        Expect.equal ((identityJson { c with Samples = 7; Seed = 9L }).ToJsonString()) ((identityJson c).ToJsonString()) "not the count, not the seed" ]
+
+let tests : Test list = stageTests @ warningTests @ identityTests
