@@ -1,4 +1,4 @@
-/// Tests of ConvCheck (src/Hast.Core/ConvCheck.fs) and the routes of Layers.fs: the float64 reference
+/// Tests of ConvCheck (src/Hast.Core/ConvCheck.fs) and the routes of Conv.fs: the float64 reference
 /// against a plain loop, every route against the reference, injected wrong kernels detected.
 module Hast.Tests.ConvCheckTests
 

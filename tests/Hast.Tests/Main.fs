@@ -10,6 +10,8 @@ let all =
         // Hast.Core, one list per module in its compile order (src/Hast.Core/*.fs and Models/*.fs)
         testList "prelude" PreludeTests.tests
         testList "layers" LayersTests.tests
+        testList "conv" ConvTests.tests
+        testList "layer kit" LayerKitTests.tests
         testList "quantizers" QuantizersTests.tests
         testList "conv check" ConvCheckTests.tests
         testList "cifar resnet" CifarResNetTests.tests

@@ -319,3 +319,29 @@ let expectedArch =
             BnTaps = 52
             Params = 3_504_872L } ]
 
+
+// ---- the smallest nets (the model contract's tests)
+
+/// conv-bn-relu (recorded as one block), global average pool, linear: the smallest `Net`.
+type OneBlockNet() as this =
+    inherit Hast.Core.Net("tiny")
+    let body = new ConvBnAct(ConvSpec.make 3L 4L 3L 1L 1L, Some Relu, ("conv", "bn", "activ"), LayerKit.fullPrecision)
+    let fc = LayerKit.fullPrecision.Linear 4L 5L
+    do
+        this.register_module("body", body)
+        this.register_module("fc", fc)
+    member _.Body = body
+    override _.Run(x, tape) =
+        let h = tape.Block(body.Run(x, tape))
+        fc.forward (h.mean([| 2L; 3L |]))
+
+/// A net whose output is not (batch, classes).
+type FlatNet() =
+    inherit Hast.Core.Net("flat")
+    override _.Run(x, _) = x.flatten()
+
+/// A (2, 3, 6, 6) batch of normal noise from `seed`.
+let sixBySix (seed: int64) =
+    use g = generator seed
+    TorchSharp.torch.randn([| 2L; 3L; 6L; 6L |], generator = g)
+
