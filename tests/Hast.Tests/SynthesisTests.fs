@@ -4,11 +4,9 @@ open Expecto
 open TorchSharp
 open TorchSharp.Modules
 open Hast.Core
+open Hast.Tests.TestUtil
 open Hast.Core.Augment
 open Hast.Core.Synthesis
-
-let private same (a: torch.Tensor) (b: torch.Tensor) =
-    a.shape = b.shape && a.dtype = b.dtype && a.eq(b).all().item<bool> ()
 
 /// A "teacher" with one BatchNorm whose logits are NaN.
 type private NanNet() as this =
@@ -71,7 +69,7 @@ let private stageTests =
           // the teacher
           for (k, v), (k2, v2) in List.zip before (snapshot teacher) do
               Expect.equal k k2 "same entries"
-              Expect.isTrue (same (v) (v2)) (sprintf "%s unchanged" k)
+              Expect.isTrue (identical (v) (v2)) (sprintf "%s unchanged" k)
           Expect.isTrue (teacher.parameters () |> Seq.forall (fun p -> p.requires_grad)) "requires_grad restored"
           Expect.isTrue teacher.training "training mode restored"
           // the optimisation
@@ -97,9 +95,9 @@ let private stageTests =
               use a = run 2
               use b = run 2
               use c = run 3
-              Expect.isTrue (same (a.Images) (b.Images)) (sprintf "%A: same images" augment)
-              Expect.isTrue (same (a.Labels) (b.Labels)) "same labels"
-              Expect.isFalse (same (a.Images) (c.Images)) "another batch index, other images"
+              Expect.isTrue (identical (a.Images) (b.Images)) (sprintf "%A: same images" augment)
+              Expect.isTrue (identical (a.Labels) (b.Labels)) "same labels"
+              Expect.isFalse (identical (a.Images) (c.Images)) "another batch index, other images"
       } ]
 
 /// The BN-statistics warning: a model whose BN statistics are on a much smaller scale (the shared

@@ -96,6 +96,10 @@ let identical (x: torch.Tensor) (y: torch.Tensor) =
     x.shape = y.shape && x.dtype = y.dtype
     && (use e = x.eq(y) in use a = e.all() in a.item<bool>())
 
+/// Two named-tensor lists (a state's snapshot) with the same names in order and identical tensors.
+let sameTensors (a: (string * torch.Tensor) list) (b: (string * torch.Tensor) list) =
+    List.length a = List.length b && List.forall2 (fun (ka: string, ta) (kb: string, tb) -> ka = kb && identical ta tb) a b
+
 /// The largest absolute difference of two tensors of one shape.
 let maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) = scalar ((a - b).abs().max())
 
