@@ -132,12 +132,12 @@ type NodeStep(c: Context, index: int, n: NodeProto) =
     member _.Context = c
     member _.Net = net
     member _.Node = n
+    /// The model's default-domain opset.
     member _.Opset = c.Opset
     /// Fail with the model's and the node's names before `msg`.
     member _.Fail<'a>(msg: string) : 'a = fail msg
     /// The name and value of input `i`; None when the node has no input `i`.
     member _.InputAt(i: int) = inputAt i
-    member _.ValAt(i: int) = valAt i
     /// Input `i`, which the node needs.
     member _.Req(i: int) = match valAt i with Some v -> v | None -> fail (sprintf "input %d is missing" i)
     /// Input `i`, which must be a constant.
@@ -152,7 +152,7 @@ type NodeStep(c: Context, index: int, n: NodeProto) =
     member _.Bind(v: Val) = net.Env[n.Output[0]] <- v
     /// A unique module name for the node.
     member _.NodeName() = net.NameFor(n, index, "")
-    /// Add a function node of one output computed on the dummies.
+    /// Add a function node computed on the dummies; binds its outputs (as many as the node has).
     member this.Func(op: Op, operands: (string * Val) list) =
         let ds = operands |> List.map (fun (_, v) -> match v with Dyn(_, d) -> d | Known t -> t.to_type(torch.float32))
         let out = applyFunction op ds
