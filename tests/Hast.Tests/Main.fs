@@ -42,6 +42,10 @@ let all =
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
         testList "export graph" ExportTests.graphTests
+        testList "onnx decode" DecodeTests.tests
+        testList "onnx fold" FoldTests.tests
+        testList "onnx tensor ops" TensorOpsTests.tests
+        testList "onnx layer ops" LayerOpsTests.tests
         testList "onnx import" ImportTests.tests
         // Hast.Cli
         testList "analyze" AnalyzeTests.tests
