@@ -128,56 +128,12 @@ public static class ConvRouting
 
     // ---- the cache file
 
-    static JsonNode? Err(double d) => double.IsFinite(d) ? JsonValue.Create(d) : null;
-    static double ErrOf(JsonNode? n) => n is null ? double.PositiveInfinity : n.GetValue<double>();
-
     static JsonObject ToJson(JsonObject machine, IEnumerable<ConvCheck.Verdict> verdicts) => new()
     {
         ["format"] = Format,
         ["machine"] = machine.DeepClone(),
-        ["verdicts"] = new JsonArray(verdicts.Select(v => (JsonNode)VerdictJson(v)).ToArray()),
+        ["verdicts"] = new JsonArray(verdicts.Select(v => (JsonNode)ConvCheck.verdictJson(v)).ToArray()),
     };
-
-    public static JsonObject VerdictJson(ConvCheck.Verdict v) => new()
-    {
-        ["convolution"] = ConvCheck.describe(v.Key),
-        ["precision"] = ConvPrecisionModule.name(v.Key.Precision),
-        ["in"] = v.Key.Spec.InChannels,
-        ["out"] = v.Key.Spec.OutChannels,
-        ["kernel"] = v.Key.Spec.Kernel,
-        ["stride"] = v.Key.Spec.Stride,
-        ["padding"] = v.Key.Spec.Padding,
-        ["groups"] = v.Key.Spec.Groups,
-        ["bias"] = v.Key.Spec.Bias,
-        ["route"] = v.Route is null ? null : ConvRouteModule.name(v.Route.Value),
-        ["trials"] = new JsonArray(v.Trials.Select(t => (JsonNode)new JsonObject
-        {
-            ["route"] = ConvRouteModule.name(t.Route),
-            ["output"] = Err(t.Errors.Output),
-            ["grad_input"] = Err(t.Errors.GradInput),
-            ["grad_weight"] = Err(t.Errors.GradWeight),
-            ["passed"] = t.Passed,
-        }).ToArray()),
-    };
-
-    static ConvCheck.Verdict VerdictOf(JsonObject o)
-    {
-        var spec = new ConvSpec(o["in"]!.GetValue<long>(), o["out"]!.GetValue<long>(), o["kernel"]!.GetValue<long>(),
-            o["stride"]!.GetValue<long>(), o["padding"]!.GetValue<long>(), o["groups"]!.GetValue<long>(), o["bias"]!.GetValue<bool>());
-        var precision = o["precision"]!.GetValue<string>() switch
-        {
-            "fp32" => ConvPrecision.Float32,
-            "bf16" => ConvPrecision.BFloat16,
-            var p => throw new FormatException($"precision '{p}'"),
-        };
-        ConvRoute Route(string name) => ConvRouteModule.parse(name)?.Value ?? throw new FormatException($"route '{name}'");
-        var trials = o["trials"]!.AsArray().Select(t => new ConvCheck.Trial(
-            Route(t!["route"]!.GetValue<string>()),
-            new ConvCheck.Errors(ErrOf(t["output"]), ErrOf(t["grad_input"]), ErrOf(t["grad_weight"])),
-            t["passed"]!.GetValue<bool>()));
-        var route = o["route"] is { } r ? FSharpOption<ConvRoute>.Some(Route(r.GetValue<string>())) : FSharpOption<ConvRoute>.None;
-        return new ConvCheck.Verdict(new ConvKey(spec, precision), ListModule.OfSeq(trials), route);
-    }
 
     /// The cached verdicts, or none when the file is missing, corrupt or of another format or machine.
     public static FSharpList<ConvCheck.Verdict> ReadCache(string file)
@@ -188,7 +144,9 @@ public static class ConvRouting
             var root = JsonNode.Parse(File.ReadAllText(file))!.AsObject();
             if (root["format"]?.GetValue<int>() != Format) return FSharpList<ConvCheck.Verdict>.Empty;
             if (!JsonNode.DeepEquals(root["machine"], Machine())) return FSharpList<ConvCheck.Verdict>.Empty;
-            return ListModule.OfSeq(root["verdicts"]!.AsArray().Select(v => VerdictOf(v!.AsObject())));
+            var verdicts = root["verdicts"]!.AsArray().Select(v => ConvCheck.verdictOfJson(v!.AsObject())).ToList();
+            // one record not read: the whole cache is checked again
+            return verdicts.Any(v => v is null) ? FSharpList<ConvCheck.Verdict>.Empty : ListModule.OfSeq(verdicts.Select(v => v!.Value));
         }
         catch (Exception e) when (e is JsonException or FormatException or InvalidOperationException or NullReferenceException or KeyNotFoundException or IOException)
         {

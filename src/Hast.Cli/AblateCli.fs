@@ -29,6 +29,9 @@ type AblateConfig =
       Out: string
       Report: string option }
 
+/// The seeds a sweep runs each point with unless `--seeds` says otherwise.
+let defaultSeeds = [ 0L ]
+
 type AblateArgs =
     | [<MainCommand; ExactlyOnce; First>] Study of study: string
     | Arch of name: string
@@ -70,7 +73,7 @@ type AblateArgs =
             | Wbits _ -> sprintf "weight bits (default: %d)" Quantizers.defaultBits
             | Abits _ -> sprintf "activation bits (default: %d)" Quantizers.defaultBits
             | Budget _ -> "paper (the authors' schedule) | study (a table in a few hours on 2 CPU cores) | tiny (seconds per point, for tests) (default: study)"
-            | Seeds _ -> "seeds, each point is run once per seed, e.g. 0,1,2 (default: 0)"
+            | Seeds _ -> sprintf "seeds, each point is run once per seed, e.g. 0,1,2 (default: %s)" (defaultSeeds |> List.map string |> String.concat ",")
             | Out _ -> "sweep folder: stores/ (shared sample stores), points/ (one run folder per point, cached), table.md, figure.png, results.json"
             | Report _ -> "write results.json here as well"
             | Device _ -> "cpu or cuda (default: cpu)"
@@ -188,7 +191,7 @@ let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
     let wbits = checkBits "--wbits" (r.Int("wbits", Quantizers.defaultBits))
     let abits = checkBits "--abits" (r.Int("abits", Quantizers.defaultBits))
     let grids = gridsOf budget family classCount r
-    let seeds = r.TryString "seeds" |> Option.map parseSeeds |> Option.defaultValue [ 0L ]
+    let seeds = r.TryString "seeds" |> Option.map parseSeeds |> Option.defaultValue defaultSeeds
     let baseCfg = baseConfig budget family classCount wbits abits
     let pts = points study grids seeds baseCfg
     // every point's settings are checked before any work, under the grid flag that set them

@@ -44,6 +44,14 @@ type AnalyzeConfig =
 
 let calibDefaults = Hast.Core.Pipeline.sampleCalibrationDefaults.BatchSize, Hast.Core.Pipeline.sampleCalibrationDefaults.Batches
 
+/// The defaults of the settings only `hast analyze` has.
+module Defaults =
+    /// samples in the Hessian's batch, and in gradcos's fixed probe batch
+    let batch = 64
+    /// gradcos: fine-tuning iterations of each run, and the cosine every this many
+    let iters, every = 200, 10
+    let seed = 0L
+
 /// Help texts of the flags both analyses take.
 module private Usage =
     let wbits = "weight bits of the quantized student, 2..8 (not with --checkpoint)"
@@ -96,7 +104,7 @@ type HessianArgs =
             | Checkpoint _ -> "a Hast checkpoint (quantized.ckpt, e.g. fine-tuned) as the student instead of a freshly calibrated one"
             | Calib_Batch _ -> Usage.calibBatch
             | Calib_Batches _ -> Usage.calibBatches
-            | Batch _ -> "samples in the batch the Hessian is taken on, a seeded subset of the store (default: 64)"
+            | Batch _ -> sprintf "samples in the batch the Hessian is taken on, a seeded subset of the store (default: %d)" Defaults.batch
             | Lanczos_Steps _ -> sprintf "Lanczos steps per SLQ run (default: %d; PyHessian 100)" d.LanczosSteps
             | Runs _ -> sprintf "SLQ runs, one Rademacher probe each (default: %d)" d.Runs
             | Power_Iters _ -> sprintf "most power iterations for the top eigenvalue, relative tolerance %g (default: %d)" d.Power.Tolerance d.Power.MaxIterations
@@ -105,7 +113,7 @@ type HessianArgs =
             | Temperature _ -> Usage.temperature
             | Alpha _ -> sprintf "KL weight alpha; the KL term is alpha*T^2*KL (default: %g)" FineTune.defaults.Alpha
             | Lambda _ -> Usage.lambda
-            | Seed _ -> "seed of the batch subset and the estimators' probe vectors (default: 0)"
+            | Seed _ -> sprintf "seed of the batch subset and the estimators' probe vectors (default: %d)" Defaults.seed
             | Device _ -> Usage.device
             | Out _ -> "folder for hessian.json, hessian.md, hessian.png, log.txt, metrics.jsonl"
             | Report _ -> "write the JSON (hessian.json) here as well"
@@ -150,15 +158,15 @@ type GradcosArgs =
             | Checkpoint _ -> "a Hast checkpoint (quantized.ckpt) as the starting student instead of a freshly calibrated one"
             | Calib_Batch _ -> Usage.calibBatch
             | Calib_Batches _ -> Usage.calibBatches
-            | Iters _ -> "fine-tuning iterations of each run (CE+KL baseline, HAST) (default: 200)"
-            | Every _ -> "measure the cosines every k iterations (default: 10)"
-            | Probe_Batch _ -> "samples of the fixed batch the cosines are measured on, a seeded subset of the store (default: 64)"
+            | Iters _ -> sprintf "fine-tuning iterations of each run (CE+KL baseline, HAST) (default: %d)" Defaults.iters
+            | Every _ -> sprintf "measure the cosines every k iterations (default: %d)" Defaults.every
+            | Probe_Batch _ -> sprintf "samples of the fixed batch the cosines are measured on, a seeded subset of the store (default: %d)" Defaults.batch
             | Batch _ -> sprintf "fine-tuning batch size (default: %d)" FineTune.defaults.BatchSize
             | Lr _ -> sprintf "fine-tuning learning rate, constant over the run (default: %g)" FineTune.defaults.Lr
             | Temperature _ -> Usage.temperature
             | Alpha _ -> sprintf "KL weight alpha (default: %g)" FineTune.defaults.Alpha
             | Lambda _ -> Usage.lambda
-            | Seed _ -> "seed of fine-tuning (batch order, crops, promotion) and the probe subset (default: 0)"
+            | Seed _ -> sprintf "seed of fine-tuning (batch order, crops, promotion) and the probe subset (default: %d)" Defaults.seed
             | Device _ -> Usage.device
             | Out _ -> "folder for gradcos.json, gradcos.md, gradcos.png, log.txt, metrics.jsonl"
             | Report _ -> "write the JSON (gradcos.json) here as well"
@@ -207,12 +215,12 @@ let private hessianOf (r: ParseResults<HessianArgs>) : HessianConfig =
                 (r.TryGetResult <@ HessianArgs.Wbits @>) (r.TryGetResult <@ HessianArgs.Abits @>) (r.TryGetResult <@ HessianArgs.Checkpoint @>)
                 (getOr r <@ HessianArgs.Calib_Batch @> (fst calibDefaults)) (getOr r <@ HessianArgs.Calib_Batches @> (snd calibDefaults))
                 (r.GetResult <@ HessianArgs.Out @>) (r.TryGetResult <@ HessianArgs.Report @>)
-                (getOr r <@ HessianArgs.Device @> "cpu") (getOr r <@ HessianArgs.Seed @> 0L)
+                (getOr r <@ HessianArgs.Device @> "cpu") (getOr r <@ HessianArgs.Seed @> Defaults.seed)
     let ft =
         lossWeights FineTune.defaults (getOr r <@ HessianArgs.Temperature @> FineTune.defaults.Temperature)
             (getOr r <@ HessianArgs.Alpha @> FineTune.defaults.Alpha) (getOr r <@ HessianArgs.Lambda @> FineTune.defaults.Lambda)
     { Setup = setup
-      Batch = getOr r <@ HessianArgs.Batch @> 64 |> checkPositiveInt "--batch"
+      Batch = getOr r <@ HessianArgs.Batch @> Defaults.batch |> checkPositiveInt "--batch"
       Analysis =
         withFlags flagOf (fun () ->
           Analysis.validateHessian
@@ -231,7 +239,7 @@ let private gradcosOf (r: ParseResults<GradcosArgs>) : GradcosConfig =
                 (r.TryGetResult <@ GradcosArgs.Wbits @>) (r.TryGetResult <@ GradcosArgs.Abits @>) (r.TryGetResult <@ GradcosArgs.Checkpoint @>)
                 (getOr r <@ GradcosArgs.Calib_Batch @> (fst calibDefaults)) (getOr r <@ GradcosArgs.Calib_Batches @> (snd calibDefaults))
                 (r.GetResult <@ GradcosArgs.Out @>) (r.TryGetResult <@ GradcosArgs.Report @>)
-                (getOr r <@ GradcosArgs.Device @> "cpu") (getOr r <@ GradcosArgs.Seed @> 0L)
+                (getOr r <@ GradcosArgs.Device @> "cpu") (getOr r <@ GradcosArgs.Seed @> Defaults.seed)
     let d = FineTune.defaults
     let ft =
         lossWeights d (getOr r <@ GradcosArgs.Temperature @> d.Temperature) (getOr r <@ GradcosArgs.Alpha @> d.Alpha)
@@ -242,9 +250,9 @@ let private gradcosOf (r: ParseResults<GradcosArgs>) : GradcosConfig =
             Lr = getOr r <@ Lr @> d.Lr |> checkPositive "--lr"
             Seed = setup.Seed }
     { Setup = setup
-      Iters = getOr r <@ Iters @> 200 |> checkPositiveInt "--iters"
-      Every = getOr r <@ Every @> 10 |> checkPositiveInt "--every"
-      ProbeBatch = getOr r <@ Probe_Batch @> 64 |> checkPositiveInt "--probe-batch"
+      Iters = getOr r <@ Iters @> Defaults.iters |> checkPositiveInt "--iters"
+      Every = getOr r <@ Every @> Defaults.every |> checkPositiveInt "--every"
+      ProbeBatch = getOr r <@ Probe_Batch @> Defaults.batch |> checkPositiveInt "--probe-batch"
       FineTune = withFlags flagOf (fun () -> FineTune.validate ft) }
 
 let ofResults (r: ParseResults<AnalyzeArgs>) : AnalyzeConfig =

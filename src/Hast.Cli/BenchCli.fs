@@ -123,7 +123,7 @@ type BenchArgs =
                 sprintf "number format of the convolutions in the ft-promo, ft and synth phases: fp32 | bf16 (default: %s)"
                     (Hast.Core.ConvPrecision.name defaults.ConvPrecision)
             | Device _ -> sprintf "cpu or cuda (default: %s)" defaults.Device
-            | Seed _ -> "seed of the random inputs (default: 0)"
+            | Seed _ -> sprintf "seed of the random inputs (default: %d)" defaults.Seed
             | Report _ -> "write the measured table as JSON to this file"
 
 let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =

@@ -66,7 +66,7 @@ type EvalArgs =
                     (String.concat ", " ortLevels) defaults.OrtOpt
             | Threads _ -> "ONNX Runtime intra-op threads with --onnx (default: ONNX Runtime's, one per core)"
             | Test _ -> "test set: CIFAR binary file (e.g. test_batch.bin) or an image folder (class = sub-folder)"
-            | Classes _ -> "number of classes (default: the architecture's, 10 for CIFAR models)"
+            | Classes _ -> "number of classes (default: the architecture's)"
             | Wbits _ -> sprintf "weight bits, 2..8 or 32 = off (default: %d)" defaults.WBits
             | Abits _ -> sprintf "activation bits, 2..8 or 32 = off (default: %d)" defaults.ABits
             | Calib_Batches _ ->

@@ -65,9 +65,10 @@ module Usage =
     let weights = "PyTorch checkpoint (zip or legacy .th/.pth) of the full-precision model, with --arch"
     let model =
         "your own full-precision classifier as an ONNX file (PyTorch, Keras, ...; BatchNorm kept), instead of --arch/--weights"
-    let mean = "with --model: per-channel mean the model's input is normalised with, in its own units, as r,g,b (default: 0,0,0)"
-    let std = "with --model: per-channel std of that normalisation, as r,g,b (default: 1,1,1)"
-    let inputScale = "with --model: 1 if the model takes pixels in [0, 1], 255 if raw 0..255 values (default: 1)"
+    let private rgb (v: float32[]) = v |> Array.map string |> String.concat ","
+    let mean = sprintf "with --model: per-channel mean the model's input is normalised with, in its own units, as r,g,b (default: %s)" (rgb defaultInput.Mean)
+    let std = sprintf "with --model: per-channel std of that normalisation, as r,g,b (default: %s)" (rgb defaultInput.Std)
+    let inputScale = sprintf "with --model: 1 if the model takes pixels in [0, 1], 255 if raw 0..255 values (default: %g)" defaultInput.InputScale
 
 /// The flag names these settings have.
 let keys = [ "arch"; "weights"; "model"; "mean"; "std"; "input-scale" ]

@@ -60,49 +60,142 @@ let checkKnown (source: string) (known: string list) (layer: Layer) =
         if not (List.contains k known) then
             failf "%s: unknown setting '%s'; known settings: %s" source k (String.concat ", " known)
 
+// ------------------------------------------------------------------------------------------------
+// typed values of settings, with messages naming the flag
+
+/// A whole number for `--key`.
+let parseInt (key: string) (s: string) : int =
+    match Int32.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture) with
+    | true, v -> v
+    | _ -> failf "--%s must be a whole number (got '%s')" key s
+
+let parseInt64 (key: string) (s: string) : int64 =
+    match Int64.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture) with
+    | true, v -> v
+    | _ -> failf "--%s must be a whole number (got '%s')" key s
+
+/// A finite number for `--key`.
+let parseFloat (key: string) (s: string) : float =
+    match Double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture) with
+    | true, v when not (Double.IsNaN v || Double.IsInfinity v) -> v
+    | _ -> failf "--%s must be a finite number (got '%s')" key s
+
+let parseBool (key: string) (s: string) : bool =
+    match s.ToLowerInvariant() with
+    | "true" | "yes" | "1" | "on" -> true
+    | "false" | "no" | "0" | "off" -> false
+    | _ -> failf "--%s must be true or false (got '%s')" key s
+
+/// A comma-separated list of whole numbers for `--key`.
+let parseInts (key: string) (s: string) : int list =
+    s.Split([| ','; ' ' |], StringSplitOptions.RemoveEmptyEntries)
+    |> Array.map (fun p ->
+        match Int32.TryParse(p, NumberStyles.Integer, CultureInfo.InvariantCulture) with
+        | true, v -> v
+        | _ -> failf "--%s must be a comma-separated list of whole numbers (got '%s')" key s)
+    |> List.ofArray
+
+/// Two numbers like `0.5,1` for `--key`.
+let parsePair (key: string) (s: string) : float * float =
+    match s.Split([| ','; ' '; ':' |], StringSplitOptions.RemoveEmptyEntries) with
+    | [| lo; hi |] ->
+        let p (v: string) =
+            match Double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture) with
+            | true, x when Double.IsFinite x -> x
+            | _ -> failf "--%s must be two numbers like 0.5,1 (got '%s')" key s
+        p lo, p hi
+    | _ -> failf "--%s must be two numbers like 0.5,1 (got '%s')" key s
+
+/// A number as settings write it: round-trip exact, invariant culture (`2E-05`).
+let showFloat (v: float) = v.ToString("R", CultureInfo.InvariantCulture)
+
+let showPair (a: float, b: float) = showFloat a + "," + showFloat b
+
 /// Typed reads of a merged layer, with messages naming the flag.
 type Reader(layer: Layer) =
     member _.Has(key: string) = layer.ContainsKey key
     member _.String(key: string, dflt: string) = defaultArg (Map.tryFind key layer) dflt
     member _.TryString(key: string) = Map.tryFind key layer
-    member _.Int(key: string, dflt: int) =
-        match Map.tryFind key layer with
-        | None -> dflt
-        | Some s ->
-            match Int32.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture) with
-            | true, v -> v
-            | _ -> failf "--%s must be a whole number (got '%s')" key s
-    member this.TryInt(key: string) = if layer.ContainsKey key then Some(this.Int(key, 0)) else None
-    member _.Int64(key: string, dflt: int64) =
-        match Map.tryFind key layer with
-        | None -> dflt
-        | Some s ->
-            match Int64.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture) with
-            | true, v -> v
-            | _ -> failf "--%s must be a whole number (got '%s')" key s
-    member _.Float(key: string, dflt: float) =
-        match Map.tryFind key layer with
-        | None -> dflt
-        | Some s ->
-            match Double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture) with
-            | true, v when not (Double.IsNaN v || Double.IsInfinity v) -> v
-            | _ -> failf "--%s must be a finite number (got '%s')" key s
-    member this.TryFloat(key: string) = if layer.ContainsKey key then Some(this.Float(key, 0.0)) else None
-    member _.Bool(key: string, dflt: bool) =
-        match Map.tryFind key layer with
-        | None -> dflt
-        | Some s ->
-            match s.ToLowerInvariant() with
-            | "true" | "yes" | "1" | "on" -> true
-            | "false" | "no" | "0" | "off" -> false
-            | _ -> failf "--%s must be true or false (got '%s')" key s
-    member _.Ints(key: string, dflt: int list) =
-        match Map.tryFind key layer with
-        | None -> dflt
-        | Some s ->
-            s.Split([| ','; ' ' |], StringSplitOptions.RemoveEmptyEntries)
-            |> Array.map (fun p ->
-                match Int32.TryParse(p, NumberStyles.Integer, CultureInfo.InvariantCulture) with
-                | true, v -> v
-                | _ -> failf "--%s must be a comma-separated list of whole numbers (got '%s')" key s)
-            |> List.ofArray
+    member _.Int(key: string, dflt: int) = Map.tryFind key layer |> Option.map (parseInt key) |> Option.defaultValue dflt
+    member this.TryInt(key: string) = Map.tryFind key layer |> Option.map (parseInt key)
+    member _.Int64(key: string, dflt: int64) = Map.tryFind key layer |> Option.map (parseInt64 key) |> Option.defaultValue dflt
+    member _.Float(key: string, dflt: float) = Map.tryFind key layer |> Option.map (parseFloat key) |> Option.defaultValue dflt
+    member this.TryFloat(key: string) = Map.tryFind key layer |> Option.map (parseFloat key)
+    member _.Bool(key: string, dflt: bool) = Map.tryFind key layer |> Option.map (parseBool key) |> Option.defaultValue dflt
+    member _.Ints(key: string, dflt: int list) = Map.tryFind key layer |> Option.map (parseInts key) |> Option.defaultValue dflt
+
+// ------------------------------------------------------------------------------------------------
+// settings tables: each setting of a configuration once
+
+/// One setting of a configuration `'C`, stated once: its flag name, what it does, its value in a
+/// configuration and how a value sets it. A command's Argu usage, its config.json (and resume
+/// fingerprint) and the defaults its help shows all derive from its table.
+type Setting<'C> =
+    { /// the long flag without dashes (`synth-iters`), also its config.json key
+      Key: string
+      /// what it does, without its default (the help appends that, read from the defaults)
+      Help: string
+      /// its value in a configuration as config.json writes it; None where it does not apply
+      /// (`--lr-floor` under a multistep schedule) or is not recorded (`--iters`, read into `--epochs`)
+      Show: 'C -> string option
+      /// parse a value and set it; a value that does not apply is checked, then dropped
+      Set: string -> 'C -> 'C }
+
+module Setting =
+    /// A setting stored in a field: `show`/`set` of the field, `parse` of its text.
+    let field (key: string) (help: string) (parse: string -> string -> 'v) (show: 'v -> string) (get: 'C -> 'v) (set: 'v -> 'C -> 'C) : Setting<'C> =
+        { Key = key; Help = help; Show = get >> show >> Some; Set = fun v c -> set (parse key v) c }
+
+    let int key help get set = field key help parseInt string get set
+    let int64 key help get set = field key help parseInt64 string get set
+    let float key help get set = field key help parseFloat showFloat get set
+
+    /// The setting of a part of a larger configuration `'D` that may not have that part (`get` gives
+    /// None: `--lr-floor` under a multistep schedule): there it shows nothing, and a value is set on
+    /// `orElse` (a default part), checked by `check`, then dropped — a wrong value never passes silently.
+    let lift (get: 'D -> 'C option) (set: 'C -> 'D -> 'D) (orElse: 'C) (check: 'C -> unit) (s: Setting<'C>) : Setting<'D> =
+        { Key = s.Key
+          Help = s.Help
+          Show = fun d -> get d |> Option.bind s.Show
+          Set =
+            fun v d ->
+                match get d with
+                | Some c -> set (s.Set v c) d
+                | None ->
+                    check (s.Set v orElse)
+                    d }
+
+    /// The keys of a table, in its order.
+    let keys (table: Setting<'C> list) = table |> List.map (fun s -> s.Key)
+
+    /// Apply a layer's values to `c`, in the table's order (a choice before the settings under it).
+    let apply (table: Setting<'C> list) (layer: Layer) (c: 'C) : 'C =
+        table |> List.fold (fun c s -> match Map.tryFind s.Key layer with Some v -> s.Set v c | None -> c) c
+
+    /// Every setting of `c` that applies, under its key: what config.json holds.
+    let toLayer (table: Setting<'C> list) (c: 'C) : Layer =
+        table |> List.choose (fun s -> s.Show c |> Option.map (fun v -> s.Key, v)) |> Map.ofList
+
+    /// The help of a setting: its text and "(default: ...)" read from `defaults`, configurations
+    /// labelled by dataset (one value when they agree). For a setting the defaults lack (it applies
+    /// under another choice), the `alternatives` — configurations labelled by the flags that make
+    /// them — show it; where an alternative's value differs from the default, it is named too.
+    let usage (defaults: (string * 'C) list) (alternatives: (string * ('C -> 'C)) list) (s: Setting<'C>) : string =
+        let valueIn (c: 'C) =
+            let alts =
+                alternatives
+                |> List.filter (fun (label, _) -> not (label.StartsWith("--" + s.Key + " ")))
+                |> List.choose (fun (label, f) -> s.Show(f c) |> Option.map (fun v -> label, v))
+            match s.Show c with
+            | Some v ->
+                let differing = alts |> List.filter (fun (_, a) -> a <> v) |> List.distinct
+                Some(v + (differing |> List.map (fun (l, a) -> sprintf "; with %s: %s" l a) |> String.concat ""))
+            | None -> alts |> List.tryHead |> Option.map snd
+        let shown = defaults |> List.choose (fun (name, c) -> valueIn c |> Option.map (fun v -> name, v))
+        match shown |> List.map snd |> List.distinct with
+        | [] -> s.Help
+        | [ v ] -> sprintf "%s (default: %s)" s.Help v
+        | _ -> sprintf "%s (default: %s)" s.Help (shown |> List.map (fun (n, v) -> n + " " + v) |> String.concat ", ")
+
+    /// The setting named `key` in a table.
+    let find (table: Setting<'C> list) (key: string) : Setting<'C> option = table |> List.tryFind (fun s -> s.Key = key)

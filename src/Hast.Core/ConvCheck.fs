@@ -185,3 +185,63 @@ let describe (key: ConvKey) : string =
 
 /// `decide` for the real computation (`ConvRoute.conv2d`).
 let decideLibtorch (known: Verdict list) (keys: ConvKey list) : Verdict list = decide ConvRoute.conv2d known keys
+
+// ------------------------------------------------------------------------------------------------
+// a verdict as JSON: the shell caches a machine's verdicts in a file (`ConvRouting`)
+
+open System.Text.Json.Nodes
+open Hast.Core.JsonRecord
+
+/// A verdict as the cache file holds it.
+let verdictJson (v: Verdict) : JsonObject =
+    let s = v.Key.Spec
+    obj
+        [ "convolution", text (describe v.Key)
+          "precision", text (ConvPrecision.name v.Key.Precision)
+          "in", count s.InChannels
+          "out", count s.OutChannels
+          "kernel", count s.Kernel
+          "stride", count s.Stride
+          "padding", count s.Padding
+          "groups", count s.Groups
+          "bias", flag s.Bias
+          "route", (match v.Route with Some r -> text (ConvRoute.name r) | None -> null)
+          "trials",
+          JsonArray(
+              v.Trials
+              |> List.map (fun t ->
+                  obj
+                      [ "route", text (ConvRoute.name t.Route)
+                        "output", finite t.Errors.Output
+                        "grad_input", finite t.Errors.GradInput
+                        "grad_weight", finite t.Errors.GradWeight
+                        "passed", flag t.Passed ]
+                  :> JsonNode)
+              |> Array.ofList
+          ) ]
+
+/// A verdict of the cache file; None when the record is not one `verdictJson` writes (a cache of an
+/// older format, or damaged: the shell then checks again).
+let verdictOfJson (o: JsonObject) : Verdict option =
+    let route (name: string) = ConvRoute.parse name |> Option.defaultWith (fun () -> raise (FormatException(sprintf "route '%s'" name)))
+    // an error the file holds as null did not come out finite
+    let err (n: JsonNode) = if isNull n then Double.PositiveInfinity else n.GetValue<float>()
+    try
+        let long (k: string) = o[k].GetValue<int64>()
+        let spec =
+            { InChannels = long "in"; OutChannels = long "out"; Kernel = long "kernel"; Stride = long "stride"
+              Padding = long "padding"; Groups = long "groups"; Bias = o["bias"].GetValue<bool>() }
+        let precision = ConvPrecision.parse "precision" (o["precision"].GetValue<string>())
+        let trials =
+            [ for t in o["trials"].AsArray() ->
+                  { Route = route (t["route"].GetValue<string>())
+                    Errors = { Output = err t["output"]; GradInput = err t["grad_input"]; GradWeight = err t["grad_weight"] }
+                    Passed = t["passed"].GetValue<bool>() } ]
+        let chosen = match o["route"] with null -> None | r -> Some(route (r.GetValue<string>()))
+        Some { Key = { Spec = spec; Precision = precision }; Trials = trials; Route = chosen }
+    with
+    | :? FormatException
+    | :? InvalidOperationException
+    | :? NullReferenceException
+    | :? Collections.Generic.KeyNotFoundException
+    | InvalidSetting _ -> None

@@ -12,6 +12,13 @@ type Accuracy =
     member a.Top1 = if a.Count = 0L then 0.0 else 100.0 * float a.Top1Correct / float a.Count
     member a.Top5 = if a.Count = 0L then 0.0 else 100.0 * float a.Top5Correct / float a.Count
 
+/// An accuracy as reports write it: top-1 and top-5 in percent (4 decimals), and the image count.
+let accuracyJson (a: Accuracy) : System.Text.Json.Nodes.JsonObject =
+    JsonRecord.obj
+        [ "top1", JsonRecord.num (System.Math.Round(a.Top1, 4))
+          "top5", JsonRecord.num (System.Math.Round(a.Top5, 4))
+          "count", JsonRecord.count a.Count ]
+
 /// Correct-at-1 and correct-at-k counts of one batch of logits.
 let private hits (k: int64) (logits: Tensor) (labels: Tensor) : int64 * int64 =
     let k = min k (logits.size 1)

@@ -66,6 +66,9 @@ type Config =
 /// The authors' learning-rate factor at each milestone of the multi-step schedule.
 let milestoneDecay = 0.1
 
+/// The cosine schedule's default floor (`--lr-floor`, a fraction of the lr): it decays to zero.
+let cosineFloor = 0.0
+
 /// The authors' settings for CIFAR-10 (λ = 1000, ε = 0.01); the other datasets' differences are
 /// `Pipeline.datasetDefaults`.
 let defaults : Config =

@@ -50,11 +50,11 @@ let cpu30min : Preset =
                 BatchSize = 64
                 Lr = 1e-5
                 ItersPerEpoch = 200
-                Schedule = FineTune.Cosine 0.0
+                Schedule = FineTune.Cosine FineTune.cosineFloor
                 Promotion = f.Promotion |> Option.map (fun p -> { p with Grad = Promotion.Both }) })
         >> fun c ->
             { c with
-                Calibration = FromSamples { Batches = 512; BatchSize = 1 }
+                Calibration = FromSamples sampleCalibrationDefaults
                 TimeBudget = Some { Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None } } }
 
 /// Seconds, for smoke tests (not for accuracy).

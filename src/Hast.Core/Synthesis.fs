@@ -90,6 +90,34 @@ let validate (cfg: Config) : unit =
     | NoAugmentation -> ()
     | SharedCrop s | PerSampleCrop s -> CropSpec.validate s
 
+/// The settings that define how a store's samples are made, as the store records them (everything but
+/// the number of samples, so that a store can be extended, and the seed, which each source records):
+/// a store resumes or merges only with the same. `conv_precision` appears only for bf16, so stores made
+/// before the setting existed (fp32) keep their identity.
+let identityJson (cfg: Config) : System.Text.Json.Nodes.JsonObject =
+    let invariant (v: float) = v.ToString(Globalization.CultureInfo.InvariantCulture)
+    let scale (c: Augment.CropSpec) = sprintf "scale=%s-%s" (invariant (fst c.Scale)) (invariant (snd c.Scale))
+    JsonRecord.obj
+        [ "batch", JsonRecord.int' cfg.BatchSize
+          "iterations", JsonRecord.int' cfg.Iterations
+          "beta", JsonRecord.num cfg.Beta
+          "gamma", JsonRecord.num cfg.Gamma
+          "lr", JsonRecord.num cfg.Lr
+          "patience", JsonRecord.int' cfg.Patience
+          "factor", JsonRecord.num cfg.Factor
+          "min_lr", JsonRecord.num cfg.MinLr
+          "augment",
+          JsonRecord.text (
+              match cfg.Augment with
+              | SharedCrop c -> "batch " + scale c
+              | PerSampleCrop c -> "sample " + scale c
+              | NoAugmentation -> "none"
+          )
+          "augment_probability", JsonRecord.num cfg.AugmentProbability
+          match cfg.ConvPrecision with
+          | Float32 -> ()
+          | BFloat16 -> "conv_precision", JsonRecord.text (ConvPrecision.name cfg.ConvPrecision) ]
+
 /// Number of batches covering `cfg.Samples`.
 let batchCount (cfg: Config) : int = (cfg.Samples + cfg.BatchSize - 1) / cfg.BatchSize
 

@@ -14,7 +14,7 @@ let private synthesize (dir: TempDir) =
     let store = dir.File "store"
     let code, _, err =
         runCli [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; store
-                 "--samples"; "8"; "--batch"; "8"; "--iters"; "2"; "--seed"; "1" ]
+                 "--samples"; "8"; "--synth-batch"; "8"; "--synth-iters"; "2"; "--seed"; "1" ]
     Expect.equal code 0 (sprintf "synthesize: %s" err)
     store
 

@@ -5,10 +5,8 @@ module Hast.Tests.AugmentTests
 open Expecto
 open TorchSharp
 open Hast.Core
+open Hast.Tests.TestUtil
 open Hast.Core.Augment
-
-let private same (a: torch.Tensor) (b: torch.Tensor) =
-    a.shape = b.shape && a.dtype = b.dtype && a.eq(b).all().item<bool> ()
 
 /// Full-area crop with the images' own aspect ratio (12 / 16) and no flip: the identity.
 let private identitySpec = { Scale = (1.0, 1.0); Ratio = (0.75, 0.75); FlipProbability = 0.0 }
@@ -25,8 +23,8 @@ let private cropTests : Test list =
               let run seed = crop (generator seed) CropSpec.synthesis x
               let a, b, c = run 9L, run 9L, run 10L
               Expect.equal a.shape x.shape "same shape"
-              Expect.isTrue (same (a) (b)) "same seed, same result"
-              Expect.isFalse (same (a) (c)) "another seed, another result"
+              Expect.isTrue (identical (a) (b)) "same seed, same result"
+              Expect.isFalse (identical (a) (c)) "another seed, another result"
           }
 
           test (sprintf "%s crop with full box and no flip is the identity; with flip it mirrors" name) {
@@ -42,7 +40,7 @@ let private cropTests : Test list =
           let shared = sharedCrop (generator 3L) CropSpec.synthesis x
           let per = perSampleCrop (generator 3L) CropSpec.synthesis x
           for i in 1L .. 5L do
-              Expect.isTrue (same (shared[i]) (shared[0L])) "shared: identical samples stay identical"
+              Expect.isTrue (identical (shared[i]) (shared[0L])) "shared: identical samples stay identical"
           let distinct = [ 1L .. 5L ] |> List.filter (fun i -> not (torch.allclose(per[i], per[0L]))) |> List.length
           Expect.isGreaterThan distinct 3 "per-sample: samples get different crops"
       }
@@ -67,14 +65,14 @@ let private layoutTests : Test list = [
         let x = torch.randn(2L, 3L, 4L, 5L).requires_grad_(true)
         let c = Augment.channelsLast x
         Expect.equal c.shape x.shape "shape"
-        Expect.isTrue (same (c.detach ()) (x.detach ())) "values"
+        Expect.isTrue (identical (c.detach ()) (x.detach ())) "values"
         Expect.equal (c.stride ()) [| 60L; 1L; 15L; 3L |] "NHWC strides"
         c.sum().backward ()
-        Expect.isTrue (same x.grad (torch.ones_like x)) "gradient"
+        Expect.isTrue (identical x.grad (torch.ones_like x)) "gradient"
         let cd = Augment.channelsLast (x.detach ())
         let before = cd.clone ()
         (Augment.channelsLast cd).add_((1.0).ToScalar()) |> ignore
-        Expect.isTrue (same cd (before + 1.0)) "no copy when already channels-last (a view of the same memory)"
+        Expect.isTrue (identical cd (before + 1.0)) "no copy when already channels-last (a view of the same memory)"
         let v = torch.randn(3L, 4L)
         Expect.isTrue (obj.ReferenceEquals(Augment.channelsLast v, v)) "non-4-d tensors unchanged"
     }

@@ -315,10 +315,10 @@ let tests : Test list =
             Expect.equal (BenchCli.fineTuneConfig b true).ConvPrecision BFloat16 "bench's fine-tune phases"
             Expect.equal (BenchCli.synthesisConfig b Models.Registry.Family.Cifar).ConvPrecision BFloat16 "bench's synthesis phase"
         | other -> failtestf "bench, got %A" other
-        match Root.parse (fun _ -> "") [| "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--out"; "o"; "--conv-precision"; "bf16" |] with
+        match Root.parse (fun _ -> "") [| "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--out"; "o"; "--synth-conv-precision"; "bf16" |] with
         | Root.Command.Synthesize s ->
             Expect.equal s.Synthesis.ConvPrecision BFloat16 "hast synthesize"
-            let json (p: ConvPrecision) = Hast.App.SynthesizeCommand.ConfigJson { s.Synthesis with ConvPrecision = p }
+            let json (p: ConvPrecision) = Synthesis.identityJson { s.Synthesis with ConvPrecision = p }
             Expect.equal (string (json BFloat16).["conv_precision"]) "bf16" "a bf16 store says so"
             Expect.isFalse ((json Float32).ContainsKey "conv_precision") "an fp32 store keeps the identity it had before the setting existed"
         | other -> failtestf "synthesize, got %A" other
@@ -485,12 +485,12 @@ let configTests : Test list =
                 failtestf "%A accepted" argv
             with HastError m -> m
         let synth = [| "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--out"; "o" |]
-        Expect.stringStarts (fails (Array.append synth [| "--iters"; "0" |])) "--iters " "hast synthesize calls synth-iters --iters"
-        Expect.stringStarts (fails (Array.append synth [| "--patience"; "-1" |])) "--patience " "and synth-patience --patience"
+        Expect.stringStarts (fails (Array.append synth [| "--synth-iters"; "0" |])) "--synth-iters " "hast synthesize calls it --synth-iters, as hast run does"
+        Expect.stringStarts (fails (Array.append synth [| "--synth-patience"; "-1" |])) "--synth-patience " "and --synth-patience"
         let run = [| "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o" |]
         Expect.stringStarts (fails (Array.append run [| "--synth-iters"; "0" |])) "--synth-iters " "hast run calls it --synth-iters"
         Expect.stringStarts (fails (Array.append run [| "--wbits"; "9" |])) "--wbits must be 2..8" "one rule for bits"
         // patience 0 is valid everywhere (reduce at the first iteration without improvement)
-        match Root.parse (fun _ -> "") (Array.append synth [| "--patience"; "0" |]) with
+        match Root.parse (fun _ -> "") (Array.append synth [| "--synth-patience"; "0" |]) with
         | Root.Command.Synthesize s -> Expect.equal s.Synthesis.Patience 0 "patience 0"
         | other -> failtestf "a synthesis, got %A" other ]

@@ -1,4 +1,4 @@
-/// Tests of ConvCheck (src/Hast.Core/ConvCheck.fs) and the routes of Layers.fs: the float64 reference
+/// Tests of ConvCheck (src/Hast.Core/ConvCheck.fs) and the routes of Conv.fs: the float64 reference
 /// against a plain loop, every route against the reference, injected wrong kernels detected.
 module Hast.Tests.ConvCheckTests
 
@@ -157,5 +157,25 @@ let tests = [
         use gen = new Generator.Generator(10L, 32, 100)
         Expect.equal (ConvCheck.specsOf [ gen ]) Generator.convSpecs "declared = built"
         Expect.equal (gen.state_dict().Keys |> Seq.filter (fun k -> k.StartsWith "conv_blocks" && k.EndsWith "weight") |> Seq.length) 6 "3 conv + 3 affine BN weights, PyTorch names"
+    }
+
+    test "a verdict as the cache file holds it reads back equal; an error that was not finite reads as infinite; a damaged record reads as none" {
+        let key = { Spec = ConvSpec.make 64L 3L 3L 1L 1L; Precision = BFloat16 }
+        let v : ConvCheck.Verdict =
+            { Key = key
+              Trials =
+                [ { Route = Direct; Errors = { Output = 0.5; GradInput = infinity; GradWeight = 1e-7 }; Passed = false }
+                  { Route = PadChannels; Errors = { Output = 1e-7; GradInput = 2e-7; GradWeight = 3e-7 }; Passed = true } ]
+              Route = Some PadChannels }
+        let json = ConvCheck.verdictJson v
+        Expect.equal (ConvCheck.verdictOfJson (System.Text.Json.Nodes.JsonNode.Parse(json.ToJsonString()).AsObject())) (Some v) "read back"
+        Expect.equal (ConvCheck.verdictOfJson (ConvCheck.verdictJson { v with Route = None })) (Some { v with Route = None }) "no route"
+        for damage in [ "in"; "trials"; "precision" ] do
+            let broken = System.Text.Json.Nodes.JsonNode.Parse(json.ToJsonString()).AsObject()
+            broken.Remove damage |> ignore
+            Expect.isNone (ConvCheck.verdictOfJson broken) (sprintf "without %s" damage)
+        let badRoute = System.Text.Json.Nodes.JsonNode.Parse(json.ToJsonString()).AsObject()
+        badRoute["route"] <- System.Text.Json.Nodes.JsonValue.Create "sideways"
+        Expect.isNone (ConvCheck.verdictOfJson badRoute) "an unknown route"
     }
 ]

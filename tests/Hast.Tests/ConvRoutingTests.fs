@@ -63,7 +63,7 @@ let tests = [
         // does not know.
         use dir = new TempDir()
         let synth (out: string) (extra: string list) =
-            TestRuns.runChild ([ "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; zipWeights; "--samples"; "2"; "--batch"; "2"; "--iters"; "1"; "--out"; dir.File out ] @ extra) []
+            TestRuns.runChild ([ "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; zipWeights; "--samples"; "2"; "--synth-batch"; "2"; "--synth-iters"; "1"; "--out"; dir.File out ] @ extra) []
         let nativeLines (output: string) =
             output.Split('\n') |> Array.filter (fun l -> l.Contains "NNPACK" || Text.RegularExpressions.Regex.IsMatch(l, @"^\[[WE]\d{4} "))
         let code, output = synth "quiet" []

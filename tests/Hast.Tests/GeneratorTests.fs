@@ -4,6 +4,7 @@ open System
 open Expecto
 open TorchSharp
 open Hast.Core
+open Hast.Tests.TestUtil
 open Hast.Core.Generator
 
 let private cpu = torch.CPU
@@ -11,11 +12,6 @@ let private cpu = torch.CPU
 /// Copies of every parameter and buffer of a module, by name.
 let private snapshot (m: torch.nn.Module) : (string * torch.Tensor) list =
     [ for KeyValue(k, t) in m.state_dict () -> k, t.detach().clone() ]
-
-let private sameTensors (a: (string * torch.Tensor) list) (b: (string * torch.Tensor) list) =
-    List.length a = List.length b
-    && List.forall2 (fun (ka: string, ta: torch.Tensor) (kb, tb: torch.Tensor) ->
-        ka = kb && ta.shape = tb.shape && ta.eq(tb).all().item<bool> ()) a b
 
 let private student (teacher: Net) =
     Quantize.quantize (Models.Registry.find "cifar-resnet20-a") 10L teacher 4 4

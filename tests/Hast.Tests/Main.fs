@@ -10,6 +10,8 @@ let all =
         // Hast.Core, one list per module in its compile order (src/Hast.Core/*.fs and Models/*.fs)
         testList "prelude" PreludeTests.tests
         testList "layers" LayersTests.tests
+        testList "conv" ConvTests.tests
+        testList "layer kit" LayerKitTests.tests
         testList "quantizers" QuantizersTests.tests
         testList "conv check" ConvCheckTests.tests
         testList "cifar resnet" CifarResNetTests.tests
@@ -42,9 +44,14 @@ let all =
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
         testList "export graph" ExportTests.graphTests
+        testList "onnx decode" DecodeTests.tests
+        testList "onnx fold" FoldTests.tests
+        testList "onnx tensor ops" TensorOpsTests.tests
+        testList "onnx layer ops" LayerOpsTests.tests
         testList "onnx import" ImportTests.tests
         // Hast.Cli
         testList "analyze" AnalyzeTests.tests
+        testList "run settings" RunSettingsTests.tests
         testList "cli" (CliTests.tests @ CliTests.configTests @ CliTests.modelFlagTests)
         // the shell (Hast.App) and whole runs
         testList "weights" WeightTests.tests

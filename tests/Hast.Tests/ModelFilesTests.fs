@@ -46,7 +46,7 @@ let tests : Test list =
             Expect.equal code 0 (sprintf "hast %s: %s" (String.concat " " args) (err.Trim()))
             stdout
         let store = tmp.File "store"
-        ok ([ "synthesize" ] @ model @ [ "--out"; store; "--samples"; "8"; "--batch"; "8"; "--iters"; "2"; "--beta"; "0.01"; "--seed"; "1" ]) |> ignore
+        ok ([ "synthesize" ] @ model @ [ "--out"; store; "--samples"; "8"; "--synth-batch"; "8"; "--synth-iters"; "2"; "--beta"; "0.01"; "--seed"; "1" ]) |> ignore
         let gradcos = tmp.File "gradcos"
         ok ([ "analyze"; "gradcos" ] @ model
             @ [ "--samples"; store; "--out"; gradcos; "--calib-batches"; "4"; "--wbits"; "4"; "--abits"; "4"

@@ -154,9 +154,9 @@ let valueCases =
               [ "eval"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--batch-size"; "0" ], "--batch-size"
               [ "eval"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--calib-batches"; "-1" ], "--calib-batches"
               [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--samples"; "0" ], "--samples"
-              [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--lr"; "nan" ], "--lr"
+              [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--synth-lr"; "nan" ], "--synth-lr"
               [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--beta"; "-1" ], "--beta"
-              [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--iters"; "0" ], "--iters"
+              [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--synth-iters"; "0" ], "--synth-iters"
               [ "samples"; "merge"; d.Path; "--out"; out; "--take"; "0" ], "--take" ]
         for args, flag in other do
             expectCleanFailure args [ out ] [ flag.TrimStart('-') ] |> ignore
@@ -362,7 +362,7 @@ let crashTest =
 // 3. One run per output folder
 
 let private synthArgs (out: string) =
-    [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--samples"; "4"; "--batch"; "4"; "--iters"; "2"; "--seed"; "1" ]
+    [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; out; "--samples"; "4"; "--synth-batch"; "4"; "--synth-iters"; "2"; "--seed"; "1" ]
 
 let lockCases =
     testCase "a folder in use stops a second run at once, naming the other process; a stale lock is taken over" <| fun () ->

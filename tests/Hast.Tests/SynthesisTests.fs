@@ -4,11 +4,9 @@ open Expecto
 open TorchSharp
 open TorchSharp.Modules
 open Hast.Core
+open Hast.Tests.TestUtil
 open Hast.Core.Augment
 open Hast.Core.Synthesis
-
-let private same (a: torch.Tensor) (b: torch.Tensor) =
-    a.shape = b.shape && a.dtype = b.dtype && a.eq(b).all().item<bool> ()
 
 /// A "teacher" with one BatchNorm whose logits are NaN.
 type private NanNet() as this =
@@ -71,7 +69,7 @@ let private stageTests =
           // the teacher
           for (k, v), (k2, v2) in List.zip before (snapshot teacher) do
               Expect.equal k k2 "same entries"
-              Expect.isTrue (same (v) (v2)) (sprintf "%s unchanged" k)
+              Expect.isTrue (identical (v) (v2)) (sprintf "%s unchanged" k)
           Expect.isTrue (teacher.parameters () |> Seq.forall (fun p -> p.requires_grad)) "requires_grad restored"
           Expect.isTrue teacher.training "training mode restored"
           // the optimisation
@@ -97,9 +95,9 @@ let private stageTests =
               use a = run 2
               use b = run 2
               use c = run 3
-              Expect.isTrue (same (a.Images) (b.Images)) (sprintf "%A: same images" augment)
-              Expect.isTrue (same (a.Labels) (b.Labels)) "same labels"
-              Expect.isFalse (same (a.Images) (c.Images)) "another batch index, other images"
+              Expect.isTrue (identical (a.Images) (b.Images)) (sprintf "%A: same images" augment)
+              Expect.isTrue (identical (a.Labels) (b.Labels)) "same labels"
+              Expect.isFalse (identical (a.Images) (c.Images)) "another batch index, other images"
       } ]
 
 /// The BN-statistics warning: a model whose BN statistics are on a much smaller scale (the shared
@@ -126,4 +124,21 @@ let private warningTests =
           Expect.isNone (bnsWarning cfg b) (sprintf "the built-in model: %g -> %g" b.Initial.Bns b.Final.Bns)
       } ]
 
-let tests : Test list = stageTests @ warningTests
+/// A store's identity is a file format: stores written by earlier builds must still resume and merge.
+/// These are the texts the shell wrote before the identity moved into the core.
+let identityTests : Test list =
+    [ testCase "a store's identity: the same JSON text as stores written by earlier builds" <| fun () ->
+        let c = defaultsFor Models.Registry.Cifar
+        Expect.equal ((identityJson c).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":10,"gamma":2,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"augment":"none","augment_probability":0.5}"""
+            "CIFAR defaults"
+        Expect.equal ((identityJson (defaultsFor Models.Registry.ImageNet)).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":0.1,"gamma":0.5,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"augment":"sample scale=0.4-1","augment_probability":0.5}"""
+            "ImageNet defaults (per-sample crops)"
+        let other = { c with Augment = SharedCrop CropSpec.synthesis; ConvPrecision = BFloat16; Beta = 0.01; MinLr = 2e-4 }
+        Expect.equal ((identityJson other).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":0.01,"gamma":2,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0002,"augment":"batch scale=0.4-1","augment_probability":0.5,"conv_precision":"bf16"}"""
+            "shared crops, bf16, other numbers"
+        Expect.equal ((identityJson { c with Samples = 7; Seed = 9L }).ToJsonString()) ((identityJson c).ToJsonString()) "not the count, not the seed" ]
+
+let tests : Test list = stageTests @ warningTests @ identityTests

@@ -22,6 +22,14 @@ let sharedDir =
     | d -> d
 
 let shared (rel: string) = Path.Combine(sharedDir, rel)
+
+/// The repository this test build belongs to (the folder holding Hast.sln), for tests that read sources.
+let repoDir =
+    let rec up (d: DirectoryInfo) =
+        if isNull d then failwithf "no Hast.sln above %s" AppContext.BaseDirectory
+        elif File.Exists(Path.Combine(d.FullName, "Hast.sln")) then d.FullName
+        else up d.Parent
+    up (DirectoryInfo(AppContext.BaseDirectory))
 let zipWeights = shared "models/resnet20_cifar10_akamaster.pth"
 let legacyWeights = shared "models/resnet20-12fca82f.th"
 let cifarTest = shared "data/cifar10/test_batch_head932.bin"
@@ -87,6 +95,10 @@ let sameValues (a: torch.Tensor) (b: torch.Tensor) =
 let identical (x: torch.Tensor) (y: torch.Tensor) =
     x.shape = y.shape && x.dtype = y.dtype
     && (use e = x.eq(y) in use a = e.all() in a.item<bool>())
+
+/// Two named-tensor lists (a state's snapshot) with the same names in order and identical tensors.
+let sameTensors (a: (string * torch.Tensor) list) (b: (string * torch.Tensor) list) =
+    List.length a = List.length b && List.forall2 (fun (ka: string, ta) (kb: string, tb) -> ka = kb && identical ta tb) a b
 
 /// The largest absolute difference of two tensors of one shape.
 let maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) = scalar ((a - b).abs().max())
@@ -310,4 +322,30 @@ let expectedArch =
             Blocks = [ (24L, 56L); (32L, 28L); (32L, 28L) ] @ rep 3 (64L, 14L) @ rep 2 (96L, 14L) @ rep 2 (160L, 7L)
             BnTaps = 52
             Params = 3_504_872L } ]
+
+
+// ---- the smallest nets (the model contract's tests)
+
+/// conv-bn-relu (recorded as one block), global average pool, linear: the smallest `Net`.
+type OneBlockNet() as this =
+    inherit Hast.Core.Net("tiny")
+    let body = new ConvBnAct(ConvSpec.make 3L 4L 3L 1L 1L, Some Relu, ("conv", "bn", "activ"), LayerKit.fullPrecision)
+    let fc = LayerKit.fullPrecision.Linear 4L 5L
+    do
+        this.register_module("body", body)
+        this.register_module("fc", fc)
+    member _.Body = body
+    override _.Run(x, tape) =
+        let h = tape.Block(body.Run(x, tape))
+        fc.forward (h.mean([| 2L; 3L |]))
+
+/// A net whose output is not (batch, classes).
+type FlatNet() =
+    inherit Hast.Core.Net("flat")
+    override _.Run(x, _) = x.flatten()
+
+/// A (2, 3, 6, 6) batch of normal noise from `seed`.
+let sixBySix (seed: int64) =
+    use g = generator seed
+    TorchSharp.torch.randn([| 2L; 3L; 6L; 6L |], generator = g)
 

@@ -51,7 +51,7 @@ public static class DoctorCommand
             var json = new JsonObject
             {
                 ["machine"] = machine,
-                ["verdicts"] = new JsonArray(mine.Select(v => (JsonNode)ConvRouting.VerdictJson(v)).ToArray()),
+                ["verdicts"] = new JsonArray(mine.Select(v => (JsonNode)ConvCheck.verdictJson(v)).ToArray()),
             };
             AtomicFile.WriteAllText(report, json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
         }

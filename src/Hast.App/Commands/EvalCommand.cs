@@ -41,7 +41,7 @@ public static class EvalCommand
         var acc = Evaluate.accuracy(device, c.BatchSize,
             FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), model.Net, test.Dataset);
         log.Info($"{model.Arch.Name} W{model.WBits}A{model.ABits} on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
-        if (report is not null) AtomicFile.WriteAllText(report, Report(acc).ToJsonString() + "\n");
+        if (report is not null) AtomicFile.WriteAllText(report, Evaluate.accuracyJson(acc).ToJsonString() + "\n");
         return Program.ExitOk;
     }
 
@@ -58,13 +58,6 @@ public static class EvalCommand
         }
         return ModelFiles.LoadTeacher(model!.Value, classes is { } n ? n.Value : null, device);
     }
-
-    static JsonObject Report(Evaluate.Accuracy acc) => new()
-    {
-        ["top1"] = Math.Round(acc.Top1, 4),
-        ["top5"] = Math.Round(acc.Top5, 4),
-        ["count"] = acc.Count,
-    };
 
     /// An exported model in ONNX Runtime (CPU): preprocessing and class count from the file's metadata;
     /// prints top-1/top-5 and the images/s of ONNX Runtime itself (time inside the session's Run only).
@@ -91,7 +84,7 @@ public static class EvalCommand
         log.Info($"ONNX Runtime: {perSecond:F1} images/s (inference only, batch {c.BatchSize}, optimisation {c.OrtOpt}, threads {threads})");
         if (report is not null)
         {
-            var json = Report(acc);
+            var json = Evaluate.accuracyJson(acc);
             json["images_per_second"] = Math.Round(perSecond, 2);
             json["batch_size"] = c.BatchSize;
             json["ort_optimization"] = c.OrtOpt;

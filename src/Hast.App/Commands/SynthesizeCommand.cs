@@ -25,35 +25,6 @@ public static class SynthesizeCommand
         return Program.ExitOk;
     }
 
-    /// The hyper-parameters that define a source's samples (everything but the sample count, so that a
-    /// store can be extended with more batches of the same seed). `conv_precision` appears only for
-    /// bf16, so stores made before the setting existed (fp32) keep their identity.
-    public static JsonObject ConfigJson(Synthesis.Config s)
-    {
-        var json = Fp32ConfigJson(s);
-        if (!s.ConvPrecision.IsFloat32) json["conv_precision"] = ConvPrecisionModule.name(s.ConvPrecision);
-        return json;
-    }
-
-    static JsonObject Fp32ConfigJson(Synthesis.Config s) => new()
-    {
-        ["batch"] = s.BatchSize,
-        ["iterations"] = s.Iterations,
-        ["beta"] = s.Beta,
-        ["gamma"] = s.Gamma,
-        ["lr"] = s.Lr,
-        ["patience"] = s.Patience,
-        ["factor"] = s.Factor,
-        ["min_lr"] = s.MinLr,
-        ["augment"] = s.Augment switch
-        {
-            Synthesis.Augmentation.SharedCrop a => $"batch scale={a.Item.Scale.Item1}-{a.Item.Scale.Item2}",
-            Synthesis.Augmentation.PerSampleCrop a => $"sample scale={a.Item.Scale.Item1}-{a.Item.Scale.Item2}",
-            _ => "none",
-        },
-        ["augment_probability"] = s.AugmentProbability,
-    };
-
     /// Synthesize `cfg.Samples` samples of `teacher` into the store at `dir` (created or resumed).
     public static SampleStore Synthesize(LoadedModel teacher, Synthesis.Config cfg, string dir, Device device, TextWriter stdout)
     {
@@ -86,7 +57,7 @@ public static class SynthesizeCommand
             var side = teacher.Arch.Input.Size;
             var store = SampleStore.CreateOrResume(dir,
                 new SampleStore.Teacher(teacher.Arch.Name, Path.GetFileName(teacher.Source), teacher.Sha256),
-                [3, side, side], (int)teacher.Classes, cfg.Seed, ConfigJson(cfg));
+                [3, side, side], (int)teacher.Classes, cfg.Seed, Synthesis.identityJson(cfg));
             var runLock = RunLock.Acquire(dir, "--out", "hast synthesize");
             var log = new RunLog(dir, stdout);
             if (runLock.TookOverFrom is { } previous) log.Info($"took over {dir} from a synthesis that is no longer running ({previous})");
