@@ -131,10 +131,6 @@ let private synthesizeInto (batches: Collections.Generic.Dictionary<int, torch.T
     let timing = Run.synthesize torch.CPU teacher 32 cfg store (fun _ seconds -> seconds) replan events.Add
     timing, List.ofSeq events
 
-let private sameTensors (a: (string * torch.Tensor) list) (b: (string * torch.Tensor) list) =
-    List.length a = List.length b
-    && List.forall2 (fun (ka: string, ta: torch.Tensor) (kb: string, tb: torch.Tensor) -> ka = kb && ta.shape = tb.shape && (use e = ta.eq tb in use all = e.all () in all.item<bool> ())) a b
-
 // ------------------------------------------------------------------------------------------------
 // the divergence guard (issue 29): faults injected through `Hooks.Fault` at a chosen step
 
