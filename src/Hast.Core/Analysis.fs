@@ -190,3 +190,18 @@ let subset (seed: int64) (salt: int64) (take: int) (images: Tensor) (labels: Ten
     use gen = generator (deriveSeed seed [ 12L; salt ])
     use idx = torch.randperm(count, generator = gen).slice(0L, 0L, int64 take, 1L)
     images.index_select(0L, idx), labels.index_select(0L, idx)
+
+/// One gradient-cosine run of Figure 2a: a fine-tuning configuration and the two loss terms whose
+/// gradients are compared while it trains.
+type CosineRunSpec =
+    { /// the run's key in gradcos.json and metrics.jsonl
+      Key: string
+      Label: string
+      Config: FineTune.Config
+      Terms: Loss * Loss }
+
+/// Figure 2a's two runs from the HAST configuration: the CE+KL baseline (`FineTune.baseline`)
+/// comparing CE with KL, and HAST comparing the feature alignment with KL.
+let gradcosRuns (hast: FineTune.Config) : CosineRunSpec list =
+    [ { Key = "ce_kl"; Label = "CE+KL baseline: cos(grad CE, grad KL)"; Config = FineTune.baseline hast; Terms = CE, KL }
+      { Key = "fa_kl"; Label = "HAST: cos(grad FA, grad KL)"; Config = hast; Terms = FA, KL } ]
