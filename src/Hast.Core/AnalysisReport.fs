@@ -47,7 +47,7 @@ let spectrumJson (sp: Analysis.Spectrum) (weight: float) : JsonObject =
           "trace", finite sp.Trace.Estimate
           "trace_standard_error", finite sp.Trace.StandardError
           "trace_probes", int' sp.Trace.Samples.Length
-          "quadrature_trace", finite (Study.densityTrace sp.Density)
+          "quadrature_trace", finite (Hessian.densityTrace sp.Density)
           "sigma_squared", num sp.SigmaSquared
           "grid", finites sp.Grid
           "density", finites sp.DensityValues

@@ -187,7 +187,7 @@ let tests : Test list =
             | other -> failtestf "%A gave %A" argv other
         // the pointer names the command's own help, at any depth (every sub-command, from the schema)
         for argv, help in [ [| "run"; "--nope" |], "see hast run --help"; [| "bench"; "--nope" |], "see hast bench --help"
-                            [| "download"; "--nope" |], "see hast download --help"
+                            [| "download"; "--cache" |], "see hast download --help"
                             [| "samples"; "merge"; "--nope" |], "see hast samples merge --help"
                             [| "analyze"; "hessian"; "--nope" |], "see hast analyze hessian --help"
                             [| "ablate"; "sensitivity"; "--nope" |], "see hast ablate --help"
