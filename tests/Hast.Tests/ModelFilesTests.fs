@@ -18,7 +18,11 @@ let tests : Test list =
         let out = tmp.File "run"
         let code, stdout, err =
             runCli [ "run"; "--preset"; "tiny"; "--model"; model; "--mean"; "0.4914,0.4822,0.4465"; "--std"; "0.2470,0.2435,0.2616"
-                     "--test"; cifarTest; "--wbits"; "4"; "--abits"; "4"; "--out"; out; "--seed"; "0" ]
+                     "--test"; cifarTest; "--wbits"; "4"; "--abits"; "4"; "--out"; out; "--seed"; "0"
+                     // this model's settings (docs/results.md, README "Your own model"): with the built-in
+                     // beta and lr, synthesis raises its BN loss and the fine-tuning may diverge (on a Zen 4
+                     // host it did in epoch 2: the guard delivered epoch 1 and exited 3)
+                     "--beta"; "0.01"; "--lr"; "1e-6" ]
         Expect.equal code 0 (sprintf "hast run --model succeeds (%s)" (err.Trim()))
         Expect.stringContains stdout "onnx:net" "the model goes by its file's name"
         use report = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "report.json")))
