@@ -23,7 +23,7 @@ namespace Hast.App;
 /// slower than probed, with nothing slept, on any machine); at `ft-iter` only, `nan` (one weight tensor
 /// of the student becomes NaN after that step, as a step that blew up), `nan-from` (the same after the
 /// n-th step and every later one: a training that cannot recover) and `spike` (that step's loss reads
-/// `SpikeFactor` times its value): faults for the fine-tuning's divergence guard (`Pipeline.Hooks.Fault`).
+/// `SpikeFactor` times its value): faults for the fine-tuning's divergence guard (`RunHooks.Hooks.Fault`).
 /// Several plans are separated by commas (`synth-batch:1:slow4,synth-iter:30:kill`).
 /// The plans are read when a command starts (`Program.Run`); each armed plan counts its own hits.
 public static class Faults

@@ -46,6 +46,8 @@ public static class RunFigure
             s.LegendText = "quantized";
             s.LineWidth = 2;
             s.MarkerSize = 5;
+            // epochs are whole numbers: no 0.5-epoch ticks on a short run
+            plt.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericAutomatic { IntegerTicksOnly = true };
             if (double.IsFinite(fp))
             {
                 var h = plt.Add.HorizontalLine(fp);

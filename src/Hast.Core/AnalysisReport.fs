@@ -80,27 +80,35 @@ let hessianJson (settings: JsonObject) (seed: int64) (weights: FineTune.Config) 
 
 /// hessian.md: one row per loss.
 let hessianMarkdown (spectra: Analysis.Spectrum list) (weights: FineTune.Config) (title: string) : string =
-    let b = StringBuilder()
-    let line (s: string) = b.Append(s).Append('\n') |> ignore
-    line title
-    line ""
-    line "| loss | weight w | value | top eigenvalue (power) | trace (Hutchinson) ± SE | top eigenvalue / w | trace / w | Ritz values (SLQ) min / max | SLQ weight with abs(λ) ≤ 0.1% of max | share of the SLQ trace in λ > 10% of max |"
-    line "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    for sp in spectra do
-        let w = Analysis.lossWeight weights sp.Loss
-        let s = shape sp
+    Markdown.lines (fun line ->
+        line title
+        line ""
+        Markdown.tableHead
+            [ "loss", false
+              "weight w", true
+              "value", true
+              "top eigenvalue (power)", true
+              "trace (Hutchinson) ± SE", true
+              "top eigenvalue / w", true
+              "trace / w", true
+              "Ritz values (SLQ) min / max", true
+              "SLQ weight with abs(λ) ≤ 0.1% of max", true
+              "share of the SLQ trace in λ > 10% of max", true ]
+        |> List.iter line
+        for sp in spectra do
+            let w = Analysis.lossWeight weights sp.Loss
+            let s = shape sp
+            line (
+                sprintf "| %s | %s | %s | %s%s | %s ± %s | %s | %s | %s / %s | %s | %s |"
+                    ((Analysis.lossName sp.Loss).ToUpperInvariant()) (g w) (g sp.Value) (g sp.Top.Value) (if sp.Top.Converged then "" else " (not converged)")
+                    (g sp.Trace.Estimate) (g sp.Trace.StandardError) (g (sp.Top.Value / w)) (g (sp.Trace.Estimate / w)) (g s.RitzMin) (g s.RitzMax)
+                    (s.NearZeroWeight.ToString("F4", CultureInfo.InvariantCulture)) (g s.TopTraceShare)
+            )
+        line ""
         line (
-            sprintf "| %s | %s | %s | %s%s | %s ± %s | %s | %s | %s / %s | %s | %s |"
-                ((Analysis.lossName sp.Loss).ToUpperInvariant()) (g w) (g sp.Value) (g sp.Top.Value) (if sp.Top.Converged then "" else " (not converged)")
-                (g sp.Trace.Estimate) (g sp.Trace.StandardError) (g (sp.Top.Value / w)) (g (sp.Trace.Estimate / w)) (g s.RitzMin) (g s.RitzMax)
-                (s.NearZeroWeight.ToString("F4", CultureInfo.InvariantCulture)) (g s.TopTraceShare)
-        )
-    line ""
-    line (
-        "w is the factor the term carries in the fine-tuning loss (1 for CE, α·T² for KL, λ for FA); the columns ÷ w are the unweighted term's. "
-        + "The SLQ weights are the Lanczos quadrature weights (they sum to 1 per run), averaged over runs; the last two columns do not depend on w."
-    )
-    b.ToString()
+            "w is the factor the term carries in the fine-tuning loss (1 for CE, α·T² for KL, λ for FA); the columns ÷ w are the unweighted term's. "
+            + "The SLQ weights are the Lanczos quadrature weights (they sum to 1 per run), averaged over runs; the last two columns do not depend on w."
+        ))
 
 // ------------------------------------------------------------------------------------------------
 // gradient cosines
@@ -212,16 +220,15 @@ let gradcosJson (settings: JsonObject) (seed: int64) (runs: CosineRun list) : Js
 
 /// gradcos.md: one row per run.
 let gradcosMarkdown (runs: CosineRun list) (title: string) : string =
-    let b = StringBuilder()
-    let line (s: string) = b.Append(s).Append('\n') |> ignore
-    line title
-    line ""
-    line "| run | points | mean | fraction positive | first (iteration 0) | last | min | max |"
-    line "|---|---:|---:|---:|---:|---:|---:|---:|"
-    for r in runs do
-        let s = cosineSummary (cosines r)
-        line (
-            sprintf "| %s | %d | %s | %s | %s | %s | %s | %s |" r.Label s.Points (g s.Mean)
-                (s.FractionPositive.ToString("F2", CultureInfo.InvariantCulture)) (g s.First) (g s.Last) (g s.Min) (g s.Max)
-        )
-    b.ToString()
+    Markdown.lines (fun line ->
+        line title
+        line ""
+        Markdown.tableHead
+            (("run", false) :: ([ "points"; "mean"; "fraction positive"; "first (iteration 0)"; "last"; "min"; "max" ] |> List.map (fun c -> c, true)))
+        |> List.iter line
+        for r in runs do
+            let s = cosineSummary (cosines r)
+            line (
+                sprintf "| %s | %d | %s | %s | %s | %s | %s | %s |" r.Label s.Points (g s.Mean)
+                    (s.FractionPositive.ToString("F2", CultureInfo.InvariantCulture)) (g s.First) (g s.Last) (g s.Min) (g s.Max)
+            ))

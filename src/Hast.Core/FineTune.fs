@@ -220,7 +220,7 @@ type StepStats =
       Lr: float }
 
 /// A step's loss that is NaN or infinite: which loss and its value. Raised inside the step and turned
-/// into an epoch outcome by `tryEpoch` (the divergence guard of `Pipeline.run` acts on it) or into the
+/// into an epoch outcome by `tryEpoch` (the divergence guard of `Run.run` acts on it) or into the
 /// one-line `HastError` by `step` and `epoch`.
 exception private NonFiniteLoss of What: string * Value: float
 
@@ -331,7 +331,7 @@ let private epochIndices (c: Config) (count: int64) (epoch: int) (gen: torch.Gen
     let perms = (need + count - 1L) / count
     torch.cat([| for _ in 1L .. perms -> torch.randperm(count, generator = gen) |], 0L).slice(0L, 0L, need, 1L)
 
-/// A fault injected into an epoch's steps, for the tests of the divergence guard (`Pipeline.run`;
+/// A fault injected into an epoch's steps, for the tests of the divergence guard (`Run.run`;
 /// `HAST_FAULT=ft-iter:N:nan|spike` in the shell). Not a setting: nothing injects one in a normal run.
 type Fault =
     /// after the step, one weight tensor of the student becomes NaN (as a step that blew up): the next
@@ -340,7 +340,7 @@ type Fault =
     /// the step's loss reads `factor` times its value (a spike in the epoch's mean; the weights are untouched)
     | LossSpike of factor: float
 
-/// Why an epoch is taken for diverged (the divergence guard of `Pipeline.run`).
+/// Why an epoch is taken for diverged (the divergence guard of `Run.run`).
 type DivergenceCause =
     /// a step's loss was NaN or infinite: the iteration (1-based within the epoch), which loss, its value
     | NonFiniteStepLoss of iteration: int * what: string * value: float
@@ -373,7 +373,7 @@ let private applyFault (student: Net) (s: StepStats) (f: Fault) : StepStats =
 
 /// Run epoch `epoch` (0-based) of fine-tuning, as `epoch`, without failing on divergence: a NaN or
 /// infinite loss stops the epoch at that step (before the optimizer steps on it), non-finite weights
-/// at its end are reported, and the caller decides (`Pipeline.run` rolls back). `fault i` injects a
+/// at its end are reported, and the caller decides (`Run.run` rolls back). `fault i` injects a
 /// fault after step `i` (0-based; tests only: `fun _ -> None` otherwise).
 let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer)
              (images: Tensor) (labels: Tensor) (ep: int) (fault: int -> Fault option) (onIter: IterInfo -> unit) : EpochOutcome =

@@ -117,6 +117,19 @@ module Stats =
     /// The median (the mean of the two middle values of an even count).
     let median (xs: float seq) : float = percentile 0.5 xs
 
+/// Markdown reports (`hast analyze`, `hast ablate`) written line by line.
+module Markdown =
+    /// The text `write` writes, one line per call.
+    let lines (write: (string -> unit) -> unit) : string =
+        let b = System.Text.StringBuilder()
+        write (fun s -> b.Append(s).Append('\n') |> ignore)
+        b.ToString()
+
+    /// A table's header row and alignment row: `numeric` columns align right.
+    let tableHead (columns: (string * bool) list) : string list =
+        [ "| " + (columns |> List.map fst |> String.concat " | ") + " |"
+          "|" + (columns |> List.map (fun (_, numeric) -> if numeric then "---:|" else "---|") |> String.concat "") ]
+
 /// JSON records built field by field: the run's files (`RunState`, `RunPlan`), the reports of
 /// `hast ablate` and `hast analyze`. JSON has no NaN: `finite` writes null for it.
 module JsonRecord =

@@ -60,7 +60,7 @@ let calibrate (device: torch.Device) (model: Net) (batches: seq<Tensor>) : unit 
 let calibrationImages (batches: int) (batchSize: int) (count: int64) : int64 = min (int64 batches * int64 batchSize) count
 
 /// Calibrate on the first `batches` batches of `batchSize` of `images` (`calibrationImages`), in order;
-/// `onBatch i` before batch i. The calibration of a run (`Pipeline.calibrate`) and of `hast analyze`.
+/// `onBatch i` before batch i. The calibration of a run (`Run.calibrate`) and of `hast analyze`.
 let calibrateOnSamples (device: torch.Device) (model: Net) (images: Tensor) (batches: int) (batchSize: int) (onBatch: int -> unit) : unit =
     let n = calibrationImages batches batchSize images.shape[0]
     let count = int ((n + int64 batchSize - 1L) / int64 batchSize)

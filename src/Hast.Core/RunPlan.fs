@@ -1,7 +1,7 @@
 /// The plan of a run under a time budget (`hast run --time-budget`): the timed probes of each step on
 /// this machine and model, the plan the pure planner (`Budget`) makes from them, the three re-plans as
 /// the run goes (the samples after the first synthesis batch, the fine-tuning after synthesis, the
-/// epochs after the first epoch), and the plan's record (`plan.json`, which a resumed run reads back
+/// epochs after the first epoch; `Run.run` applies them), and the plan's record (`plan.json`, which a resumed run reads back
 /// so that it continues with the same counts). No IO: the shell reads and writes the record's text and
 /// times a checkpoint save through a hook.
 module Hast.Core.RunPlan
@@ -41,7 +41,7 @@ let private laps (run: (bool -> unit) -> unit) : float =
 /// Seconds per step of the run `c`, from untimed warm-up and then timed iterations of each, on a
 /// throwaway quantized copy of the teacher (the run's own student is made later, untouched by the
 /// probes). `saveCheckpoint` writes (and removes) one checkpoint of the given model: the shell's files.
-let probe (inputs: Pipeline.Inputs) (c: Pipeline.Config) (saveCheckpoint: Net -> unit) : Budget.Probes =
+let probe (inputs: RunRecords.Inputs) (c: Pipeline.Config) (saveCheckpoint: Net -> unit) : Budget.Probes =
     use _ = torch.NewDisposeScope()
     let side = inputs.Arch.Input.Size
     use student = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
@@ -276,7 +276,7 @@ let describe (p: Planned) : string list =
     | Resumed _ -> [ "time budget: resuming with the recorded plan" ]
 
 /// How fast the synthesis ran against the probe's prediction (1 when nothing was synthesized).
-let private speedOf (probes: Budget.Probes) (timing: Pipeline.SynthesisTiming) =
+let private speedOf (probes: Budget.Probes) (timing: RunRecords.SynthesisTiming) =
     let predicted = timing.SampleIterations * probes.SynthIterPerSample
     if timing.SampleIterations > 0.0 && predicted > 0.0 then timing.Seconds / predicted else 1.0
 
@@ -294,7 +294,7 @@ let private precisionNote (syn: ConvPrecision) (ft: ConvPrecision) (speed: float
 /// The fine-tuning re-planned once the student is calibrated: from how this process's synthesis ran
 /// against the probe and the `secondsLeft` of the budget. The new plan, config and a line for people;
 /// None keeps `current` (a resumed plan, fine-tune iterations given, or the same counts).
-let replanFineTune (p: Planned) (current: Pipeline.Config) (timing: Pipeline.SynthesisTiming) (secondsLeft: float)
+let replanFineTune (p: Planned) (current: Pipeline.Config) (timing: RunRecords.SynthesisTiming) (secondsLeft: float)
                    : Replanned option =
     match p with
     | Fresh(record, request, unplanned) when request.FineTuneIters.IsNone ->
@@ -325,7 +325,7 @@ let replanFineTune (p: Planned) (current: Pipeline.Config) (timing: Pipeline.Syn
 /// (`held`, kept) and the `secondsLeft` of the budget (`Budget.replanSynthesis`). The new plan, config,
 /// number of samples and a line for people; None keeps `current` (a resumed plan, samples given, or the
 /// same count).
-let replanSynthesis (p: Planned) (current: Pipeline.Config) (timing: Pipeline.SynthesisTiming) (held: int) (secondsLeft: float)
+let replanSynthesis (p: Planned) (current: Pipeline.Config) (timing: RunRecords.SynthesisTiming) (held: int) (secondsLeft: float)
                     : (Replanned * int) option =
     match p, current.Samples with
     | Fresh(record, request, unplanned), Pipeline.Synthesize syn when request.Samples.IsNone ->

@@ -1,6 +1,6 @@
 /// A run's progress and result as JSON: the metadata of the training checkpoint (`train.ckpt`, what a
 /// resumed run restores), the lines of `metrics.jsonl` and `report.json`. One owner for each record's
-/// format, beside the records (`Pipeline`); the shell writes the text to its files.
+/// format, beside the records (`RunRecords`); the shell writes the text to its files.
 module Hast.Core.RunState
 
 open System
@@ -41,7 +41,7 @@ let generatorJson (it: Generator.IterInfo) : JsonObject =
           "teacher_acc", num it.TeacherAccuracy ]
 
 /// One epoch of the history, as saved in train.ckpt and written to metrics.jsonl.
-let epochJson (e: Pipeline.EpochRecord) : JsonObject =
+let epochJson (e: RunRecords.EpochRecord) : JsonObject =
     let m = e.Mean
     let o =
         obj [ "epoch", int' e.Epoch
@@ -68,7 +68,7 @@ let epochJson (e: Pipeline.EpochRecord) : JsonObject =
         o["last_weights_top5_correct"] <- count l.Top5Correct)
     o
 
-let private epochOf (o: JsonObject) : Pipeline.EpochRecord =
+let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
     let n (k: string) = numOr o k
     let long (k: string) = (field o k).GetValue<int64>()
     let accuracy (top1: int64) (top5: int64) (count: int64) : Evaluate.Accuracy =
@@ -88,16 +88,16 @@ let private epochOf (o: JsonObject) : Pipeline.EpochRecord =
       Accuracy = onTest
       LastWeights = last }
 
-let rollbackJson (r: Pipeline.Rollback) : JsonObject =
+let rollbackJson (r: RunRecords.Rollback) : JsonObject =
     obj [ "epoch", int' r.Epoch; "reason", text r.Reason; "lr_scale", num r.LrScale ]
 
-let private rollbackOf (o: JsonObject) : Pipeline.Rollback =
+let private rollbackOf (o: JsonObject) : RunRecords.Rollback =
     { Epoch = (field o "epoch").GetValue<int>()
       Reason = (field o "reason").GetValue<string>()
       LrScale = (field o "lr_scale").GetValue<float>() }
 
 /// The run's progress as train.ckpt's metadata holds it (beside the model's and the settings').
-let progressJson (p: Pipeline.Progress) : JsonObject =
+let progressJson (p: RunRecords.Progress) : JsonObject =
     obj [ "fp_top1", num p.FpTop1
           "calib_top1", num p.CalibTop1
           "history", JsonArray(p.History |> List.map (fun e -> epochJson e :> JsonNode) |> Array.ofList)
@@ -106,7 +106,7 @@ let progressJson (p: Pipeline.Progress) : JsonObject =
           "degraded", (match p.Degraded with Some d -> text d | None -> null) ]
 
 /// The progress back from train.ckpt's metadata; Error names what is missing or malformed.
-let progressOfJson (meta: JsonObject) : Result<Pipeline.Progress, string> =
+let progressOfJson (meta: JsonObject) : Result<RunRecords.Progress, string> =
     try
         let list (key: string) (f: JsonObject -> 'a) =
             match meta[key] with
@@ -129,12 +129,12 @@ let progressOfJson (meta: JsonObject) : Result<Pipeline.Progress, string> =
     | :? InvalidOperationException as e -> Error e.Message
     | :? FormatException as e -> Error e.Message
 
-/// The guard's state of a result (for `Pipeline.lrScale`).
-let progressOf (r: Pipeline.RunResult) : Pipeline.Progress =
+/// The guard's state of a result (for `RunRecords.lrScale`).
+let progressOf (r: RunRecords.RunResult) : RunRecords.Progress =
     { FpTop1 = r.FpTop1; CalibTop1 = r.CalibTop1; History = r.History; EpochsDone = r.EpochsDone; Rollbacks = r.Rollbacks; Degraded = r.Degraded }
 
 /// The report of a finished run (report.json, the `result` metric, the final checkpoint's `result`).
-let resultJson (r: Pipeline.RunResult) (wbits: int) (abits: int) (seed: int64) (seconds: float) : JsonObject =
+let resultJson (r: RunRecords.RunResult) (wbits: int) (abits: int) (seed: int64) (seconds: float) : JsonObject =
     obj [ "fp_top1", num (Math.Round(r.FpTop1, 4))
           "calib_top1", num (Math.Round(r.CalibTop1, 4))
           "final_top1", num (Math.Round(r.FinalTop1, 4))
@@ -155,6 +155,6 @@ let resultJson (r: Pipeline.RunResult) (wbits: int) (abits: int) (seed: int64) (
           // the divergence guard: every rollback, and why the result is degraded (null: it is not)
           "rollbacks", int' r.Rollbacks.Length
           "rollback_log", JsonArray(r.Rollbacks |> List.map (fun x -> rollbackJson x :> JsonNode) |> Array.ofList)
-          "lr_scale", num (Pipeline.lrScale (progressOf r))
+          "lr_scale", num (RunRecords.lrScale (progressOf r))
           "degraded", (match r.Degraded with Some d -> text d | None -> null)
           "epochs_done", int' r.EpochsDone ]

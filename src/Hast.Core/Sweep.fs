@@ -9,7 +9,7 @@ open System.Text.Json.Nodes
 open Hast.Core.Ablation
 open Hast.Core.JsonRecord
 
-/// How a point's fine-tuning went (the divergence guard of `Pipeline.run`).
+/// How a point's fine-tuning went (the divergence guard of `Run.run`).
 type PointStatus =
     /// no divergence
     | Finished
@@ -100,33 +100,30 @@ let meanStdText (r: Row) =
 
 /// The study's table in markdown: heading, what was run, one row per grid value, the paper's note.
 let markdown (study: Study) (budget: SweepBudget) (wbits: int) (abits: int) (seeds: int64 list) (fpTop1: float) (rs: Row list) : string =
-    let b = Text.StringBuilder()
-    let line (s: string) = b.Append(s).Append('\n') |> ignore
-    line (sprintf "## %s" (studyTitle study))
-    line ""
-    line (sprintf "W%dA%d, budget `%s`, seeds %s; final top-1 (mean ± sample std over the seeds, n runs); full precision here %s%%."
-              wbits abits (budgetName budget) (seeds |> List.map string |> String.concat ",") (cell fpTop1))
-    line ""
-    let header =
-        match study, rs with
-        | SensitivityStudy, _
-        | _, [] -> "setting"
-        | _, r :: _ -> parameter r.Setting
-    line (sprintf "| %s | top-1 %% | n | calibration only %% | paper %% |" header)
-    line "|---|---|---|---|---|"
-    for r in rs do
-        line (sprintf "| %s | %s | %d | %s | %s |" r.Label (meanStdText r) r.N (cell r.CalibMean) (r.Paper |> Option.map cell |> Option.defaultValue "—"))
-    line ""
-    let diverged = rs |> List.sumBy (fun r -> r.Diverged)
-    let recovered = rs |> List.sumBy (fun r -> r.Recovered)
-    if diverged > 0 then
-        line (sprintf "diverged: %d run(s) whose fine-tuning diverged (a NaN/Inf loss or weights, or an epoch's mean loss far above the best epoch's) and did not recover after the divergence guard's rollbacks; each delivered its last good weights, whose accuracy is in results.json and not in the mean or n." diverged)
+    Markdown.lines (fun line ->
+        line (sprintf "## %s" (studyTitle study))
         line ""
-    if recovered > 0 then
-        line (sprintf "recovered: %d run(s) diverged, went back to their last good epoch at a lower learning rate and finished; they count as normal runs (their rollbacks are in results.json)." recovered)
+        line (sprintf "W%dA%d, budget `%s`, seeds %s; final top-1 (mean ± sample std over the seeds, n runs); full precision here %s%%."
+                  wbits abits (budgetName budget) (seeds |> List.map string |> String.concat ",") (cell fpTop1))
         line ""
-    line (paperNote study)
-    b.ToString()
+        let header =
+            match study, rs with
+            | SensitivityStudy, _
+            | _, [] -> "setting"
+            | _, r :: _ -> parameter r.Setting
+        Markdown.tableHead [ header, false; "top-1 %", false; "n", false; "calibration only %", false; "paper %", false ] |> List.iter line
+        for r in rs do
+            line (sprintf "| %s | %s | %d | %s | %s |" r.Label (meanStdText r) r.N (cell r.CalibMean) (r.Paper |> Option.map cell |> Option.defaultValue "—"))
+        line ""
+        let diverged = rs |> List.sumBy (fun r -> r.Diverged)
+        let recovered = rs |> List.sumBy (fun r -> r.Recovered)
+        if diverged > 0 then
+            line (sprintf "diverged: %d run(s) whose fine-tuning diverged (a NaN/Inf loss or weights, or an epoch's mean loss far above the best epoch's) and did not recover after the divergence guard's rollbacks; each delivered its last good weights, whose accuracy is in results.json and not in the mean or n." diverged)
+            line ""
+        if recovered > 0 then
+            line (sprintf "recovered: %d run(s) diverged, went back to their last good epoch at a lower learning rate and finished; they count as normal runs (their rollbacks are in results.json)." recovered)
+            line ""
+        line (paperNote study))
 
 // ------------------------------------------------------------------------------------------------
 // a point's report

@@ -31,8 +31,10 @@ let all =
         testList "weight average" WeightAverageTests.tests
         testList "budget" BudgetTests.tests
         testList "pipeline" PipelineTests.tests
+        testList "run records" RunRecordsTests.tests
         testList "run state" RunStateTests.tests
         testList "run plan" RunPlanTests.tests
+        testList "run" RunTests.tests
         testList "presets" PresetsTests.tests
         // the sweeps (Ablation) with `hast ablate` end to end (AblateTests, Hast.Cli): one list, one name
         testList "ablate" (AblationTests.tests @ AblateTests.tests)

@@ -26,7 +26,7 @@ let private samplesOf (c: Pipeline.Config) =
     | _ -> failtest "not a synthesizing config"
 
 /// The synthesis of `samples` sample-iterations at `k` times the probe's speed.
-let private timing (sampleIterations: float) (k: float) : Pipeline.SynthesisTiming =
+let private timing (sampleIterations: float) (k: float) : RunRecords.SynthesisTiming =
     { SampleIterations = sampleIterations; Seconds = k * sampleIterations * probes.SynthIterPerSample }
 
 let tests : Test list =

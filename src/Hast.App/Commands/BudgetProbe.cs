@@ -40,7 +40,7 @@ public static class BudgetProbe
             return (resumed, QuantizeCli.withRun(run, c), [$"time budget: resuming with the recorded plan ({planPath})"]);
         }
         Directory.CreateDirectory(outDir);
-        var inputs = new Pipeline.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test);
+        var inputs = new RunRecords.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test);
         var probeCheckpoint = Path.Combine(outDir, ".budget-probe.ckpt");
         var probes = RunPlan.probe(inputs, c.Run, FuncConvert.FromAction<Net>(net =>
         {

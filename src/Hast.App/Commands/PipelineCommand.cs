@@ -9,8 +9,9 @@ using static TorchSharp.torch;
 
 namespace Hast.App;
 
-/// `hast quantize` and `hast run`: the files around the run itself (`Pipeline.run` in the core). This
-/// shell checks the paths, loads the teacher and test set, plans a time budget, writes OUT/config.json,
+/// `hast quantize` and `hast run`: the files around the run itself (`Run.run` in the core). This
+/// shell checks the paths, loads the teacher and test set, plans a time budget (the core re-plans it as
+/// the run goes; this shell records each re-plan in OUT/plan.json and OUT/config.json), writes OUT/config.json,
 /// saves the training state atomically to OUT/train.ckpt after calibration and after every epoch
 /// (`--resume` continues from there when every setting matches), shows progress and writes
 /// OUT/quantized.ckpt and OUT/report.json at the end.
@@ -95,7 +96,7 @@ public static class PipelineCommand
         SynthesizeCommand.StoreSink? sink = null;
         IDisposable? sinkGuard2 = null;
         SampleStore? store;
-        Pipeline.SampleStore storeHooks;
+        RunHooks.SampleStore storeHooks;
         if (c.Run.Samples is Pipeline.Samples.Synthesize syn)
         {
             sink = SynthesizeCommand.StoreSink.Open(teacher, syn.Item, storeDir, stdout);
@@ -107,7 +108,7 @@ public static class PipelineCommand
         {
             store = givenStore;
             var pre = preread!;
-            storeHooks = new Pipeline.SampleStore(
+            storeHooks = new RunHooks.SampleStore(
                 FuncConvert.FromFunc<int, bool>(_ => true),
                 FuncConvert.FromAction<Synthesis.BatchResult, double>((_, _) => throw new InvalidOperationException("a given store is not synthesized into")),
                 FuncConvert.FromFunc<Unit, Tuple<Tensor, Tensor>>(_ => pre));
@@ -120,25 +121,20 @@ public static class PipelineCommand
         // the budget's clock counts the synthesis stage as the batches' reported seconds alone
         double synthesisSeen = 0, injected = 0, synthesisStart = 0, leftAfterSynthesis = double.NaN;
         double Used() => secondsBefore + Elapsed(clock) + injected;
-        void OnEvent(Pipeline.Event e)
+        void OnEvent(RunHooks.Event e)
         {
-            if (e is Pipeline.Event.StageStarted { stage.IsSynthesis: true }) synthesisStart = Elapsed(clock);
-            if (e is Pipeline.Event.SynthesisBatchStored b)
+            if (e is RunHooks.Event.StageStarted { stage.IsSynthesis: true }) synthesisStart = Elapsed(clock);
+            if (e is RunHooks.Event.SynthesisBatchStored b)
             {
-                var k = Faults.Slowdown("synth-batch");
-                if (k > 1 && planned is not null && RunPlan.probesOf(planned) is { } pr0 && pr0.Value is var pr && c.Run.Samples is Pipeline.Samples.Synthesize sy)
-                {
-                    synthesisSeen += k * b.Item1.Labels.shape[0] * (sy.Item.Iterations + 1) * pr.SynthIterPerSample;
-                    injected = synthesisSeen - (Elapsed(clock) - synthesisStart);
-                }
-                else synthesisSeen += b.seconds;
+                synthesisSeen += b.counted;
+                if (b.counted != b.seconds) injected = synthesisSeen - (Elapsed(clock) - synthesisStart);
                 if (c.Run.TimeBudget is { } tb) leftAfterSynthesis = tb.Value.Seconds - Used();
             }
+            if (e is RunHooks.Event.Replanned r) Adopt(r.Item);
             events.On(e);
         }
-        Pipeline.SynthesisTiming Seen(Pipeline.SynthesisTiming t) => injected == 0 ? t : new(t.SampleIterations, synthesisSeen);
-        // a re-planned config: the settings a resumed run is matched against, config.json and the
-        // progress display follow; the plan's record of it goes to the log and the metrics
+        // a re-plan of the run (the core's): plan.json, the settings a resumed run is matched against,
+        // config.json and the progress display follow; its line goes to the log and its record to the metrics
         void Adopt(RunPlan.Replanned r)
         {
             planned = r.Planned;
@@ -150,35 +146,15 @@ public static class PipelineCommand
             log.Info(r.Line);
             log.Metric(r.Metric.Item1, r.Metric.Item2);
         }
-        var hooks = new Pipeline.Hooks(
-            FuncConvert.FromAction<Pipeline.Event>(OnEvent),
+        var hooks = new RunHooks.Hooks(
+            FuncConvert.FromAction<RunHooks.Event>(OnEvent),
             storeHooks,
-            FuncConvert.FromFunc<Net, FSharpOption<Net>, TorchSharp.torch.optim.Optimizer, FSharpOption<Pipeline.Progress>>((student, average, opt) =>
-                resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, average, opt) : FSharpOption<Pipeline.Progress>.None),
-            FuncConvert.FromAction<Pipeline.Snapshot>(s =>
+            FuncConvert.FromFunc<Net, FSharpOption<Net>, TorchSharp.torch.optim.Optimizer, FSharpOption<RunRecords.Progress>>((student, average, opt) =>
+                resumeFrom is { } ck ? Restore(ck, store, storeDir, c, student, average, opt) : FSharpOption<RunRecords.Progress>.None),
+            FuncConvert.FromAction<RunHooks.Snapshot>(s =>
                 SaveTrain(trainPath, s, c, teacher, settings, store, secondsBefore + Elapsed(started))),
             FuncConvert.FromFunc<Unit, double>(_ => Used()),
-            FuncConvert.FromFunc<Pipeline.SynthesisTiming, FSharpOption<Tuple<int, int>>>(timing =>
-            {
-                if (planned is null || c.Run.TimeBudget is not { } budget) return FSharpOption<Tuple<int, int>>.None;
-                if (RunPlan.replanFineTune(planned, c.Run, Seen(timing), budget.Value.Seconds - Used()) is not { } r) return FSharpOption<Tuple<int, int>>.None;
-                Adopt(r.Value);
-                return FSharpOption<Tuple<int, int>>.Some(Tuple.Create(c.Run.FineTune.Epochs, c.Run.FineTune.ItersPerEpoch));
-            }),
-            FuncConvert.FromFunc<Pipeline.SynthesisTiming, int, FSharpOption<int>>((timing, held) =>
-            {
-                if (planned is null || c.Run.TimeBudget is not { } budget) return FSharpOption<int>.None;
-                if (RunPlan.replanSynthesis(planned, c.Run, Seen(timing), held, budget.Value.Seconds - Used()) is not { } r) return FSharpOption<int>.None;
-                Adopt(r.Value.Item1);
-                return FSharpOption<int>.Some(r.Value.Item2);
-            }),
-            FuncConvert.FromFunc<int, double, FSharpOption<int>>((done, epochSeconds) =>
-            {
-                if (planned is null || c.Run.TimeBudget is not { } budget) return FSharpOption<int>.None;
-                if (RunPlan.replanEpochs(planned, c.Run, done, epochSeconds, budget.Value.Seconds - Used()) is not { } r) return FSharpOption<int>.None;
-                Adopt(r.Value);
-                return FSharpOption<int>.Some(c.Run.FineTune.Epochs);
-            }),
+            FuncConvert.FromFunc<Unit, double>(_ => Faults.Slowdown("synth-batch")),
             FuncConvert.FromFunc<int, FSharpFunc<int, FSharpOption<FineTune.Fault>>>(epoch => FuncConvert.FromFunc<int, FSharpOption<FineTune.Fault>>(iteration =>
                 Faults.Corrupt("ft-iter", $"epoch {epoch + 1} iteration {iteration + 1}") switch
                 {
@@ -186,8 +162,8 @@ public static class PipelineCommand
                     Faults.Action.Spike => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NewLossSpike(Faults.SpikeFactor)),
                     _ => FSharpOption<FineTune.Fault>.None,
                 })));
-        var inputs = new Pipeline.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
-        var (result, studentNet) = Pipeline.run(inputs, c.Run, hooks).ToValueTuple();
+        var inputs = new RunRecords.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
+        var (result, studentNet) = Hast.Core.Run.run(inputs, c.Run, planned is null ? null : FSharpOption<RunPlan.Planned>.Some(planned), hooks).ToValueTuple();
         using var _student = studentNet;
 
         // ---- results
@@ -209,7 +185,7 @@ public static class PipelineCommand
         log.Info($"final W{c.Run.WBits}A{c.Run.ABits} top-1 {result.FinalTop1:F2}%" +
                  (result.FinalLastWeightsTop1 is { } flw ? $" with the weight average (last weights {flw.Value:F2}%)" : "") + $" (full precision {result.FpTop1:F2}%, calibration only {result.CalibTop1:F2}%; " +
                  $"best epoch {result.BestEpoch} {result.BestTop1:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}" +
-                 (result.Rollbacks.IsEmpty ? "" : $"; the divergence guard rolled back {result.Rollbacks.Length} time(s), lr x{Pipeline.lrScale(RunState.progressOf(result)):G3}"));
+                 (result.Rollbacks.IsEmpty ? "" : $"; the divergence guard rolled back {result.Rollbacks.Length} time(s), lr x{RunRecords.lrScale(RunState.progressOf(result)):G3}"));
         log.Metric("result", json);
         WriteFigure(outDir, $"{teacher.Arch.Name} W{c.Run.WBits}A{c.Run.ABits}, seed {c.Run.FineTune.Seed}: final top-1 {result.FinalTop1:F2}%");
         if (result.Degraded is { } degraded)
@@ -234,41 +210,41 @@ public static class PipelineCommand
         bool synthesizing;
         double fpTop1 = double.NaN;
 
-        public void On(Pipeline.Event e)
+        public void On(RunHooks.Event e)
         {
             switch (e)
             {
-                case Pipeline.Event.StageStarted s when s.stage.IsSynthesis:
+                case RunHooks.Event.StageStarted s when s.stage.IsSynthesis:
                     synthesizing = true;
                     sink?.OnEvent(e);
                     break;
-                case Pipeline.Event.SynthesisIteration or Pipeline.Event.SynthesisBatchStored:
+                case RunHooks.Event.SynthesisIteration or RunHooks.Event.SynthesisBatchStored:
                     sink?.OnEvent(e);
                     break;
-                case Pipeline.Event.SamplesReady ready:
+                case RunHooks.Event.SamplesReady ready:
                     if (synthesizing) { sink!.Finish(); synthesizing = false; }
                     sink?.Dispose();
                     log.Info(c.Run.Samples.IsRealImages
                         ? $"REAL images: {ready.count} from {storeDir} (the non-zero-shot reference: fine-tuned on real data)"
                         : $"samples: {ready.count} from {storeDir}");
                     break;
-                case Pipeline.Event.StageStarted s:
-                    log.Stage(Pipeline.StageModule.name(s.stage), s.stepsDone);
+                case RunHooks.Event.StageStarted s:
+                    log.Stage(RunHooks.StageModule.name(s.stage), s.stepsDone);
                     break;
-                case Pipeline.Event.Resumed r:
+                case RunHooks.Event.Resumed r:
                     log.Info($"resuming {c.Out} after epoch {r.epochsDone}/{ft.Epochs}");
                     break;
-                case Pipeline.Event.CalibrationStarted cs:
+                case RunHooks.Event.CalibrationStarted cs:
                     if (cs.Item1 is Pipeline.Calibration.FromGenerator g)
                         log.Info($"calibrating activation ranges with a label-conditional generator ({g.Item.Iterations} iterations x {g.Item.BatchSize}, BNS + CE)");
                     else
                         log.Info($"calibrating activation ranges on {cs.images} {(c.Run.Samples.IsRealImages ? "REAL images" : "synthetic samples")} (EMA of min/max, then frozen)");
                     break;
-                case Pipeline.Event.CalibrationBatch b:
+                case RunHooks.Event.CalibrationBatch b:
                     Faults.At("calibration", $"batch {b.index + 1}");
                     StopSignal.Check(() => "in calibration (the samples are kept; a resumed run calibrates again)");
                     break;
-                case Pipeline.Event.GeneratorIteration gi:
+                case RunHooks.Event.GeneratorIteration gi:
                 {
                     var it = gi.Item;
                     log.Progress(it.Iteration, it.Total, [("ce", it.Ce), ("bns", it.Bns), ("loss", it.Loss), ("acc", it.TeacherAccuracy)]);
@@ -276,19 +252,19 @@ public static class PipelineCommand
                     if (it.Iteration % 10 == 0 || it.Iteration == it.Total) log.Metric("generator", RunState.generatorJson(it));
                     break;
                 }
-                case Pipeline.Event.EvaluationBatch eb:
+                case RunHooks.Event.EvaluationBatch eb:
                     if (!eb.Item1.IsAfterEpoch && !eb.Item1.IsLastWeightsAfterEpoch) log.Progress(eb.imagesDone, eb.imagesTotal, []);
                     StopSignal.Check(() => "in an evaluation (the run resumes from its last saved state)");
                     break;
-                case Pipeline.Event.Evaluated ev when ev.Item1.IsFullPrecision:
+                case RunHooks.Event.Evaluated ev when ev.Item1.IsFullPrecision:
                     fpTop1 = ev.Item2.Top1;
                     log.Info($"full precision: top-1 {fpTop1:F2}%");
                     break;
-                case Pipeline.Event.Evaluated ev when ev.Item1.IsCalibrated:
+                case RunHooks.Event.Evaluated ev when ev.Item1.IsCalibrated:
                     log.Info($"W{c.Run.WBits}A{c.Run.ABits} after calibration only: top-1 {ev.Item2.Top1:F2}%");
                     log.Metric("eval", new JsonObject { ["epoch"] = 0, ["phase"] = "calibration", ["top1"] = ev.Item2.Top1, ["fp_top1"] = fpTop1 });
                     break;
-                case Pipeline.Event.FineTuneIteration fi:
+                case RunHooks.Event.FineTuneIteration fi:
                 {
                     var it = fi.Item;
                     long step = (long)it.Epoch * it.ItersPerEpoch + it.Iteration + 1;
@@ -301,7 +277,7 @@ public static class PipelineCommand
                                            $"({Path.Combine(c.Out, TrainCheckpoint)} holds {it.Epoch} finished epoch(s))");
                     break;
                 }
-                case Pipeline.Event.EpochFinished ef:
+                case RunHooks.Event.EpochFinished ef:
                 {
                     var rec = ef.Item1;
                     var m = rec.Mean;
@@ -313,13 +289,13 @@ public static class PipelineCommand
                     log.Metric("epoch", RunState.epochJson(rec));
                     break;
                 }
-                case Pipeline.Event.EpochSaved es:
+                case RunHooks.Event.EpochSaved es:
                     StopSignal.Check(() => $"after fine-tune epoch {es.epochsDone}/{es.epochs} (saved in {Path.Combine(c.Out, TrainCheckpoint)})");
                     break;
-                case Pipeline.Event.StoppedForBudget sb:
+                case RunHooks.Event.StoppedForBudget sb:
                     log.Info($"time budget: stopping after epoch {sb.epochsDone}/{sb.epochs}: {sb.secondsLeft:F0}s left, an epoch takes {sb.epochSeconds:F0}s");
                     break;
-                case Pipeline.Event.RolledBack rb:
+                case RunHooks.Event.RolledBack rb:
                 {
                     var r = rb.rollback;
                     log.Info($"WARNING: fine-tuning diverged in epoch {r.Epoch} ({r.Reason}): back to the state after epoch {r.Epoch - 1}, " +
@@ -327,7 +303,7 @@ public static class PipelineCommand
                     log.Metric("rollback", RunState.rollbackJson(r));
                     break;
                 }
-                case Pipeline.Event.GaveUp gu:
+                case RunHooks.Event.GaveUp gu:
                     log.Info($"WARNING: {gu.message}");
                     log.Metric("degraded", new JsonObject { ["epoch"] = gu.epoch, ["reason"] = gu.reason, ["epochs_done"] = gu.epochsDone, ["message"] = gu.message });
                     break;
@@ -366,7 +342,7 @@ public static class PipelineCommand
         }
     }
 
-    static FSharpOption<Pipeline.Progress> Restore(Checkpoint ck, SampleStore? store, string storeDir, QuantizeCli.PipelineConfig c, Net student,
+    static FSharpOption<RunRecords.Progress> Restore(Checkpoint ck, SampleStore? store, string storeDir, QuantizeCli.PipelineConfig c, Net student,
                                                    FSharpOption<Net>? average, TorchSharp.torch.optim.Optimizer opt)
     {
         var meta = ck.Meta;
@@ -384,7 +360,7 @@ public static class PipelineCommand
         RestoreOptimizer((OptimizerHelper)opt, ck.Extra);
         var progress = RunState.progressOfJson(meta);
         if (progress.IsError) throw new HastError($"{Path.Combine(c.Out, TrainCheckpoint)} is damaged ({progress.ErrorValue}); start the run again in a new --out");
-        return FSharpOption<Pipeline.Progress>.Some(progress.ResultValue);
+        return FSharpOption<RunRecords.Progress>.Some(progress.ResultValue);
     }
 
     /// OUT/run.png from OUT/metrics.jsonl (a line torn by an earlier crash is skipped).
@@ -421,7 +397,7 @@ public static class PipelineCommand
     /// Names of the weight average's tensors among a train checkpoint's extra tensors.
     const string AveragePrefix = "average/";
 
-    static void SaveTrain(string path, Pipeline.Snapshot s, QuantizeCli.PipelineConfig c, LoadedModel teacher, JsonObject settings, SampleStore? store, double seconds)
+    static void SaveTrain(string path, RunHooks.Snapshot s, QuantizeCli.PipelineConfig c, LoadedModel teacher, JsonObject settings, SampleStore? store, double seconds)
     {
         var student = teacher with { Net = s.Student, WBits = c.Run.WBits, ABits = c.Run.ABits };
         var meta = ModelFiles.CheckpointMeta(student, ModelCli.file(c.Model), teacher.Sha256);

@@ -32,8 +32,9 @@ public static class SynthesizeCommand
                                          Synthesis.Shard? shard = null, bool wait = false)
     {
         using var sink = StoreSink.Open(teacher, cfg, dir, stdout, shard, wait);
-        Pipeline.synthesize(device, teacher.Net, teacher.Arch.Input.Size, cfg, sink.Hooks(null),
-            FuncConvert.FromFunc<Pipeline.SynthesisTiming, int, FSharpOption<int>>((_, _) => FSharpOption<int>.None), FuncConvert.FromAction<Pipeline.Event>(sink.OnEvent));
+        Hast.Core.Run.synthesize(device, teacher.Net, teacher.Arch.Input.Size, cfg, sink.Hooks(null),
+            FuncConvert.FromFunc<Synthesis.BatchResult, double, double>((_, seconds) => seconds),
+            FuncConvert.FromFunc<RunRecords.SynthesisTiming, int, FSharpOption<int>>((_, _) => FSharpOption<int>.None), FuncConvert.FromAction<RunHooks.Event>(sink.OnEvent));
         sink.Finish();
         return sink.Store;
     }
@@ -94,7 +95,7 @@ public static class SynthesizeCommand
 
         /// The store as the run sees it; `ReadAll` reads `take` samples (all when null). Batches of other
         /// shards count as held: this process does not synthesize them.
-        public Pipeline.SampleStore Hooks(int? take) => new(
+        public RunHooks.SampleStore Hooks(int? take) => new(
             FuncConvert.FromFunc<int, bool>(i => !Synthesis.ShardModule.owns(shard, i) || Store.DoneIndices().Contains(i)),
             FuncConvert.FromAction<Synthesis.BatchResult, double>((r, seconds) => Store.Append(r.Index, r.Images, r.Labels, r.Difficulty,
                 stats: new JsonObject
@@ -111,15 +112,15 @@ public static class SynthesizeCommand
         }
 
         /// Progress, metrics, fault points and stop checks of the synthesis stage.
-        public void OnEvent(Pipeline.Event e)
+        public void OnEvent(RunHooks.Event e)
         {
             switch (e)
             {
-                case Pipeline.Event.StageStarted s when s.stage.IsSynthesis:
+                case RunHooks.Event.StageStarted s when s.stage.IsSynthesis:
                     step = s.stepsDone;
-                    log.Stage(Pipeline.StageModule.name(s.stage), step);
+                    log.Stage(RunHooks.StageModule.name(s.stage), step);
                     break;
-                case Pipeline.Event.SynthesisIteration si:
+                case RunHooks.Event.SynthesisIteration si:
                 {
                     var it = si.Item1;
                     step++;
@@ -139,7 +140,7 @@ public static class SynthesizeCommand
                                            $"(the batch is not kept; {Store.Count} finished samples are in {dir})");
                     break;
                 }
-                case Pipeline.Event.SynthesisBatchStored b:
+                case RunHooks.Event.SynthesisBatchStored b:
                 {
                     var r = b.Item1;
                     var count = r.Labels.shape[0];
