@@ -24,6 +24,9 @@ type AblateAction =
     /// no table
     | OnePoint of id: string
 
+/// Points run at a time without `--jobs`: one after another, in this process.
+let defaultJobs = 1
+
 type AblateConfig =
     { Action: AblateAction
       Study: Study
@@ -106,7 +109,7 @@ type AblateArgs =
             | List_Points -> "print the sweep's points as JSON lines (index, id, label, seed, store, dir, config) and run nothing"
             | Point _ ->
                 "run only this point (its 0-based index or its id from --list-points) into the shared --out; processes on distinct points of one folder work together; no table (a final plain `hast ablate` writes it)"
-            | Jobs _ -> "run the points in n parallel child processes on this machine (`--point` each), the cores split between them, then the table (default: 1)"
+            | Jobs _ -> sprintf "run the points in n parallel child processes on this machine (`--point` each), the cores split between them, then the table (default: %d)" defaultJobs
             | Lambdas _ -> sprintf "sensitivity: feature-alignment weights λ (default: %s x the dataset's λ, CIFAR-10 %s)" (floats scaleFactors) (floats cifar.Lambdas)
 
 /// The grid flags and the study each belongs to.
@@ -214,7 +217,7 @@ let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
     let baseCfg = baseConfig budget family classCount wbits abits
     let action =
         match r.Bool("list-points", false), r.TryString "point", r.TryInt "jobs" with
-        | false, None, None -> RunSweep 1
+        | false, None, None -> RunSweep defaultJobs
         | false, None, Some j -> RunSweep(checkPositiveInt "--jobs" j)
         | true, None, None -> ListPoints
         | false, Some id, None when id.Trim() <> "" -> OnePoint id
