@@ -64,23 +64,23 @@ match cos.CleanPerturbed with
 let spectrum (name: string) (pick: FineTune.Terms -> Tensor) =
     use _ = torch.NewDisposeScope()
     let t = Study.termsOn cfg teacher student images labels
-    use h = new Study.HessianOperator(Study.parameters student, pick t)
+    use h = new Hessian.HessianOperator(Study.parameters student, pick t)
     use gen = generator 7L
-    let top = Study.topEigenvalue gen { Study.powerDefaults with MaxIterations = steps } h.Operator
+    let top = Hessian.topEigenvalue gen { Hessian.powerDefaults with MaxIterations = steps } h.Operator
     say "%s: top eigenvalue %.5g (%d power iterations%s)" name top.Value top.Iterations (if top.Converged then "" else ", not converged")
-    let tr = Study.trace gen { Study.traceDefaults with MaxSamples = steps } h.Operator
+    let tr = Hessian.trace gen { Hessian.traceDefaults with MaxSamples = steps } h.Operator
     say "%s: Hutchinson trace %.5g ± %.2g (%d samples)" name tr.Estimate tr.StandardError tr.Samples.Length
-    let d = Study.density gen { Iterations = steps; Runs = 1 } h.Operator
+    let d = Hessian.density gen { Iterations = steps; Runs = 1 } h.Operator
     let r = d.Runs.Head
     let hi = Array.max r.Nodes
     let weightWhere f = Array.fold2 (fun a l w -> if f l then a + w else a) 0.0 r.Nodes r.Weights
     say "%s: Lanczos nodes in [%.4g, %.4g], quadrature trace %.5g; weight below -1%% of the top %.3f, within ±1%% %.3f"
-        name (Array.min r.Nodes) hi (Study.densityTrace d)
+        name (Array.min r.Nodes) hi (Hessian.densityTrace d)
         (weightWhere (fun l -> l < -0.01 * hi)) (weightWhere (fun l -> abs l <= 0.01 * hi))
     // smoothed density on PyHessian's grid, bars on a log scale (8 decades below the peak), as
     // PyHessian's plots; the width is at least half a bin so isolated nodes stay visible
-    let grid = Study.grid 16 d
-    let dens = Study.densityOnGrid (max (Study.pyHessianSigma d) ((grid[1] - grid[0]) / 2.0)) grid d
+    let grid = Hessian.grid 16 d
+    let dens = Hessian.densityOnGrid (max (Hessian.pyHessianSigma d) ((grid[1] - grid[0]) / 2.0)) grid d
     let top = log10 (Array.max dens)
     let bar y = if y <= 0.0 then 0 else max 0 (int (5.0 * (log10 y - top + 8.0)))
     for x, y in Array.zip grid dens do

@@ -260,3 +260,46 @@ let ofResults (r: ParseResults<AnalyzeArgs>) : AnalyzeConfig =
     | Some(AnalyzeArgs.Hessian h) -> AnalyzeConfig.Hessian(hessianOf h)
     | Some(AnalyzeArgs.Gradcos g) -> AnalyzeConfig.Gradcos(gradcosOf g)
     | None -> fail "hast analyze needs a sub-command: hessian or gradcos (see hast analyze --help)"
+
+/// What the shell found for an analysis: the models it loaded and the store it read (paths as the
+/// shell resolved them).
+type Facts =
+    { Arch: string
+      WeightsFile: string
+      WeightsSha256: string
+      SamplesPath: string
+      StoreCount: int64
+      WBits: int
+      ABits: int
+      CheckpointPath: string option }
+
+/// The set-up both analyses record first in their `settings`.
+let private setupJson (s: Setup) (f: Facts) : (string * System.Text.Json.Nodes.JsonNode) list =
+    [ "arch", JsonRecord.text f.Arch
+      "weights", JsonRecord.text f.WeightsFile
+      "weights_sha256", JsonRecord.text f.WeightsSha256
+      "samples", JsonRecord.text f.SamplesPath
+      "store_count", JsonRecord.count f.StoreCount
+      "wbits", JsonRecord.int' f.WBits
+      "abits", JsonRecord.int' f.ABits
+      "checkpoint", (f.CheckpointPath |> Option.map JsonRecord.text |> Option.toObj)
+      "calibration",
+      (match f.CheckpointPath with
+       | Some _ -> null
+       | None ->
+           JsonRecord.obj
+               [ "batch", JsonRecord.int' s.CalibBatch
+                 "batches", JsonRecord.int' s.CalibBatches
+                 "images", JsonRecord.count (Quantize.calibrationImages s.CalibBatches s.CalibBatch f.StoreCount)
+                 "source", JsonRecord.text "the store's first samples" ]
+           :> System.Text.Json.Nodes.JsonNode)
+      "device", JsonRecord.text s.Device
+      "seed", JsonRecord.count s.Seed ]
+
+/// hessian.json's `settings`: the set-up, then the analysis's own settings.
+let hessianSettings (c: HessianConfig) (f: Facts) : System.Text.Json.Nodes.JsonObject =
+    JsonRecord.obj (setupJson c.Setup f @ AnalysisReport.hessianSettingsJson c.Analysis c.Batch)
+
+/// gradcos.json's `settings`: the set-up, then the analysis's own settings.
+let gradcosSettings (c: GradcosConfig) (f: Facts) : System.Text.Json.Nodes.JsonObject =
+    JsonRecord.obj (setupJson c.Setup f @ AnalysisReport.gradcosSettingsJson c.Iters c.Every c.ProbeBatch c.FineTune)

@@ -50,7 +50,15 @@ type HastArgs =
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
-let private commandWords = set [ "eval"; "synthesize"; "samples"; "quantize"; "run"; "merge"; "info"; "export"; "analyze"; "hessian"; "gradcos"; "ablate"; "direction"; "weights"; "alignment"; "sensitivity"; "doctor"; "bench"; "download" ]
+/// Every sub-command's name at any depth (`run`, `samples`, `merge`, `analyze`, `hessian`, …), read
+/// from the Argu schema so a new command is never missing from a usage error's pointer to its help.
+let private commandWords : Set<string> =
+    let rec words (p: ArgumentParser) : string list =
+        [ for c in p.GetArgumentCases() do
+              if c.ArgumentType = ArgumentType.SubCommand then yield! c.CommandLineNames.Value ]
+        @ (p.GetSubCommandParsers() |> List.collect words)
+    set (words (parser ()))
+
 
 /// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
 /// and where to find help, e.g. `hast: parameter '--lr' must be followed by <double>, but was 'inf'; see hast run --help`.

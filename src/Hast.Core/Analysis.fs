@@ -52,8 +52,8 @@ type HessianConfig =
       LanczosSteps: int
       /// SLQ runs (probe vectors)
       Runs: int
-      Power: Study.PowerConfig
-      Trace: Study.TraceConfig
+      Power: Hessian.PowerConfig
+      Trace: Hessian.TraceConfig
       /// density grid points (PyHessian: 10000)
       Bins: int
       /// T, α, λ of the loss terms
@@ -64,8 +64,8 @@ type HessianConfig =
 let hessianDefaults : HessianConfig =
     { LanczosSteps = 50
       Runs = 1
-      Power = Study.powerDefaults
-      Trace = Study.traceDefaults
+      Power = Hessian.powerDefaults
+      Trace = Hessian.traceDefaults
       Bins = 10000
       FineTune = FineTune.defaults
       Seed = 0L }
@@ -92,14 +92,14 @@ type Spectrum =
       Value: float
       /// number of parameters (the Hessian is Dimension × Dimension)
       Dimension: int64
-      Density: Study.Density
-      /// PyHessian's grid and normalised smoothed density (`Study.pyHessianDensity`)
+      Density: Hessian.Density
+      /// PyHessian's grid and normalised smoothed density (`Hessian.pyHessianDensity`)
       Grid: float[]
       DensityValues: float[]
       /// the smoothing variance σ² = 1e-5·max(1, λmax − λmin)
       SigmaSquared: float
-      Top: Study.Eigenpair
-      Trace: Study.TraceEstimate }
+      Top: Hessian.Eigenpair
+      Trace: Hessian.TraceEstimate }
 
 /// The spectrum of loss `l` of the student on batch `x` (labels `y`, both on the student's device),
 /// teacher outputs constant, both models in eval mode. `onProduct estimator count` is called after
@@ -112,8 +112,8 @@ let spectrum (c: HessianConfig) (teacher: Net) (student: Net) (x: Tensor) (y: Te
     use _ = torch.NewDisposeScope()
     let t = FineTune.terms (termsConfig c.FineTune) (student.Forward x) (FineTune.teacherOutputs false teacher x) y
     let loss = pick l t
-    use h = new Study.HessianOperator(Study.parameters student, loss)
-    let counted (e: Estimator) : Study.Operator =
+    use h = new Hessian.HessianOperator(Study.parameters student, loss)
+    let counted (e: Estimator) : Hessian.Operator =
         let mutable n = 0
         { Dimension = h.Dimension
           Apply = fun v ->
@@ -124,13 +124,13 @@ let spectrum (c: HessianConfig) (teacher: Net) (student: Net) (x: Tensor) (y: Te
     let index = match l with CE -> 0L | KL -> 1L | FA -> 2L
     let gen (k: int64) = generator (deriveSeed c.Seed [ 11L; index; k ])
     use g0 = gen 0L
-    let density = Study.density g0 { Iterations = c.LanczosSteps; Runs = c.Runs } (counted Lanczos)
+    let density = Hessian.density g0 { Iterations = c.LanczosSteps; Runs = c.Runs } (counted Lanczos)
     use g1 = gen 1L
-    let top = Study.topEigenvalue g1 c.Power (counted PowerIteration)
+    let top = Hessian.topEigenvalue g1 c.Power (counted PowerIteration)
     use g2 = gen 2L
-    let tr = Study.trace g2 c.Trace (counted Hutchinson)
-    let grid, dens = Study.pyHessianDensity c.Bins density
-    let sigma = Study.pyHessianSigma density
+    let tr = Hessian.trace g2 c.Trace (counted Hutchinson)
+    let grid, dens = Hessian.pyHessianDensity c.Bins density
+    let sigma = Hessian.pyHessianSigma density
     top.Vector.Dispose()
     { Loss = l
       Value = scalar loss
@@ -190,3 +190,18 @@ let subset (seed: int64) (salt: int64) (take: int) (images: Tensor) (labels: Ten
     use gen = generator (deriveSeed seed [ 12L; salt ])
     use idx = torch.randperm(count, generator = gen).slice(0L, 0L, int64 take, 1L)
     images.index_select(0L, idx), labels.index_select(0L, idx)
+
+/// One gradient-cosine run of Figure 2a: a fine-tuning configuration and the two loss terms whose
+/// gradients are compared while it trains.
+type CosineRunSpec =
+    { /// the run's key in gradcos.json and metrics.jsonl
+      Key: string
+      Label: string
+      Config: FineTune.Config
+      Terms: Loss * Loss }
+
+/// Figure 2a's two runs from the HAST configuration: the CE+KL baseline (`FineTune.baseline`)
+/// comparing CE with KL, and HAST comparing the feature alignment with KL.
+let gradcosRuns (hast: FineTune.Config) : CosineRunSpec list =
+    [ { Key = "ce_kl"; Label = "CE+KL baseline: cos(grad CE, grad KL)"; Config = FineTune.baseline hast; Terms = CE, KL }
+      { Key = "fa_kl"; Label = "HAST: cos(grad FA, grad KL)"; Config = hast; Terms = FA, KL } ]

@@ -47,7 +47,7 @@ let spectrumJson (sp: Analysis.Spectrum) (weight: float) : JsonObject =
           "trace", finite sp.Trace.Estimate
           "trace_standard_error", finite sp.Trace.StandardError
           "trace_probes", int' sp.Trace.Samples.Length
-          "quadrature_trace", finite (Study.densityTrace sp.Density)
+          "quadrature_trace", finite (Hessian.densityTrace sp.Density)
           "sigma_squared", num sp.SigmaSquared
           "grid", finites sp.Grid
           "density", finites sp.DensityValues
@@ -192,6 +192,33 @@ let fineTuneJson (f: FineTune.Config) : JsonObject =
            | None -> null)
           "crop_scale", JsonArray(num (fst f.Crop.Scale), num (snd f.Crop.Scale))
           "seed", JsonValue.Create f.Seed ]
+
+/// The Hessian analysis's own settings as hessian.json's `settings` records them (beside the set-up's).
+let hessianSettingsJson (a: Analysis.HessianConfig) (batch: int) : (string * JsonNode) list =
+    [ "command", text "analyze hessian"
+      "batch", int' batch
+      "batch_source", text "a seeded subset of the store, no augmentation"
+      "lanczos_steps", int' a.LanczosSteps
+      "runs", int' a.Runs
+      "power_iters", int' a.Power.MaxIterations
+      "power_tolerance", num a.Power.Tolerance
+      "hutchinson_samples", int' a.Trace.MaxSamples
+      "hutchinson_tolerance", num a.Trace.Tolerance
+      "bins", int' a.Bins
+      "temperature", num a.FineTune.Temperature
+      "alpha", num a.FineTune.Alpha
+      "lambda", num a.FineTune.Lambda
+      "losses", text "ce = cross entropy to the store's labels; kl = alpha*T^2*KL(teacher || student at T); fa = lambda * relaxed feature alignment" ]
+
+/// The gradient-cosine analysis's own settings as gradcos.json's `settings` records them.
+let gradcosSettingsJson (iters: int) (every: int) (probeBatch: int) (hast: FineTune.Config) : (string * JsonNode) list =
+    [ "command", text "analyze gradcos"
+      "iters", int' iters
+      "every", int' every
+      "probe_batch", int' probeBatch
+      "probe_source", text "a fixed seeded subset of the store, no augmentation; cosines wrt all student parameters"
+      "fine_tune", (fineTuneJson hast :> JsonNode)
+      "baseline", (fineTuneJson (FineTune.baseline hast) :> JsonNode) ]
 
 /// gradcos.json: the settings, the seed, the iterations measured, each run's cosines and gradient
 /// norms, and a summary per run.

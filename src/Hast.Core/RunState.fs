@@ -91,6 +91,14 @@ let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
 let rollbackJson (r: RunRecords.Rollback) : JsonObject =
     obj [ "epoch", int' r.Epoch; "reason", text r.Reason; "lr_scale", num r.LrScale ]
 
+/// metrics.jsonl's `eval` line of the calibrated student (epoch 0), beside the full-precision accuracy.
+let calibratedJson (top1: float) (fpTop1: float) : JsonObject =
+    obj [ "epoch", int' 0; "phase", text "calibration"; "top1", num top1; "fp_top1", num fpTop1 ]
+
+/// metrics.jsonl's `degraded` line: the divergence guard gave up (`RunHooks.Event.GaveUp`).
+let degradedJson (epoch: int) (reason: string) (epochsDone: int) (message: string) : JsonObject =
+    obj [ "epoch", int' epoch; "reason", text reason; "epochs_done", int' epochsDone; "message", text message ]
+
 let private rollbackOf (o: JsonObject) : RunRecords.Rollback =
     { Epoch = (field o "epoch").GetValue<int>()
       Reason = (field o "reason").GetValue<string>()

@@ -47,8 +47,8 @@ let private small : HessianConfig =
     { hessianDefaults with
         LanczosSteps = 6
         Runs = 2
-        Power = { Study.powerDefaults with MaxIterations = 5; Tolerance = 0.0 }
-        Trace = { Study.traceDefaults with MaxSamples = 4; Tolerance = 0.0 }
+        Power = { Hessian.powerDefaults with MaxIterations = 5; Tolerance = 0.0 }
+        Trace = { Hessian.traceDefaults with MaxSamples = 4; Tolerance = 0.0 }
         Bins = 40
         Seed = 3L }
 
@@ -111,7 +111,7 @@ let private hessianConfigTests : Test list = [
     test "hessianDefaults are PyHessian's settings but 50 Lanczos steps, and pass validateHessian unchanged, as does 2 bins" {
         let d = hessianDefaults
         Expect.equal (d.LanczosSteps, d.Runs, d.Bins) (50, 1, 10000) "Lanczos steps, runs, bins"
-        Expect.equal (d.Power, d.Trace, d.FineTune) (Study.powerDefaults, Study.traceDefaults, FineTune.defaults) "power iteration, Hutchinson, fine-tuning"
+        Expect.equal (d.Power, d.Trace, d.FineTune) (Hessian.powerDefaults, Hessian.traceDefaults, FineTune.defaults) "power iteration, Hutchinson, fine-tuning"
         Expect.equal (validateHessian d) d "valid"
         Expect.equal (validateHessian { d with Bins = 2 }).Bins 2 "two bins are enough"
     }
@@ -144,8 +144,8 @@ let private hessianConfigTests : Test list = [
                     { hessianDefaults with
                         LanczosSteps = steps
                         Runs = runs
-                        Power = { Study.powerDefaults with MaxIterations = power }
-                        Trace = { Study.traceDefaults with MaxSamples = samples }
+                        Power = { Hessian.powerDefaults with MaxIterations = power }
+                        Trace = { Hessian.traceDefaults with MaxSamples = samples }
                         Bins = bins }
                 let valid = steps > 0 && runs > 0 && power > 0 && samples > 0 && bins >= 2
                 throwsHast (fun () -> validateHessian c |> ignore) = not valid))

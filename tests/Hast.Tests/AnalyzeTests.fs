@@ -55,6 +55,8 @@ let tests = [
         Expect.equal (int s["wbits"]) 4 "wbits"
         Expect.equal (int s["batch"]) 4 "batch"
         Expect.equal (int s["lanczos_steps"]) 3 "lanczos steps"
+        Expect.equal (int (s["calibration"].["images"])) 4 "a fresh student calibrated on the store's first 4 samples (4 batches of 1)"
+        Expect.isNull s["checkpoint"] "no checkpoint"
         Expect.equal (float s["temperature"]) 20.0 "T"
         for name in [ "ce"; "kl"; "fa" ] do
             let l = j["losses"].[name]

@@ -185,6 +185,17 @@ let tests : Test list =
                     Expect.stringStarts text "hast: " "prefixed"
                     Expect.stringContains text "--help" "says where help is"
             | other -> failtestf "%A gave %A" argv other
+        // the pointer names the command's own help, at any depth (every sub-command, from the schema)
+        for argv, help in [ [| "run"; "--nope" |], "see hast run --help"; [| "bench"; "--nope" |], "see hast bench --help"
+                            [| "download"; "--cache" |], "see hast download --help"
+                            [| "samples"; "merge"; "--nope" |], "see hast samples merge --help"
+                            [| "analyze"; "hessian"; "--nope" |], "see hast analyze hessian --help"
+                            [| "ablate"; "sensitivity"; "--nope" |], "see hast ablate --help"
+                            [| "bogus" |], "see hast --help" ] do
+            try
+                Root.parse (fun _ -> "") argv |> ignore
+                failtestf "%A parsed" argv
+            with Common.CliUsage(text, _) -> Expect.stringEnds text help (sprintf "%A" argv)
         try Root.parse (fun _ -> "") [| "run"; "--help" |] |> ignore with
         | Common.CliUsage(text, isHelp) ->
             Expect.isTrue isHelp "help"

@@ -39,6 +39,7 @@ let all =
         // the sweeps (Ablation) with `hast ablate` end to end (AblateTests, Hast.Cli): one list, one name
         testList "ablate" (AblationTests.tests @ AblateTests.tests)
         testList "study" StudyTests.tests
+        testList "hessian" HessianTests.tests
         testList "analysis" AnalysisTests.tests
         // Hast.Onnx
         testList "onnx" OnnxTests.tests

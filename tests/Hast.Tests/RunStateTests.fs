@@ -71,4 +71,10 @@ let tests : Test list =
           let j = RunState.iterationJson it
           Expect.equal (int (j["epoch"]), int64 (j["iteration"])) (2, 15L) "epoch 2, iteration 15"
           Expect.isNull (j["promotion_gain"]) "no promotion: null"
+      } 
+      test "metrics lines of the calibrated student and of a degraded run name their fields (as run.png and the studies read them)" {
+          let e = RunState.calibratedJson 79.5 91.6
+          Expect.equal (text e) """{"epoch":0,"phase":"calibration","top1":79.5,"fp_top1":91.6}""" "eval line"
+          let d = RunState.degradedJson 3 "loss NaN" 2 "gave up"
+          Expect.equal (text d) """{"epoch":3,"reason":"loss NaN","epochs_done":2,"message":"gave up"}""" "degraded line"
       } ]

@@ -349,3 +349,11 @@ let sixBySix (seed: int64) =
     use g = generator seed
     TorchSharp.torch.randn([| 2L; 3L; 6L; 6L |], generator = g)
 
+/// Cross entropy of a net on a batch (with TinyNet: conv2d, BN in eval, ReLU, log_softmax).
+let crossEntropyOf (net: Net) (x: torch.Tensor) (y: torch.Tensor) = torch.nn.functional.cross_entropy(net.forward x, y)
+
+/// Labels for a batch of six images of five classes.
+let sixLabels = torch.tensor([| 0L; 3L; 1L; 4L; 2L; 0L |])
+
+/// No parameter has a `.grad` (nothing was accumulated into them).
+let noGrads (ps: torch.Tensor[]) = ps |> Array.forall (fun p -> isNull p.grad)

@@ -73,21 +73,9 @@ public static class AnalyzeCommand
 
     static string Bits(LoadedModel m) => $"W{m.WBits}A{m.ABits}";
 
-    static JsonObject SetupJson(AnalyzeCli.Setup s, Prepared p, LoadedModel student) => new()
-    {
-        ["arch"] = p.Teacher.Arch.Name, ["weights"] = Path.GetFileName(ModelCli.file(s.Model)), ["weights_sha256"] = p.Teacher.Sha256,
-        ["samples"] = Path.GetFullPath(s.Samples), ["store_count"] = p.Images.shape[0],
-        ["wbits"] = student.WBits, ["abits"] = student.ABits,
-        ["checkpoint"] = s.Checkpoint is { } ck ? Path.GetFullPath(ck.Value) : null,
-        ["calibration"] = s.Checkpoint is null
-            ? new JsonObject
-            {
-                ["batch"] = s.CalibBatch, ["batches"] = s.CalibBatches,
-                ["images"] = Quantize.calibrationImages(s.CalibBatches, s.CalibBatch, p.Images.shape[0]), ["source"] = "the store's first samples",
-            }
-            : null,
-        ["device"] = s.Device, ["seed"] = s.Seed,
-    };
+    static AnalyzeCli.Facts Facts(AnalyzeCli.Setup s, Prepared p, LoadedModel student) => new(
+        p.Teacher.Arch.Name, Path.GetFileName(ModelCli.file(s.Model)), p.Teacher.Sha256, Path.GetFullPath(s.Samples), p.Images.shape[0],
+        student.WBits, student.ABits, s.Checkpoint is { } ck ? FSharpOption<string>.Some(Path.GetFullPath(ck.Value)) : FSharpOption<string>.None);
 
     static void WriteOutputs(Prepared p, string name, JsonObject json, string markdown, byte[] png, RunLog log)
     {
@@ -117,15 +105,7 @@ public static class AnalyzeCommand
         using var xd = x.to(p.Device);
         using var yd = y.to(p.Device);
         x.Dispose(); y.Dispose();
-        var settings = SetupJson(s, p, sm);
-        settings["command"] = "analyze hessian";
-        settings["batch"] = c.Batch; settings["batch_source"] = "a seeded subset of the store, no augmentation";
-        settings["lanczos_steps"] = a.LanczosSteps; settings["runs"] = a.Runs;
-        settings["power_iters"] = a.Power.MaxIterations; settings["power_tolerance"] = a.Power.Tolerance;
-        settings["hutchinson_samples"] = a.Trace.MaxSamples; settings["hutchinson_tolerance"] = a.Trace.Tolerance;
-        settings["bins"] = a.Bins;
-        settings["temperature"] = a.FineTune.Temperature; settings["alpha"] = a.FineTune.Alpha; settings["lambda"] = a.FineTune.Lambda;
-        settings["losses"] = "ce = cross entropy to the store's labels; kl = alpha*T^2*KL(teacher || student at T); fa = lambda * relaxed feature alignment";
+        var settings = AnalyzeCli.hessianSettings(c, Facts(s, p, sm));
         log.Info($"hast analyze hessian: {p.Teacher.Arch.Name} {Bits(sm)}, batch {c.Batch} of {p.Images.shape[0]} samples, " +
                  $"{a.Runs} x {a.LanczosSteps} Lanczos steps, <= {a.Power.MaxIterations} power iterations, <= {a.Trace.MaxSamples} Hutchinson probes, seed {s.Seed}");
         log.Metric("settings", settings);
@@ -171,12 +151,7 @@ public static class AnalyzeCommand
         using var probeY = py.to(p.Device);
         px.Dispose(); py.Dispose();
         var hast = c.FineTune;
-        var baseline = FineTune.baseline(hast);
-        var runs = new (string Key, string Label, FineTune.Config Config, Analysis.Loss A, Analysis.Loss B)[]
-        {
-            ("ce_kl", "CE+KL baseline: cos(grad CE, grad KL)", baseline, Analysis.Loss.CE, Analysis.Loss.KL),
-            ("fa_kl", "HAST: cos(grad FA, grad KL)", hast, Analysis.Loss.FA, Analysis.Loss.KL),
-        };
+        var runs = Analysis.gradcosRuns(hast);
         LoadedModel? first = null;
         var results = new List<AnalysisReport.CosineRun>();
         JsonObject? settings = null;
@@ -187,19 +162,14 @@ public static class AnalyzeCommand
             first ??= sm;
             if (settings is null)
             {
-                settings = SetupJson(s, p, first);
-                settings["command"] = "analyze gradcos";
-                settings["iters"] = c.Iters; settings["every"] = c.Every; settings["probe_batch"] = c.ProbeBatch;
-                settings["probe_source"] = "a fixed seeded subset of the store, no augmentation; cosines wrt all student parameters";
-                settings["fine_tune"] = AnalysisReport.fineTuneJson(hast);
-                settings["baseline"] = AnalysisReport.fineTuneJson(baseline);
+                settings = AnalyzeCli.gradcosSettings(c, Facts(s, p, first));
                 log.Info($"hast analyze gradcos: {p.Teacher.Arch.Name} {Bits(first)}, {c.Iters} iterations per run (batch {hast.BatchSize}, lr {hast.Lr:G3}), " +
                          $"cosines every {c.Every} on a probe batch of {c.ProbeBatch}, seed {s.Seed}");
                 log.Metric("settings", settings);
             }
             log.Stage(run.Key);
             var points = Analysis.trackCosine(p.Device, run.Config, p.Teacher.Net, studentNet, p.Images, p.Labels, probeX, probeY,
-                c.Iters, c.Every, run.A, run.B,
+                c.Iters, c.Every, run.Terms.Item1, run.Terms.Item2,
                 FuncConvert.FromAction<FineTune.IterInfo, FSharpOption<Analysis.CosinePoint>>((it, pt) =>
                 {
                     var st = it.Stats;

@@ -42,7 +42,7 @@ public static class BudgetProbe
         Directory.CreateDirectory(outDir);
         var inputs = new RunRecords.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test);
         var probeCheckpoint = Path.Combine(outDir, ".budget-probe.ckpt");
-        var probes = RunPlan.probe(inputs, c.Run, FuncConvert.FromAction<Net>(net =>
+        var probes = RunProbe.probe(inputs, c.Run, FuncConvert.FromAction<Net>(net =>
         {
             var student = teacher with { Net = net, WBits = c.Run.WBits, ABits = c.Run.ABits };
             try { Checkpoint.Save(probeCheckpoint, ModelFiles.CheckpointMeta(student, ModelCli.file(c.Model), teacher.Sha256), net); }
