@@ -56,7 +56,7 @@ public static class Program
                 Root.Command.Bench c => BenchCommand.Run(c.Item, stdout),
                 Root.Command.Export c => ExportCommand.Run(c.Item, stdout),
                 Root.Command.Analyze c => AnalyzeCommand.Run(c.Item, stdout),
-                Root.Command.Ablate c => AblateCommand.Run(c.Item, stdout),
+                Root.Command.Ablate c => AblateCommand.Run(c.Item, stdout, args),
                 Root.Command.Doctor c => DoctorCommand.Run(c.Item, stdout),
                 _ => throw new HastError("unknown command"),
             };

@@ -35,6 +35,10 @@ public sealed class StopSignal : IDisposable
     /// Block until a signal has been handled (used after a signal sent to oneself; bounded).
     public void WaitRequested() => requested.Wait(TimeSpan.FromMinutes(1));
 
+    /// The signal asked for a stop (15 or 2), or 0: for a process that waits on others rather than
+    /// reaching safe points of its own (`hast ablate --jobs`).
+    public static int Requested => Current?.signal ?? 0;
+
     /// At a safe point: throw `RunStopped` when a stop was asked for; `where` describes the point.
     public static void Check(Func<string> where)
     {

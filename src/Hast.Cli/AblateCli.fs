@@ -13,8 +13,23 @@ open Hast.Core.Models
 open Hast.Cli.Settings
 open Hast.Cli.Common
 
+/// What `hast ablate` does with its sweep.
+type AblateAction =
+    /// run every point not cached, `jobs` at a time (jobs > 1: as child processes `--point ID`), then
+    /// write the table, figure and results.json
+    | RunSweep of jobs: int
+    /// print the points as JSON lines (`Sweep.pointJson`) and run nothing
+    | ListPoints
+    /// run only the point named by this ID (`Sweep.findPoint`: its index or key) into the shared folder;
+    /// no table
+    | OnePoint of id: string
+
+/// Points run at a time without `--jobs`: one after another, in this process.
+let defaultJobs = 1
+
 type AblateConfig =
-    { Study: Study
+    { Action: AblateAction
+      Study: Study
       Budget: SweepBudget
       Model: ModelCli.ModelSource
       Classes: int option
@@ -56,6 +71,9 @@ type AblateArgs =
     | Gammas of list: string
     | Epsilons of list: string
     | Lambdas of list: string
+    | List_Points
+    | Point of id: string
+    | Jobs of n: int
     interface IArgParserTemplate with
         member a.Usage =
             let cifar = defaultGrids StudyBudget Registry.Family.Cifar 10L
@@ -88,6 +106,10 @@ type AblateArgs =
                     (counts paperSampleCounts) (counts studySampleCounts) (counts tinySampleCounts)
             | Gammas _ -> sprintf "sensitivity: synthesis difficulty exponents γ (default: %s x the dataset's γ, CIFAR %s)" (floats gammaFactors) (floats cifar.Gammas)
             | Epsilons _ -> sprintf "sensitivity: promotion steps ε (default: %s x the dataset's ε, CIFAR-10 %s)" (floats scaleFactors) (floats cifar.Epsilons)
+            | List_Points -> "print the sweep's points as JSON lines (index, id, label, seed, store, dir, config) and run nothing"
+            | Point _ ->
+                "run only this point (its 0-based index or its id from --list-points) into the shared --out; processes on distinct points of one folder work together; no table (a final plain `hast ablate` writes it)"
+            | Jobs _ -> sprintf "run the points in n parallel child processes on this machine (`--point` each), the cores split between them, then the table (default: %d)" defaultJobs
             | Lambdas _ -> sprintf "sensitivity: feature-alignment weights λ (default: %s x the dataset's λ, CIFAR-10 %s)" (floats scaleFactors) (floats cifar.Lambdas)
 
 /// The grid flags and the study each belongs to.
@@ -193,6 +215,14 @@ let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
     let grids = gridsOf budget family classCount r
     let seeds = r.TryString "seeds" |> Option.map parseSeeds |> Option.defaultValue defaultSeeds
     let baseCfg = baseConfig budget family classCount wbits abits
+    let action =
+        match r.Bool("list-points", false), r.TryString "point", r.TryInt "jobs" with
+        | false, None, None -> RunSweep defaultJobs
+        | false, None, Some j -> RunSweep(checkPositiveInt "--jobs" j)
+        | true, None, None -> ListPoints
+        | false, Some id, None when id.Trim() <> "" -> OnePoint id
+        | false, Some _, None -> failf "--point needs a point's index or id (see --list-points)"
+        | _ -> failf "--list-points, --point and --jobs exclude each other: give one of them"
     let pts = points study grids seeds baseCfg
     // every point's settings are checked before any work, under the grid flag that set them
     for p in pts do
@@ -201,7 +231,8 @@ let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
             match p.Config.Samples with
             | Pipeline.Synthesize s -> Synthesis.validate s
             | _ -> ())
-    { Study = study
+    { Action = action
+      Study = study
       Budget = budget
       Model = model
       Classes = classes

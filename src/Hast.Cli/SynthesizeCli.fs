@@ -14,7 +14,9 @@ type SynthesizeConfig =
       Out: string
       Report: string option
       Device: string
-      Synthesis: Synthesis.Config }
+      Synthesis: Synthesis.Config
+      /// `--shard K/N`: this process synthesizes only the batches of shard K (0-based) of N
+      Shard: Synthesis.Shard option }
 
 type SynthesizeArgs =
     | Arch of name: string
@@ -40,6 +42,7 @@ type SynthesizeArgs =
     | Synth_Conv_Precision of format: string
     | Device of name: string
     | Report of path: string
+    | Shard of spec: string
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -53,6 +56,8 @@ type SynthesizeArgs =
             | Out _ -> "sample store folder; an existing store made with the same teacher and settings is resumed"
             | Device _ -> "cpu or cuda (default: cpu)"
             | Report _ -> "write {samples, teacher_top1, mean_difficulty, seconds} as JSON to this file"
+            | Shard _ ->
+                "K/N: synthesize only shard K (0-based) of N, the batches b with b mod N = K, into --out; `hast samples merge` of the N shard stores is the one-process store, bit for bit"
             | _ ->
                 let info, _ = Reflection.FSharpValue.GetUnionFields(a, typeof<SynthesizeArgs>)
                 RunSettings.synthesizeUsage (flagName info.Name)
@@ -75,4 +80,5 @@ let ofResults (io: Io) (res: ParseResults<SynthesizeArgs>) : SynthesizeConfig =
       Out = r.String("out", "")
       Report = r.TryString "report"
       Device = r.String("device", "cpu")
-      Synthesis = synthesisOf family layer }
+      Synthesis = synthesisOf family layer
+      Shard = r.TryString "shard" |> Option.map (fun t -> Common.withFlags Common.flagOf (fun () -> Synthesis.Shard.parse t)) }

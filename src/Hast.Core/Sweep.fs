@@ -179,41 +179,70 @@ type Hooks =
       /// a line for people
       Say: string -> unit }
 
-/// Run the points in order, each once: a finished point is read back, a point's store is prepared
-/// before its first run. A point that diverged is a result of the study, recorded as such, and the
-/// sweep goes on. Gives every point's result, in order; fails when a run ends without a result.
+/// Point `k` (0-based) of `total`: read back when finished, else its store prepared (once per store in
+/// `prepared`, which the caller keeps across points) and the point run. A point that diverged is a
+/// result of the study, recorded as such. Fails when a run ends without a result.
+let runPoint (studyText: string) (total: int) (prepared: Collections.Generic.HashSet<string>) (hooks: Hooks) (k: int, p: Point) : Done =
+    let key, settings = hooks.Describe p
+    let head = sprintf "ablate %s: point %d/%d %s seed %d" studyText (k + 1) total (label p.Setting) p.Seed
+    match hooks.Finished p with
+    | Some cached ->
+        hooks.Say(sprintf "%s: cached (points/%s, final top-1 %.2f%%)" head key cached.FinalTop1)
+        { Point = p; Result = cached; Key = key; Settings = settings; Cached = true }
+    | None ->
+        if prepared.Add(hooks.StoreOf p) then
+            hooks.Say(sprintf "%s: samples -> stores/%s" head (IO.Path.GetFileName(hooks.StoreOf p)))
+            hooks.PrepareStore p
+        hooks.Say(sprintf "%s: %s -> points/%s" head (if hooks.Resumes p then "resuming" else "running") key)
+        let result =
+            match hooks.Run p with
+            | Some r -> r
+            | None -> failf "point points/%s ended without a report" key
+        match result.Status with
+        | Diverged reason ->
+            hooks.Say(sprintf "%s: diverged, not recovered (%s); shown as diverged, its delivered accuracy %.2f%% kept out of the mean" head reason result.FinalTop1)
+        | Recovered n -> hooks.Say(sprintf "%s: recovered after %d rollback(s) of the divergence guard" head n)
+        | Finished -> ()
+        { Point = p; Result = result; Key = key; Settings = settings; Cached = false }
+
+/// Run the points in order, each once (`runPoint`), the results written after each. Gives every
+/// point's result, in order.
 let run (studyText: string) (points: Point list) (hooks: Hooks) : Done list =
-    let total = points.Length
-    let ready = Collections.Generic.HashSet<string>()
+    let prepared = Collections.Generic.HashSet<string>()
     let step (acc: Done list) (k: int, p: Point) =
-        let key, settings = hooks.Describe p
-        let head = sprintf "ablate %s: point %d/%d %s seed %d" studyText (k + 1) total (label p.Setting) p.Seed
-        let d =
-            match hooks.Finished p with
-            | Some cached ->
-                hooks.Say(sprintf "%s: cached (points/%s, final top-1 %.2f%%)" head key cached.FinalTop1)
-                { Point = p; Result = cached; Key = key; Settings = settings; Cached = true }
-            | None ->
-                if ready.Add(hooks.StoreOf p) then
-                    hooks.Say(sprintf "%s: samples -> stores/%s" head (IO.Path.GetFileName(hooks.StoreOf p)))
-                    hooks.PrepareStore p
-                hooks.Say(sprintf "%s: %s -> points/%s" head (if hooks.Resumes p then "resuming" else "running") key)
-                let result =
-                    match hooks.Run p with
-                    | Some r -> r
-                    | None -> failf "point points/%s ended without a report" key
-                match result.Status with
-                | Diverged reason ->
-                    hooks.Say(sprintf "%s: diverged, not recovered (%s); shown as diverged, its delivered accuracy %.2f%% kept out of the mean" head reason result.FinalTop1)
-                | Recovered n -> hooks.Say(sprintf "%s: recovered after %d rollback(s) of the divergence guard" head n)
-                | Finished -> ()
-                { Point = p; Result = result; Key = key; Settings = settings; Cached = false }
-        let acc = acc @ [ d ]
+        let acc = acc @ [ runPoint studyText points.Length prepared hooks (k, p) ]
         hooks.Written acc false
         acc
     let all = points |> List.indexed |> List.fold step []
     hooks.Written all true
     all
+
+/// The point an `--point ID` names among the sweep's `keys` (in sweep order): ID is the point's 0-based
+/// index (as `--list-points`, a Slurm array or a Kubernetes Indexed Job count) or its key. Fails with one
+/// line otherwise.
+let findPoint (keys: string list) (id: string) : int =
+    let id = id.Trim()
+    match Int32.TryParse(id, Globalization.NumberStyles.None, Globalization.CultureInfo.InvariantCulture) with
+    | true, i when i < keys.Length -> i
+    | true, i -> failf "--point %d: the sweep has %d point(s), 0 to %d; `hast ablate ... --list-points` lists them" i keys.Length (keys.Length - 1)
+    | _ ->
+        match List.tryFindIndex ((=) id) keys with
+        | Some i -> i
+        | None -> failf "--point '%s': no such point in this sweep (give an index 0 to %d or an id from `hast ablate ... --list-points`)" id (keys.Length - 1)
+
+/// A point as `hast ablate --list-points` prints it (one JSON line each): its 0-based index, its id (the
+/// key of its run folder, a hash of its settings), its grid value and seed, its store and run folders
+/// under the sweep folder, and its run's settings.
+let pointJson (index: int) (key: string) (storeKey: string) (p: Point) (settings: (string * string) list) : JsonObject =
+    obj
+        [ "index", int' index
+          "id", text key
+          "label", text (label p.Setting)
+          "parameter", text (parameter p.Setting)
+          "seed", count p.Seed
+          "store", text ("stores/" + storeKey)
+          "dir", text ("points/" + key)
+          "config", obj (settings |> List.map (fun (k, x) -> k, text x)) ]
 
 /// What a sweep's results.json says of its set-up.
 type Header =

@@ -126,6 +126,50 @@ let plan (cfg: Config) : (int * int) list =
     validate cfg
     [ for b in 0 .. batchCount cfg - 1 -> b, min cfg.BatchSize (cfg.Samples - b * cfg.BatchSize) ]
 
+/// One of N processes' part of one logical store (`hast synthesize --shard K/N`): batch `b` belongs to
+/// shard K (0-based, as Slurm's SLURM_ARRAY_TASK_ID and Kubernetes' JOB_COMPLETION_INDEX count) when
+/// b mod N = K. Round robin, so a batch's shard does not depend on the number of samples: a store
+/// extended to more samples keeps every batch in its shard, and the shards' sizes differ by at most one
+/// batch. Each batch's randomness comes from (seed, batch index) alone, so the N parts merged are the
+/// one-process store, bit for bit.
+type Shard = { Index: int; Count: int }
+
+module Shard =
+    /// The whole store (one process).
+    let whole = { Index = 0; Count = 1 }
+
+    /// Fail with one line unless 0 <= Index < Count.
+    let validate (s: Shard) : unit =
+        if s.Count < 1 || s.Index < 0 || s.Index >= s.Count then
+            invalidf "shard" "must be K/N with N >= 1 and 0 <= K < N (K is 0-based: 0/3, 1/3, 2/3; got %d/%d)" s.Index s.Count
+
+    /// `K/N` as written on the command line and in a store's manifest.
+    let show (s: Shard) = sprintf "%d/%d" s.Index s.Count
+
+    /// Parse `K/N` (K 0-based), validated.
+    let parse (text: string) : Shard =
+        let whole (t: string) =
+            match Int32.TryParse(t.Trim(), Globalization.NumberStyles.None, Globalization.CultureInfo.InvariantCulture) with
+            | true, v -> Some v
+            | _ -> None
+        match text.Split('/') with
+        | [| k; n |] ->
+            match whole k, whole n with
+            | Some k, Some n ->
+                let s = { Index = k; Count = n }
+                validate s
+                s
+            | _ -> invalidf "shard" "must be K/N, two whole numbers, K 0-based (e.g. 0/3; got '%s')" text
+        | _ -> invalidf "shard" "must be K/N, two whole numbers, K 0-based (e.g. 0/3; got '%s')" text
+
+    /// Batch `batchIndex` is this shard's.
+    let owns (s: Shard) (batchIndex: int) : bool = batchIndex % s.Count = s.Index
+
+/// The batches of `plan cfg` that shard `s` synthesizes, in plan order.
+let shardPlan (s: Shard) (cfg: Config) : (int * int) list =
+    Shard.validate s
+    plan cfg |> List.filter (fst >> Shard.owns s)
+
 /// The seed all of batch `batchIndex`'s randomness comes from.
 let batchSeed (cfg: Config) (batchIndex: int) : int64 = deriveSeed cfg.Seed [ int64 batchIndex ]
 

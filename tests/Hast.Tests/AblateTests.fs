@@ -26,8 +26,43 @@ let private runOk (args: string list) =
     Expect.equal code 0 (sprintf "hast %s succeeds: %s" (String.Join(" ", args)) (err.Trim()))
     out
 
+/// The sweep the tests of parallel points run: two points on one store (a process that runs the second
+/// waits for the store the first is making).
+let twoPoints (test: string) (out: string) = ablate "weights" test out [ "--pairs"; "1:0,1:1" ]
+
+/// `sweepOutcome` of `twoPoints` in one process on one thread, computed once for the tests that compare
+/// parallel runs with it (`--jobs`, deploy/point.sh).
+let oneProcess : Lazy<string> =
+    lazy
+        (use tmp = new TempDir()
+         let out = tmp.File "one"
+         withOneThread (fun () -> runOk (twoPoints (smallTest tmp 64) out)) |> ignore
+         sweepOutcome out)
+
 let tests : Test list =
-    [ testCase "a missing weights file or test set: one line naming it, exit 1, nothing written" <| fun () ->
+    [ testCase "--list-points, then --jobs 2 (each point a child process with --point, one thread each): the same table, results and stores as one process" <| fun () ->
+        use tmp = new TempDir()
+        let test = smallTest tmp 64
+        let sweep out = twoPoints test out
+        let listed = runOk (sweep (tmp.File "list") @ [ "--list-points" ])
+        let lines = listed.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+        Expect.equal lines.Length 2 "one JSON line per point"
+        use first = JsonDocument.Parse lines[0]
+        Expect.equal (first.RootElement.GetProperty("index").GetInt32(), first.RootElement.GetProperty("label").GetString()) (0, "(1, 0)") "index and label"
+        Expect.isFalse (Directory.Exists(tmp.File "list")) "--list-points runs nothing"
+        let jobs = tmp.File "jobs"
+        let stdout = withEnv "OMP_NUM_THREADS" "2" (fun () -> runOk (sweep jobs @ [ "--jobs"; "2" ]))
+        Expect.stringContains stdout "2 point(s) to run in 2 parallel process(es) of 1 thread(s) each" "the threads split between the children"
+        Expect.stringContains stdout "2 point(s) run (2 in child processes), 0 cached" "the children ran the points"
+        Expect.equal (sweepOutcome jobs) oneProcess.Value "--jobs 2 gives what one process gives"
+        // --point by the id --list-points gives (ids are of the folder: listed again for this one); a finished point is not run again
+        use second = JsonDocument.Parse((runOk (sweep jobs @ [ "--list-points" ])).Split('\n')[1])
+        let id = second.RootElement.GetProperty("id").GetString()
+        let again = runOk (sweep jobs @ [ "--point"; id ])
+        Expect.stringContains again "point 2/2 (1, 1) seed 0: cached" "the point by its id, cached"
+        expectCleanFailure (sweep jobs @ [ "--point"; "2" ]) [] [ "--point 2"; "0 to 1" ] |> ignore
+
+      testCase "a missing weights file or test set: one line naming it, exit 1, nothing written" <| fun () ->
         use tmp = new TempDir()
         let out = tmp.File "sweep"
         let noWeights = ablate "direction" cifarTest out [] |> List.map (fun a -> if a = zipWeights then tmp.File "missing.pth" else a)

@@ -132,6 +132,23 @@ let tests : Test list =
         let partial = rows (settings c.Study c.Grids) 3 3 (List.truncate 1 results)
         Expect.equal (partial |> List.map (fun r -> r.N)) [ 1; 0 ] "a value not run yet has n = 0"
 
+      testCase "--point names a point by its 0-based index or its id; --list-points gives both; the actions exclude each other" <| fun () ->
+        let keys = [ "aa11"; "bb22"; "cc33" ]
+        Expect.equal (findPoint keys "0") 0 "an index"
+        Expect.equal (findPoint keys " 2") 2 "the last index"
+        Expect.equal (findPoint keys "bb22") 1 "an id"
+        for bad in [ "3"; "-1"; "dd44"; "1.0" ] do
+            Expect.isTrue (TestUtil.throwsHast (fun () -> findPoint keys bad |> ignore)) (sprintf "'%s' is refused" bad)
+        let c = parse (required "weights" [ "--budget"; "tiny"; "--pairs"; "1:0,1:1"; "--seeds"; "0,1" ])
+        Expect.equal c.Action (AblateCli.RunSweep 1) "a plain sweep"
+        let p = c.Points[3]
+        let json = (pointJson 3 "cc33" "s1" p [ "seed", "1"; "clean-weight", "1" ]).ToJsonString()
+        Expect.equal json """{"index":3,"id":"cc33","label":"(1, 1)","parameter":"(a, b)","seed":1,"store":"stores/s1","dir":"points/cc33","config":{"seed":"1","clean-weight":"1"}}""" "one JSON line"
+        let action extra = (parse (required "weights" ([ "--budget"; "tiny" ] @ extra))).Action
+        Expect.equal (action [ "--list-points" ]) AblateCli.ListPoints "--list-points"
+        Expect.equal (action [ "--point"; "bb22" ]) (AblateCli.OnePoint "bb22") "--point"
+        Expect.equal (action [ "--jobs"; "3" ]) (AblateCli.RunSweep 3) "--jobs"
+
       testCase "bad grids and flags: one clear line naming the flag, exit 2" <| fun () ->
         let cases =
             [ [ "nonsense" ], [ "unknown study"; "nonsense" ]
@@ -144,7 +161,11 @@ let tests : Test list =
               [ "sensitivity"; "--epsilons"; "-1" ], [ "--epsilons" ]
               [ "sensitivity"; "--gammas"; "1,1" ], [ "--gammas"; "twice" ]
               [ "weights"; "--budget"; "huge" ], [ "--budget" ]
-              [ "weights"; "--seeds"; "0,a" ], [ "--seeds" ] ]
+              [ "weights"; "--seeds"; "0,a" ], [ "--seeds" ]
+              [ "weights"; "--jobs"; "0" ], [ "--jobs" ]
+              [ "weights"; "--point"; " " ], [ "--point" ]
+              [ "weights"; "--point"; "0"; "--jobs"; "2" ], [ "--point"; "--jobs" ]
+              [ "weights"; "--list-points"; "--point"; "0" ], [ "--list-points"; "--point" ] ]
         let common = [ "--arch"; "cifar-resnet20-a"; "--weights"; "/w.pth"; "--test"; "/t.bin"; "--out"; "/o" ]
         let cases = ([ "ablate" ] @ common, [ "name the study"; "direction|weights" ]) :: [ for args, e in cases -> "ablate" :: List.head args :: common @ List.tail args, e ]
         for args, expect in cases do

@@ -63,6 +63,8 @@ let all =
         testList "reliability" ReliabilityTests.tests
         testList "fuzz" FuzzTests.tests
         testList "end to end" EndToEndTests.tests
+        // deploy/ (the cluster scripts' index -> command mapping), as local processes
+        testList "deploy" DeployTests.tests
     ]
 
 [<EntryPoint>]

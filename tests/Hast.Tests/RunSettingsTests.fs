@@ -157,7 +157,7 @@ let tests : Test list =
         let command = set QuantizeCli.commandKeys
         Expect.isEmpty (Set.intersect runKeys command) "a command flag is not a run setting"
         Expect.equal (caseKeys typeof<QuantizeCli.QuantizeArgs>) (Set.union runKeys command) "QuantizeArgs: the run table and the command's flags"
-        let synthCommand = set (ModelCli.keys @ [ "classes"; "out"; "device"; "report" ])
+        let synthCommand = set (ModelCli.keys @ [ "classes"; "out"; "device"; "report"; "shard" ])
         Expect.equal (caseKeys typeof<SynthesizeCli.SynthesizeArgs>) (Set.union (set (Setting.keys RunSettings.synthesize)) synthCommand)
             "SynthesizeArgs: the synthesis table and the command's flags"
         // the synthesis flags are the same in both commands

@@ -8,6 +8,7 @@ open TorchSharp
 open Hast.Core
 open Hast.App.IO
 open Hast.Tests.TestUtil
+open Hast.Tests.TestRuns
 
 let private teacher = SampleStore.Teacher("cifar-resnet20-a", "w.pth", String.replicate 64 "a")
 let private config (gamma: float) = JsonObject(dict [ "gamma", JsonValue.Create gamma :> JsonNode ])
@@ -72,6 +73,39 @@ let tests : Test list = [
         Expect.isFalse (Directory.Exists(tmp.File "aa")) "no partial output"
         throwsHast (fun () -> SampleStore.Merge([| a.Dir |], tmp.File "ab")) "not empty"
     }
+    testCase "hast synthesize --shard K/N: the N shard stores merged are the one-process store, bit for bit; an incomplete set is refused" <| fun () ->
+        use tmp = new TempDir()
+        // 10 samples in batches of 4: batches 0, 1, 2 (the last of 2); shard 0/2 holds 0 and 2, shard 1/2 holds 1
+        let synth (out: string) (extra: string list) =
+            let args = [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--samples"; "10"; "--synth-batch"; "4"; "--synth-iters"; "2"; "--seed"; "3"; "--out"; out ] @ extra
+            let code, _, err = withOneThread (fun () -> runCli args)
+            Expect.equal code 0 (sprintf "hast %s: %s" (String.concat " " args) err)
+        let whole, s0, s1 = tmp.File "whole", tmp.File "s0", tmp.File "s1"
+        synth whole []
+        synth s0 [ "--shard"; "0/2" ]
+        synth s1 [ "--shard"; "1/2" ]
+        let indices (dir: string) = (SampleStore.Open dir).Batches |> Seq.map (fun b -> b.Index) |> List.ofSeq
+        Expect.equal (indices s0, indices s1) ([ 0; 2 ], [ 1 ]) "each shard its own batches"
+        let code, _, err = runCli [ "samples"; "merge"; s1; s0; "--out"; tmp.File "merged" ]
+        Expect.equal code 0 err
+        let w, m = SampleStore.Open whole, SampleStore.Open(tmp.File "merged")
+        let files (s: SampleStore) = s.Batches |> Seq.map (fun b -> b.File, File.ReadAllBytes(Path.Combine(s.Dir, b.File))) |> List.ofSeq
+        Expect.equal (files m) (files w) "the same batch files, byte for byte, in the same order"
+        Expect.equal (m.Sources.ToJsonString()) (w.Sources.ToJsonString()) "one source: the one-process store's seed and settings"
+        let struct (xw, yw, dw) = w.ReadAll()
+        let struct (xm, ym, dm) = m.ReadAll()
+        Expect.isTrue (identical xw xm && identical yw ym && identical dw dm) "the same samples"
+        // what is refused, each in one line, nothing written
+        let merged = tmp.File "m2"
+        expectCleanFailure [ "samples"; "merge"; s0; "--out"; merged ] [ merged ] [ "lacks shard(s) 1/2" ] |> ignore
+        expectCleanFailure [ "samples"; "merge"; s0; s0; s1; "--out"; merged ] [ merged ] [ "both shard 0/2" ] |> ignore
+        expectCleanFailure [ "samples"; "merge"; whole; s0; s1; "--out"; merged ] [ merged ] [ "repeats samples" ] |> ignore
+        expectCleanFailure [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--samples"; "10"; "--synth-batch"; "4"; "--synth-iters"; "2"; "--seed"; "3"; "--out"; s0; "--shard"; "1/2" ]
+            [ s0 ] [ "shard 0/2"; "not shard 1/2" ] |> ignore
+        expectCleanFailure [ "synthesize"; "--arch"; arch; "--weights"; zipWeights; "--out"; tmp.File "x"; "--shard"; "2/2" ] [ tmp.File "x" ] [ "--shard"; "0-based" ] |> ignore
+        expectCleanFailure [ "quantize"; "--arch"; arch; "--weights"; zipWeights; "--samples"; s0; "--test"; cifarTest; "--wbits"; "4"; "--abits"; "4"; "--out"; tmp.File "q" ]
+            [ tmp.File "q" ] [ "shard 0/2"; "merge" ] |> ignore
+
     test "a corrupt batch or manifest fails clearly" {
         use tmp = new TempDir()
         let s = make (tmp.File "s") 1L 2

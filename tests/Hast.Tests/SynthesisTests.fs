@@ -141,4 +141,24 @@ let identityTests : Test list =
             "shared crops, bf16, other numbers"
         Expect.equal ((identityJson { c with Samples = 7; Seed = 9L }).ToJsonString()) ((identityJson c).ToJsonString()) "not the count, not the seed" ]
 
-let tests : Test list = stageTests @ warningTests @ identityTests
+/// `hast synthesize --shard K/N`: which batches a shard synthesizes (the store side: StoreTests).
+let shardTests : Test list =
+    [ testCase "shards: K/N is 0-based and validated; the N shards' batches are the plan's, each once, round robin" <| fun () ->
+        Expect.equal (Shard.parse " 1/3") { Index = 1; Count = 3 } "K/N"
+        Expect.equal (Shard.show (Shard.parse "0/1")) "0/1" "shown as written"
+        for bad in [ "3/3"; "-1/3"; "1/0"; "1"; "a/2"; "1/2/3"; ""; "1.0/2" ] do
+            Expect.isTrue (throwsHast (fun () -> Shard.parse bad |> ignore)) (sprintf "'%s' is refused" bad)
+        let cfg = { tiny 1 with Samples = 50; BatchSize = 8 } // 7 batches, the last of 2
+        for n in 1 .. 9 do
+            let parts = [ for k in 0 .. n - 1 -> shardPlan { Index = k; Count = n } cfg ]
+            Expect.equal (List.concat parts |> List.sortBy fst) (plan cfg) (sprintf "N = %d: every batch once, with its size" n)
+            for k, part in List.indexed parts do
+                Expect.isTrue (part |> List.forall (fun (b, _) -> b % n = k)) (sprintf "shard %d/%d holds b mod %d = %d" k n n k)
+            let sizes = parts |> List.map List.length
+            Expect.isLessThanOrEqual (List.max sizes - List.min sizes) 1 (sprintf "N = %d: sizes differ by one batch at most" n)
+        Expect.equal (shardPlan Shard.whole cfg) (plan cfg) "0/1 is the whole store"
+        // a batch keeps its shard when the store grows: the split does not depend on the count
+        let grown = shardPlan { Index = 1; Count = 3 } { cfg with Samples = 100 } |> List.map fst
+        Expect.equal (grown |> List.take 2) (shardPlan { Index = 1; Count = 3 } cfg |> List.map fst) "a larger store keeps the smaller one's split" ]
+
+let tests : Test list = stageTests @ warningTests @ identityTests @ shardTests

@@ -159,3 +159,21 @@ let runChild (args: string list) (env: (string * string) list) =
     use p = new HastProcess(args, env)
     let code = p.Wait()
     code, p.Output
+
+// ---------------------------------------------------------------------------------------------
+// Sweeps compared
+
+/// What a finished `hast ablate` folder says, without what depends on its path or on which process ran
+/// a point: table.md, every point's label, seed, status and result (results.json), and every store's
+/// batch files (name and sha256). Two sweeps of the same settings give the same text.
+let sweepOutcome (dir: string) : string =
+    use doc = Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "results.json")))
+    let points =
+        [ for p in doc.RootElement.GetProperty("points").EnumerateArray() ->
+            sprintf "%s seed %d %s %s" (p.GetProperty("label").GetString()) (p.GetProperty("seed").GetInt64())
+                (p.GetProperty("status").GetString()) (p.GetProperty("result").GetRawText()) ]
+    let stores =
+        [ for s in Directory.GetDirectories(Path.Combine(dir, "stores")) |> Array.sort do
+            for f in Directory.GetFiles(s, "batch-*.bin") |> Array.sort ->
+                sprintf "%s/%s %s" (Path.GetFileName s) (Path.GetFileName f) (Convert.ToHexString(SHA256.HashData(File.ReadAllBytes f))) ]
+    String.Join("\n", File.ReadAllText(Path.Combine(dir, "table.md")) :: points @ stores)

@@ -270,6 +270,7 @@ public static class PipelineCommand
     {
         if (store.TeacherInfo.Sha256 != teacher.Sha256)
             throw new HastError($"sample store {store.Dir} was synthesized from {store.TeacherInfo.File}, not from this --weights file; synthesize samples of this teacher");
+        store.CheckWhole();
         var side = teacher.Arch.Input.Size;
         if (!store.ImageShape.SequenceEqual(new[] { 3, side, side }) || store.Classes != teacher.Classes)
             throw new HastError($"sample store {store.Dir} holds [{string.Join(",", store.ImageShape)}] images of {store.Classes} classes; {teacher.Arch.Name} needs [3,{side},{side}] and {teacher.Classes}");

@@ -21,7 +21,8 @@ public static class SamplesCommand
                 stdout.WriteLine($"{i.dir}: {summary["samples"]} samples of shape [{string.Join(", ", s.ImageShape)}], {s.Classes} classes");
                 stdout.WriteLine($"teacher: {s.TeacherInfo.Arch} from {s.TeacherInfo.File} (sha256 {s.TeacherInfo.Sha256[..12]}…)");
                 foreach (var src in s.Sources)
-                    stdout.WriteLine($"source {src!["id"]}: seed {src["seed"]} {src["config"]!.ToJsonString()}");
+                    stdout.WriteLine($"source {src!["id"]}: seed {src["seed"]}" + (src["shard"] is { } shard ? $" shard {shard} (merge all shards before use)" : "") +
+                                     $" {src["config"]!.ToJsonString()}");
                 stdout.WriteLine($"teacher top-1 on the samples {summary["teacher_top1"]}%, mean difficulty {summary["mean_difficulty"]}, synthesis time {summary["seconds"]}s");
                 return Program.ExitOk;
             default:

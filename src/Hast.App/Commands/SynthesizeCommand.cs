@@ -19,16 +19,19 @@ public static class SynthesizeCommand
         var report = c.Report is { } r ? OutputPaths.CheckWritableFile(r.Value, "--report") : null;
         RunLock.CheckFree(OutputPaths.CheckWritableDir(c.Out, "--out"), "--out");
         var teacher = ModelFiles.LoadTeacher(c.Model, c.Classes is { } n ? n.Value : null, device);
-        var store = Synthesize(teacher, c.Synthesis, c.Out, device, stdout);
+        var store = Synthesize(teacher, c.Synthesis, c.Out, device, stdout, c.Shard is { } sh ? sh.Value : null);
         var summary = Summary(store, ResumedSeconds: null);
         if (report is not null) AtomicFile.WriteAllText(report, summary.ToJsonString() + "\n");
         return Program.ExitOk;
     }
 
-    /// Synthesize `cfg.Samples` samples of `teacher` into the store at `dir` (created or resumed).
-    public static SampleStore Synthesize(LoadedModel teacher, Synthesis.Config cfg, string dir, Device device, TextWriter stdout)
+    /// Synthesize `cfg.Samples` samples of `teacher` into the store at `dir` (created or resumed); with
+    /// `shard`, only that shard's batches (`Synthesis.shardPlan`). With `wait`, a store another process is
+    /// making is waited for, then resumed (the points of a sweep share their stores); else that is an error.
+    public static SampleStore Synthesize(LoadedModel teacher, Synthesis.Config cfg, string dir, Device device, TextWriter stdout,
+                                         Synthesis.Shard? shard = null, bool wait = false)
     {
-        using var sink = StoreSink.Open(teacher, cfg, dir, stdout);
+        using var sink = StoreSink.Open(teacher, cfg, dir, stdout, shard, wait);
         Hast.Core.Run.synthesize(device, teacher.Net, teacher.Arch.Input.Size, cfg, sink.Hooks(null),
             FuncConvert.FromFunc<Synthesis.BatchResult, double, double>((_, seconds) => seconds),
             FuncConvert.FromFunc<RunRecords.SynthesisTiming, int, FSharpOption<int>>((_, _) => FSharpOption<int>.None), FuncConvert.FromAction<RunHooks.Event>(sink.OnEvent));
@@ -49,30 +52,51 @@ public static class SynthesizeCommand
         readonly RunLog log;
         long step;
 
-        StoreSink(SampleStore store, Synthesis.Config cfg, string dir, RunLock runLock, RunLog log) =>
-            (Store, this.cfg, this.dir, this.runLock, this.log) = (store, cfg, dir, runLock, log);
+        /// the shard this process synthesizes (the whole store when null)
+        readonly Synthesis.Shard shard;
 
-        public static StoreSink Open(LoadedModel teacher, Synthesis.Config cfg, string dir, TextWriter stdout)
+        StoreSink(SampleStore store, Synthesis.Config cfg, string dir, RunLock runLock, RunLog log, Synthesis.Shard shard) =>
+            (Store, this.cfg, this.dir, this.runLock, this.log, this.shard) = (store, cfg, dir, runLock, log, shard);
+
+        public static StoreSink Open(LoadedModel teacher, Synthesis.Config cfg, string dir, TextWriter stdout,
+                                     Synthesis.Shard? shard = null, bool wait = false)
         {
             var side = teacher.Arch.Input.Size;
-            var store = SampleStore.CreateOrResume(dir,
-                new SampleStore.Teacher(teacher.Arch.Name, Path.GetFileName(teacher.Source), teacher.Sha256),
-                [3, side, side], (int)teacher.Classes, cfg.Seed, Synthesis.identityJson(cfg));
-            var runLock = RunLock.Acquire(dir, "--out", "hast synthesize");
-            var log = new RunLog(dir, stdout);
-            if (runLock.TookOverFrom is { } previous) log.Info($"took over {dir} from a synthesis that is no longer running ({previous})");
-            var plan = Synthesis.plan(cfg).ToList();
-            var done = store.DoneIndices();
-            var already = plan.Count(p => done.Contains(p.Item1));
-            log.Info($"synthesize: {cfg.Samples} samples of {teacher.Arch.Name} in {plan.Count} batch(es) of {cfg.BatchSize}, " +
-                     $"{cfg.Iterations} iterations, beta={cfg.Beta} gamma={cfg.Gamma} seed={cfg.Seed}" +
-                     (already > 0 ? $"; resuming: {already} batch(es) already in {dir}" : ""));
-            return new StoreSink(store, cfg, dir, runLock, log);
+            shard ??= Synthesis.ShardModule.whole;
+            // waiting, the lock comes first: a process waiting for a store must not create or read it while
+            // another writes it; else the store is checked before the lock is taken (a refused folder gets no lock file)
+            var waited = wait
+                ? RunLock.AcquireWaiting(dir, "--out", "hast synthesize", owner => stdout.WriteLine($"waiting for {dir}: another process is synthesizing it ({owner})"))
+                : null;
+            RunLock? runLock = waited;
+            try
+            {
+                var store = SampleStore.CreateOrResume(dir,
+                    new SampleStore.Teacher(teacher.Arch.Name, Path.GetFileName(teacher.Source), teacher.Sha256),
+                    [3, side, side], (int)teacher.Classes, cfg.Seed, Synthesis.identityJson(cfg), shard);
+                runLock ??= RunLock.Acquire(dir, "--out", "hast synthesize");
+                var log = new RunLog(dir, stdout);
+                if (runLock.TookOverFrom is { } previous) log.Info($"took over {dir} from a synthesis that is no longer running ({previous})");
+                var plan = Synthesis.shardPlan(shard, cfg).ToList();
+                var done = store.DoneIndices();
+                var already = plan.Count(p => done.Contains(p.Item1));
+                var part = shard.Count > 1 ? $"shard {Synthesis.ShardModule.show(shard)} (batches b with b mod {shard.Count} = {shard.Index}) of " : "";
+                log.Info($"synthesize: {part}{cfg.Samples} samples of {teacher.Arch.Name} in {plan.Count} batch(es) of {cfg.BatchSize}, " +
+                         $"{cfg.Iterations} iterations, beta={cfg.Beta} gamma={cfg.Gamma} seed={cfg.Seed}" +
+                         (already > 0 ? $"; resuming: {already} batch(es) already in {dir}" : ""));
+                return new StoreSink(store, cfg, dir, runLock, log, shard);
+            }
+            catch
+            {
+                runLock?.Dispose();
+                throw;
+            }
         }
 
-        /// The store as the run sees it; `ReadAll` reads `take` samples (all when null).
+        /// The store as the run sees it; `ReadAll` reads `take` samples (all when null). Batches of other
+        /// shards count as held: this process does not synthesize them.
         public RunHooks.SampleStore Hooks(int? take) => new(
-            FuncConvert.FromFunc<int, bool>(i => Store.DoneIndices().Contains(i)),
+            FuncConvert.FromFunc<int, bool>(i => !Synthesis.ShardModule.owns(shard, i) || Store.DoneIndices().Contains(i)),
             FuncConvert.FromAction<Synthesis.BatchResult, double>((r, seconds) => Store.Append(r.Index, r.Images, r.Labels, r.Difficulty,
                 stats: new JsonObject
                 {

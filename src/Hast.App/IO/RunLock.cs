@@ -76,6 +76,42 @@ public sealed class RunLock : IDisposable
         }
     }
 
+    /// Lock `dir` (created if needed) for this process, waiting while another live process holds it
+    /// (`waiting` is told its owner line once): processes that share a folder, such as the points of a
+    /// sweep sharing a sample store, take turns. A lock left by a dead process is free at once.
+    public static RunLock AcquireWaiting(string dir, string flag, string what, Action<string> waiting)
+    {
+        var told = false;
+        while (true)
+        {
+            try
+            {
+                return Acquire(dir, flag, what);
+            }
+            catch (HastError) when (IsHeldNow(dir))
+            {
+                if (!told) waiting(ReadOwner(dir) ?? "pid unknown");
+                told = true;
+                // the kernel has no wait-for-unlock that FileStream exposes: poll, twice a second
+                Thread.Sleep(500);
+            }
+        }
+    }
+
+    /// `dir`'s lock is held by a live process right now.
+    static bool IsHeldNow(string dir)
+    {
+        try
+        {
+            CheckFree(dir, "");
+            return false;
+        }
+        catch (HastError)
+        {
+            return true;
+        }
+    }
+
     static bool IsHeld(IOException e) => e.HResult is EWouldBlock or SharingViolation;
 
     static string? ReadOwner(string dir)

@@ -58,8 +58,11 @@ public sealed class SampleStore
 
     /// Create a new store for one synthesis source, or reopen it to resume when it was made by the same
     /// teacher with the same configuration. Anything else is refused: a store is never overwritten.
-    public static SampleStore CreateOrResume(string dir, Teacher teacher, int[] imageShape, int classes, long seed, JsonObject config)
+    public static SampleStore CreateOrResume(string dir, Teacher teacher, int[] imageShape, int classes, long seed, JsonObject config,
+                                             Synthesis.Shard? shard = null)
     {
+        // a shard records itself in its source ("shard": "K/N"); the whole store (1/1) records nothing
+        JsonNode? shardNode = shard is { Count: > 1 } sh ? Synthesis.ShardModule.show(sh) : null;
         var manifestPath = Path.Combine(dir, ManifestName);
         if (File.Exists(manifestPath))
         {
@@ -71,6 +74,8 @@ public sealed class SampleStore
             var src = s.Sources[0]!;
             if ((long)src["seed"]! != seed || !JsonNode.DeepEquals(src["config"], config))
                 throw new HastError($"{dir} was synthesized with other settings (seed or hyper-parameters); use a new --out folder or the same settings to resume");
+            if (!JsonNode.DeepEquals(src["shard"], shardNode))
+                throw new HastError($"{dir} holds {ShardText(src["shard"])}, not {ShardText(shardNode)}; use a new --out folder for each shard, or the same --shard to resume");
             return s;
         }
         // a temporary file left by a run killed while writing the first manifest does not count, nor a lock
@@ -84,12 +89,104 @@ public sealed class SampleStore
             ["image_shape"] = new JsonArray(imageShape.Select(v => (JsonNode)v).ToArray()),
             ["classes"] = classes,
             ["teacher"] = new JsonObject { ["arch"] = teacher.Arch, ["file"] = teacher.File, ["sha256"] = teacher.Sha256 },
-            ["sources"] = new JsonArray(new JsonObject { ["id"] = 0, ["seed"] = seed, ["config"] = config.DeepClone() }),
+            ["sources"] = new JsonArray(Source(0, seed, config, shardNode)),
             ["batches"] = new JsonArray(),
         };
         var store = new SampleStore(dir, m);
         store.SaveManifest();
         return store;
+    }
+
+    /// One source of a merged store: a whole source of an input store, or the shards of one synthesis
+    /// (same seed and settings, `--shard K/N` for every K) joined into the source the one-process
+    /// synthesis would have made, its batches in index order.
+    sealed record Logical(JsonObject Source, string From, bool FromShards, List<(SampleStore Store, BatchEntry Entry)> Batches)
+    {
+        public Dictionary<int, string> Shards { get; } = new();
+        public int ShardCount { get; set; }
+    }
+
+    /// The sources of a merge, in the order the inputs give them. Refuses a repeated source (same seed and
+    /// settings), a shard given twice, shards of different N, and an incomplete set of shards (a missing
+    /// shard, or a batch missing between the shards' batches: a shard that did not finish).
+    static List<Logical> LogicalSources(List<SampleStore> stores)
+    {
+        static bool Same(JsonNode a, JsonNode b) =>
+            JsonNode.DeepEquals(a["seed"], b["seed"]) && JsonNode.DeepEquals(a["config"], b["config"]);
+        var result = new List<Logical>();
+        foreach (var s in stores)
+            foreach (var node in s.Sources)
+            {
+                var src = node!.AsObject();
+                var id = (int)src["id"]!;
+                var mine = s.Batches.Where(b => b.Source == id).Select(b => (s, b)).ToList();
+                var name = Path.GetFileName(Path.GetFullPath(s.Dir).TrimEnd('/'));
+                var shard = ShardOf(src, s.Dir);
+                var earlier = result.FirstOrDefault(l => Same(l.Source, src));
+                if (shard is null)
+                {
+                    if (earlier is not null)
+                        throw new HastError($"{s.Dir} repeats samples already in the merge (same seed and settings); synthesize with another --seed");
+                    result.Add(new Logical(src, name, false, mine));
+                    continue;
+                }
+                var k = Synthesis.ShardModule.show(shard);
+                if (mine.FirstOrDefault(b => !Synthesis.ShardModule.owns(shard, b.b.Index)) is { b: not null } stray)
+                    throw new HastError($"{s.Dir} holds batch {stray.b.Index}, which is not shard {k}'s; re-create the store");
+                if (earlier is null)
+                {
+                    earlier = new Logical(src, name, true, []) { ShardCount = shard.Count };
+                    result.Add(earlier);
+                }
+                else if (!earlier.FromShards)
+                    throw new HastError($"{s.Dir} (shard {k}) repeats samples already in the merge (same seed and settings); synthesize with another --seed");
+                else if (earlier.ShardCount != shard.Count)
+                    throw new HastError($"{s.Dir} is shard {k}, but {earlier.Shards.Values.First()} is a shard of {earlier.ShardCount}: merge the shards of one --shard K/N split");
+                else if (earlier.Shards.TryGetValue(shard.Index, out var twice))
+                    throw new HastError($"{s.Dir} and {twice} are both shard {k} of seed {src["seed"]}; give each shard once");
+                earlier.Shards[shard.Index] = s.Dir;
+                earlier.Batches.AddRange(mine);
+            }
+        foreach (var l in result.Where(l => l.FromShards))
+        {
+            var missing = Enumerable.Range(0, l.ShardCount).Where(k => !l.Shards.ContainsKey(k)).ToList();
+            if (missing.Count > 0)
+                throw new HastError($"the merge lacks shard(s) {string.Join(", ", missing.Select(k => $"{k}/{l.ShardCount}"))} of seed {l.Source["seed"]} " +
+                                    $"(it has {string.Join(", ", l.Shards.Keys.Order().Select(k => $"{k}/{l.ShardCount}"))}): give all {l.ShardCount} shard stores");
+            l.Batches.Sort((a, b) => a.Entry.Index.CompareTo(b.Entry.Index));
+            var indices = l.Batches.Select(b => b.Entry.Index).ToList();
+            var holes = indices.Count == 0 ? [] : Enumerable.Range(0, indices[^1] + 1).Except(indices).ToList();
+            if (holes.Count > 0)
+            {
+                var unfinished = holes.Select(h => h % l.ShardCount).Distinct().Order().Select(k => $"{k}/{l.ShardCount} ({l.Shards[k]})");
+                throw new HastError($"the shards of seed {l.Source["seed"]} lack batch(es) {string.Join(", ", holes)}: shard(s) {string.Join(", ", unfinished)} " +
+                                    "did not finish; run the same hast synthesize --shard command again to complete it, then merge");
+            }
+        }
+        return result;
+    }
+
+    static JsonObject Source(int id, long seed, JsonObject config, JsonNode? shard)
+    {
+        var o = new JsonObject { ["id"] = id, ["seed"] = seed, ["config"] = config.DeepClone() };
+        if (shard is not null) o["shard"] = shard.DeepClone();
+        return o;
+    }
+
+    static string ShardText(JsonNode? shard) => shard is null ? "the whole store (no --shard)" : $"shard {shard}";
+
+    /// The shard a source was synthesized as (`"shard": "K/N"`), or null for a whole store.
+    static Synthesis.Shard? ShardOf(JsonNode source, string dir)
+    {
+        if (source["shard"] is not { } node) return null;
+        try
+        {
+            return Synthesis.ShardModule.parse((string)node!);
+        }
+        catch (Exception e) when (e is InvalidSetting or InvalidOperationException or FormatException)
+        {
+            throw new HastError($"sample store manifest {Path.Combine(dir, ManifestName)} has a malformed shard ({node.ToJsonString()}); re-create the store");
+        }
     }
 
     static bool IsLeftoverTemp(string path)
@@ -135,6 +232,15 @@ public sealed class SampleStore
             throw new HastError($"sample store manifest {manifestPath} is malformed ({e.Message}); re-create the store");
         }
         return store;
+    }
+
+    /// Fail unless the store is whole: a shard (`hast synthesize --shard K/N`) is part of a store and is
+    /// used only through `hast samples merge` of all its shards.
+    public void CheckWhole()
+    {
+        if (Sources.FirstOrDefault(src => src!["shard"] is not null) is { } part)
+            throw new HastError($"sample store {Dir} is shard {part["shard"]} of a store, not a whole store; " +
+                                "`hast samples merge` all its shard stores into one, then use that");
     }
 
     /// Indices of the batches of source 0 already present (for resuming a synthesis).
@@ -248,15 +354,7 @@ public sealed class SampleStore
             if (!s.ImageShape.SequenceEqual(first.ImageShape) || s.Classes != first.Classes)
                 throw new HastError($"cannot merge {s.Dir} with {first.Dir}: different image shape or class count");
         }
-        var seen = new List<JsonNode>();
-        foreach (var s in stores)
-            foreach (var src in s.Sources)
-            {
-                var key = new JsonObject { ["seed"] = src!["seed"]!.DeepClone(), ["config"] = src["config"]!.DeepClone() };
-                if (seen.Any(k => JsonNode.DeepEquals(k, key)))
-                    throw new HastError($"{s.Dir} repeats samples already in the merge (same seed and settings); synthesize with another --seed");
-                seen.Add(key);
-            }
+        var logical = LogicalSources(stores);
         if (File.Exists(Path.Combine(outDir, ManifestName)) || (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any()))
             throw new HastError($"output folder {outDir} is not empty; merge into a new folder");
         var total = stores.Sum(s => s.Count);
@@ -270,25 +368,21 @@ public sealed class SampleStore
             var sources = new JsonArray();
             var batches = new JsonArray();
             int have = 0;
-            foreach (var s in stores)
+            foreach (var l in logical)
             {
-                var remap = new Dictionary<int, int>();
-                foreach (var src in s.Sources)
-                {
-                    var id = sources.Count;
-                    remap[(int)src!["id"]!] = id;
-                    var copy = src.DeepClone().AsObject();
-                    copy["id"] = id;
-                    copy["from"] = Path.GetFileName(Path.GetFullPath(s.Dir).TrimEnd('/'));
-                    sources.Add(copy);
-                }
-                foreach (var e in s.Batches)
+                var src = sources.Count;
+                var copy = l.Source.DeepClone().AsObject();
+                copy["id"] = src;
+                copy.Remove("shard");
+                // a source made of shards is the one-process source: it names no input folder
+                if (!l.FromShards) copy["from"] = l.From;
+                sources.Add(copy);
+                foreach (var (s, e) in l.Batches)
                 {
                     if (take is { } t && have >= t) break;
                     var (img, lab, dif) = s.ReadBatch(e);
                     int keep = take is { } t2 ? Math.Min(e.Count, t2 - have) : e.Count;
                     if (keep < e.Count) (img, lab, dif) = (img.slice(0, 0, keep, 1), lab.slice(0, 0, keep, 1), dif.slice(0, 0, keep, 1));
-                    var src = remap[e.Source];
                     var file = $"batch-{src}-{e.Index:D6}.bin";
                     var bytes = Encode(img, lab, dif);
                     AtomicFile.WriteAllBytes(Path.Combine(tmp, file), bytes);
