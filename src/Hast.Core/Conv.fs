@@ -213,42 +213,38 @@ module ConvRoute =
         | c :: _ -> c.Routes
         | [] -> Map.empty
 
-/// A convolution's switchable state (`IConv`): its precision, and its route in each precision from the
-/// machine's routes.
-type ConvState(spec: ConvSpec) =
+/// A convolution module: torch.nn.Conv2d's parameters (`weight`, `bias` only when `spec.Bias`) and
+/// initialisation, so PyTorch state_dicts fit, computed in a switchable precision by the machine's
+/// route for that precision (`IConv`). `Weight` is the weight the convolution uses: the parameter, or
+/// a function of it (a quantized convolution's fake-quantized weight).
+[<AbstractClass>]
+type ConvModule(name: string, spec: ConvSpec) as this =
+    inherit Module<Tensor, Tensor>(name)
     let mutable precision = Float32
     let mutable routes : ConvRoutes = Map.empty
     let mutable fp32 = Direct
     let mutable bf16 = Direct
-    member _.Precision
-        with get () = precision
-        and set v = precision <- v
-    member _.Routes
-        with get () = routes
-        and set (v: ConvRoutes) =
-            routes <- v
-            fp32 <- ConvRoute.find v { Spec = spec; Precision = Float32 }
-            bf16 <- ConvRoute.find v { Spec = spec; Precision = BFloat16 }
-    /// `conv2d` in the current precision by that precision's route.
-    member _.Run(x: Tensor, w: Tensor, b: Tensor) : Tensor =
-        ConvRoute.conv2d (match precision with Float32 -> fp32 | BFloat16 -> bf16) precision spec x w b
-
-/// The full-precision convolution: torch.nn.Conv2d's parameters (`weight`, `bias` only when
-/// `spec.Bias`) and initialisation, so PyTorch state_dicts fit, with a switchable compute precision
-/// and the machine's route.
-type Conv(spec: ConvSpec) as this =
-    inherit Module<Tensor, Tensor>("Conv")
-    let state = ConvState(spec)
     do ConvSpec.registerParameters this spec
     member _.Spec = spec
+    /// The weight the convolution uses.
+    abstract Weight : unit -> Tensor
     interface IConv with
         member _.Spec = spec
         member _.Precision
-            with get () = state.Precision
-            and set v = state.Precision <- v
+            with get () = precision
+            and set v = precision <- v
         member _.Routes
-            with get () = state.Routes
-            and set v = state.Routes <- v
+            with get () = routes
+            and set (v: ConvRoutes) =
+                routes <- v
+                fp32 <- ConvRoute.find v { Spec = spec; Precision = Float32 }
+                bf16 <- ConvRoute.find v { Spec = spec; Precision = BFloat16 }
+    /// `conv2d` in the current precision by that precision's route.
     override this.forward(x: Tensor) : Tensor =
         let b = if spec.Bias then this.get_parameter "bias" :> Tensor else null
-        state.Run(x, this.get_parameter "weight", b)
+        ConvRoute.conv2d (match precision with Float32 -> fp32 | BFloat16 -> bf16) precision spec x (this.Weight()) b
+
+/// The full-precision convolution (`ConvModule` with its weight as it is).
+type Conv(spec: ConvSpec) =
+    inherit ConvModule("Conv", spec)
+    override this.Weight() = this.get_parameter "weight" :> Tensor

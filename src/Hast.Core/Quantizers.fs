@@ -134,29 +134,15 @@ let weightFakeQuant (w: Tensor) (bits: int) : Tensor =
 type IWeightQuantized =
     abstract WeightBits: int
 
-/// Conv2d with per-channel fake-quantized weight and a switchable compute precision (`ConvPrecision`). Parameters `weight` (out, in/groups, k, k) and
-/// `bias` (only when `spec.Bias`), as in torch.nn.Conv2d, so FP state_dicts fit.
-type QConv2d(spec: ConvSpec, wbits: int) as this =
-    inherit Module<Tensor, Tensor>("QConv2d")
+/// Conv2d with per-channel fake-quantized weight and a switchable compute precision (`ConvPrecision`):
+/// `ConvModule`'s parameters (as torch.nn.Conv2d, so FP state_dicts fit) and routes. The weight is
+/// fake-quantized in float32; only the convolution itself runs in the compute precision.
+type QConv2d(spec: ConvSpec, wbits: int) =
+    inherit ConvModule("QConv2d", spec)
     do checkBits "wbits" wbits
-    do ConvSpec.registerParameters this spec
-    let state = ConvState(spec)
-    member _.Spec = spec
     interface IWeightQuantized with
         member _.WeightBits = wbits
-    interface IConv with
-        member _.Spec = spec
-        member _.Precision
-            with get () = state.Precision
-            and set v = state.Precision <- v
-        member _.Routes
-            with get () = state.Routes
-            and set v = state.Routes <- v
-    /// The weight is fake-quantized in float32; only the convolution itself runs in `precision`.
-    override this.forward(x: Tensor) : Tensor =
-        let w = weightFakeQuant (this.get_parameter "weight") wbits
-        let b = if spec.Bias then this.get_parameter "bias" :> Tensor else null
-        state.Run(x, w, b)
+    override this.Weight() = weightFakeQuant (this.get_parameter "weight") wbits
 
 /// Linear with per-output-row fake-quantized weight. Parameters `weight` (out, in) and `bias` (out).
 type QLinear(inFeatures: int64, outFeatures: int64, wbits: int) as this =
