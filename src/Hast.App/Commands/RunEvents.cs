@@ -1,11 +1,6 @@
-using System.Text.Json;
-using System.Text.Json.Nodes;
 using Hast.App.IO;
 using Hast.Core;
 using Hast.Cli;
-using Microsoft.FSharp.Core;
-using TorchSharp.Modules;
-using static TorchSharp.torch;
 
 namespace Hast.App;
 
