@@ -155,6 +155,8 @@ public static class ModelFiles
             ["teacher_file"] = Path.GetFileName(teacherFile),
             ["teacher_sha256"] = teacherSha256,
         };
+        var layerBits = Precision.exceptions(m.Net, m.WBits, m.ABits);
+        if (!Precision.isUniform(layerBits)) meta["layer_bits"] = JsonNode.Parse(Precision.toJson(layerBits).ToJsonString());
         if (m.Net is Graph.GraphNet g)
         {
             meta["graph"] = JsonNode.Parse(Graph.toJson(g.Topology));
@@ -189,9 +191,12 @@ public static class ModelFiles
             var arch = ArchOf(meta, path);
             long classes = (long?)meta["classes"] ?? arch.DefaultClasses;
             int wbits = (int?)meta["wbits"] ?? 32, abits = (int?)meta["abits"] ?? 32;
-            var kit = wbits == 32 && abits == 32 ? LayerKitModule.fullPrecision : Quantizers.LayerKit.quantized(wbits, abits);
+            // per-layer exceptions to wbits/abits (mixed precision), when the run had them
+            var layerBits = meta["layer_bits"] is { } lb ? Precision.ofJson($"checkpoint {path}", lb.ToJsonString()) : Precision.uniform;
+            var kit = wbits == 32 && abits == 32 && Precision.isUniform(layerBits) ? LayerKitModule.fullPrecision : Quantizers.LayerKit.quantized(wbits, abits);
             var net = Build(arch, classes, kit, device, m =>
             {
+                Precision.apply(m, layerBits);
                 ckpt.RestoreInto(m);
                 Quantizers.setCalibrating(m, false);
             });

@@ -1,5 +1,6 @@
-/// `hast analyze hessian|gradcos`: the supplement's Figure 2 (Hessian spectrum per loss, gradient
-/// cosines between loss terms while fine-tuning) on a quantized student and a sample store.
+/// `hast analyze hessian|gradcos|sensitivity`: the supplement's Figure 2 (Hessian spectrum per loss,
+/// gradient cosines between loss terms while fine-tuning) on a quantized student and a sample store,
+/// and the per-layer quantization sensitivity (mixed precision) on a sample store.
 module Hast.Cli.AnalyzeCli
 
 open Argu
@@ -38,9 +39,18 @@ type GradcosConfig =
       /// the HAST fine-tuning configuration; the baseline run uses `FineTune.baseline` of it
       FineTune: FineTune.Config }
 
+type SensitivityConfig =
+    { Setup: Setup
+      Measure: Sensitivity.Config
+      /// the bit widths measured (and allocated among)
+      Candidates: int list
+      /// an allocation of the weight layers to this many bytes, written as a --bits-map file
+      SizeBudget: int64 option }
+
 type AnalyzeConfig =
     | Hessian of HessianConfig
     | Gradcos of GradcosConfig
+    | Sensitivity of SensitivityConfig
 
 let calibDefaults = Hast.Core.Pipeline.sampleCalibrationDefaults.BatchSize, Hast.Core.Pipeline.sampleCalibrationDefaults.Batches
 
@@ -171,14 +181,56 @@ type GradcosArgs =
             | Out _ -> "folder for gradcos.json, gradcos.md, gradcos.png, log.txt, metrics.jsonl"
             | Report _ -> "write the JSON (gradcos.json) here as well"
 
+type SensitivityArgs =
+    | Arch of name: string
+    | Weights of path: string
+    | Model of path: string
+    | Mean of rgb: string
+    | Std of rgb: string
+    | Input_Scale of scale: float
+    | [<Mandatory>] Samples of dir: string
+    | Take of n: int
+    | Bits of widths: string
+    | Weights_Only
+    | Batch of n: int
+    | Calib_Batch of n: int
+    | Calib_Batches of k: int
+    | Size_Budget of kib: float
+    | Device of name: string
+    | [<Mandatory>] Out of dir: string
+    | Report of path: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            let d = Sensitivity.defaults
+            match a with
+            | Arch _ -> ModelCli.Usage.arch
+            | Weights _ -> ModelCli.Usage.weights
+            | Model _ -> ModelCli.Usage.model
+            | Mean _ -> ModelCli.Usage.mean
+            | Std _ -> ModelCli.Usage.std
+            | Input_Scale _ -> ModelCli.Usage.inputScale
+            | Samples _ -> "sample store (hast synthesize) of this teacher: no real data is used"
+            | Take _ -> sprintf "samples of the store the losses are measured on, its first ones (default: %d)" d.Samples
+            | Bits _ -> sprintf "bit widths measured, comma-separated, each 2..8 (default: %s)" (Precision.defaults.Candidates |> List.map string |> String.concat ",")
+            | Weights_Only -> "measure the weight layers only (the activation quantizers are skipped)"
+            | Batch _ -> sprintf "images per forward pass (default: %d)" d.BatchSize
+            | Calib_Batch _ -> sprintf "activation calibration batch size on the store's first samples (default: %d)" d.CalibBatchSize
+            | Calib_Batches _ -> sprintf "activation calibration batches (default: %d)" d.CalibBatches
+            | Size_Budget _ -> "also allocate the weight layers' bits to this stored size in KiB (exact knapsack on the measured sensitivities) and write it as bits-map.json for hast run --bits-map"
+            | Device _ -> Usage.device
+            | Out _ -> "folder for sensitivity.json, sensitivity.md, sensitivity.png (and bits-map.json), log.txt, metrics.jsonl"
+            | Report _ -> "write the JSON (sensitivity.json) here as well"
+
 type AnalyzeArgs =
     | [<CliPrefix(CliPrefix.None)>] Hessian of ParseResults<HessianArgs>
     | [<CliPrefix(CliPrefix.None)>] Gradcos of ParseResults<GradcosArgs>
+    | [<CliPrefix(CliPrefix.None)>] Sensitivity of ParseResults<SensitivityArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Hessian _ -> "Hessian eigenvalue density (SLQ), top eigenvalue and trace of the CE, KL and FA losses (Figure 2b)"
             | Gradcos _ -> "gradient cosines CE vs KL (CE+KL baseline) and FA vs KL (HAST) while fine-tuning (Figure 2a)"
+            | Sensitivity _ -> "per-layer quantization sensitivity (KL to the teacher with only that layer quantized) at each bit width, on synthetic samples; optionally a bit allocation to a size budget"
 
 /// The student's bits: given both (fresh student), or neither (from --checkpoint).
 let private bitsOf (wbits: int option) (abits: int option) (checkpoint: string option) =
@@ -255,11 +307,42 @@ let private gradcosOf (r: ParseResults<GradcosArgs>) : GradcosConfig =
       ProbeBatch = getOr r <@ Probe_Batch @> Defaults.batch |> checkPositiveInt "--probe-batch"
       FineTune = withFlags flagOf (fun () -> FineTune.validate ft) }
 
+let private sensitivityOf (r: ParseResults<SensitivityArgs>) : SensitivityConfig =
+    let d = Sensitivity.defaults
+    let setup =
+        setupOf (ModelCli.require (Settings.Reader(Settings.ofResults r))) (r.GetResult <@ SensitivityArgs.Samples @>)
+                (Some Quantizers.fullPrecisionBits) (Some Quantizers.fullPrecisionBits) None
+                (getOr r <@ SensitivityArgs.Calib_Batch @> d.CalibBatchSize) (getOr r <@ SensitivityArgs.Calib_Batches @> d.CalibBatches)
+                (r.GetResult <@ SensitivityArgs.Out @>) (r.TryGetResult <@ SensitivityArgs.Report @>)
+                (getOr r <@ SensitivityArgs.Device @> "cpu") Defaults.seed
+    let candidates =
+        match r.TryGetResult <@ Bits @> with
+        | Some v -> Settings.parseInts "bits" v
+        | None -> Precision.defaults.Candidates
+    let precision =
+        withFlags flagOf (fun () ->
+            Precision.validate { Precision.defaults with Candidates = candidates
+                                                         SizeBudget = r.TryGetResult <@ SensitivityArgs.Size_Budget @> |> Option.map (fun k ->
+                                                             checkPositive "--size-budget" k |> ignore
+                                                             int64 (floor (k * RunSettings.kib))) })
+    { Setup = setup
+      Measure =
+        withFlags flagOf (fun () ->
+            Sensitivity.validate
+                { BatchSize = getOr r <@ SensitivityArgs.Batch @> d.BatchSize
+                  Samples = getOr r <@ Take @> d.Samples
+                  CalibBatches = setup.CalibBatches
+                  CalibBatchSize = setup.CalibBatch
+                  Activations = not (r.Contains <@ Weights_Only @>) })
+      Candidates = precision.Candidates
+      SizeBudget = precision.SizeBudget }
+
 let ofResults (r: ParseResults<AnalyzeArgs>) : AnalyzeConfig =
     match r.TryGetSubCommand() with
     | Some(AnalyzeArgs.Hessian h) -> AnalyzeConfig.Hessian(hessianOf h)
     | Some(AnalyzeArgs.Gradcos g) -> AnalyzeConfig.Gradcos(gradcosOf g)
-    | None -> fail "hast analyze needs a sub-command: hessian or gradcos (see hast analyze --help)"
+    | Some(AnalyzeArgs.Sensitivity s) -> AnalyzeConfig.Sensitivity(sensitivityOf s)
+    | None -> fail "hast analyze needs a sub-command: hessian, gradcos or sensitivity (see hast analyze --help)"
 
 /// What the shell found for an analysis: the models it loaded and the store it read (paths as the
 /// shell resolved them).
@@ -299,6 +382,27 @@ let private setupJson (s: Setup) (f: Facts) : (string * System.Text.Json.Nodes.J
 /// hessian.json's `settings`: the set-up, then the analysis's own settings.
 let hessianSettings (c: HessianConfig) (f: Facts) : System.Text.Json.Nodes.JsonObject =
     JsonRecord.obj (setupJson c.Setup f @ AnalysisReport.hessianSettingsJson c.Analysis c.Batch)
+
+/// sensitivity.json's `settings`: the teacher and store, then the measurement's own settings.
+let sensitivitySettings (c: SensitivityConfig) (f: Facts) : System.Text.Json.Nodes.JsonObject =
+    JsonRecord.obj
+        [ "arch", JsonRecord.text f.Arch
+          "weights", JsonRecord.text f.WeightsFile
+          "weights_sha256", JsonRecord.text f.WeightsSha256
+          "samples", JsonRecord.text f.SamplesPath
+          "store_count", JsonRecord.count f.StoreCount
+          "measured_samples", JsonRecord.int' c.Measure.Samples
+          "batch", JsonRecord.int' c.Measure.BatchSize
+          "calibration",
+          JsonRecord.obj
+              [ "batch", JsonRecord.int' c.Measure.CalibBatchSize
+                "batches", JsonRecord.int' c.Measure.CalibBatches
+                "bits", JsonRecord.int' 8
+                "source", JsonRecord.text "the store's first samples" ]
+          "activations", JsonRecord.flag c.Measure.Activations
+          "candidates", System.Text.Json.Nodes.JsonArray(c.Candidates |> List.map JsonRecord.int' |> Array.ofList)
+          "size_budget_bytes", (c.SizeBudget |> Option.map JsonRecord.count |> Option.toObj)
+          "device", JsonRecord.text c.Setup.Device ]
 
 /// gradcos.json's `settings`: the set-up, then the analysis's own settings.
 let gradcosSettings (c: GradcosConfig) (f: Facts) : System.Text.Json.Nodes.JsonObject =

@@ -18,7 +18,10 @@ type EvalConfig =
       OrtOpt: string
       /// ONNX Runtime intra-op threads (None: ONNX Runtime's default)
       Threads: int option
-      Test: string
+      /// the test set (None with --layers alone)
+      Test: string option
+      /// list the model's quantizable layers instead of evaluating
+      Layers: bool
       Classes: int option
       WBits: int
       ABits: int
@@ -28,7 +31,7 @@ type EvalConfig =
       Report: string option }
 
 let defaults =
-    { Model = None; Checkpoint = None; Onnx = None; OrtOpt = "all"; Threads = None; Test = ""; Classes = None
+    { Model = None; Checkpoint = None; Onnx = None; OrtOpt = "all"; Threads = None; Test = None; Layers = false; Classes = None
       WBits = 32; ABits = 32; CalibBatches = 4; BatchSize = 200; Device = "cpu"; Report = None }
 
 type EvalArgs =
@@ -42,7 +45,8 @@ type EvalArgs =
     | Onnx of path: string
     | Ort_Opt of level: string
     | Threads of n: int
-    | [<Mandatory>] Test of path: string
+    | Test of path: string
+    | Layers
     | Classes of n: int
     | Wbits of bits: int
     | Abits of bits: int
@@ -66,6 +70,7 @@ type EvalArgs =
                     (String.concat ", " ortLevels) defaults.OrtOpt
             | Threads _ -> "ONNX Runtime intra-op threads with --onnx (default: ONNX Runtime's, one per core)"
             | Test _ -> "test set: CIFAR binary file (e.g. test_batch.bin) or an image folder (class = sub-folder)"
+            | Layers -> "list the model's quantizable layers (names for --bits-map; weight layers and activation quantizers, with bits, parameters and stored bytes) instead of evaluating; with --report, as JSON"
             | Classes _ -> "number of classes (default: the architecture's)"
             | Wbits _ -> sprintf "weight bits, 2..8 or 32 = off (default: %d)" defaults.WBits
             | Abits _ -> sprintf "activation bits, 2..8 or 32 = off (default: %d)" defaults.ABits
@@ -86,7 +91,8 @@ let ofResults (r: ParseResults<EvalArgs>) : EvalConfig =
                 Hast.Core.Prelude.failf "--ort-opt must be one of %s (got '%s')" (String.concat ", " ortLevels) level
             level
           Threads = r.TryGetResult <@ Threads @> |> Option.map (checkPositiveInt "--threads")
-          Test = r.GetResult <@ Test @>
+          Test = r.TryGetResult <@ Test @>
+          Layers = r.Contains <@ Layers @>
           Classes = r.TryGetResult <@ Classes @> |> Option.map (checkPositiveInt "--classes")
           WBits = getOr r <@ Wbits @> defaults.WBits |> checkBits "--wbits"
           ABits = getOr r <@ Abits @> defaults.ABits |> checkBits "--abits"
@@ -94,6 +100,8 @@ let ofResults (r: ParseResults<EvalArgs>) : EvalConfig =
           BatchSize = getOr r <@ Batch_Size @> defaults.BatchSize |> checkPositiveInt "--batch-size"
           Device = getOr r <@ Device @> defaults.Device
           Report = r.TryGetResult <@ Report @> }
+    if c.Test.IsNone && not c.Layers then Hast.Core.Prelude.fail "give --test (a test set to evaluate on), or --layers to list the model's layers"
+    if c.Layers && c.Onnx.IsSome then Hast.Core.Prelude.fail "--layers lists a Hast model's layers (--checkpoint, or --arch/--weights / --model with --wbits/--abits), not an ONNX file's"
     match c.Checkpoint, c.Onnx, c.Model with
     | Some _, None, None
     | None, Some _, None

@@ -74,6 +74,11 @@ type QuantizeArgs =
     | Real_Data of folder: string
     | Wbits of bits: int
     | Abits of bits: int
+    | Wbits_First of bits: int
+    | Wbits_Last of bits: int
+    | Bits_Map of json: string
+    | Size_Budget of kib: float
+    | Bits_Candidates of bits: string
     | Calibration of mode: string
     | Calib_Batches of k: int
     | Calib_Batch of n: int
@@ -267,6 +272,17 @@ let withRun (run: Pipeline.Config) (c: PipelineConfig) : PipelineConfig = { c wi
 /// The settings of `hast run` that only synthesis reads.
 let synthesisKeys = RunSettings.synthesisKeys
 
+/// `--bits-map` as its JSON: a value that is not a JSON object is a file, read by `readFile`, so
+/// config.json keeps the map itself and reproduces the run without the file.
+let inlineBitsMap (readFile: string -> string) (layer: Layer) : Layer =
+    match Map.tryFind "bits-map" layer with
+    | Some v when not (v.TrimStart().StartsWith "{") ->
+        let json =
+            try readFile v
+            with HastError _ -> failf "--bits-map: file '%s' not found (give a JSON file, or the JSON itself)" v
+        layer.Add("bits-map", json)
+    | _ -> layer
+
 /// The settings layers of a command line: config file (read by `readFile`), then flags (the preset
 /// is a value applied under both, in `ofLayer`).
 let layers (isRun: bool) (readFile: string -> string) (res: ParseResults<QuantizeArgs>) : Layer =
@@ -286,7 +302,7 @@ let layers (isRun: bool) (readFile: string -> string) (res: ParseResults<Quantiz
             // not an error (the store is given), they are dropped
             if isRun then l else l |> Map.filter (fun k _ -> not (List.contains k (synthesisKeys @ [ "time-budget" ])))
         | None -> Map.empty
-    merge [ file; flags ]
+    merge [ file; flags ] |> inlineBitsMap readFile
 
 /// Parse a `quantize` / `run` command line into a validated config.
 let ofResults (isRun: bool) (io: ModelCli.Io) (res: ParseResults<QuantizeArgs>) : PipelineConfig =

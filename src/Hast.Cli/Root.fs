@@ -43,21 +43,34 @@ type HastArgs =
             | Download _ -> "fetch pretrained weights or test sets from their public homes (checksummed, resumable)"
             | Bench _ -> "time the training steps (fine-tune, synthesis, eval) on this machine"
             | Export _ -> "write a model as ONNX: integer weights and QDQ activations for a quantized checkpoint, float for FP"
-            | Analyze _ -> "the supplement's Figure 2: Hessian spectrum per loss, gradient cosines while fine-tuning"
+            | Analyze _ -> "the supplement's Figure 2 (Hessian spectrum per loss, gradient cosines while fine-tuning) and per-layer quantization sensitivity"
             | Ablate _ -> "the supplement's studies as sweeps of runs: direction | weights | alignment | samples | sensitivity (table, figure, JSON)"
             | Doctor _ -> "this machine's report: CPU features, threads, libtorch, and each convolution shape checked against float64 with its route"
             | Verbose -> "show libtorch's own warnings (hidden by default); may stand anywhere on the command line"
 
 let parser () = ArgumentParser.Create<HastArgs>(programName = "hast")
 
-/// Every sub-command's name at any depth (`run`, `samples`, `merge`, `analyze`, `hessian`, …), read
-/// from the Argu schema so a new command is never missing from a usage error's pointer to its help.
-let private commandWords : Set<string> =
-    let rec words (p: ArgumentParser) : string list =
-        [ for c in p.GetArgumentCases() do
-              if c.ArgumentType = ArgumentType.SubCommand then yield! c.CommandLineNames.Value ]
-        @ (p.GetSubCommandParsers() |> List.collect words)
-    set (words (parser ()))
+/// The sub-commands of a parser by name, each with its own.
+type private CommandTree = Tree of Map<string, CommandTree>
+
+/// Every sub-command at any depth (`run`, `samples merge`, `analyze hessian`, …), read from the Argu
+/// schema so a new command is never missing from a usage error's pointer to its help.
+let private commandTree : CommandTree =
+    let rec tree (p: ArgumentParser) : CommandTree =
+        let names = [ for c in p.GetArgumentCases() do if c.ArgumentType = ArgumentType.SubCommand then yield c.CommandLineNames.Value ]
+        let subs = p.GetSubCommandParsers()
+        // Argu lists both in the union's case order
+        if names.Length <> subs.Length then invalidOp "sub-commands and their parsers differ in number"
+        Tree(List.zip names subs |> List.collect (fun (ns, sp) -> let t = tree sp in ns |> List.map (fun n -> n, t)) |> Map.ofList)
+    tree (parser ())
+
+/// The command words at the start of `argv` (`analyze hessian`), by the schema's nesting.
+let private commandPath (argv: string[]) : string list =
+    let rec go (Tree subs) (args: string list) =
+        match args with
+        | w :: rest when subs.ContainsKey w -> w :: go subs[w] rest
+        | _ -> []
+    go commandTree (List.ofArray argv)
 
 
 /// A usage error as one line: Argu's first line (without `ERROR: ` and the usage text that follows),
@@ -69,7 +82,7 @@ let private oneLine (argv: string[]) (message: string) =
         |> Array.tryFind (fun l -> l <> "")
         |> Option.defaultValue "invalid arguments"
     let first = (if first.StartsWith("ERROR: ") then first.Substring 7 else first).TrimEnd('.')
-    let cmd = argv |> Array.takeWhile commandWords.Contains |> Array.map (fun w -> w + " ") |> String.concat ""
+    let cmd = commandPath argv |> List.map (fun w -> w + " ") |> String.concat ""
     sprintf "hast: %s; see hast %s--help" first cmd
 
 /// Parse argv into a command. `io` reads a `--config` file and the facts of a `--model` file (the

@@ -138,11 +138,46 @@ let averagingText (a: FineTune.Averaging) : string =
     | FineTune.LastWeights -> "0"
     | FineTune.Ema d -> showFloat d
 
+// ---- per-layer bit widths (`Precision.Config`); unset by default
+
+let private optionalBits (key: string) (help: string) (get: Precision.Config -> int option) (set: int option -> Precision.Config -> Precision.Config) : Setting<Config> =
+    { Key = key
+      Help = help
+      Show = fun c -> get c.Precision |> Option.map string
+      Set = fun v c -> { c with Precision = set (Some(parseInt key v)) c.Precision } }
+
+/// Bytes in a KiB, the unit of `--size-budget`.
+let kib = 1024.0
+
+/// Mixed precision: the first and last weight layers, a bits map, a size budget and its candidates.
+let precision : Setting<Config> list =
+    [ optionalBits "wbits-first" "bits of the first weight layer (the first conv), 2..8 or 32 (default: --wbits)"
+          (fun p -> p.FirstWBits) (fun v p -> { p with FirstWBits = v })
+      optionalBits "wbits-last" "bits of the last weight layer (the classifier), 2..8 or 32 (default: --wbits)"
+          (fun p -> p.LastWBits) (fun v p -> { p with LastWBits = v })
+      { Key = "bits-map"
+        Help = "per-layer bit widths as JSON {\"weights\": {layer: bits}, \"activations\": {layer: bits}}: a file, or the JSON itself (config.json keeps the JSON); names as `hast eval --layers` lists them; they win over --wbits-first/--wbits-last"
+        Show = fun c -> if Precision.isUniform c.Precision.Map then None else Some((Precision.toJson c.Precision.Map).ToJsonString())
+        Set = fun v c -> { c with Precision = { c.Precision with Map = Precision.ofJson "--bits-map" v } } }
+      { Key = "size-budget"
+        Help = "the weights' stored size to fit, in KiB (packed codes + per-channel scale and zero point + float BN and biases): the other weight layers' bits are allocated from their sensitivity on the samples (exact knapsack; docs/mixed-precision.md)"
+        Show = fun c -> c.Precision.SizeBudget |> Option.map (fun b -> showFloat (float b / kib))
+        Set =
+          fun v c ->
+              let k = parseFloat "size-budget" v
+              requirePositive "size-budget" k
+              { c with Precision = { c.Precision with SizeBudget = Some(int64 (System.Math.Floor(k * kib))) } } }
+      { Key = "bits-candidates"
+        Help = "the weight bit widths --size-budget chooses among (default: 2,3,4,8)"
+        Show = fun c -> c.Precision.SizeBudget |> Option.map (fun _ -> c.Precision.Candidates |> List.map string |> String.concat ",")
+        Set = fun v c -> { c with Precision = { c.Precision with Candidates = parseInts "bits-candidates" v } } } ]
+
 /// The run's settings, in the order a layer applies (each choice before the settings under it:
 /// `--schedule` before `--milestones`, `--promotion` before `--epsilon`, `--method` after what it sets).
 let run (ctx: Context) : Setting<Config> list =
     [ Setting.int "wbits" "weight bits, 2..8 or 32 = off" (fun c -> c.WBits) (fun v c -> { c with WBits = v })
       Setting.int "abits" "activation bits, 2..8 or 32 = off" (fun c -> c.ABits) (fun v c -> { c with ABits = v })
+      yield! precision
       // ---- samples
       { Key = "samples"
         Help = "run: number of samples to synthesize; quantize: sample store folder (from `hast synthesize`)"

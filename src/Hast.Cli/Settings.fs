@@ -31,7 +31,8 @@ let ofResults (r: ParseResults<'T>) : Layer =
         flagName info.Name, (if fields.Length = 0 then "true" else render fields[0]))
     |> Map.ofList
 
-/// A config file's layer: a flat JSON object whose keys are flag names (with or without dashes).
+/// A config file's layer: a JSON object whose keys are flag names (with or without dashes); a value
+/// that is an object (`bits-map`) is kept as its JSON text.
 let ofJson (source: string) (json: string) : Layer =
     let doc =
         try JsonDocument.Parse(json)
@@ -47,6 +48,8 @@ let ofJson (source: string) (json: string) : Layer =
             | JsonValueKind.True -> "true"
             | JsonValueKind.False -> "false"
             | JsonValueKind.Array -> p.Value.EnumerateArray() |> Seq.map (fun e -> e.ToString()) |> String.concat ","
+            // a setting whose value is itself JSON (`bits-map`)
+            | JsonValueKind.Object -> p.Value.GetRawText()
             | k -> failf "config file %s: key '%s' has an unsupported %O value" source p.Name k
         p.Name.TrimStart('-').ToLowerInvariant().Replace('_', '-'), v ]
     |> Map.ofList

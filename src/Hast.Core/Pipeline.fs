@@ -79,6 +79,8 @@ let guardDefaults : Guard = { SpikeFactor = 2.0; LrFactor = 0.5; Retries = 3; Sp
 type Config =
     { WBits: int
       ABits: int
+      /// per-layer exceptions to `WBits`/`ABits` (mixed precision; uniform by default)
+      Precision: Precision.Config
       Samples: Samples
       Calibration: Calibration
       FineTune: FineTune.Config
@@ -157,6 +159,7 @@ let fineTuneDefaults (d: Dataset) : FineTune.Config =
 let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Config =
     { WBits = Quantizers.defaultBits
       ABits = Quantizers.defaultBits
+      Precision = Precision.defaults
       Samples = samples
       Calibration = FromSamples sampleCalibrationDefaults
       FineTune = fineTuneDefaults (datasetOf family classes)
@@ -174,6 +177,7 @@ let seed (c: Config) = c.FineTune.Seed
 let validate (c: Config) : Config =
     Quantizers.checkBits "wbits" c.WBits
     Quantizers.checkBits "abits" c.ABits
+    Precision.validate c.Precision |> ignore
     match c.Samples with
     | Synthesize s -> Synthesis.validate s
     | Store(_, Some t) when t <= 0 -> invalid "take" (sprintf "must be a positive integer (got %d)" t)

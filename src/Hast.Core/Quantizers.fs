@@ -130,9 +130,10 @@ let weightFakeQuant (w: Tensor) (bits: int) : Tensor =
         let lo, hi = weightRange w
         (fakeQuant w lo hi bits).MoveToOuterDisposeScope()
 
-/// A layer whose weight is fake-quantized in the forward pass.
+/// A layer whose weight is fake-quantized in the forward pass. Its bit width can be changed after the
+/// model is built (per-layer bit widths, `Precision`): the weight's grid is computed at every forward.
 type IWeightQuantized =
-    abstract WeightBits: int
+    abstract WeightBits: int with get, set
 
 /// Conv2d with per-channel fake-quantized weight and a switchable compute precision (`ConvPrecision`):
 /// `ConvModule`'s parameters (as torch.nn.Conv2d, so FP state_dicts fit) and routes. The weight is
@@ -140,8 +141,13 @@ type IWeightQuantized =
 type QConv2d(spec: ConvSpec, wbits: int) =
     inherit ConvModule("QConv2d", spec)
     do checkBits "wbits" wbits
+    let mutable wbits = wbits
     interface IWeightQuantized with
-        member _.WeightBits = wbits
+        member _.WeightBits
+            with get () = wbits
+            and set v =
+                checkBits "wbits" v
+                wbits <- v
     override this.Weight() = weightFakeQuant (this.get_parameter "weight") wbits
 
 /// Linear with per-output-row fake-quantized weight. Parameters `weight` (out, in) and `bias` (out).
@@ -157,8 +163,13 @@ type QLinear(inFeatures: int64, outFeatures: int64, wbits: int) as this =
         init.uniform_(b, -bound, bound) |> ignore
         this.register_parameter("weight", new Parameter(w))
         this.register_parameter("bias", new Parameter(b))
+    let mutable wbits = wbits
     interface IWeightQuantized with
-        member _.WeightBits = wbits
+        member _.WeightBits
+            with get () = wbits
+            and set v =
+                checkBits "wbits" v
+                wbits <- v
     override this.forward(x: Tensor) : Tensor =
         let w = weightFakeQuant (this.get_parameter "weight") wbits
         torch.nn.functional.linear(x, w, this.get_parameter "bias")
@@ -186,6 +197,7 @@ type ActQuant(bits: int, momentum: float) as this =
         if not (momentum >= 0.0 && momentum < 1.0) then
             failf "activation EMA momentum must be in [0, 1) (got %g)" momentum
     let mutable mode = Frozen
+    let mutable bits = bits
     do
         this.register_buffer("act_min", torch.tensor(0.0f))
         this.register_buffer("act_max", torch.tensor(0.0f))
@@ -198,7 +210,13 @@ type ActQuant(bits: int, momentum: float) as this =
         with get () = inputNonNegative
         and set (v: bool) = inputNonNegative <- v
     interface IQuantizerState
-    member _.Bits = bits
+    /// The bit width; it can be changed after the model is built (per-layer bit widths, `Precision`):
+    /// the range does not depend on it, the grid is computed at every forward.
+    member _.Bits
+        with get () = bits
+        and set (v: int) =
+            checkBits "abits" v
+            bits <- v
     member _.Momentum = momentum
     member _.Mode
         with get () = mode
@@ -285,7 +303,7 @@ type QAct(kind: Activation, bits: int) as this =
         this.register_module("quant", quant)
     member _.Quantizer = quant
     override _.forward(x: Tensor) : Tensor =
-        if bits = fullPrecisionBits then act.forward x
+        if quant.Bits = fullPrecisionBits then act.forward x
         elif torch.is_grad_enabled () then quant.ForwardInPlace (activateSavingInput kind x)
         else quant.ForwardInPlace (act.forward x)
 

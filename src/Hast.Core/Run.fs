@@ -75,6 +75,55 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
         event (StageStarted(Stage.GeneratorCalibration, 0L, int64 g.Iterations))
         Generator.calibrateWithGenerator inputs.Device g inputs.Teacher student inputs.Arch.Input.Size (GeneratorIteration >> event)
 
+/// Fail with one line, before any work, when the run's per-layer settings cannot apply to this model:
+/// a layer name it lacks, or a size budget below the smallest allocation.
+let checkPrecision (arch: Models.Registry.Arch) (classes: int64) (teacher: Net) (c: Config) : unit =
+    let p = c.Precision
+    if Precision.isMixed p then
+        use probe = Quantize.quantize arch classes teacher c.WBits c.ABits
+        let fixedBits = Precision.fixedBits probe p
+        Precision.check "bits-map" probe fixedBits
+        match p.SizeBudget with
+        | Some budget ->
+            let smallest = List.min p.Candidates
+            let minimum =
+                Precision.otherBytes probe
+                + (Precision.layers probe
+                   |> List.filter (fun l -> l.Kind = Precision.WeightLayer)
+                   |> List.sumBy (fun l -> Precision.weightBytes l.Parameters l.Channels (fixedBits.Weights.TryFind l.Name |> Option.defaultValue smallest)))
+            if minimum > budget then
+                invalidf "size-budget" "cannot be met: %d bytes (%.2f KiB) is below the smallest allocation, %d bytes (%.2f KiB: the free weight layers at %d bits)"
+                    budget (float budget / 1024.0) minimum (float minimum / 1024.0) smallest
+        | None -> ()
+
+/// The per-layer exceptions to `c.WBits`/`c.ABits` the run quantizes with (`Precision.Config`): none
+/// for uniform bit widths; the first/last layer and the map's; and with a size budget the allocation
+/// of the other weight layers, from their sensitivity measured on the run's `images` (`Sensitivity`).
+/// A deterministic function of the teacher, the samples and the config, so a resumed run finds the
+/// same widths. Reports the choice (`BitsChosen`).
+let chooseBits (inputs: Inputs) (c: Config) (images: Tensor) (event: Event -> unit) : Precision.LayerBits =
+    let p = c.Precision
+    if not (Precision.isMixed p) then Precision.uniform
+    else
+        use probe = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+        let fixedBits = Precision.fixedBits probe p
+        Precision.check "bits-map" probe fixedBits
+        let bits, allocation =
+            match p.SizeBudget with
+            | None -> fixedBits, None
+            | Some budget ->
+                let sc = { Sensitivity.defaults with Activations = false }
+                let steps = Sensitivity.steps sc p.Candidates probe
+                event (StageStarted(Stage.Sensitivity, 0L, int64 steps))
+                let table = Sensitivity.measure inputs.Device sc p.Candidates inputs.Teacher probe images (fun d t -> event (SensitivityStep(d, t)))
+                Precision.setUniform probe c.WBits c.ABits
+                let a = Sensitivity.allocate table fixedBits.Weights (Precision.otherBytes probe) budget
+                { fixedBits with Weights = a.Weights |> Map.filter (fun _ b -> b <> c.WBits) }, Some a
+        Precision.setUniform probe c.WBits c.ABits
+        Precision.apply probe bits
+        event (BitsChosen(bits, Precision.modelBytes probe, allocation))
+        bits
+
 /// A run's time budget and its plan as it stands: a re-plan that changes the run replaces the plan and
 /// is reported (`Replanned`: the shell records it); the run follows the re-plan's config from then on.
 type private Budgeted(budget: TimeBudget option, plan: RunPlan.Planned option, hooks: Hooks) =
@@ -145,15 +194,24 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
     use labels = labels
     let samples = images.shape[0]
     event (SamplesReady samples)
-    // ---- quantize, then restore or calibrate
-    let student = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+    // ---- quantize (at the chosen per-layer widths), then restore or calibrate
+    let bits = chooseBits inputs c images event
+    let quantize () =
+        let q = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+        try
+            Precision.apply q bits
+            q
+        with _ ->
+            q.Dispose()
+            reraise ()
+    let student = quantize ()
     student.eval ()
     // the weight average: a second quantized model, filled from the calibrated student or restored
     let average =
         match c.FineTune.Averaging with
         | FineTune.LastWeights -> None
         | FineTune.Ema _ ->
-            try Some(Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits)
+            try Some(quantize ())
             with _ ->
                 student.Dispose()
                 reraise ()

@@ -17,6 +17,7 @@ type Stage =
     | EvalFullPrecision
     | EvalCalibrated
     | FineTuning
+    | Sensitivity
 
 module Stage =
     let name (s: Stage) =
@@ -26,6 +27,7 @@ module Stage =
         | Stage.EvalFullPrecision -> "eval fp"
         | Stage.EvalCalibrated -> "eval calibrated"
         | Stage.FineTuning -> "fine-tune"
+        | Stage.Sensitivity -> "sensitivity"
 
 /// What the run reports as it goes (progress display, metrics, fault points, stop checks: the sink
 /// may raise to stop the run at that point).
@@ -37,6 +39,11 @@ type Event =
     /// counts for it (the same, but under `Hooks.SynthesisSlowdown`)
     | SynthesisBatchStored of Synthesis.BatchResult * batches: int * seconds: float * counted: float
     | SamplesReady of count: int64
+    /// one layer at one width measured for the size budget's allocation (`Sensitivity.measure`)
+    | SensitivityStep of stepsDone: int * steps: int
+    /// the per-layer bit widths the run quantizes with, when they are not uniform: the exceptions to
+    /// wbits/abits, the weights' stored bytes at these widths, and with a size budget its allocation
+    | BitsChosen of bits: Precision.LayerBits * bytes: int64 * allocation: Sensitivity.Allocation option
     | Resumed of epochsDone: int
     | CalibrationStarted of Calibration * images: int64
     | CalibrationBatch of index: int

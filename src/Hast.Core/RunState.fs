@@ -96,6 +96,14 @@ let calibratedJson (top1: float) (fpTop1: float) : JsonObject =
     obj [ "epoch", int' 0; "phase", text "calibration"; "top1", num top1; "fp_top1", num fpTop1 ]
 
 /// metrics.jsonl's `degraded` line: the divergence guard gave up (`RunHooks.Event.GaveUp`).
+/// The `bits` metric: the per-layer exceptions a run quantizes with, the weights' stored bytes, and
+/// the size budget's allocation when there is one.
+let bitsJson (bits: Precision.LayerBits) (bytes: int64) (allocation: Sensitivity.Allocation option) : JsonObject =
+    let o = Precision.toJson bits
+    o["bytes"] <- count bytes
+    allocation |> Option.iter (fun a -> o["allocation"] <- Sensitivity.allocationJson a)
+    o
+
 let degradedJson (epoch: int) (reason: string) (epochsDone: int) (message: string) : JsonObject =
     obj [ "epoch", int' epoch; "reason", text reason; "epochs_done", int' epochsDone; "message", text message ]
 

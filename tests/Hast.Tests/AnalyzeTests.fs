@@ -142,6 +142,67 @@ let tests = [
         let ck = makeCheckpoint (dir.File "q.ckpt")
         expectCleanFailure (h @ [ "--checkpoint"; ck; "--wbits"; "4" ]) [ out ] [ "--checkpoint" ] |> ignore
         expectCleanFailure ([ "analyze"; "hessian" ] @ common (dir.File "nothing") out @ [ "--wbits"; "4"; "--abits"; "4" ]) [ out ] [ "nothing" ] |> ignore
-        expectCleanFailure [ "analyze" ] [ out ] [ "hessian or gradcos" ] |> ignore
+        expectCleanFailure [ "analyze" ] [ out ] [ "hessian, gradcos or sensitivity" ] |> ignore
+    }
+    test "mixed precision end to end: analyze sensitivity -> bits-map.json at a size budget -> run --bits-map -> checkpoint, eval --layers, export, ONNX Runtime" {
+        use dir = new TempDir()
+        let store = synthesize dir
+        let out = dir.File "sens"
+        // the budget: uniform W3's stored size (eval --layers reports it), in KiB
+        let layersJson = dir.File "layers.json"
+        let code, listed, err = runCli [ "eval"; "--layers"; "--arch"; arch; "--weights"; zipWeights; "--wbits"; "3"; "--abits"; "3"; "--report"; layersJson ]
+        Expect.equal code 0 (sprintf "eval --layers: %s" err)
+        Expect.stringContains listed "layer3.2.conv2" "lists the layers"
+        let layers = JsonNode.Parse(File.ReadAllText layersJson).AsArray()
+        Expect.equal layers.Count 39 "20 weight layers and 19 activation quantizers"
+        let w3 =
+            layers |> Seq.sumBy (fun l ->
+                if string l.["kind"] = "weights" then Hast.Core.Precision.weightBytes (int64 l.["parameters"]) (int64 l.["channels"]) 3 else 0L)
+        let code, stdout, err =
+            runCli [ "analyze"; "sensitivity"; "--arch"; arch; "--weights"; zipWeights; "--samples"; store; "--out"; out
+                     "--bits"; "2,3,8"; "--calib-batches"; "4"; "--size-budget"; string (float (w3 + 20_000L) / 1024.0) ]
+        Expect.equal code 0 (sprintf "analyze sensitivity: %s" err)
+        let json = JsonNode.Parse(File.ReadAllText(Path.Combine(out, "sensitivity.json")))
+        Expect.equal (json.["layers"].AsArray().Count) 39 "every layer measured"
+        let widths = json.["layers"].[0].["kl"].AsObject().Count
+        Expect.equal widths 3 "at each of the 3 widths"
+        Expect.isLessThanOrEqual (int64 json.["allocation"].["bytes"]) (int64 json.["allocation"].["budget_bytes"]) "the allocation fits"
+        expectPng (Path.Combine(out, "sensitivity.png")) 700 300
+        Expect.stringContains (File.ReadAllText(Path.Combine(out, "sensitivity.md"))) "| layer3.2.conv2 | weights |" "the table"
+        // the allocation as a bits map, with the first layer fixed at 8 bits on top of it
+        let map = Path.Combine(out, "bits-map.json")
+        let run = dir.File "run"
+        let code, stdout, err =
+            runCli [ "run"; "--preset"; "tiny"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest; "--wbits"; "3"; "--abits"; "3"
+                     "--bits-map"; map; "--seed"; "0"; "--out"; run ]
+        Expect.equal code 0 (sprintf "run --bits-map: %s" err)
+        Expect.stringContains stdout "bit widths: W3A3 (mixed" "the run says its widths"
+        let config = JsonNode.Parse(File.ReadAllText(Path.Combine(run, "config.json")))
+        Expect.isNotNull config.["bits-map"] "config.json keeps the map itself"
+        let ck = Path.Combine(run, "quantized.ckpt")
+        let listed = dir.File "ck-layers.json"
+        let code, _, err = runCli [ "eval"; "--layers"; "--checkpoint"; ck; "--report"; listed ]
+        Expect.equal code 0 err
+        let bitsOf = JsonNode.Parse(File.ReadAllText listed).AsArray() |> Seq.map (fun l -> string l.["name"], int l.["bits"]) |> Map.ofSeq
+        let mapJson = JsonNode.Parse(File.ReadAllText map)
+        let wanted = mapJson.["weights"].AsObject()
+        for kv in wanted do Expect.equal bitsOf[kv.Key] (int kv.Value) (sprintf "the checkpoint holds %s at its allocated width" kv.Key)
+        use report = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(run, "report.json")))
+        let hastTop1 = ExportTests.evalTop1 [ "--checkpoint"; ck; "--test"; cifarTest ] (dir.File "hast.json")
+        Expect.floatClose Accuracy.veryHigh hastTop1 (report.RootElement.GetProperty("final_top1").GetDouble()) "eval --checkpoint = the run's final top-1"
+        let onnx = dir.File "mixed.onnx"
+        let said = ExportTests.exportOk [ "--checkpoint"; ck; "--out"; onnx ]
+        Expect.stringContains said "mixed" "export says the model is mixed"
+        let ortTop1 = ExportTests.evalTop1 [ "--onnx"; onnx; "--test"; cifarTest ] (dir.File "ort.json")
+        Expect.isLessThanOrEqual (abs (ortTop1 - hastTop1)) 0.3 "ONNX Runtime within 0.3 points of Hast"
+        // a map naming a layer the model lacks: one line, nothing written
+        let bad = dir.File "bad.json"
+        File.WriteAllText(bad, """{"weights": {"layer9.conv1": 4}}""")
+        expectCleanFailure [ "run"; "--preset"; "tiny"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest; "--bits-map"; bad; "--out"; dir.File "bad" ]
+            [ dir.File "bad" ] [ "layer9.conv1"; "hast eval --layers" ] |> ignore
+        expectCleanFailure [ "run"; "--preset"; "tiny"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest; "--bits-map"; dir.File "none.json"; "--out"; dir.File "bad" ]
+            [ dir.File "bad" ] [ "--bits-map"; "none.json" ] |> ignore
+        expectCleanFailure [ "run"; "--preset"; "tiny"; "--arch"; arch; "--weights"; zipWeights; "--test"; cifarTest; "--size-budget"; "20"; "--out"; dir.File "bad" ]
+            [ dir.File "bad" ] [ "--size-budget"; "cannot be met" ] |> ignore
     }
 ]

@@ -147,6 +147,8 @@ let private valid (c: Root.Command) =
     | Root.Command.Analyze(AnalyzeCli.Hessian h) ->
         h.Batch > 0 && h.Analysis.LanczosSteps > 0 && h.Analysis.Runs > 0 && h.Analysis.Bins >= 2
         && Option.forall bits h.Setup.WBits && (h.Setup.WBits.IsSome <> h.Setup.Checkpoint.IsSome)
+    | Root.Command.Analyze(AnalyzeCli.Sensitivity s) ->
+        s.Measure.BatchSize > 0 && s.Measure.Samples > 0 && not s.Candidates.IsEmpty && List.forall bits s.Candidates
     | Root.Command.Analyze(AnalyzeCli.Gradcos g) ->
         g.Iters > 0 && g.Every > 0 && g.ProbeBatch > 0 && g.FineTune.Lr > 0.0 && Double.IsFinite g.FineTune.Lr
         && Option.forall bits g.Setup.ABits && (g.Setup.ABits.IsSome <> g.Setup.Checkpoint.IsSome)
@@ -366,6 +368,10 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Seed = 11L }
     let run : Pipeline.Config =
         { WBits = 3; ABits = 5
+          Precision =
+            { FirstWBits = Some 8; LastWBits = Some 6
+              Map = { Weights = Map [ "layer1.0.conv1", 2 ]; Activations = Map [ "act1.quant", 8 ] }
+              SizeBudget = Some 102_400L; Candidates = [ 2; 4; 8 ] }
           Samples = (if isRun then Pipeline.Synthesize synthesis else Pipeline.Store("/stores/s1", Some 80))
           Calibration = (if generator then Pipeline.FromGenerator generatorCfg else Pipeline.FromSamples { Batches = 9; BatchSize = 3 })
           FineTune = fineTune
@@ -451,7 +457,7 @@ let configTests : Test list =
       testCase "config.json: `--config OUT/config.json` reproduces the command; flags still override it" <| fun () ->
         let c = everySetting true false true
         let json =
-            "{" + (QuantizeCli.toLayer c |> Seq.map (fun kv -> sprintf "\"%s\": \"%s\"" kv.Key kv.Value) |> String.concat ", ") + "}"
+            "{" + (QuantizeCli.toLayer c |> Seq.map (fun kv -> sprintf "\"%s\": %s" kv.Key (Text.Json.JsonSerializer.Serialize kv.Value)) |> String.concat ", ") + "}"
         match Root.parse (fun _ -> json) [| "run"; "--config"; "c.json"; "--out"; "o" |] with
         | Root.Command.Run p -> Expect.equal p c "the same command"
         | other -> failtestf "a run, got %A" other

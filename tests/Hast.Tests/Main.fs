@@ -23,7 +23,9 @@ let all =
         testList "augment" AugmentTests.tests
         testList "losses" LossesTests.tests
         testList "evaluate" EvaluateTests.tests
+        testList "precision" PrecisionTests.tests
         testList "quantize" QuantizeTests.tests
+        testList "sensitivity" SensitivityTests.tests
         testList "synthesis" SynthesisTests.tests
         testList "generator" GeneratorTests.tests
         testList "promotion" PromotionTests.tests

@@ -22,6 +22,7 @@ public static class AnalyzeCommand
     {
         AnalyzeCli.AnalyzeConfig.Hessian h => Hessian(h.Item, stdout),
         AnalyzeCli.AnalyzeConfig.Gradcos g => Gradcos(g.Item, stdout),
+        AnalyzeCli.AnalyzeConfig.Sensitivity se => Sensitivity(se.Item, stdout),
         _ => throw new HastError("unknown analysis"),
     };
 
@@ -134,6 +135,77 @@ public static class AnalyzeCommand
         WriteOutputs(p, "hessian", json, AnalysisReport.hessianMarkdown(all, a.FineTune, title), png, log);
         p.Images.Dispose(); p.Labels.Dispose();
         return Program.ExitOk;
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // sensitivity
+
+    static int Sensitivity(AnalyzeCli.SensitivityConfig c, TextWriter stdout)
+    {
+        var s = c.Setup;
+        var p = Prepare(s);
+        using var runLock = RunLock.Acquire(p.OutDir, "--out", "hast analyze sensitivity");
+        using var log = new RunLog(p.OutDir, stdout);
+        var sm = ModelFiles.Quantized(p.Teacher, Quantizers.fullPrecisionBits, Quantizers.fullPrecisionBits);
+        using var student = sm.Net;
+        var settings = AnalyzeCli.sensitivitySettings(c, Facts(s, p, sm));
+        var steps = Hast.Core.Sensitivity.steps(c.Measure, c.Candidates, student);
+        log.Info($"hast analyze sensitivity: {p.Teacher.Arch.Name}, {Math.Min(c.Measure.Samples, p.Images.shape[0])} of {p.Images.shape[0]} samples, " +
+                 $"bits {string.Join(",", c.Candidates)}, {steps} measurements");
+        log.Metric("settings", settings);
+        log.Stage("sensitivity");
+        var table = Hast.Core.Sensitivity.measure(p.Device, c.Measure, c.Candidates, p.Teacher.Net, student, p.Images,
+            FuncConvert.FromAction<int, int>((done, total) =>
+            {
+                log.Progress(done, total, []);
+                StopSignal.Check(() => "in the sensitivity measurement; nothing was written, run the command again");
+            }));
+        var json = Hast.Core.Sensitivity.tableJson(table, settings);
+        var title = $"{p.Teacher.Arch.Name}: per-layer sensitivity on {table.Samples} synthetic samples";
+        if (c.SizeBudget is { } budget)
+        {
+            Precision.setUniform(student, Quantizers.fullPrecisionBits, Quantizers.fullPrecisionBits);
+            var alloc = Hast.Core.Sensitivity.allocate(table, MapModule.Empty<string, int>(), Precision.otherBytes(student), budget.Value);
+            json["allocation"] = Hast.Core.Sensitivity.allocationJson(alloc);
+            var map = new Precision.LayerBits(alloc.Weights, MapModule.Empty<string, int>());
+            AtomicFile.WriteAllText(Path.Combine(p.OutDir, "bits-map.json"), Precision.toJson(map).ToJsonString(Indented) + "\n");
+            log.Info($"allocation for {budget.Value:N0} bytes: {alloc.Bytes:N0} bytes, summed KL {alloc.Sensitivity:G4}: " +
+                     string.Join(", ", alloc.Weights.Select(kv => $"{kv.Key} {kv.Value}")) + $"; wrote bits-map.json in {p.OutDir}");
+        }
+        var png = SensitivityFigure(table, title);
+        WriteOutputs(p, "sensitivity", json, Hast.Core.Sensitivity.tableMarkdown(table, title), png, log);
+        p.Images.Dispose(); p.Labels.Dispose();
+        return Program.ExitOk;
+    }
+
+    /// KL per layer (x: layer index, log y), one line per bit width; weight layers and activation
+    /// quantizers in two panels.
+    static byte[] SensitivityFigure(Hast.Core.Sensitivity.Table t, string title)
+    {
+        var panels = new List<byte[]>();
+        foreach (var kind in new[] { Precision.LayerKind.WeightLayer, Precision.LayerKind.ActivationLayer })
+        {
+            var layers = t.Layers.Where(l => l.Kind.Equals(kind)).ToList();
+            if (layers.Count == 0) continue;
+            using var plt = new ScottPlot.Plot();
+            var xs = Enumerable.Range(0, layers.Count).Select(i => (double)i).ToArray();
+            foreach (var b in t.Candidates)
+            {
+                var ys = layers.Select(l => t.Measurements.First(m => m.Layer == l.Name && m.Bits == b).Loss).Select(v => Math.Log10(Math.Max(v, 1e-6))).ToArray();
+                var sc = plt.Add.Scatter(xs, ys);
+                sc.LegendText = $"{b} bits";
+                sc.LineWidth = 2;
+                sc.MarkerSize = 5;
+            }
+            plt.Axes.Bottom.SetTicks(xs, layers.Select(l => l.Name.Replace(".quant", "")).ToArray());
+            plt.Axes.Bottom.TickLabelStyle.Rotation = 90;
+            plt.Axes.Bottom.TickLabelStyle.Alignment = ScottPlot.Alignment.MiddleLeft;
+            plt.XLabel(kind.IsWeightLayer ? "weight layer" : "activation quantizer");
+            plt.YLabel("log10 KL(teacher || student)");
+            plt.ShowLegend(ScottPlot.Alignment.UpperRight);
+            panels.Add(plt.GetImageBytes(Math.Max(700, 28 * layers.Count), 620, ScottPlot.ImageFormat.Png));
+        }
+        return Figures.SideBySide(panels, title);
     }
 
     // ---------------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ public static class EvalCommand
         var device = Prelude.device(c.Device);
 
         var model = LoadModel(c.Checkpoint, c.Model, c.Classes, device);
-        var test = Datasets.Open(c.Test, model.Arch.Input, model.Classes);
-        Data.checkClasses(c.Test, test.Dataset, model.Classes);
+        if (c.Layers) return ListLayers(c, model, report, stdout);
+        var testPath = c.Test.Value;
+        var test = Datasets.Open(testPath, model.Arch.Input, model.Classes);
+        Data.checkClasses(testPath, test.Dataset, model.Classes);
 
         using var log = new RunLog(null, stdout);
         if (c.Checkpoint is null && (c.WBits < 32 || c.ABits < 32))
@@ -40,8 +42,27 @@ public static class EvalCommand
         log.Stage("eval");
         var acc = Evaluate.accuracy(device, c.BatchSize,
             FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), model.Net, test.Dataset);
-        log.Info($"{model.Arch.Name} W{model.WBits}A{model.ABits} on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
+        var bits = Precision.describe(model.WBits, model.ABits, Precision.exceptions(model.Net, model.WBits, model.ABits));
+        log.Info($"{model.Arch.Name} {bits} on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
         if (report is not null) AtomicFile.WriteAllText(report, Evaluate.accuracyJson(acc).ToJsonString() + "\n");
+        return Program.ExitOk;
+    }
+
+    /// `hast eval --layers`: the quantizable layers of the model (a checkpoint's at its widths; full-precision
+    /// weights quantized at --wbits/--abits, uncalibrated) as a table, and with --report as JSON.
+    static int ListLayers(EvalCli.EvalConfig c, LoadedModel model, string? report, TextWriter stdout)
+    {
+        if (c.Checkpoint is null) model = ModelFiles.Quantized(model, c.WBits, c.ABits);
+        var layers = Precision.layers(model.Net);
+        stdout.WriteLine($"{model.Arch.Name}: {layers.Length} quantizable layers; weights stored in {Precision.modelBytes(model.Net):N0} bytes at these widths");
+        stdout.WriteLine($"{"layer",-44} {"kind",-11} {"bits",4} {"parameters",10} {"bytes",9}");
+        foreach (var l in layers)
+        {
+            var bytes = l.Kind.IsWeightLayer ? Precision.weightBytes(l.Parameters, l.Channels, l.Bits).ToString("N0") : "";
+            stdout.WriteLine($"{l.Name,-44} {(l.Kind.IsWeightLayer ? "weights" : "activations"),-11} {l.Bits,4} {(l.Kind.IsWeightLayer ? l.Parameters.ToString("N0") : ""),10} {bytes,9}");
+        }
+        if (report is not null)
+            AtomicFile.WriteAllText(report, new JsonArray(layers.Select(l => (JsonNode)Precision.layerJson(l)).ToArray()).ToJsonString() + "\n");
         return Program.ExitOk;
     }
 
@@ -71,8 +92,8 @@ public static class EvalCommand
             c.Threads is { } t ? FSharpOption<int>.Some(t.Value) : FSharpOption<int>.None);
         using var session = new Runtime.Session(bytes, path, settings);
         var info = Metadata.ofProps(path, session.Metadata);
-        var test = Datasets.Open(c.Test, info.Input, info.Classes);
-        Data.checkClasses(c.Test, test.Dataset, info.Classes);
+        var test = Datasets.Open(c.Test.Value, info.Input, info.Classes);
+        Data.checkClasses(c.Test.Value, test.Dataset, info.Classes);
 
         using var log = new RunLog(null, stdout);
         log.Stage("eval (ONNX Runtime)");

@@ -31,7 +31,8 @@ public static class ExportCommand
         using (new Runtime.Session(bytes, "the exported model", new Runtime.Settings(Runtime.Optimization.Disabled, null))) { }
         AtomicFile.WriteAllBytes(output, bytes);
 
-        var precision = model.WBits == 32 && model.ABits == 32 ? "full precision" : $"W{model.WBits}A{model.ABits}";
+        var layerBits = Hast.Core.Precision.exceptions(model.Net, model.WBits, model.ABits);
+        var precision = model.WBits == 32 && model.ABits == 32 && Hast.Core.Precision.isUniform(layerBits) ? "full precision" : Hast.Core.Precision.describe(model.WBits, model.ABits, layerBits);
         stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
         return Program.ExitOk;
     }

@@ -41,6 +41,7 @@ public static class PipelineCommand
         var teacher = ModelFiles.LoadTeacher(c.Model, c.Classes is { } n ? n.Value : null, device);
         var test = Datasets.Open(c.Test, teacher.Arch.Input, teacher.Classes);
         Data.checkClasses(c.Test, test.Dataset, teacher.Classes);
+        Hast.Core.Run.checkPrecision(teacher.Arch, teacher.Classes, teacher.Net, c.Run);
         // --time-budget: probe the steps and plan the counts before anything depends on them
         var clock = BudgetProbe.ClockStart(started);
         RunPlan.Planned? planned = null;

@@ -40,6 +40,20 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
             case RunHooks.Event.StageStarted s:
                 log.Stage(RunHooks.StageModule.name(s.stage), s.stepsDone);
                 break;
+            case RunHooks.Event.SensitivityStep ss:
+                log.Progress(ss.stepsDone, ss.steps, []);
+                StopSignal.Check(() => "in the sensitivity measurement (the samples are kept; a resumed run measures again)");
+                break;
+            case RunHooks.Event.BitsChosen bc:
+            {
+                var bits = Precision.describe(c.Run.WBits, c.Run.ABits, bc.bits);
+                log.Info($"bit widths: {bits}; weights stored in {bc.bytes:N0} bytes ({bc.bytes / 1024.0:F1} KiB)" +
+                         (bc.allocation is { } a ? $", allocated for a budget of {a.Value.Budget:N0} bytes (summed KL {a.Value.Sensitivity:G4})" : ""));
+                foreach (var kv in bc.bits.Weights) log.Info($"  weights {kv.Key}: {kv.Value} bits");
+                foreach (var kv in bc.bits.Activations) log.Info($"  activations {kv.Key}: {kv.Value} bits");
+                log.Metric("bits", RunState.bitsJson(bc.bits, bc.bytes, bc.allocation));
+                break;
+            }
             case RunHooks.Event.Resumed r:
                 log.Info($"resuming {c.Out} after epoch {r.epochsDone}/{ft.Epochs}");
                 break;
