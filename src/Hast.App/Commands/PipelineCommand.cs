@@ -171,6 +171,11 @@ public static class PipelineCommand
         var seconds = Math.Round(secondsBefore + Elapsed(started), 1);
         var json = RunState.resultJson(result, c.Run.WBits, c.Run.ABits, c.Run.FineTune.Seed, seconds);
         json["conv_routes"] = convRoutes.DeepClone();
+        // the delivered model's widths and stored size (with per-layer exceptions, the exceptions)
+        var layerBits = Precision.exceptions(studentNet, c.Run.WBits, c.Run.ABits);
+        var bits = Precision.describe(c.Run.WBits, c.Run.ABits, layerBits);
+        if (!Precision.isUniform(layerBits)) json["layer_bits"] = Precision.toJson(layerBits);
+        json["weights_bytes"] = Precision.modelBytes(studentNet);
         if (planned is not null)
             json["time_budget"] = RunPlan.reportJson(planned, new RunPlan.Outcome(Used(),
                 synthesisSeen > 0 ? FSharpOption<Tuple<double, double>>.Some(Tuple.Create(synthesisSeen, leftAfterSynthesis)) : null,
@@ -183,12 +188,12 @@ public static class PipelineCommand
         AtomicFile.WriteAllText(Path.Combine(outDir, ReportFile), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
         if (report is not null) AtomicFile.WriteAllText(report, json.ToJsonString() + "\n");
         File.Delete(trainPath);
-        log.Info($"final W{c.Run.WBits}A{c.Run.ABits} top-1 {result.FinalTop1:F2}%" +
+        log.Info($"final {bits} top-1 {result.FinalTop1:F2}%" +
                  (result.FinalLastWeightsTop1 is { } flw ? $" with the weight average (last weights {flw.Value:F2}%)" : "") + $" (full precision {result.FpTop1:F2}%, calibration only {result.CalibTop1:F2}%; " +
                  $"best epoch {result.BestEpoch} {result.BestTop1:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}" +
                  (result.Rollbacks.IsEmpty ? "" : $"; the divergence guard rolled back {result.Rollbacks.Length} time(s), lr x{RunRecords.lrScale(RunState.progressOf(result)):G3}"));
         log.Metric("result", json);
-        WriteFigure(outDir, $"{teacher.Arch.Name} W{c.Run.WBits}A{c.Run.ABits}, seed {c.Run.FineTune.Seed}: final top-1 {result.FinalTop1:F2}%");
+        WriteFigure(outDir, $"{teacher.Arch.Name} {bits}, seed {c.Run.FineTune.Seed}: final top-1 {result.FinalTop1:F2}%");
         if (result.Degraded is { } degraded)
         {
             log.Info($"WARNING: DEGRADED RESULT: {degraded.Value} (exit {ExitDegraded})");

@@ -17,6 +17,8 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
         ft = next.Run.FineTune;
     }
     bool synthesizing;
+    /// the run's widths when they are not uniform (`BitsChosen`)
+    string? bitsText;
     double fpTop1 = double.NaN;
 
     public void On(RunHooks.Event e)
@@ -46,7 +48,7 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                 break;
             case RunHooks.Event.BitsChosen bc:
             {
-                var bits = Precision.describe(c.Run.WBits, c.Run.ABits, bc.bits);
+                var bits = bitsText = Precision.describe(c.Run.WBits, c.Run.ABits, bc.bits);
                 log.Info($"bit widths: {bits}; weights stored in {bc.bytes:N0} bytes ({bc.bytes / 1024.0:F1} KiB)" +
                          (bc.allocation is { } a ? $", allocated for a budget of {a.Value.Budget:N0} bytes (summed KL {a.Value.Sensitivity:G4})" : ""));
                 foreach (var kv in bc.bits.Weights) log.Info($"  weights {kv.Key}: {kv.Value} bits");
@@ -84,7 +86,7 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                 log.Info($"full precision: top-1 {fpTop1:F2}%");
                 break;
             case RunHooks.Event.Evaluated ev when ev.Item1.IsCalibrated:
-                log.Info($"W{c.Run.WBits}A{c.Run.ABits} after calibration only: top-1 {ev.Item2.Top1:F2}%");
+                log.Info($"{bitsText ?? $"W{c.Run.WBits}A{c.Run.ABits}"} after calibration only: top-1 {ev.Item2.Top1:F2}%");
                 log.Metric("eval", RunState.calibratedJson(ev.Item2.Top1, fpTop1));
                 break;
             case RunHooks.Event.FineTuneIteration fi:
