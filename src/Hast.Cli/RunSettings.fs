@@ -168,7 +168,7 @@ let precision : Setting<Config> list =
               requirePositive "size-budget" k
               { c with Precision = { c.Precision with SizeBudget = Some(int64 (System.Math.Floor(k * kib))) } } }
       { Key = "bits-candidates"
-        Help = "the weight bit widths --size-budget chooses among (default: 2,3,4,8)"
+        Help = sprintf "the weight bit widths --size-budget chooses among (default: %s)" (Precision.defaults.Candidates |> List.map string |> String.concat ",")
         Show = fun c -> c.Precision.SizeBudget |> Option.map (fun _ -> c.Precision.Candidates |> List.map string |> String.concat ",")
         Set = fun v c -> { c with Precision = { c.Precision with Candidates = parseInts "bits-candidates" v } } } ]
 

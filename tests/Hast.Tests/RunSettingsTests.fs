@@ -20,6 +20,11 @@ let private examples : Map<string, bool * string list * string> =
     Map.ofList
         [ "wbits", (run, [], "3")
           "abits", (run, [], "5")
+          "wbits-first", (run, [], "8")
+          "wbits-last", (run, [], "6")
+          "bits-map", (run, [], """{"weights":{"conv1":8},"activations":{"act1.quant":6}}""")
+          "size-budget", (run, [], "100.5")
+          "bits-candidates", (run, [ "--size-budget"; "100" ], "2,4,8")
           "samples", (run, [], "96")
           "real-data", (quantize, [], "/data/real")
           "take", (quantize, [ "--samples"; "/stores/s1" ], "80")
