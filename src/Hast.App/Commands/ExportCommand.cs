@@ -23,16 +23,18 @@ public static class ExportCommand
         var output = OutputPaths.CheckWritableFile(c.Out, "--out");
         var model = EvalCommand.LoadModel(c.Checkpoint, c.Model, c.Classes, CPU);
 
+        var target = Metadata.TargetModule.parse(c.Target);
         var info = new Metadata.Info(
             model.Arch.Name, model.Classes, Metadata.defaultClassNames(model.Arch, model.Classes),
-            model.WBits, model.ABits, model.Arch.Input, HastVersion, Path.GetFileName(model.Source), model.Sha256);
+            model.WBits, model.ABits, model.Arch.Input, HastVersion, Path.GetFileName(model.Source), model.Sha256, target);
         var bytes = Export.export(info, model.Net).ToByteArray();
         // the file must be one ONNX Runtime accepts; check before anything is written
         using (new Runtime.Session(bytes, "the exported model", new Runtime.Settings(Runtime.Optimization.Disabled, null))) { }
         AtomicFile.WriteAllBytes(output, bytes);
 
         var precision = model.WBits == 32 && model.ABits == 32 ? "full precision" : $"W{model.WBits}A{model.ABits}";
-        stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
+        var form = target.IsSpeed && precision != "full precision" ? " (integer kernels, --target speed)" : "";
+        stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}{form}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
         return Program.ExitOk;
     }
 }
