@@ -130,6 +130,13 @@ let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: t
         { x with Form = Speed.conv b path spec (m.get_parameter "weight") (weightBits m) bias x.Form }
     | :? Quantizers.QConv2d
     | :? Hast.Core.Conv
+    | :? Conv2d when speed && (match x.Form with Speed.Quantized _ -> true | _ -> false) ->
+        let spec = (convSpec m).Value
+        let bias = if spec.Bias then Some(m.get_parameter "bias" :> torch.Tensor) else None
+        let c = match x.Form with Speed.Quantized c -> c | _ -> invalidOp "codes expected"
+        floatValue (Speed.fullPrecisionConv b path spec (m.get_parameter "weight") bias c) x.Spatial
+    | :? Quantizers.QConv2d
+    | :? Hast.Core.Conv
     | :? Conv2d ->
         let spec = (convSpec m).Value
         let w = weight b (join path "weight") (m.get_parameter "weight") (weightBits m)

@@ -103,6 +103,15 @@ let floatOf (b: Builder) (f: Form) : string =
         let bias = b.Init(floatTensor (p.Name + ".bias") [| int64 (channels p.Weight) |] p.Weight.Bias)
         conv b p.Name p.Spec w (Some bias) x
 
+/// A full-precision convolution (float `w`, optional bias) on codes: it reads them through
+/// `centered` with the input scale folded into its weight, so that no DequantizeLinear -> Conv
+/// pattern is left for ONNX Runtime to quantize its own way (the size export of a W32A4 model has
+/// it, see docs/export.md). Returns the float output's name.
+let fullPrecisionConv (b: Builder) (name: string) (spec: ConvSpec) (w: torch.Tensor) (bias: torch.Tensor option) (c: Codes) : string =
+    let weight = b.Init(floatTensor (name + ".weight") w.shape (Graph.floats w |> Array.map (fun v -> v * c.Scale)))
+    let bias = bias |> Option.map (fun t -> b.Init(floatTensor (name + ".bias") t.shape (Graph.floats t)))
+    conv b name spec weight bias (centered b c)
+
 /// A quantized convolution on `x` (weight `w` quantized to `bits`, optional bias): pending until its
 /// consumer is known.
 let conv (b: Builder) (name: string) (spec: ConvSpec) (w: torch.Tensor) (bits: int) (bias: torch.Tensor option) (x: Form) : Form =

@@ -121,8 +121,8 @@ let tests =
                 printfn "  W%dA%d %A: %d of %d activation codes differ from Hast's" bits bits level d t
                 Expect.equal d 0L (sprintf "W%dA%d codes at %A" bits bits level)
       }
-      test "8-bit weights go to float convolutions (beyond int8), and so do 8-bit activations without an exact form; both match Hast" {
-        for wbits, abits, seed in [ 8, 8, 43L; 6, 8, 44L ] do
+      test "8-bit and full-precision weights go to float convolutions, and so do 8-bit activations without an exact form; all match Hast" {
+        for wbits, abits, seed in [ 8, 8, 43L; 6, 8, 44L; 32, 4, 47L ] do
             use _ = torch.NewDisposeScope()
             let arch = Registry.find "cifar-resnet20-a"
             let net = negativeGammaNet wbits abits seed
@@ -131,8 +131,12 @@ let tests =
             // float convolutions on 8-bit codes: a rounding tie may go the other way (a few codes)
             let model = logitParity (sprintf "W%dA%d" wbits abits) net (speedInfo arch 10L wbits abits) x 1e-2
             printfn "  W%dA%d: %d QLinearConv" wbits abits (count model "QLinearConv")
-            if wbits = 8 then Expect.equal (count model "QLinearConv") 0 "8-bit weights: no QLinearConv"
-            Expect.equal (count model "Clip") 0 "8-bit codes need no Clip"
+            if wbits >= 8 then Expect.equal (count model "QLinearConv") 0 (sprintf "%d-bit weights: no QLinearConv" wbits)
+            if abits = 8 then Expect.equal (count model "Clip") 0 "8-bit codes need no Clip"
+            // float convolutions read codes through Cast: no DequantizeLinear -> Conv for ONNX Runtime to rewrite
+            let producers = model.Graph.Node |> Seq.collect (fun n -> n.Output |> Seq.map (fun o -> o, n.OpType)) |> Map.ofSeq
+            for n in model.Graph.Node |> Seq.filter (fun n -> n.OpType = "Conv") do
+                Expect.notEqual (Map.tryFind n.Input[0] producers) (Some "DequantizeLinear") (sprintf "%s does not read a DequantizeLinear" n.Name)
             let d, t = codeMismatches net model x Runtime.All
             printfn "  W%dA%d all: %d of %d activation codes differ from Hast's" wbits abits d t
             Expect.isLessThanOrEqual (float d) (1e-4 * float t) (sprintf "W%dA%d codes (float convolutions: rounding ties may differ)" wbits abits)

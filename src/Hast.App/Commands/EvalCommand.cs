@@ -80,7 +80,7 @@ public static class EvalCommand
             FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), new Runtime.OnnxNet(session), test.Dataset);
         var perSecond = session.Seconds > 0 ? session.Images / session.Seconds : 0.0;
         var threads = c.Threads is { } n ? n.Value.ToString() : "default";
-        var form = info.Target.IsSpeed ? ", integer kernels" : "";
+        var form = info.Target.IsSpeed ? ", --target speed" : "";
         log.Info($"{Path.GetFileName(path)} ({info.Arch} W{info.WBits}A{info.ABits}{form}) in ONNX Runtime on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
         log.Info($"ONNX Runtime: {perSecond:F1} images/s (inference only, batch {c.BatchSize}, optimisation {c.OrtOpt}, threads {threads})");
         if (report is not null)

@@ -33,7 +33,7 @@ public static class ExportCommand
         AtomicFile.WriteAllBytes(output, bytes);
 
         var precision = model.WBits == 32 && model.ABits == 32 ? "full precision" : $"W{model.WBits}A{model.ABits}";
-        var form = target.IsSpeed && precision != "full precision" ? " (integer kernels, --target speed)" : "";
+        var form = target.IsSpeed ? " (--target speed)" : "";
         stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}{form}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
         return Program.ExitOk;
     }
