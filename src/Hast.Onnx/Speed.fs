@@ -21,7 +21,7 @@
 ///    weight stored as float32, so ONNX Runtime prepacks it for its fastest float kernels (NCHWc).
 ///    An 8-bit integer output there would round a value Hast keeps in float (measured on a W4A4
 ///    ResNet-20: 4.7% of the images change class), and ONNX Runtime's ConvInteger, which keeps
-///    int32 sums, ran 2–5× slower than its float convolution.
+///    int32 sums, ran 2–10× slower than its float convolution (docs/export.md).
 /// An activation quantizer on a float value is `QuantizeLinear` (uint8, the calibrated scale and
 /// zero point; a ReLU before a zero point of 0 is its saturation) then the uint8 `Clip`, giving the
 /// codes Hast's quantize-then-clamp gives (`QuantizeLinear` rounds as `Quantizers.fakeQuant`).
