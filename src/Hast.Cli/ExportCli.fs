@@ -42,7 +42,7 @@ type ExportArgs =
             | Input_Scale _ -> Usage.inputScale
             | Classes _ -> "number of classes of --weights (default: read from the weights)"
             | Target _ ->
-                sprintf "graph form of a quantized model: size (QDQ, 4-bit weight codes, computed in float by ONNX Runtime) | speed (int8 weights with BatchNorm folded in, integer kernels QLinearConv/ConvInteger; see docs/export.md) (default: %s)" defaultTarget
+                sprintf "graph form of a quantized model: size (QDQ, 4-bit weight codes, the smallest file; ONNX Runtime computes it in float) | speed (BatchNorm folded in, ONNX Runtime's integer QLinearConv where it is exact, float convolutions elsewhere; the same predictions; see docs/export.md) (default: %s)" defaultTarget
             | Out _ -> "the ONNX file to write (written atomically; the size is reported)"
 
 let ofResults (r: ParseResults<ExportArgs>) : ExportConfig =
