@@ -256,7 +256,7 @@ and private graphNet (b: Builder) (target: Metadata.Target) (path: string) (g: G
                 [ emit b target name (g.Layer n.Name) v ]
             | (GraphModel.Conv _ | GraphModel.Linear _ | GraphModel.BatchNorm _ | GraphModel.Act _), _ ->
                 invalidOp (sprintf "cannot export %s: layer %s takes one operand, got %d" t.Name n.Name xs.Length)
-            | op, _ -> graphFunction b name op (xs |> List.map (fl b)) |> List.map (fun o -> floatValue o false)
+            | op, _ -> graphFunction b name op (xs |> List.map (fun v -> Speed.floatOfForFunctions b v.Form)) |> List.map (fun o -> floatValue o false)
         if outs.Length <> n.Outputs.Length then
             invalidOp (sprintf "cannot export %s: node %s gives %d values, not %d" t.Name n.Name outs.Length n.Outputs.Length)
         List.fold2 (fun m v o -> Map.add v o m) values n.Outputs outs

@@ -103,6 +103,16 @@ let floatOf (b: Builder) (f: Form) : string =
         let bias = b.Init(floatTensor (p.Name + ".bias") [| int64 (channels p.Weight) |] p.Weight.Bias)
         conv b p.Name p.Spec w (Some bias) x
 
+/// The float value of `f` for the operators of an imported graph's tensor functions (MaxPool, Slice,
+/// Pad, Reshape, Concat, Add, ...): codes become `Cast(codes) − zp` times the scale, the same values as
+/// `DequantizeLinear` but not that operator. ONNX Runtime moves a DequantizeLinear through MaxPool,
+/// Slice, Reshape and the like, and a DequantizeLinear that so reaches a float Conv followed by
+/// QuantizeLinear is rewritten into a QLinearConv whose weights it quantizes itself (per tensor).
+let floatOfForFunctions (b: Builder) (f: Form) : string =
+    match f with
+    | Quantized c -> once b (c.FloatName + "_scaled") (fun name -> b.Op("Mul", name, [ centered b c; scalarInit b (name + "_scale") c.Scale ]))
+    | _ -> floatOf b f
+
 /// A full-precision convolution (float `w`, optional bias) on codes: it reads them through
 /// `centered` with the input scale folded into its weight, so that no DequantizeLinear -> Conv
 /// pattern is left for ONNX Runtime to quantize its own way (the size export of a W32A4 model has

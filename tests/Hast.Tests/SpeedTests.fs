@@ -92,6 +92,25 @@ let private logitParity (what: string) (net: Net) (info: Metadata.Info) (x: torc
         Expect.equal same x.shape[0] (sprintf "%s: the same class as Hast at %A" what level)
     model
 
+module Topo = Hast.Core.Models.Graph
+
+/// An imported graph with a tensor function (MaxPool) between an activation quantizer and the next
+/// conv-BN-ReLU-quantizer: the pattern through which ONNX Runtime moves a DequantizeLinear.
+let poolThenConvGraph : Topo.Topology =
+    let step name op i o : Topo.Node = { Name = name; Op = op; Inputs = [ Topo.Value i ]; Outputs = [ o ]; Body = None }
+    { Name = "graph-pool-conv"; Channels = 3L; Side = 8L; Layout = Topo.NCHW; Classes = 4L; Constants = []; Output = 10
+      Nodes =
+        [ step "conv1" (Topo.Conv(ConvSpec.make 3L 8L 3L 1L 1L)) 0 1
+          step "bn1" (Topo.BatchNorm(8L, 1e-5)) 1 2
+          step "act1" (Topo.Act Relu) 2 3
+          step "pool" (Topo.MaxPool { Kernel = [| 2L; 2L |]; Stride = [| 2L; 2L |]; Dilation = [| 1L; 1L |]; Pads = [| 0L; 0L; 0L; 0L |]; CeilMode = false }) 3 4
+          step "conv2" (Topo.Conv(ConvSpec.make 8L 8L 3L 1L 1L)) 4 5
+          step "bn2" (Topo.BatchNorm(8L, 1e-5)) 5 6
+          step "act2" (Topo.Act Relu) 6 7
+          step "gap" Topo.GlobalAvgPool 7 8
+          step "flat" Topo.Flatten 8 9
+          step "fc" (Topo.Linear(8L, 4L)) 9 10 ] }
+
 let tests =
     [ test "W4A4 / W3A3 speed export with negative BatchNorm γ: QLinearConv where Hast quantizes, every code Hast's at every level" {
         for bits, seed in [ 4, 41L; 3, 42L ] do
@@ -157,4 +176,13 @@ let tests =
             use g = generator (seed + 2L)
             let x = torch.randn([| 16L; t.Channels; t.Side; t.Side |], generator = g)
             logitParity (sprintf "%s W4A4" t.Name) q { ExportTests.graphInfo t 4 with Target = Metadata.Speed } x 0.05 |> ignore
+      }
+      test "an imported graph's MaxPool between a quantizer and a conv: codes reach it without DequantizeLinear, which ONNX Runtime would move and rewrite" {
+        use _ = torch.NewDisposeScope()
+        let t = poolThenConvGraph
+        let q = ExportTests.quantizedGraphNet t (ExportTests.fpGraphNet t 48L) 4 48L
+        use g = generator 50L
+        let x = torch.randn([| 16L; 3L; 8L; 8L |], generator = g)
+        let model = logitParity "graph-pool-conv W4A4" q { ExportTests.graphInfo t 4 with Target = Metadata.Speed } x 1e-3
+        Expect.equal (count model "DequantizeLinear") 0 "no DequantizeLinear in the graph"
       } ]
