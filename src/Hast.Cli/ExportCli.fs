@@ -1,5 +1,5 @@
-/// `hast export`: a model as an ONNX file (QDQ form for a quantized Hast checkpoint, float for
-/// full-precision weights or an FP checkpoint).
+/// `hast export`: a model as an ONNX file (QDQ form for a quantized Hast checkpoint, or integer
+/// kernels with `--target speed`; float for full-precision weights or an FP checkpoint).
 module Hast.Cli.ExportCli
 
 open Argu
@@ -11,7 +11,13 @@ type ExportConfig =
       /// full-precision `--arch/--weights` or `--model` (None with --checkpoint)
       Model: ModelSource option
       Classes: int option
+      /// the graph form, one of `targets` (Hast.Onnx.Metadata.Target)
+      Target: string
       Out: string }
+
+/// `--target` values (Hast.Onnx.Metadata.Target) and the default.
+let targets = [ "size"; "speed" ]
+let defaultTarget = "size"
 
 type ExportArgs =
     | Checkpoint of path: string
@@ -22,6 +28,7 @@ type ExportArgs =
     | Std of rgb: string
     | Input_Scale of scale: float
     | Classes of n: int
+    | Target of target: string
     | [<Mandatory>] Out of path: string
     interface IArgParserTemplate with
         member a.Usage =
@@ -34,6 +41,8 @@ type ExportArgs =
             | Std _ -> Usage.std
             | Input_Scale _ -> Usage.inputScale
             | Classes _ -> "number of classes of --weights (default: read from the weights)"
+            | Target _ ->
+                sprintf "graph form of a quantized model: size (QDQ, 4-bit weight codes, the smallest file; ONNX Runtime computes it in float) | speed (BatchNorm folded in, ONNX Runtime's integer QLinearConv where it is exact, float convolutions elsewhere; the same predictions; see docs/export.md) (default: %s)" defaultTarget
             | Out _ -> "the ONNX file to write (written atomically; the size is reported)"
 
 let ofResults (r: ParseResults<ExportArgs>) : ExportConfig =
@@ -41,6 +50,11 @@ let ofResults (r: ParseResults<ExportArgs>) : ExportConfig =
         { Checkpoint = r.TryGetResult <@ Checkpoint @>
           Model = tryOf (Settings.Reader(Settings.ofResults r))
           Classes = r.TryGetResult <@ Classes @> |> Option.map (checkPositiveInt "--classes")
+          Target =
+            let t = (getOr r <@ Target @> defaultTarget).Trim().ToLowerInvariant()
+            if not (List.contains t targets) then
+                Hast.Core.Prelude.failf "--target must be one of %s (got '%s')" (String.concat ", " targets) t
+            t
           Out = r.GetResult <@ Out @> }
     match c.Checkpoint, c.Model with
     | Some _, None when c.Classes.IsNone -> c

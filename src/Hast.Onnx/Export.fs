@@ -1,7 +1,12 @@
 /// A Hast model as an ONNX model (opset 21): a pure function of the model's weights, quantizer
-/// state and metadata; nothing is written here (the shell writes the bytes).
+/// state and metadata; nothing is written here (the shell writes the bytes). Two targets
+/// (`Metadata.Target`, the metadata's `Target`): `Size`, the QDQ form below, and `Speed`, the same
+/// walk with the quantized layers in the forms of ONNX Runtime's integer kernels (`Speed`: int8
+/// weights with BatchNorm folded in, QLinearConv on uint8 activation codes where Hast quantizes the
+/// convolution's activation, float convolutions elsewhere). A full-precision model is the same float
+/// graph for both.
 ///
-/// The graph mirrors the model's forward pass layer by layer:
+/// The `Size` graph mirrors the model's forward pass layer by layer:
 ///  - a full-precision layer becomes its float ONNX operator (Conv, Gemm, BatchNormalization,
 ///    Relu, Clip for ReLU6 and other clamps, LeakyRelu, HardSwish, MaxPool, Add);
 ///  - a quantized conv / linear keeps its float operator, fed by its weight as integer codes through
@@ -34,8 +39,16 @@ open Hast.Onnx.Graph
 /// project's).
 module GraphModel = Hast.Core.Models.Graph
 
-/// A value flowing through the graph: its name and whether it is still (N, C, H, W).
-type private Value = { Name: string; Spatial: bool }
+/// A value flowing through the graph: its form (always a float tensor's name for the `size`
+/// target; codes or a pending convolution too for `speed`, see `Speed`) and whether it is still
+/// (N, C, H, W).
+type private Value = { Form: Speed.Form; Spatial: bool }
+
+/// The float tensor of `v` (emitting what it takes for a `speed` form; nothing for a float one).
+let private fl (b: Builder) (v: Value) : string = Speed.floatOf b v.Form
+
+/// A float value.
+let private floatValue (name: string) (spatial: bool) : Value = { Form = Speed.Float name; Spatial = spatial }
 
 let private childrenOf (m: torch.nn.Module) : (string * torch.nn.Module) list =
     [ for struct (name, c) in m.named_children () -> name, c ]
@@ -89,10 +102,39 @@ let checkCalibrated (what: string) (net: torch.nn.Module) : unit =
         failf "%s is not calibrated (%d activation quantizers without a range, first %s); calibrate it (hast quantize / hast run) before export"
             what uncalibrated.Length first
 
-let rec private emit (b: Builder) (path: string) (m: torch.nn.Module) (x: Value) : Value =
+/// The calibrated grid of an activation quantizer: scale and zero point.
+let private grid (path: string) (q: Quantizers.ActQuant) : float32 * int =
+    if q.Steps = 0L then failf "cannot export %s: its activation quantizer was never calibrated" path
+    use _ = torch.NewDisposeScope()
+    let scale, zp = q.Grid
+    float32 (scalar scale), int (scalar zp)
+
+/// The activation of a QAct (its child `act`).
+let private qactKind (path: string) (m: torch.nn.Module) : Activation =
+    match child m path "act" with
+    | :? ReLU -> Relu
+    | :? ReLU6 -> Relu6
+    | :? Activate as a -> a.Kind
+    | other -> invalidOp (sprintf "cannot export %s: activation module %s is not supported" path (other.GetType().Name))
+
+let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: torch.nn.Module) (x: Value) : Value =
     let flat (v: Value) =
-        if v.Spatial then { Name = globalPool b (join path "pool") v.Name; Spatial = false } else v
+        if v.Spatial then floatValue (globalPool b (join path "pool") (fl b v)) false else v
+    let speed = target = Metadata.Speed
     match m with
+    | :? Quantizers.QConv2d
+    | :? Hast.Core.Conv
+    | :? Conv2d when speed && weightBits m <> Quantizers.fullPrecisionBits ->
+        let spec = (convSpec m).Value
+        let bias = if spec.Bias then Some(m.get_parameter "bias" :> torch.Tensor) else None
+        { x with Form = Speed.conv b path spec (m.get_parameter "weight") (weightBits m) bias x.Form }
+    | :? Quantizers.QConv2d
+    | :? Hast.Core.Conv
+    | :? Conv2d when speed && (match x.Form with Speed.Quantized _ -> true | _ -> false) ->
+        let spec = (convSpec m).Value
+        let bias = if spec.Bias then Some(m.get_parameter "bias" :> torch.Tensor) else None
+        let c = match x.Form with Speed.Quantized c -> c | _ -> invalidOp "codes expected"
+        floatValue (Speed.fullPrecisionConv b path spec (m.get_parameter "weight") bias c) x.Spatial
     | :? Quantizers.QConv2d
     | :? Hast.Core.Conv
     | :? Conv2d ->
@@ -103,76 +145,87 @@ let rec private emit (b: Builder) (path: string) (m: torch.nn.Module) (x: Value)
                 let t = m.get_parameter "bias"
                 Some(b.Init(Proto.floatTensor (join path "bias") t.shape (floats t)))
             else None
-        { x with Name = conv b path spec w bias x.Name }
+        floatValue (conv b path spec w bias (fl b x)) x.Spatial
     | :? Quantizers.QLinear
     | :? Linear ->
         let x = flat x
-        let w = weight b (join path "weight") (m.get_parameter "weight") (weightBits m)
+        let bits = weightBits m
+        let w =
+            if speed && bits <> Quantizers.fullPrecisionBits then
+                Speed.floatWeight b (join path "weight") (Speed.intWeight (m.get_parameter "weight") bits None)
+            else weight b (join path "weight") (m.get_parameter "weight") bits
         let bt = m.get_parameter "bias"
         let bias = b.Init(Proto.floatTensor (join path "bias") bt.shape (floats bt))
-        { x with Name = gemm b path w bias x.Name }
-    | :? BatchNorm2d as bn -> { x with Name = batchNorm b path bn x.Name }
-    | :? ReLU -> { x with Name = relu b path x.Name }
-    | :? ReLU6 -> { x with Name = relu6 b path x.Name }
-    | :? Activate as a -> { x with Name = activation b path a.Kind x.Name }
+        floatValue (gemm b path w bias (fl b x)) x.Spatial
+    | :? BatchNorm2d as bn when speed -> { x with Form = Speed.batchNorm b path bn x.Form }
+    | :? BatchNorm2d as bn -> floatValue (batchNorm b path bn (fl b x)) x.Spatial
+    | :? ReLU -> floatValue (relu b path (fl b x)) x.Spatial
+    | :? ReLU6 -> floatValue (relu6 b path (fl b x)) x.Spatial
+    | :? Activate as a -> floatValue (activation b path a.Kind (fl b x)) x.Spatial
+    | :? Quantizers.ActQuant as q when q.Bits = Quantizers.fullPrecisionBits -> x
     | :? Quantizers.ActQuant as q ->
-        if q.Bits = Quantizers.fullPrecisionBits then x
-        else
-            if q.Steps = 0L then failf "cannot export %s: its activation quantizer was never calibrated" path
-            let scale, zp = q.Grid
-            { x with Name = actQuant b path (float32 (scalar scale)) (int (scalar zp)) q.Bits x.Name }
+        let scale, zp = grid path q
+        floatValue (actQuant b path scale zp q.Bits (fl b x)) x.Spatial
+    | :? Quantizers.QAct as qa when speed && qa.Quantizer.Bits <> Quantizers.fullPrecisionBits ->
+        let scale, zp = grid (join path "quant") qa.Quantizer
+        { x with Form = Speed.quantizedAct b path (Some(qactKind path m)) scale zp qa.Quantizer.Bits x.Form }
     | :? MaxPool2d as p ->
         let one (what: string) (v: int64[]) =
             if v.Length = 1 || (v.Length = 2 && v[0] = v[1]) then v[0]
             else invalidOp (sprintf "cannot export %s: only square max-pool %s is exported" path what)
         if p.ceil_mode then invalidOp (sprintf "cannot export %s: ceil_mode is not exported" path)
-        { x with Name = maxPool b path (one "kernel" p.kernel_size) (one "stride" p.stride) (one "padding" p.padding) x.Name }
+        let k, s, pad = one "kernel" p.kernel_size, one "stride" p.stride, one "padding" p.padding
+        if speed then { x with Form = Speed.maxPool b path k s pad x.Form }
+        else floatValue (maxPool b path k s pad (fl b x)) x.Spatial
     | :? Dropout -> x
-    | :? CifarResNet.BasicBlockA -> basicBlockA b path m x
-    | :? CifarResNet.ResUnit -> residual b path m x [ "body" ] "identity_conv" "activ"
-    | :? ResNet.BasicBlock -> residual b path m x [ "conv1"; "bn1"; "act1"; "conv2"; "bn2" ] "downsample" "act2"
+    | :? CifarResNet.BasicBlockA -> basicBlockA b target path m x
+    | :? CifarResNet.ResUnit -> residual b target path m x [ "body" ] "identity_conv" "activ"
+    | :? ResNet.BasicBlock -> residual b target path m x [ "conv1"; "bn1"; "act1"; "conv2"; "bn2" ] "downsample" "act2"
     | :? MobileNetV2.InvertedResidual as ir ->
-        let body = emit b (join path "conv") (child m path "conv") x
-        if ir.Residual then { body with Name = add b (join path "add") x.Name body.Name } else body
-    | :? GraphModel.GraphNet as g -> graphNet b path g x
+        let body = emit b target (join path "conv") (child m path "conv") x
+        if ir.Residual then floatValue (add b (join path "add") (fl b x) (fl b body)) body.Spatial else body
+    | :? GraphModel.GraphNet as g -> graphNet b target path g x
     // containers whose children run in registration order: Node, ConvBnAct, QAct, the nets
     | :? Node
     | :? ConvBnAct
     | :? Quantizers.QAct
-    | :? Net -> sequence b path (childrenOf m) x
+    | :? Net -> sequence b target path (childrenOf m) x
     | _ -> invalidOp (sprintf "cannot export %s: module type %s is not supported" path (m.GetType().Name))
 
-and private sequence (b: Builder) (path: string) (children: (string * torch.nn.Module) list) (x: Value) : Value =
-    children |> List.fold (fun v (name, c) -> emit b (join path name) c v) x
+and private sequence (b: Builder) (target: Metadata.Target) (path: string) (children: (string * torch.nn.Module) list) (x: Value) : Value =
+    children |> List.fold (fun v (name, c) -> emit b target (join path name) c v) x
 
 /// body(x) + shortcut(x), then the activation: the body is the named children in order, the
 /// shortcut the child `shortcut` when the block has one (a projection), else the identity.
-and private residual b path m x (body: string list) (shortcut: string) (actName: string) : Value =
-    let h = sequence b path (body |> List.map (fun n -> n, child m path n)) x
+and private residual b target path m x (body: string list) (shortcut: string) (actName: string) : Value =
+    let h = sequence b target path (body |> List.map (fun n -> n, child m path n)) x
     let sc =
         match tryChild m shortcut with
-        | Some s -> emit b (join path shortcut) s x
+        | Some s -> emit b target (join path shortcut) s x
         | None -> x
-    let sum = { h with Name = add b (join path "add") h.Name sc.Name }
-    emit b (join path actName) (child m path actName) sum
+    let sum = floatValue (add b (join path "add") (fl b h) (fl b sc)) h.Spatial
+    emit b target (join path actName) (child m path actName) sum
 
 /// akamaster BasicBlock: conv1-bn1-act1-conv2-bn2, + option-A shortcut (stride-2 subsampling and
 /// zero channel padding when the shape changes), act2.
-and private basicBlockA b path m x : Value =
+and private basicBlockA b target path m x : Value =
     let spec = (convSpec (child m path "conv1")).Value
-    let h = sequence b path ([ "conv1"; "bn1"; "act1"; "conv2"; "bn2" ] |> List.map (fun n -> n, child m path n)) x
+    let h = sequence b target path ([ "conv1"; "bn1"; "act1"; "conv2"; "bn2" ] |> List.map (fun n -> n, child m path n)) x
     let sc =
         if spec.Stride <> 1L || spec.InChannels <> spec.OutChannels then
-            { x with Name = subsampleAndPadChannels b (join path "shortcut") spec.Stride ((spec.OutChannels - spec.InChannels) / 2L) x.Name }
+            let name, pad = join path "shortcut", (spec.OutChannels - spec.InChannels) / 2L
+            match target with
+            | Metadata.Speed -> { x with Form = Speed.subsampleAndPadChannels b name spec.Stride pad x.Form }
+            | Metadata.Size -> floatValue (subsampleAndPadChannels b name spec.Stride pad (fl b x) None) x.Spatial
         else x
-    let sum = { h with Name = add b (join path "add") h.Name sc.Name }
-    emit b (join path "act2") (child m path "act2") sum
+    let sum = floatValue (add b (join path "add") (fl b h) (fl b sc)) h.Spatial
+    emit b target (join path "act2") (child m path "act2") sum
 
 /// An imported graph: the input (transposed to NHWC first for an NHWC graph, as `GraphNet.Run`
 /// does), then each node in order over a map from value numbers to ONNX names; the result is the
 /// topology's output value. Graph values are never treated as spatial: the topology has its own
 /// Flatten / pooling before a Linear.
-and private graphNet (b: Builder) (path: string) (g: GraphModel.GraphNet) (x: Value) : Value =
+and private graphNet (b: Builder) (target: Metadata.Target) (path: string) (g: GraphModel.GraphNet) (x: Value) : Value =
     let t = g.Topology
     let constants =
         t.Constants
@@ -182,34 +235,34 @@ and private graphNet (b: Builder) (path: string) (g: GraphModel.GraphNet) (x: Va
         |> Map.ofList
     let input =
         match t.Layout with
-        | GraphModel.NCHW -> x.Name
-        | GraphModel.NHWC -> b.Op("Transpose", join path "input_nhwc", [ x.Name ], [ Proto.intsAttr "perm" [ 0L; 2L; 3L; 1L ] ])
-    let operand (n: GraphModel.Node) (values: Map<int, string>) (o: GraphModel.Operand) =
+        | GraphModel.NCHW -> { x with Spatial = false }
+        | GraphModel.NHWC -> floatValue (b.Op("Transpose", join path "input_nhwc", [ fl b x ], [ Proto.intsAttr "perm" [ 0L; 2L; 3L; 1L ] ])) false
+    let operand (n: GraphModel.Node) (values: Map<int, Value>) (o: GraphModel.Operand) : Value =
         match o with
         | GraphModel.Value v ->
             match Map.tryFind v values with
-            | Some name -> name
+            | Some value -> value
             | None -> invalidOp (sprintf "cannot export %s: node %s reads value %d before any node computes it" t.Name n.Name v)
         | GraphModel.Constant c ->
             match Map.tryFind c constants with
-            | Some name -> name
+            | Some name -> floatValue name false
             | None -> invalidOp (sprintf "cannot export %s: node %s reads an unknown constant '%s'" t.Name n.Name c)
-    let step (values: Map<int, string>) (n: GraphModel.Node) =
+    let step (values: Map<int, Value>) (n: GraphModel.Node) =
         let xs = n.Inputs |> List.map (operand n values)
         let name = join path n.Name
         let outs =
             match n.Op, xs with
             | (GraphModel.Conv _ | GraphModel.Linear _ | GraphModel.BatchNorm _ | GraphModel.Act _), [ v ] ->
-                [ (emit b name (g.Layer n.Name) { Name = v; Spatial = false }).Name ]
+                [ emit b target name (g.Layer n.Name) v ]
             | (GraphModel.Conv _ | GraphModel.Linear _ | GraphModel.BatchNorm _ | GraphModel.Act _), _ ->
                 invalidOp (sprintf "cannot export %s: layer %s takes one operand, got %d" t.Name n.Name xs.Length)
-            | op, _ -> graphFunction b name op xs
+            | op, _ -> graphFunction b name op (xs |> List.map (fun v -> Speed.floatOfForFunctions b v.Form)) |> List.map (fun o -> floatValue o false)
         if outs.Length <> n.Outputs.Length then
             invalidOp (sprintf "cannot export %s: node %s gives %d values, not %d" t.Name n.Name outs.Length n.Outputs.Length)
         List.fold2 (fun m v o -> Map.add v o m) values n.Outputs outs
     let values = t.Nodes |> List.fold step (Map.ofList [ GraphModel.inputValue, input ])
     match Map.tryFind t.Output values with
-    | Some out -> { Name = out; Spatial = false }
+    | Some out -> out
     | None -> invalidOp (sprintf "cannot export %s: no node computes its output value %d" t.Name t.Output)
 
 /// A tensor function of an imported graph (every `Op` but the layers) as its ONNX operator(s), on
@@ -286,9 +339,9 @@ let export (info: Metadata.Info) (net: Net) : ModelProto =
             g.Topology.Channels
         | _ -> 3L
     let b = Builder()
-    let out = emit b "" net { Name = inputName; Spatial = true }
+    let out = emit b info.Target "" net (floatValue inputName true)
     if out.Spatial then invalidOp "the exported graph ends in a spatial value, not logits"
-    b.Op("Identity", outputName, [ out.Name ]) |> ignore
+    b.Op("Identity", outputName, [ fl b out ]) |> ignore
     let side = int64 info.Input.Size
     let graph = GraphProto(Name = info.Arch)
     graph.Input.Add(Proto.floatValue inputName [ Choice2Of2 "N"; Choice1Of2 channels; Choice1Of2 side; Choice1Of2 side ])
@@ -305,7 +358,11 @@ let export (info: Metadata.Info) (net: Net) : ModelProto =
             ProducerVersion = info.HastVersion,
             Domain = "hast",
             ModelVersion = 1L,
-            DocString = sprintf "%s %s, %d classes, exported by Hast from %s" info.Arch precision info.Classes info.Source,
+            DocString =
+                sprintf "%s %s, %d classes, exported by Hast from %s%s" info.Arch precision info.Classes info.Source
+                    (match info.Target with
+                     | Metadata.Size -> ""
+                     | Metadata.Speed -> " (integer kernels: --target speed)"),
             Graph = graph)
     model.OpsetImport.Add(OperatorSetIdProto(Domain = "", Version = Proto.opset))
     for k, v in Metadata.toProps info do

@@ -43,6 +43,8 @@ type Builder() =
         List.iter claim outputs
         nodes.Add(nodeWithOutputs op name inputs outputs (defaultArg attrs []))
         outputs
+    /// Whether `name` is taken already (a value emitted once and read again by name).
+    member _.Has(name: string) : bool = names.Contains name
     member _.Nodes : NodeProto list = List.ofSeq nodes
     member _.Initializers : TensorProto list = List.ofSeq inits
 
@@ -92,14 +94,17 @@ let actQuant (b: Builder) (name: string) (scale: float32) (zp: int) (bits: int) 
     let q = b.Op("QuantizeLinear", name + "_quantized", [ clipped; sn; zn ])
     b.Op("DequantizeLinear", name, [ q; sn; zn ])
 
+/// The attributes of a 2-D convolution (Conv, QLinearConv, ConvInteger) of `spec`.
+let convAttrs (spec: ConvSpec) : AttributeProto list =
+    [ intsAttr "kernel_shape" [ spec.Kernel; spec.Kernel ]
+      intsAttr "strides" [ spec.Stride; spec.Stride ]
+      intsAttr "pads" [ spec.Padding; spec.Padding; spec.Padding; spec.Padding ]
+      intsAttr "dilations" [ 1L; 1L ]
+      intAttr "group" spec.Groups ]
+
 /// Conv with weight `w` (a name) and optional float bias.
 let conv (b: Builder) (name: string) (spec: ConvSpec) (w: string) (bias: string option) (x: string) : string =
-    b.Op("Conv", name, [ x; w ] @ Option.toList bias,
-         [ intsAttr "kernel_shape" [ spec.Kernel; spec.Kernel ]
-           intsAttr "strides" [ spec.Stride; spec.Stride ]
-           intsAttr "pads" [ spec.Padding; spec.Padding; spec.Padding; spec.Padding ]
-           intsAttr "dilations" [ 1L; 1L ]
-           intAttr "group" spec.Groups ])
+    b.Op("Conv", name, [ x; w ] @ Option.toList bias, convAttrs spec)
 
 /// y = x W^T + bias (torch.nn.functional.linear).
 let gemm (b: Builder) (name: string) (w: string) (bias: string) (x: string) : string =
@@ -145,15 +150,16 @@ let maxPool (b: Builder) (name: string) (kernel: int64) (stride: int64) (padding
            intsAttr "pads" [ padding; padding; padding; padding ] ])
 
 /// The option-A shortcut of the akamaster CIFAR ResNets: every `stride`-th row and column
-/// (`x[:, :, ::s, ::s]`, a Slice with steps), then `pad` zero channels on each side (a Pad).
-let subsampleAndPadChannels (b: Builder) (name: string) (stride: int64) (pad: int64) (x: string) : string =
+/// (`x[:, :, ::s, ::s]`, a Slice with steps), then `pad` channels on each side (a Pad) of zeros, or
+/// of the scalar `value` (a name; the code of 0 when `x` holds integer codes).
+let subsampleAndPadChannels (b: Builder) (name: string) (stride: int64) (pad: int64) (x: string) (value: string option) : string =
     let i64 suffix vs = b.Init(int64Tensor (name + suffix) vs)
     let sliced =
         b.Op("Slice", name + "_slice",
              [ x; i64 "_starts" [| 0L; 0L |]; i64 "_ends" [| System.Int64.MaxValue; System.Int64.MaxValue |]
                i64 "_axes" [| 2L; 3L |]; i64 "_steps" [| stride; stride |] ])
     // pads: begin of N, C, H, W, then end of N, C, H, W
-    b.Op("Pad", name, [ sliced; i64 "_pads" [| 0L; pad; 0L; 0L; 0L; pad; 0L; 0L |] ])
+    b.Op("Pad", name, [ sliced; i64 "_pads" [| 0L; pad; 0L; 0L; 0L; pad; 0L; 0L |] ] @ Option.toList value)
 
 /// 2-D MaxPool / AveragePool (`op`) over a window: kernel, strides (height, width), pads (top, left,
 /// bottom, right, which is ONNX's order x1_begin, x2_begin, x1_end, x2_end), ceil_mode, and `attrs`

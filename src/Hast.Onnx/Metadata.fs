@@ -10,6 +10,28 @@ open System.Text.Json.Nodes
 open Hast.Core
 open Hast.Core.Models
 
+/// The graph form of an exported file (`hast export --target`).
+type Target =
+    /// QDQ: integer weight codes in the smallest container (uint4 up to 4 bits) through
+    /// DequantizeLinear, float BatchNorm, activation QuantizeLinear -> DequantizeLinear; ONNX Runtime
+    /// computes it in float
+    | Size
+    /// integer kernels: int8 weights with BatchNorm folded in, QLinearConv / ConvInteger on uint8
+    /// activation codes (`Speed`)
+    | Speed
+
+module Target =
+    let names = [ "size"; "speed" ]
+
+    let name = function Size -> "size" | Speed -> "speed"
+
+    /// `name`'s inverse; fails (HastError) naming the choices.
+    let parse (s: string) : Target =
+        match s.Trim().ToLowerInvariant() with
+        | "size" -> Size
+        | "speed" -> Speed
+        | other -> failf "unknown export target '%s'; choose one of: %s" other (String.concat ", " names)
+
 type Info =
     { Arch: string
       Classes: int64
@@ -22,7 +44,10 @@ type Info =
       HastVersion: string
       /// file name of the checkpoint or weights the model was exported from
       Source: string
-      SourceSha256: string }
+      SourceSha256: string
+      /// the graph form; recorded as `hast.target` only for `Speed` (a file without the key, such as
+      /// every file written before the key existed, is `Size`)
+      Target: Target }
 
 /// Metadata keys (all under `hast.`).
 module Keys =
@@ -37,6 +62,7 @@ module Keys =
     let sourceSha256 = "hast.source_sha256"
     let weights = "hast.weights"
     let activations = "hast.activations"
+    let target = "hast.target"
 
 /// Class names for a model that has no names of its own: CIFAR-10's for a 10-class CIFAR model,
 /// otherwise the label indices "0", "1", ...
@@ -60,15 +86,19 @@ let preprocessJson (p: Registry.Preprocess) : string =
         .ToJsonString()
 
 /// How weights and activations are stored, in words (for people reading the file).
-let private describe (bits: int) (what: string) =
+let private describe (target: Target) (bits: int) (what: string) =
     if bits = Quantizers.fullPrecisionBits then "float32"
     else
         let name (t: Proto.DataType) = (sprintf "%A" t).ToLowerInvariant()
-        match what with
-        | "weights" ->
+        match target, what with
+        | Size, "weights" ->
             sprintf "%d-bit codes in %s, per-output-channel scale and zero point, DequantizeLinear axis 0" bits (name (Proto.container bits))
-        | _ ->
+        | Size, _ ->
             sprintf "%d-bit per-tensor QuantizeLinear/DequantizeLinear in %s, %d levels" bits (name (Proto.activationContainer bits)) (1 <<< bits)
+        | Speed, "weights" ->
+            sprintf "%d-bit codes q - zp with BatchNorm folded into the per-output-channel scale and bias: int8 (zero point 0) in QLinearConv where the convolution's activation is quantized, float32 where ONNX Runtime computes the layer in float" bits
+        | Speed, _ ->
+            sprintf "%d-bit per-tensor uint8 codes from QLinearConv or QuantizeLinear, Clip to %d levels" bits (1 <<< bits)
 
 /// The metadata entries of `info`, in a fixed order.
 let toProps (info: Info) : (string * string) list =
@@ -77,12 +107,15 @@ let toProps (info: Info) : (string * string) list =
       Keys.classNames, JsonArray(info.ClassNames |> List.map (fun n -> JsonValue.Create n :> JsonNode) |> Array.ofList).ToJsonString()
       Keys.wbits, string info.WBits
       Keys.abits, string info.ABits
-      Keys.weights, describe info.WBits "weights"
-      Keys.activations, describe info.ABits "activations"
+      Keys.weights, describe info.Target info.WBits "weights"
+      Keys.activations, describe info.Target info.ABits "activations"
       Keys.preprocess, preprocessJson info.Input
       Keys.version, info.HastVersion
       Keys.source, info.Source
       Keys.sourceSha256, info.SourceSha256 ]
+    @ (match info.Target with
+       | Size -> []
+       | Speed -> [ Keys.target, Target.name info.Target ])
 
 /// `preprocessJson`'s text back; fails (HastError) when malformed. `what` names its file in messages.
 let preprocessOfJson (what: string) (json: string) : Registry.Preprocess =
@@ -128,7 +161,11 @@ let ofProps (what: string) (props: IReadOnlyDictionary<string, string>) : Info =
           Input = input
           HastVersion = get Keys.version
           Source = get Keys.source
-          SourceSha256 = get Keys.sourceSha256 }
+          SourceSha256 = get Keys.sourceSha256
+          Target =
+            match props.TryGetValue Keys.target with
+            | true, v -> (try Target.parse v with HastError _ -> bad Keys.target)
+            | _ -> Size }
     with
     | :? JsonException
     | :? System.InvalidOperationException

@@ -66,6 +66,30 @@ let codesTensor (name: string) (t: DataType) (dims: int64[]) (codes: int[]) : Te
     p.RawData <- ByteString.CopyFrom(packCodes t codes)
     p
 
+/// An int8 tensor of signed whole numbers (each in [-128, 127]), stored as raw data.
+let int8Tensor (name: string) (dims: int64[]) (values: int[]) : TensorProto =
+    if int64 values.Length <> Array.fold (*) 1L dims then
+        invalidArg "values" (sprintf "%s: %d values for shape %A" name values.Length dims)
+    for v in values do
+        if v < -128 || v > 127 then invalidArg "values" (sprintf "%s: %d does not fit int8" name v)
+    let p = TensorProto(Name = name, DataType = int DataType.Int8)
+    p.Dims.AddRange dims
+    p.RawData <- ByteString.CopyFrom(values |> Array.map (fun v -> byte (sbyte v)))
+    p
+
+/// An int32 tensor (integer biases), stored as raw little-endian data.
+let int32Tensor (name: string) (dims: int64[]) (values: int[]) : TensorProto =
+    if int64 values.Length <> Array.fold (*) 1L dims then
+        invalidArg "values" (sprintf "%s: %d values for shape %A" name values.Length dims)
+    let p = TensorProto(Name = name, DataType = int DataType.Int32)
+    p.Dims.AddRange dims
+    let bytes = Array.zeroCreate<byte> (values.Length * 4)
+    Buffer.BlockCopy(values, 0, bytes, 0, bytes.Length)
+    if not BitConverter.IsLittleEndian then
+        for i in 0 .. 4 .. bytes.Length - 1 do Array.Reverse(bytes, i, 4)
+    p.RawData <- ByteString.CopyFrom bytes
+    p
+
 /// A float32 tensor.
 let floatTensor (name: string) (dims: int64[]) (values: float32[]) : TensorProto =
     let expected = Array.fold (*) 1L dims

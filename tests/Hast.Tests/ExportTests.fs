@@ -71,23 +71,26 @@ let agreement (a: int64[]) (b: int64[]) = float (Array.fold2 (fun n x y -> if x 
 
 let levels = [ Runtime.Disabled; Runtime.Basic; Runtime.Extended; Runtime.All ]
 
-/// Export W`bits`A`bits`, then compare ONNX Runtime (every optimisation level) with Hast.
-let parityCase (bits: int) =
-    testCase (sprintf "W%dA%d export: ONNX Runtime agrees with hast eval --checkpoint (>= 99.5%% of images, top-1 within 0.2 points)" bits bits) <| fun () ->
+/// Export W`bits`A`bits` for `target` (size or speed), then compare ONNX Runtime (every
+/// optimisation level) with Hast.
+let parityCase (target: string) (bits: int) =
+    testCase (sprintf "W%dA%d export (%s): ONNX Runtime agrees with hast eval --checkpoint (>= 99.5%% of images, top-1 within 0.2 points)" bits bits target) <| fun () ->
         use d = new TempDir()
         let ck = calibratedCheckpoint (d.File "quantized.ckpt") bits bits
         let onnx = d.File "model.onnx"
-        printf "  %s" (exportOk [ "--checkpoint"; ck; "--out"; onnx ])
+        printf "  %s" (exportOk ([ "--checkpoint"; ck; "--out"; onnx ] @ (if target = "size" then [] else [ "--target"; target ])))
         let hast =
             let struct (m, c) = Hast.App.ModelFiles.LoadCheckpoint(ck, torch.CPU)
             c.Dispose()
             use _ng = torch.no_grad ()
             predictions m.Net.forward
         let bytes = File.ReadAllBytes onnx
+        let meta = ModelProto.Parser.ParseFrom(bytes).MetadataProps |> Seq.map (fun p -> p.Key, p.Value) |> dict
+        Expect.equal (Metadata.ofProps onnx (Collections.Generic.Dictionary meta)).Target (Metadata.Target.parse target) "the file records its target"
         for level in levels do
             use s = new Runtime.Session(bytes, onnx, { Optimization = level; Threads = Some 1 })
             let a = agreement hast (predictions s.Run)
-            printfn "  W%dA%d %A: same top-1 class as Hast on %.2f%% of %d images" bits bits level (100.0 * a) hast.Length
+            printfn "  W%dA%d %s %A: same top-1 class as Hast on %.2f%% of %d images" bits bits target level (100.0 * a) hast.Length
             Expect.isGreaterThanOrEqual a 0.995 (sprintf "W%dA%d agreement at %A" bits bits level)
         let test = cifarTest
         let hastTop1 = evalTop1 [ "--checkpoint"; ck; "--test"; test ] (d.File "hast.json")
@@ -195,11 +198,13 @@ let badInput =
               [ "export"; "--checkpoint"; good; "--arch"; arch; "--out"; out ]
               [ "eval"; "--onnx"; out; "--checkpoint"; good; "--test"; test ]
               [ "eval"; "--onnx"; out; "--test"; test; "--ort-opt"; "turbo" ]
-              [ "eval"; "--onnx"; out; "--test"; test; "--threads"; "0" ] ] do
+              [ "eval"; "--onnx"; out; "--test"; test; "--threads"; "0" ]
+              [ "export"; "--checkpoint"; good; "--out"; out; "--target"; "fast" ] ] do
             let code, _, err = runCli args
             Expect.equal code 2 (sprintf "usage error for %A: %s" args err)
 
-let tests : Test list = [ parityCase 4; parityCase 3; sizeAndMetadata; threeBitLevels; badInput ]
+let tests : Test list =
+    [ parityCase "size" 4; parityCase "size" 3; parityCase "speed" 4; parityCase "speed" 3; sizeAndMetadata; threeBitLevels; badInput ]
 
 // ---------------------------------------------------------------------------------------------
 // Imported graphs (`Models.Graph.GraphNet`): hand-made topologies that together use every `Op`,

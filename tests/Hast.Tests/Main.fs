@@ -47,6 +47,8 @@ let all =
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
         testList "export graph" ExportTests.graphTests
+        testList "onnx int weight" IntWeightTests.tests
+        testList "onnx speed" SpeedTests.tests
         testList "onnx decode" DecodeTests.tests
         testList "onnx fold" FoldTests.tests
         testList "onnx tensor ops" TensorOpsTests.tests

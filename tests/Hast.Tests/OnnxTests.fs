@@ -33,7 +33,8 @@ let tinyModel (n: int64) (f: Graph.Builder -> string -> string) : ModelProto =
 
 let info (arch: Registry.Arch) (classes: int64) (wbits: int) (abits: int) : Metadata.Info =
     { Arch = arch.Name; Classes = classes; ClassNames = Metadata.defaultClassNames arch classes
-      WBits = wbits; ABits = abits; Input = arch.Input; HastVersion = "test"; Source = "test.pth"; SourceSha256 = String('0', 64) }
+      WBits = wbits; ABits = abits; Input = arch.Input; HastVersion = "test"; Source = "test.pth"; SourceSha256 = String('0', 64)
+      Target = Metadata.Size }
 
 /// Random BatchNorm statistics and affine parameters (so that export of BN is really tested).
 let randomizeBn (seed: int64) (net: Net) =
@@ -107,6 +108,14 @@ let metadataTests =
         Expect.equal back { i with Input = back.Input } "fields"
         Expect.equal (back.Input.Mean, back.Input.Std, back.Input.Size, back.Input.Resize) (arch.Input.Mean, arch.Input.Std, 32, None) "preprocess"
         Expect.equal back.ClassNames Data.cifar10Classes "CIFAR-10 class names"
+        Expect.isFalse (props.ContainsKey Metadata.Keys.target) "a size export has no hast.target (files from before the key read as size)"
+        let speed = { i with Target = Metadata.Speed }
+        let speedProps = Metadata.toProps speed |> dict |> Collections.Generic.Dictionary
+        Expect.equal speedProps[Metadata.Keys.target] "speed" "hast.target"
+        Expect.equal (Metadata.ofProps "m.onnx" speedProps).Target Metadata.Speed "target read back"
+        speedProps[Metadata.Keys.target] <- "fast"
+        let bad = try Metadata.ofProps "m.onnx" speedProps |> ignore; "" with HastError m -> m
+        Expect.stringContains bad Metadata.Keys.target "an unknown target is malformed metadata"
         props.Remove Metadata.Keys.preprocess |> ignore
         let message = try Metadata.ofProps "m.onnx" props |> ignore; "" with HastError m -> m
         Expect.stringContains message "m.onnx" "a missing key fails naming the file"
@@ -189,4 +198,33 @@ let quantizedArchTests =
                     Expect.isLessThanOrEqual ld 1e-4 (sprintf "%s W%dA%d at %A = disabled" name bits bits level)
       } ]
 
-let tests : Test list = codeTests @ metadataTests @ parityTests @ quantizedArchTests
+/// sha256 of the size export of seeded random quantized models (`Export.export` with `info`),
+/// recorded from commit 4bbc665, before `--target` existed. The activation ranges are set, not
+/// calibrated, so that no float sum (whose order may differ between CPUs) enters the bytes.
+let sizeGolden =
+    [ "cifar-resnet20-a", 4, 21L, "6EB2A5B0C6494A59564D8A3F193F9A6C39797118511505607811F2960DD84AD9"
+      "cifar-resnet20-a", 3, 21L, "3355ABC59BEE872BE2B868F41B181C872806840FC16BE90E41BAA29DCBF5654A"
+      "cifar-resnet20", 4, 22L, "13607345BD05829E3637CF37F52C726D7F6190AD04122112888EA786693B7FA8" ]
+
+let sizeTests =
+    [ test "the size target is unchanged: byte for byte the export from before --target (sha256)" {
+        for name, bits, seed, sha in sizeGolden do
+            use _ = torch.NewDisposeScope()
+            let arch = Registry.find name
+            torch.manual_seed seed |> ignore
+            let fp = arch.Build 10L LayerKit.fullPrecision
+            randomizeBn seed fp
+            fp.eval ()
+            let q = Quantize.quantize arch 10L fp bits bits
+            do
+                use _ng = torch.no_grad ()
+                Quantizers.actQuantizers q |> List.iteri (fun i a ->
+                    (a.get_buffer "act_max").fill_((1.0 + 0.125 * float i).ToScalar()) |> ignore
+                    (a.get_buffer "ema_steps").fill_((1L).ToScalar()) |> ignore)
+            q.eval ()
+            let bytes = (Export.export (info arch 10L bits bits) q).ToByteArray()
+            let got = Convert.ToHexString(Security.Cryptography.SHA256.HashData bytes)
+            Expect.equal got sha (sprintf "%s W%dA%d size export (%d bytes)" name bits bits bytes.Length)
+      } ]
+
+let tests : Test list = codeTests @ metadataTests @ parityTests @ quantizedArchTests @ sizeTests

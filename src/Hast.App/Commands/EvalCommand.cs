@@ -101,7 +101,8 @@ public static class EvalCommand
             FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), new Runtime.OnnxNet(session), test.Dataset);
         var perSecond = session.Seconds > 0 ? session.Images / session.Seconds : 0.0;
         var threads = c.Threads is { } n ? n.Value.ToString() : "default";
-        log.Info($"{Path.GetFileName(path)} ({info.Arch} W{info.WBits}A{info.ABits}) in ONNX Runtime on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
+        var form = info.Target.IsSpeed ? ", --target speed" : "";
+        log.Info($"{Path.GetFileName(path)} ({info.Arch} W{info.WBits}A{info.ABits}{form}) in ONNX Runtime on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
         log.Info($"ONNX Runtime: {perSecond:F1} images/s (inference only, batch {c.BatchSize}, optimisation {c.OrtOpt}, threads {threads})");
         if (report is not null)
         {
@@ -110,6 +111,7 @@ public static class EvalCommand
             json["batch_size"] = c.BatchSize;
             json["ort_optimization"] = c.OrtOpt;
             json["threads"] = threads;
+            json["target"] = Metadata.TargetModule.name(info.Target);
             AtomicFile.WriteAllText(report, json.ToJsonString() + "\n");
         }
         return Program.ExitOk;

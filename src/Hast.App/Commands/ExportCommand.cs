@@ -23,9 +23,10 @@ public static class ExportCommand
         var output = OutputPaths.CheckWritableFile(c.Out, "--out");
         var model = EvalCommand.LoadModel(c.Checkpoint, c.Model, c.Classes, CPU);
 
+        var target = Metadata.TargetModule.parse(c.Target);
         var info = new Metadata.Info(
             model.Arch.Name, model.Classes, Metadata.defaultClassNames(model.Arch, model.Classes),
-            model.WBits, model.ABits, model.Arch.Input, HastVersion, Path.GetFileName(model.Source), model.Sha256);
+            model.WBits, model.ABits, model.Arch.Input, HastVersion, Path.GetFileName(model.Source), model.Sha256, target);
         var bytes = Export.export(info, model.Net).ToByteArray();
         // the file must be one ONNX Runtime accepts; check before anything is written
         using (new Runtime.Session(bytes, "the exported model", new Runtime.Settings(Runtime.Optimization.Disabled, null))) { }
@@ -33,7 +34,8 @@ public static class ExportCommand
 
         var layerBits = Hast.Core.Precision.exceptions(model.Net, model.WBits, model.ABits);
         var precision = model.WBits == 32 && model.ABits == 32 && Hast.Core.Precision.isUniform(layerBits) ? "full precision" : Hast.Core.Precision.describe(model.WBits, model.ABits, layerBits);
-        stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
+        var form = target.IsSpeed ? " (--target speed)" : "";
+        stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}{form}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
         return Program.ExitOk;
     }
 }
