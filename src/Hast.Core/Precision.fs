@@ -193,6 +193,13 @@ let modelBytes (net: torch.nn.Module) : int64 =
     let ws = layers net |> List.filter (fun l -> l.Kind = WeightLayer) |> List.sumBy (fun l -> weightBytes l.Parameters l.Channels l.Bits)
     ws + otherBytes net
 
+/// The least bytes the weight layers among `ls` can take: those of `fixedWeights` at their widths,
+/// every other one at `smallest` bits (a size budget below this plus `otherBytes` cannot be met).
+let smallestWeightBytes (ls: Layer list) (fixedWeights: Map<string, int>) (smallest: int) : int64 =
+    ls
+    |> List.filter (fun l -> l.Kind = WeightLayer)
+    |> List.sumBy (fun l -> weightBytes l.Parameters l.Channels (fixedWeights.TryFind l.Name |> Option.defaultValue smallest))
+
 // ------------------------------------------------------------------------------------------------
 // JSON: `--bits-map` files and checkpoints
 

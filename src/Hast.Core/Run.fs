@@ -86,11 +86,7 @@ let checkPrecision (arch: Models.Registry.Arch) (classes: int64) (teacher: Net) 
         match p.SizeBudget with
         | Some budget ->
             let smallest = List.min p.Candidates
-            let minimum =
-                Precision.otherBytes probe
-                + (Precision.layers probe
-                   |> List.filter (fun l -> l.Kind = Precision.WeightLayer)
-                   |> List.sumBy (fun l -> Precision.weightBytes l.Parameters l.Channels (fixedBits.Weights.TryFind l.Name |> Option.defaultValue smallest)))
+            let minimum = Precision.otherBytes probe + Precision.smallestWeightBytes (Precision.layers probe) fixedBits.Weights smallest
             if minimum > budget then
                 invalidf "size-budget" "cannot be met: %d bytes (%.2f KiB) is below the smallest allocation, %d bytes (%.2f KiB: the free weight layers at %d bits)"
                     budget (float budget / 1024.0) minimum (float minimum / 1024.0) smallest

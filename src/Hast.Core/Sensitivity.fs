@@ -156,7 +156,7 @@ let allocate (table: Table) (fixedBits: Map<string, int>) (otherBytes: int64) (b
     let fixedCost = fixedLayers |> List.sumBy (fun l -> weightBytes l.Parameters l.Channels fixedBits[l.Name])
     let capacity = budget - otherBytes - fixedCost
     let smallest = table.Candidates |> List.min
-    let minimum = otherBytes + fixedCost + (free |> List.sumBy (fun l -> weightBytes l.Parameters l.Channels smallest))
+    let minimum = otherBytes + smallestWeightBytes weightLayers fixedBits smallest
     if minimum > budget then
         failf "a size budget of %d bytes cannot be met: the smallest allocation (every free weight layer at %d bits) takes %d bytes" budget smallest minimum
     let cap = int capacity

@@ -381,10 +381,18 @@ let tests : Test list =
         let plain, plainParameters = runInMemory plainConfig None None |> fun (o, _, _) -> finished o
         let whole, saves, events = runInMemory c None None
         let result, parameters = finished whole
+        // two runs from scratch need not agree to the bit (libtorch's kernels are not bit-reproducible run
+        // to run: a CI run on 2026-12-03 scored 53 against 54 test images after epoch 1), so the scores
+        // agree to one image; the resumed run below is compared bit for bit
         let lastWeights = result.History |> List.map (fun e -> e.LastWeights |> Option.map (fun a -> a.Top1Correct))
-        Expect.equal lastWeights (plain.History |> List.map (fun e -> e.Accuracy |> Option.map (fun a -> a.Top1Correct)))
-            "the last weights score as the run without averaging: averaging does not change the training"
-        Expect.equal result.FinalLastWeightsTop1 (Some plain.FinalTop1) "the final last-weights accuracy, beside"
+        let plainScores = plain.History |> List.map (fun e -> e.Accuracy |> Option.map (fun a -> a.Top1Correct))
+        Expect.equal (lastWeights |> List.map Option.isSome) (plainScores |> List.map Option.isSome) "the last weights evaluated when the plain run is"
+        List.iter2 (fun (a: int64 option) (b: int64 option) ->
+            Expect.isLessThanOrEqual (abs (a.Value - b.Value)) 1L
+                (sprintf "the last weights score as the run without averaging (%A against %A): averaging does not change the training" lastWeights plainScores))
+            lastWeights plainScores
+        let count = (List.last result.History).LastWeights.Value.Count
+        Expect.isLessThanOrEqual (abs (result.FinalLastWeightsTop1.Value - plain.FinalTop1)) (100.0 / float count + 1e-9) "the final last-weights accuracy, beside (to one image)"
         Expect.equal plain.FinalLastWeightsTop1 None "none without averaging"
         Expect.isTrue (saves |> List.forall (fun s -> s.Average.IsSome)) "every saved state holds the average"
         let evaluated = events |> Seq.choose (function Evaluated(LastWeightsAfterEpoch e, _) -> Some e | _ -> None) |> List.ofSeq
