@@ -112,7 +112,6 @@ let chooseBits (inputs: Inputs) (c: Config) (images: Tensor) (event: Event -> un
                 let steps = Sensitivity.steps sc p.Candidates probe
                 event (StageStarted(Stage.Sensitivity, 0L, int64 steps))
                 let table = Sensitivity.measure inputs.Device sc p.Candidates inputs.Teacher probe images (fun d t -> event (SensitivityStep(d, t)))
-                Precision.setUniform probe c.WBits c.ABits
                 let a = Sensitivity.allocate table fixedBits.Weights (Precision.otherBytes probe) budget
                 { fixedBits with Weights = a.Weights |> Map.filter (fun _ b -> b <> c.WBits) }, Some a
         Precision.setUniform probe c.WBits c.ABits

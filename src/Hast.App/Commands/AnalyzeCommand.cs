@@ -164,7 +164,6 @@ public static class AnalyzeCommand
         var title = $"{p.Teacher.Arch.Name}: per-layer sensitivity on {table.Samples} synthetic samples";
         if (c.SizeBudget is { } budget)
         {
-            Precision.setUniform(student, Quantizers.fullPrecisionBits, Quantizers.fullPrecisionBits);
             var alloc = Hast.Core.Sensitivity.allocate(table, MapModule.Empty<string, int>(), Precision.otherBytes(student), budget.Value);
             json["allocation"] = Hast.Core.Sensitivity.allocationJson(alloc);
             var map = new Precision.LayerBits(alloc.Weights, MapModule.Empty<string, int>());
