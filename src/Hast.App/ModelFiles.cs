@@ -157,6 +157,9 @@ public static class ModelFiles
         };
         var layerBits = Precision.exceptions(m.Net, m.WBits, m.ABits);
         if (!Precision.isUniform(layerBits)) meta["layer_bits"] = JsonNode.Parse(Precision.toJson(layerBits).ToJsonString());
+        // the weight quantizers' range rule, when not min/max (the codes depend on it: eval and export rebuild it)
+        var weightRange = Quantizers.weightRangeOfModel(m.Net);
+        if (!weightRange.IsMinMax) meta["weight_range"] = Quantizers.WeightRangeModule.name(weightRange);
         if (m.Net is Graph.GraphNet g)
         {
             meta["graph"] = JsonNode.Parse(Graph.toJson(g.Topology));
@@ -193,10 +196,15 @@ public static class ModelFiles
             int wbits = (int?)meta["wbits"] ?? 32, abits = (int?)meta["abits"] ?? 32;
             // per-layer exceptions to wbits/abits (mixed precision), when the run had them
             var layerBits = meta["layer_bits"] is { } lb ? Precision.ofJson($"checkpoint {path}", lb.ToJsonString()) : Precision.uniform;
+            var weightRange = meta["weight_range"] is { } wr
+                ? Quantizers.WeightRangeModule.tryParse((string?)wr ?? "") is { } r ? r.Value
+                    : throw new HastError($"checkpoint {path} names an unknown weight range rule '{wr}'; re-create it")
+                : Quantizers.WeightRange.MinMax;
             var kit = wbits == 32 && abits == 32 && Precision.isUniform(layerBits) ? LayerKitModule.fullPrecision : Quantizers.LayerKit.quantized(wbits, abits);
             var net = Build(arch, classes, kit, device, m =>
             {
                 Precision.apply(m, layerBits);
+                Quantizers.setWeightRange(m, weightRange);
                 ckpt.RestoreInto(m);
                 Quantizers.setCalibrating(m, false);
             });

@@ -16,7 +16,7 @@ public static class RunFigure
     public static byte[] Png(IEnumerable<JsonObject> metrics, string title)
     {
         List<(double X, double Total, double Perturbed, double Gain)> iters = [];
-        List<(double Epoch, double Top1)> accuracy = [];
+        List<(double Epoch, double Top1)> accuracy = [], validation = [];
         double fp = double.NaN;
         foreach (var m in metrics)
         {
@@ -27,10 +27,12 @@ public static class RunFigure
                     break;
                 case "eval" when (string?)m["phase"] == "calibration":
                     accuracy.Add((0, Num(m["top1"])));
+                    if (m["val_top1"] is { } cv) validation.Add((0, (double)cv));
                     fp = Num(m["fp_top1"]);
                     break;
                 case "epoch" when m["top1"] is not null:
                     accuracy.Add(((double)m["epoch"]!, Num(m["top1"])));
+                    if (m["val_top1"] is { } ev) validation.Add(((double)m["epoch"]!, (double)ev));
                     break;
             }
         }
@@ -46,6 +48,14 @@ public static class RunFigure
             s.LegendText = "quantized";
             s.LineWidth = 2;
             s.MarkerSize = 5;
+            if (validation.Count > 0)
+            {
+                // --val: the validation set's curve beside the test set's
+                var v = plt.Add.Scatter(validation.Select(a => a.Epoch).ToArray(), validation.Select(a => a.Top1).ToArray());
+                v.LegendText = "quantized, validation set";
+                v.LineWidth = 2;
+                v.MarkerSize = 5;
+            }
             // epochs are whole numbers: no 0.5-epoch ticks on a short run
             plt.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericAutomatic { IntegerTicksOnly = true };
             if (double.IsFinite(fp))

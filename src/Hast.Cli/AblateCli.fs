@@ -274,6 +274,7 @@ let private runCommand (c: AblateConfig) (p: Point) : QuantizeCli.PipelineConfig
       Model = c.Model
       Classes = c.Classes
       Test = c.Test
+      Val = None
       Device = c.Device
       Run = p.Config
       Out = ""

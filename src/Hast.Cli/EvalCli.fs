@@ -20,6 +20,8 @@ type EvalConfig =
       Threads: int option
       /// the test set (None with --layers alone)
       Test: string option
+      /// a validation set evaluated after the test set (`--val`)
+      Val: string option
       /// list the model's quantizable layers instead of evaluating
       Layers: bool
       Classes: int option
@@ -31,7 +33,7 @@ type EvalConfig =
       Report: string option }
 
 let defaults =
-    { Model = None; Checkpoint = None; Onnx = None; OrtOpt = "all"; Threads = None; Test = None; Layers = false; Classes = None
+    { Model = None; Checkpoint = None; Onnx = None; OrtOpt = "all"; Threads = None; Test = None; Val = None; Layers = false; Classes = None
       WBits = 32; ABits = 32; CalibBatches = 4; BatchSize = 200; Device = "cpu"; Report = None }
 
 type EvalArgs =
@@ -46,6 +48,7 @@ type EvalArgs =
     | Ort_Opt of level: string
     | Threads of n: int
     | Test of path: string
+    | Val of path: string
     | Layers
     | Classes of n: int
     | Wbits of bits: int
@@ -70,6 +73,7 @@ type EvalArgs =
                     (String.concat ", " ortLevels) defaults.OrtOpt
             | Threads _ -> "ONNX Runtime intra-op threads with --onnx (default: ONNX Runtime's, one per core)"
             | Test _ -> "test set: CIFAR binary file (e.g. test_batch.bin) or an image folder (class = sub-folder)"
+            | Val _ -> "a validation set evaluated after --test (same formats), reported beside it (--report: \"val\")"
             | Layers -> "list the model's quantizable layers (names for --bits-map; weight layers and activation quantizers, with bits, parameters and stored bytes) instead of evaluating; with --report, as JSON"
             | Classes _ -> "number of classes (default: the architecture's)"
             | Wbits _ -> sprintf "weight bits, 2..8 or 32 = off (default: %d)" defaults.WBits
@@ -92,6 +96,7 @@ let ofResults (r: ParseResults<EvalArgs>) : EvalConfig =
             level
           Threads = r.TryGetResult <@ Threads @> |> Option.map (checkPositiveInt "--threads")
           Test = r.TryGetResult <@ Test @>
+          Val = r.TryGetResult <@ Val @>
           Layers = r.Contains <@ Layers @>
           Classes = r.TryGetResult <@ Classes @> |> Option.map (checkPositiveInt "--classes")
           WBits = getOr r <@ Wbits @> defaults.WBits |> checkBits "--wbits"
@@ -101,6 +106,7 @@ let ofResults (r: ParseResults<EvalArgs>) : EvalConfig =
           Device = getOr r <@ Device @> defaults.Device
           Report = r.TryGetResult <@ Report @> }
     if c.Test.IsNone && not c.Layers then Hast.Core.Prelude.fail "give --test (a test set to evaluate on), or --layers to list the model's layers"
+    if c.Val.IsSome && c.Test.IsNone then Hast.Core.Prelude.fail "--val is evaluated beside --test; give --test too"
     if c.Layers && c.Onnx.IsSome then Hast.Core.Prelude.fail "--layers lists a Hast model's layers (--checkpoint, or --arch/--weights / --model with --wbits/--abits), not an ONNX file's"
     match c.Checkpoint, c.Onnx, c.Model with
     | Some _, None, None

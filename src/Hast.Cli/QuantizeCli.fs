@@ -21,6 +21,8 @@ type PipelineConfig =
       Model: ModelCli.ModelSource
       Classes: int option
       Test: string
+      /// a validation set evaluated beside the test set (`--val`), to choose settings on
+      Val: string option
       Device: string
       Run: Pipeline.Config
       Out: string
@@ -41,6 +43,8 @@ let commandUsage (key: string) : string option =
     | "input-scale" -> Some ModelCli.Usage.inputScale
     | "classes" -> Some "number of classes (default: read from the weights)"
     | "test" -> Some "test set (CIFAR binary file or image folder), evaluated after calibration and each epoch"
+    | "val" ->
+        Some "validation set (CIFAR binary file or image folder) evaluated beside --test, its top-1 in the log, metrics.jsonl and report.json as val_top1: choose settings on it, report on --test (never trained on)"
     | "out" -> Some "output folder: quantized.ckpt, train.ckpt (per epoch), config.json, report.json, log.txt, metrics.jsonl, run.png"
     | "report" -> Some "write {fp_top1, calib_top1, final_top1, best_top1, iterations, seconds} as JSON here"
     | "device" -> Some "cpu or cuda (default: cpu)"
@@ -52,7 +56,7 @@ let commandUsage (key: string) : string option =
 
 /// The command's own keys (`commandUsage`).
 let commandKeys =
-    ModelCli.keys @ [ "classes"; "test"; "out"; "report"; "device"; "preset"; "config"; "resume" ]
+    ModelCli.keys @ [ "classes"; "test"; "val"; "out"; "report"; "device"; "preset"; "config"; "resume" ]
 
 type QuantizeArgs =
     | Arch of name: string
@@ -63,6 +67,7 @@ type QuantizeArgs =
     | Input_Scale of scale: float
     | Classes of n: int
     | Test of path: string
+    | Val of path: string
     | Out of dir: string
     | Report of path: string
     | Device of name: string
@@ -79,6 +84,7 @@ type QuantizeArgs =
     | Bits_Map of json: string
     | Size_Budget of kib: float
     | Bits_Candidates of bits: string
+    | Weight_Range of rule: string
     | Calibration of mode: string
     | Calib_Batches of k: int
     | Calib_Batch of n: int
@@ -199,6 +205,7 @@ let ofLayerOver (io: ModelCli.Io) (isRun: bool) (presetName: string option) (b: 
       Model = model
       Classes = classes
       Test = require "test" "a test set to report accuracy on"
+      Val = r.TryString "val"
       Device = r.String("device", "cpu")
       Run = run
       Out = require "out" "an output folder"
@@ -240,6 +247,9 @@ let toLayer (c: PipelineConfig) : Layer =
                 | Some n -> "classes", string n
                 | None -> ()
                 "test", c.Test
+                match c.Val with
+                | Some v -> "val", v
+                | None -> ()
                 "device", c.Device ]
           RunSettings.toLayer c.Run ]
 
@@ -258,6 +268,7 @@ let withFullPaths (full: string -> string) (c: PipelineConfig) : PipelineConfig 
     { c with
         Model = ModelCli.withFullPath full c.Model
         Test = full c.Test
+        Val = c.Val |> Option.map full
         Run =
             { c.Run with
                 Samples =

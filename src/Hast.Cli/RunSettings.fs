@@ -172,12 +172,26 @@ let precision : Setting<Config> list =
         Show = fun c -> c.Precision.SizeBudget |> Option.map (fun _ -> c.Precision.Candidates |> List.map string |> String.concat ",")
         Set = fun v c -> { c with Precision = { c.Precision with Candidates = parseInts "bits-candidates" v } } } ]
 
+/// How weight ranges are chosen: shown only when not min/max, so runs from before the setting keep
+/// their config.json (and resume).
+let private weightRange : Setting<Config> =
+    { Key = "weight-range"
+      Help =
+        "per-channel weight range: minmax (each channel's min and max, the paper's; the default) | mse (each channel clipped to the factor whose grid has the least squared error, searched at every step)"
+      Show = fun c -> if c.WeightRange = Quantizers.MinMax then None else Some(Quantizers.WeightRange.name c.WeightRange)
+      Set =
+        fun v c ->
+            match Quantizers.WeightRange.tryParse v with
+            | Some r -> { c with WeightRange = r }
+            | None -> failf "--weight-range must be %s (got '%s')" (String.concat " or " Quantizers.WeightRange.names) v }
+
 /// The run's settings, in the order a layer applies (each choice before the settings under it:
 /// `--schedule` before `--milestones`, `--promotion` before `--epsilon`, `--method` after what it sets).
 let run (ctx: Context) : Setting<Config> list =
     [ Setting.int "wbits" "weight bits, 2..8 or 32 = off" (fun c -> c.WBits) (fun v c -> { c with WBits = v })
       Setting.int "abits" "activation bits, 2..8 or 32 = off" (fun c -> c.ABits) (fun v c -> { c with ABits = v })
       yield! precision
+      weightRange
       // ---- samples
       { Key = "samples"
         Help = "run: number of samples to synthesize; quantize: sample store folder (from `hast synthesize`)"

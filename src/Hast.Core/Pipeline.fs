@@ -81,6 +81,8 @@ type Config =
       ABits: int
       /// per-layer exceptions to `WBits`/`ABits` (mixed precision; uniform by default)
       Precision: Precision.Config
+      /// how each weight layer's per-channel range is chosen (`MinMax`, the paper's, by default)
+      WeightRange: Quantizers.WeightRange
       Samples: Samples
       Calibration: Calibration
       FineTune: FineTune.Config
@@ -160,6 +162,7 @@ let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Con
     { WBits = Quantizers.defaultBits
       ABits = Quantizers.defaultBits
       Precision = Precision.defaults
+      WeightRange = Quantizers.MinMax
       Samples = samples
       Calibration = FromSamples sampleCalibrationDefaults
       FineTune = fineTuneDefaults (datasetOf family classes)

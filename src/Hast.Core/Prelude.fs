@@ -147,3 +147,5 @@ module JsonRecord =
     /// null for NaN and the infinities
     let finite (v: float) : JsonNode = if Double.IsFinite v then num v else null
     let finites (xs: float seq) : JsonNode = JsonArray(xs |> Seq.map finite |> Array.ofSeq)
+    /// null for None
+    let numOpt (v: float option) : JsonNode = match v with Some x -> num x | None -> null

@@ -120,20 +120,70 @@ let weightRange (w: Tensor) : Tensor * Tensor =
         let keep = Array.append [| d.size 0 |] (Array.create (int (d.dim ()) - 1) 1L)
         lo.view keep, hi.view keep
 
+/// How a weight quantizer chooses each output channel's range (issue 29's weight-quantizer
+/// candidate). Either way the range is a function of the current weight, computed at every forward.
+type WeightRange =
+    /// the channel's min and max: no weight is clipped (the paper's; the default)
+    | MinMax
+    /// the channel's min and max scaled by the factor of `mseFactors` whose grid values have the least
+    /// squared error to the channel's weights: outliers are clipped for a finer grid (the clipping
+    /// search of post-training quantizers); the factor 1 (min/max) wins ties
+    | Mse
+
+module WeightRange =
+    let names = [ "minmax"; "mse" ]
+    let name (r: WeightRange) =
+        match r with
+        | MinMax -> "minmax"
+        | Mse -> "mse"
+    let tryParse (s: string) =
+        match s.Trim().ToLowerInvariant() with
+        | "minmax" -> Some MinMax
+        | "mse" -> Some Mse
+        | _ -> None
+
+/// The clipping factors `Mse` searches: 1, 0.975, ..., 0.525 (20 factors).
+let mseFactors : float list = List.init 20 (fun k -> 1.0 - 0.025 * float k)
+
+/// Per-output-channel range of a weight as `mode` chooses it (`weightRange` for `MinMax`), shaped as
+/// `weightRange`'s; detached.
+let weightRangeOf (mode: WeightRange) (bits: int) (w: Tensor) : Tensor * Tensor =
+    match mode with
+    | Mse when bits <> fullPrecisionBits ->
+        use _ = torch.NewDisposeScope()
+        let lo, hi = weightRange w
+        let d = w.detach()
+        let channels = if d.dim () < 2L then 1L else d.size 0
+        let flat = d.reshape(channels, -1L)
+        // every factor at once: (factors, channels, weights per channel), one pass of each operation
+        let factors = torch.tensor(Array.ofList mseFactors, dtype = d.dtype)
+        let k = factors.shape[0]
+        let scaled (t: Tensor) = t.reshape(1L, channels, 1L) * factors.view(k, 1L, 1L)
+        let q = fakeQuant (flat.unsqueeze(0L).expand(k, channels, flat.size 1)) (scaled lo) (scaled hi) bits
+        // each factor's squared error per channel; the first of equal errors (the factor 1 first)
+        let best = factors.index_select(0L, (q - flat).square().sum(2L).argmin(0L)).view(lo.shape)
+        (lo * best).MoveToOuterDisposeScope(), (hi * best).MoveToOuterDisposeScope()
+    | _ -> weightRange w
+
 /// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
-/// the min/max over all other dims of the current (detached) weight (`weightRange`).
-let weightFakeQuant (w: Tensor) (bits: int) : Tensor =
+/// chosen by `mode` from the current (detached) weight (`weightRangeOf`).
+let weightFakeQuantWith (mode: WeightRange) (w: Tensor) (bits: int) : Tensor =
     checkBits "wbits" bits
     if bits = fullPrecisionBits then w
     else
         use _ = torch.NewDisposeScope()
-        let lo, hi = weightRange w
+        let lo, hi = weightRangeOf mode bits w
         (fakeQuant w lo hi bits).MoveToOuterDisposeScope()
 
-/// A layer whose weight is fake-quantized in the forward pass. Its bit width can be changed after the
-/// model is built (per-layer bit widths, `Precision`): the weight's grid is computed at every forward.
+/// `weightFakeQuantWith MinMax`: each channel's grid spans its min and max.
+let weightFakeQuant (w: Tensor) (bits: int) : Tensor = weightFakeQuantWith MinMax w bits
+
+/// A layer whose weight is fake-quantized in the forward pass. Its bit width and range rule can be
+/// changed after the model is built (per-layer bit widths, `Precision`; `setWeightRange`): the
+/// weight's grid is computed at every forward.
 type IWeightQuantized =
     abstract WeightBits: int with get, set
+    abstract WeightRange: WeightRange with get, set
 
 /// Conv2d with per-channel fake-quantized weight and a switchable compute precision (`ConvPrecision`):
 /// `ConvModule`'s parameters (as torch.nn.Conv2d, so FP state_dicts fit) and routes. The weight is
@@ -142,13 +192,17 @@ type QConv2d(spec: ConvSpec, wbits: int) =
     inherit ConvModule("QConv2d", spec)
     do checkBits "wbits" wbits
     let mutable wbits = wbits
+    let mutable range = MinMax
     interface IWeightQuantized with
         member _.WeightBits
             with get () = wbits
             and set v =
                 checkBits "wbits" v
                 wbits <- v
-    override this.Weight() = weightFakeQuant (this.get_parameter "weight") wbits
+        member _.WeightRange
+            with get () = range
+            and set v = range <- v
+    override this.Weight() = weightFakeQuantWith range (this.get_parameter "weight") wbits
 
 /// Linear with per-output-row fake-quantized weight. Parameters `weight` (out, in) and `bias` (out).
 type QLinear(inFeatures: int64, outFeatures: int64, wbits: int) as this =
@@ -164,14 +218,18 @@ type QLinear(inFeatures: int64, outFeatures: int64, wbits: int) as this =
         this.register_parameter("weight", new Parameter(w))
         this.register_parameter("bias", new Parameter(b))
     let mutable wbits = wbits
+    let mutable range = MinMax
     interface IWeightQuantized with
         member _.WeightBits
             with get () = wbits
             and set v =
                 checkBits "wbits" v
                 wbits <- v
+        member _.WeightRange
+            with get () = range
+            and set v = range <- v
     override this.forward(x: Tensor) : Tensor =
-        let w = weightFakeQuant (this.get_parameter "weight") wbits
+        let w = weightFakeQuantWith range (this.get_parameter "weight") wbits
         torch.nn.functional.linear(x, w, this.get_parameter "bias")
 
 /// What an activation quantizer does with its range.
@@ -329,6 +387,16 @@ let weightQuantizedLayers (m: Module) : (string * Module) list =
     [ if (box m) :? IWeightQuantized then yield ("", m)
       for struct (name, c) in m.named_modules () do
           if (box c) :? IWeightQuantized && not (obj.ReferenceEquals(c, m)) then yield (name, c) ]
+
+/// Set the range rule of every weight quantizer of a model.
+let setWeightRange (m: Module) (mode: WeightRange) : unit =
+    for _, l in weightQuantizedLayers m do (box l :?> IWeightQuantized).WeightRange <- mode
+
+/// The range rule of a model's weight quantizers (`MinMax` without any; they share one, `setWeightRange`).
+let weightRangeOfModel (m: Module) : WeightRange =
+    match weightQuantizedLayers m with
+    | (_, l) :: _ -> (box l :?> IWeightQuantized).WeightRange
+    | [] -> MinMax
 
 module LayerKit =
     /// Fake-quantized layers: per-channel `wbits` weights, per-tensor `abits` activations after

@@ -64,6 +64,14 @@ let private evaluate (inputs: Inputs) (c: Config) (event: Event -> unit) (phase:
     event (Evaluated(phase, acc))
     acc
 
+/// The model on the validation set, when the run has one (after its test evaluation at that phase).
+let private evaluateVal (inputs: Inputs) (c: Config) (event: Event -> unit) (phase: Phase) (model: Net) : Evaluate.Accuracy option =
+    inputs.Val
+    |> Option.map (fun v ->
+        let acc = Evaluate.accuracy inputs.Device (int64 c.Eval.BatchSize) (fun d t -> event (EvaluationBatch(phase, d, t))) model v
+        event (Validated(phase, acc))
+        acc)
+
 /// Calibrate the student's activation ranges as `c.Calibration` says.
 let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (event: Event -> unit) : unit =
     match c.Calibration with
@@ -102,6 +110,7 @@ let chooseBits (inputs: Inputs) (c: Config) (images: Tensor) (event: Event -> un
     if not (Precision.isMixed p) then Precision.uniform
     else
         use probe = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+        Quantizers.setWeightRange probe c.WeightRange
         let fixedBits = Precision.fixedBits probe p
         Precision.check "bits-map" probe fixedBits
         let bits, allocation =
@@ -195,6 +204,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
         let q = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
         try
             Precision.apply q bits
+            Quantizers.setWeightRange q c.WeightRange
             q
         with _ ->
             q.Dispose()
@@ -224,16 +234,20 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
             | None ->
                 event (StageStarted(Stage.EvalFullPrecision, 0L, inputs.Test.Count))
                 let fp = evaluate inputs c event FullPrecision inputs.Teacher
+                let fpVal = evaluateVal inputs c event FullPrecision inputs.Teacher
                 calibrate inputs c student images event
                 event (StageStarted(Stage.EvalCalibrated, 0L, inputs.Test.Count))
                 let calib = evaluate inputs c event Calibrated student
+                let calibVal = evaluateVal inputs c event Calibrated student
                 // under a time budget, the fine-tuning is planned again now that only it is left
                 let c =
                     budgeted.Replan(fun plan left -> RunPlan.replanFineTune plan c synthesisTiming left |> Option.map (fun r -> r, ()))
                     |> Option.map fst
                     |> Option.defaultValue c
                 average |> Option.iter (fun a -> WeightAverage.copyInto a student)
-                let p = { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; History = []; EpochsDone = 0; Rollbacks = []; Degraded = None }
+                let p =
+                    { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; FpValTop1 = fpVal |> Option.map (fun a -> a.Top1)
+                      CalibValTop1 = calibVal |> Option.map (fun a -> a.Top1); History = []; EpochsDone = 0; Rollbacks = []; Degraded = None }
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
                 c, p
         // ---- fine-tune, epoch by epoch
@@ -243,12 +257,13 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
         // by this process, rolled back ones included (the budget's time per epoch)
         let kept = ref (GoodState.keep student average opt)
         let epochRuns = ref 0
+        // the delivered model's test accuracy, with averaging the last weights' beside it, and the
+        // delivered model's on the validation set
         let evaluateEpoch (epoch: int) =
-            match average with
-            | Some a ->
-                let last = evaluate inputs c event (LastWeightsAfterEpoch(epoch + 1)) student
-                Some(evaluate inputs c event (AfterEpoch(epoch + 1)) a), Some last
-            | None -> Some(evaluate inputs c event (AfterEpoch(epoch + 1)) student), None
+            let delivered = average |> Option.defaultValue student
+            let last = average |> Option.map (fun _ -> evaluate inputs c event (LastWeightsAfterEpoch(epoch + 1)) student)
+            let acc = evaluate inputs c event (AfterEpoch(epoch + 1)) delivered
+            Some acc, last, evaluateVal inputs c event (AfterEpoch(epoch + 1)) delivered
         let budgetStop (ft: FineTune.Config) (epochsDone: int) =
             match c.TimeBudget with
             | Some budget when epochsDone < ft.Epochs ->
@@ -296,14 +311,14 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                         |> Option.map (fun (next, ()) -> { ft with Epochs = max (epoch + 1) next.FineTune.Epochs })
                         |> Option.defaultValue ft
                     else ft
-                let acc, lastWeights =
+                let acc, lastWeights, onVal =
                     match evaluated with
                     | Some r -> r
                     | None when epoch + 1 >= ft.Epochs -> evaluateEpoch epoch // the re-plan made it the last epoch
-                    | None -> None, None
+                    | None -> None, None, None
                 let record =
                     { Epoch = epoch + 1; Iterations = int64 (epoch + 1) * int64 ft.ItersPerEpoch; Mean = stats.Mean
-                      Accuracy = acc; LastWeights = lastWeights }
+                      Accuracy = acc; LastWeights = lastWeights; Val = onVal }
                 let p = { p with History = p.History @ [ record ]; EpochsDone = epoch + 1 }
                 event (EpochFinished(record, ft.Epochs))
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
@@ -343,8 +358,8 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 let history =
                     match List.tryLast p.History with
                     | Some last when last.Accuracy.IsNone ->
-                        let acc, lastWeights = evaluateEpoch (last.Epoch - 1)
-                        List.take (p.History.Length - 1) p.History @ [ { last with Accuracy = acc; LastWeights = lastWeights } ]
+                        let acc, lastWeights, onVal = evaluateEpoch (last.Epoch - 1)
+                        List.take (p.History.Length - 1) p.History @ [ { last with Accuracy = acc; LastWeights = lastWeights; Val = onVal } ]
                     | _ -> p.History
                 let p = { p with History = history; Degraded = Some message }
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }

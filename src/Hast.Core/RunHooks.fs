@@ -50,6 +50,8 @@ type Event =
     | GeneratorIteration of Generator.IterInfo
     | EvaluationBatch of Phase * imagesDone: int64 * imagesTotal: int64
     | Evaluated of Phase * Evaluate.Accuracy
+    /// the same model at the same phase on the validation set (`Inputs.Val`), after its test evaluation
+    | Validated of Phase * Evaluate.Accuracy
     | FineTuneIteration of FineTune.IterInfo
     /// an epoch ended (its record is not saved yet)
     | EpochFinished of EpochRecord * epochs: int

@@ -35,6 +35,7 @@ let probe (inputs: RunRecords.Inputs) (c: Pipeline.Config) (saveCheckpoint: Net 
     use _ = torch.NewDisposeScope()
     let side = inputs.Arch.Input.Size
     use student = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+    Quantizers.setWeightRange student c.WeightRange
     student.eval ()
     use gen = Prelude.generator c.FineTune.Seed
     let noise (n: int64) = torch.randn([| n; 3L; int64 side; int64 side |], generator = gen)
@@ -47,15 +48,17 @@ let probe (inputs: RunRecords.Inputs) (c: Pipeline.Config) (saveCheckpoint: Net 
         noise (int64 calibBatch)))
     let calib = clock.Elapsed.TotalSeconds / float calibTimed
 
-    // test-set evaluation, timed on the first images and scaled to the whole set
-    let test = inputs.Test
-    let n = min test.Count (int64 evalProbeImages)
+    // an evaluation: the test set's, and the validation set's when the run has one, each timed on its
+    // first images and scaled to the whole set
     let evalSeconds (net: Net) =
         let batch = int64 (min evalProbeImages c.Eval.BatchSize)
-        Evaluate.accuracy inputs.Device batch (fun _ _ -> ()) net { test with Count = min n 8L } |> ignore
-        let t = Stopwatch.StartNew()
-        Evaluate.accuracy inputs.Device batch (fun _ _ -> ()) net { test with Count = n } |> ignore
-        t.Elapsed.TotalSeconds * float test.Count / float n
+        let on (set: Data.Dataset) =
+            let n = min set.Count (int64 evalProbeImages)
+            Evaluate.accuracy inputs.Device batch (fun _ _ -> ()) net { set with Count = min n 8L } |> ignore
+            let t = Stopwatch.StartNew()
+            Evaluate.accuracy inputs.Device batch (fun _ _ -> ()) net { set with Count = n } |> ignore
+            t.Elapsed.TotalSeconds * float set.Count / float n
+        on inputs.Test + (inputs.Val |> Option.map on |> Option.defaultValue 0.0)
     let fpEval = evalSeconds inputs.Teacher
     let eval = evalSeconds student
 

@@ -27,7 +27,9 @@ type EpochRecord =
       /// the delivered model's test accuracy (the weight average, with averaging), on evaluation epochs
       Accuracy: Evaluate.Accuracy option
       /// with weight averaging: the test accuracy of the student's last weights, beside `Accuracy`
-      LastWeights: Evaluate.Accuracy option }
+      LastWeights: Evaluate.Accuracy option
+      /// the delivered model's accuracy on the validation set (`--val`), on evaluation epochs
+      Val: Evaluate.Accuracy option }
 
 /// One rollback of the divergence guard: the epoch went back to the last good state and ran again.
 type Rollback =
@@ -42,6 +44,9 @@ type Rollback =
 type Progress =
     { FpTop1: float
       CalibTop1: float
+      /// the teacher's and the calibrated student's top-1 on the validation set (`--val`), None without one
+      FpValTop1: float option
+      CalibValTop1: float option
       /// finished epochs, oldest first
       History: EpochRecord list
       EpochsDone: int
@@ -63,6 +68,11 @@ type RunResult =
       /// with weight averaging: the last evaluated epoch's accuracy of the student's last weights (the
       /// final one is the average's), beside the headline
       FinalLastWeightsTop1: float option
+      /// on the validation set (`--val`), None without one: the teacher's, the calibrated student's, and
+      /// the delivered model's at the last evaluation (the set to choose settings on; the test set reports)
+      FpValTop1: float option
+      CalibValTop1: float option
+      FinalValTop1: float option
       /// the best evaluation, selected on the test set: reported beside the final one, labelled
       BestTop1: float
       /// 0 = calibration
@@ -92,6 +102,12 @@ let summarize (c: Pipeline.Config) (samples: int64) (p: Progress) : RunResult =
     { FpTop1 = p.FpTop1
       CalibTop1 = p.CalibTop1
       FinalTop1 = final
+      FpValTop1 = p.FpValTop1
+      CalibValTop1 = p.CalibValTop1
+      FinalValTop1 =
+          match p.History |> List.filter (fun e -> e.Accuracy.IsSome) |> List.tryLast with
+          | Some e -> e.Val |> Option.map (fun a -> a.Top1)
+          | None -> p.CalibValTop1
       FinalLastWeightsTop1 =
           p.History |> List.filter (fun e -> e.Accuracy.IsSome) |> List.tryLast |> Option.bind (fun e -> e.LastWeights) |> Option.map (fun a -> a.Top1)
       BestTop1 = best
@@ -109,10 +125,14 @@ let summarize (c: Pipeline.Config) (samples: int64) (p: Progress) : RunResult =
 /// synthesized nothing.
 type SynthesisTiming = { SampleIterations: float; Seconds: float }
 
-/// The teacher and test set of a run, loaded by the shell.
+/// The teacher, test set and validation set of a run, loaded by the shell.
 type Inputs =
     { Device: torch.Device
       Arch: Registry.Arch
       Classes: int64
       Teacher: Net
-      Test: Data.Dataset }
+      /// the set the run reports on
+      Test: Data.Dataset
+      /// a labelled set beside the test set to choose settings on (`--val`; issue 29), evaluated when
+      /// the test set is; never used to train or to pick an epoch
+      Val: Data.Dataset option }

@@ -66,6 +66,14 @@ let epochJson (e: RunRecords.EpochRecord) : JsonObject =
         o["last_weights_top5"] <- num l.Top5
         o["last_weights_top1_correct"] <- count l.Top1Correct
         o["last_weights_top5_correct"] <- count l.Top5Correct)
+    // the validation set's numbers carry a `val_` prefix: `top1` is always the test set's
+    e.Val
+    |> Option.iter (fun v ->
+        o["val_top1"] <- num v.Top1
+        o["val_top5"] <- num v.Top5
+        o["val_top1_correct"] <- count v.Top1Correct
+        o["val_top5_correct"] <- count v.Top5Correct
+        o["val_count"] <- count v.Count)
     o
 
 let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
@@ -82,18 +90,32 @@ let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
         | null, _
         | _, null -> None
         | c, l1 -> Some(accuracy (l1.GetValue<int64>()) (long "last_weights_top5_correct") (c.GetValue<int64>()))
+    let onVal =
+        match o["val_count"] with
+        | null -> None
+        | c -> Some(accuracy (long "val_top1_correct") (long "val_top5_correct") (c.GetValue<int64>()))
     { Epoch = (field o "epoch").GetValue<int>()
       Iterations = long "iterations"
       Mean = { KL = n "kl"; FA = n "fa"; CE = n "ce"; Total = n "total"; PerturbedTotal = n "perturbed_total"; PromotionGain = n "promotion_gain"; Lr = n "lr" }
       Accuracy = onTest
-      LastWeights = last }
+      LastWeights = last
+      Val = onVal }
 
 let rollbackJson (r: RunRecords.Rollback) : JsonObject =
     obj [ "epoch", int' r.Epoch; "reason", text r.Reason; "lr_scale", num r.LrScale ]
 
-/// metrics.jsonl's `eval` line of the calibrated student (epoch 0), beside the full-precision accuracy.
-let calibratedJson (top1: float) (fpTop1: float) : JsonObject =
-    obj [ "epoch", int' 0; "phase", text "calibration"; "top1", num top1; "fp_top1", num fpTop1 ]
+let private optNumOf (o: JsonObject) (key: string) : float option =
+    match o[key] with
+    | null -> None
+    | v -> Some(v.GetValue<float>())
+
+/// metrics.jsonl's `eval` line of the calibrated student (epoch 0), beside the full-precision accuracy;
+/// with a validation set, both on it too (`val_top1`, `fp_val_top1`).
+let calibratedJson (top1: float) (fpTop1: float) (valTop1: float option) (fpValTop1: float option) : JsonObject =
+    let o = obj [ "epoch", int' 0; "phase", text "calibration"; "top1", num top1; "fp_top1", num fpTop1 ]
+    valTop1 |> Option.iter (fun v -> o["val_top1"] <- num v)
+    fpValTop1 |> Option.iter (fun v -> o["fp_val_top1"] <- num v)
+    o
 
 /// metrics.jsonl's `degraded` line: the divergence guard gave up (`RunHooks.Event.GaveUp`).
 /// The `bits` metric: the per-layer exceptions a run quantizes with, the weights' stored bytes, and
@@ -116,6 +138,8 @@ let private rollbackOf (o: JsonObject) : RunRecords.Rollback =
 let progressJson (p: RunRecords.Progress) : JsonObject =
     obj [ "fp_top1", num p.FpTop1
           "calib_top1", num p.CalibTop1
+          "fp_val_top1", numOpt p.FpValTop1
+          "calib_val_top1", numOpt p.CalibValTop1
           "history", JsonArray(p.History |> List.map (fun e -> epochJson e :> JsonNode) |> Array.ofList)
           "epochs_done", int' p.EpochsDone
           "rollbacks", JsonArray(p.Rollbacks |> List.map (fun r -> rollbackJson r :> JsonNode) |> Array.ofList)
@@ -136,6 +160,8 @@ let progressOfJson (meta: JsonObject) : Result<RunRecords.Progress, string> =
         Ok
             { FpTop1 = (field meta "fp_top1").GetValue<float>()
               CalibTop1 = (field meta "calib_top1").GetValue<float>()
+              FpValTop1 = optNumOf meta "fp_val_top1"
+              CalibValTop1 = optNumOf meta "calib_val_top1"
               History = (match meta["history"] with :? JsonArray -> list "history" epochOf | _ -> failwith "'history' is missing")
               EpochsDone = (field meta "epochs_done").GetValue<int>()
               Rollbacks = list "rollbacks" rollbackOf
@@ -147,7 +173,7 @@ let progressOfJson (meta: JsonObject) : Result<RunRecords.Progress, string> =
 
 /// The guard's state of a result (for `RunRecords.lrScale`).
 let progressOf (r: RunRecords.RunResult) : RunRecords.Progress =
-    { FpTop1 = r.FpTop1; CalibTop1 = r.CalibTop1; History = r.History; EpochsDone = r.EpochsDone; Rollbacks = r.Rollbacks; Degraded = r.Degraded }
+    { FpTop1 = r.FpTop1; CalibTop1 = r.CalibTop1; FpValTop1 = r.FpValTop1; CalibValTop1 = r.CalibValTop1; History = r.History; EpochsDone = r.EpochsDone; Rollbacks = r.Rollbacks; Degraded = r.Degraded }
 
 /// The report of a finished run (report.json, the `result` metric, the final checkpoint's `result`).
 let resultJson (r: RunRecords.RunResult) (wbits: int) (abits: int) (seed: int64) (seconds: float) : JsonObject =
@@ -159,6 +185,10 @@ let resultJson (r: RunRecords.RunResult) (wbits: int) (abits: int) (seed: int64)
           (match r.FinalLastWeightsTop1 with
            | Some _ -> text "final_top1 is the weight average (--weight-ema), final_last_weights_top1 the last weights of the student"
            | None -> null)
+          // the validation set (--val; null without one): the set to choose settings on
+          "fp_val_top1", numOpt (r.FpValTop1 |> Option.map (fun v -> Math.Round(v, 4)))
+          "calib_val_top1", numOpt (r.CalibValTop1 |> Option.map (fun v -> Math.Round(v, 4)))
+          "final_val_top1", numOpt (r.FinalValTop1 |> Option.map (fun v -> Math.Round(v, 4)))
           "best_top1", num (Math.Round(r.BestTop1, 4))
           "best_top1_note", text "best epoch selected on the test set; the headline is final_top1"
           "best_epoch", int' r.BestEpoch

@@ -88,6 +88,11 @@ let private weightBits (m: torch.nn.Module) =
     | :? Quantizers.IWeightQuantized as q -> q.WeightBits
     | _ -> Quantizers.fullPrecisionBits
 
+let private weightRange (m: torch.nn.Module) =
+    match box m with
+    | :? Quantizers.IWeightQuantized as q -> q.WeightRange
+    | _ -> Quantizers.MinMax
+
 /// Check that every activation quantizer of `net` that quantizes has a calibrated range;
 /// `what` names the model in the message.
 let checkCalibrated (what: string) (net: torch.nn.Module) : unit =
@@ -127,7 +132,7 @@ let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: t
     | :? Conv2d when speed && weightBits m <> Quantizers.fullPrecisionBits ->
         let spec = (convSpec m).Value
         let bias = if spec.Bias then Some(m.get_parameter "bias" :> torch.Tensor) else None
-        { x with Form = Speed.conv b path spec (m.get_parameter "weight") (weightBits m) bias x.Form }
+        { x with Form = Speed.conv b path spec (m.get_parameter "weight") (weightBits m) (weightRange m) bias x.Form }
     | :? Quantizers.QConv2d
     | :? Hast.Core.Conv
     | :? Conv2d when speed && (match x.Form with Speed.Quantized _ -> true | _ -> false) ->
@@ -139,7 +144,7 @@ let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: t
     | :? Hast.Core.Conv
     | :? Conv2d ->
         let spec = (convSpec m).Value
-        let w = weight b (join path "weight") (m.get_parameter "weight") (weightBits m)
+        let w = weight b (join path "weight") (m.get_parameter "weight") (weightBits m) (weightRange m)
         let bias =
             if spec.Bias then
                 let t = m.get_parameter "bias"
@@ -152,8 +157,8 @@ let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: t
         let bits = weightBits m
         let w =
             if speed && bits <> Quantizers.fullPrecisionBits then
-                Speed.floatWeight b (join path "weight") (Speed.intWeight (m.get_parameter "weight") bits None)
-            else weight b (join path "weight") (m.get_parameter "weight") bits
+                Speed.floatWeight b (join path "weight") (Speed.intWeight (m.get_parameter "weight") bits (weightRange m) None)
+            else weight b (join path "weight") (m.get_parameter "weight") bits (weightRange m)
         let bt = m.get_parameter "bias"
         let bias = b.Init(Proto.floatTensor (join path "bias") bt.shape (floats bt))
         floatValue (gemm b path w bias (fl b x)) x.Spatial

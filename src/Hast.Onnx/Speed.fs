@@ -56,11 +56,12 @@ type Form =
 
 let private uint8Scalar (b: Builder) (name: string) (v: int) : string = b.Init(codesTensor name DataType.Uint8 [||] [| v |])
 
-/// The weight of a layer as Hast quantizes it (`Quantizers.weightRange` / `quantCodes`), with its bias.
-let intWeight (w: torch.Tensor) (bits: int) (bias: torch.Tensor option) : IntWeight =
+/// The weight of a layer as Hast quantizes it with the range rule `range` (`Quantizers.weightRangeOf` /
+/// `quantCodes`), with its bias.
+let intWeight (w: torch.Tensor) (bits: int) (range: Quantizers.WeightRange) (bias: torch.Tensor option) : IntWeight =
     if w.dim () < 2L then invalidArg "w" "per-channel weights need >= 2 dims"
     use _ = torch.NewDisposeScope()
-    let lo, hi = Quantizers.weightRange w
+    let lo, hi = Quantizers.weightRangeOf range bits w
     let q, scale, zp = Quantizers.quantCodes w lo hi bits
     IntWeight.ofCodes w.shape (ints q) (Graph.floats scale) (ints zp) (bias |> Option.map Graph.floats)
 
@@ -124,12 +125,12 @@ let fullPrecisionConv (b: Builder) (name: string) (spec: ConvSpec) (w: torch.Ten
 
 /// A quantized convolution on `x` (weight `w` quantized to `bits`, optional bias): pending until its
 /// consumer is known.
-let conv (b: Builder) (name: string) (spec: ConvSpec) (w: torch.Tensor) (bits: int) (bias: torch.Tensor option) (x: Form) : Form =
+let conv (b: Builder) (name: string) (spec: ConvSpec) (w: torch.Tensor) (bits: int) (range: Quantizers.WeightRange) (bias: torch.Tensor option) (x: Form) : Form =
     let input =
         match x with
         | Quantized c -> CodeInput c
         | _ -> FloatInput(floatOf b x)
-    Pending { Name = name; Spec = spec; Input = input; Weight = intWeight w bits bias }
+    Pending { Name = name; Spec = spec; Input = input; Weight = intWeight w bits range bias }
 
 /// Inference BatchNorm: folded into a pending convolution, else a float BatchNormalization.
 let batchNorm (b: Builder) (name: string) (bn: BatchNorm2d) (x: Form) : Form =

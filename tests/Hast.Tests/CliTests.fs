@@ -368,6 +368,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Seed = 11L }
     let run : Pipeline.Config =
         { WBits = 3; ABits = 5
+          WeightRange = Quantizers.Mse
           Precision =
             { FirstWBits = Some 8; LastWBits = Some 6
               Map = { Weights = Map [ "layer1.0.conv1", 2 ]; Activations = Map [ "act1.quant", 8 ] }
@@ -378,7 +379,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Eval = { Every = 2; BatchSize = 100 }
           Guard = { SpikeFactor = 3.5; LrFactor = 0.25; Retries = 5; SpikeMinIters = 7 }
           TimeBudget = None }
-    { IsRun = isRun; Model = ModelCli.BuiltIn("cifar-resnet32-a", "/w/r32.th"); Classes = Some 10; Test = "/t/test.bin"; Device = "cpu"
+    { IsRun = isRun; Model = ModelCli.BuiltIn("cifar-resnet32-a", "/w/r32.th"); Classes = Some 10; Test = "/t/test.bin"; Val = Some "/t/val"; Device = "cpu"
       Run = run; Out = "o"; Report = None; Resume = false; Preset = None }
 
 /// The reads of a parse that meets no `--model` file.

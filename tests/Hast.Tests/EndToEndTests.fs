@@ -54,4 +54,40 @@ let tests : Test list =
                                      "--out"; tmp.File "missing"; "--real-data"; tmp.File "no-such-folder" ])
         Expect.equal code 1 "a missing folder fails"
         Expect.isFalse (err.Trim().Contains '\n') (sprintf "one line: %s" err)
-        Expect.isFalse (Directory.Exists(tmp.File "missing") && File.Exists(Path.Combine(tmp.File "missing", "report.json"))) "nothing written" ]
+        Expect.isFalse (Directory.Exists(tmp.File "missing") && File.Exists(Path.Combine(tmp.File "missing", "report.json"))) "nothing written" 
+      testCase "--val: a validation set beside the test set, per epoch in metrics.jsonl, in report.json and config.json, and hast eval --val agrees" <| fun () ->
+        use tmp = new TempDir()
+        // 3 real training images per class (a small copy of the shared validation folder)
+        let valDir = tmp.File "val"
+        for cls in Directory.GetDirectories trainJpeg do
+            let dst = Path.Combine(valDir, Path.GetFileName cls)
+            Directory.CreateDirectory dst |> ignore
+            for f in Directory.GetFiles cls |> Array.sort |> Array.take 3 do File.Copy(f, Path.Combine(dst, Path.GetFileName f))
+        let out = tmp.File "run"
+        let code, stdout, err =
+            runCli [ "quantize"; "--preset"; "tiny"; "--arch"; arch; "--weights"; zipWeights; "--test"; smallTest tmp 40; "--val"; valDir
+                     "--samples"; makeStore (tmp.File "store"); "--out"; out; "--wbits"; "4"; "--abits"; "4"; "--iters"; "4"; "--iters-per-epoch"; "2" ]
+        Expect.equal code 0 (sprintf "succeeds (%s)" (err.Trim()))
+        Expect.stringContains stdout "validation top-1" "the log names the validation set's accuracy"
+        let lines = File.ReadAllLines(Path.Combine(out, "metrics.jsonl")) |> Array.map (fun l -> JsonDocument.Parse(l).RootElement.Clone())
+        let epochs = lines |> Array.filter (fun l -> l.GetProperty("event").GetString() = "epoch")
+        Expect.equal epochs.Length 2 "two epochs"
+        for e in epochs do
+            Expect.equal (e.GetProperty("val_count").GetInt64(), e.GetProperty("count").GetInt64()) (30L, 40L) "each epoch: the validation set's 30 images beside the test set's 40"
+        let calib = lines |> Array.find (fun l -> l.GetProperty("event").GetString() = "eval")
+        Expect.isTrue (calib.TryGetProperty("val_top1") |> fst) "the calibration line has the validation set's top-1"
+        use report = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "report.json")))
+        let final = report.RootElement.GetProperty("final_val_top1").GetDouble()
+        Expect.floatClose Accuracy.veryHigh final (epochs[1].GetProperty("val_top1").GetDouble()) "final = the last epoch's validation top-1"
+        use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "config.json")))
+        Expect.equal (config.RootElement.GetProperty("val").GetString()) (Path.GetFullPath valDir) "config.json keeps the validation set, absolute"
+        // the delivered checkpoint evaluated again on the same sets
+        let evalReport = tmp.File "eval.json"
+        let code, _, err = runCli [ "eval"; "--checkpoint"; Path.Combine(out, "quantized.ckpt"); "--test"; smallTest tmp 40; "--val"; valDir; "--report"; evalReport ]
+        Expect.equal code 0 (sprintf "eval succeeds (%s)" (err.Trim()))
+        use ev = JsonDocument.Parse(File.ReadAllText evalReport)
+        Expect.floatClose Accuracy.veryHigh (ev.RootElement.GetProperty("val").GetProperty("top1").GetDouble()) final "hast eval --val gives the run's final validation top-1"
+        Expect.floatClose Accuracy.veryHigh (ev.RootElement.GetProperty("top1").GetDouble()) (report.RootElement.GetProperty("final_top1").GetDouble()) "and its test top-1"
+        let code, _, err = runCli [ "eval"; "--checkpoint"; Path.Combine(out, "quantized.ckpt"); "--val"; valDir ]
+        Expect.equal code 2 "--val without --test: a usage error"
+        Expect.stringContains err "--test" "says what is missing" ]

@@ -29,14 +29,18 @@ let calibrationImages (n: int) : seq<torch.Tensor> =
             yield x
     }
 
-/// A W`wbits`A`abits` checkpoint of the shared model, calibrated on 64 training images, as
-/// `hast quantize` writes it (before fine-tuning).
-let calibratedCheckpoint (path: string) (wbits: int) (abits: int) : string =
+/// A W`wbits`A`abits` checkpoint of the shared model with the weight range rule `range`, calibrated
+/// on 64 training images, as `hast quantize` writes it (before fine-tuning).
+let calibratedCheckpointWith (range: Quantizers.WeightRange) (path: string) (wbits: int) (abits: int) : string =
     let fp = Hast.App.ModelFiles.LoadWeights(arch, zipWeights, Nullable(), torch.CPU)
     let q = Hast.App.ModelFiles.Quantized(fp, wbits, abits)
+    Quantizers.setWeightRange q.Net range
     Quantize.calibrate torch.CPU q.Net (calibrationImages 64)
     Hast.App.IO.Checkpoint.Save(path, Hast.App.ModelFiles.CheckpointMeta(q, zipWeights, fp.Sha256), q.Net)
     path
+
+/// `calibratedCheckpointWith MinMax`.
+let calibratedCheckpoint (path: string) (wbits: int) (abits: int) : string = calibratedCheckpointWith Quantizers.MinMax path wbits abits
 
 /// A quantized checkpoint whose activation ranges were never calibrated.
 let uncalibratedCheckpoint (path: string) : string =
@@ -73,15 +77,17 @@ let levels = [ Runtime.Disabled; Runtime.Basic; Runtime.Extended; Runtime.All ]
 
 /// Export W`bits`A`bits` for `target` (size or speed), then compare ONNX Runtime (every
 /// optimisation level) with Hast.
-let parityCase (target: string) (bits: int) =
-    testCase (sprintf "W%dA%d export (%s): ONNX Runtime agrees with hast eval --checkpoint (>= 99.5%% of images, top-1 within 0.2 points)" bits bits target) <| fun () ->
+let parityCaseWith (range: Quantizers.WeightRange) (target: string) (bits: int) =
+    let named = if range = Quantizers.MinMax then "" else sprintf ", --weight-range %s" (Quantizers.WeightRange.name range)
+    testCase (sprintf "W%dA%d export (%s%s): ONNX Runtime agrees with hast eval --checkpoint (>= 99.5%% of images, top-1 within 0.2 points)" bits bits target named) <| fun () ->
         use d = new TempDir()
-        let ck = calibratedCheckpoint (d.File "quantized.ckpt") bits bits
+        let ck = calibratedCheckpointWith range (d.File "quantized.ckpt") bits bits
         let onnx = d.File "model.onnx"
         printf "  %s" (exportOk ([ "--checkpoint"; ck; "--out"; onnx ] @ (if target = "size" then [] else [ "--target"; target ])))
         let hast =
             let struct (m, c) = Hast.App.ModelFiles.LoadCheckpoint(ck, torch.CPU)
             c.Dispose()
+            Expect.equal (Quantizers.weightRangeOfModel m.Net) range "the checkpoint rebuilds the weight range rule"
             use _ng = torch.no_grad ()
             predictions m.Net.forward
         let bytes = File.ReadAllBytes onnx
@@ -97,6 +103,8 @@ let parityCase (target: string) (bits: int) =
         for level in [ "disabled"; Hast.Cli.EvalCli.defaults.OrtOpt ] |> List.distinct do
             let ortTop1 = evalTop1 [ "--onnx"; onnx; "--test"; test; "--ort-opt"; level; "--threads"; "1" ] (d.File "ort.json")
             Expect.isLessThanOrEqual (abs (ortTop1 - hastTop1)) 0.2 (sprintf "W%dA%d top-1: ONNX Runtime (%s) %.2f vs Hast %.2f" bits bits level ortTop1 hastTop1)
+
+let parityCase (target: string) (bits: int) = parityCaseWith Quantizers.MinMax target bits
 
 let sizeAndMetadata =
     testCase "W4A4 file is <= 20% of the FP export and carries its metadata" <| fun () ->
@@ -204,7 +212,8 @@ let badInput =
             Expect.equal code 2 (sprintf "usage error for %A: %s" args err)
 
 let tests : Test list =
-    [ parityCase "size" 4; parityCase "size" 3; parityCase "speed" 4; parityCase "speed" 3; sizeAndMetadata; threeBitLevels; badInput ]
+    [ parityCase "size" 4; parityCase "size" 3; parityCase "speed" 4; parityCase "speed" 3
+      parityCaseWith Quantizers.Mse "size" 3; parityCaseWith Quantizers.Mse "speed" 3; sizeAndMetadata; threeBitLevels; badInput ]
 
 // ---------------------------------------------------------------------------------------------
 // Imported graphs (`Models.Graph.GraphNet`): hand-made topologies that together use every `Op`,

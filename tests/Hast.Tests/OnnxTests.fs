@@ -58,10 +58,13 @@ let codeTests =
             for shape in [ [| 16L; 3L; 3L; 3L |]; [| 10L; 64L |]; [| 32L; 1L; 3L; 3L |] ] do
                 use _ = torch.NewDisposeScope()
                 let w = torch.randn(shape, generator = g) * 0.3f
+                for range in [ Quantizers.MinMax; Quantizers.Mse ] do
+                    let lo, hi = Quantizers.weightRangeOf range bits w
+                    let q, scale, zp = Quantizers.quantCodes w lo hi bits
+                    let fq = Quantizers.weightFakeQuantWith range w bits
+                    Expect.isTrue (((q - zp) * scale).eq(fq).all().item<bool> ()) (sprintf "(q - zp) * scale = weightFakeQuant (%A, bits %d, shape %A, seed %d)" range bits shape seed)
                 let lo, hi = Quantizers.weightRange w
-                let q, scale, zp = Quantizers.quantCodes w lo hi bits
-                let fq = Quantizers.weightFakeQuant w bits
-                Expect.isTrue (((q - zp) * scale).eq(fq).all().item<bool> ()) (sprintf "(q - zp) * scale = weightFakeQuant (bits %d, shape %A, seed %d)" bits shape seed)
+                let q, _, _ = Quantizers.quantCodes w lo hi bits
                 Expect.isTrue (q.eq(q.round()).all().item<bool> ()) "codes are whole numbers"
                 let qmax = float ((1 <<< bits) - 1)
                 Expect.isTrue (scalar (q.min()) >= 0.0 && scalar (q.max()) <= qmax) "codes in [0, 2^b - 1]"

@@ -375,6 +375,36 @@ let private fastPathTests : Test list = [
             (same (Quantizers.weightFakeQuant lin 4) (referenceQuant lin (d.amin([| 1L |], keepdim = true)) (d.amax([| 1L |], keepdim = true)) 4))
             "2-d (linear) weight"
     }
+    test "weightRangeOf Mse: per channel a factor of mseFactors with the least squared error, never worse than min/max" {
+        let seed = 20261203L
+        use _ = torch.NewDisposeScope()
+        use g = generator seed
+        // channels of different spreads; channel 0 has one large outlier, which min/max must span
+        let w = torch.randn([| 6L; 4L; 3L; 3L |], generator = g) * torch.linspace(0.05, 1.0, 6L).view(6L, 1L, 1L, 1L)
+        w[0L, 0L, 0L, 0L] <- torch.tensor 3.0f
+        let lo0, hi0 = Quantizers.weightRange w
+        for bits in [ 2; 3; 4; 8 ] do
+            let lo, hi = Quantizers.weightRangeOf Quantizers.Mse bits w
+            for c in 0L .. 5L do
+                let wc = w[c]
+                let err (a: float) =
+                    use f = a.ToScalar()
+                    scalar ((referenceQuant wc (lo0[c] * f) (hi0[c] * f) bits - wc).square().sum())
+                let best = Quantizers.mseFactors |> List.map err |> List.min
+                // the factor chosen, read back from the range (both ends scaled by it)
+                let chosen = scalar hi[c] / scalar hi0[c]
+                let nearest = Quantizers.mseFactors |> List.minBy (fun a -> abs (a - chosen))
+                let where = sprintf "channel %d, %d bits (seed %d)" c bits seed
+                Expect.isLessThan (abs (nearest - chosen)) 1e-6 (sprintf "%s: hi scaled by one of the factors (%g)" where chosen)
+                Expect.isLessThan (abs (scalar lo[c] - scalar lo0[c] * chosen)) (1e-6 * abs (scalar lo0[c]) + 1e-12) (sprintf "%s: lo by the same factor" where)
+                Expect.isLessThanOrEqual (err nearest) (best * (1.0 + 1e-5)) (sprintf "%s: the least squared error of the factors" where)
+                Expect.isLessThanOrEqual best (err 1.0) "never worse than min/max"
+            // on the coarse grids clipping the outlier pays (at 4 bits and more, this one is kept)
+            if bits <= 3 then Expect.isLessThan (scalar hi[0L]) (scalar hi0[0L]) (sprintf "%d bits: the outlier channel is clipped" bits)
+        Expect.isTrue (same (Quantizers.weightFakeQuantWith Quantizers.MinMax w 3) (Quantizers.weightFakeQuant w 3)) "MinMax is weightFakeQuant"
+        let r32 = Quantizers.weightRangeOf Quantizers.Mse 32 w
+        Expect.isTrue (same (fst r32) lo0 && same (snd r32) hi0) "32 bits: min/max (nothing is quantized)"
+    }
 ]
 
 let tests : Test list = propertyTests @ actTests @ layerTests @ fastPathTests

@@ -16,12 +16,16 @@ let private acc (top1: int64) : Evaluate.Accuracy = { Top1Correct = top1; Top5Co
 let private progress : RunRecords.Progress =
     { FpTop1 = 91.63
       CalibTop1 = 85.3
+      // a validation set's teacher accuracy; the calibrated student's left out (null in the JSON)
+      FpValTop1 = Some 85.96
+      CalibValTop1 = None
       History =
-        [ { Epoch = 1; Iterations = 200L; Mean = stats 1.0 true; Accuracy = Some(acc 840L); LastWeights = None }
+        [ { Epoch = 1; Iterations = 200L; Mean = stats 1.0 true; Accuracy = Some(acc 840L); LastWeights = None; Val = None }
           // not an evaluation epoch, no promotion
-          { Epoch = 2; Iterations = 400L; Mean = stats 2.0 false; Accuracy = None; LastWeights = None }
+          { Epoch = 2; Iterations = 400L; Mean = stats 2.0 false; Accuracy = None; LastWeights = None; Val = None }
           // weight averaging: the average and the last weights
-          { Epoch = 3; Iterations = 600L; Mean = stats 3.0 true; Accuracy = Some(acc 850L); LastWeights = Some(acc 845L) } ]
+          { Epoch = 3; Iterations = 600L; Mean = stats 3.0 true; Accuracy = Some(acc 850L); LastWeights = Some(acc 845L)
+            Val = Some { Top1Correct = 4300L; Top5Correct = 4950L; Count = 5000L } } ]
       EpochsDone = 3
       Rollbacks = [ { Epoch = 2; Reason = "loss NaN (kl) at iteration 17"; LrScale = 0.5 } ]
       Degraded = None }
@@ -42,6 +46,9 @@ let tests : Test list =
               Expect.isTrue (System.Double.IsNaN back.History[1].Mean.PromotionGain) "no promotion: NaN"
               Expect.equal back.Rollbacks progress.Rollbacks "rollbacks"
               Expect.equal (back.FpTop1, back.CalibTop1, back.EpochsDone, back.Degraded) (91.63, 85.3, 3, None) "the rest"
+              Expect.equal (back.FpValTop1, back.CalibValTop1) (Some 85.96, None) "the validation set's teacher, none calibrated"
+              Expect.equal back.History[2].Val progress.History[2].Val "an epoch's validation accuracy"
+              Expect.isNone back.History[0].Val "no validation in that epoch"
           Expect.isNull ((j["history"].AsArray()[1])["promotion_gain"]) "JSON has no NaN: null"
           let degraded = { progress with Degraded = Some "gave up" }
           match RunState.progressOfJson (RunState.progressJson degraded) with
@@ -65,6 +72,8 @@ let tests : Test list =
           Expect.equal (float (j["lr_scale"])) 0.5 "the guard's lr scale"
           Expect.equal (int (j["rollbacks"]), int64 (j["seed"]), int (j["wbits"])) (1, 7L, 4) "rollbacks, seed, bits"
           Expect.isNotNull (j["final_last_weights_top1"]) "with averaging, the last weights beside the headline"
+          Expect.equal (float (j["final_val_top1"]), float (j["fp_val_top1"])) (86.0, 85.96) "the validation set's final (the last evaluated epoch's) and teacher"
+          Expect.isNull (j["calib_val_top1"]) "no calibrated number on the validation set: null"
       }
       test "an iteration's metric: 1-based epoch, global iteration, NaN as null" {
           let it: FineTune.IterInfo = { Epoch = 1; Iteration = 4; ItersPerEpoch = 10; Stats = stats 1.0 false }
@@ -73,8 +82,10 @@ let tests : Test list =
           Expect.isNull (j["promotion_gain"]) "no promotion: null"
       } 
       test "metrics lines of the calibrated student and of a degraded run name their fields (as run.png and the studies read them)" {
-          let e = RunState.calibratedJson 79.5 91.6
+          let e = RunState.calibratedJson 79.5 91.6 None None
           Expect.equal (text e) """{"epoch":0,"phase":"calibration","top1":79.5,"fp_top1":91.6}""" "eval line"
+          let v = RunState.calibratedJson 79.5 91.6 (Some 75.0) (Some 86.0)
+          Expect.equal (text v) """{"epoch":0,"phase":"calibration","top1":79.5,"fp_top1":91.6,"val_top1":75,"fp_val_top1":86}""" "eval line with a validation set"
           let d = RunState.degradedJson 3 "loss NaN" 2 "gave up"
           Expect.equal (text d) """{"epoch":3,"reason":"loss NaN","epochs_done":2,"message":"gave up"}""" "degraded line"
       } ]

@@ -99,7 +99,7 @@ let private runInMemoryGeneral (fault: int -> int -> FineTune.Fault option) (sto
           BudgetSecondsUsed = fun () -> (c.TimeBudget |> Option.map (fun tb -> tb.Seconds) |> Option.defaultValue 0.0) - secondsLeft
           SynthesisSlowdown = fun () -> 2.0
           Fault = fault }
-    let inputs = { Device = torch.CPU; Arch = arch; Classes = 10L; Teacher = teacher; Test = test }
+    let inputs = { Device = torch.CPU; Arch = arch; Classes = 10L; Teacher = teacher; Test = test; Val = None }
     // one intra-op thread: the runs compared bit for bit do not depend on how work is split between threads
     let outcome =
         withOneThread (fun () ->

@@ -27,7 +27,7 @@ public static class BudgetProbe
     /// Plan `c` to its time budget `tb` (recorded in OUT/plan.json), or, resuming, reuse the plan
     /// recorded there: the plan, the planned config and lines for people.
     public static (RunPlan.Planned Plan, QuantizeCli.PipelineConfig Config, IReadOnlyList<string> Lines) Plan(
-        QuantizeCli.PipelineConfig c, Pipeline.TimeBudget tb, LoadedModel teacher, Data.Dataset test, Device device, string outDir, DateTime clockStart)
+        QuantizeCli.PipelineConfig c, Pipeline.TimeBudget tb, LoadedModel teacher, Data.Dataset test, FSharpOption<Data.Dataset>? val, Device device, string outDir, DateTime clockStart)
     {
         var planPath = Path.Combine(outDir, PlanFile);
         if (c.Resume && File.Exists(planPath))
@@ -40,7 +40,7 @@ public static class BudgetProbe
             return (resumed, QuantizeCli.withRun(run, c), [$"time budget: resuming with the recorded plan ({planPath})"]);
         }
         Directory.CreateDirectory(outDir);
-        var inputs = new RunRecords.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test);
+        var inputs = new RunRecords.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test, val);
         var probeCheckpoint = Path.Combine(outDir, ".budget-probe.ckpt");
         var probes = RunProbe.probe(inputs, c.Run, FuncConvert.FromAction<Net>(net =>
         {

@@ -23,6 +23,7 @@ public static class EvalCommand
         var testPath = c.Test.Value;
         var test = Datasets.Open(testPath, model.Arch.Input, model.Classes);
         Data.checkClasses(testPath, test.Dataset, model.Classes);
+        var val = OpenVal(c, model.Arch.Input, model.Classes);
 
         using var log = new RunLog(null, stdout);
         if (c.Checkpoint is null && (c.WBits < 32 || c.ABits < 32))
@@ -44,8 +45,29 @@ public static class EvalCommand
             FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), model.Net, test.Dataset);
         var bits = Precision.describe(model.WBits, model.ABits, Precision.exceptions(model.Net, model.WBits, model.ABits));
         log.Info($"{model.Arch.Name} {bits} on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
-        if (report is not null) AtomicFile.WriteAllText(report, Evaluate.accuracyJson(acc).ToJsonString() + "\n");
+        var json = Evaluate.accuracyJson(acc);
+        if (val is not null) json["val"] = Validate(c, log, device, model.Net, val, $"{model.Arch.Name} {bits}");
+        if (report is not null) AtomicFile.WriteAllText(report, json.ToJsonString() + "\n");
         return Program.ExitOk;
+    }
+
+    /// The validation set of `--val` (None without it), checked against the model's classes before any work.
+    static Datasets.Opened? OpenVal(EvalCli.EvalConfig c, Hast.Core.Models.Registry.Preprocess input, long classes)
+    {
+        if (c.Val is not { } valPath) return null;
+        var val = Datasets.Open(valPath.Value, input, classes);
+        Data.checkClasses(valPath.Value, val.Dataset, classes);
+        return val;
+    }
+
+    /// The model on the validation set: logged, and its report's `val` object.
+    static JsonObject Validate(EvalCli.EvalConfig c, RunLog log, Device device, Net net, Datasets.Opened val, string what)
+    {
+        log.Stage("eval (validation set)");
+        var acc = Evaluate.accuracy(device, c.BatchSize,
+            FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), net, val.Dataset);
+        log.Info($"{what} on the validation set {val.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
+        return Evaluate.accuracyJson(acc);
     }
 
     /// `hast eval --layers`: the quantizable layers of the model (a checkpoint's at its widths; full-precision
@@ -94,6 +116,7 @@ public static class EvalCommand
         var info = Metadata.ofProps(path, session.Metadata);
         var test = Datasets.Open(c.Test.Value, info.Input, info.Classes);
         Data.checkClasses(c.Test.Value, test.Dataset, info.Classes);
+        var val = OpenVal(c, info.Input, info.Classes);
 
         using var log = new RunLog(null, stdout);
         log.Stage("eval (ONNX Runtime)");
@@ -104,9 +127,11 @@ public static class EvalCommand
         var form = info.Target.IsSpeed ? ", --target speed" : "";
         log.Info($"{Path.GetFileName(path)} ({info.Arch} W{info.WBits}A{info.ABits}{form}) in ONNX Runtime on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
         log.Info($"ONNX Runtime: {perSecond:F1} images/s (inference only, batch {c.BatchSize}, optimisation {c.OrtOpt}, threads {threads})");
+        var valJson = val is null ? null : Validate(c, log, TorchSharp.torch.CPU, new Runtime.OnnxNet(session), val, Path.GetFileName(path));
         if (report is not null)
         {
             var json = Evaluate.accuracyJson(acc);
+            if (valJson is not null) json["val"] = valJson;
             json["images_per_second"] = Math.Round(perSecond, 2);
             json["batch_size"] = c.BatchSize;
             json["ort_optimization"] = c.OrtOpt;

@@ -41,12 +41,19 @@ public static class PipelineCommand
         var teacher = ModelFiles.LoadTeacher(c.Model, c.Classes is { } n ? n.Value : null, device);
         var test = Datasets.Open(c.Test, teacher.Arch.Input, teacher.Classes);
         Data.checkClasses(c.Test, test.Dataset, teacher.Classes);
+        FSharpOption<Data.Dataset>? val = null;
+        if (c.Val is { } valPath)
+        {
+            var v = Datasets.Open(valPath.Value, teacher.Arch.Input, teacher.Classes);
+            Data.checkClasses(valPath.Value, v.Dataset, teacher.Classes);
+            val = FSharpOption<Data.Dataset>.Some(v.Dataset);
+        }
         Hast.Core.Run.checkPrecision(teacher.Arch, teacher.Classes, teacher.Net, c.Run);
         // --time-budget: probe the steps and plan the counts before anything depends on them
         var clock = BudgetProbe.ClockStart(started);
         RunPlan.Planned? planned = null;
         IReadOnlyList<string> planLines = [];
-        if (c.Run.TimeBudget is { } tb) (planned, c, planLines) = BudgetProbe.Plan(c, tb.Value, teacher, test.Dataset, device, outDir, clock);
+        if (c.Run.TimeBudget is { } tb) (planned, c, planLines) = BudgetProbe.Plan(c, tb.Value, teacher, test.Dataset, val, device, outDir, clock);
         var storeDir = c.Run.Samples switch
         {
             Pipeline.Samples.Store st => st.dir,
@@ -163,7 +170,7 @@ public static class PipelineCommand
                     Faults.Action.Spike => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NewLossSpike(Faults.SpikeFactor)),
                     _ => FSharpOption<FineTune.Fault>.None,
                 })));
-        var inputs = new RunRecords.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset);
+        var inputs = new RunRecords.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset, val);
         var (result, studentNet) = Hast.Core.Run.run(inputs, c.Run, planned is null ? null : FSharpOption<RunPlan.Planned>.Some(planned), hooks).ToValueTuple();
         using var _student = studentNet;
 
@@ -191,6 +198,7 @@ public static class PipelineCommand
         log.Info($"final {bits} top-1 {result.FinalTop1:F2}%" +
                  (result.FinalLastWeightsTop1 is { } flw ? $" with the weight average (last weights {flw.Value:F2}%)" : "") + $" (full precision {result.FpTop1:F2}%, calibration only {result.CalibTop1:F2}%; " +
                  $"best epoch {result.BestEpoch} {result.BestTop1:F2}%, selected on test) in {seconds:F0}s -> {Path.Combine(c.Out, FinalCheckpoint)}" +
+                 (result.FinalValTop1 is { } fv ? $"; validation top-1 {fv.Value:F2}% (full precision {result.FpValTop1?.Value:F2}%)" : "") +
                  (result.Rollbacks.IsEmpty ? "" : $"; the divergence guard rolled back {result.Rollbacks.Length} time(s), lr x{RunRecords.lrScale(RunState.progressOf(result)):G3}"));
         log.Metric("result", json);
         WriteFigure(outDir, $"{teacher.Arch.Name} {bits}, seed {c.Run.FineTune.Seed}: final top-1 {result.FinalTop1:F2}%");

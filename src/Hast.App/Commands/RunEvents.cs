@@ -1,4 +1,5 @@
 using Hast.App.IO;
+using Microsoft.FSharp.Core;
 using Hast.Core;
 using Hast.Cli;
 
@@ -19,7 +20,8 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
     bool synthesizing;
     /// the run's widths when they are not uniform (`BitsChosen`)
     string? bitsText;
-    double fpTop1 = double.NaN;
+    double fpTop1 = double.NaN, calibTop1 = double.NaN;
+    double? fpValTop1;
 
     public void On(RunHooks.Event e)
     {
@@ -87,7 +89,17 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                 break;
             case RunHooks.Event.Evaluated ev when ev.Item1.IsCalibrated:
                 log.Info($"{bitsText ?? $"W{c.Run.WBits}A{c.Run.ABits}"} after calibration only: top-1 {ev.Item2.Top1:F2}%");
-                log.Metric("eval", RunState.calibratedJson(ev.Item2.Top1, fpTop1));
+                calibTop1 = ev.Item2.Top1;
+                if (c.Val is null) log.Metric("eval", RunState.calibratedJson(ev.Item2.Top1, fpTop1, null, null));
+                break;
+            case RunHooks.Event.Validated vd when vd.Item1.IsFullPrecision:
+                fpValTop1 = vd.Item2.Top1;
+                log.Info($"full precision on the validation set: top-1 {vd.Item2.Top1:F2}%");
+                break;
+            case RunHooks.Event.Validated vd when vd.Item1.IsCalibrated:
+                log.Info($"after calibration only, on the validation set: top-1 {vd.Item2.Top1:F2}%");
+                log.Metric("eval", RunState.calibratedJson(calibTop1, fpTop1, FSharpOption<double>.Some(vd.Item2.Top1),
+                    fpValTop1 is { } fv ? FSharpOption<double>.Some(fv) : null));
                 break;
             case RunHooks.Event.FineTuneIteration fi:
             {
@@ -110,7 +122,8 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                     log.Info($"epoch {rec.Epoch}/{ef.epochs}: loss {m.Total:G4} (kl {m.KL:G4}, fa {m.FA:G4}" +
                              (double.IsFinite(m.PromotionGain) ? $", promotion gain {m.PromotionGain:F3}" : "") + $") lr {m.Lr:G3} " +
                              $"-> test top-1 {acc.Value.Top1:F2}% top-5 {acc.Value.Top5:F2}%" +
-                             (rec.LastWeights is { } lw ? $" (weight average; last weights {lw.Value.Top1:F2}%)" : ""));
+                             (rec.LastWeights is { } lw ? $" (weight average; last weights {lw.Value.Top1:F2}%)" : "") +
+                             (rec.Val is { } va ? $"; validation top-1 {va.Value.Top1:F2}%" : ""));
                 log.Metric("epoch", RunState.epochJson(rec));
                 break;
             }
