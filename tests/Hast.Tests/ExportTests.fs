@@ -77,9 +77,19 @@ let levels = [ Runtime.Disabled; Runtime.Basic; Runtime.Extended; Runtime.All ]
 
 /// Export W`bits`A`bits` for `target` (size or speed), then compare ONNX Runtime (every
 /// optimisation level) with Hast.
+/// The share of images on which ONNX Runtime must give Hast's class, and how far its top-1 may be from
+/// Hast's. With `--weight-range mse` a W3A3 model has many activations on a rounding boundary (its
+/// convolutions' outputs fall on a lattice: 980 distinct values among 12,800 in one channel), where
+/// float noise decides the code: Hast itself gives another class to 44 of 932 images at batch 1 than at
+/// batch 200 (measured on this test's checkpoint; min/max: 1 image), so ONNX Runtime can agree only as
+/// well as Hast agrees with itself (docs/export.md).
+let agreementFloor (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.995 else 0.9
+let top1Tolerance (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.2 else 1.5
+
 let parityCaseWith (range: Quantizers.WeightRange) (target: string) (bits: int) =
     let named = if range = Quantizers.MinMax then "" else sprintf ", --weight-range %s" (Quantizers.WeightRange.name range)
-    testCase (sprintf "W%dA%d export (%s%s): ONNX Runtime agrees with hast eval --checkpoint (>= 99.5%% of images, top-1 within 0.2 points)" bits bits target named) <| fun () ->
+    let floor, tolerance = agreementFloor range, top1Tolerance range
+    testCase (sprintf "W%dA%d export (%s%s): ONNX Runtime agrees with hast eval --checkpoint (>= %.1f%% of images, top-1 within %.1f points)" bits bits target named (100.0 * floor) tolerance) <| fun () ->
         use d = new TempDir()
         let ck = calibratedCheckpointWith range (d.File "quantized.ckpt") bits bits
         let onnx = d.File "model.onnx"
@@ -97,12 +107,12 @@ let parityCaseWith (range: Quantizers.WeightRange) (target: string) (bits: int) 
             use s = new Runtime.Session(bytes, onnx, { Optimization = level; Threads = Some 1 })
             let a = agreement hast (predictions s.Run)
             printfn "  W%dA%d %s %A: same top-1 class as Hast on %.2f%% of %d images" bits bits target level (100.0 * a) hast.Length
-            Expect.isGreaterThanOrEqual a 0.995 (sprintf "W%dA%d agreement at %A" bits bits level)
+            Expect.isGreaterThanOrEqual a floor (sprintf "W%dA%d agreement at %A" bits bits level)
         let test = cifarTest
         let hastTop1 = evalTop1 [ "--checkpoint"; ck; "--test"; test ] (d.File "hast.json")
         for level in [ "disabled"; Hast.Cli.EvalCli.defaults.OrtOpt ] |> List.distinct do
             let ortTop1 = evalTop1 [ "--onnx"; onnx; "--test"; test; "--ort-opt"; level; "--threads"; "1" ] (d.File "ort.json")
-            Expect.isLessThanOrEqual (abs (ortTop1 - hastTop1)) 0.2 (sprintf "W%dA%d top-1: ONNX Runtime (%s) %.2f vs Hast %.2f" bits bits level ortTop1 hastTop1)
+            Expect.isLessThanOrEqual (abs (ortTop1 - hastTop1)) tolerance (sprintf "W%dA%d top-1: ONNX Runtime (%s) %.2f vs Hast %.2f" bits bits level ortTop1 hastTop1)
 
 let parityCase (target: string) (bits: int) = parityCaseWith Quantizers.MinMax target bits
 
