@@ -34,6 +34,8 @@ type AblateConfig =
       Model: ModelCli.ModelSource
       Classes: int option
       Test: string
+      /// a validation set every point is also evaluated on (`--val`)
+      Val: string option
       Device: string
       WBits: int
       ABits: int
@@ -57,6 +59,7 @@ type AblateArgs =
     | Input_Scale of scale: float
     | Classes of n: int
     | Test of path: string
+    | Val of path: string
     | Wbits of bits: int
     | Abits of bits: int
     | Budget of budget: string
@@ -88,6 +91,7 @@ type AblateArgs =
             | Input_Scale _ -> ModelCli.Usage.inputScale
             | Classes _ -> "number of classes (default: read from the weights)"
             | Test _ -> "test set (CIFAR binary file or image folder) every point is evaluated on"
+            | Val _ -> "validation set every point is also evaluated on (as hast run --val): a column of the table to choose settings on"
             | Wbits _ -> sprintf "weight bits (default: %d)" Quantizers.defaultBits
             | Abits _ -> sprintf "activation bits (default: %d)" Quantizers.defaultBits
             | Budget _ -> "paper (the authors' schedule) | study (a table in a few hours on 2 CPU cores) | tiny (seconds per point, for tests) (default: study)"
@@ -237,6 +241,7 @@ let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
       Model = model
       Classes = classes
       Test = require "test" "a test set to report accuracy on"
+      Val = r.TryString "val"
       Device = r.String("device", "cpu")
       WBits = wbits
       ABits = abits
@@ -250,7 +255,7 @@ let ofResults (io: ModelCli.Io) (res: ParseResults<AblateArgs>) : AblateConfig =
 
 /// The config with its paths (weights, test set, sweep folder) made absolute by `full`.
 let withFullPaths (full: string -> string) (c: AblateConfig) : AblateConfig =
-    { c with Model = ModelCli.withFullPath full c.Model; Test = full c.Test; Out = full c.Out; Report = c.Report |> Option.map full }
+    { c with Model = ModelCli.withFullPath full c.Model; Test = full c.Test; Val = c.Val |> Option.map full; Out = full c.Out; Report = c.Report |> Option.map full }
 
 // ------------------------------------------------------------------------------------------------
 // stores and run folders
@@ -274,7 +279,7 @@ let private runCommand (c: AblateConfig) (p: Point) : QuantizeCli.PipelineConfig
       Model = c.Model
       Classes = c.Classes
       Test = c.Test
-      Val = None
+      Val = c.Val
       Device = c.Device
       Run = p.Config
       Out = ""

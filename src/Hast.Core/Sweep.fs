@@ -33,6 +33,8 @@ type PointResult =
       BestTop1: float
       CalibTop1: float
       FpTop1: float
+      /// the final top-1 on the validation set (`--val`), None without one
+      FinalValTop1: float option
       Status: PointStatus }
 
 /// Mean, sample standard deviation (n − 1; NaN below 2 values) and count.
@@ -57,6 +59,9 @@ type Row =
       /// points of this value that diverged and recovered (in `Mean` and `N`)
       Recovered: int
       CalibMean: float
+      /// the final top-1 on the validation set over the same runs as `Mean` (NaN without `--val`)
+      ValMean: float
+      ValStd: float
       Paper: float option }
 
 /// The paper's number for a row of a grid: as `paperTop1`, except that a sample count is matched by
@@ -82,7 +87,13 @@ let rows (grid: Setting list) (wbits: int) (abits: int) (results: (Point * Point
         let finished = mine |> List.filter (fun r -> match r.Status with Diverged _ -> false | _ -> true)
         let m, sd, n = meanStd (finished |> List.map (fun r -> r.FinalTop1))
         let cm, _, _ = meanStd (mine |> List.map (fun r -> r.CalibTop1))
-        { Setting = s; Label = label s; Mean = m; Std = sd; N = n
+        let vm, vsd =
+            match finished |> List.map (fun r -> r.FinalValTop1) with
+            | vals when not vals.IsEmpty && vals |> List.forall Option.isSome ->
+                let vm, vsd, _ = meanStd (vals |> List.choose id)
+                vm, vsd
+            | _ -> nan, nan
+        { Setting = s; Label = label s; Mean = m; Std = sd; N = n; ValMean = vm; ValStd = vsd
           Diverged = mine.Length - finished.Length
           Recovered = mine |> List.filter (fun r -> match r.Status with Recovered _ -> true | _ -> false) |> List.length
           CalibMean = cm; Paper = paperTop1In grid s wbits abits })
@@ -111,9 +122,19 @@ let markdown (study: Study) (budget: SweepBudget) (wbits: int) (abits: int) (see
             | SensitivityStudy, _
             | _, [] -> "setting"
             | _, r :: _ -> parameter r.Setting
-        Markdown.tableHead [ header, false; "top-1 %", false; "n", false; "calibration only %", false; "paper %", false ] |> List.iter line
+        // with --val, the validation set's final top-1 beside the test set's (the column to choose on)
+        let withVal = rs |> List.exists (fun r -> not (Double.IsNaN r.ValMean))
+        let valText (r: Row) =
+            if Double.IsNaN r.ValMean then "—" elif r.N < 2 then cell r.ValMean else sprintf "%s ± %s" (cell r.ValMean) (cell r.ValStd)
+        Markdown.tableHead
+            [ yield header, false
+              yield "top-1 %", false
+              if withVal then yield "validation top-1 %", false
+              yield! [ "n", false; "calibration only %", false; "paper %", false ] ]
+        |> List.iter line
         for r in rs do
-            line (sprintf "| %s | %s | %d | %s | %s |" r.Label (meanStdText r) r.N (cell r.CalibMean) (r.Paper |> Option.map cell |> Option.defaultValue "—"))
+            let v = if withVal then sprintf " %s |" (valText r) else ""
+            line (sprintf "| %s | %s |%s %d | %s | %s |" r.Label (meanStdText r) v r.N (cell r.CalibMean) (r.Paper |> Option.map cell |> Option.defaultValue "—"))
         line ""
         let diverged = rs |> List.sumBy (fun r -> r.Diverged)
         let recovered = rs |> List.sumBy (fun r -> r.Recovered)
@@ -142,7 +163,8 @@ let pointResultOfReport (report: JsonObject) : PointResult option =
             match report["degraded"] with
             | :? JsonValue as d when d.GetValueKind() = Text.Json.JsonValueKind.String -> Diverged(d.GetValue<string>())
             | _ -> if rollbacks > 0 then Recovered rollbacks else Finished
-        Some { FinalTop1 = get "final_top1"; BestTop1 = get "best_top1"; CalibTop1 = get "calib_top1"; FpTop1 = get "fp_top1"; Status = status }
+        let finalVal = match report["final_val_top1"] with null -> None | v -> Some(v.GetValue<float>())
+        Some { FinalTop1 = get "final_top1"; BestTop1 = get "best_top1"; CalibTop1 = get "calib_top1"; FpTop1 = get "fp_top1"; FinalValTop1 = finalVal; Status = status }
     with
     | Failure _
     | :? InvalidOperationException
@@ -252,6 +274,8 @@ type Header =
       Model: string
       Weights: string
       Test: string
+      /// the validation set (`--val`), None without one
+      Val: string option
       WBits: int
       ABits: int
       Seeds: int64 list }
@@ -273,6 +297,7 @@ let resultsJson (h: Header) (dones: Done list) : JsonObject =
         "arch", text h.Model
         "weights", text h.Weights
         "test", text h.Test
+        "val", (match h.Val with Some v -> text v | None -> null)
         "wbits", int' h.WBits
         "abits", int' h.ABits
         "seeds", arr (h.Seeds |> List.map count)
@@ -288,6 +313,8 @@ let resultsJson (h: Header) (dones: Done list) : JsonObject =
                     "mean_top1", finite row.Mean
                     "std_top1", finite row.Std
                     "calib_mean_top1", finite row.CalibMean
+                    "val_mean_top1", finite row.ValMean
+                    "val_std_top1", finite row.ValStd
                     "diverged", int' row.Diverged
                     "recovered", int' row.Recovered
                     "paper_top1", (match row.Paper with Some x -> num x | None -> null) ]
@@ -313,6 +340,7 @@ let resultsJson (h: Header) (dones: Done list) : JsonObject =
                     o [ "final_top1", num d.Result.FinalTop1
                         "best_top1", num d.Result.BestTop1
                         "calib_top1", num d.Result.CalibTop1
-                        "fp_top1", num d.Result.FpTop1 ] ]
+                        "fp_top1", num d.Result.FpTop1
+                        "final_val_top1", numOpt d.Result.FinalValTop1 ] ]
                 :> JsonNode)
         ) ]

@@ -69,12 +69,15 @@ let tests : Test list =
         expectCleanFailure noWeights [ out ] [ "missing.pth" ] |> ignore
         expectCleanFailure (ablate "direction" (tmp.File "missing.bin") out []) [ out ] [ "missing.bin" ] |> ignore
 
-      testCase "a study end to end: table.md (mean ± std, n, paper), a valid PNG, results.json and --report with every point's settings, seed and result" <| fun () ->
+      testCase "a study end to end: table.md (mean ± std, n, validation, paper), a valid PNG, results.json and --report with every point's settings, seed and result" <| fun () ->
         use tmp = new TempDir()
         let test = smallTest tmp 64
+        // a validation set (--val): 32 other images of the shared file
+        let valSet = tmp.File "val.bin"
+        writeBytes valSet (File.ReadAllBytes(cifarTest)[64 * 3073 .. 96 * 3073 - 1]) |> ignore
         let out = tmp.File "sweep"
         let report = tmp.File "r.json"
-        let stdout = runOk (ablate "alignment" test out [ "--alignments"; "relaxed"; "--seeds"; "0,1"; "--report"; report ])
+        let stdout = runOk (ablate "alignment" test out [ "--alignments"; "relaxed"; "--seeds"; "0,1"; "--report"; report; "--val"; valSet ])
         Expect.stringContains stdout "point 1/2 relaxed seed 0" "progress names the point, its label and seed"
         Expect.stringContains stdout "point 2/2 relaxed seed 1" "progress of the second seed"
         Expect.equal (counts stdout) (2, 0, 0) "both points ran"
@@ -85,6 +88,8 @@ let tests : Test list =
         Expect.stringContains row " ± " "mean ± std over the two seeds"
         Expect.stringContains row "| 2 |" "n = 2"
         Expect.stringContains row "| 88.34 |" "the paper's W3A3 number beside it"
+        Expect.stringContains table "validation top-1 %" "a validation column (--val)"
+        Expect.equal (row.Split(" ± ").Length) 3 "mean ± std on the test and on the validation set"
         let png = File.ReadAllBytes(Path.Combine(out, "figure.png"))
         Expect.equal png[.. 7] [| 0x89uy; 0x50uy; 0x4Euy; 0x47uy; 0x0Duy; 0x0Auy; 0x1Auy; 0x0Auy |] "PNG signature"
         use bitmap = SkiaSharp.SKBitmap.Decode(png)
@@ -101,6 +106,8 @@ let tests : Test list =
             Expect.equal (cfg.GetProperty("seed").GetString()) (string (p.GetProperty("seed").GetInt64())) "the run's seed is the point's"
             let final = p.GetProperty("result").GetProperty("final_top1").GetDouble()
             Expect.isTrue (final >= 0.0 && final <= 100.0) "a top-1 per point"
+            let finalVal = p.GetProperty("result").GetProperty("final_val_top1").GetDouble()
+            Expect.isTrue (finalVal >= 0.0 && finalVal <= 100.0) "a validation top-1 per point"
             // the point's own run folder: its config.json is the configuration in results.json
             let dir = Path.Combine(out, p.GetProperty("dir").GetString())
             use pc = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))
@@ -108,6 +115,7 @@ let tests : Test list =
             Expect.isTrue (File.Exists(Path.Combine(dir, "report.json"))) "report.json of the point"
         let row = doc.RootElement.GetProperty("rows").EnumerateArray() |> Seq.exactlyOne
         Expect.equal (row.GetProperty("n").GetInt32()) 2 "n in the JSON rows"
+        Expect.equal (doc.RootElement.GetProperty("val").GetString()) (Path.GetFullPath valSet) "the validation set in the JSON"
 
       testCase "a killed sweep resumes from its cache: finished points are not run again, a half-done one resumes, a changed setting runs only the new point" <| fun () ->
         use tmp = new TempDir()

@@ -122,7 +122,7 @@ let tests : Test list =
         let _, sd1, _ = meanStd [ 5.0 ]
         Expect.isTrue (System.Double.IsNaN sd1) "no std from one value"
         let c = parse (required "alignment" [ "--budget"; "tiny"; "--seeds"; "0,1" ])
-        let res v = { FinalTop1 = v; BestTop1 = v; CalibTop1 = 50.0; FpTop1 = 91.63; Status = Finished }
+        let res v = { FinalTop1 = v; BestTop1 = v; CalibTop1 = 50.0; FpTop1 = 91.63; FinalValTop1 = None; Status = Finished }
         let results = List.zip c.Points [ res 80.0; res 84.0; res 82.0; res 86.0 ]
         let rs = rows (settings c.Study c.Grids) 3 3 results
         Expect.equal (rs |> List.map (fun r -> r.Label, r.Mean, r.N)) [ "direct", 81.0, 2; "relaxed", 85.0, 2 ] "rows"
@@ -131,6 +131,12 @@ let tests : Test list =
         Expect.stringContains md "| relaxed | 85.00 ± 1.41 | 2 | 50.00 | 88.34 |" "relaxed row"
         let partial = rows (settings c.Study c.Grids) 3 3 (List.truncate 1 results)
         Expect.equal (partial |> List.map (fun r -> r.N)) [ 1; 0 ] "a value not run yet has n = 0"
+        Expect.isFalse (md.Contains "validation") "no validation column without --val"
+        // --val: the validation set's mean ± std beside the test set's
+        let withVal = List.zip c.Points [ 80.0; 84.0; 82.0; 86.0 ] |> List.map (fun (p, v) -> p, { res v with FinalValTop1 = Some(v - 5.0) })
+        let vmd = markdown c.Study c.Budget 3 3 c.Seeds 91.63 (rows (settings c.Study c.Grids) 3 3 withVal)
+        Expect.stringContains vmd "| direct | 81.00 ± 1.41 | 76.00 ± 1.41 | 2 | 50.00 | 83.92 |" "direct row with its validation top-1"
+        Expect.stringContains vmd "validation top-1 %" "the column is named"
 
       testCase "--point names a point by its 0-based index or its id; --list-points gives both; the actions exclude each other" <| fun () ->
         let keys = [ "aa11"; "bb22"; "cc33" ]

@@ -53,10 +53,11 @@ public static class AblateCommand
         var teacher = ModelFiles.LoadTeacher(c.Model, c.Classes is { } n ? n.Value : null, device);
         using var _teacher = teacher.Net;
         Data.checkClasses(c.Test, Datasets.Open(c.Test, teacher.Arch.Input, teacher.Classes).Dataset, teacher.Classes);
+        if (c.Val is { } val) Data.checkClasses(val.Value, Datasets.Open(val.Value, teacher.Arch.Input, teacher.Classes).Dataset, teacher.Classes);
         // a sweep locks the folder; a point locks its run folder (the run does) and waits for a store another process makes
         using var runLock = only is null ? RunLock.Acquire(outDir, "--out", "hast ablate") : null;
         var grid = Ablation.settings(c.Study, c.Grids);
-        var header = new Sweep.Header(c.Study, c.Budget, grid, ModelCli.name(c.Model), ModelCli.file(c.Model), c.Test, c.WBits, c.ABits, c.Seeds);
+        var header = new Sweep.Header(c.Study, c.Budget, grid, ModelCli.name(c.Model), ModelCli.file(c.Model), c.Test, c.Val, c.WBits, c.ABits, c.Seeds);
         bool Resumes(Ablation.Point p) => File.Exists(Path.Combine(PointDir(p), PipelineCommand.TrainCheckpoint));
         var hooks = new Sweep.Hooks(
             FuncConvert.FromFunc<Ablation.Point, Tuple<string, FSharpList<Tuple<string, string>>>>(p => Tuple.Create(KeyOf(p), SettingsOf(p))),
