@@ -53,47 +53,31 @@ let epochJson (e: RunRecords.EpochRecord) : JsonObject =
               "perturbed_total", finite m.PerturbedTotal
               "promotion_gain", finite m.PromotionGain
               "lr", num m.Lr ]
-    e.Accuracy
-    |> Option.iter (fun a ->
-        o["top1"] <- num a.Top1
-        o["top5"] <- num a.Top5
-        o["top1_correct"] <- count a.Top1Correct
-        o["top5_correct"] <- count a.Top5Correct
-        o["count"] <- count a.Count)
-    e.LastWeights
-    |> Option.iter (fun l ->
-        o["last_weights_top1"] <- num l.Top1
-        o["last_weights_top5"] <- num l.Top5
-        o["last_weights_top1_correct"] <- count l.Top1Correct
-        o["last_weights_top5_correct"] <- count l.Top5Correct)
-    // the validation set's numbers carry a `val_` prefix: `top1` is always the test set's
-    e.Val
-    |> Option.iter (fun v ->
-        o["val_top1"] <- num v.Top1
-        o["val_top5"] <- num v.Top5
-        o["val_top1_correct"] <- count v.Top1Correct
-        o["val_top5_correct"] <- count v.Top5Correct
-        o["val_count"] <- count v.Count)
+    // an accuracy's fields under a prefix: none for the test set's (`top1` is always the test set's),
+    // `last_weights_` (same images, so no count of its own), `val_` for the validation set's
+    let put (prefix: string) (withCount: bool) (a: Evaluate.Accuracy) =
+        o[prefix + "top1"] <- num a.Top1
+        o[prefix + "top5"] <- num a.Top5
+        o[prefix + "top1_correct"] <- count a.Top1Correct
+        o[prefix + "top5_correct"] <- count a.Top5Correct
+        if withCount then o[prefix + "count"] <- count a.Count
+    e.Accuracy |> Option.iter (put "" true)
+    e.LastWeights |> Option.iter (put "last_weights_" false)
+    e.Val |> Option.iter (put "val_" true)
     o
 
 let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
     let n (k: string) = numOr o k
     let long (k: string) = (field o k).GetValue<int64>()
-    let accuracy (top1: int64) (top5: int64) (count: int64) : Evaluate.Accuracy =
-        { Top1Correct = top1; Top5Correct = top5; Count = count }
-    let onTest =
-        match o["count"] with
+    // the accuracy under a prefix (`epochJson`'s) when the key `present` is there; its other fields
+    // must be there then
+    let accuracy (present: string) (prefix: string) (countKey: string) : Evaluate.Accuracy option =
+        match o[present] with
         | null -> None
-        | c -> Some(accuracy (long "top1_correct") (long "top5_correct") (c.GetValue<int64>()))
-    let last =
-        match o["count"], o["last_weights_top1_correct"] with
-        | null, _
-        | _, null -> None
-        | c, l1 -> Some(accuracy (l1.GetValue<int64>()) (long "last_weights_top5_correct") (c.GetValue<int64>()))
-    let onVal =
-        match o["val_count"] with
-        | null -> None
-        | c -> Some(accuracy (long "val_top1_correct") (long "val_top5_correct") (c.GetValue<int64>()))
+        | _ -> Some { Top1Correct = long (prefix + "top1_correct"); Top5Correct = long (prefix + "top5_correct"); Count = long countKey }
+    let onTest = accuracy "count" "" "count"
+    let last = accuracy "last_weights_top1_correct" "last_weights_" "count"
+    let onVal = accuracy "val_count" "val_" "val_count"
     { Epoch = (field o "epoch").GetValue<int>()
       Iterations = long "iterations"
       Mean = { KL = n "kl"; FA = n "fa"; CE = n "ce"; Total = n "total"; PerturbedTotal = n "perturbed_total"; PromotionGain = n "promotion_gain"; Lr = n "lr" }
