@@ -62,6 +62,8 @@ type BenchConfig =
       PromotionGrad: Hast.Core.Promotion.PromotionGrad
       /// number format of the convolutions in the ft-promo, ft and synth phases (eval phases: fp32)
       ConvPrecision: Hast.Core.ConvPrecision
+      /// the student's weight range rule (`--weight-range`, as under hast run)
+      WeightRange: Hast.Core.Quantizers.WeightRange
       Device: string
       Seed: int64
       Report: string option }
@@ -69,7 +71,8 @@ type BenchConfig =
 let defaults =
     { Model = BuiltIn("", ""); WBits = 4; ABits = 4; Batch = 64; Iters = 30; SynthBatch = 256; SynthIters = 20
       EvalBatch = 256; EvalIters = 10; Warmup = 3; Threads = None; InteropThreads = None; Phases = Phase.all
-      PromotionGrad = Hast.Core.Promotion.defaults.Grad; ConvPrecision = Hast.Core.FineTune.defaults.ConvPrecision; Device = "cpu"; Seed = 0L; Report = None }
+      PromotionGrad = Hast.Core.Promotion.defaults.Grad; ConvPrecision = Hast.Core.FineTune.defaults.ConvPrecision
+      WeightRange = Hast.Core.Quantizers.MinMax; Device = "cpu"; Seed = 0L; Report = None }
 
 type BenchArgs =
     | Arch of name: string
@@ -92,6 +95,7 @@ type BenchArgs =
     | Phases of list: string
     | Promotion_Grad of through: string
     | Conv_Precision of format: string
+    | Weight_Range of rule: string
     | Device of name: string
     | Seed of n: int64
     | Report of path: string
@@ -122,6 +126,9 @@ type BenchArgs =
             | Conv_Precision _ ->
                 sprintf "number format of the convolutions in the ft-promo, ft and synth phases: fp32 | bf16 (default: %s)"
                     (Hast.Core.ConvPrecision.name defaults.ConvPrecision)
+            | Weight_Range _ ->
+                sprintf "the student's per-channel weight range, as hast run --weight-range: %s (default: %s)"
+                    (String.concat " | " Hast.Core.Quantizers.WeightRange.names) (Hast.Core.Quantizers.WeightRange.name defaults.WeightRange)
             | Device _ -> sprintf "cpu or cuda (default: %s)" defaults.Device
             | Seed _ -> sprintf "seed of the random inputs (default: %d)" defaults.Seed
             | Report _ -> "write the measured table as JSON to this file"
@@ -150,7 +157,9 @@ let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =
       PromotionGrad =
           r.TryGetResult <@ Promotion_Grad @> |> Option.map Hast.Core.Promotion.parseGrad |> Option.defaultValue defaults.PromotionGrad
       ConvPrecision =
-          r.TryGetResult <@ Conv_Precision @> |> Option.map (Hast.Core.ConvPrecision.parse "--conv-precision") |> Option.defaultValue defaults.ConvPrecision
+          r.TryGetResult <@ Conv_Precision @> |> Option.map (Hast.Core.ConvPrecision.parse "conv-precision") |> Option.defaultValue defaults.ConvPrecision
+      WeightRange =
+          r.TryGetResult <@ Weight_Range @> |> Option.map (Hast.Core.Quantizers.WeightRange.parse "weight-range") |> Option.defaultValue defaults.WeightRange
       Device = getOr r <@ Device @> defaults.Device
       Seed = getOr r <@ Seed @> defaults.Seed
       Report = r.TryGetResult <@ Report @> }

@@ -179,11 +179,7 @@ let private weightRange : Setting<Config> =
       Help =
         "per-channel weight range: minmax (each channel's min and max, the paper's; the default) | mse (each channel clipped to the factor whose grid has the least squared error, searched at every step)"
       Show = fun c -> if c.WeightRange = Quantizers.MinMax then None else Some(Quantizers.WeightRange.name c.WeightRange)
-      Set =
-        fun v c ->
-            match Quantizers.WeightRange.tryParse v with
-            | Some r -> { c with WeightRange = r }
-            | None -> failf "--weight-range must be %s (got '%s')" (String.concat " or " Quantizers.WeightRange.names) v }
+      Set = fun v c -> { c with WeightRange = Quantizers.WeightRange.parse "weight-range" v } }
 
 /// The run's settings, in the order a layer applies (each choice before the settings under it:
 /// `--schedule` before `--milestones`, `--promotion` before `--epsilon`, `--method` after what it sets).

@@ -141,6 +141,11 @@ module WeightRange =
         | "minmax" -> Some MinMax
         | "mse" -> Some Mse
         | _ -> None
+    /// The rule a setting's text names; `InvalidSetting` naming `setting` otherwise.
+    let parse (setting: string) (s: string) : WeightRange =
+        match tryParse s with
+        | Some r -> r
+        | None -> raise (InvalidSetting(setting, sprintf "must be %s (got '%s')" (String.concat " or " names) s))
 
 /// The clipping factors `Mse` searches: 1, 0.975, ..., 0.525 (20 factors).
 let mseFactors : float list = List.init 20 (fun k -> 1.0 - 0.025 * float k)

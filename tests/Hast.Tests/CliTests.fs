@@ -328,6 +328,13 @@ let tests : Test list =
             Expect.equal (BenchCli.fineTuneConfig b true).ConvPrecision BFloat16 "bench's fine-tune phases"
             Expect.equal (BenchCli.synthesisConfig b Models.Registry.Family.Cifar).ConvPrecision BFloat16 "bench's synthesis phase"
         | other -> failtestf "bench, got %A" other
+        match Root.parse (fun _ -> "") [| "bench"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--weight-range"; "mse" |] with
+        | Root.Command.Bench b -> Expect.equal b.WeightRange Quantizers.Mse "bench --weight-range"
+        | other -> failtestf "bench, got %A" other
+        for flag in [ "--conv-precision"; "--weight-range" ] do
+            let code, _, err = TestRuns.runCli [ "bench"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; flag; "fp16" ]
+            Expect.equal code 2 (sprintf "bench %s fp16: a usage error" flag)
+            Expect.stringStarts err (sprintf "hast: %s must be" flag) "names the flag once"
         match Root.parse (fun _ -> "") [| "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--out"; "o"; "--synth-conv-precision"; "bf16" |] with
         | Root.Command.Synthesize s ->
             Expect.equal s.Synthesis.ConvPrecision BFloat16 "hast synthesize"

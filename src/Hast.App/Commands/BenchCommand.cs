@@ -39,6 +39,7 @@ public static class BenchCommand
 
         var fp = ModelFiles.LoadTeacher(c.Model, null, device);
         var student = ModelFiles.Quantized(fp, c.WBits, c.ABits);
+        Quantizers.setWeightRange(student.Net, c.WeightRange);
         var side = fp.Arch.Input.Size;
         using var gen = Prelude.generator(c.Seed);
 
@@ -101,6 +102,7 @@ public static class BenchCommand
                 ["warmup"] = c.Warmup,
                 ["promotion_grad"] = Promotion.gradName(c.PromotionGrad),
                 ["conv_precision"] = ConvPrecisionModule.name(c.ConvPrecision),
+                ["weight_range"] = Quantizers.WeightRangeModule.name(c.WeightRange),
                 ["process_settings"] = NativeTuning.Applied,
                 ["cpu_bf16"] = NativeTuning.MachineHasBf16(),
                 ["torch_threads"] = torch.get_num_threads(),
