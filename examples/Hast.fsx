@@ -4,6 +4,7 @@
 #r "../src/Hast.App/bin/Release/net10.0/TorchSharp.dll"
 #r "../src/Hast.App/bin/Release/net10.0/Hast.Core.dll"
 #r "../src/Hast.App/bin/Release/net10.0/hast.dll"
+#r "../src/Hast.App/bin/Release/net10.0/SkiaSharp.dll"
 
 open System
 open System.IO
@@ -13,6 +14,10 @@ open System.IO
 let private nativeDir = Path.Combine(__SOURCE_DIRECTORY__, "../src/Hast.App/bin/Release/net10.0/runtimes/linux-x64/native")
 if OperatingSystem.IsLinux() && Directory.Exists nativeDir then
     Runtime.InteropServices.NativeLibrary.Load(Path.Combine(nativeDir, "libLibTorchSharp.so")) |> ignore
+    // SkiaSharp's library (JPEG folders, ScottPlot's figures) is resolved by path for its assembly
+    let skia = Runtime.InteropServices.NativeLibrary.Load(Path.Combine(nativeDir, "libSkiaSharp.so"))
+    Runtime.InteropServices.NativeLibrary.SetDllImportResolver(typeof<SkiaSharp.SKTypeface>.Assembly, fun name _ _ ->
+        if name = "libSkiaSharp" then skia else nativeint 0)
 
 // libtorch's own warnings hidden, as the hast command does (NativeTuning.QuietLibtorch)
 Hast.App.NativeTuning.QuietLibtorch false

@@ -9,15 +9,6 @@
 //   dotnet fsi examples/size-accuracy.fsx OUT.png RUNDIR [RUNDIR ...]   (the table goes to stdout)
 #load "Hast.fsx"
 #r "../src/Hast.App/bin/Release/net10.0/ScottPlot.dll"
-#r "../src/Hast.App/bin/Release/net10.0/SkiaSharp.dll"
-
-// F# Interactive does not probe runtimes/<rid>/native: SkiaSharp's library (ScottPlot draws with it)
-// is resolved by path
-let private skia = System.IO.Path.Combine(__SOURCE_DIRECTORY__, "../src/Hast.App/bin/Release/net10.0/runtimes/linux-x64/native/libSkiaSharp.so")
-if System.IO.File.Exists skia then
-    let handle = System.Runtime.InteropServices.NativeLibrary.Load skia
-    System.Runtime.InteropServices.NativeLibrary.SetDllImportResolver(typeof<SkiaSharp.SKTypeface>.Assembly, fun name _ _ ->
-        if name = "libSkiaSharp" then handle else nativeint 0)
 
 open System
 open System.IO

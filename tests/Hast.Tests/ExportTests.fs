@@ -78,11 +78,10 @@ let levels = [ Runtime.Disabled; Runtime.Basic; Runtime.Extended; Runtime.All ]
 /// Export W`bits`A`bits` for `target` (size or speed), then compare ONNX Runtime (every
 /// optimisation level) with Hast.
 /// The share of images on which ONNX Runtime must give Hast's class, and how far its top-1 may be from
-/// Hast's. With `--weight-range mse` a W3A3 model has many activations on a rounding boundary (its
-/// convolutions' outputs fall on a lattice: 980 distinct values among 12,800 in one channel), where
+/// Hast's. With `--weight-range mse` a W3A3 model has many activations on a rounding boundary, where
 /// float noise decides the code: Hast itself gives another class to 44 of 932 images at batch 1 than at
-/// batch 200 (measured on this test's checkpoint; min/max: 1 image), so ONNX Runtime can agree only as
-/// well as Hast agrees with itself (docs/export.md).
+/// batch 200 (this test's checkpoint, `examples/batch-agreement.fsx`; min/max: 1 image), so ONNX Runtime
+/// can agree only as well as Hast agrees with itself (docs/export.md).
 let agreementFloor (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.995 else 0.9
 let top1Tolerance (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.2 else 1.5
 
