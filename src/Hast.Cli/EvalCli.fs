@@ -28,13 +28,18 @@ type EvalConfig =
       WBits: int
       ABits: int
       CalibBatches: int
+      /// weight ranges of the calibration-only baseline (`--weight-range`)
+      WeightRange: Hast.Core.Quantizers.WeightRange
+      /// activation ranges of the calibration-only baseline (`--act-range`)
+      ActRange: Hast.Core.Quantizers.ActRange
       BatchSize: int
       Device: string
       Report: string option }
 
 let defaults =
     { Model = None; Checkpoint = None; Onnx = None; OrtOpt = "all"; Threads = None; Test = None; Val = None; Layers = false; Classes = None
-      WBits = 32; ABits = 32; CalibBatches = 4; BatchSize = 200; Device = "cpu"; Report = None }
+      WBits = 32; ABits = 32; CalibBatches = 4
+      WeightRange = Hast.Core.Quantizers.MinMax; ActRange = Hast.Core.Quantizers.BatchMinMax; BatchSize = 200; Device = "cpu"; Report = None }
 
 type EvalArgs =
     | Arch of name: string
@@ -54,6 +59,8 @@ type EvalArgs =
     | Wbits of bits: int
     | Abits of bits: int
     | Calib_Batches of k: int
+    | Weight_Range of rule: string
+    | Act_Range of rule: string
     | Batch_Size of n: int
     | Device of name: string
     | Report of path: string
@@ -80,6 +87,12 @@ type EvalArgs =
             | Abits _ -> sprintf "activation bits, 2..8 or 32 = off (default: %d)" defaults.ABits
             | Calib_Batches _ ->
                 sprintf "batches of the test set used to calibrate activation ranges when --abits < 32 (default: %d); a calibration-only baseline, not zero-shot" defaults.CalibBatches
+            | Weight_Range _ ->
+                sprintf "per-channel weight range with --wbits < 32: %s (default: %s; as hast run's)"
+                    (String.concat " | " Hast.Core.Quantizers.WeightRange.names) (Hast.Core.Quantizers.WeightRange.name defaults.WeightRange)
+            | Act_Range _ ->
+                sprintf "activation range from each calibration batch with --abits < 32: %s (default: %s; as hast run's)"
+                    (String.concat " | " Hast.Core.Quantizers.ActRange.names) (Hast.Core.Quantizers.ActRange.name defaults.ActRange)
             | Batch_Size _ -> sprintf "evaluation batch size (default: %d)" defaults.BatchSize
             | Device _ -> sprintf "cpu or cuda (default: %s)" defaults.Device
             | Report _ -> "write {\"top1\", \"top5\", \"count\"} as JSON to this file"
@@ -102,10 +115,15 @@ let ofResults (r: ParseResults<EvalArgs>) : EvalConfig =
           WBits = getOr r <@ Wbits @> defaults.WBits |> checkBits "--wbits"
           ABits = getOr r <@ Abits @> defaults.ABits |> checkBits "--abits"
           CalibBatches = getOr r <@ Calib_Batches @> defaults.CalibBatches |> checkPositiveInt "--calib-batches"
+          WeightRange =
+              r.TryGetResult <@ Weight_Range @> |> Option.map (Hast.Core.Quantizers.WeightRange.parse "weight-range") |> Option.defaultValue defaults.WeightRange
+          ActRange = r.TryGetResult <@ Act_Range @> |> Option.map (Hast.Core.Quantizers.ActRange.parse "act-range") |> Option.defaultValue defaults.ActRange
           BatchSize = getOr r <@ Batch_Size @> defaults.BatchSize |> checkPositiveInt "--batch-size"
           Device = getOr r <@ Device @> defaults.Device
           Report = r.TryGetResult <@ Report @> }
     if c.Test.IsNone && not c.Layers then Hast.Core.Prelude.fail "give --test (a test set to evaluate on), or --layers to list the model's layers"
+    if (r.Contains <@ Weight_Range @> || r.Contains <@ Act_Range @>) && (c.Checkpoint.IsSome || c.Onnx.IsSome) then
+        Hast.Core.Prelude.fail "--weight-range and --act-range choose the ranges of a calibration-only baseline (--arch/--weights or --model with --wbits/--abits); a checkpoint or ONNX file keeps its own"
     if c.Val.IsSome && c.Test.IsNone then Hast.Core.Prelude.fail "--val is evaluated beside --test; give --test too"
     if c.Layers && c.Onnx.IsSome then Hast.Core.Prelude.fail "--layers lists a Hast model's layers (--checkpoint, or --arch/--weights / --model with --wbits/--abits), not an ONNX file's"
     match c.Checkpoint, c.Onnx, c.Model with

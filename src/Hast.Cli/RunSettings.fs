@@ -181,6 +181,14 @@ let private weightRange : Setting<Config> =
       Show = fun c -> if c.WeightRange = Quantizers.MinMax then None else Some(Quantizers.WeightRange.name c.WeightRange)
       Set = fun v c -> { c with WeightRange = Quantizers.WeightRange.parse "weight-range" v } }
 
+/// How activation ranges are calibrated: shown only when not min/max, as `weight-range`.
+let private actRange : Setting<Config> =
+    { Key = "act-range"
+      Help =
+        "activation range from each calibration batch: minmax (the batch's min and max, the paper's; the default) | mse (clipped to the factor whose grid has the least squared error on the batch); frozen after calibration either way"
+      Show = fun c -> if c.ActRange = Quantizers.BatchMinMax then None else Some(Quantizers.ActRange.name c.ActRange)
+      Set = fun v c -> { c with ActRange = Quantizers.ActRange.parse "act-range" v } }
+
 /// The run's settings, in the order a layer applies (each choice before the settings under it:
 /// `--schedule` before `--milestones`, `--promotion` before `--epsilon`, `--method` after what it sets).
 let run (ctx: Context) : Setting<Config> list =
@@ -188,6 +196,7 @@ let run (ctx: Context) : Setting<Config> list =
       Setting.int "abits" "activation bits, 2..8 or 32 = off" (fun c -> c.ABits) (fun v c -> { c with ABits = v })
       yield! precision
       weightRange
+      actRange
       // ---- samples
       { Key = "samples"
         Help = "run: number of samples to synthesize; quantize: sample store folder (from `hast synthesize`)"

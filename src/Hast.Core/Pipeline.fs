@@ -83,6 +83,8 @@ type Config =
       Precision: Precision.Config
       /// how each weight layer's per-channel range is chosen (`MinMax`, the paper's, by default)
       WeightRange: Quantizers.WeightRange
+      /// how each calibration batch's activation range is taken (`BatchMinMax`, the paper's, by default)
+      ActRange: Quantizers.ActRange
       Samples: Samples
       Calibration: Calibration
       FineTune: FineTune.Config
@@ -163,6 +165,7 @@ let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Con
       ABits = Quantizers.defaultBits
       Precision = Precision.defaults
       WeightRange = Quantizers.MinMax
+      ActRange = Quantizers.BatchMinMax
       Samples = samples
       Calibration = FromSamples sampleCalibrationDefaults
       FineTune = fineTuneDefaults (datasetOf family classes)

@@ -111,6 +111,7 @@ let chooseBits (inputs: Inputs) (c: Config) (images: Tensor) (event: Event -> un
     else
         use probe = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
         Quantizers.setWeightRange probe c.WeightRange
+        Quantizers.setActRange probe c.ActRange
         let fixedBits = Precision.fixedBits probe p
         Precision.check "bits-map" probe fixedBits
         let bits, allocation =
@@ -205,6 +206,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
         try
             Precision.apply q bits
             Quantizers.setWeightRange q c.WeightRange
+            Quantizers.setActRange q c.ActRange
             q
         with _ ->
             q.Dispose()

@@ -343,6 +343,22 @@ let tests : Test list =
             Expect.isFalse ((json Float32).ContainsKey "conv_precision") "an fp32 store keeps the identity it had before the setting existed"
         | other -> failtestf "synthesize, got %A" other
 
+      testCase "hast eval --weight-range / --act-range mse: the calibration-only baseline's ranges; refused with a checkpoint; a bad value names the flag" <| fun () ->
+        let evalArgs = [| "eval"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--wbits"; "3"; "--abits"; "3" |]
+        match Root.parse (fun _ -> "") (Array.append evalArgs [| "--weight-range"; "mse"; "--act-range"; "mse" |]) with
+        | Root.Command.Eval e ->
+            Expect.equal e.WeightRange Quantizers.Mse "eval --weight-range"
+            Expect.equal e.ActRange Quantizers.BatchMse "eval --act-range"
+        | other -> failtestf "eval, got %A" other
+        for flag in [ "--weight-range"; "--act-range" ] do
+            try
+                Root.parse (fun _ -> "") [| "eval"; "--checkpoint"; "q.ckpt"; "--test"; "t"; flag; "mse" |] |> ignore
+                failtestf "eval --checkpoint took %s" flag
+            with HastError m -> Expect.stringContains m "a checkpoint or ONNX file keeps its own" (sprintf "eval --checkpoint %s: refused" flag)
+            let code, _, err = TestRuns.runCli (List.ofArray (Array.append evalArgs [| flag; "fp16" |]))
+            Expect.equal code 2 (sprintf "eval %s fp16: a usage error" flag)
+            Expect.stringStarts err (sprintf "hast: %s must be" flag) "names the flag once"
+
       testCase "process settings: /proc/cpuinfo flags are read from the first 'flags' line; bfloat16 means AVX-512 BF16 or AMX" <| fun () ->
         let flags = Hast.App.NativeTuning.CpuFlags [ "processor\t: 0"; "flags\t\t: fpu sse2 fma avx2 avx512f avx512_bf16"; "flags\t: other" ]
         Expect.isTrue (flags.Contains "avx512f") "flags of the first processor"
@@ -376,6 +392,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
     let run : Pipeline.Config =
         { WBits = 3; ABits = 5
           WeightRange = Quantizers.Mse
+          ActRange = Quantizers.BatchMse
           Precision =
             { FirstWBits = Some 8; LastWBits = Some 6
               Map = { Weights = Map [ "layer1.0.conv1", 2 ]; Activations = Map [ "act1.quant", 8 ] }

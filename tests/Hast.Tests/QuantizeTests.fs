@@ -100,7 +100,23 @@ let private sharedTests =
           let sub = x[torch.TensorIndex.Slice(0L, 300L)], y[torch.TensorIndex.Slice(0L, 300L)]
           let acc4 = accuracy (quantizedShared fp calib 4 4) sub
           printfn "shared resnet20-a top-1 on the first 300 test images: W4A4 %.2f%% (calibration only)" acc4
-          Expect.isGreaterThan acc4 30.0 "W4A4 clearly above chance (10%)" ]
+          Expect.isGreaterThan acc4 30.0 "W4A4 clearly above chance (10%)"
+
+      testCase "shared resnet20-a: 3-bit activations calibrated with --act-range mse well above min/max" <| fun () ->
+          // measured with `hast eval --wbits 32 --abits 3 --batch-size 64 --calib-batches 1`: 64.59% with
+          // min/max ranges, 84.55% with mse (932 images); here two batches of 32, 300 images
+          let fp, (x, y), calib = sharedSetup ()
+          let sub = x[torch.TensorIndex.Slice(0L, 300L)], y[torch.TensorIndex.Slice(0L, 300L)]
+          let accWith (rule: ActRange) =
+              use q = Quantize.quantize (Models.Registry.find "cifar-resnet20-a") 10L fp 32 3
+              setActRange q rule
+              Quantize.calibrate torch.CPU q calib
+              snd (List.head (actQuantizers q)).Range, accuracy q sub
+          let minmaxFirst, minmax = accWith BatchMinMax
+          let mseFirst, mse = accWith BatchMse
+          printfn "shared resnet20-a W32A3 on the first 300 test images: %.2f%% with min/max ranges, %.2f%% with mse" minmax mse
+          Expect.isGreaterThan mse (minmax + 10.0) "the clipped ranges keep far more accuracy at 3 bits"
+          Expect.isLessThan mseFirst minmaxFirst "the first quantizer's range is clipped" ]
 
 let private leakTests =
     [ testCase "quantize of a model that does not fit the architecture leaves no live tensors" <| fun () ->

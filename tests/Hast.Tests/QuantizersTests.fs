@@ -405,6 +405,52 @@ let private fastPathTests : Test list = [
         let r32 = Quantizers.weightRangeOf Quantizers.Mse 32 w
         Expect.isTrue (same (fst r32) lo0 && same (snd r32) hi0) "32 bits: min/max (nothing is quantized)"
     }
+    test "batchRange BatchMse: the factor of actMseFactors with the least squared error, by brute force; a large batch (chunked) too" {
+        let seed = 20261204L
+        use _ = torch.NewDisposeScope()
+        use g = generator seed
+        // a ReLU output with a long tail, and a signed one; the large batch (262k values) is searched in two chunks of factors
+        let relu = torch.nn.functional.relu(torch.randn([| 2L; 8L; 16L; 16L |], generator = g)).square()
+        let signed = torch.randn([| 1L; 4L; 8L; 8L |], generator = g) * 2.0 - 0.5
+        let large = torch.nn.functional.relu(torch.randn([| 2L; 16L; 64L; 128L |], generator = g))
+        for name, x in [ "relu", relu; "signed", signed; "large", large ] do
+            let lo0, hi0 = x.min (), x.max ()
+            for bits in [ 2; 3; 4; 8 ] do
+                let where = sprintf "%s, %d bits (seed %d)" name bits seed
+                let lo, hi = Quantizers.batchRange Quantizers.BatchMse bits x
+                let err (a: float) =
+                    use f = a.ToScalar()
+                    scalar ((referenceQuant x (lo0 * f) (hi0 * f) bits - x).square().sum())
+                let errors = Quantizers.actMseFactors |> List.map err
+                let best = List.min errors
+                let chosen = scalar hi / scalar hi0
+                let nearest = Quantizers.actMseFactors |> List.minBy (fun a -> abs (a - chosen))
+                Expect.isLessThan (abs (nearest - chosen)) 1e-6 (sprintf "%s: hi scaled by one of the factors (%g)" where chosen)
+                Expect.isLessThan (abs (scalar lo - scalar lo0 * chosen)) (1e-6 * abs (scalar lo0) + 1e-12) (sprintf "%s: lo by the same factor" where)
+                Expect.isLessThanOrEqual (err nearest) (best * (1.0 + 1e-5)) (sprintf "%s: the least squared error of the factors" where)
+                if bits <= 3 && name <> "signed" then Expect.isLessThan chosen 1.0 (sprintf "%s: the tail is clipped" where)
+            let lo, hi = Quantizers.batchRange Quantizers.BatchMinMax 3 x
+            Expect.isTrue (same lo lo0 && same hi hi0) (sprintf "%s: BatchMinMax is the batch's min and max" name)
+            let lo, hi = Quantizers.batchRange Quantizers.BatchMse 32 x
+            Expect.isTrue (same lo lo0 && same hi hi0) (sprintf "%s: 32 bits, min and max" name)
+    }
+    test "ActQuant with BatchMse calibrates to the EMA of each batch's MSE range, and quantizes with it" {
+        let seed = 20261205L
+        use _ = torch.NewDisposeScope()
+        use g = generator seed
+        let batches = [ for _ in 1 .. 3 -> torch.nn.functional.relu(torch.randn([| 1L; 4L; 8L; 8L |], generator = g)) ]
+        use aq = new ActQuant(3, 0.9, RangeRule = Quantizers.BatchMse)
+        aq.Mode <- Calibrating
+        let mutable raw = 0.0
+        let mutable last = Unchecked.defaultof<Tensor>
+        batches |> List.iteri (fun i b ->
+            last <- aq.forward b
+            raw <- 0.9 * raw + 0.1 * scalar (snd (Quantizers.batchRange Quantizers.BatchMse 3 b))
+            let expected = raw / (1.0 - 0.9 ** float (i + 1))
+            Expect.floatClose Accuracy.medium (snd aq.Range) expected (sprintf "batch %d: the bias-corrected EMA of the MSE maxima (seed %d)" i seed))
+        Expect.isLessThan (snd aq.Range) (batches |> List.map (fun b -> scalar (b.max ())) |> List.average) "below the EMA of the maxima"
+        Expect.isTrue (same last (referenceQuant (List.last batches) (aq.get_buffer "act_min") (aq.get_buffer "act_max") 3)) "the output is quantized with the updated range"
+    }
 ]
 
 let tests : Test list = propertyTests @ actTests @ layerTests @ fastPathTests

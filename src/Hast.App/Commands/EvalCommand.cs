@@ -29,6 +29,8 @@ public static class EvalCommand
         if (c.Checkpoint is null && (c.WBits < 32 || c.ABits < 32))
         {
             model = ModelFiles.Quantized(model, c.WBits, c.ABits);
+            Quantizers.setWeightRange(model.Net, c.WeightRange);
+            Quantizers.setActRange(model.Net, c.ActRange);
             var k = Math.Min(c.CalibBatches, (int)((test.Dataset.Count + c.BatchSize - 1) / c.BatchSize));
             log.Info($"calibrating W{c.WBits}A{c.ABits} activation ranges on {k} test batch(es) (calibration-only baseline, not zero-shot)");
             Quantize.calibrate(device, model.Net, Enumerable.Range(0, k).Select(i =>
