@@ -85,6 +85,7 @@ type QuantizeArgs =
     | Size_Budget of kib: float
     | Bits_Candidates of bits: string
     | Weight_Range of rule: string
+    | Act_Range of rule: string
     | Calibration of mode: string
     | Calib_Batches of k: int
     | Calib_Batch of n: int
