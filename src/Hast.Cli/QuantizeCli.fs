@@ -86,6 +86,7 @@ type QuantizeArgs =
     | Bits_Candidates of bits: string
     | Weight_Range of rule: string
     | Act_Range of rule: string
+    | Act_Ste of rule: string
     | Calibration of mode: string
     | Calib_Batches of k: int
     | Calib_Batch of n: int

@@ -189,6 +189,14 @@ let private actRange : Setting<Config> =
       Show = fun c -> if c.ActRange = Quantizers.BatchMinMax then None else Some(Quantizers.ActRange.name c.ActRange)
       Set = fun v c -> { c with ActRange = Quantizers.ActRange.parse "act-range" v } }
 
+/// The activation quantizers' training gradient: shown only when not the identity, as `weight-range`.
+let private actSte : Setting<Config> =
+    { Key = "act-ste"
+      Help =
+        "activation quantizers' gradient in fine-tuning: identity (straight-through everywhere, the paper's; the default) | clipped (zero where the frozen range clipped the value)"
+      Show = fun c -> if c.ActSte = Quantizers.PassThrough then None else Some(Quantizers.ActSte.name c.ActSte)
+      Set = fun v c -> { c with ActSte = Quantizers.ActSte.parse "act-ste" v } }
+
 /// The run's settings, in the order a layer applies (each choice before the settings under it:
 /// `--schedule` before `--milestones`, `--promotion` before `--epsilon`, `--method` after what it sets).
 let run (ctx: Context) : Setting<Config> list =
@@ -197,6 +205,7 @@ let run (ctx: Context) : Setting<Config> list =
       yield! precision
       weightRange
       actRange
+      actSte
       // ---- samples
       { Key = "samples"
         Help = "run: number of samples to synthesize; quantize: sample store folder (from `hast synthesize`)"

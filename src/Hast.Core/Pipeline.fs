@@ -85,6 +85,8 @@ type Config =
       WeightRange: Quantizers.WeightRange
       /// how each calibration batch's activation range is taken (`BatchMinMax`, the paper's, by default)
       ActRange: Quantizers.ActRange
+      /// the gradient activation quantizers pass in fine-tuning (`PassThrough`, the paper's, by default)
+      ActSte: Quantizers.ActSte
       Samples: Samples
       Calibration: Calibration
       FineTune: FineTune.Config
@@ -166,6 +168,7 @@ let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Con
       Precision = Precision.defaults
       WeightRange = Quantizers.MinMax
       ActRange = Quantizers.BatchMinMax
+      ActSte = Quantizers.PassThrough
       Samples = samples
       Calibration = FromSamples sampleCalibrationDefaults
       FineTune = fineTuneDefaults (datasetOf family classes)

@@ -296,6 +296,34 @@ let batchRange (rule: ActRange) (bits: int) (x: Tensor) : Tensor * Tensor =
         (lo * best).MoveToOuterDisposeScope(), (hi * best).MoveToOuterDisposeScope()
     | _ -> lo, hi
 
+/// The gradient an activation quantizer passes in training (issue 29). The forward value is the grid
+/// value either way.
+type ActSte =
+    /// straight-through everywhere, also where the grid clipped the value (the paper's, after
+    /// ZeroQ/GDFQ's quantizer; the default)
+    | PassThrough
+    /// straight-through inside the frozen range, zero where the value was clipped: the gradient of
+    /// `clamp(x, lo, hi)`, as PACT/LSQ's quantizers give it. Where the range clips many values (deep
+    /// models, `--act-range mse`), the identity passes gradients for changes the output never sees.
+    | Clipped
+
+module ActSte =
+    let names = [ "identity"; "clipped" ]
+    let name (r: ActSte) =
+        match r with
+        | PassThrough -> "identity"
+        | Clipped -> "clipped"
+    let tryParse (s: string) =
+        match s.Trim().ToLowerInvariant() with
+        | "identity" -> Some PassThrough
+        | "clipped" -> Some Clipped
+        | _ -> None
+    /// The rule a setting's text names; `InvalidSetting` naming `setting` otherwise.
+    let parse (setting: string) (s: string) : ActSte =
+        match tryParse s with
+        | Some r -> r
+        | None -> raise (InvalidSetting(setting, sprintf "must be %s (got '%s')" (String.concat " or " names) s))
+
 /// What an activation quantizer does with its range.
 type ActMode =
     /// update the range with a bias-corrected EMA of each batch's min/max, then quantize with it
@@ -326,7 +354,12 @@ type ActQuant(bits: int, momentum: float) as this =
         this.register_buffer("ema_steps", torch.tensor(0L))
     let mutable inputNonNegative = false
     let mutable rangeRule = BatchMinMax
+    let mutable ste = PassThrough
     new(bits: int) = new ActQuant(bits, 0.9)
+    /// The gradient passed in training (`ActSte`); the values do not depend on it.
+    member _.Ste
+        with get () = ste
+        and set (v: ActSte) = ste <- v
     /// How each calibration batch's range is taken (`batchRange`); used only while calibrating.
     member _.RangeRule
         with get () = rangeRule
@@ -390,11 +423,22 @@ type ActQuant(bits: int, momentum: float) as this =
         | Frozen ->
             if this.Steps = 0L then
                 fail "activation quantizer used before calibration; calibrate the quantized model (or load a calibrated Hast checkpoint) first"
+    /// `x` clamped to the grid's range (widened to contain 0, as `qparams`) when the gradient is to be
+    /// `Clipped` and one flows: the clamp's gradient is zero where the grid clips. The grid gives a
+    /// clamped value the value it gives `x` (both end at the outer level), so the values are unchanged.
+    member private this.ForGradient(x: Tensor) : Tensor =
+        if ste = Clipped && x.requires_grad && torch.is_grad_enabled () then
+            use _ = torch.NewDisposeScope()
+            use zero = (0.0).ToScalar()
+            let lo = (this.get_buffer "act_min").clamp_max(zero)
+            let hi = (this.get_buffer "act_max").clamp_min(zero)
+            x.clamp(lo, hi).MoveToOuterDisposeScope()
+        else x
     override this.forward(x: Tensor) : Tensor =
         if bits = fullPrecisionBits then x
         else
             this.Prepare x
-            fakeQuantOf this.ZeroPointIsZero x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+            fakeQuantOf this.ZeroPointIsZero (this.ForGradient x) (this.get_buffer "act_min") (this.get_buffer "act_max") bits
     /// `forward` of an input the caller gives up: nothing reads it afterwards, and no autograd node
     /// saved it for its backward (e.g. the output of `threshold`, whose backward reads its input).
     /// It is quantized in place rather than into a copy, which saves one activation-sized buffer and
@@ -404,7 +448,8 @@ type ActQuant(bits: int, momentum: float) as this =
         if bits = fullPrecisionBits then x
         else
             this.Prepare x
-            fakeQuantInPlaceOf this.ZeroPointIsZero x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+            // with `Clipped`, the clamp's output is new and unsaved (clamp's backward reads its input)
+            fakeQuantInPlaceOf this.ZeroPointIsZero (this.ForGradient x) (this.get_buffer "act_min") (this.get_buffer "act_max") bits
 
 /// The activation `kind` as an operation whose backward reads its input, not its output
 /// (`Activation.apply`: ReLU as `threshold(x, 0, 0)`, ReLU6 as itself, whose libtorch backward reads
@@ -450,6 +495,10 @@ let setCalibrating (m: Module) (on: bool) : unit =
 /// Forget every activation range (uncalibrated again).
 let resetRanges (m: Module) : unit =
     for q in actQuantizers m do q.Reset()
+
+/// Set the training gradient of every activation quantizer of a model.
+let setActSte (m: Module) (rule: ActSte) : unit =
+    for q in actQuantizers m do q.Ste <- rule
 
 /// Set the calibration range rule of every activation quantizer of a model.
 let setActRange (m: Module) (rule: ActRange) : unit =

@@ -207,6 +207,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
             Precision.apply q bits
             Quantizers.setWeightRange q c.WeightRange
             Quantizers.setActRange q c.ActRange
+            Quantizers.setActSte q c.ActSte
             q
         with _ ->
             q.Dispose()

@@ -37,6 +37,7 @@ let probe (inputs: RunRecords.Inputs) (c: Pipeline.Config) (saveCheckpoint: Net 
     use student = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
     Quantizers.setWeightRange student c.WeightRange
     Quantizers.setActRange student c.ActRange
+    Quantizers.setActSte student c.ActSte
     student.eval ()
     use gen = Prelude.generator c.FineTune.Seed
     let noise (n: int64) = torch.randn([| n; 3L; int64 side; int64 side |], generator = gen)

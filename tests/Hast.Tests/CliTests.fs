@@ -393,6 +393,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
         { WBits = 3; ABits = 5
           WeightRange = Quantizers.Mse
           ActRange = Quantizers.BatchMse
+          ActSte = Quantizers.Clipped
           Precision =
             { FirstWBits = Some 8; LastWBits = Some 6
               Map = { Weights = Map [ "layer1.0.conv1", 2 ]; Activations = Map [ "act1.quant", 8 ] }

@@ -434,6 +434,30 @@ let private fastPathTests : Test list = [
             let lo, hi = Quantizers.batchRange Quantizers.BatchMse 32 x
             Expect.isTrue (same lo lo0 && same hi hi0) (sprintf "%s: 32 bits, min and max" name)
     }
+    test "ActSte Clipped: zero gradient where the frozen range clips, the same values; PassThrough passes it everywhere" {
+        use _ = torch.NewDisposeScope()
+        use q = new QAct(Relu, 3)
+        q.Quantizer.Observe(torch.tensor([| 0.0f; 1.0f |]))
+        let x0 = torch.tensor([| -0.5f; 0.3f; 0.9f; 1.0f; 1.7f; 3.0f |])
+        let run (ste: ActSte) (inPlace: bool) =
+            q.Quantizer.Ste <- ste
+            let x = x0.clone().requires_grad_(true)
+            // QAct quantizes in place; a bare ActQuant (e.g. after a custom layer) out of place
+            let y = if inPlace then q.forward x else q.Quantizer.forward (torch.nn.functional.relu x)
+            y.sum().backward ()
+            y.detach (), x.grad.clone ()
+        for inPlace in [ true; false ] do
+            let yPass, gPass = run PassThrough inPlace
+            let yClip, gClip = run Clipped inPlace
+            let where = if inPlace then "QAct (in place)" else "ActQuant.forward"
+            Expect.isTrue (same yPass yClip) (sprintf "%s: the same values" where)
+            Expect.sequenceEqual (gPass.data<float32>() |> Seq.toList) [ 0.0f; 1.0f; 1.0f; 1.0f; 1.0f; 1.0f ] (sprintf "%s: the identity past the ReLU" where)
+            Expect.sequenceEqual (gClip.data<float32>() |> Seq.toList) [ 0.0f; 1.0f; 1.0f; 1.0f; 0.0f; 0.0f ] (sprintf "%s: zero above the range [0, 1]" where)
+        let reference = run PassThrough true |> fst
+        q.Quantizer.Ste <- Clipped
+        use _ng = torch.no_grad ()
+        Expect.isTrue (same (q.forward (x0.clone ())) reference) "without gradients the same values"
+    }
     test "ActQuant with BatchMse calibrates to the EMA of each batch's MSE range, and quantizes with it" {
         let seed = 20261205L
         use _ = torch.NewDisposeScope()

@@ -27,6 +27,7 @@ let private examples : Map<string, bool * string list * string> =
           "bits-candidates", (run, [ "--size-budget"; "100" ], "2,4,8")
           "weight-range", (run, [], "mse")
           "act-range", (run, [], "mse")
+          "act-ste", (run, [], "clipped")
           "samples", (run, [], "96")
           "real-data", (quantize, [], "/data/real")
           "take", (quantize, [ "--samples"; "/stores/s1" ], "80")
