@@ -172,30 +172,28 @@ let precision : Setting<Config> list =
         Show = fun c -> c.Precision.SizeBudget |> Option.map (fun _ -> c.Precision.Candidates |> List.map string |> String.concat ",")
         Set = fun v c -> { c with Precision = { c.Precision with Candidates = parseInts "bits-candidates" v } } } ]
 
-/// How weight ranges are chosen: shown only when not min/max, so runs from before the setting keep
-/// their config.json (and resume).
-let private weightRange : Setting<Config> =
-    { Key = "weight-range"
-      Help =
+/// A quantizer rule named by `table` (`Named`), shown only when it is not the paper's `paper`, so runs
+/// from before the setting keep their config.json (and resume).
+let private quantizerRule (key: string) (help: string) (table: (string * 'a) list) (paper: 'a) (get: Config -> 'a) (set: 'a -> Config -> Config) : Setting<Config> =
+    { Key = key
+      Help = help
+      Show = fun c -> if get c = paper then None else Some(Named.name table (get c))
+      Set = fun v c -> set (Named.parse key table v) c }
+
+let private weightRange =
+    quantizerRule "weight-range"
         "per-channel weight range: minmax (each channel's min and max, the paper's; the default) | mse (each channel clipped to the factor whose grid has the least squared error, searched at every step)"
-      Show = fun c -> if c.WeightRange = Quantizers.MinMax then None else Some(Quantizers.WeightRange.name c.WeightRange)
-      Set = fun v c -> { c with WeightRange = Quantizers.WeightRange.parse "weight-range" v } }
+        Quantizers.WeightRange.table Quantizers.MinMax (fun c -> c.WeightRange) (fun v c -> { c with WeightRange = v })
 
-/// How activation ranges are calibrated: shown only when not min/max, as `weight-range`.
-let private actRange : Setting<Config> =
-    { Key = "act-range"
-      Help =
+let private actRange =
+    quantizerRule "act-range"
         "activation range from each calibration batch: minmax (the batch's min and max, the paper's; the default) | mse (clipped to the factor whose grid has the least squared error on the batch); frozen after calibration either way"
-      Show = fun c -> if c.ActRange = Quantizers.BatchMinMax then None else Some(Quantizers.ActRange.name c.ActRange)
-      Set = fun v c -> { c with ActRange = Quantizers.ActRange.parse "act-range" v } }
+        Quantizers.ActRange.table Quantizers.BatchMinMax (fun c -> c.ActRange) (fun v c -> { c with ActRange = v })
 
-/// The activation quantizers' training gradient: shown only when not the identity, as `weight-range`.
-let private actSte : Setting<Config> =
-    { Key = "act-ste"
-      Help =
+let private actSte =
+    quantizerRule "act-ste"
         "activation quantizers' gradient in fine-tuning: identity (straight-through everywhere, the paper's; the default) | clipped (zero where the frozen range clipped the value)"
-      Show = fun c -> if c.ActSte = Quantizers.PassThrough then None else Some(Quantizers.ActSte.name c.ActSte)
-      Set = fun v c -> { c with ActSte = Quantizers.ActSte.parse "act-ste" v } }
+        Quantizers.ActSte.table Quantizers.PassThrough (fun c -> c.ActSte) (fun v c -> { c with ActSte = v })
 
 /// The run's settings, in the order a layer applies (each choice before the settings under it:
 /// `--schedule` before `--milestones`, `--promotion` before `--epsilon`, `--method` after what it sets).

@@ -117,6 +117,22 @@ module Stats =
     /// The median (the mean of the two middle values of an even count).
     let median (xs: float seq) : float = percentile 0.5 xs
 
+/// A closed choice named on the command line and in config.json (`--weight-range mse`): its table of
+/// names and values, in the order help texts list them.
+module Named =
+    let names (table: (string * 'a) list) = List.map fst table
+    /// The name of `v` in `table` (every value of the choice is in its table).
+    let name (table: (string * 'a) list) (v: 'a) : string = table |> List.find (fun (_, x) -> x = v) |> fst
+    /// The value `s` names (trimmed, any case).
+    let tryParse (table: (string * 'a) list) (s: string) : 'a option =
+        let key = s.Trim().ToLowerInvariant()
+        table |> List.tryFind (fun (n, _) -> n = key) |> Option.map snd
+    /// The value `s` names; `InvalidSetting` naming `setting` and the choices otherwise.
+    let parse (setting: string) (table: (string * 'a) list) (s: string) : 'a =
+        match tryParse table s with
+        | Some v -> v
+        | None -> Prelude.invalid setting (sprintf "must be %s (got '%s')" (String.concat " or " (names table)) s)
+
 /// Markdown reports (`hast analyze`, `hast ablate`) written line by line.
 module Markdown =
     /// The text `write` writes, one line per call.

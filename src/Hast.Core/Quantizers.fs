@@ -131,21 +131,12 @@ type WeightRange =
     | Mse
 
 module WeightRange =
-    let names = [ "minmax"; "mse" ]
-    let name (r: WeightRange) =
-        match r with
-        | MinMax -> "minmax"
-        | Mse -> "mse"
-    let tryParse (s: string) =
-        match s.Trim().ToLowerInvariant() with
-        | "minmax" -> Some MinMax
-        | "mse" -> Some Mse
-        | _ -> None
+    let table = [ "minmax", MinMax; "mse", Mse ]
+    let names = Named.names table
+    let name (r: WeightRange) = Named.name table r
+    let tryParse (s: string) = Named.tryParse table s
     /// The rule a setting's text names; `InvalidSetting` naming `setting` otherwise.
-    let parse (setting: string) (s: string) : WeightRange =
-        match tryParse s with
-        | Some r -> r
-        | None -> raise (InvalidSetting(setting, sprintf "must be %s (got '%s')" (String.concat " or " names) s))
+    let parse (setting: string) (s: string) : WeightRange = Named.parse setting table s
 
 /// The clipping factors `Mse` searches: 1, 0.975, ..., 0.525 (20 factors).
 let mseFactors : float list = List.init 20 (fun k -> 1.0 - 0.025 * float k)
@@ -248,21 +239,12 @@ type ActRange =
     | BatchMse
 
 module ActRange =
-    let names = [ "minmax"; "mse" ]
-    let name (r: ActRange) =
-        match r with
-        | BatchMinMax -> "minmax"
-        | BatchMse -> "mse"
-    let tryParse (s: string) =
-        match s.Trim().ToLowerInvariant() with
-        | "minmax" -> Some BatchMinMax
-        | "mse" -> Some BatchMse
-        | _ -> None
+    let table = [ "minmax", BatchMinMax; "mse", BatchMse ]
+    let names = Named.names table
+    let name (r: ActRange) = Named.name table r
+    let tryParse (s: string) = Named.tryParse table s
     /// The rule a setting's text names; `InvalidSetting` naming `setting` otherwise.
-    let parse (setting: string) (s: string) : ActRange =
-        match tryParse s with
-        | Some r -> r
-        | None -> raise (InvalidSetting(setting, sprintf "must be %s (got '%s')" (String.concat " or " names) s))
+    let parse (setting: string) (s: string) : ActRange = Named.parse setting table s
 
 /// The clipping factors `BatchMse` searches: 1, 0.98, ..., 0.2 (41 factors). Wider than the weights'
 /// (`mseFactors`): a ReLU output's tail is longer than a weight channel's, and the 3-bit optimum of a
@@ -308,21 +290,12 @@ type ActSte =
     | Clipped
 
 module ActSte =
-    let names = [ "identity"; "clipped" ]
-    let name (r: ActSte) =
-        match r with
-        | PassThrough -> "identity"
-        | Clipped -> "clipped"
-    let tryParse (s: string) =
-        match s.Trim().ToLowerInvariant() with
-        | "identity" -> Some PassThrough
-        | "clipped" -> Some Clipped
-        | _ -> None
+    let table = [ "identity", PassThrough; "clipped", Clipped ]
+    let names = Named.names table
+    let name (r: ActSte) = Named.name table r
+    let tryParse (s: string) = Named.tryParse table s
     /// The rule a setting's text names; `InvalidSetting` naming `setting` otherwise.
-    let parse (setting: string) (s: string) : ActSte =
-        match tryParse s with
-        | Some r -> r
-        | None -> raise (InvalidSetting(setting, sprintf "must be %s (got '%s')" (String.concat " or " names) s))
+    let parse (setting: string) (s: string) : ActSte = Named.parse setting table s
 
 /// What an activation quantizer does with its range.
 type ActMode =
