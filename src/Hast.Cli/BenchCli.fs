@@ -157,9 +157,9 @@ let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =
       PromotionGrad =
           r.TryGetResult <@ Promotion_Grad @> |> Option.map Hast.Core.Promotion.parseGrad |> Option.defaultValue defaults.PromotionGrad
       ConvPrecision =
-          r.TryGetResult <@ Conv_Precision @> |> Option.map (Hast.Core.ConvPrecision.parse "conv-precision") |> Option.defaultValue defaults.ConvPrecision
+          r.TryGetResult <@ Conv_Precision @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.ConvPrecision.parse "conv-precision" v)) |> Option.defaultValue defaults.ConvPrecision
       WeightRange =
-          r.TryGetResult <@ Weight_Range @> |> Option.map (Hast.Core.Quantizers.WeightRange.parse "weight-range") |> Option.defaultValue defaults.WeightRange
+          r.TryGetResult <@ Weight_Range @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.Quantizers.WeightRange.parse "weight-range" v)) |> Option.defaultValue defaults.WeightRange
       Device = getOr r <@ Device @> defaults.Device
       Seed = getOr r <@ Seed @> defaults.Seed
       Report = r.TryGetResult <@ Report @> }
