@@ -63,6 +63,8 @@ type AblateArgs =
     | Wbits of bits: int
     | Abits of bits: int
     | Budget of budget: string
+    | Act_Range of rule: string
+    | Act_Ste of rule: string
     | Seeds of list: string
     | Out of dir: string
     | Report of path: string
@@ -95,6 +97,12 @@ type AblateArgs =
             | Wbits _ -> sprintf "weight bits (default: %d)" Quantizers.defaultBits
             | Abits _ -> sprintf "activation bits (default: %d)" Quantizers.defaultBits
             | Budget _ -> "paper (the authors' schedule) | study (a table in a few hours on 2 CPU cores) | tiny (seconds per point, for tests) (default: study)"
+            | Act_Range _ ->
+                sprintf "every point's activation range rule, as hast run's --act-range: %s (default: minmax, the paper's, at every budget)"
+                    (String.concat " | " Quantizers.ActRange.names)
+            | Act_Ste _ ->
+                sprintf "every point's activation gradient, as hast run's --act-ste: %s (default: identity, the paper's, at every budget)"
+                    (String.concat " | " Quantizers.ActSte.names)
             | Seeds _ -> sprintf "seeds, each point is run once per seed, e.g. 0,1,2 (default: %s)" (defaultSeeds |> List.map string |> String.concat ",")
             | Out _ -> "sweep folder: stores/ (shared sample stores), points/ (one run folder per point, cached), table.md, figure.png, results.json"
             | Report _ -> "write results.json here as well"
@@ -218,7 +226,13 @@ let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
     let abits = checkBits "--abits" (r.Int("abits", Quantizers.defaultBits))
     let grids = gridsOf budget family classCount r
     let seeds = r.TryString "seeds" |> Option.map parseSeeds |> Option.defaultValue defaultSeeds
-    let baseCfg = baseConfig budget family classCount wbits abits
+    let baseCfg =
+        let c = baseConfig budget family classCount wbits abits
+        let rule (key: string) (parse: string -> string -> 'a) (fallback: 'a) =
+            r.TryString key |> Option.map (fun v -> withFlags flagOf (fun () -> parse key v)) |> Option.defaultValue fallback
+        { c with
+            ActRange = rule "act-range" Quantizers.ActRange.parse c.ActRange
+            ActSte = rule "act-ste" Quantizers.ActSte.parse c.ActSte }
     let action =
         match r.Bool("list-points", false), r.TryString "point", r.TryInt "jobs" with
         | false, None, None -> RunSweep defaultJobs

@@ -187,12 +187,12 @@ let private weightRange =
 
 let private actRange =
     quantizerRule "act-range"
-        "activation range from each calibration batch: minmax (the batch's min and max, the paper's; the default) | mse (clipped to the factor whose grid has the least squared error on the batch); frozen after calibration either way"
+        "activation range from each calibration batch: minmax (the batch's min and max, the paper's; the default) | mse (clipped to the factor whose grid has the least squared error on the batch) | auto (mse at 3 bits or fewer, minmax above; cpu-30min's); frozen after calibration either way"
         Quantizers.ActRange.table Quantizers.BatchMinMax (fun c -> c.ActRange) (fun v c -> { c with ActRange = v })
 
 let private actSte =
     quantizerRule "act-ste"
-        "activation quantizers' gradient in fine-tuning: identity (straight-through everywhere, the paper's; the default) | clipped (zero where the frozen range clipped the value)"
+        "activation quantizers' gradient in fine-tuning: identity (straight-through everywhere, the paper's; the default) | clipped (zero where the frozen range clipped the value) | auto (clipped at 3 bits or fewer, identity above; cpu-30min's)"
         Quantizers.ActSte.table Quantizers.PassThrough (fun c -> c.ActSte) (fun v c -> { c with ActSte = v })
 
 /// The run's settings, in the order a layer applies (each choice before the settings under it:

@@ -184,10 +184,14 @@ let settings (study: Study) (g: Grids) : Setting list =
 /// Measured on an idle core (OMP_NUM_THREADS=1): a store 5½–6½ min, a W3A3 point ~2¾ min;
 /// docs/supplement.md has the measured tables. 200 iterations are ~1/150 of the paper's ~29,400:
 /// this is a study of the early regime, and its differences are compared with the ±1.2-point noise
-/// of one run on 932 images.
+/// of one run on 932 images. The activation quantizer stays the paper's (min/max ranges, the identity
+/// gradient; `cpu-30min` clips 3-bit activations since issue 29): the studies are of the paper's method,
+/// and docs/supplement.md's tables were measured so.
 let studyBudget (c: Config) : Config =
     let c = Presets.cpu30min.Apply c
     { c with
+        ActRange = Quantizers.BatchMinMax
+        ActSte = Quantizers.PassThrough
         Samples =
             match c.Samples with
             | Synthesize s -> Synthesize { s with Samples = 512; Iterations = 200 }

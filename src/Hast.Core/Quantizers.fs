@@ -237,14 +237,29 @@ type ActRange =
     /// the batch's min and max scaled by the factor of `actMseFactors` whose grid values have the least
     /// squared error to the batch: the tail is clipped for a finer grid; the factor 1 wins ties
     | BatchMse
+    /// `BatchMse` for quantizers of at most `lowActBits` bits, `BatchMinMax` above (the `cpu-30min`
+    /// preset's, with `ActSte.ClippedLowBits`)
+    | BatchMseLowBits
+
+/// The widest activation grid the `...LowBits` rules treat as low-bit: 3 bits (8 levels). Measured
+/// (docs/results.md, "Activation ranges at 3 bits"): with 3-bit activations the MSE range and the
+/// clipped gradient together are ahead on every paired seed; with 4-bit activations not (ResNet-20
+/// W4A4 seed 0: validation −0.60, head −0.75).
+let lowActBits = 3
 
 module ActRange =
-    let table = [ "minmax", BatchMinMax; "mse", BatchMse ]
+    let table = [ "minmax", BatchMinMax; "mse", BatchMse; "auto", BatchMseLowBits ]
     let names = Named.names table
     let name (r: ActRange) = Named.name table r
     let tryParse (s: string) = Named.tryParse table s
     /// The rule a setting's text names; `InvalidSetting` naming `setting` otherwise.
     let parse (setting: string) (s: string) : ActRange = Named.parse setting table s
+    /// The rule a quantizer of `bits` bits applies (`BatchMseLowBits` resolved; the others as they are).
+    let at (bits: int) (r: ActRange) : ActRange =
+        match r with
+        | BatchMseLowBits -> if bits <= lowActBits then BatchMse else BatchMinMax
+        | BatchMinMax
+        | BatchMse -> r
 
 /// The clipping factors `BatchMse` searches: 1, 0.98, ..., 0.2 (41 factors). Wider than the weights'
 /// (`mseFactors`): a ReLU output's tail is longer than a weight channel's, and the 3-bit optimum of a
@@ -259,7 +274,7 @@ let batchRange (rule: ActRange) (bits: int) (x: Tensor) : Tensor * Tensor =
     use _ = torch.no_grad ()
     let d = x.detach()
     let lo, hi = d.min (), d.max ()
-    match rule with
+    match ActRange.at bits rule with
     | BatchMse when bits <> fullPrecisionBits ->
         use _ = torch.NewDisposeScope()
         let flat = d.reshape(1L, -1L)
@@ -288,18 +303,28 @@ type ActSte =
     /// `clamp(x, lo, hi)`, as PACT/LSQ's quantizers give it. Where the range clips many values (deep
     /// models, `--act-range mse`), the identity passes gradients for changes the output never sees.
     | Clipped
+    /// `Clipped` for quantizers of at most `lowActBits` bits, `PassThrough` above (the `cpu-30min`
+    /// preset's, with `ActRange.BatchMseLowBits`)
+    | ClippedLowBits
 
 module ActSte =
-    let table = [ "identity", PassThrough; "clipped", Clipped ]
+    let table = [ "identity", PassThrough; "clipped", Clipped; "auto", ClippedLowBits ]
     let names = Named.names table
     let name (r: ActSte) = Named.name table r
     let tryParse (s: string) = Named.tryParse table s
     /// The rule a setting's text names; `InvalidSetting` naming `setting` otherwise.
     let parse (setting: string) (s: string) : ActSte = Named.parse setting table s
+    /// The gradient a quantizer of `bits` bits passes (`ClippedLowBits` resolved; the others as they are).
+    let at (bits: int) (r: ActSte) : ActSte =
+        match r with
+        | ClippedLowBits -> if bits <= lowActBits then Clipped else PassThrough
+        | PassThrough
+        | Clipped -> r
 
 /// What an activation quantizer does with its range.
 type ActMode =
-    /// update the range with a bias-corrected EMA of each batch's min/max, then quantize with it
+    /// update the range with a bias-corrected EMA of each batch's range (`ActRange`: its min/max, or
+    /// that range clipped), then quantize with it
     | Calibrating
     /// range fixed; quantize (fails if the range was never calibrated)
     | Frozen
@@ -372,7 +397,7 @@ type ActQuant(bits: int, momentum: float) as this =
         (this.get_buffer "act_min").zero_() |> ignore
         (this.get_buffer "act_max").zero_() |> ignore
         (this.get_buffer "ema_steps").zero_() |> ignore
-    /// Fold one batch's min/max into the range.
+    /// Fold one batch's range (`batchRange` under `RangeRule`) into the range.
     member this.Observe(x: Tensor) : unit =
         use _ = torch.no_grad ()
         use _ = torch.NewDisposeScope()
@@ -400,7 +425,7 @@ type ActQuant(bits: int, momentum: float) as this =
     /// `Clipped` and one flows: the clamp's gradient is zero where the grid clips. The grid gives a
     /// clamped value the value it gives `x` (both end at the outer level), so the values are unchanged.
     member private this.ForGradient(x: Tensor) : Tensor =
-        if ste = Clipped && x.requires_grad && torch.is_grad_enabled () then
+        if ActSte.at bits ste = Clipped && x.requires_grad && torch.is_grad_enabled () then
             use _ = torch.NewDisposeScope()
             use zero = (0.0).ToScalar()
             let lo = (this.get_buffer "act_min").clamp_max(zero)

@@ -68,6 +68,7 @@ let tests : Test list =
         Expect.equal ((synth tiny).Samples, tiny.FineTune.Epochs, tiny.FineTune.ItersPerEpoch) (32, 2, 5) "tiny preset's counts"
         Expect.equal ((synth study).Samples, (synth study).Iterations, FineTune.totalIterations study.FineTune) (512, 200, 200) "study counts"
         Expect.isNone study.TimeBudget "study: fixed counts, no time budget"
+        Expect.equal (study.ActRange, study.ActSte) (Quantizers.BatchMinMax, Quantizers.PassThrough) "study: the paper's activation quantizer (the supplement's tables were measured so)"
         Expect.equal ((synth paper).Samples, (synth paper).Iterations, paper.FineTune.Epochs) (5120, 1000, 147) "paper counts"
         for c in [ tiny; study; paper ] do
             Expect.equal c.Eval.Every c.FineTune.Epochs "evaluated after the last epoch only"
@@ -114,6 +115,19 @@ let tests : Test list =
         let w3 = parse (required "weights" [ "--budget"; "tiny"; "--pairs"; "1:1" ])
         let w4 = parse ((required "weights" [ "--budget"; "tiny"; "--pairs"; "1:1" ]) |> List.map (fun a -> if a = "3" then "4" else a))
         Expect.notEqual (key w3 w3.Points.Head) (key w4 w4.Points.Head) "bit width is part of the key"
+
+      testCase "--act-range/--act-ste: every point's activation quantizer (default the paper's); a changed rule is a new point; a bad one a one-line error naming the flag" <| fun () ->
+        let plain = parse (required "weights" [ "--budget"; "tiny"; "--pairs"; "1:1" ])
+        let auto = parse (required "weights" [ "--budget"; "tiny"; "--pairs"; "1:1"; "--act-range"; "auto"; "--act-ste"; "clipped" ])
+        for p in plain.Points do Expect.equal (p.Config.ActRange, p.Config.ActSte) (Quantizers.BatchMinMax, Quantizers.PassThrough) "default: the paper's"
+        for p in auto.Points do Expect.equal (p.Config.ActRange, p.Config.ActSte) (Quantizers.BatchMseLowBits, Quantizers.Clipped) "the flags' rules"
+        let key (c: AblateCli.AblateConfig) p = AblateCli.pointKey c ("/o/stores/" + AblateCli.storeKey c p) p
+        Expect.notEqual (key plain plain.Points.Head) (key auto auto.Points.Head) "the rule is part of the point's key"
+        Expect.equal (AblateCli.storeKey plain plain.Points.Head) (AblateCli.storeKey auto auto.Points.Head) "and not of the store's"
+        let message =
+            try parse (required "weights" [ "--budget"; "tiny"; "--act-ste"; "clip" ]) |> ignore; "accepted"
+            with HastError m -> m
+        Expect.stringContains message "--act-ste" "names the flag"
 
       testCase "mean ± sample std and n per grid value; the table shows the paper beside it" <| fun () ->
         let m, sd, n = meanStd [ 1.0; 2.0; 3.0 ]

@@ -221,6 +221,9 @@ let tests : Test list =
         Expect.equal (p.FineTune.Lr, p.FineTune.BatchSize) (1e-5, 64) "authors' lr and batch"
         Expect.isSome p.FineTune.Promotion "promotion on"
         Expect.equal (p.FineTune.Promotion |> Option.map (fun q -> q.Grad)) (Some Promotion.Both) "promotion through both networks"
+        Expect.equal (p.ActRange, p.ActSte) (Quantizers.BatchMseLowBits, Quantizers.ClippedLowBits) "activations of 3 bits or fewer clipped"
+        let paperQuantizer = parseRun [ "--act-range"; "minmax"; "--act-ste"; "identity" ]
+        Expect.equal (paperQuantizer.ActRange, paperQuantizer.ActSte) (Quantizers.BatchMinMax, Quantizers.PassThrough) "flags give the paper's quantizer back"
         // the planned counts go in through withCounts
         let planned = Pipeline.withCounts 1024 200 2400 p
         match planned.Samples with

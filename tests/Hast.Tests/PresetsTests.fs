@@ -46,6 +46,8 @@ let tests : Test list = [
         Expect.equal (c.FineTune.Promotion |> Option.map (fun p -> p.Grad)) (Some Promotion.Both) "promotion gradient"
         Expect.equal c.FineTune.Averaging FineTune.LastWeights "no weight averaging (measured not to raise the final accuracy)"
         Expect.equal ((synthesis c).ConvPrecision, c.FineTune.ConvPrecision) (BFloat16, Float32) "bf16 synthesis (samples measured equivalent), fp32 fine-tuning"
+        Expect.equal (c.ActRange, c.ActSte) (Quantizers.BatchMseLowBits, Quantizers.ClippedLowBits) "3-bit activations clipped (issue 29), wider ones the paper's"
+        Expect.equal (c.WeightRange, (Presets.paper.Apply cifar10).ActRange, (Presets.paper.Apply cifar10).ActSte) (Quantizers.MinMax, Quantizers.BatchMinMax, Quantizers.PassThrough) "the paper preset keeps the paper's quantizers"
         Pipeline.validate c |> ignore
     }
 

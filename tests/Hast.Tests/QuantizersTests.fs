@@ -458,6 +458,34 @@ let private fastPathTests : Test list = [
         use _ng = torch.no_grad ()
         Expect.isTrue (same (q.forward (x0.clone ())) reference) "without gradients the same values"
     }
+    test "auto rules (BatchMseLowBits, ClippedLowBits): mse range and clipped gradient at 3 bits or fewer, min/max and identity above, by each quantizer's own bits" {
+        for bits in [ 2; 3; 4; 8; 32 ] do
+            let low = bits <= Quantizers.lowActBits
+            Expect.equal (Quantizers.ActRange.at bits Quantizers.BatchMseLowBits) (if low then Quantizers.BatchMse else Quantizers.BatchMinMax) (sprintf "range at %d bits" bits)
+            Expect.equal (Quantizers.ActSte.at bits ClippedLowBits) (if low then Clipped else PassThrough) (sprintf "gradient at %d bits" bits)
+            for r in [ Quantizers.BatchMinMax; Quantizers.BatchMse ] do Expect.equal (Quantizers.ActRange.at bits r) r "fixed ranges stay"
+            for r in [ PassThrough; Clipped ] do Expect.equal (Quantizers.ActSte.at bits r) r "fixed gradients stay"
+        let seed = 20261206L
+        use _ = torch.NewDisposeScope()
+        use g = generator seed
+        let x = torch.nn.functional.relu(torch.randn([| 2L; 8L; 16L; 16L |], generator = g)).square()
+        for bits in [ 3; 4 ] do
+            let lo, hi = Quantizers.batchRange Quantizers.BatchMseLowBits bits x
+            let rule = if bits <= 3 then Quantizers.BatchMse else Quantizers.BatchMinMax
+            let lo', hi' = Quantizers.batchRange rule bits x
+            Expect.isTrue (same lo lo' && same hi hi') (sprintf "%d bits: auto's range is %A's (seed %d)" bits rule seed)
+        // the bits are read when the gradient flows: a quantizer whose bits change later (per-layer widths) follows them
+        use q = new QAct(Relu, 4)
+        q.Quantizer.Observe(torch.tensor([| 0.0f; 1.0f |]))
+        q.Quantizer.Ste <- ClippedLowBits
+        let grad () =
+            let x = torch.tensor([| 0.5f; 1.7f |]).requires_grad_(true)
+            (q.forward x).sum().backward ()
+            x.grad.data<float32>() |> Seq.toList
+        Expect.sequenceEqual (grad ()) [ 1.0f; 1.0f ] "4 bits: the identity"
+        q.Quantizer.Bits <- 3
+        Expect.sequenceEqual (grad ()) [ 1.0f; 0.0f ] "changed to 3 bits: zero where the range [0, 1] clips"
+    }
     test "ActQuant with BatchMse calibrates to the EMA of each batch's MSE range, and quantizes with it" {
         let seed = 20261205L
         use _ = torch.NewDisposeScope()
