@@ -64,6 +64,8 @@ type BenchConfig =
       ConvPrecision: Hast.Core.ConvPrecision
       /// the student's weight range rule (`--weight-range`, as under hast run)
       WeightRange: Hast.Core.Quantizers.WeightRange
+      /// the student's activation gradient rule (`--act-ste`, as under hast run)
+      ActSte: Hast.Core.Quantizers.ActSte
       Device: string
       Seed: int64
       Report: string option }
@@ -72,7 +74,7 @@ let defaults =
     { Model = BuiltIn("", ""); WBits = 4; ABits = 4; Batch = 64; Iters = 30; SynthBatch = 256; SynthIters = 20
       EvalBatch = 256; EvalIters = 10; Warmup = 3; Threads = None; InteropThreads = None; Phases = Phase.all
       PromotionGrad = Hast.Core.Promotion.defaults.Grad; ConvPrecision = Hast.Core.FineTune.defaults.ConvPrecision
-      WeightRange = Hast.Core.Quantizers.MinMax; Device = "cpu"; Seed = 0L; Report = None }
+      WeightRange = Hast.Core.Quantizers.MinMax; ActSte = Hast.Core.Quantizers.PassThrough; Device = "cpu"; Seed = 0L; Report = None }
 
 type BenchArgs =
     | Arch of name: string
@@ -96,6 +98,7 @@ type BenchArgs =
     | Promotion_Grad of through: string
     | Conv_Precision of format: string
     | Weight_Range of rule: string
+    | Act_Ste of rule: string
     | Device of name: string
     | Seed of n: int64
     | Report of path: string
@@ -129,6 +132,9 @@ type BenchArgs =
             | Weight_Range _ ->
                 sprintf "the student's per-channel weight range, as hast run --weight-range: %s (default: %s)"
                     (String.concat " | " Hast.Core.Quantizers.WeightRange.names) (Hast.Core.Quantizers.WeightRange.name defaults.WeightRange)
+            | Act_Ste _ ->
+                sprintf "the student's activation gradient in the training phases, as hast run --act-ste: %s (default: %s)"
+                    (String.concat " | " Hast.Core.Quantizers.ActSte.names) (Hast.Core.Quantizers.ActSte.name defaults.ActSte)
             | Device _ -> sprintf "cpu or cuda (default: %s)" defaults.Device
             | Seed _ -> sprintf "seed of the random inputs (default: %d)" defaults.Seed
             | Report _ -> "write the measured table as JSON to this file"
@@ -160,6 +166,8 @@ let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =
           r.TryGetResult <@ Conv_Precision @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.ConvPrecision.parse "conv-precision" v)) |> Option.defaultValue defaults.ConvPrecision
       WeightRange =
           r.TryGetResult <@ Weight_Range @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.Quantizers.WeightRange.parse "weight-range" v)) |> Option.defaultValue defaults.WeightRange
+      ActSte =
+          r.TryGetResult <@ Act_Ste @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.Quantizers.ActSte.parse "act-ste" v)) |> Option.defaultValue defaults.ActSte
       Device = getOr r <@ Device @> defaults.Device
       Seed = getOr r <@ Seed @> defaults.Seed
       Report = r.TryGetResult <@ Report @> }

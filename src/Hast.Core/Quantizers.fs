@@ -425,13 +425,26 @@ type ActQuant(bits: int, momentum: float) as this =
     /// `Clipped` and one flows: the clamp's gradient is zero where the grid clips. The grid gives a
     /// clamped value the value it gives `x` (both end at the outer level), so the values are unchanged.
     member private this.ForGradient(x: Tensor) : Tensor =
-        if ActSte.at bits ste = Clipped && x.requires_grad && torch.is_grad_enabled () then
+        if this.ClipsGradientOf x then
             use _ = torch.NewDisposeScope()
-            use zero = (0.0).ToScalar()
-            let lo = (this.get_buffer "act_min").clamp_max(zero)
-            let hi = (this.get_buffer "act_max").clamp_min(zero)
+            let lo, hi = this.GradientRange
             x.clamp(lo, hi).MoveToOuterDisposeScope()
         else x
+    /// A gradient flows through `x` and is to be `Clipped` (`ActSte.at` the quantizer's bits).
+    member _.ClipsGradientOf(x: Tensor) : bool =
+        ActSte.at bits ste = Clipped && x.requires_grad && torch.is_grad_enabled ()
+    /// The range the clipped gradient passes inside: the frozen range widened to contain 0, as the
+    /// grid's (`qparams`). 0-d tensors, new (the caller's scope owns them).
+    member this.GradientRange : Tensor * Tensor =
+        use zero = (0.0).ToScalar()
+        (this.get_buffer "act_min").clamp_max(zero), (this.get_buffer "act_max").clamp_min(zero)
+    /// `ForwardInPlace` of a Frozen quantizer's input that its caller already clamped to
+    /// `GradientRange` (`QAct`'s ReLU and clip as one clamp): not clamped again.
+    member this.ForwardClampedInPlace(x: Tensor) : Tensor =
+        if bits = fullPrecisionBits then x
+        else
+            this.Prepare x
+            fakeQuantInPlaceOf this.ZeroPointIsZero x (this.get_buffer "act_min") (this.get_buffer "act_max") bits
     override this.forward(x: Tensor) : Tensor =
         if bits = fullPrecisionBits then x
         else
@@ -459,7 +472,10 @@ let private activateSavingInput (kind: Activation) (x: Tensor) : Tensor = Activa
 /// An activation followed by its quantizer, as one module (children `act`, `quant`). The activation's
 /// output is quantized in place (`ActQuant.ForwardInPlace`): one buffer and one pass fewer per
 /// quantizer than activation, copy, quantize. Without gradients the activation is the module itself;
-/// with gradients, its input-saving form (`activateSavingInput`).
+/// with gradients, its input-saving form (`activateSavingInput`). With a `Clipped` gradient (frozen
+/// range, gradient flowing), ReLU and ReLU6 and the clip to the range are one clamp, `clamp(x, 0, hi)`
+/// (ReLU6: hi at most 6): the same values, the clamp's gradient, and no extra pass or buffer
+/// (measured: the separate clamp made ResNet-20 W3A3 fine-tune steps ~25% slower).
 type QAct(kind: Activation, bits: int) as this =
     inherit Module<Tensor, Tensor>("QAct")
     let act =
@@ -474,7 +490,19 @@ type QAct(kind: Activation, bits: int) as this =
     member _.Quantizer = quant
     override _.forward(x: Tensor) : Tensor =
         if quant.Bits = fullPrecisionBits then act.forward x
-        elif torch.is_grad_enabled () then quant.ForwardInPlace (activateSavingInput kind x)
+        elif torch.is_grad_enabled () then
+            match kind with
+            | Relu
+            | Relu6 when quant.Mode = Frozen && quant.ClipsGradientOf x ->
+                let clamped =
+                    // the widened range's lower end is <= 0 and the activation's is 0: the clamp's is 0;
+                    // scalar bounds (clamp's backward with tensor bounds takes several passes)
+                    let hi = max 0.0 (snd quant.Range)
+                    use lower = (0.0).ToScalar()
+                    use upper = (match kind with Relu6 -> min 6.0 hi | _ -> hi).ToScalar()
+                    x.clamp(lower, upper)
+                quant.ForwardClampedInPlace clamped
+            | _ -> quant.ForwardInPlace (activateSavingInput kind x)
         else quant.ForwardInPlace (act.forward x)
 
 /// The module and all its descendants, in registration (network) order.

@@ -334,7 +334,10 @@ let tests : Test list =
         match Root.parse (fun _ -> "") [| "bench"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--weight-range"; "mse" |] with
         | Root.Command.Bench b -> Expect.equal b.WeightRange Quantizers.Mse "bench --weight-range"
         | other -> failtestf "bench, got %A" other
-        for flag in [ "--conv-precision"; "--weight-range" ] do
+        match Root.parse (fun _ -> "") [| "bench"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--act-ste"; "clipped" |] with
+        | Root.Command.Bench b -> Expect.equal b.ActSte Quantizers.Clipped "bench --act-ste"
+        | other -> failtestf "bench, got %A" other
+        for flag in [ "--conv-precision"; "--weight-range"; "--act-ste" ] do
             let code, _, err = TestRuns.runCli [ "bench"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; flag; "fp16" ]
             Expect.equal code 2 (sprintf "bench %s fp16: a usage error" flag)
             Expect.stringStarts err (sprintf "hast: %s must be" flag) "names the flag once"

@@ -458,6 +458,30 @@ let private fastPathTests : Test list = [
         use _ng = torch.no_grad ()
         Expect.isTrue (same (q.forward (x0.clone ())) reference) "without gradients the same values"
     }
+    test "QAct with a clipped gradient: ReLU/ReLU6 and the clip as one clamp give the values and gradients of activation, then clip, then quantize" {
+        let seed = 20261207L
+        use _ = torch.NewDisposeScope()
+        use g = generator seed
+        let x0 = torch.rand([| 4L; 3L; 5L; 5L |], generator = g) * 12.0 - 2.0
+        for kind, act in [ Relu, (fun (t: Tensor) -> torch.nn.functional.relu t); Relu6, (fun (t: Tensor) -> torch.nn.functional.relu6 t) ] do
+            for hi in [ 2.0f; 8.0f ] do
+                use q = new QAct(kind, 3)
+                q.Quantizer.Observe(torch.tensor([| 0.0f; hi |]))
+                q.Quantizer.Ste <- Clipped
+                let run (fused: bool) =
+                    let x = x0.clone().requires_grad_(true)
+                    let y = if fused then q.forward x else q.Quantizer.forward (act x)
+                    (y * (x0 + 3.0)).sum().backward ()
+                    y.detach (), x.grad.clone ()
+                let yF, gF = run true
+                let yR, gR = run false
+                let where = sprintf "%A, range [0, %g] (seed %d)" kind hi seed
+                Expect.isTrue (same yF yR) (sprintf "%s: the same values" where)
+                Expect.isTrue (same gF gR) (sprintf "%s: the same gradients" where)
+                let upper = if kind = Relu6 then min 6.0f hi else hi
+                let inside = x0.gt(torch.tensor 0.0f).logical_and(x0.lt(torch.tensor upper))
+                Expect.isTrue (same gF (torch.where(inside, x0 + 3.0, torch.zeros_like x0))) (sprintf "%s: passed inside (0, %g) only" where upper)
+    }
     test "auto rules (BatchMseLowBits, ClippedLowBits): mse range and clipped gradient at 3 bits or fewer, min/max and identity above, by each quantizer's own bits" {
         for bits in [ 2; 3; 4; 8; 32 ] do
             let low = bits <= Quantizers.lowActBits

@@ -40,6 +40,7 @@ public static class BenchCommand
         var fp = ModelFiles.LoadTeacher(c.Model, null, device);
         var student = ModelFiles.Quantized(fp, c.WBits, c.ABits);
         Quantizers.setWeightRange(student.Net, c.WeightRange);
+        Quantizers.setActSte(student.Net, c.ActSte);
         var side = fp.Arch.Input.Size;
         using var gen = Prelude.generator(c.Seed);
 
@@ -103,6 +104,7 @@ public static class BenchCommand
                 ["promotion_grad"] = Promotion.gradName(c.PromotionGrad),
                 ["conv_precision"] = ConvPrecisionModule.name(c.ConvPrecision),
                 ["weight_range"] = Quantizers.WeightRangeModule.name(c.WeightRange),
+                ["act_ste"] = Quantizers.ActSteModule.name(c.ActSte),
                 ["process_settings"] = NativeTuning.Applied,
                 ["cpu_bf16"] = NativeTuning.MachineHasBf16(),
                 ["torch_threads"] = torch.get_num_threads(),
