@@ -243,8 +243,8 @@ type ActRange =
 
 /// The widest activation grid the `...LowBits` rules treat as low-bit: 3 bits (8 levels). Measured
 /// (docs/results.md, "Activation ranges at 3 bits"): with 3-bit activations the MSE range and the
-/// clipped gradient together are ahead on every paired seed; with 4-bit activations not (ResNet-20
-/// W4A4 seed 0: validation −0.60, head −0.75).
+/// clipped gradient together are ahead on the validation set on every paired seed (ResNet-20 four,
+/// ResNet-32 two); with 4-bit activations behind (ResNet-20 W4A4, two seeds: validation −0.46, head −0.97).
 let lowActBits = 3
 
 module ActRange =
@@ -254,6 +254,12 @@ module ActRange =
     let tryParse (s: string) = Named.tryParse table s
     /// The rule a setting's text names; `InvalidSetting` naming `setting` otherwise.
     let parse (setting: string) (s: string) : ActRange = Named.parse setting table s
+    /// The rule in words, for logs: "each batch's ..." follows.
+    let describe (r: ActRange) : string =
+        match r with
+        | BatchMinMax -> "min/max"
+        | BatchMse -> "least-squared-error clipped range"
+        | BatchMseLowBits -> sprintf "least-squared-error clipped range at %d bits or fewer, min/max above" lowActBits
     /// The rule a quantizer of `bits` bits applies (`BatchMseLowBits` resolved; the others as they are).
     let at (bits: int) (r: ActRange) : ActRange =
         match r with
@@ -435,11 +441,11 @@ type ActQuant(bits: int, momentum: float) as this =
         ActSte.at bits ste = Clipped && x.requires_grad && torch.is_grad_enabled ()
     /// The range the clipped gradient passes inside: the frozen range widened to contain 0, as the
     /// grid's (`qparams`). 0-d tensors, new (the caller's scope owns them).
-    member this.GradientRange : Tensor * Tensor =
+    member private this.GradientRange : Tensor * Tensor =
         use zero = (0.0).ToScalar()
         (this.get_buffer "act_min").clamp_max(zero), (this.get_buffer "act_max").clamp_min(zero)
-    /// `ForwardInPlace` of a Frozen quantizer's input that its caller already clamped to
-    /// `GradientRange` (`QAct`'s ReLU and clip as one clamp): not clamped again.
+    /// `ForwardInPlace` of a Frozen quantizer's input that its caller already clamped to the widened
+    /// range or inside it (`QAct`'s ReLU and clip as one clamp): not clamped again.
     member this.ForwardClampedInPlace(x: Tensor) : Tensor =
         if bits = fullPrecisionBits then x
         else
@@ -474,8 +480,9 @@ let private activateSavingInput (kind: Activation) (x: Tensor) : Tensor = Activa
 /// quantizer than activation, copy, quantize. Without gradients the activation is the module itself;
 /// with gradients, its input-saving form (`activateSavingInput`). With a `Clipped` gradient (frozen
 /// range, gradient flowing), ReLU and ReLU6 and the clip to the range are one clamp, `clamp(x, 0, hi)`
-/// (ReLU6: hi at most 6): the same values, the clamp's gradient, and no extra pass or buffer
-/// (measured: the separate clamp made ResNet-20 W3A3 fine-tune steps ~25% slower).
+/// (ReLU6: hi at most 6): the same values, the clamp's gradient (tested against the separate form),
+/// one activation-sized buffer and pass fewer per quantizer. Not measurably faster: ResNet-20 W3A3
+/// seed 3, 800 iterations, 440 s against 448 s with the separate clamp (docs/results.md).
 type QAct(kind: Activation, bits: int) as this =
     inherit Module<Tensor, Tensor>("QAct")
     let act =

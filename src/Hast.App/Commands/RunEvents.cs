@@ -65,7 +65,7 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                 if (cs.Item1 is Pipeline.Calibration.FromGenerator g)
                     log.Info($"calibrating activation ranges with a label-conditional generator ({g.Item.Iterations} iterations x {g.Item.BatchSize}, BNS + CE)");
                 else
-                    log.Info($"calibrating activation ranges on {cs.images} {(c.Run.Samples.IsRealImages ? "REAL images" : "synthetic samples")} (EMA of min/max, then frozen)");
+                    log.Info($"calibrating activation ranges on {cs.images} {(c.Run.Samples.IsRealImages ? "REAL images" : "synthetic samples")} (EMA of each batch's {Quantizers.ActRangeModule.describe(c.Run.ActRange)}, then frozen)");
                 break;
             case RunHooks.Event.CalibrationBatch b:
                 Faults.At("calibration", $"batch {b.index + 1}");
