@@ -229,7 +229,7 @@ let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
     let baseCfg =
         let c = baseConfig budget family classCount wbits abits
         let rule (key: string) (parse: string -> string -> 'a) (fallback: 'a) =
-            r.TryString key |> Option.map (fun v -> withFlags flagOf (fun () -> parse key v)) |> Option.defaultValue fallback
+            r.TryString key |> Option.map (parseAs parse key) |> Option.defaultValue fallback
         { c with
             ActRange = rule "act-range" Quantizers.ActRange.parse c.ActRange
             ActSte = rule "act-ste" Quantizers.ActSte.parse c.ActSte }

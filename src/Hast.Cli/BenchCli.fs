@@ -163,11 +163,11 @@ let ofResults (r: ParseResults<BenchArgs>) : BenchConfig =
       PromotionGrad =
           r.TryGetResult <@ Promotion_Grad @> |> Option.map Hast.Core.Promotion.parseGrad |> Option.defaultValue defaults.PromotionGrad
       ConvPrecision =
-          r.TryGetResult <@ Conv_Precision @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.ConvPrecision.parse "conv-precision" v)) |> Option.defaultValue defaults.ConvPrecision
+          r.TryGetResult <@ Conv_Precision @> |> Option.map (parseAs Hast.Core.ConvPrecision.parse "conv-precision") |> Option.defaultValue defaults.ConvPrecision
       WeightRange =
-          r.TryGetResult <@ Weight_Range @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.Quantizers.WeightRange.parse "weight-range" v)) |> Option.defaultValue defaults.WeightRange
+          r.TryGetResult <@ Weight_Range @> |> Option.map (parseAs Hast.Core.Quantizers.WeightRange.parse "weight-range") |> Option.defaultValue defaults.WeightRange
       ActSte =
-          r.TryGetResult <@ Act_Ste @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.Quantizers.ActSte.parse "act-ste" v)) |> Option.defaultValue defaults.ActSte
+          r.TryGetResult <@ Act_Ste @> |> Option.map (parseAs Hast.Core.Quantizers.ActSte.parse "act-ste") |> Option.defaultValue defaults.ActSte
       Device = getOr r <@ Device @> defaults.Device
       Seed = getOr r <@ Seed @> defaults.Seed
       Report = r.TryGetResult <@ Report @> }

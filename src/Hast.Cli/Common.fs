@@ -18,6 +18,11 @@ let withFlags (flagOf: string -> string) (f: unit -> 'a) : 'a =
 /// The flag of a setting where the names agree (`lr` -> `--lr`).
 let flagOf (setting: string) = "--" + setting
 
+/// A setting's text parsed by the core's `parse setting text` (a `Named` table's, `ConvPrecision.parse`),
+/// its error one line naming the flag `--setting`.
+let parseAs (parse: string -> string -> 'a) (setting: string) (text: string) : 'a =
+    withFlags flagOf (fun () -> parse setting text)
+
 /// The one rule for bit widths (`Quantizers.checkBits`), reported under the flag `what`.
 let checkBits (what: string) (b: int) =
     withFlags (fun _ -> what) (fun () -> Quantizers.checkBits "bits" b)

@@ -116,8 +116,8 @@ let ofResults (r: ParseResults<EvalArgs>) : EvalConfig =
           ABits = getOr r <@ Abits @> defaults.ABits |> checkBits "--abits"
           CalibBatches = getOr r <@ Calib_Batches @> defaults.CalibBatches |> checkPositiveInt "--calib-batches"
           WeightRange =
-              r.TryGetResult <@ Weight_Range @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.Quantizers.WeightRange.parse "weight-range" v)) |> Option.defaultValue defaults.WeightRange
-          ActRange = r.TryGetResult <@ Act_Range @> |> Option.map (fun v -> withFlags flagOf (fun () -> Hast.Core.Quantizers.ActRange.parse "act-range" v)) |> Option.defaultValue defaults.ActRange
+              r.TryGetResult <@ Weight_Range @> |> Option.map (parseAs Hast.Core.Quantizers.WeightRange.parse "weight-range") |> Option.defaultValue defaults.WeightRange
+          ActRange = r.TryGetResult <@ Act_Range @> |> Option.map (parseAs Hast.Core.Quantizers.ActRange.parse "act-range") |> Option.defaultValue defaults.ActRange
           BatchSize = getOr r <@ Batch_Size @> defaults.BatchSize |> checkPositiveInt "--batch-size"
           Device = getOr r <@ Device @> defaults.Device
           Report = r.TryGetResult <@ Report @> }

@@ -29,7 +29,7 @@ let augmentName (a: Synthesis.Augmentation) =
     | Synthesis.SharedCrop _ -> "batch"
     | Synthesis.PerSampleCrop _ -> "sample"
 
-let private convPrecision (key: string) (s: string) = withFlags flagOf (fun () -> ConvPrecision.parse key s)
+let private convPrecision (key: string) (s: string) = parseAs ConvPrecision.parse key s
 
 /// How the samples are optimised: the same flags under `hast synthesize` and `hast run`.
 let synthesis : Setting<Synthesis.Config> list =
