@@ -192,7 +192,7 @@ let private actRange =
 
 let private actSte =
     quantizerRule "act-ste"
-        "activation quantizers' gradient in fine-tuning: identity (straight-through everywhere, the paper's; the default) | clipped (zero where the frozen range clipped the value) | auto (clipped at 3 bits or fewer, identity above; cpu-30min's)"
+        "activation quantizers' gradient in fine-tuning: identity (straight-through everywhere, the paper's; the default) | clipped (zero where the frozen range clipped the value) | auto (clipped at 3 bits or fewer, identity above; cpu-30min's) | lsq (clipped, and each ReLU quantizer's range end trained with LSQ's gradient at the weights' lr)"
         Quantizers.ActSte.table Quantizers.PassThrough (fun c -> c.ActSte) (fun v c -> { c with ActSte = v })
 
 /// The run's settings, in the order a layer applies (each choice before the settings under it:

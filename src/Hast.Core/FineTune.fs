@@ -241,6 +241,11 @@ let private failNonFinite (what: string) (v: float) : 'a =
 /// total and a > 0, one backward gives both gradients; otherwise the input gradient comes from
 /// `autograd.grad` (graph retained only if a·L(x) still needs its backward, which then runs to the
 /// student's parameters only).
+/// What the optimizer trains: the student's parameters that require gradients, and the learned
+/// activation ranges (`Quantizers.rangeParameters`, with `--act-ste lsq`).
+let trainable (student: Net) : TorchSharp.Modules.Parameter list =
+    [ for q in student.parameters () do if q.requires_grad then yield q ] @ Quantizers.rangeParameters student
+
 let promotionGradient (c: Config) (p: Promotion) (teacher: Net) (student: Net) (x: Tensor) (labels: Tensor) : Terms * Tensor =
     let xg = x.detach().requires_grad_(true)
     let t = terms c (student.Forward xg) (teacherOutputs (p.Grad = Both) teacher xg) labels
@@ -252,7 +257,7 @@ let promotionGradient (c: Config) (p: Promotion) (teacher: Net) (student: Net) (
             xg.grad
         elif a > 0.0 then
             let g = inputGradient true (directionLoss p.Direction t) xg
-            let ps = student.parameters () |> Seq.filter (fun q -> q.requires_grad) |> Seq.map (fun q -> q :> Tensor) |> Array.ofSeq
+            let ps = trainable student |> Seq.map (fun q -> q :> Tensor) |> Array.ofSeq
             (t.Total * a).backward (inputs = ps)
             g
         else inputGradient false (directionLoss p.Direction t) xg
@@ -307,10 +312,20 @@ let step (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer) 
 // Epochs
 
 /// The optimiser of the authors: SGD with Nesterov momentum and weight decay on all student
-/// parameters (conv/linear weights and BN affine parameters).
+/// parameters (conv/linear weights and BN affine parameters). Learned activation ranges
+/// (`Quantizers.rangeParameters`) are a second group: the same learning rate and momentum (LSQ's
+/// gradient scale makes one learning rate fit both), no weight decay (it would pull the ranges to 0).
 let optimizer (c: Config) (student: Net) : torch.optim.Optimizer =
-    torch.optim.SGD(student.parameters (), c.Lr, momentum = c.Momentum, weight_decay = c.WeightDecay,
-                    nesterov = (c.Momentum > 0.0)) :> torch.optim.Optimizer
+    let nesterov = c.Momentum > 0.0
+    match Quantizers.rangeParameters student with
+    | [] ->
+        torch.optim.SGD(student.parameters (), c.Lr, momentum = c.Momentum, weight_decay = c.WeightDecay,
+                        nesterov = nesterov) :> torch.optim.Optimizer
+    | ranges ->
+        let group (ps: TorchSharp.Modules.Parameter seq) (decay: float) =
+            TorchSharp.Modules.SGD.ParamGroup(ps, lr = c.Lr, momentum = c.Momentum, weight_decay = decay, nesterov = nesterov)
+        torch.optim.SGD([ group (student.parameters ()) c.WeightDecay; group ranges 0.0 ], c.Lr, momentum = c.Momentum,
+                        weight_decay = c.WeightDecay, nesterov = nesterov) :> torch.optim.Optimizer
 
 /// Progress of one iteration.
 type IterInfo =
@@ -404,7 +419,7 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
             i <- i + 1)
     match diverged with
     | Some cause -> Diverged cause
-    | None when not (student.parameters () |> Seq.forall allFinite) -> Diverged NonFiniteWeights
+    | None when not (trainable student |> Seq.forall allFinite) -> Diverged NonFiniteWeights
     | None ->
         let n = float c.ItersPerEpoch
         Completed

@@ -312,9 +312,16 @@ type ActSte =
     /// `Clipped` for quantizers of at most `lowActBits` bits, `PassThrough` above (the `cpu-30min`
     /// preset's, with `ActRange.BatchMseLowBits`)
     | ClippedLowBits
+    /// `Clipped` for the input, and the range's upper end learned in fine-tuning with LSQ's gradient
+    /// (Esser et al., ICLR 2020: the step size's gradient is round(v) − v inside the grid and the top
+    /// level where it clips, scaled by 1/sqrt(values per sample × (2^b − 1))), for quantizers after a
+    /// ReLU (their grid starts at 0); `Clipped` with a frozen range for the others. The calibrated
+    /// range is the start; the fine-tuning's optimizer trains it (`rangeParameters`) at the weights'
+    /// learning rate, without weight decay.
+    | LearnedRange
 
 module ActSte =
-    let table = [ "identity", PassThrough; "clipped", Clipped; "auto", ClippedLowBits ]
+    let table = [ "identity", PassThrough; "clipped", Clipped; "auto", ClippedLowBits; "lsq", LearnedRange ]
     let names = Named.names table
     let name (r: ActSte) = Named.name table r
     let tryParse (s: string) = Named.tryParse table s
@@ -325,7 +332,37 @@ module ActSte =
         match r with
         | ClippedLowBits -> if bits <= lowActBits then Clipped else PassThrough
         | PassThrough
-        | Clipped -> r
+        | Clipped
+        | LearnedRange -> r
+
+/// LSQ's gradient scale for a per-tensor step size (Esser et al.): 1 / sqrt(values per sample ×
+/// (2^b − 1)), so that the step size's updates are of the weights' relative size at one learning rate.
+let lsqGradScale (valuesPerSample: int64) (bits: int) : float = 1.0 / sqrt (float valuesPerSample * qmaxOf bits)
+
+/// The grid value of `x` (>= 0, a ReLU's output) on the grid of [0, hi] (`fakeQuantOf true`, bit for
+/// bit), with LSQ's gradients: to `x`, 1 inside [0, hi] and 0 where the grid clips (`Clipped`); to
+/// `hi` (a 0-d tensor that requires grad), with s = hi / (2^b − 1) and v = clamp(x / s, 0, 2^b − 1),
+/// the gradient of s · (v + (round(v) − v) held constant), i.e. round(v) − v inside and 2^b − 1 above
+/// the range, times `lsqGradScale` and 1 / (2^b − 1).
+let learnedRangeQuant (x: Tensor) (hi: Tensor) (bits: int) : Tensor =
+    checkBits "abits" bits
+    if bits = fullPrecisionBits then x
+    else
+        use _ = torch.NewDisposeScope()
+        use zero = (0.0).ToScalar()
+        use qmax = (qmaxOf bits).ToScalar()
+        use smallest = minScale.ToScalar()
+        use g = (lsqGradScale (x.numel () / max 1L (x.size 0)) bits).ToScalar()
+        let hd = hi.detach ()
+        // the value of hi exactly (y − y is 0), the gradient g times hi's
+        let scaledHi = hi.mul(g)
+        let hiG = hd + (scaledHi - scaledHi.detach ())
+        let s = hiG.div(qmax).clamp_min(smallest)
+        let v = (x / s).clamp(zero, qmax)
+        let t = s * (v + (v.round () - v).detach ())
+        // the values: the frozen grid's exactly (t's value may differ from it in the last bit)
+        let dq = fakeQuantOf true (x.detach ()) (torch.zeros_like hd) hd bits
+        (dq + (t - t.detach ())).MoveToOuterDisposeScope()
 
 /// What an activation quantizer does with its range.
 type ActMode =
@@ -359,6 +396,7 @@ type ActQuant(bits: int, momentum: float) as this =
     let mutable inputNonNegative = false
     let mutable rangeRule = BatchMinMax
     let mutable ste = PassThrough
+    let mutable rangeParameter : Parameter option = None
     new(bits: int) = new ActQuant(bits, 0.9)
     /// The gradient passed in training (`ActSte`); the values do not depend on it.
     member _.Ste
@@ -436,9 +474,31 @@ type ActQuant(bits: int, momentum: float) as this =
             let lo, hi = this.GradientRange
             x.clamp(lo, hi).MoveToOuterDisposeScope()
         else x
-    /// A gradient flows through `x` and is to be `Clipped` (`ActSte.at` the quantizer's bits).
-    member _.ClipsGradientOf(x: Tensor) : bool =
-        ActSte.at bits ste = Clipped && x.requires_grad && torch.is_grad_enabled ()
+    /// A gradient flows through `x` and is to be `Clipped` (`ActSte.at` the quantizer's bits; also
+    /// `LearnedRange` on a quantizer that does not learn its range).
+    member this.ClipsGradientOf(x: Tensor) : bool =
+        let rule = ActSte.at bits ste
+        (rule = Clipped || (rule = LearnedRange && not this.LearnsRange)) && x.requires_grad && torch.is_grad_enabled ()
+    /// The range's upper end is trained in fine-tuning (`LearnedRange` at this quantizer's bits, and
+    /// its inputs are a ReLU's, so its grid starts at 0).
+    member _.LearnsRange : bool = inputNonNegative && bits <> fullPrecisionBits && ActSte.at bits ste = LearnedRange
+    /// The trainable upper end of the range: a parameter sharing its storage with the `act_max`
+    /// buffer (so the optimizer's updates are the buffer's, and checkpoints, the good-state copies,
+    /// evaluation and export read them there). Made the first time it is asked for.
+    member this.RangeParameter : Parameter =
+        match rangeParameter with
+        | Some p -> p
+        | None ->
+            let p = (new Parameter((this.get_buffer "act_max").detach (), true)).DetachFromDisposeScope() :?> Parameter
+            rangeParameter <- Some p
+            p
+    /// The range is learned and a gradient flows through `x` (a Frozen quantizer in training).
+    member private this.LearnsFrom(x: Tensor) : bool =
+        mode = Frozen && this.LearnsRange && x.requires_grad && torch.is_grad_enabled ()
+    override _.Dispose(disposing: bool) =
+        if disposing then rangeParameter |> Option.iter (fun p -> p.Dispose())
+        rangeParameter <- None
+        base.Dispose disposing
     /// The range the clipped gradient passes inside: the frozen range widened to contain 0, as the
     /// grid's (`qparams`). 0-d tensors, new (the caller's scope owns them).
     member private this.GradientRange : Tensor * Tensor =
@@ -455,7 +515,8 @@ type ActQuant(bits: int, momentum: float) as this =
         if bits = fullPrecisionBits then x
         else
             this.Prepare x
-            fakeQuantOf this.ZeroPointIsZero (this.ForGradient x) (this.get_buffer "act_min") (this.get_buffer "act_max") bits
+            if this.LearnsFrom x then learnedRangeQuant x this.RangeParameter bits
+            else fakeQuantOf this.ZeroPointIsZero (this.ForGradient x) (this.get_buffer "act_min") (this.get_buffer "act_max") bits
     /// `forward` of an input the caller gives up: nothing reads it afterwards, and no autograd node
     /// saved it for its backward (e.g. the output of `threshold`, whose backward reads its input).
     /// It is quantized in place rather than into a copy, which saves one activation-sized buffer and
@@ -463,6 +524,7 @@ type ActQuant(bits: int, momentum: float) as this =
     /// autograd, so the gradient is the straight-through identity, as in `forward`.
     member this.ForwardInPlace(x: Tensor) : Tensor =
         if bits = fullPrecisionBits then x
+        elif this.LearnsFrom x then this.forward x // the range's gradient needs the input: not in place
         else
             this.Prepare x
             // with `Clipped`, the clamp's output is new and unsaved (clamp's backward reads its input)
@@ -532,6 +594,11 @@ let resetRanges (m: Module) : unit =
 /// Set the training gradient of every activation quantizer of a model.
 let setActSte (m: Module) (rule: ActSte) : unit =
     for q in actQuantizers m do q.Ste <- rule
+
+/// The trainable range ends of a model's activation quantizers that learn theirs (`LearnedRange`;
+/// `ActQuant.RangeParameter`), in network order; empty under the other gradient rules.
+let rangeParameters (m: Module) : Parameter list =
+    [ for q in actQuantizers m do if q.LearnsRange then yield q.RangeParameter ]
 
 /// Set the calibration range rule of every activation quantizer of a model.
 let setActRange (m: Module) (rule: ActRange) : unit =

@@ -25,11 +25,18 @@ let copyInto (dst: Net) (src: Net) : unit =
         dt.copy_(st) |> ignore
     for p in dst.parameters () do p.requires_grad <- false
 
-/// One EMA step: avg ← decay·avg + (1 − decay)·θ for every parameter θ of `student` (buffers are
-/// left alone: BN statistics and activation ranges do not change during fine-tuning).
+/// The `act_max` buffers of the activation quantizers that learn their range (`--act-ste lsq`).
+let private learnedRanges (m: Net) : torch.Tensor list =
+    [ for q in Quantizers.actQuantizers m do if q.LearnsRange then yield q.get_buffer "act_max" ]
+
+/// One EMA step: avg ← decay·avg + (1 − decay)·θ for every parameter θ of `student` and every
+/// learned activation range (`--act-ste lsq`); the other buffers are left alone (BN statistics and
+/// frozen activation ranges do not change during fine-tuning).
 let update (decay: float) (average: Net) (student: Net) : unit =
     use _ = torch.no_grad ()
     use keep = decay.ToScalar()
     use take = (1.0 - decay).ToScalar()
     for a, s in Seq.zip (average.parameters ()) (student.parameters ()) do
+        a.mul_(keep).add_(s, alpha = take) |> ignore
+    for a, s in List.zip (learnedRanges average) (learnedRanges student) do
         a.mul_(keep).add_(s, alpha = take) |> ignore

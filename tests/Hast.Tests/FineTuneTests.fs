@@ -220,6 +220,40 @@ let precisionTests = [
     }
 ]
 
+/// `--act-ste lsq`: the optimizer trains the activation ranges too (issue 29's learned-step candidate).
+let learnedRangeTests = [
+    test "--act-ste lsq: the ranges are a second optimizer group without weight decay; a step moves every ReLU quantizer's act_max (both promotion branches); a kept good state puts them back; other rules keep one group (shared model, W3A3, seed 11)" {
+        use _ = torch.NewDisposeScope()
+        use g = generator 11L
+        let x = torch.randn([| 4L; 3L; 32L; 32L |], generator = g)
+        let labels = torch.randint(10L, [| 4L |], generator = g)
+        for direction in [ Promotion.KLandFA; Promotion.KL ] do
+            let c = { FineTune.defaults with Promotion = Some { Promotion.defaults with Direction = direction } }
+            let teacher, student = pair 3 3
+            Quantizers.setActSte student Quantizers.LearnedRange
+            let quantizers = Quantizers.actQuantizers student
+            Expect.isTrue (quantizers |> List.forall (fun q -> q.LearnsRange)) "every quantizer of ResNet-20 follows a ReLU"
+            use opt = FineTune.optimizer c student
+            let groups = opt.ParamGroups |> List.ofSeq
+            Expect.equal groups.Length 2 "weights and ranges"
+            Expect.equal ((groups[1] :?> TorchSharp.Modules.ParamGroup).Parameters |> Seq.length) quantizers.Length "one range per quantizer"
+            let before = quantizers |> List.map (fun q -> snd q.Range)
+            let kept = GoodState.keep student None opt
+            FineTune.step c teacher student opt 1e-3 x labels |> ignore
+            let after = quantizers |> List.map (fun q -> snd q.Range)
+            let moved = List.map2 (fun a b -> a <> b) before after |> List.filter id |> List.length
+            Expect.equal moved quantizers.Length (sprintf "%A: every range moved" direction)
+            GoodState.putBack kept student None opt
+            GoodState.release kept
+            Expect.sequenceEqual (quantizers |> List.map (fun q -> snd q.Range)) before (sprintf "%A: the kept ranges are back" direction)
+            Expect.sequenceEqual (Quantizers.rangeParameters student |> List.map (fun p -> scalar p)) before "and so are the parameters (the same storage)"
+        let _, student = pair 3 3
+        Quantizers.setActSte student Quantizers.Clipped
+        use opt = FineTune.optimizer FineTune.defaults student
+        Expect.equal (opt.ParamGroups |> Seq.length) 1 "clipped: the weights only"
+    }
+]
+
 /// The divergence guard's view of an epoch (`tryEpoch`): a NaN stops the epoch at the first step
 /// whose loss is NaN, non-finite weights after the last step are reported, a spike shows in the
 /// mean, `epoch` fails with one line as before. Faults are injected (`FineTune.Fault`), seeded inputs.
@@ -273,4 +307,4 @@ let divergenceTests = [
     }
 ]
 
-let tests : Test list = promotionTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests
+let tests : Test list = promotionTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests @ learnedRangeTests

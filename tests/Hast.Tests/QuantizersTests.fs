@@ -482,6 +482,69 @@ let private fastPathTests : Test list = [
                 let inside = x0.gt(torch.tensor 0.0f).logical_and(x0.lt(torch.tensor upper))
                 Expect.isTrue (same gF (torch.where(inside, x0 + 3.0, torch.zeros_like x0))) (sprintf "%s: passed inside (0, %g) only" where upper)
     }
+    test "ActSte LearnedRange (lsq): the frozen grid's values; the input's gradient clipped; the range's gradient LSQ's (float64 reference); a ReLU-free quantizer keeps its range" {
+        use _ = torch.NewDisposeScope()
+        let x0 = torch.tensor([| -0.5f; 0.3f; 0.9f; 0.61f; 1.7f; 3.0f |]).view(1L, 6L)
+        let w = torch.tensor([| 1.0f; 2.0f; -1.0f; 0.5f; 3.0f; -2.0f |]).view(1L, 6L) // a loss sum(w·y)
+        let run (ste: ActSte) (inPlace: bool) =
+            use q = new QAct(Relu, 3)
+            q.Quantizer.Observe(torch.tensor([| 0.0f; 1.0f |]))
+            q.Quantizer.Ste <- ste
+            let x = x0.clone().requires_grad_(true)
+            let y = if inPlace then q.forward x else q.Quantizer.forward (torch.nn.functional.relu x)
+            (y * w).sum().backward ()
+            let hiGrad = match Quantizers.rangeParameters q with [ p ] -> Some(scalar p.grad) | _ -> None
+            y.detach().clone(), x.grad.clone (), hiGrad
+        for inPlace in [ true; false ] do
+            let where = if inPlace then "QAct (in place)" else "ActQuant.forward"
+            let yPass, _, none = run PassThrough inPlace
+            let yLsq, gLsq, hiGrad = run LearnedRange inPlace
+            Expect.isNone none (sprintf "%s: no learned range under identity" where)
+            Expect.isTrue (same yPass yLsq) (sprintf "%s: the frozen grid's values, bit for bit" where)
+            let gx = gLsq.data<float32>() |> Array.ofSeq
+            Expect.sequenceEqual (gx |> Array.map (fun v -> float (round (v * 1000.0f)) / 1000.0)) [| 0.0; 2.0; -1.0; 0.5; 0.0; 0.0 |]
+                (sprintf "%s: the input's gradient is w inside (0, 1), 0 where the ReLU or the range clips" where)
+            // LSQ by hand, float64: s = hi/7, v = clamp(x/s, 0, 7); d/dhi = g/7 · Σ w·(round(v) − v inside, 7 above)
+            let qmax = 7.0
+            let s = 1.0 / qmax
+            let g = 1.0 / sqrt (6.0 * qmax)
+            let expected =
+                Array.zip [| -0.5; 0.3; 0.9; 0.61; 1.7; 3.0 |] [| 1.0; 2.0; -1.0; 0.5; 3.0; -2.0 |]
+                |> Array.sumBy (fun (x, wi) ->
+                    let v = max 0.0 (x / s)
+                    wi * (if v >= qmax then qmax else Math.Round v - v))
+                |> fun t -> t * g / qmax
+            match hiGrad with
+            | Some h -> Expect.floatClose { absolute = 1e-6; relative = 1e-5 } h expected (sprintf "%s: the range's gradient is LSQ's" where)
+            | None -> failtestf "%s: one learned range" where
+        // a quantizer whose inputs may be negative keeps its range frozen, and its gradient is clipped
+        use aq = new ActQuant(3, 0.9, Ste = LearnedRange)
+        aq.Observe(torch.tensor([| -1.0f; 1.0f |]))
+        Expect.isFalse aq.LearnsRange "signed inputs: the range is not learned"
+        let x = torch.tensor([| -2.0f; 0.5f; 2.0f |]).requires_grad_(true)
+        (aq.forward x).sum().backward ()
+        Expect.sequenceEqual (x.grad.data<float32>() |> Seq.toList) [ 0.0f; 1.0f; 0.0f ] "signed inputs: the clipped gradient"
+        Expect.equal (Quantizers.ActSte.at 8 LearnedRange) LearnedRange "lsq at every width"
+    }
+    test "LearnedRange: the range parameter shares the act_max buffer's storage, so an optimizer step is the buffer's (what checkpoints, evaluation and export read)" {
+        use _ = torch.NewDisposeScope()
+        use q = new QAct(Relu, 3)
+        q.Quantizer.Observe(torch.tensor([| 0.0f; 1.0f |]))
+        q.Quantizer.Ste <- LearnedRange
+        let ps = Quantizers.rangeParameters q
+        Expect.equal ps.Length 1 "one learned range"
+        Expect.isTrue (obj.ReferenceEquals(ps.Head, (Quantizers.rangeParameters q).Head)) "made once"
+        use opt = torch.optim.SGD(ps, 0.1)
+        let x = torch.tensor([| 0.3f; 2.0f |]).view(1L, 2L).requires_grad_(true)
+        (q.forward x).sum().backward ()
+        let grad = scalar ps.Head.grad
+        opt.step () |> ignore
+        Expect.floatClose Accuracy.high (snd q.Quantizer.Range) (1.0 - 0.1 * grad) "the buffer moved by the step"
+        Expect.isGreaterThan (abs grad) 0.0 "a gradient reached the range"
+        use _ng = torch.no_grad ()
+        let y = q.forward (torch.tensor([| 2.0f |]))
+        Expect.floatClose Accuracy.high (scalar y) (snd q.Quantizer.Range) "evaluation uses the moved range (2.0 clips to its top)"
+    }
     test "auto rules (BatchMseLowBits, ClippedLowBits): mse range and clipped gradient at 3 bits or fewer, min/max and identity above, by each quantizer's own bits" {
         for bits in [ 2; 3; 4; 8; 32 ] do
             let low = bits <= Quantizers.lowActBits
