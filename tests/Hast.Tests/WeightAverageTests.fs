@@ -68,4 +68,23 @@ let tests : Test list =
         for _ in 1 .. 200 do WeightAverage.update 0.9 avg student
         // 0.9^200 ~ 7e-10 of the start is left
         for (k, x), (_, y) in List.zip (state avg) (state student) |> List.filter (fun ((k, _), _) -> k.EndsWith ".weight") do
-            Expect.isTrue (x.allclose(y, rtol = 1e-4, atol = 1e-5)) (sprintf "%s reached the student's value" k) ]
+            Expect.isTrue (x.allclose(y, rtol = 1e-4, atol = 1e-5)) (sprintf "%s reached the student's value" k)
+
+      testCase "update with --act-ste lsq: the learned activation ranges (act_max) are averaged too; the other buffers untouched (seed 3)" <| fun () ->
+        let avg, student = twoNets 3L
+        use avg = avg
+        use student = student
+        for n in [ avg; student ] do Quantizers.setActSte n Quantizers.LearnedRange
+        let before = state avg
+        let theta = state student
+        WeightAverage.update 0.9 avg student
+        let after = state avg
+        let mutable ranges = 0
+        for ((k, a0), (_, th)), (_, a1) in List.zip (List.zip before theta) after do
+            if k.EndsWith "act_max" then
+                ranges <- ranges + 1
+                use expected = a0 * 0.9 + th * 0.1
+                Expect.isTrue (a1.allclose(expected, rtol = 1e-5, atol = 1e-6)) (sprintf "%s averaged" k)
+            elif not (k.EndsWith "weight" || k.EndsWith "bias") then
+                Expect.isTrue (sameValues a0 a1) (sprintf "%s untouched" k)
+        Expect.equal ranges (Quantizers.actQuantizers student).Length "every quantizer's range" ]
