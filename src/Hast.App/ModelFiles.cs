@@ -133,10 +133,11 @@ public static class ModelFiles
     }
 
     /// A quantized model from FP weights: same topology with fake-quantized layers, weights copied.
-    /// Activation ranges still need calibrating (`Quantize.calibrate`).
-    public static LoadedModel Quantized(LoadedModel fp, int wbits, int abits)
+    /// Activation ranges still need calibrating (`Quantize.calibrate`). `residualBits` below 32
+    /// quantizes each residual block's body too (`--residual-bits`).
+    public static LoadedModel Quantized(LoadedModel fp, int wbits, int abits, int residualBits = 32)
     {
-        var q = Quantize.quantize(fp.Arch, fp.Classes, fp.Net, wbits, abits);
+        var q = Quantize.quantizeWith(fp.Arch, fp.Classes, fp.Net, wbits, abits, residualBits);
         q.eval();
         return fp with { Net = q, WBits = wbits, ABits = abits };
     }
@@ -160,6 +161,9 @@ public static class ModelFiles
         // the weight quantizers' range rule, when not min/max (the codes depend on it: eval and export rebuild it)
         var weightRange = Quantizers.weightRangeOfModel(m.Net);
         if (!weightRange.IsMinMax) meta["weight_range"] = Quantizers.WeightRangeModule.name(weightRange);
+        // the residual bodies' quantizers, when the model has them (`--residual-bits`): they are modules of their own
+        var residualBits = Quantizers.residualBitsOfModel(m.Net);
+        if (residualBits != Quantizers.fullPrecisionBits) meta["residual_bits"] = residualBits;
         if (m.Net is Graph.GraphNet g)
         {
             meta["graph"] = JsonNode.Parse(Graph.toJson(g.Topology));
@@ -200,7 +204,10 @@ public static class ModelFiles
                 ? Quantizers.WeightRangeModule.tryParse((string?)wr ?? "") is { } r ? r.Value
                     : throw new HastError($"checkpoint {path} names an unknown weight range rule '{wr}'; re-create it")
                 : Quantizers.WeightRange.MinMax;
-            var kit = wbits == 32 && abits == 32 && Precision.isUniform(layerBits) ? LayerKitModule.fullPrecision : Quantizers.LayerKit.quantized(wbits, abits);
+            int residualBits = (int?)meta["residual_bits"] ?? Quantizers.fullPrecisionBits;
+            var kit = wbits == 32 && abits == 32 && residualBits == 32 && Precision.isUniform(layerBits)
+                ? LayerKitModule.fullPrecision
+                : Quantizers.LayerKit.quantizedWith(wbits, abits, residualBits);
             var net = Build(arch, classes, kit, device, m =>
             {
                 Precision.apply(m, layerBits);

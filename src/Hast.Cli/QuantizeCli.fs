@@ -79,6 +79,7 @@ type QuantizeArgs =
     | Real_Data of folder: string
     | Wbits of bits: int
     | Abits of bits: int
+    | Residual_Bits of bits: int
     | Wbits_First of bits: int
     | Wbits_Last of bits: int
     | Bits_Map of json: string

@@ -200,6 +200,11 @@ let private actSte =
 let run (ctx: Context) : Setting<Config> list =
     [ Setting.int "wbits" "weight bits, 2..8 or 32 = off" (fun c -> c.WBits) (fun v c -> { c with WBits = v })
       Setting.int "abits" "activation bits, 2..8 or 32 = off" (fun c -> c.ABits) (fun v c -> { c with ABits = v })
+      { Key = "residual-bits"
+        Help = "bits of each residual block's body before the add, 2..8, or 32 = float (the paper's; the default); 8 lets `hast export --target speed` run every convolution but the first on integer kernels (docs/export.md)"
+        // shown only when set, so runs from before the setting keep their config.json (and resume)
+        Show = fun c -> if c.ResidualBits = Quantizers.fullPrecisionBits then None else Some(string c.ResidualBits)
+        Set = fun v c -> { c with ResidualBits = parseInt "residual-bits" v } }
       yield! precision
       weightRange
       actRange

@@ -13,7 +13,11 @@ open type TorchSharp.torch.nn
 type LayerKit =
     { Conv: ConvSpec -> Module<Tensor, Tensor>
       Linear: int64 -> int64 -> Module<Tensor, Tensor>
-      Act: Activation -> Module<Tensor, Tensor> }
+      Act: Activation -> Module<Tensor, Tensor>
+      /// The quantizer of a residual block's body (its last BatchNorm's output, before the add), or
+      /// None: the body stays float (the full-precision kit, and the paper's quantized model).
+      /// `Quantizers.LayerKit.quantizedWith` gives one with `--residual-bits`.
+      Residual: (unit -> Module<Tensor, Tensor>) option }
 
 module LayerKit =
     /// Plain full-precision layers.
@@ -24,7 +28,12 @@ module LayerKit =
             function
             | Relu -> ReLU() :> Module<Tensor, Tensor>
             | Relu6 -> ReLU6() :> Module<Tensor, Tensor>
-            | other -> new Activate(other) :> Module<Tensor, Tensor> }
+            | other -> new Activate(other) :> Module<Tensor, Tensor>
+          Residual = None }
+
+    /// A residual block's body quantizer from `kit`, if it has one (the block registers it as
+    /// `body_quant` and applies it to its body before the add, `IntegerBody.apply`).
+    let residual (kit: LayerKit) : Module<Tensor, Tensor> option = kit.Residual |> Option.map (fun f -> f ())
 
 /// Convolution + BatchNorm (+ activation), the unit most architectures repeat. `names` are the
 /// PyTorch names of the three children: pytorchcv uses ("conv", "bn", "activ"), torchvision's
@@ -39,6 +48,9 @@ type ConvBnAct(spec: ConvSpec, act: Activation option, names: string * string * 
         this.register_module(convName, conv)
         this.register_module(bnName, bn)
         activ |> Option.iter (fun a -> this.register_module(actName, a))
+    member _.Conv = conv
+    member _.Bn = bn
+    member _.Activation = activ
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let y = tape.Bn(bn, conv.forward x)
         match activ with

@@ -81,6 +81,9 @@ type Config =
       ABits: int
       /// per-layer exceptions to `WBits`/`ABits` (mixed precision; uniform by default)
       Precision: Precision.Config
+      /// bits of each residual block's body before the add (`Quantizers.ResidualQuant`): 32, the
+      /// paper's float body, by default; 8 makes the `speed` export integer throughout
+      ResidualBits: int
       /// how each weight layer's per-channel range is chosen (`MinMax`, the paper's, by default)
       WeightRange: Quantizers.WeightRange
       /// how each calibration batch's activation range is taken (`BatchMinMax`, the paper's, by default)
@@ -166,6 +169,7 @@ let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Con
     { WBits = Quantizers.defaultBits
       ABits = Quantizers.defaultBits
       Precision = Precision.defaults
+      ResidualBits = Quantizers.fullPrecisionBits
       WeightRange = Quantizers.MinMax
       ActRange = Quantizers.BatchMinMax
       ActSte = Quantizers.PassThrough
@@ -186,6 +190,7 @@ let seed (c: Config) = c.FineTune.Seed
 let validate (c: Config) : Config =
     Quantizers.checkBits "wbits" c.WBits
     Quantizers.checkBits "abits" c.ABits
+    Quantizers.checkBits "residual-bits" c.ResidualBits
     Precision.validate c.Precision |> ignore
     match c.Samples with
     | Synthesize s -> Synthesis.validate s

@@ -5,7 +5,8 @@
 ///
 /// Layer names are the module names of the model (`hast eval --layers` lists them): a weight layer is
 /// a conv or linear layer with a fake-quantized weight; an activation layer is an activation
-/// quantizer (after each ReLU-like activation of the quantized kit).
+/// quantizer (after each ReLU-like activation of the quantized kit; not a residual body's
+/// quantizer, whose width is `--residual-bits`).
 module Hast.Core.Precision
 
 open System
@@ -66,6 +67,7 @@ let layers (net: torch.nn.Module) : Layer list =
     let acts =
         [ for struct (name, m) in net.named_modules () do
             match m with
+            | :? Quantizers.ResidualQuant -> () // its width is `--residual-bits`, not a layer of the map
             | :? Quantizers.ActQuant as q -> yield { Name = name; Kind = ActivationLayer; Bits = q.Bits; Parameters = 0L; Channels = 0L }
             | _ -> () ]
     weights @ acts
@@ -76,6 +78,7 @@ let private weightModules (net: torch.nn.Module) : Map<string, Quantizers.IWeigh
 let private actModules (net: torch.nn.Module) : Map<string, Quantizers.ActQuant> =
     [ for struct (name, m) in net.named_modules () do
         match m with
+        | :? Quantizers.ResidualQuant -> ()
         | :? Quantizers.ActQuant as q -> yield name, q
         | _ -> () ]
     |> Map.ofList

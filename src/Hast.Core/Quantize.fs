@@ -13,9 +13,13 @@ let copyWeights (src: torch.nn.Module) (dst: torch.nn.Module) : unit = StateDict
 /// `classes` outputs, holding copies of `fp`'s weights and BN statistics, on `fp`'s device and in
 /// `fp`'s train/eval mode. `fp` is not modified. Activation ranges are uncalibrated: run `calibrate`.
 /// If `fp` does not fit `arch`, the half-built copy is disposed before the error propagates.
-let quantize (arch: Registry.Arch) (classes: int64) (fp: Net) (wbits: int) (abits: int) : Net =
-    let q = arch.Build classes (Quantizers.LayerKit.quantized wbits abits)
+/// With `residualBits` below full precision each residual block's body is quantized too
+/// (`Quantizers.ResidualQuant`); fails when `arch` has no residual block that takes one.
+let quantizeWith (arch: Registry.Arch) (classes: int64) (fp: Net) (wbits: int) (abits: int) (residualBits: int) : Net =
+    let q = arch.Build classes (Quantizers.LayerKit.quantizedWith wbits abits residualBits)
     try
+        if residualBits <> Quantizers.fullPrecisionBits && Quantizers.residualBitsOfModel q = Quantizers.fullPrecisionBits then
+            invalidf "residual-bits" "%s has no residual block whose body Hast quantizes (the CIFAR ResNets and the ResNet-18/34 family have); leave it at 32" arch.Name
         match fp.parameters () |> Seq.tryHead with
         | Some p -> q.``to``(p.device) |> ignore
         | None -> ()
@@ -26,6 +30,10 @@ let quantize (arch: Registry.Arch) (classes: int64) (fp: Net) (wbits: int) (abit
     with _ ->
         q.Dispose()
         reraise ()
+
+/// `quantizeWith` with float residual bodies (the paper's model).
+let quantize (arch: Registry.Arch) (classes: int64) (fp: Net) (wbits: int) (abits: int) : Net =
+    quantizeWith arch classes fp wbits abits Quantizers.fullPrecisionBits
 
 /// Calibrate the activation ranges of `model`: forget old ranges, switch the quantizers to
 /// Calibrating, run `batches` (moved to `device`) through the model in eval mode without gradients,

@@ -574,6 +574,15 @@ type QAct(kind: Activation, bits: int) as this =
             | _ -> quant.ForwardInPlace (activateSavingInput kind x)
         else quant.ForwardInPlace (act.forward x)
 
+/// The quantizer of a residual block's body (`LayerKit.Residual`, `--residual-bits`): an activation
+/// quantizer on the body's last BatchNorm output before the add, a signed value, so its grid has a
+/// zero point. The paper keeps that value in float; quantized (8 bits), every convolution of a
+/// residual network but the first has a quantized output, and the `speed` export runs them all on
+/// integer kernels. Calibrated, frozen and exported as the other activation quantizers; not one of
+/// the activation layers of `--abits` and the bit-width map (`Precision`): its width is its own.
+type ResidualQuant(bits: int) =
+    inherit ActQuant(bits)
+
 /// The module and all its descendants, in registration (network) order.
 let private allModules (m: Module) : Module list =
     m :: [ for struct (_, c) in m.named_modules () do if not (obj.ReferenceEquals(c, m)) then yield c ]
@@ -620,12 +629,27 @@ let weightRangeOfModel (m: Module) : WeightRange =
     | (_, l) :: _ -> (box l :?> IWeightQuantized).WeightRange
     | [] -> MinMax
 
+/// The bits of a model's residual body quantizers (`ResidualQuant`; they share one width), or
+/// `fullPrecisionBits` when it has none.
+let residualBitsOfModel (m: Module) : int =
+    allModules m |> List.tryPick (function :? ResidualQuant as q -> Some q.Bits | _ -> None) |> Option.defaultValue fullPrecisionBits
+
 module LayerKit =
     /// Fake-quantized layers: per-channel `wbits` weights, per-tensor `abits` activations after
-    /// every ReLU/ReLU6. Parameter names match `LayerKit.fullPrecision`.
-    let quantized (wbits: int) (abits: int) : LayerKit =
+    /// every ReLU/ReLU6, and residual bodies quantized to `residualBits` (`ResidualQuant`; none at
+    /// `fullPrecisionBits`, the paper's model). Parameter names match `LayerKit.fullPrecision`; the
+    /// body quantizers add `body_quant` buffers to the residual blocks.
+    let quantizedWith (wbits: int) (abits: int) (residualBits: int) : LayerKit =
         checkBits "wbits" wbits
         checkBits "activation" abits
+        checkBits "residual-bits" residualBits
         { Conv = fun c -> new QConv2d(c, wbits) :> Module<Tensor, Tensor>
           Linear = fun i o -> new QLinear(i, o, wbits) :> Module<Tensor, Tensor>
-          Act = fun a -> new QAct(a, abits) :> Module<Tensor, Tensor> }
+          Act = fun a -> new QAct(a, abits) :> Module<Tensor, Tensor>
+          Residual =
+            if residualBits = fullPrecisionBits then None
+            else Some(fun () -> new ResidualQuant(residualBits) :> Module<Tensor, Tensor>) }
+
+    /// Fake-quantized layers with float residual bodies (the paper's model): `quantizedWith` at
+    /// `fullPrecisionBits`.
+    let quantized (wbits: int) (abits: int) : LayerKit = quantizedWith wbits abits fullPrecisionBits

@@ -88,7 +88,7 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
 let checkPrecision (arch: Models.Registry.Arch) (classes: int64) (teacher: Net) (c: Config) : unit =
     let p = c.Precision
     if Precision.isMixed p then
-        use probe = Quantize.quantize arch classes teacher c.WBits c.ABits
+        use probe = Quantize.quantizeWith arch classes teacher c.WBits c.ABits c.ResidualBits
         let fixedBits = Precision.fixedBits probe p
         Precision.check "bits-map" probe fixedBits
         match p.SizeBudget with
@@ -109,7 +109,7 @@ let chooseBits (inputs: Inputs) (c: Config) (images: Tensor) (event: Event -> un
     let p = c.Precision
     if not (Precision.isMixed p) then Precision.uniform
     else
-        use probe = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+        use probe = Quantize.quantizeWith inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits c.ResidualBits
         Quantizers.setWeightRange probe c.WeightRange
         Quantizers.setActRange probe c.ActRange
         let fixedBits = Precision.fixedBits probe p
@@ -202,7 +202,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
     // ---- quantize (at the chosen per-layer widths), then restore or calibrate
     let bits = chooseBits inputs c images event
     let quantize () =
-        let q = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+        let q = Quantize.quantizeWith inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits c.ResidualBits
         try
             Precision.apply q bits
             Quantizers.setWeightRange q c.WeightRange

@@ -34,7 +34,7 @@ let private laps (run: (bool -> unit) -> unit) : float =
 let probe (inputs: RunRecords.Inputs) (c: Pipeline.Config) (saveCheckpoint: Net -> unit) : Budget.Probes =
     use _ = torch.NewDisposeScope()
     let side = inputs.Arch.Input.Size
-    use student = Quantize.quantize inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits
+    use student = Quantize.quantizeWith inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits c.ResidualBits
     Quantizers.setWeightRange student c.WeightRange
     Quantizers.setActRange student c.ActRange
     Quantizers.setActSte student c.ActSte

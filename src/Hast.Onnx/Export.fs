@@ -4,7 +4,8 @@
 /// walk with the quantized layers in the forms of ONNX Runtime's integer kernels (`Speed`: int8
 /// weights with BatchNorm folded in, QLinearConv on uint8 activation codes where Hast quantizes the
 /// convolution's activation, float convolutions elsewhere). A full-precision model is the same float
-/// graph for both.
+/// graph for both. A residual body Hast computes as the integer kernel (`--residual-bits`,
+/// `IntegerBody`) is that kernel in both targets (`residualBody`).
 ///
 /// The `Size` graph mirrors the model's forward pass layer by layer:
 ///  - a full-precision layer becomes its float ONNX operator (Conv, Gemm, BatchNormalization,
@@ -168,6 +169,10 @@ let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: t
     | :? ReLU6 -> floatValue (relu6 b path (fl b x)) x.Spatial
     | :? Activate as a -> floatValue (activation b path a.Kind (fl b x)) x.Spatial
     | :? Quantizers.ActQuant as q when q.Bits = Quantizers.fullPrecisionBits -> x
+    // a quantizer without an activation of its own (a residual body's, `--residual-bits`)
+    | :? Quantizers.ActQuant as q when speed ->
+        let scale, zp = grid path q
+        { x with Form = Speed.quantizedAct b path None scale zp q.Bits x.Form }
     | :? Quantizers.ActQuant as q ->
         let scale, zp = grid path q
         floatValue (actQuant b path scale zp q.Bits (fl b x)) x.Spatial
@@ -184,8 +189,8 @@ let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: t
         else floatValue (maxPool b path k s pad (fl b x)) x.Spatial
     | :? Dropout -> x
     | :? CifarResNet.BasicBlockA -> basicBlockA b target path m x
-    | :? CifarResNet.ResUnit -> residual b target path m x [ "body" ] "identity_conv" "activ"
-    | :? ResNet.BasicBlock -> residual b target path m x [ "conv1"; "bn1"; "act1"; "conv2"; "bn2" ] "downsample" "act2"
+    | :? CifarResNet.ResUnit -> residual b target path m x (resUnitBody b target path m) "identity_conv" "activ"
+    | :? ResNet.BasicBlock -> residual b target path m x (plainBody b target path m) "downsample" "act2"
     | :? MobileNetV2.InvertedResidual as ir ->
         let body = emit b target (join path "conv") (child m path "conv") x
         if ir.Residual then floatValue (add b (join path "add") (fl b x) (fl b body)) body.Spatial else body
@@ -200,10 +205,74 @@ let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: t
 and private sequence (b: Builder) (target: Metadata.Target) (path: string) (children: (string * torch.nn.Module) list) (x: Value) : Value =
     children |> List.fold (fun v (name, c) -> emit b target (join path name) c v) x
 
-/// body(x) + shortcut(x), then the activation: the body is the named children in order, the
-/// shortcut the child `shortcut` when the block has one (a projection), else the identity.
-and private residual b target path m x (body: string list) (shortcut: string) (actName: string) : Value =
-    let h = sequence b target path (body |> List.map (fun n -> n, child m path n)) x
+/// A residual block's body: `first` (qualified paths and modules, ending in the first activation
+/// `act1`), then the convolution `conv2` and BatchNorm `bn2`, then the block's body quantizer
+/// (`body_quant`, `--residual-bits`) when it has one. Where Hast computes that quantizer as the
+/// integer kernel (`IntegerBody.kernelForm`) the `speed` walk gives the kernel itself
+/// (`Speed.quantizedAct`), and the `size` walk the same QLinearConv with its int8 weights computed in
+/// the graph from the stored codes (`integerBodySize`).
+and private residualBody b target (m: torch.nn.Module) (first: (string * torch.nn.Module) list) (act1: string * torch.nn.Module) (conv2: string * torch.nn.Module) (bn2: string * torch.nn.Module) (bodyQuantPath: string) x : Value =
+    let h1 = first |> List.fold (fun v (p, c) -> emit b target p c v) x
+    let plain () =
+        let h = [ conv2; bn2 ] |> List.fold (fun v (p, c) -> emit b target p c v) h1
+        match tryChild m "body_quant" with
+        | Some q -> emit b target bodyQuantPath q h
+        | None -> h
+    match target, tryChild m "body_quant", snd act1, snd bn2 with
+    | Metadata.Size, Some(:? Quantizers.ActQuant as q), (:? Quantizers.QAct as a), (:? BatchNorm2d as bn) ->
+        match IntegerBody.kernelForm q (snd conv2) bn a.Quantizer with
+        | Some k when b.Has(join (fst act1) "quant" + "_quantized") ->
+            integerBodySize b bodyQuantPath (fst conv2) (snd conv2) (join (fst act1) "quant" + "_quantized") k h1.Spatial
+        | _ -> plain ()
+    | _ -> plain ()
+
+/// The `size` form of a body quantizer Hast computes as the integer kernel: QLinearConv on the
+/// input codes (`codes`), its int8 weights `Factor · (q − zp)` computed from the weight's stored
+/// codes (DequantizeLinear with unit scales, Mul, Cast: the file keeps the small container), the
+/// kernel's scales and int32 bias, then DequantizeLinear of its codes.
+and private integerBodySize (b: Builder) (name: string) (convPath: string) (conv: torch.nn.Module) (codes: string) (k: IntegerBody.KernelForm) (spatial: bool) : Value =
+    let bits = weightBits conv
+    let spec = (convSpec conv).Value
+    let w = conv.get_parameter "weight"
+    let c = IntWeight.channels k.Weight
+    let wn = join convPath "weight"
+    let q, zp =
+        use _ = torch.NewDisposeScope()
+        let lo, hi = Quantizers.weightRangeOf (weightRange conv) bits w
+        let q, _, zp = Quantizers.quantCodes w lo hi bits
+        ints q, ints zp
+    let t = Proto.container bits
+    let qn = b.Init(Proto.codesTensor (wn + "_quantized") t w.shape q)
+    let unit = b.Init(Proto.floatTensor (wn + "_unit_scale") [| int64 c |] (Array.create c 1.0f))
+    let zn = b.Init(Proto.codesTensor (wn + "_zero_point") t [| int64 c |] zp)
+    let v = b.Op("DequantizeLinear", wn + "_integers", [ qn; unit; zn ], [ Proto.intAttr "axis" 0L ])
+    let factor = b.Init(Proto.floatTensor (wn + "_factor") [| int64 c; 1L; 1L; 1L |] (k.Factor |> Array.map float32))
+    let scaled = b.Op("Mul", wn + "_kernel_values", [ v; factor ])
+    let w8 = b.Op("Cast", wn + "_kernel", [ scaled ], [ Proto.intAttr "to" (int64 Proto.DataType.Int8) ])
+    let n = join convPath "qlinear"
+    let u8 (nm: string) (value: int) = b.Init(Proto.codesTensor nm Proto.DataType.Uint8 [||] [| value |])
+    let ys = scalarInit b (name + "_scale") k.OutputScale
+    let yz = u8 (name + "_zero_point") k.OutputZeroPoint
+    let out =
+        b.Op("QLinearConv", n,
+             [ codes
+               scalarInit b (n + "_x_scale") k.InputScale
+               u8 (n + "_x_zero_point") k.InputZeroPoint
+               w8
+               b.Init(Proto.floatTensor (n + ".weight_scale") [| int64 c |] k.Kernel.Scale)
+               b.Init(Proto.int8Tensor (n + ".weight_zero_point") [||] [| 0 |])
+               ys
+               yz
+               b.Init(Proto.int32Tensor (n + ".bias_quantized") [| int64 c |] k.Kernel.Bias) ],
+             convAttrs spec)
+    let qmax = (1 <<< k.OutputBits) - 1
+    let clipped = if qmax >= 255 then out else b.Op("Clip", name + "_quantized", [ out; u8 (name + "_clip_min") 0; u8 (name + "_clip_max") qmax ])
+    floatValue (b.Op("DequantizeLinear", name, [ clipped; ys; yz ])) spatial
+
+/// body(x) + shortcut(x), then the activation: the body is `residualBody`'s, the shortcut the child
+/// `shortcut` when the block has one (a projection), else the identity.
+and private residual b target path m x (body: Value -> Value) (shortcut: string) (actName: string) : Value =
+    let h = body x
     let sc =
         match tryChild m shortcut with
         | Some s -> emit b target (join path shortcut) s x
@@ -211,11 +280,25 @@ and private residual b target path m x (body: string list) (shortcut: string) (a
     let sum = floatValue (add b (join path "add") (fl b h) (fl b sc)) h.Spatial
     emit b target (join path actName) (child m path actName) sum
 
+/// The body of a block whose children are conv1-bn1-act1-conv2-bn2 (akamaster's and torchvision's).
+and private plainBody b target path m x : Value =
+    let at (n: string) = join path n, child m path n
+    residualBody b target m [ at "conv1"; at "bn1"; at "act1" ] (at "act1") (at "conv2") (at "bn2") (join path "body_quant") x
+
+/// The body of a pytorchcv ResUnit: body.conv1 (conv-bn-activ), body.conv2 (conv-bn).
+and private resUnitBody b target path m x : Value =
+    let body = child m path "body"
+    let bp = join path "body"
+    let c1, c2 = child body bp "conv1", child body bp "conv2"
+    let p1, p2 = join bp "conv1", join bp "conv2"
+    let act1 = match tryChild c1 "activ" with Some a -> join p1 "activ", a | None -> join p1 "activ", c1
+    residualBody b target m [ p1, c1 ] act1 (join p2 "conv", child c2 p2 "conv") (join p2 "bn", child c2 p2 "bn") (join path "body_quant") x
+
 /// akamaster BasicBlock: conv1-bn1-act1-conv2-bn2, + option-A shortcut (stride-2 subsampling and
 /// zero channel padding when the shape changes), act2.
 and private basicBlockA b target path m x : Value =
     let spec = (convSpec (child m path "conv1")).Value
-    let h = sequence b target path ([ "conv1"; "bn1"; "act1"; "conv2"; "bn2" ] |> List.map (fun n -> n, child m path n)) x
+    let h = plainBody b target path m x
     let sc =
         if spec.Stride <> 1L || spec.InChannels <> spec.OutChannels then
             let name, pad = join path "shortcut", (spec.OutChannels - spec.InChannels) / 2L

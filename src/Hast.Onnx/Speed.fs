@@ -15,8 +15,13 @@
 ///    bias, uint8 codes out with zero point 0, so its saturation at 0 is the ReLU), then a uint8 `Clip`
 ///    to 2^b − 1 below 8 bits. Its int32 bias and float32 multipliers are chosen so that every output
 ///    code is Hast's (`IntWeight.exactRequantization`); a plain rounding of the bias is not enough.
-///  - anything else (the second convolution of a residual block, whose BatchNorm output Hast adds to
-///    the shortcut in float, unquantized; a float input such as the image; weights the integer
+///  - a residual body's quantizer (`--residual-bits`, `Quantizers.ResidualQuant`: no activation, a
+///    zero point), on codes: one `QLinearConv` to its grid, zero point included, the requantization
+///    rounded (`IntWeight.nearRequantization`; an 8-bit output has no exact form), which Hast itself
+///    computes for such a body (`IntegerBody`), so the codes are Hast's. The add after it then reads
+///    two DequantizeLinear and feeds a QuantizeLinear, which ONNX Runtime fuses into QLinearAdd.
+///  - anything else (the second convolution of a residual block whose BatchNorm output Hast adds to
+///    the shortcut in float, the paper's model; a float input such as the image; weights the integer
 ///    kernels cannot take exactly, `IntWeight.integerKernelFits`): a float `Conv` with the folded
 ///    weight stored as float32, so ONNX Runtime prepacks it for its fastest float kernels (NCHWc).
 ///    An 8-bit integer output there would round a value Hast keeps in float (measured on a W4A4
@@ -33,7 +38,7 @@ open TorchSharp.Modules
 open Hast.Core
 open Hast.Onnx.Proto
 open Hast.Onnx.Graph
-open Hast.Onnx.IntWeight
+open Hast.Core.IntWeight
 
 /// An activation quantizer's output as uint8 codes in [0, 2^Bits − 1] (tensor `Name`), value
 /// `(code − ZeroPoint) · Scale`; its float value, when needed, is the tensor `FloatName`.
@@ -59,11 +64,7 @@ let private uint8Scalar (b: Builder) (name: string) (v: int) : string = b.Init(c
 /// The weight of a layer as Hast quantizes it with the range rule `range` (`Quantizers.weightRangeOf` /
 /// `quantCodes`), with its bias.
 let intWeight (w: torch.Tensor) (bits: int) (range: Quantizers.WeightRange) (bias: torch.Tensor option) : IntWeight =
-    if w.dim () < 2L then invalidArg "w" "per-channel weights need >= 2 dims"
-    use _ = torch.NewDisposeScope()
-    let lo, hi = Quantizers.weightRangeOf range bits w
-    let q, scale, zp = Quantizers.quantCodes w lo hi bits
-    IntWeight.ofCodes w.shape (ints q) (Graph.floats scale) (ints zp) (bias |> Option.map Graph.floats)
+    IntWeight.ofTensor w bits range bias
 
 /// A float32 weight initializer `Values · Scale` (for a layer ONNX Runtime computes in float).
 let floatWeight (b: Builder) (name: string) (w: IntWeight) : string = b.Init(floatTensor name w.Dims (IntWeight.floats w))
@@ -171,8 +172,12 @@ let quantizedAct (b: Builder) (name: string) (kind: Activation option) (scale: f
     let yz = lazy (uint8Scalar b (quant + "_q_zero_point") zp)
     let integer =
         match x with
-        | Pending({ Input = CodeInput c } as p) when absorbed && not (b.Has p.Name) && integerKernelFits c.Bits p.Weight ->
-            exactRequantization c.Scale c.ZeroPoint c.Bits scale qmax p.Weight |> Option.map (fun r -> p, c, r)
+        | Pending({ Input = CodeInput c } as p) when not (b.Has p.Name) && integerKernelFits c.Bits p.Weight ->
+            if absorbed then exactRequantization c.Scale c.ZeroPoint c.Bits scale qmax p.Weight |> Option.map (fun r -> p, c, r)
+            // no activation (a residual body's quantizer): the kernel's own zero point and saturation are
+            // Hast's grid; the requantization is rounded (`nearRequantization`)
+            elif kind.IsNone then Some(p, c, nearRequantization c.Scale c.Bits scale p.Weight)
+            else None
         | _ -> None
     match integer with
     | Some(p, c, r) ->

@@ -396,7 +396,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Averaging = FineTune.Ema 0.99
           Seed = 11L }
     let run : Pipeline.Config =
-        { WBits = 3; ABits = 5
+        { WBits = 3; ABits = 5; ResidualBits = 8
           WeightRange = Quantizers.Mse
           ActRange = Quantizers.BatchMse
           ActSte = Quantizers.Clipped

@@ -31,13 +31,17 @@ let calibrationImages (n: int) : seq<torch.Tensor> =
 
 /// A W`wbits`A`abits` checkpoint of the shared model with the weight range rule `range`, calibrated
 /// on 64 training images, as `hast quantize` writes it (before fine-tuning).
-let calibratedCheckpointWith (range: Quantizers.WeightRange) (path: string) (wbits: int) (abits: int) : string =
+let calibratedCheckpointOf (range: Quantizers.WeightRange) (residualBits: int) (path: string) (wbits: int) (abits: int) : string =
     let fp = Hast.App.ModelFiles.LoadWeights(arch, zipWeights, Nullable(), torch.CPU)
-    let q = Hast.App.ModelFiles.Quantized(fp, wbits, abits)
+    let q = Hast.App.ModelFiles.Quantized(fp, wbits, abits, residualBits)
     Quantizers.setWeightRange q.Net range
     Quantize.calibrate torch.CPU q.Net (calibrationImages 64)
     Hast.App.IO.Checkpoint.Save(path, Hast.App.ModelFiles.CheckpointMeta(q, zipWeights, fp.Sha256), q.Net)
     path
+
+/// `calibratedCheckpointOf` with float residual bodies (the paper's model).
+let calibratedCheckpointWith (range: Quantizers.WeightRange) (path: string) (wbits: int) (abits: int) : string =
+    calibratedCheckpointOf range Quantizers.fullPrecisionBits path wbits abits
 
 /// `calibratedCheckpointWith MinMax`.
 let calibratedCheckpoint (path: string) (wbits: int) (abits: int) : string = calibratedCheckpointWith Quantizers.MinMax path wbits abits
@@ -85,23 +89,34 @@ let levels = [ Runtime.Disabled; Runtime.Basic; Runtime.Extended; Runtime.All ]
 let agreementFloor (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.995 else 0.9
 let top1Tolerance (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.2 else 1.5
 
-let parityCaseWith (range: Quantizers.WeightRange) (target: string) (bits: int) =
-    let named = if range = Quantizers.MinMax then "" else sprintf ", --weight-range %s" (Quantizers.WeightRange.name range)
+/// With `residualBits` below 32 (`--residual-bits`) the `speed` file runs every convolution but the
+/// first on QLinearConv (ResNet-20: 18 of 19).
+let parityCaseOf (range: Quantizers.WeightRange) (residualBits: int) (target: string) (bits: int) =
+    let named =
+        (if range = Quantizers.MinMax then "" else sprintf ", --weight-range %s" (Quantizers.WeightRange.name range))
+        + (if residualBits = Quantizers.fullPrecisionBits then "" else sprintf ", --residual-bits %d" residualBits)
     let floor, tolerance = agreementFloor range, top1Tolerance range
     testCase (sprintf "W%dA%d export (%s%s): ONNX Runtime agrees with hast eval --checkpoint (>= %.1f%% of images, top-1 within %.1f points)" bits bits target named (100.0 * floor) tolerance) <| fun () ->
         use d = new TempDir()
-        let ck = calibratedCheckpointWith range (d.File "quantized.ckpt") bits bits
+        let ck = calibratedCheckpointOf range residualBits (d.File "quantized.ckpt") bits bits
         let onnx = d.File "model.onnx"
         printf "  %s" (exportOk ([ "--checkpoint"; ck; "--out"; onnx ] @ (if target = "size" then [] else [ "--target"; target ])))
         let hast =
             let struct (m, c) = Hast.App.ModelFiles.LoadCheckpoint(ck, torch.CPU)
             c.Dispose()
             Expect.equal (Quantizers.weightRangeOfModel m.Net) range "the checkpoint rebuilds the weight range rule"
+            Expect.equal (Quantizers.residualBitsOfModel m.Net) residualBits "the checkpoint rebuilds the residual bodies' quantizers"
             use _ng = torch.no_grad ()
             predictions m.Net.forward
         let bytes = File.ReadAllBytes onnx
-        let meta = ModelProto.Parser.ParseFrom(bytes).MetadataProps |> Seq.map (fun p -> p.Key, p.Value) |> dict
+        let proto = ModelProto.Parser.ParseFrom(bytes)
+        let meta = proto.MetadataProps |> Seq.map (fun p -> p.Key, p.Value) |> dict
         Expect.equal (Metadata.ofProps onnx (Collections.Generic.Dictionary meta)).Target (Metadata.Target.parse target) "the file records its target"
+        if target = "speed" && residualBits <> Quantizers.fullPrecisionBits then
+            let ops = proto.Graph.Node |> Seq.countBy (fun n -> n.OpType) |> Map.ofSeq
+            let count op = ops |> Map.tryFind op |> Option.defaultValue 0
+            printfn "  QLinearConv %d, Conv %d" (count "QLinearConv") (count "Conv")
+            Expect.equal (count "QLinearConv", count "Conv") (18, 1) "every convolution but the first on the integer kernel"
         for level in levels do
             use s = new Runtime.Session(bytes, onnx, { Optimization = level; Threads = Some 1 })
             let a = agreement hast (predictions s.Run)
@@ -112,6 +127,8 @@ let parityCaseWith (range: Quantizers.WeightRange) (target: string) (bits: int) 
         for level in [ "disabled"; Hast.Cli.EvalCli.defaults.OrtOpt ] |> List.distinct do
             let ortTop1 = evalTop1 [ "--onnx"; onnx; "--test"; test; "--ort-opt"; level; "--threads"; "1" ] (d.File "ort.json")
             Expect.isLessThanOrEqual (abs (ortTop1 - hastTop1)) tolerance (sprintf "W%dA%d top-1: ONNX Runtime (%s) %.2f vs Hast %.2f" bits bits level ortTop1 hastTop1)
+
+let parityCaseWith (range: Quantizers.WeightRange) (target: string) (bits: int) = parityCaseOf range Quantizers.fullPrecisionBits target bits
 
 let parityCase (target: string) (bits: int) = parityCaseWith Quantizers.MinMax target bits
 
@@ -222,7 +239,9 @@ let badInput =
 
 let tests : Test list =
     [ parityCase "size" 4; parityCase "size" 3; parityCase "speed" 4; parityCase "speed" 3
-      parityCaseWith Quantizers.Mse "size" 3; parityCaseWith Quantizers.Mse "speed" 3; sizeAndMetadata; threeBitLevels; badInput ]
+      parityCaseWith Quantizers.Mse "size" 3; parityCaseWith Quantizers.Mse "speed" 3
+      parityCaseOf Quantizers.MinMax 8 "speed" 3; parityCaseOf Quantizers.MinMax 8 "speed" 4; parityCaseOf Quantizers.MinMax 8 "size" 4
+      sizeAndMetadata; threeBitLevels; badInput ]
 
 // ---------------------------------------------------------------------------------------------
 // Imported graphs (`Models.Graph.GraphNet`): hand-made topologies that together use every `Op`,

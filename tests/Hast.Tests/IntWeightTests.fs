@@ -1,4 +1,4 @@
-/// Hast.Onnx.IntWeight: Hast's weight integers, BatchNorm folded in (negative and zero γ), the
+/// Hast.Core.IntWeight: Hast's weight integers, BatchNorm folded in (negative and zero γ), the
 /// integer kernels' limits, and the exact QLinearConv requantization checked accumulator by
 /// accumulator against Hast's codes.
 module Hast.Tests.IntWeightTests

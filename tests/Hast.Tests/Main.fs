@@ -48,6 +48,7 @@ let all =
         testList "export" ExportTests.tests
         testList "export graph" ExportTests.graphTests
         testList "onnx int weight" IntWeightTests.tests
+        testList "integer body" IntegerBodyTests.tests
         testList "onnx speed" SpeedTests.tests
         testList "onnx decode" DecodeTests.tests
         testList "onnx fold" FoldTests.tests

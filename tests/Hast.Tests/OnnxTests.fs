@@ -161,17 +161,21 @@ let parityTests =
       } ]
 
 /// Quantized W`bits`A`bits` model of random weights (random BN), calibrated per sample on `n` random inputs.
-let randomQuantized (arch: Registry.Arch) (classes: int64) (bits: int) (seed: int64) : Net =
+let randomQuantizedWith (residualBits: int) (arch: Registry.Arch) (classes: int64) (bits: int) (seed: int64) : Net =
     torch.manual_seed seed |> ignore
     let fp = arch.Build classes LayerKit.fullPrecision
     randomizeBn seed fp
     fp.eval ()
-    let q = Quantize.quantize arch classes fp bits bits
+    let q = Quantize.quantizeWith arch classes fp bits bits residualBits
     use g = generator (seed + 1L)
     let side = int64 arch.Input.Size
     Quantize.calibrate torch.CPU q [ for _ in 1 .. 4 -> torch.randn([| 1L; 3L; side; side |], generator = g) ]
     q.eval ()
     q
+
+/// `randomQuantizedWith` with float residual bodies (the paper's model).
+let randomQuantized (arch: Registry.Arch) (classes: int64) (bits: int) (seed: int64) : Net =
+    randomQuantizedWith Quantizers.fullPrecisionBits arch classes bits seed
 
 let quantizedArchTests =
     [ test "quantized export of all four architectures (random weights): loads at every ONNX Runtime level, levels agree, close to Hast" {

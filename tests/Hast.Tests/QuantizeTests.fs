@@ -127,4 +127,48 @@ let private leakTests =
           Expect.equal (liveTensors () - before) 0L "the half-built quantized copy is disposed"
           other.Dispose() ]
 
-let tests : Test list = stageTests @ sharedTests @ leakTests
+let private residualTests =
+    [ testCase "--residual-bits: a body quantizer in every residual block, calibrated with the others, its own width; none by default; refused without residual blocks" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          let names (m: torch.nn.Module) = [ for struct (n, c) in m.named_modules () do if c :? ResidualQuant then yield n ]
+          for name, blocks in [ "cifar-resnet20-a", 9; "cifar-resnet20", 9; "resnet18", 8 ] do
+              let arch = Models.Registry.find name
+              torch.manual_seed 5L |> ignore
+              let fp = arch.Build arch.DefaultClasses LayerKit.fullPrecision
+              let plain = Quantize.quantize arch arch.DefaultClasses fp 4 4
+              let q = Quantize.quantizeWith arch arch.DefaultClasses fp 4 3 8
+              Expect.isEmpty (names plain) (sprintf "%s: none by default (the paper's model, its state_dict unchanged)" name)
+              Expect.equal (residualBitsOfModel plain) fullPrecisionBits "no residual bits by default"
+              Expect.equal (names q).Length blocks (sprintf "%s: one per residual block" name)
+              Expect.isTrue (names q |> List.forall (fun n -> n.EndsWith "body_quant")) "named body_quant"
+              Expect.equal (residualBitsOfModel q) 8 "its width"
+              Expect.isTrue (Precision.layers q |> List.forall (fun l -> not (l.Name.EndsWith "body_quant"))) "not a layer of the bit-width map"
+              Expect.equal (Precision.exceptions q 4 3) Precision.uniform "nor an exception to --abits"
+              Expect.equal (set (keys plain)) (set (keys q) |> Set.filter (fun k -> not (k.Contains "body_quant"))) "the other names unchanged"
+          // calibrated with the others; its grid is signed (a zero point inside), 8 bits
+          let arch = Models.Registry.find "cifar-resnet20-a"
+          torch.manual_seed 6L |> ignore
+          let fp = arch.Build 10L LayerKit.fullPrecision
+          fp.eval ()
+          let q = Quantize.quantizeWith arch 10L fp 4 4 8
+          use g = generator 7L
+          Quantize.calibrate torch.CPU q [ for _ in 1 .. 3 -> torch.randn([| 2L; 3L; 32L; 32L |], generator = g) ]
+          let bodies = actQuantizers q |> List.filter (fun a -> a :? ResidualQuant)
+          Expect.equal bodies.Length 9 "among the activation quantizers"
+          for b in bodies do
+              Expect.equal b.Steps 3L "calibrated on every batch"
+              let lo, hi = b.Range
+              Expect.isTrue (lo < 0.0 && hi > 0.0) (sprintf "a signed range [%g, %g]" lo hi)
+          // the block's output: act2 of (the body fake-quantized to 8 bits + the shortcut)
+          let block = q.named_modules () |> Seq.pick (fun struct (n, m) -> if n = "layer1.0" then Some(m :?> Models.CifarResNet.BasicBlockA) else None)
+          let child (n: string) = block.named_children () |> Seq.pick (fun struct (k, m) -> if k = n then Some(m :?> torch.nn.Module<torch.Tensor, torch.Tensor>) else None)
+          use _ng = torch.no_grad ()
+          let x = (child "act1").forward (torch.rand([| 2L; 16L; 8L; 8L |], generator = g))
+          let body = (child "bn2").forward ((child "conv2").forward ((child "act1").forward ((child "bn1").forward ((child "conv1").forward x))))
+          let bq = bodies.Head
+          let expected = (child "act2").forward (fakeQuant body (bq.get_buffer "act_min") (bq.get_buffer "act_max") 8 + x)
+          Expect.isTrue (same (block.forward x) expected) "act2(fakeQuant8(body) + x)"
+          Expect.isTrue (throwsHast (fun () -> Quantize.quantizeWith (Models.Registry.find "mobilenetv2") 1000L ((Models.Registry.find "mobilenetv2").Build 1000L LayerKit.fullPrecision) 4 4 8 |> ignore))
+              "mobilenetv2: refused (its residual bodies end in no quantizer Hast places)" ]
+
+let tests : Test list = stageTests @ sharedTests @ leakTests @ residualTests

@@ -69,7 +69,8 @@ let private countingKit () =
     let kit =
         { Conv = fun c -> convs.Add c; fp.Conv c
           Linear = fun i o -> linears.Value <- linears.Value + 1; fp.Linear i o
-          Act = fun a -> acts.Add a; fp.Act a }
+          Act = fun a -> acts.Add a; fp.Act a
+          Residual = fp.Residual }
     kit, convs, linears, acts
 
 let private distinctActModules (net: Net) =

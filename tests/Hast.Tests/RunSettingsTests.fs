@@ -20,6 +20,7 @@ let private examples : Map<string, bool * string list * string> =
     Map.ofList
         [ "wbits", (run, [], "3")
           "abits", (run, [], "5")
+          "residual-bits", (run, [], "8")
           "wbits-first", (run, [], "8")
           "wbits-last", (run, [], "6")
           "bits-map", (run, [], """{"weights":{"conv1":8},"activations":{"act1.quant":6}}""")

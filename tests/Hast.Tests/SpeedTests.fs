@@ -19,7 +19,7 @@ let private speedInfo (arch: Registry.Arch) (classes: int64) (wbits: int) (abits
 
 /// A random W`wbits`A`abits` cifar-resnet20-a (seeded) whose BatchNorm gains γ are normal, so about
 /// half are negative, calibrated per sample on 4 random inputs.
-let negativeGammaNet (wbits: int) (abits: int) (seed: int64) : Net =
+let negativeGammaNetWith (residualBits: int) (wbits: int) (abits: int) (seed: int64) : Net =
     let arch = Registry.find "cifar-resnet20-a"
     torch.manual_seed seed |> ignore
     let fp = arch.Build 10L LayerKit.fullPrecision
@@ -32,11 +32,14 @@ let negativeGammaNet (wbits: int) (abits: int) (seed: int64) : Net =
             | :? Modules.BatchNorm2d as bn -> bn.weight.copy_(torch.randn([| bn.num_features |], generator = g)) |> ignore
             | _ -> ()
     fp.eval ()
-    let q = Quantize.quantize arch 10L fp wbits abits
+    let q = Quantize.quantizeWith arch 10L fp wbits abits residualBits
     use g = generator (seed + 1L)
     Quantize.calibrate torch.CPU q [ for _ in 1 .. 4 -> torch.randn([| 1L; 3L; 32L; 32L |], generator = g) ]
     q.eval ()
     q
+
+/// `negativeGammaNetWith` with float residual bodies (the paper's model).
+let negativeGammaNet (wbits: int) (abits: int) (seed: int64) : Net = negativeGammaNetWith Quantizers.fullPrecisionBits wbits abits seed
 
 let private opTypes (model: ModelProto) = model.Graph.Node |> Seq.map (fun n -> n.OpType) |> Seq.countBy id |> Map.ofSeq
 
@@ -140,6 +143,33 @@ let tests =
                 printfn "  W%dA%d %A: %d of %d activation codes differ from Hast's" bits bits level d t
                 Expect.equal d 0L (sprintf "W%dA%d codes at %A" bits bits level)
       }
+      test "--residual-bits 8: every convolution but the first on QLinearConv, the adds fused to QLinearAdd; codes Hast's up to rounding ties, the same class" {
+        for bits, seed in [ 4, 51L; 3, 52L ] do
+            use _ = torch.NewDisposeScope()
+            let arch = Registry.find "cifar-resnet20-a"
+            let net = negativeGammaNetWith 8 bits bits seed
+            use g = generator (seed + 2L)
+            let x = torch.randn([| 8L; 3L; 32L; 32L |], generator = g)
+            // the body's 8-bit codes are rounded in the kernel (`nearRequantization`): a code at a
+            // rounding boundary may differ by one, so the logits agree to the 8-bit grid's step
+            let model = logitParity (sprintf "W%dA%d, residual 8" bits bits) net (speedInfo arch 10L bits bits) x 5e-2
+            printfn "  W%dA%d residual 8 nodes: %A" bits bits (opTypes model |> Map.toList)
+            Expect.equal (count model "QLinearConv") 18 "18 QLinearConv (both convolutions of every block)"
+            Expect.equal (count model "Conv") 1 "1 float Conv (the first layer, on the image)"
+            // what ONNX Runtime made of it (extended level: its QDQ fusions, before the layout ones)
+            use d = new TempDir()
+            do
+                use o = new SessionOptions(GraphOptimizationLevel = Runtime.Optimization.toOrt Runtime.Extended, OptimizedModelFilePath = d.File "optimized.onnx")
+                use _s = new InferenceSession(model.ToByteArray(), o)
+                ()
+            let optimized = ModelProto.Parser.ParseFrom(IO.File.ReadAllBytes(d.File "optimized.onnx"))
+            Expect.equal (count optimized "QLinearAdd") 9 "every residual add fused to QLinearAdd"
+            Expect.equal (count optimized "QLinearConv") 18 "the QLinearConv kept"
+            for level in OnnxTests.allLevels do
+                let d, t = codeMismatches net model x level
+                printfn "  W%dA%d residual 8 %A: %d of %d activation codes differ from Hast's" bits bits level d t
+                Expect.isLessThanOrEqual (float d) (1e-3 * float t) (sprintf "W%dA%d residual 8: codes at %A (rounding ties only)" bits bits level)
+      }
       test "8-bit and full-precision weights go to float convolutions, and so do 8-bit activations without an exact form; all match Hast" {
         for wbits, abits, seed in [ 8, 8, 43L; 6, 8, 44L; 32, 4, 47L ] do
             use _ = torch.NewDisposeScope()
@@ -185,4 +215,15 @@ let tests =
         let x = torch.randn([| 16L; 3L; 8L; 8L |], generator = g)
         let model = logitParity "graph-pool-conv W4A4" q { ExportTests.graphInfo t 4 with Target = Metadata.Speed } x 1e-3
         Expect.equal (count model "DequantizeLinear") 0 "no DequantizeLinear in the graph"
+      }
+      test "--residual-bits 8 on the pytorchcv ResNet-20 (projection shortcuts) and ResNet-18: both exports give Hast's class; speed runs both convolutions of every block on QLinearConv" {
+        for name, classes, side, blocks, seed in [ "cifar-resnet20", 10L, 32L, 9, 53L; "resnet18", 1000L, 224L, 8, 54L ] do
+            use _ = torch.NewDisposeScope()
+            let arch = Registry.find name
+            let net = OnnxTests.randomQuantizedWith 8 arch classes 4 seed
+            use g = generator (seed + 2L)
+            let x = torch.randn([| 2L; 3L; side; side |], generator = g)
+            let model = logitParity (sprintf "%s W4A4 residual 8" name) net (speedInfo arch classes 4 4) x 0.05
+            Expect.isGreaterThanOrEqual (count model "QLinearConv") (2 * blocks) (sprintf "%s: QLinearConv for both convolutions of each of its %d blocks" name blocks)
+            logitParity (sprintf "%s W4A4 residual 8, size" name) net { speedInfo arch classes 4 4 with Target = Metadata.Size } x 0.05 |> ignore
       } ]

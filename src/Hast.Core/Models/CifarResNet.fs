@@ -25,6 +25,7 @@ type BasicBlockA(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this 
     let conv2 = kit.Conv(ConvSpec.make cout cout 3L 1L 1L)
     let bn2 = bn cout
     let act2 = kit.Act Relu
+    let bodyQuant = LayerKit.residual kit
     let pad = (cout - cin) / 2L
     let downsample = stride <> 1L || cin <> cout
     do
@@ -33,11 +34,13 @@ type BasicBlockA(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this 
         this.register_module("act1", act1)
         this.register_module("conv2", conv2)
         this.register_module("bn2", bn2)
+        bodyQuant |> Option.iter (fun q -> this.register_module("body_quant", q))
         this.register_module("act2", act2)
 
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let h1 = act1.forward (tape.Bn(bn1, conv1.forward x))
-        let body = tape.Block(tape.Bn(bn2, conv2.forward h1))
+        let c2 = conv2.forward h1
+        let body = IntegerBody.apply bodyQuant conv2 bn2 (Some act1) c2 (tape.Block(tape.Bn(bn2, c2)))
         let shortcut =
             if downsample then
                 let sub = x.slice(2L, 0L, x.size 2, stride).slice(3L, 0L, x.size 3, stride)
@@ -84,14 +87,18 @@ type ResUnit(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
     let resize = cin <> cout || stride <> 1L
     let identity = if resize then Some(convBlock (ConvSpec.make cin cout 1L stride 0L) None kit) else None
     let activ = kit.Act Relu
+    let bodyQuant = LayerKit.residual kit
     do
         this.register_module("body", body)
+        bodyQuant |> Option.iter (fun q -> this.register_module("body_quant", q))
         identity |> Option.iter (fun m -> this.register_module("identity_conv", m))
         this.register_module("activ", activ)
     /// Stop TorchSharp from also registering the `conv1`/`conv2` fields (already under `body`).
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let idn = match identity with Some m -> m.Run(x, tape) | None -> x
-        let b = tape.Block(conv2.Run(conv1.Run(x, tape), tape))
+        // conv2 has no activation: its Run is tape.Bn(bn, conv x)
+        let c2 = conv2.Conv.forward (conv1.Run(x, tape))
+        let b = IntegerBody.apply bodyQuant conv2.Conv conv2.Bn (conv1.Activation |> Option.map (fun a -> a :> torch.nn.Module)) c2 (tape.Block(tape.Bn(conv2.Bn, c2)))
         activ.forward (plus b idn)
     override this.forward x = this.Run(x, Tape.Off)
 

@@ -21,6 +21,7 @@ type BasicBlock(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
     let conv2 = kit.Conv(ConvSpec.make cout cout 3L 1L 1L)
     let bn2 = BatchNorm2d(cout)
     let act2 = kit.Act Relu
+    let bodyQuant = LayerKit.residual kit
     let downsample =
         if stride <> 1L || cin <> cout then Some(kit.Conv(ConvSpec.make cin cout 1L stride 0L), BatchNorm2d(cout))
         else None
@@ -30,6 +31,7 @@ type BasicBlock(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
         this.register_module("act1", act1)
         this.register_module("conv2", conv2)
         this.register_module("bn2", bn2)
+        bodyQuant |> Option.iter (fun q -> this.register_module("body_quant", q))
         downsample
         |> Option.iter (fun (c, b) -> this.register_module("downsample", new Node([ "0", c :> Module; "1", b :> Module ])))
         this.register_module("act2", act2)
@@ -39,7 +41,8 @@ type BasicBlock(cin: int64, cout: int64, stride: int64, kit: LayerKit) as this =
 
     member _.Run(x: Tensor, tape: Tape) : Tensor =
         let h1 = act1.forward (tape.Bn(bn1, conv1.forward x))
-        let body = tape.Block(tape.Bn(bn2, conv2.forward h1))
+        let c2 = conv2.forward h1
+        let body = IntegerBody.apply bodyQuant conv2 bn2 (Some act1) c2 (tape.Block(tape.Bn(bn2, c2)))
         let shortcut =
             match downsample with
             | Some(c, b) -> tape.Bn(b, c.forward x)

@@ -1,6 +1,7 @@
 /// A quantized conv / linear weight as whole numbers times a per-output-channel scale, with a
 /// per-channel bias, and its exact form for ONNX Runtime's QLinearConv: the arithmetic of the
-/// `speed` export (`Speed`). Pure functions on arrays (no tensors).
+/// `speed` export (`Hast.Onnx.Speed`) and of the residual bodies Hast computes as that kernel does
+/// (`IntegerBody`). Pure functions on arrays (no tensors), apart from `ofTensor`.
 ///
 /// Hast's weight is `(q − zp) · scale` per output channel c, q and zp in [0, 2^b − 1]. The integers
 /// `v = q − zp` (in [−(2^b − 1), 2^b − 1], so int8 for b ≤ 7) are kept, with zero point 0. A
@@ -8,7 +9,7 @@
 /// folds exactly into the channel's scale and bias: `Σ v · scale · x · g = Σ (sign(g) · v) ·
 /// (scale · |g|) · x`, so only the scale (times |g|), the sign of the integers (flipped where g < 0)
 /// and the bias change; the integers stay those of Hast's grid.
-module Hast.Onnx.IntWeight
+module Hast.Core.IntWeight
 
 open System
 
@@ -99,8 +100,8 @@ let private nextFloat (up: bool) (x: float32) : float32 =
     BitConverter.Int32BitsToSingle(BitConverter.SingleToInt32Bits x + (if up then 1 else -1))
 
 /// A convolution's QLinearConv form: per output channel the int8 values (Hast's integers times a
-/// whole number), the float32 weight scale and the int32 bias to write.
-type Requantized = { Values: int[]; Scale: float32[]; Bias: int[] }
+/// whole number, `Multiple`), the float32 weight scale and the int32 bias to write.
+type Requantized = { Values: int[]; Scale: float32[]; Bias: int[]; Multiple: int[] }
 
 /// The QLinearConv form of `w` on uint8 inputs (grid `inputScale`, `inputZeroPoint`, codes in
 /// [0, 2^inputBits − 1]) with uint8 outputs on grid (`outputScale`, zero point 0) that gives exactly
@@ -172,4 +173,41 @@ let exactRequantization (inputScale: float32) (inputZeroPoint: int) (inputBits: 
         Some
             { Values = w.Values |> Array.mapi (fun i v -> let n, _, _ = solved[i / per] in v * n)
               Scale = solved |> Array.map (fun (_, s, _) -> s)
-              Bias = solved |> Array.map (fun (_, _, b) -> b) }
+              Bias = solved |> Array.map (fun (_, _, b) -> b)
+              Multiple = solved |> Array.map (fun (n, _, _) -> n) }
+
+/// The QLinearConv form of `w` on uint8 inputs (grid `inputScale`, codes of `inputBits` bits) with
+/// uint8 outputs on grid `outputScale` (any zero point, added by the kernel) by plain rounding: per
+/// channel the largest whole number n the kernel takes (`kernelLimit`), int8 values `n · v`, the
+/// float32 weight scale `Scale / n` and the int32 bias `round(Bias / (inputScale · Scale / n))`.
+/// Not Hast's fake quantizer: a code whose value lies within the bias's rounding error (up to half
+/// an accumulator step, a few hundredths of a code) of a rounding boundary differs by one. For an
+/// output without an exact form (`exactRequantization`), such as an 8-bit residual body
+/// (`--residual-bits 8`, 255 thresholds and a zero point); there Hast computes what the kernel
+/// computes instead (`IntegerBody`).
+let nearRequantization (inputScale: float32) (inputBits: int) (outputScale: float32) (w: IntWeight) : Requantized =
+    let limit = kernelLimit inputBits
+    let solve c =
+        let v = channel w c
+        let largest = v |> Array.fold (fun m x -> max m (abs x)) 0
+        let n = if largest = 0 then 1 else max 1 (limit / largest)
+        let s = float32 (float w.Scale[c] / float n)
+        let b = Math.Round(float w.Bias[c] / (float inputScale * float s)) |> max (float Int32.MinValue) |> min (float Int32.MaxValue)
+        n, s, int b
+    let solved = Array.init (channels w) solve
+    let per = perChannel w
+    { Values = w.Values |> Array.mapi (fun i v -> let n, _, _ = solved[i / per] in v * n)
+      Scale = solved |> Array.map (fun (_, s, _) -> s)
+      Bias = solved |> Array.map (fun (_, _, b) -> b)
+      Multiple = solved |> Array.map (fun (n, _, _) -> n) }
+
+/// The weight `w` as Hast quantizes it with the range rule `range` at `bits`
+/// (`Quantizers.weightRangeOf` / `quantCodes`), with the layer's bias.
+let ofTensor (w: TorchSharp.torch.Tensor) (bits: int) (range: Quantizers.WeightRange) (bias: TorchSharp.torch.Tensor option) : IntWeight =
+    if w.dim () < 2L then invalidArg "w" "per-channel weights need >= 2 dims"
+    use _ = TorchSharp.torch.NewDisposeScope()
+    let floats (t: TorchSharp.torch.Tensor) = t.detach().cpu().to_type(TorchSharp.torch.float32).contiguous().data<float32>().ToArray()
+    let ints (t: TorchSharp.torch.Tensor) = t.detach().cpu().to_type(TorchSharp.torch.int32).contiguous().data<int>().ToArray()
+    let lo, hi = Quantizers.weightRangeOf range bits w
+    let q, scale, zp = Quantizers.quantCodes w lo hi bits
+    ofCodes w.shape (ints q) (floats scale) (ints zp) (bias |> Option.map floats)
