@@ -201,13 +201,22 @@ let nearRequantization (inputScale: float32) (inputBits: int) (outputScale: floa
       Bias = solved |> Array.map (fun (_, _, b) -> b)
       Multiple = solved |> Array.map (fun (n, _, _) -> n) }
 
+/// Values of a tensor as a flat float32 array (row-major).
+let floatsOf (t: TorchSharp.torch.Tensor) : float32[] =
+    use _ = TorchSharp.torch.NewDisposeScope()
+    t.detach().cpu().to_type(TorchSharp.torch.float32).contiguous().data<float32>().ToArray()
+
+/// Values of a tensor of whole numbers as a flat int array (row-major).
+let intsOf (t: TorchSharp.torch.Tensor) : int[] =
+    use _ = TorchSharp.torch.NewDisposeScope()
+    t.detach().cpu().to_type(TorchSharp.torch.int32).contiguous().data<int>().ToArray()
+
 /// The weight `w` as Hast quantizes it with the range rule `range` at `bits`
 /// (`Quantizers.weightRangeOf` / `quantCodes`), with the layer's bias.
 let ofTensor (w: TorchSharp.torch.Tensor) (bits: int) (range: Quantizers.WeightRange) (bias: TorchSharp.torch.Tensor option) : IntWeight =
     if w.dim () < 2L then invalidArg "w" "per-channel weights need >= 2 dims"
     use _ = TorchSharp.torch.NewDisposeScope()
-    let floats (t: TorchSharp.torch.Tensor) = t.detach().cpu().to_type(TorchSharp.torch.float32).contiguous().data<float32>().ToArray()
-    let ints (t: TorchSharp.torch.Tensor) = t.detach().cpu().to_type(TorchSharp.torch.int32).contiguous().data<int>().ToArray()
+    let floats, ints = floatsOf, intsOf
     let lo, hi = Quantizers.weightRangeOf range bits w
     let q, scale, zp = Quantizers.quantCodes w lo hi bits
     ofCodes w.shape (ints q) (floats scale) (ints zp) (bias |> Option.map floats)

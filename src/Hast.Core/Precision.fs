@@ -52,6 +52,15 @@ let private weightLayers (net: torch.nn.Module) : (string * torch.nn.Module) lis
     let linear, convs = Quantizers.weightQuantizedLayers net |> List.partition (fun (_, m) -> m :? Quantizers.QLinear)
     convs @ linear
 
+/// The activation quantizers of `net` that are layers of the map, with their names, in registration
+/// order: not a residual body's (`Quantizers.ResidualQuant`), whose width is `--residual-bits`.
+let private actLayers (net: torch.nn.Module) : (string * Quantizers.ActQuant) list =
+    [ for struct (name, m) in net.named_modules () do
+        match m with
+        | :? Quantizers.ResidualQuant -> ()
+        | :? Quantizers.ActQuant as q -> yield name, q
+        | _ -> () ]
+
 /// The quantizable layers of `net`: the weight layers (`weightLayers`' order), then the activation
 /// quantizers in registration order.
 let layers (net: torch.nn.Module) : Layer list =
@@ -65,23 +74,13 @@ let layers (net: torch.nn.Module) : Layer list =
                   Parameters = w.numel ()
                   Channels = w.shape[0] } ]
     let acts =
-        [ for struct (name, m) in net.named_modules () do
-            match m with
-            | :? Quantizers.ResidualQuant -> () // its width is `--residual-bits`, not a layer of the map
-            | :? Quantizers.ActQuant as q -> yield { Name = name; Kind = ActivationLayer; Bits = q.Bits; Parameters = 0L; Channels = 0L }
-            | _ -> () ]
+        [ for name, q in actLayers net -> { Name = name; Kind = ActivationLayer; Bits = q.Bits; Parameters = 0L; Channels = 0L } ]
     weights @ acts
 
 let private weightModules (net: torch.nn.Module) : Map<string, Quantizers.IWeightQuantized> =
     Quantizers.weightQuantizedLayers net |> List.map (fun (n, m) -> n, box m :?> Quantizers.IWeightQuantized) |> Map.ofList
 
-let private actModules (net: torch.nn.Module) : Map<string, Quantizers.ActQuant> =
-    [ for struct (name, m) in net.named_modules () do
-        match m with
-        | :? Quantizers.ResidualQuant -> ()
-        | :? Quantizers.ActQuant as q -> yield name, q
-        | _ -> () ]
-    |> Map.ofList
+let private actModules (net: torch.nn.Module) : Map<string, Quantizers.ActQuant> = actLayers net |> Map.ofList
 
 /// Fail (`InvalidSetting` on `setting`) unless every name of `bits` is a layer of `net` of its kind
 /// and every bit width is valid.

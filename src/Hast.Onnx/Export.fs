@@ -158,7 +158,7 @@ let rec private emit (b: Builder) (target: Metadata.Target) (path: string) (m: t
         let bits = weightBits m
         let w =
             if speed && bits <> Quantizers.fullPrecisionBits then
-                Speed.floatWeight b (join path "weight") (Speed.intWeight (m.get_parameter "weight") bits (weightRange m) None)
+                Speed.floatWeight b (join path "weight") (IntWeight.ofTensor (m.get_parameter "weight") bits (weightRange m) None)
             else weight b (join path "weight") (m.get_parameter "weight") bits (weightRange m)
         let bt = m.get_parameter "bias"
         let bias = b.Init(Proto.floatTensor (join path "bias") bt.shape (floats bt))
@@ -231,21 +231,10 @@ and private residualBody b target (m: torch.nn.Module) (first: (string * torch.n
 /// codes (DequantizeLinear with unit scales, Mul, Cast: the file keeps the small container), the
 /// kernel's scales and int32 bias, then DequantizeLinear of its codes.
 and private integerBodySize (b: Builder) (name: string) (convPath: string) (conv: torch.nn.Module) (codes: string) (k: IntegerBody.KernelForm) (spatial: bool) : Value =
-    let bits = weightBits conv
     let spec = (convSpec conv).Value
-    let w = conv.get_parameter "weight"
     let c = IntWeight.channels k.Weight
     let wn = join convPath "weight"
-    let q, zp =
-        use _ = torch.NewDisposeScope()
-        let lo, hi = Quantizers.weightRangeOf (weightRange conv) bits w
-        let q, _, zp = Quantizers.quantCodes w lo hi bits
-        ints q, ints zp
-    let t = Proto.container bits
-    let qn = b.Init(Proto.codesTensor (wn + "_quantized") t w.shape q)
-    let unit = b.Init(Proto.floatTensor (wn + "_unit_scale") [| int64 c |] (Array.create c 1.0f))
-    let zn = b.Init(Proto.codesTensor (wn + "_zero_point") t [| int64 c |] zp)
-    let v = b.Op("DequantizeLinear", wn + "_integers", [ qn; unit; zn ], [ Proto.intAttr "axis" 0L ])
+    let v = weightIntegers b wn (conv.get_parameter "weight") (weightBits conv) (weightRange conv)
     let factor = b.Init(Proto.floatTensor (wn + "_factor") [| int64 c; 1L; 1L; 1L |] (k.Factor |> Array.map float32))
     let scaled = b.Op("Mul", wn + "_kernel_values", [ v; factor ])
     let w8 = b.Op("Cast", wn + "_kernel", [ scaled ], [ Proto.intAttr "to" (int64 Proto.DataType.Int8) ])

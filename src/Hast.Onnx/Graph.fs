@@ -11,14 +11,10 @@ open Hast.Onnx.Proto
 type Tensor = torch.Tensor
 
 /// Values of a tensor as a flat float32 array (row-major).
-let floats (t: Tensor) : float32[] =
-    use c = t.detach().cpu().to_type(torch.float32).contiguous()
-    c.data<float32>().ToArray()
+let floats (t: Tensor) : float32[] = Hast.Core.IntWeight.floatsOf t
 
 /// Values of a tensor of whole numbers as a flat int array (row-major).
-let ints (t: Tensor) : int[] =
-    use c = t.detach().cpu().to_type(torch.int32).contiguous()
-    c.data<int>().ToArray()
+let ints (t: Tensor) : int[] = Hast.Core.IntWeight.intsOf t
 
 /// Collects the nodes and initializers of one graph, in order. Every name (node output or
 /// initializer) may be used once; a second use is a bug in the exporter and fails.
@@ -59,19 +55,27 @@ let int64Init (b: Builder) (name: string) (vs: int64[]) : string = b.Init(int64T
 /// container (`Proto.container`), with per-channel float32 scale and zero point, through
 /// DequantizeLinear (axis 0). The dequantized value equals Hast's fake-quantized weight bit for bit.
 /// Returns the name of the float weight.
+let private storedCodes (unitScale: bool) (b: Builder) (name: string) (w: Tensor) (bits: int) (range: Quantizers.WeightRange) : string =
+    if w.dim () < 2L then invalidArg "w" (sprintf "%s: per-channel weights need >= 2 dims" name)
+    use _ = torch.NewDisposeScope()
+    let lo, hi = Quantizers.weightRangeOf range bits w
+    let q, scale, zp = Quantizers.quantCodes w lo hi bits
+    let t = container bits
+    let channels = [| w.shape[0] |]
+    let qn = b.Init(codesTensor (name + "_quantized") t w.shape (ints q))
+    let scales = if unitScale then Array.create (int w.shape[0]) 1.0f else floats scale
+    let sn = b.Init(floatTensor (name + "_scale") channels scales)
+    let zn = b.Init(codesTensor (name + "_zero_point") t channels (ints zp))
+    b.Op("DequantizeLinear", name, [ qn; sn; zn ], [ intAttr "axis" 0L ])
+
 let weight (b: Builder) (name: string) (w: Tensor) (bits: int) (range: Quantizers.WeightRange) : string =
     if bits = Quantizers.fullPrecisionBits then b.Init(floatTensor name w.shape (floats w))
-    else
-        if w.dim () < 2L then invalidArg "w" (sprintf "%s: per-channel weights need >= 2 dims" name)
-        use _ = torch.NewDisposeScope()
-        let lo, hi = Quantizers.weightRangeOf range bits w
-        let q, scale, zp = Quantizers.quantCodes w lo hi bits
-        let t = container bits
-        let channels = [| w.shape[0] |]
-        let qn = b.Init(codesTensor (name + "_quantized") t w.shape (ints q))
-        let sn = b.Init(floatTensor (name + "_scale") channels (floats scale))
-        let zn = b.Init(codesTensor (name + "_zero_point") t channels (ints zp))
-        b.Op("DequantizeLinear", name, [ qn; sn; zn ], [ intAttr "axis" 0L ])
+    else storedCodes false b name w bits range
+
+/// Hast's weight integers `q − zp` (as float) of a quantized weight, stored as its codes like
+/// `weight` and dequantized with unit scales.
+let weightIntegers (b: Builder) (name: string) (w: Tensor) (bits: int) (range: Quantizers.WeightRange) : string =
+    storedCodes true b name w bits range
 
 /// Hast's per-tensor activation quantizer (`Quantizers.fakeQuant` on the grid `scale`, `zp`) as
 /// QuantizeLinear -> DequantizeLinear. The codes use `Proto.activationContainer` (uint8 up to 8

@@ -61,11 +61,6 @@ type Form =
 
 let private uint8Scalar (b: Builder) (name: string) (v: int) : string = b.Init(codesTensor name DataType.Uint8 [||] [| v |])
 
-/// The weight of a layer as Hast quantizes it with the range rule `range` (`Quantizers.weightRangeOf` /
-/// `quantCodes`), with its bias.
-let intWeight (w: torch.Tensor) (bits: int) (range: Quantizers.WeightRange) (bias: torch.Tensor option) : IntWeight =
-    IntWeight.ofTensor w bits range bias
-
 /// A float32 weight initializer `Values · Scale` (for a layer ONNX Runtime computes in float).
 let floatWeight (b: Builder) (name: string) (w: IntWeight) : string = b.Init(floatTensor name w.Dims (IntWeight.floats w))
 
@@ -131,7 +126,7 @@ let conv (b: Builder) (name: string) (spec: ConvSpec) (w: torch.Tensor) (bits: i
         match x with
         | Quantized c -> CodeInput c
         | _ -> FloatInput(floatOf b x)
-    Pending { Name = name; Spec = spec; Input = input; Weight = intWeight w bits range bias }
+    Pending { Name = name; Spec = spec; Input = input; Weight = IntWeight.ofTensor w bits range bias }
 
 /// Inference BatchNorm: folded into a pending convolution, else a float BatchNormalization.
 let batchNorm (b: Builder) (name: string) (bn: BatchNorm2d) (x: Form) : Form =

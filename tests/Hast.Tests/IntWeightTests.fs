@@ -13,7 +13,7 @@ open Hast.Tests.TestUtil
 /// A random `bits`-bit IntWeight of shape `dims` (Hast's quantizer on seeded normal weights).
 let private randomWeight (g: torch.Generator) (dims: int64[]) (bits: int) : IntWeight.IntWeight =
     use _ = torch.NewDisposeScope()
-    Speed.intWeight (torch.randn(dims, generator = g) * 0.3f) bits Quantizers.MinMax None
+    IntWeight.ofTensor (torch.randn(dims, generator = g) * 0.3f) bits Quantizers.MinMax None
 
 /// Hast's code for accumulator `a` of channel `c`: round(a · μ + β), clamped to [0, codeHigh]
 /// (the reals, in float64).
@@ -42,7 +42,7 @@ let tests =
             use _ = torch.NewDisposeScope()
             let w = torch.randn([| 6L; 3L; 3L; 3L |], generator = g) * 0.3f
             w[2L].zero_() |> ignore
-            let iw = Speed.intWeight w bits Quantizers.MinMax None
+            let iw = IntWeight.ofTensor w bits Quantizers.MinMax None
             let expected = Graph.floats (Quantizers.weightFakeQuant w bits)
             Expect.equal (IntWeight.floats iw) expected (sprintf "%d bits: Values · Scale = weightFakeQuant" bits)
             Expect.equal iw.Scale[2] 1.0f "the all-zero channel (range collapsed to 1e-8) has scale 1"
@@ -53,7 +53,7 @@ let tests =
         use _ = torch.NewDisposeScope()
         use g = generator 3102L
         let w = torch.randn([| 6L; 4L; 3L; 3L |], generator = g) * 0.3f
-        let iw = Speed.intWeight w 4 Quantizers.MinMax None
+        let iw = IntWeight.ofTensor w 4 Quantizers.MinMax None
         let gamma = [| 1.3f; -0.7f; 0.0f; -2.1f; 0.4f; -0.05f |]
         let beta = Graph.floats (torch.randn([| 6L |], generator = g))
         let mean = Graph.floats (torch.randn([| 6L |], generator = g) * 0.2f)
