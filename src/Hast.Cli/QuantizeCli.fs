@@ -144,6 +144,8 @@ type QuantizeArgs =
     | Divergence_Lr_Factor of factor: float
     | Divergence_Retries of n: int
     | Divergence_Spike_Min_Iters of n: int
+    | Divergence_Agreement of fraction: float
+    | Divergence_Probe of n: int
     interface IArgParserTemplate with
         member a.Usage =
             let info, _ = Reflection.FSharpValue.GetUnionFields(a, typeof<QuantizeArgs>)

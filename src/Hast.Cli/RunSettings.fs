@@ -395,6 +395,12 @@ let run (ctx: Context) : Setting<Config> list =
       Setting.int "divergence-spike-min-iters"
           "divergence guard: the loss-spike rule (--divergence-spike) applies only to epochs of at least this many iterations; shorter epochs' means read their batches, not the training"
           (fun c -> c.Guard.SpikeMinIters) (fun v c -> { c with Guard = { c.Guard with SpikeMinIters = v } })
+      Setting.float "divergence-agreement"
+          "divergence guard: an epoch after which the student gives the teacher's class on fewer than this fraction of the most probe samples it agreed on so far (after calibration included) diverged; 0 turns the rule off"
+          (fun c -> c.Guard.Agreement) (fun v c -> { c with Guard = { c.Guard with Agreement = v } })
+      Setting.int "divergence-probe"
+          "divergence guard: the synthetic samples the agreement rule (--divergence-agreement) is measured on, spread evenly over the run's (all when it has fewer)"
+          (fun c -> c.Guard.ProbeSamples) (fun v c -> { c with Guard = { c.Guard with ProbeSamples = v } })
       { Key = "time-budget"
         Help =
           "run: wall time of the whole run, e.g. 90s, 30m, 2h: --samples, --synth-iters and --iters not given are planned from short timed probes on this machine (all three given: no planning)"

@@ -40,3 +40,27 @@ let accuracy (device: torch.Device) (batchSize: int64) (onBatch: int64 -> int64 
         acc <- { Top1Correct = acc.Top1Correct + h1; Top5Correct = acc.Top5Correct + h5; Count = acc.Count + n }
         onBatch (start + n) data.Count
     acc
+
+/// The class `model` (switched to eval mode) gives each of `images` (on the CPU), in batches on `device`.
+let classes (device: torch.Device) (batchSize: int64) (model: Net) (images: Tensor) : Tensor =
+    model.eval ()
+    use _ = torch.no_grad ()
+    let n = images.shape[0]
+    let parts =
+        [| for start in 0L .. batchSize .. n - 1L ->
+               use _ = torch.NewDisposeScope()
+               let logits = model.forward (images.slice(0L, start, min n (start + batchSize), 1L).``to``(device))
+               logits.argmax(1L).cpu().MoveToOuterDisposeScope() |]
+    if parts.Length = 0 then torch.empty([| 0L |], dtype = torch.int64)
+    else
+        let all = torch.cat(parts, 0L)
+        for p in parts do p.Dispose()
+        all
+
+/// The share of `images` (in percent) on which `model` gives the class `reference` holds (e.g. the
+/// teacher's `classes`): how far a student agrees with its teacher, without labels.
+let agreement (device: torch.Device) (batchSize: int64) (model: Net) (images: Tensor) (reference: Tensor) : float =
+    use own = classes device batchSize model images
+    use same = own.eq(reference)
+    use count = same.sum()
+    if images.shape[0] = 0L then 0.0 else 100.0 * float (itemInt64 count) / float images.shape[0]

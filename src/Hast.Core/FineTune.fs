@@ -354,6 +354,9 @@ type Fault =
     | NanWeights
     /// the step's loss reads `factor` times its value (a spike in the epoch's mean; the weights are untouched)
     | LossSpike of factor: float
+    /// after the step, the classifier's weight and bias are negated, so the student's logits are (nearly)
+    /// its own negated: a student that collapsed with finite weights and a finite loss
+    | NegatedLogits
 
 /// Why an epoch is taken for diverged (the divergence guard of `Run.run`).
 type DivergenceCause =
@@ -363,12 +366,17 @@ type DivergenceCause =
     | NonFiniteWeights
     /// the epoch's mean training loss `mean` is above `factor` × `best`, the lowest epoch mean of the run
     | LossAboveBest of mean: float * best: float * factor: float
+    /// after the epoch the student agreed with the teacher on `agreement` % of the probe samples, below
+    /// `factor` × `best`, the most it agreed on so far (the calibrated student's included)
+    | AgreementBelowBest of agreement: float * best: float * factor: float
 
 let describeCause =
     function
     | NonFiniteStepLoss(i, what, v) -> sprintf "%s is %g at iteration %d" what v i
     | NonFiniteWeights -> "the student's weights are not finite after the epoch"
     | LossAboveBest(m, b, f) -> sprintf "the mean training loss %.4g is above %g x the best epoch's %.4g" m f b
+    | AgreementBelowBest(a, b, f) ->
+        sprintf "the student agrees with the teacher on %.1f%% of the probe samples, below %g x the best %.1f%%" a f b
 
 /// How an epoch of `tryEpoch` ended.
 type EpochOutcome =
@@ -382,6 +390,15 @@ let private applyFault (student: Net) (s: StepStats) (f: Fault) : StepStats =
         use _ = torch.no_grad ()
         let w = student.parameters () |> Seq.head
         w.fill_(nan) |> ignore
+        s
+    | NegatedLogits ->
+        use _ = torch.no_grad ()
+        // the classifier: the last two-dimensional parameter (a Linear's weight), and its bias
+        let named = [ for struct (name, p) in student.named_parameters () -> name, p ]
+        let weightName, weight = named |> List.filter (fun (_, p) -> p.dim () = 2L) |> List.last
+        let prefix = weightName.Substring(0, weightName.LastIndexOf '.' + 1)
+        weight.neg_() |> ignore
+        named |> List.tryFind (fun (n, _) -> n = prefix + "bias") |> Option.iter (fun (_, b) -> b.neg_() |> ignore)
         s
     | LossSpike k ->
         { s with KL = s.KL * k; FA = s.FA * k; CE = s.CE * k; Total = s.Total * k; PerturbedTotal = s.PerturbedTotal * k }

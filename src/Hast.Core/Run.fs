@@ -199,6 +199,17 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
     use labels = labels
     let samples = images.shape[0]
     event (SamplesReady samples)
+    // the divergence guard's probe (`Guard.Agreement`): samples spread evenly over the run's, and the
+    // teacher's class of each; empty when the rule is off
+    use probeImages =
+        let n = if c.Guard.Agreement > 0.0 then min (int64 c.Guard.ProbeSamples) samples else 0L
+        use idx = torch.tensor([| for i in 0L .. n - 1L -> i * samples / n |])
+        images.index_select(0L, idx)
+    use probeClasses = Evaluate.classes inputs.Device (int64 c.Eval.BatchSize) inputs.Teacher probeImages
+    /// the student's agreement with the teacher on the probe (%), None when the rule is off
+    let agreementOf (student: Net) =
+        if probeImages.shape[0] = 0L then None
+        else Some(Evaluate.agreement inputs.Device (int64 c.Eval.BatchSize) student probeImages probeClasses)
     // ---- quantize (at the chosen per-layer widths), then restore or calibrate
     let bits = chooseBits inputs c images event
     let quantize () =
@@ -242,6 +253,8 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 event (StageStarted(Stage.EvalCalibrated, 0L, inputs.Test.Count))
                 let calib = evaluate inputs c event Calibrated student
                 let calibVal = evaluateVal inputs c event Calibrated student
+                let calibAgreement = agreementOf student
+                calibAgreement |> Option.iter (fun a -> event (Agreed(Calibrated, a, probeImages.shape[0])))
                 // under a time budget, the fine-tuning is planned again now that only it is left
                 let c =
                     budgeted.Replan(fun plan left -> RunPlan.replanFineTune plan c synthesisTiming left |> Option.map (fun r -> r, ()))
@@ -250,7 +263,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 average |> Option.iter (fun a -> WeightAverage.copyInto a student)
                 let p =
                     { FpTop1 = fp.Top1; CalibTop1 = calib.Top1; FpValTop1 = fpVal |> Option.map (fun a -> a.Top1)
-                      CalibValTop1 = calibVal |> Option.map (fun a -> a.Top1); History = []; EpochsDone = 0; Rollbacks = []; Degraded = None }
+                      CalibValTop1 = calibVal |> Option.map (fun a -> a.Top1); CalibAgreement = calibAgreement; History = []; EpochsDone = 0; Rollbacks = []; Degraded = None }
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
                 c, p
         // ---- fine-tune, epoch by epoch
@@ -298,6 +311,13 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                                                                         && stats.Mean.Total > c.Guard.SpikeFactor * List.min means ->
                         FineTune.Diverged(FineTune.LossAboveBest(stats.Mean.Total, List.min means, c.Guard.SpikeFactor))
                     | o, _ -> o
+                // the fourth: the student's agreement with the teacher against the most so far
+                let agreement = match outcome with FineTune.Completed _ -> agreementOf student | FineTune.Diverged _ -> None
+                let outcome =
+                    match outcome, agreement, (p.CalibAgreement :: (p.History |> List.map (fun e -> e.Agreement)) |> List.choose id) with
+                    | FineTune.Completed _, Some a, (_ :: _ as before) when a < c.Guard.Agreement * List.max before ->
+                        FineTune.Diverged(FineTune.AgreementBelowBest(a, List.max before, c.Guard.Agreement))
+                    | o, _, _ -> o
                 match outcome with
                 | FineTune.Diverged cause -> diverged ft p epoch cause
                 | FineTune.Completed stats ->
@@ -321,7 +341,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                     | None -> None, None, None
                 let record =
                     { Epoch = epoch + 1; Iterations = int64 (epoch + 1) * int64 ft.ItersPerEpoch; Mean = stats.Mean
-                      Accuracy = acc; LastWeights = lastWeights; Val = onVal }
+                      Accuracy = acc; LastWeights = lastWeights; Val = onVal; Agreement = agreement }
                 let p = { p with History = p.History @ [ record ]; EpochsDone = epoch + 1 }
                 event (EpochFinished(record, ft.Epochs))
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }

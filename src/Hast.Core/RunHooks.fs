@@ -52,6 +52,9 @@ type Event =
     | Evaluated of Phase * Evaluate.Accuracy
     /// the same model at the same phase on the validation set (`Inputs.Val`), after its test evaluation
     | Validated of Phase * Evaluate.Accuracy
+    /// the student's agreement with the teacher on the divergence guard's probe samples (%), and their
+    /// count, after calibration (each epoch's is in its `EpochRecord`)
+    | Agreed of Phase * agreement: float * samples: int64
     | FineTuneIteration of FineTune.IterInfo
     /// an epoch ended (its record is not saved yet)
     | EpochFinished of EpochRecord * epochs: int

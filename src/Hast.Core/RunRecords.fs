@@ -29,7 +29,10 @@ type EpochRecord =
       /// with weight averaging: the test accuracy of the student's last weights, beside `Accuracy`
       LastWeights: Evaluate.Accuracy option
       /// the delivered model's accuracy on the validation set (`--val`), on evaluation epochs
-      Val: Evaluate.Accuracy option }
+      Val: Evaluate.Accuracy option
+      /// the share (%) of the guard's probe samples on which the student gives the teacher's class after
+      /// the epoch (`Pipeline.Guard`); None when the guard's agreement rule is off
+      Agreement: float option }
 
 /// One rollback of the divergence guard: the epoch went back to the last good state and ran again.
 type Rollback =
@@ -47,6 +50,9 @@ type Progress =
       /// the teacher's and the calibrated student's top-1 on the validation set (`--val`), None without one
       FpValTop1: float option
       CalibValTop1: float option
+      /// the calibrated student's agreement with the teacher on the guard's probe samples (%), None
+      /// when the rule is off (or the run was saved before it existed)
+      CalibAgreement: float option
       /// finished epochs, oldest first
       History: EpochRecord list
       EpochsDone: int
@@ -73,6 +79,9 @@ type RunResult =
       FpValTop1: float option
       CalibValTop1: float option
       FinalValTop1: float option
+      /// the calibrated student's agreement with the teacher on the guard's probe samples (%; each
+      /// epoch's is in `History`)
+      CalibAgreement: float option
       /// the best evaluation, selected on the test set: reported beside the final one, labelled
       BestTop1: float
       /// 0 = calibration
@@ -108,6 +117,7 @@ let summarize (c: Pipeline.Config) (samples: int64) (p: Progress) : RunResult =
           match p.History |> List.filter (fun e -> e.Accuracy.IsSome) |> List.tryLast with
           | Some e -> e.Val |> Option.map (fun a -> a.Top1)
           | None -> p.CalibValTop1
+      CalibAgreement = p.CalibAgreement
       FinalLastWeightsTop1 =
           p.History |> List.filter (fun e -> e.Accuracy.IsSome) |> List.tryLast |> Option.bind (fun e -> e.LastWeights) |> Option.map (fun a -> a.Top1)
       BestTop1 = best

@@ -64,7 +64,13 @@ let epochJson (e: RunRecords.EpochRecord) : JsonObject =
     e.Accuracy |> Option.iter (put "" true)
     e.LastWeights |> Option.iter (put "last_weights_" false)
     e.Val |> Option.iter (put "val_" true)
+    e.Agreement |> Option.iter (fun a -> o["agreement"] <- num a)
     o
+
+let private optNumOf (o: JsonObject) (key: string) : float option =
+    match o[key] with
+    | null -> None
+    | v -> Some(v.GetValue<float>())
 
 let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
     let n (k: string) = numOr o k
@@ -83,15 +89,11 @@ let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
       Mean = { KL = n "kl"; FA = n "fa"; CE = n "ce"; Total = n "total"; PerturbedTotal = n "perturbed_total"; PromotionGain = n "promotion_gain"; Lr = n "lr" }
       Accuracy = onTest
       LastWeights = last
-      Val = onVal }
+      Val = onVal
+      Agreement = optNumOf o "agreement" }
 
 let rollbackJson (r: RunRecords.Rollback) : JsonObject =
     obj [ "epoch", int' r.Epoch; "reason", text r.Reason; "lr_scale", num r.LrScale ]
-
-let private optNumOf (o: JsonObject) (key: string) : float option =
-    match o[key] with
-    | null -> None
-    | v -> Some(v.GetValue<float>())
 
 /// metrics.jsonl's `eval` line of the calibrated student (epoch 0), beside the full-precision accuracy;
 /// with a validation set, both on it too (`val_top1`, `fp_val_top1`).
@@ -100,6 +102,11 @@ let calibratedJson (top1: float) (fpTop1: float) (valTop1: float option) (fpValT
     valTop1 |> Option.iter (fun v -> o["val_top1"] <- num v)
     fpValTop1 |> Option.iter (fun v -> o["fp_val_top1"] <- num v)
     o
+
+/// metrics.jsonl's `agreement` line: the calibrated student's agreement with the teacher on the
+/// divergence guard's probe samples (%), and their count (each epoch's is on its `epoch` line).
+let agreementJson (agreement: float) (samples: int64) : JsonObject =
+    obj [ "epoch", int' 0; "phase", text "calibration"; "agreement", num agreement; "samples", count samples ]
 
 /// metrics.jsonl's `degraded` line: the divergence guard gave up (`RunHooks.Event.GaveUp`).
 /// The `bits` metric: the per-layer exceptions a run quantizes with, the weights' stored bytes, and
@@ -124,6 +131,7 @@ let progressJson (p: RunRecords.Progress) : JsonObject =
           "calib_top1", num p.CalibTop1
           "fp_val_top1", numOpt p.FpValTop1
           "calib_val_top1", numOpt p.CalibValTop1
+          "calib_agreement", numOpt p.CalibAgreement
           "history", JsonArray(p.History |> List.map (fun e -> epochJson e :> JsonNode) |> Array.ofList)
           "epochs_done", int' p.EpochsDone
           "rollbacks", JsonArray(p.Rollbacks |> List.map (fun r -> rollbackJson r :> JsonNode) |> Array.ofList)
@@ -146,6 +154,7 @@ let progressOfJson (meta: JsonObject) : Result<RunRecords.Progress, string> =
               CalibTop1 = (field meta "calib_top1").GetValue<float>()
               FpValTop1 = optNumOf meta "fp_val_top1"
               CalibValTop1 = optNumOf meta "calib_val_top1"
+              CalibAgreement = optNumOf meta "calib_agreement"
               History = (match meta["history"] with :? JsonArray -> list "history" epochOf | _ -> failwith "'history' is missing")
               EpochsDone = (field meta "epochs_done").GetValue<int>()
               Rollbacks = list "rollbacks" rollbackOf
@@ -157,7 +166,7 @@ let progressOfJson (meta: JsonObject) : Result<RunRecords.Progress, string> =
 
 /// The guard's state of a result (for `RunRecords.lrScale`).
 let progressOf (r: RunRecords.RunResult) : RunRecords.Progress =
-    { FpTop1 = r.FpTop1; CalibTop1 = r.CalibTop1; FpValTop1 = r.FpValTop1; CalibValTop1 = r.CalibValTop1; History = r.History; EpochsDone = r.EpochsDone; Rollbacks = r.Rollbacks; Degraded = r.Degraded }
+    { FpTop1 = r.FpTop1; CalibTop1 = r.CalibTop1; FpValTop1 = r.FpValTop1; CalibValTop1 = r.CalibValTop1; CalibAgreement = r.CalibAgreement; History = r.History; EpochsDone = r.EpochsDone; Rollbacks = r.Rollbacks; Degraded = r.Degraded }
 
 /// The report of a finished run (report.json, the `result` metric, the final checkpoint's `result`).
 let resultJson (r: RunRecords.RunResult) (wbits: int) (abits: int) (seed: int64) (seconds: float) : JsonObject =

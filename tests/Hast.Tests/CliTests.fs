@@ -408,7 +408,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Calibration = (if generator then Pipeline.FromGenerator generatorCfg else Pipeline.FromSamples { Batches = 9; BatchSize = 3 })
           FineTune = fineTune
           Eval = { Every = 2; BatchSize = 100 }
-          Guard = { SpikeFactor = 3.5; LrFactor = 0.25; Retries = 5; SpikeMinIters = 7 }
+          Guard = { SpikeFactor = 3.5; LrFactor = 0.25; Retries = 5; SpikeMinIters = 7; Agreement = 0.3; ProbeSamples = 64 }
           TimeBudget = None }
     { IsRun = isRun; Model = ModelCli.BuiltIn("cifar-resnet32-a", "/w/r32.th"); Classes = Some 10; Test = "/t/test.bin"; Val = Some "/t/val"; Device = "cpu"
       Run = run; Out = "o"; Report = None; Resume = false; Preset = None }

@@ -47,6 +47,9 @@ let tests : Test list =
               "divergence-lr-factor", fun c -> { c with Guard = { c.Guard with LrFactor = 1.5 } }
               "divergence-retries", fun c -> { c with Guard = { c.Guard with Retries = -1 } }
               "divergence-spike-min-iters", fun c -> { c with Guard = { c.Guard with SpikeMinIters = 0 } }
+              "divergence-agreement", fun c -> { c with Guard = { c.Guard with Agreement = 1.0 } }
+              "divergence-agreement", fun c -> { c with Guard = { c.Guard with Agreement = -0.1 } }
+              "divergence-probe", fun c -> { c with Guard = { c.Guard with ProbeSamples = 0 } }
               "time-budget", fun c -> { c with TimeBudget = Some { Seconds = -1.0; Samples = None; SynthIters = None; FineTuneIters = None } } ]
         for name, change in cases do
             Expect.equal (settingOf (fun () -> validate (change cifar) |> ignore)) (Some name) (sprintf "names %s" name)

@@ -571,17 +571,18 @@ let divergenceTest =
         let events = File.ReadAllLines(Path.Combine(out, "metrics.jsonl")) |> Array.filter (fun l -> l.Contains "\"event\":\"degraded\"")
         Expect.equal events.Length 1 "metrics.jsonl: one degraded event"
 
-/// A fault injected once (HAST_FAULT=ft-iter:N:nan|spike): the guard rolls back, the run finishes
-/// normally (exit 0) with the rollback in report.json and metrics.jsonl.
+/// A fault injected once (HAST_FAULT=ft-iter:N:nan|spike|negate): the guard rolls back, the run
+/// finishes normally (exit 0) with the rollback in report.json and metrics.jsonl.
 let divergenceRecoveryTest =
-    testCase "HAST_FAULT NaN weights or a loss spike in epoch 2: rolled back to epoch 1, lr x0.5, finished with exit 0 and the rollback reported" <| fun () ->
+    testCase "HAST_FAULT NaN weights, a loss spike or a negated classifier in epoch 2: rolled back to epoch 1, lr x0.5, finished with exit 0 and the rollback reported" <| fun () ->
         use tmp = new TempDir()
         let test = smallTest tmp 64
-        for action, reason in [ "nan", "NaN"; "spike", "above 2 x the best epoch" ] do
+        // 2 epochs x 3 iterations: the fault follows the 4th step (epoch 2, iteration 1); the negated
+        // classifier the 6th (epoch 2's last: a collapse whose loss the epoch's mean does not show)
+        for action, step, reason in [ "nan", 4, "NaN"; "spike", 4, "above 2 x the best epoch"; "negate", 6, "agrees with the teacher" ] do
             let out = tmp.File("run-" + action)
-            // 2 epochs x 3 iterations: the fault follows the 4th step (epoch 2, iteration 1)
             let code, _, err =
-                withEnv "HAST_FAULT" ("ft-iter:4:" + action) (fun () ->
+                withEnv "HAST_FAULT" (sprintf "ft-iter:%d:%s" step action) (fun () ->
                     runCli
                         [ "run"; "--arch"; arch; "--weights"; zipWeights; "--test"; test; "--out"; out
                           "--samples"; "8"; "--synth-batch"; "8"; "--synth-iters"; "2"; "--calib-batches"; "1"; "--calib-batch"; "8"
@@ -595,6 +596,8 @@ let divergenceRecoveryTest =
             let rollback = root.GetProperty("rollback_log").[0]
             Expect.equal (rollback.GetProperty("epoch").GetInt32(), rollback.GetProperty("lr_scale").GetDouble()) (2, 0.5) (action + ": epoch 2, lr x0.5")
             Expect.stringContains (rollback.GetProperty("reason").GetString()) reason (action + ": the reason")
+            let agreements = File.ReadAllLines(Path.Combine(out, "metrics.jsonl")) |> Array.filter (fun l -> l.Contains "\"agreement\":")
+            Expect.equal agreements.Length 3 (action + ": metrics.jsonl has the agreement after calibration and each accepted epoch")
             printfn "  %s: %s" action (rollback.GetProperty("reason").GetString())
 
 /// OUT/config.json is the run's whole configuration: a killed run resumed with one setting changed is

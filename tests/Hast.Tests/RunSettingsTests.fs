@@ -87,6 +87,8 @@ let private examples : Map<string, bool * string list * string> =
           "divergence-lr-factor", (run, [], "0.25")
           "divergence-retries", (run, [], "5")
           "divergence-spike-min-iters", (run, [], "7")
+          "divergence-agreement", (run, [], "0.3")
+          "divergence-probe", (run, [], "64")
           "time-budget", (run, [], "90s") ]
 
 let private runTable = RunSettings.run (RunSettings.contextOf true Models.Registry.Cifar 10L)

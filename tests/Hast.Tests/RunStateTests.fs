@@ -19,13 +19,14 @@ let private progress : RunRecords.Progress =
       // a validation set's teacher accuracy; the calibrated student's left out (null in the JSON)
       FpValTop1 = Some 85.96
       CalibValTop1 = None
+      CalibAgreement = Some 62.5
       History =
-        [ { Epoch = 1; Iterations = 200L; Mean = stats 1.0 true; Accuracy = Some(acc 840L); LastWeights = None; Val = None }
+        [ { Epoch = 1; Iterations = 200L; Mean = stats 1.0 true; Accuracy = Some(acc 840L); LastWeights = None; Val = None; Agreement = Some 71.875 }
           // not an evaluation epoch, no promotion
-          { Epoch = 2; Iterations = 400L; Mean = stats 2.0 false; Accuracy = None; LastWeights = None; Val = None }
+          { Epoch = 2; Iterations = 400L; Mean = stats 2.0 false; Accuracy = None; LastWeights = None; Val = None; Agreement = None }
           // weight averaging: the average and the last weights
           { Epoch = 3; Iterations = 600L; Mean = stats 3.0 true; Accuracy = Some(acc 850L); LastWeights = Some(acc 845L)
-            Val = Some { Top1Correct = 4300L; Top5Correct = 4950L; Count = 5000L } } ]
+            Val = Some { Top1Correct = 4300L; Top5Correct = 4950L; Count = 5000L }; Agreement = Some 80.0 } ]
       EpochsDone = 3
       Rollbacks = [ { Epoch = 2; Reason = "loss NaN (kl) at iteration 17"; LrScale = 0.5 } ]
       Degraded = None }
@@ -49,6 +50,8 @@ let tests : Test list =
               Expect.equal (back.FpValTop1, back.CalibValTop1) (Some 85.96, None) "the validation set's teacher, none calibrated"
               Expect.equal back.History[2].Val progress.History[2].Val "an epoch's validation accuracy"
               Expect.isNone back.History[0].Val "no validation in that epoch"
+              Expect.equal (back.CalibAgreement, back.History |> List.map (fun e -> e.Agreement))
+                  (Some 62.5, [ Some 71.875; None; Some 80.0 ]) "the guard's agreements, calibrated and per epoch"
           Expect.isNull ((j["history"].AsArray()[1])["promotion_gain"]) "JSON has no NaN: null"
           let degraded = { progress with Degraded = Some "gave up" }
           match RunState.progressOfJson (RunState.progressJson degraded) with

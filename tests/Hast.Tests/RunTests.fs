@@ -157,10 +157,10 @@ let private runFaulty fault c from = runInMemoryGeneral fault (fun _ -> false) N
 /// after the rollback is the good one (so a resumed run is consistent), the run ends where the good
 /// state resumed at half the learning rate ends, and a run resumed from the rollback's save ends where
 /// the guarded run ends.
-let private recoversFrom (epoch: int) (fault: FineTune.Fault) (reason: string) =
+let private recoversFromAt (epoch: int) (iteration: int) (fault: FineTune.Fault) (reason: string) =
     // the spike rule on 2-iteration epochs (its default needs 20)
     let c = { tinyConfig 3L with Guard = { guardDefaults with SpikeMinIters = 1 } }
-    let whole, saves, events = runFaulty (faultAt epoch 0 1 fault) c None
+    let whole, saves, events = runFaulty (faultAt epoch iteration 1 fault) c None
     let result, parameters = finishedRun whole
     Expect.equal (result.EpochsDone, result.Degraded, result.StoppedByBudget) (2, None, false) "finished both epochs, not degraded"
     Expect.equal (result.Rollbacks |> List.map (fun r -> r.Epoch, r.LrScale)) [ epoch + 1, 0.5 ] "one rollback of the epoch, lr x0.5"
@@ -187,6 +187,9 @@ let private recoversFrom (epoch: int) (fault: FineTune.Fault) (reason: string) =
     Expect.equal r3 result "the same result, rollback included"
     Expect.isTrue (sameTensors parameters p3) "the same weights, bit for bit"
 
+/// `recoversFromAt` a fault after the epoch's first step.
+let private recoversFrom (epoch: int) (fault: FineTune.Fault) (reason: string) = recoversFromAt epoch 0 fault reason
+
 let private guardTests : Test list =
     [ testCase "divergence guard: NaN weights after a step of epoch 2 -> NaN loss -> back to epoch 1's state, lr x0.5, finished with finite weights from epoch 1's; resumable after the rollback" <| fun () ->
         recoversFrom 1 FineTune.NanWeights "nan"
@@ -196,6 +199,33 @@ let private guardTests : Test list =
 
       testCase "divergence guard: an epoch whose mean loss spikes above 2x the best epoch's -> back to epoch 1's state, lr x0.5, finished; resumable after the rollback" <| fun () ->
         recoversFrom 1 (FineTune.LossSpike 1000.0) "above 2 x the best epoch"
+
+      // a collapse the loss rules cannot see: after the epoch's last step (its loss is recorded before
+      // the fault), the classifier negated; the loss stays finite and the epoch's mean is unchanged
+      testCase "divergence guard: a student negated after epoch 1's last step agrees with the teacher on less than half the calibrated student's probe -> back to the calibrated state, lr x0.5, finished; resumable after the rollback" <| fun () ->
+        recoversFromAt 0 1 FineTune.NegatedLogits "agrees with the teacher"
+
+      testCase "divergence guard: a student negated after epoch 2's last step -> back to epoch 1's state, lr x0.5, finished; resumable after the rollback" <| fun () ->
+        recoversFromAt 1 1 FineTune.NegatedLogits "agrees with the teacher"
+
+      testCase "divergence guard: with the agreement rule off (0), the negated student passes every other rule and is delivered: the rule is what sees it" <| fun () ->
+        let c = { tinyConfig 3L with Guard = { guardDefaults with SpikeMinIters = 1; Agreement = 0.0 } }
+        let whole, _, _ = runFaulty (faultAt 1 1 1 FineTune.NegatedLogits) c None
+        let result, _ = finishedRun whole
+        Expect.equal (result.Rollbacks, result.Degraded) ([], None) "no rollback"
+        Expect.equal (result.CalibAgreement, result.History |> List.map (fun e -> e.Agreement)) (None, [ None; None ]) "no agreement measured"
+        let on, _, _ = runFaulty (fun _ _ -> None) { c with Guard = guardDefaults } None
+        let healthy, _ = finishedRun on
+        Expect.isLessThan result.FinalTop1 (healthy.FinalTop1 - 20.0) "and it is a collapse: 20 points below the healthy run on the test images"
+
+      testCase "divergence guard: the agreement with the teacher is measured after calibration and each epoch, on min(probe, samples) samples, and saved with the progress" <| fun () ->
+        let whole, saves, events = runFaulty (fun _ _ -> None) (tinyConfig 3L) None
+        let result, _ = finishedRun whole
+        Expect.equal (events |> List.choose (function Agreed(Calibrated, a, n) -> Some(a, n) | _ -> None) |> List.map snd) [ 16L ] "after calibration, on all 16 samples (probe 256)"
+        let agreements = result.CalibAgreement :: (result.History |> List.map (fun e -> e.Agreement))
+        Expect.isTrue (agreements |> List.forall (function Some a -> a >= 0.0 && a <= 100.0 && a * 16.0 / 100.0 = round (a * 16.0 / 100.0) | None -> false))
+            (sprintf "a share of 16 samples each time: %A" agreements)
+        Expect.equal ((List.last saves).Progress.History |> List.map (fun e -> e.Agreement)) (result.History |> List.map (fun e -> e.Agreement)) "saved"
 
       testCase "divergence guard: a loss spike in epochs shorter than divergence-spike-min-iters (2 < 20) is no divergence: their means read their batches" <| fun () ->
         let whole, _, _ = runFaulty (faultAt 1 0 1 (FineTune.LossSpike 1000.0)) (tinyConfig 3L) None

@@ -101,6 +101,10 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                 log.Metric("eval", RunState.calibratedJson(calibTop1, fpTop1, FSharpOption<double>.Some(vd.Item2.Top1),
                     fpValTop1 is { } fv ? FSharpOption<double>.Some(fv) : null));
                 break;
+            case RunHooks.Event.Agreed ag:
+                log.Info($"after calibration only: the student gives the teacher's class on {ag.agreement:F1}% of {ag.samples} synthetic probe samples (divergence guard)");
+                log.Metric("agreement", RunState.agreementJson(ag.agreement, ag.samples));
+                break;
             case RunHooks.Event.FineTuneIteration fi:
             {
                 var it = fi.Item;
@@ -123,7 +127,8 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                              (double.IsFinite(m.PromotionGain) ? $", promotion gain {m.PromotionGain:F3}" : "") + $") lr {m.Lr:G3} " +
                              $"-> test top-1 {acc.Value.Top1:F2}% top-5 {acc.Value.Top5:F2}%" +
                              (rec.LastWeights is { } lw ? $" (weight average; last weights {lw.Value.Top1:F2}%)" : "") +
-                             (rec.Val is { } va ? $"; validation top-1 {va.Value.Top1:F2}%" : ""));
+                             (rec.Val is { } va ? $"; validation top-1 {va.Value.Top1:F2}%" : "") +
+                             (rec.Agreement is { } ag ? $"; agrees with the teacher on {ag.Value:F1}% of the probe" : ""));
                 log.Metric("epoch", RunState.epochJson(rec));
                 break;
             }
