@@ -47,6 +47,7 @@ let all =
         testList "onnx" OnnxTests.tests
         testList "export" ExportTests.tests
         testList "export graph" ExportTests.graphTests
+        testList "channels last" ChannelsLastTests.tests
         testList "onnx int weight" IntWeightTests.tests
         testList "integer body" IntegerBodyTests.tests
         testList "onnx speed" SpeedTests.tests

@@ -126,7 +126,8 @@ public static class EvalCommand
             FuncConvert.FromAction<long, long>((done, total) => log.Progress(done, total, [])), new Runtime.OnnxNet(session), test.Dataset);
         var perSecond = session.Seconds > 0 ? session.Images / session.Seconds : 0.0;
         var threads = c.Threads is { } n ? n.Value.ToString() : "default";
-        var form = info.Target.IsSpeed ? ", --target speed" : "";
+        var channelsLast = ChannelsLast.isChannelsLast(session.Metadata);
+        var form = info.Target.IsSpeed ? (channelsLast ? ", --target speed --channels-last" : ", --target speed") : "";
         log.Info($"{Path.GetFileName(path)} ({info.Arch} W{info.WBits}A{info.ABits}{form}) in ONNX Runtime on {test.Description}: top-1 {acc.Top1:F2}% ({acc.Top1Correct}/{acc.Count}), top-5 {acc.Top5:F2}%");
         log.Info($"ONNX Runtime: {perSecond:F1} images/s (inference only, batch {c.BatchSize}, optimisation {c.OrtOpt}, threads {threads})");
         var valJson = val is null ? null : Validate(c, log, TorchSharp.torch.CPU, new Runtime.OnnxNet(session), val, Path.GetFileName(path));
@@ -139,6 +140,7 @@ public static class EvalCommand
             json["ort_optimization"] = c.OrtOpt;
             json["threads"] = threads;
             json["target"] = Metadata.TargetModule.name(info.Target);
+            json["channels_last"] = channelsLast;
             AtomicFile.WriteAllText(report, json.ToJsonString() + "\n");
         }
         return Program.ExitOk;

@@ -27,14 +27,16 @@ public static class ExportCommand
         var info = new Metadata.Info(
             model.Arch.Name, model.Classes, Metadata.defaultClassNames(model.Arch, model.Classes),
             model.WBits, model.ABits, model.Arch.Input, HastVersion, Path.GetFileName(model.Source), model.Sha256, target);
-        var bytes = Export.export(info, model.Net).ToByteArray();
+        var graph = Export.export(info, model.Net);
+        if (c.ChannelsLast) graph = ChannelsLast.apply(graph);
+        var bytes = graph.ToByteArray();
         // the file must be one ONNX Runtime accepts; check before anything is written
         using (new Runtime.Session(bytes, "the exported model", new Runtime.Settings(Runtime.Optimization.Disabled, null))) { }
         AtomicFile.WriteAllBytes(output, bytes);
 
         var layerBits = Hast.Core.Precision.exceptions(model.Net, model.WBits, model.ABits);
         var precision = model.WBits == 32 && model.ABits == 32 && Hast.Core.Precision.isUniform(layerBits) ? "full precision" : Hast.Core.Precision.describe(model.WBits, model.ABits, layerBits);
-        var form = target.IsSpeed ? " (--target speed)" : "";
+        var form = target.IsSpeed ? (c.ChannelsLast ? " (--target speed --channels-last: ONNX Runtime only)" : " (--target speed)") : "";
         stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}{form}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
         return Program.ExitOk;
     }
