@@ -48,7 +48,7 @@ type ExportArgs =
             | Target _ ->
                 sprintf "graph form of a quantized model: size (QDQ, 4-bit weight codes, the smallest file; ONNX Runtime computes it in float) | speed (BatchNorm folded in, ONNX Runtime's integer QLinearConv where it is exact, float convolutions elsewhere; the same predictions; see docs/export.md) (default: %s)" defaultTarget
             | Channels_Last ->
-                "with --target speed: activation codes channels-last between ONNX Runtime's own com.microsoft QLinearConv kernels (no Transpose per block); the same logits, 1.1-1.6x faster in ONNX Runtime, loads only there; needs every convolution after the first on integer kernels (--residual-bits 8)"
+                "with --target speed: activation codes channels-last between ONNX Runtime's own com.microsoft QLinearConv kernels (no Transpose per block); the same logits, 1.1-1.5x faster in ONNX Runtime when every convolution after the first is an integer one (--residual-bits 8); loads only in ONNX Runtime"
             | Out _ -> "the ONNX file to write (written atomically; the size is reported)"
 
 let ofResults (r: ParseResults<ExportArgs>) : ExportConfig =

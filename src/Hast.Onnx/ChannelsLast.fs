@@ -17,9 +17,10 @@
 ///  - `Slice` with constant axes and `Pad` with constant pads (the option-A shortcut): their axes or
 ///    pads permuted to NHWC;
 ///  - anything else: its NHWC inputs turned back to NCHW (a Transpose, once per value), unchanged.
-/// A graph whose codes would leave channels-last more than once (to the classifier) is refused: the
-/// paper's model, whose residual bodies are float convolutions, would gain a Transpose per block;
-/// such a model is quantized with `--residual-bits 8` first.
+/// Where a float convolution reads the codes (the paper's float residual bodies; weights the integer
+/// kernel cannot take exactly, `IntWeight.integerKernelFits`) they go back to NCHW for it, a
+/// Transpose each: the file stays exact but gains little (`transposes` counts them; 2 when every
+/// convolution after the first is an integer one, as with `--residual-bits 8`).
 module Hast.Onnx.ChannelsLast
 
 open System
@@ -60,8 +61,7 @@ let private int64sOf (t: TensorProto) : int64[] =
         let b = t.RawData.ToByteArray()
         Array.init (b.Length / 8) (fun i -> BitConverter.ToInt64(b, 8 * i))
 
-/// The channels-last form of a `speed` export (a new model; `model` is not changed). Fails
-/// (HastError) on a graph with a float convolution on integer codes.
+/// The channels-last form of a `speed` export (a new model; `model` is not changed).
 let apply (model: ModelProto) : ModelProto =
     let m = model.Clone()
     let g = m.Graph
@@ -131,9 +131,6 @@ let apply (model: ModelProto) : ModelProto =
     for i in g.Input do
         nchwOf[i.Name] <- i.Name
         if wanted.Contains i.Name then asNhwc i.Name |> ignore
-    // the nodes that needed a Transpose back to NCHW: one is the exit to the classifier; more mean
-    // the codes leave channels-last inside the network (a float convolution on them)
-    let backTo = List<NodeProto>()
     for n0 in List.ofSeq g.Node do
         let n = n0.Clone()
         let inputs = [ for i in n.Input -> i ]
@@ -172,17 +169,11 @@ let apply (model: ModelProto) : ModelProto =
             out.Add n
             producedNhwc n
         | _ ->
-            for k in 0 .. n.Input.Count - 1 do
-                let before = nchwOf.Count
-                n.Input[k] <- asNchw n.Input[k]
-                if nchwOf.Count > before then backTo.Add(n) // a Transpose back to NCHW was added for it
+            for k in 0 .. n.Input.Count - 1 do n.Input[k] <- asNchw n.Input[k]
             out.Add n
             producedNchw n
     for o in g.Output do
         if not (nchwOf.ContainsKey o.Name) then invalidOp (sprintf "--channels-last: the graph output '%s' would be channels-last" o.Name)
-    if backTo.Count > 1 then
-        failf "--channels-last: the activation codes would leave channels-last %d times (first for %s '%s'): it pays only when every convolution after the first runs on integer kernels; quantize with --residual-bits 8, or export without --channels-last"
-            backTo.Count backTo[0].OpType backTo[0].Name
     g.Node.Clear()
     g.Node.AddRange out
     // the axes and pads replaced by their NHWC copies
@@ -195,3 +186,8 @@ let apply (model: ModelProto) : ModelProto =
     m.MetadataProps.Add(StringStringEntryProto(Key = layoutKey, Value = layoutValue))
     m.DocString <- m.DocString + "; channels-last codes on com.microsoft QLinearConv (--channels-last: ONNX Runtime only)"
     m
+
+/// The layout Transposes of a graph: 2 in a channels-last file whose convolutions after the first are
+/// all integer ones (one in, one out), more where float convolutions read the codes.
+let transposes (model: ModelProto) : int =
+    model.Graph.Node |> Seq.filter (fun n -> n.OpType = "Transpose") |> Seq.length

@@ -36,8 +36,10 @@ public static class ExportCommand
 
         var layerBits = Hast.Core.Precision.exceptions(model.Net, model.WBits, model.ABits);
         var precision = model.WBits == 32 && model.ABits == 32 && Hast.Core.Precision.isUniform(layerBits) ? "full precision" : Hast.Core.Precision.describe(model.WBits, model.ABits, layerBits);
-        var form = target.IsSpeed ? (c.ChannelsLast ? " (--target speed --channels-last: ONNX Runtime only)" : " (--target speed)") : "";
+        var form = target.IsSpeed ? (c.ChannelsLast ? $" (--target speed --channels-last: ONNX Runtime only, {ChannelsLast.transposes(graph)} layout Transposes)" : " (--target speed)") : "";
         stdout.WriteLine($"wrote {c.Out}: {model.Arch.Name} {precision}{form}, ONNX opset {Proto.opset}, {bytes.Length} bytes ({bytes.Length / 1024.0:F1} KiB)");
+        if (c.ChannelsLast && ChannelsLast.transposes(graph) > 2)
+            stdout.WriteLine($"note: float convolutions read the activation codes here (the paper's float residual bodies, or weights the integer kernel cannot take exactly), each through a Transpose: this file may be no faster than the plain --target speed one; --residual-bits 8 makes every convolution after the first an integer one (docs/export.md)");
         return Program.ExitOk;
     }
 }
