@@ -393,7 +393,7 @@ let run (ctx: Context) : Setting<Config> list =
           "divergence guard: rollbacks of one epoch before the run stops and delivers the last good weights, marked degraded (exit 3)"
           (fun c -> c.Guard.Retries) (fun v c -> { c with Guard = { c.Guard with Retries = v } })
       Setting.int "divergence-spike-min-iters"
-          "divergence guard: the loss-spike rule (--divergence-spike) applies only to epochs of at least this many iterations; shorter epochs' means read their batches, not the training"
+          "divergence guard: the loss-spike and agreement rules (--divergence-spike, --divergence-agreement) apply only to epochs of at least this many iterations; shorter epochs read their batches, not the training"
           (fun c -> c.Guard.SpikeMinIters) (fun v c -> { c with Guard = { c.Guard with SpikeMinIters = v } })
       Setting.float "divergence-agreement"
           "divergence guard: an epoch after which the student gives the teacher's class on fewer than this fraction of the most probe samples it agreed on so far (after calibration included) diverged; 0 turns the rule off"

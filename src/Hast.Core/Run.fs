@@ -311,11 +311,13 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                                                                         && stats.Mean.Total > c.Guard.SpikeFactor * List.min means ->
                         FineTune.Diverged(FineTune.LossAboveBest(stats.Mean.Total, List.min means, c.Guard.SpikeFactor))
                     | o, _ -> o
-                // the fourth: the student's agreement with the teacher against the most so far
+                // the fourth: the student's agreement with the teacher against the most so far (measured
+                // after every epoch; judged, as the third, only on epochs of SpikeMinIters or more)
                 let agreement = match outcome with FineTune.Completed _ -> agreementOf student | FineTune.Diverged _ -> None
                 let outcome =
                     match outcome, agreement, (p.CalibAgreement :: (p.History |> List.map (fun e -> e.Agreement)) |> List.choose id) with
-                    | FineTune.Completed _, Some a, (_ :: _ as before) when a < c.Guard.Agreement * List.max before ->
+                    | FineTune.Completed _, Some a, (_ :: _ as before) when ft.ItersPerEpoch >= c.Guard.SpikeMinIters
+                                                                          && a < c.Guard.Agreement * List.max before ->
                         FineTune.Diverged(FineTune.AgreementBelowBest(a, List.max before, c.Guard.Agreement))
                     | o, _, _ -> o
                 match outcome with

@@ -32,13 +32,12 @@ open Hast.Onnx.Proto
 /// ONNX Runtime's operator domain.
 let msDomain = "com.microsoft"
 
-/// The metadata key that marks a channels-last file, and its value.
-let layoutKey = "hast.layout"
+/// The value of `Metadata.Keys.layout` that marks a channels-last file.
 let layoutValue = "channels-last"
 
 /// Whether a file's metadata marks it channels-last.
 let isChannelsLast (props: IReadOnlyDictionary<string, string>) : bool =
-    match props.TryGetValue layoutKey with
+    match props.TryGetValue Metadata.Keys.layout with
     | true, v -> v = layoutValue
     | _ -> false
 
@@ -183,7 +182,7 @@ let apply (model: ModelProto) : ModelProto =
     g.ValueInfo.Clear()
     if not (m.OpsetImport |> Seq.exists (fun o -> o.Domain = msDomain)) then
         m.OpsetImport.Add(OperatorSetIdProto(Domain = msDomain, Version = 1L))
-    m.MetadataProps.Add(StringStringEntryProto(Key = layoutKey, Value = layoutValue))
+    m.MetadataProps.Add(StringStringEntryProto(Key = Metadata.Keys.layout, Value = layoutValue))
     m.DocString <- m.DocString + "; channels-last codes on com.microsoft QLinearConv (--channels-last: ONNX Runtime only)"
     m
 

@@ -63,6 +63,8 @@ module Keys =
     let weights = "hast.weights"
     let activations = "hast.activations"
     let target = "hast.target"
+    /// "channels-last" in a `--channels-last` file (`ChannelsLast`); absent otherwise
+    let layout = "hast.layout"
 
 /// Class names for a model that has no names of its own: CIFAR-10's for a 10-class CIFAR model,
 /// otherwise the label indices "0", "1", ...

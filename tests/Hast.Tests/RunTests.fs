@@ -218,6 +218,12 @@ let private guardTests : Test list =
         let healthy, _ = finishedRun on
         Expect.isLessThan result.FinalTop1 (healthy.FinalTop1 - 20.0) "and it is a collapse: 20 points below the healthy run on the test images"
 
+      testCase "divergence guard: a negated student in epochs shorter than divergence-spike-min-iters (2 < 20) is not judged by the agreement rule (measured, not judged)" <| fun () ->
+        let whole, _, _ = runFaulty (faultAt 1 1 1 FineTune.NegatedLogits) (tinyConfig 3L) None
+        let result, _ = finishedRun whole
+        Expect.equal (result.Rollbacks, result.Degraded) ([], None) "no rollback"
+        Expect.isTrue (result.History |> List.forall (fun e -> e.Agreement.IsSome)) "the agreement is still measured"
+
       testCase "divergence guard: the agreement with the teacher is measured after calibration and each epoch, on min(probe, samples) samples, and saved with the progress" <| fun () ->
         let whole, saves, events = runFaulty (fun _ _ -> None) (tinyConfig 3L) None
         let result, _ = finishedRun whole
