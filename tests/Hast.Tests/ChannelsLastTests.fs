@@ -16,7 +16,10 @@ open Hast.Tests.TestRuns
 
 /// The logits of `s` on the shared test images, in batches of 200.
 let private logits (s: Runtime.Session) : float32[] =
-    let x, _ = loadSharedTest ()
+    let x, y = loadSharedTest ()
+    // disposed here, not left to the GC's finalizer thread (which frees native memory beside libtorch)
+    use x = x
+    use _y = y
     [| for start in 0L .. 200L .. x.shape[0] - 1L do
            use _ = torch.NewDisposeScope()
            let n = min 200L (x.shape[0] - start)
