@@ -45,6 +45,13 @@ public static class Program
         try
         {
             Faults.Arm(Environment.GetEnvironmentVariable("HAST_FAULT"));
+            // Every tensor the command makes outside its loops' own dispose scopes is held here until it
+            // ends, then freed on this thread. Left to the .NET finalizer thread, such a tensor is freed at
+            // any moment while this thread runs libtorch, and a temporary's wrapper can even be collected
+            // while a native call still reads it (TorchSharp does not keep it alive across its P/Invokes):
+            // native memory corrupted at random. Commands that run many pipelines (ablate) scope each
+            // (PipelineCommand.Run, SynthesizeCommand.Synthesize).
+            using var tensors = TorchSharp.torch.NewDisposeScope();
             return command switch
             {
                 Root.Command.Eval c => EvalCommand.Run(c.Item, stdout),

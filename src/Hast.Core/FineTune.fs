@@ -342,9 +342,10 @@ type EpochStats =
 
 /// Batch indices of one epoch: a seeded permutation of the samples, cycled as needed.
 let private epochIndices (c: Config) (count: int64) (epoch: int) (gen: torch.Generator) : Tensor =
+    use scope = torch.NewDisposeScope()
     let need = int64 c.ItersPerEpoch * int64 c.BatchSize
     let perms = (need + count - 1L) / count
-    torch.cat([| for _ in 1L .. perms -> torch.randperm(count, generator = gen) |], 0L).slice(0L, 0L, need, 1L)
+    scope.MoveToOuter(torch.cat([| for _ in 1L .. perms -> torch.randperm(count, generator = gen) |], 0L).slice(0L, 0L, need, 1L))
 
 /// A fault injected into an epoch's steps, for the tests of the divergence guard (`Run.run`;
 /// `HAST_FAULT=ft-iter:N:nan|spike` in the shell). Not a setting: nothing injects one in a normal run.

@@ -75,4 +75,6 @@ let calibrateOnSamples (device: torch.Device) (model: Net) (images: Tensor) (bat
     calibrate device model (seq {
         for i in 0 .. count - 1 do
             onBatch i
-            yield images.slice(0L, int64 i * int64 batchSize, min n (int64 (i + 1) * int64 batchSize), 1L) })
+            // disposed when the next batch is taken (a view: `images` is untouched)
+            use batch = images.slice(0L, int64 i * int64 batchSize, min n (int64 (i + 1) * int64 batchSize), 1L)
+            yield batch })

@@ -14,11 +14,12 @@ open Hast.Core.Analysis
 open Hast.Tests.TestUtil
 
 /// Teacher and student (two seeds of the tiny net, full precision), a batch of 6 and its labels.
-/// Lazy: built by the first test that needs them, not when the test tree is composed.
+/// Lazy: built by the first test that needs them, not when the test tree is composed (and kept after it).
 let private setup =
     lazy
-        (tinyNet 1L LayerKit.fullPrecision, tinyNet 4L LayerKit.fullPrecision, tinyInput 2L 6L,
-         torch.tensor([| 0L; 3L; 1L; 4L; 2L; 0L |]))
+        (outliving (fun () ->
+            tinyNet 1L LayerKit.fullPrecision, tinyNet 4L LayerKit.fullPrecision, tinyInput 2L 6L,
+            torch.tensor([| 0L; 3L; 1L; 4L; 2L; 0L |])))
 
 /// The value of loss term `l` of the student on the batch under `c`'s weights, every term on.
 let private termValue (c: FineTune.Config) (l: Loss) : float =

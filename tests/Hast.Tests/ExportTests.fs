@@ -85,9 +85,12 @@ let levels = [ Runtime.Disabled; Runtime.Basic; Runtime.Extended; Runtime.All ]
 /// Hast's. With `--weight-range mse` a W3A3 model has many activations on a rounding boundary, where
 /// float noise decides the code: Hast itself gives another class to 44 of 932 images at batch 1 than at
 /// batch 200 (this test's checkpoint, `examples/batch-agreement.fsx`; min/max: 1 image), so ONNX Runtime
-/// can agree only as well as Hast agrees with itself (docs/export.md).
+/// can agree only as well as Hast agrees with itself (docs/export.md). The top-1 of `hast eval
+/// --checkpoint` (another process, its own thread count) moves with that noise too: 1.50 points from ONNX
+/// Runtime's on an AVX2 machine where, in this process, ONNX Runtime gave Hast's class to all 932
+/// images; hence 2.5 points, still half of what Hast's own batch-size noise allows (44 images, 4.7).
 let agreementFloor (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.995 else 0.9
-let top1Tolerance (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.2 else 1.5
+let top1Tolerance (range: Quantizers.WeightRange) = if range = Quantizers.MinMax then 0.2 else 2.5
 
 /// With `residualBits` below 32 (`--residual-bits`) the `speed` file runs every convolution but the
 /// first on QLinearConv (ResNet-20: 18 of 19).

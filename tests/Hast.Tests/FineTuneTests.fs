@@ -1,5 +1,6 @@
 module Hast.Tests.FineTuneTests
 
+open System
 open Expecto
 open TorchSharp
 open Hast.Core
@@ -194,8 +195,27 @@ let scheduleTests = [
 
 
 let precisionTests = [
-    test "--conv-precision bf16: an epoch's losses within 5% of float32's (measured: 1–3% higher); every convolution back in float32 afterwards (shared model, W4A4, seed 5)" {
+    // What bf16 convolutions should keep is checked where it is well defined: the full-precision teacher's
+    // logits on real images (every convolution shape is also checked against float64 at start-up,
+    // ConvCheck / `hast doctor`). A quantized student's epoch losses are no such measure: a bf16 rounding
+    // moves activations across 4-bit code boundaries, and 2 iterations' losses moved by 1-3% on an AVX-512
+    // machine but by -26% to +26% on an AVX2 one (seeds 1-6, noise and real images, 2026-12-04); there
+    // they are only checked to be finite, different from float32's and within a factor of 2 of them.
+    test "--conv-precision bf16: the teacher's logits within 5% of float32's, the same class on >= 95% of 128 real images; an epoch's losses finite and within 2x of float32's; every convolution back in float32 afterwards (shared model, W4A4, seed 5)" {
         use _ = torch.NewDisposeScope()
+        let teacher = TestUtil.loadSharedModel ()
+        let xs, _ = TestUtil.loadSharedTest ()
+        let x = xs.slice(0L, 0L, 128L, 1L)
+        let logits (precision: ConvPrecision) =
+            use _ng = torch.no_grad ()
+            ConvPrecision.within precision [ teacher :> torch.nn.Module ] (fun () -> (teacher.Forward x).Logits.detach().clone())
+        let f32, b16 = logits Float32, logits BFloat16
+        let rel = scalar ((b16 - f32).abs().max()) / scalar (f32.abs().max())
+        let same = scalar (b16.argmax(1L).eq(f32.argmax(1L)).to_type(torch.float32).mean())
+        printfn "  bf16 teacher on 128 images: max |logit difference| / max |logit| %.3g, the same class on %.1f%%" rel (100.0 * same)
+        Expect.isLessThan rel 0.05 (sprintf "teacher logits: max |bf16 - fp32| / max |fp32| = %g" rel)
+        Expect.isGreaterThan rel 0.0 "bf16 really ran"
+        Expect.isGreaterThanOrEqual same 0.95 (sprintf "teacher: the same class on %.1f%%" (100.0 * same))
         use g = generator 5L
         let images = torch.randn([| 16L; 3L; 32L; 32L |], generator = g)
         let labels = torch.randint(10L, [| 16L |], generator = g)
@@ -214,8 +234,8 @@ let precisionTests = [
         let b, bp = run BFloat16
         Expect.equal (List.length bp) 38 "19 convolutions in each network"
         Expect.isTrue (List.forall ((=) Float32) (fp @ bp)) "float32 after either epoch"
-        for name, x, y in List.rev [ "KL", b.KL, f.KL; "FA", b.FA, f.FA; "total", b.Total, f.Total; "promoted total", b.PerturbedTotal, f.PerturbedTotal ] do
-            Expect.isTrue (close 0.05 x y) (sprintf "%s: bf16 %g vs fp32 %g (seed 5)" name x y)
+        for name, x, y in [ "KL", b.KL, f.KL; "FA", b.FA, f.FA; "total", b.Total, f.Total; "promoted total", b.PerturbedTotal, f.PerturbedTotal ] do
+            Expect.isTrue (Double.IsFinite x && x > 0.5 * y && x < 2.0 * y) (sprintf "%s: bf16 %g vs fp32 %g (seed 5)" name x y)
         Expect.notEqual b.Total f.Total "bf16 really ran (not the float32 values)"
     }
 ]

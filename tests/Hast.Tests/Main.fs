@@ -2,8 +2,10 @@
 /// Ends with the plain summary line `N passed, N failed` that CI reads.
 module Hast.Tests.Main
 
+open System
 open Expecto
 open Expecto.Impl
+open TorchSharp
 
 let all =
     testList "hast" [
@@ -73,6 +75,34 @@ let all =
         testList "deploy" DeployTests.tests
     ]
 
+/// `run` inside a TorchSharp dispose scope, then a full collection with its finalizers.
+/// Why: a tensor that nothing references any more is freed by the .NET finalizer thread, at any moment,
+/// while this thread runs libtorch (a temporary's wrapper can even be collected while a native call
+/// still reads it: TorchSharp does not keep `this` alive across its P/Invokes). Suite runs failed at
+/// random with corrupted native tensors ("TESTING_ONLY_GenericMode" dispatch keys in a copy_, "Tensor
+/// invalid -- empty handle") and once with ONNX Runtime logits that differed. A dispose scope holds every
+/// tensor the test creates outside the product's own scopes until the test ends and frees them here, on
+/// this thread; what is left to the finalizers runs between tests, when nothing else does.
+let private scoped (run: unit -> unit) () =
+    try
+        use _ = torch.NewDisposeScope()
+        run ()
+    finally
+        GC.Collect()
+        GC.WaitForPendingFinalizers()
+
+/// Every test of `tests` run by `scoped` (async ones synchronously, on the thread that opened the scope).
+let private disposeScoped (tests: Test) : Test =
+    tests
+    |> Test.replaceTestCode (fun label code ->
+        let code =
+            match code with
+            | Sync f -> Sync(scoped f)
+            | SyncWithCancel f -> SyncWithCancel(fun ct -> scoped (fun () -> f ct) ())
+            | Async a -> Sync(scoped (fun () -> Async.RunSynchronously a))
+            | AsyncFsCheck(c, s, f) -> AsyncFsCheck(c, s, fun cfg -> async { return scoped (fun () -> Async.RunSynchronously(f cfg)) () })
+        if String.IsNullOrEmpty label then TestCase(code, Normal) else TestLabel(label, TestCase(code, Normal), Normal))
+
 [<EntryPoint>]
 let main argv =
     let mutable line = "0 passed, 0 failed"
@@ -92,7 +122,7 @@ let main argv =
     let argv = if plain then Array.append [| "--no-spinner"; "--colours"; "0" |] argv else argv
     if plain then System.Console.SetOut(new Hast.App.PlainText(System.Console.Out))
     printfn "property tests: FsCheck seed %A (HAST_PROPERTY_SEED=%d,%d reproduces a run)" TestUtil.propertySeed (fst TestUtil.propertySeed) (snd TestUtil.propertySeed)
-    let code = runTestsWithCLIArgs [ CLIArguments.Sequenced; CLIArguments.Printer printer ] argv all
+    let code = runTestsWithCLIArgs [ CLIArguments.Sequenced; CLIArguments.Printer printer ] argv (disposeScoped all)
     // CI (.ci/run) prints this file's line last; it is also printed here on a line of its own.
     match System.Environment.GetEnvironmentVariable "HAST_TEST_SUMMARY" with
     | null | "" -> ()

@@ -115,14 +115,18 @@ let poolThenConvGraph : Topo.Topology =
           step "fc" (Topo.Linear(8L, 4L)) 9 10 ] }
 
 let tests =
-    [ test "W4A4 / W3A3 speed export with negative BatchNorm γ: QLinearConv where Hast quantizes, every code Hast's at every level" {
+    [ test "W4A4 / W3A3 speed export with negative BatchNorm γ: QLinearConv where Hast quantizes, every code Hast's up to rounding ties (<= 1e-5 of codes) at every level, the same class" {
         for bits, seed in [ 4, 41L; 3, 42L ] do
             use _ = torch.NewDisposeScope()
             let arch = Registry.find "cifar-resnet20-a"
             let net = negativeGammaNet bits bits seed
             use g = generator (seed + 2L)
             let x = torch.randn([| 8L; 3L; 32L; 32L |], generator = g)
-            let model = logitParity (sprintf "W%dA%d" bits bits) net (speedInfo arch 10L bits bits) x 1e-3
+            // the residual bodies' second convolutions are float ones, whose sums another machine's
+            // kernels may order differently: a code whose value lies on a rounding boundary may go the
+            // other way (an AVX2 machine: 2 of 819,200; an AVX-512 one: none), and one such code moves
+            // the logits by about 1e-3 of the largest
+            let model = logitParity (sprintf "W%dA%d" bits bits) net (speedInfo arch 10L bits bits) x 1e-2
             let ops = opTypes model
             printfn "  W%dA%d nodes: %A" bits bits (ops |> Map.toList)
             // the first convolution of each block on the integer kernel; the image's and the
@@ -141,7 +145,7 @@ let tests =
             for level in OnnxTests.allLevels do
                 let d, t = codeMismatches net model x level
                 printfn "  W%dA%d %A: %d of %d activation codes differ from Hast's" bits bits level d t
-                Expect.equal d 0L (sprintf "W%dA%d codes at %A" bits bits level)
+                Expect.isLessThanOrEqual (float d) (1e-5 * float t) (sprintf "W%dA%d codes at %A (rounding ties only)" bits bits level)
       }
       test "--residual-bits 8: every convolution but the first on QLinearConv, the adds fused to QLinearAdd; codes Hast's up to rounding ties, the same class" {
         for bits, seed in [ 4, 51L; 3, 52L ] do

@@ -66,6 +66,15 @@ type TempDir() =
 open TorchSharp
 open Hast.Core
 
+/// `make ()` for a value that outlives the test that first builds it (a lazy one shared by several):
+/// every test runs inside a dispose scope (Main.fs), which would free the value's tensors (a model's
+/// buffers among them) when that test ends; these are detached from it and kept as long as the value.
+let outliving (make: unit -> 'a) : 'a =
+    use scope = torch.NewDisposeScope()
+    let value = make ()
+    scope.Detach(Seq.toArray scope.DisposablesView)
+    value
+
 /// The shared pretrained ResNet-20 (option A) as a full-precision model in eval mode,
 /// read with the product's weight loader (`WeightsFile` + `StateDict.load`), with this machine's
 /// convolution routes (`ConvRouting.Prepare`, as every model the commands load).

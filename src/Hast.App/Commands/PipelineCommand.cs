@@ -25,6 +25,9 @@ public static class PipelineCommand
 
     public static int Run(QuantizeCli.PipelineConfig c, TextWriter stdout)
     {
+        // the run's tensors outside its loops' own scopes, freed on this thread when it ends (Program.Run
+        // says why); a sweep runs many in one process
+        using var tensors = NewDisposeScope();
         var started = DateTime.UtcNow;
         c = QuantizeCli.withFullPaths(FuncConvert.FromFunc<string, string>(Path.GetFullPath), c);
         var isRun = c.IsRun;

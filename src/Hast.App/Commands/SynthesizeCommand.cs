@@ -31,6 +31,8 @@ public static class SynthesizeCommand
     public static SampleStore Synthesize(LoadedModel teacher, Synthesis.Config cfg, string dir, Device device, TextWriter stdout,
                                          Synthesis.Shard? shard = null, bool wait = false)
     {
+        // its tensors outside the synthesis' own scopes, freed on this thread when it ends (Program.Run)
+        using var tensors = NewDisposeScope();
         using var sink = StoreSink.Open(teacher, cfg, dir, stdout, shard, wait);
         Hast.Core.Run.synthesize(device, teacher.Net, teacher.Arch.Input.Size, cfg, sink.Hooks(null),
             FuncConvert.FromFunc<Synthesis.BatchResult, double, double>((_, seconds) => seconds),
