@@ -29,7 +29,7 @@ public static class Program
         Root.Command command;
         try
         {
-            command = Root.parseWith(new ModelCli.Io(FuncConvert.FromFunc<string, string>(ReadConfig), FuncConvert.FromFunc<string, ModelCli.ModelFacts>(ModelFiles.Inspect)), args);
+            command = Root.parseWith(new ModelCli.Io(FuncConvert.FromFunc<string, string>(ReadConfig), FuncConvert.FromFunc<string, ModelCli.ModelFacts>(ModelFiles.Inspect), FuncConvert.FromFunc(() => MachineFacts.Current)), args);
         }
         catch (Common.CliUsage u)
         {

@@ -227,7 +227,7 @@ let ofLayer (io: ModelCli.Io) (layer: Layer) : AblateConfig =
     let grids = gridsOf budget family classCount r
     let seeds = r.TryString "seeds" |> Option.map parseSeeds |> Option.defaultValue defaultSeeds
     let baseCfg =
-        let c = baseConfig budget family classCount wbits abits
+        let c = baseConfig (match budget with StudyBudget -> io.Machine () | _ -> Presets.referenceMachine) budget family classCount wbits abits
         let rule (key: string) (parse: string -> string -> 'a) (fallback: 'a) =
             r.TryString key |> Option.map (parseAs parse key) |> Option.defaultValue fallback
         { c with

@@ -8,6 +8,17 @@ open Hast.Core
 open Hast.Cli.Common
 
 /// What both analyses need: teacher, samples, the quantized student, where to write.
+/// A fresh student's weight range, activation range and activation gradient rules (`--weight-range`,
+/// `--act-range`, `--act-ste`, as hast run's).
+type QuantizerRules =
+    { WeightRange: Quantizers.WeightRange
+      ActRange: Quantizers.ActRange
+      ActSte: Quantizers.ActSte }
+
+/// The paper's rules, those of a run without a preset (`Pipeline.defaults`).
+let paperRules =
+    { WeightRange = Quantizers.MinMax; ActRange = Quantizers.BatchMinMax; ActSte = Quantizers.PassThrough }
+
 type Setup =
     { Model: ModelCli.ModelSource
       Samples: string
@@ -19,6 +30,9 @@ type Setup =
       /// activation calibration of a fresh student on the store's first samples: batch size, batches
       CalibBatch: int
       CalibBatches: int
+      /// the quantizer rules of a fresh student, as hast run's (the paper's by default); a checkpoint
+      /// keeps its own
+      Rules: QuantizerRules
       Out: string
       Report: string option
       Device: string
@@ -71,6 +85,15 @@ module private Usage =
     let temperature = sprintf "KL temperature T (default: %g)" FineTune.defaults.Temperature
     let lambda = sprintf "feature-alignment weight lambda (default: %g)" FineTune.defaults.Lambda
     let device = "cpu or cuda (default: cpu)"
+    let weightRange =
+        sprintf "a fresh student's per-channel weight range, as hast run --weight-range: %s (default: %s, the paper's)"
+            (String.concat "|" Quantizers.WeightRange.names) (Quantizers.WeightRange.name paperRules.WeightRange)
+    let actRange =
+        sprintf "a fresh student's activation range rule, as hast run --act-range (the cpu-30min preset: auto): %s (default: %s, the paper's)"
+            (String.concat "|" Quantizers.ActRange.names) (Quantizers.ActRange.name paperRules.ActRange)
+    let actSte =
+        sprintf "a fresh student's activation gradient, as hast run --act-ste (the cpu-30min preset: auto): %s (default: %s, the paper's)"
+            (String.concat "|" Quantizers.ActSte.names) (Quantizers.ActSte.name paperRules.ActSte)
 
 type HessianArgs =
     | Arch of name: string
@@ -85,6 +108,9 @@ type HessianArgs =
     | Checkpoint of path: string
     | Calib_Batch of n: int
     | Calib_Batches of k: int
+    | Weight_Range of rule: string
+    | Act_Range of rule: string
+    | Act_Ste of rule: string
     | Batch of n: int
     | Lanczos_Steps of m: int
     | Runs of n: int
@@ -114,6 +140,9 @@ type HessianArgs =
             | Checkpoint _ -> "a Hast checkpoint (quantized.ckpt, e.g. fine-tuned) as the student instead of a freshly calibrated one"
             | Calib_Batch _ -> Usage.calibBatch
             | Calib_Batches _ -> Usage.calibBatches
+            | Weight_Range _ -> Usage.weightRange
+            | Act_Range _ -> Usage.actRange
+            | Act_Ste _ -> Usage.actSte
             | Batch _ -> sprintf "samples in the batch the Hessian is taken on, a seeded subset of the store (default: %d)" Defaults.batch
             | Lanczos_Steps _ -> sprintf "Lanczos steps per SLQ run (default: %d; PyHessian 100)" d.LanczosSteps
             | Runs _ -> sprintf "SLQ runs, one Rademacher probe each (default: %d)" d.Runs
@@ -141,6 +170,9 @@ type GradcosArgs =
     | Checkpoint of path: string
     | Calib_Batch of n: int
     | Calib_Batches of k: int
+    | Weight_Range of rule: string
+    | Act_Range of rule: string
+    | Act_Ste of rule: string
     | Iters of m: int
     | Every of k: int
     | Probe_Batch of n: int
@@ -168,6 +200,9 @@ type GradcosArgs =
             | Checkpoint _ -> "a Hast checkpoint (quantized.ckpt) as the starting student instead of a freshly calibrated one"
             | Calib_Batch _ -> Usage.calibBatch
             | Calib_Batches _ -> Usage.calibBatches
+            | Weight_Range _ -> Usage.weightRange
+            | Act_Range _ -> Usage.actRange
+            | Act_Ste _ -> Usage.actSte
             | Iters _ -> sprintf "fine-tuning iterations of each run (CE+KL baseline, HAST) (default: %d)" Defaults.iters
             | Every _ -> sprintf "measure the cosines every k iterations (default: %d)" Defaults.every
             | Probe_Batch _ -> sprintf "samples of the fixed batch the cosines are measured on, a seeded subset of the store (default: %d)" Defaults.batch
@@ -240,7 +275,18 @@ let private bitsOf (wbits: int option) (abits: int option) (checkpoint: string o
     | Some _, None, None -> None, None
     | Some _, _, _ -> fail "--checkpoint brings its own bits; drop --wbits/--abits"
 
-let private setupOf model samples wbits abits checkpoint calibBatch calibBatches out report device seed : Setup =
+/// A fresh student's rules from the flags given (weight range, activation range, activation gradient);
+/// refused with --checkpoint, whose student keeps its own.
+let private rulesOf (weightRange: string option, actRange: string option, actSte: string option) (checkpoint: string option) =
+    match checkpoint, weightRange, actRange, actSte with
+    | Some _, None, None, None -> paperRules
+    | Some _, _, _, _ -> fail "--weight-range, --act-range and --act-ste choose a fresh student's quantizers; a --checkpoint keeps its own"
+    | None, w, a, g ->
+        { WeightRange = w |> Option.map (parseAs Quantizers.WeightRange.parse "weight-range") |> Option.defaultValue paperRules.WeightRange
+          ActRange = a |> Option.map (parseAs Quantizers.ActRange.parse "act-range") |> Option.defaultValue paperRules.ActRange
+          ActSte = g |> Option.map (parseAs Quantizers.ActSte.parse "act-ste") |> Option.defaultValue paperRules.ActSte }
+
+let private setupOf model samples wbits abits checkpoint calibBatch calibBatches rules out report device seed : Setup =
     let w, a = bitsOf wbits abits checkpoint
     { Model = model
       Samples = samples
@@ -249,6 +295,7 @@ let private setupOf model samples wbits abits checkpoint calibBatch calibBatches
       Checkpoint = checkpoint
       CalibBatch = calibBatch |> checkPositiveInt "--calib-batch"
       CalibBatches = calibBatches |> checkPositiveInt "--calib-batches"
+      Rules = rulesOf rules checkpoint
       Out = out
       Report = report
       Device = device
@@ -266,6 +313,7 @@ let private hessianOf (r: ParseResults<HessianArgs>) : HessianConfig =
         setupOf (ModelCli.require (Settings.Reader(Settings.ofResults r))) (r.GetResult <@ HessianArgs.Samples @>)
                 (r.TryGetResult <@ HessianArgs.Wbits @>) (r.TryGetResult <@ HessianArgs.Abits @>) (r.TryGetResult <@ HessianArgs.Checkpoint @>)
                 (getOr r <@ HessianArgs.Calib_Batch @> (fst calibDefaults)) (getOr r <@ HessianArgs.Calib_Batches @> (snd calibDefaults))
+                (r.TryGetResult <@ HessianArgs.Weight_Range @>, r.TryGetResult <@ HessianArgs.Act_Range @>, r.TryGetResult <@ HessianArgs.Act_Ste @>)
                 (r.GetResult <@ HessianArgs.Out @>) (r.TryGetResult <@ HessianArgs.Report @>)
                 (getOr r <@ HessianArgs.Device @> "cpu") (getOr r <@ HessianArgs.Seed @> Defaults.seed)
     let ft =
@@ -290,6 +338,7 @@ let private gradcosOf (r: ParseResults<GradcosArgs>) : GradcosConfig =
         setupOf (ModelCli.require (Settings.Reader(Settings.ofResults r))) (r.GetResult <@ GradcosArgs.Samples @>)
                 (r.TryGetResult <@ GradcosArgs.Wbits @>) (r.TryGetResult <@ GradcosArgs.Abits @>) (r.TryGetResult <@ GradcosArgs.Checkpoint @>)
                 (getOr r <@ GradcosArgs.Calib_Batch @> (fst calibDefaults)) (getOr r <@ GradcosArgs.Calib_Batches @> (snd calibDefaults))
+                (r.TryGetResult <@ GradcosArgs.Weight_Range @>, r.TryGetResult <@ GradcosArgs.Act_Range @>, r.TryGetResult <@ GradcosArgs.Act_Ste @>)
                 (r.GetResult <@ GradcosArgs.Out @>) (r.TryGetResult <@ GradcosArgs.Report @>)
                 (getOr r <@ GradcosArgs.Device @> "cpu") (getOr r <@ GradcosArgs.Seed @> Defaults.seed)
     let d = FineTune.defaults
@@ -313,6 +362,7 @@ let private sensitivityOf (r: ParseResults<SensitivityArgs>) : SensitivityConfig
         setupOf (ModelCli.require (Settings.Reader(Settings.ofResults r))) (r.GetResult <@ SensitivityArgs.Samples @>)
                 (Some Quantizers.fullPrecisionBits) (Some Quantizers.fullPrecisionBits) None
                 (getOr r <@ SensitivityArgs.Calib_Batch @> d.CalibBatchSize) (getOr r <@ SensitivityArgs.Calib_Batches @> d.CalibBatches)
+                (None, None, None)
                 (r.GetResult <@ SensitivityArgs.Out @>) (r.TryGetResult <@ SensitivityArgs.Report @>)
                 (getOr r <@ SensitivityArgs.Device @> "cpu") Defaults.seed
     let candidates =
@@ -374,7 +424,10 @@ let private setupJson (s: Setup) (f: Facts) : (string * System.Text.Json.Nodes.J
                [ "batch", JsonRecord.int' s.CalibBatch
                  "batches", JsonRecord.int' s.CalibBatches
                  "images", JsonRecord.count (Quantize.calibrationImages s.CalibBatches s.CalibBatch f.StoreCount)
-                 "source", JsonRecord.text "the store's first samples" ]
+                 "source", JsonRecord.text "the store's first samples"
+                 "weight_range", JsonRecord.text (Quantizers.WeightRange.name s.Rules.WeightRange)
+                 "act_range", JsonRecord.text (Quantizers.ActRange.name s.Rules.ActRange)
+                 "act_ste", JsonRecord.text (Quantizers.ActSte.name s.Rules.ActSte) ]
            :> System.Text.Json.Nodes.JsonNode)
       "device", JsonRecord.text s.Device
       "seed", JsonRecord.count s.Seed ]

@@ -33,7 +33,9 @@ type ModelFacts = { Family: Registry.Family; Classes: int64 }
 /// The reads a parse may need from outside: a `--config` file, and the facts of a `--model` file.
 type Io =
     { ReadFile: string -> string
-      Inspect: string -> ModelFacts }
+      Inspect: string -> ModelFacts
+      /// this machine's facts a preset may depend on (measured once, when a preset asks)
+      Machine: unit -> Hast.Core.Presets.Machine }
 
 /// For parses that never meet `--model` (tests): inspecting fails with one line.
 let noInspect (path: string) : ModelFacts =

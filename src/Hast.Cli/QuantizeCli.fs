@@ -162,11 +162,11 @@ let knownKeys : string list =
 let private placementKeys = set [ "out"; "report"; "resume"; "preset"; "config" ]
 
 /// The run's configuration before any setting is read: the model's defaults and the preset.
-let baseConfig (isRun: bool) (family: Family) (classes: int option) (preset: Presets.Preset option) : Pipeline.Config =
+let baseConfig (machine: unit -> Presets.Machine) (isRun: bool) (family: Family) (classes: int option) (preset: Presets.Preset option) : Pipeline.Config =
     let samples = if isRun then Pipeline.synthesized family else Store("", None)
     let d = Pipeline.defaults family (classes |> Option.map int64 |> Option.defaultValue 0L) samples
     match preset with
-    | Some p -> p.Apply d
+    | Some p -> p.Apply (machine ()) d
     | None -> d
 
 /// Turn merged settings (config file, then flags) into a validated command over `base` (the model's
@@ -236,7 +236,7 @@ let ofLayer (io: ModelCli.Io) (isRun: bool) (layer: Layer) : PipelineConfig =
             | Some p -> p
             | None -> failf "unknown preset '%s'; choose one of: %s" n (String.concat ", " Presets.names))
     let family, classes = modelOf io layer
-    ofLayerOver io isRun (preset |> Option.map (fun p -> p.Name)) (baseConfig isRun family classes preset) (Map.remove "preset" layer)
+    ofLayerOver io isRun (preset |> Option.map (fun p -> p.Name)) (baseConfig io.Machine isRun family classes preset) (Map.remove "preset" layer)
 
 // ------------------------------------------------------------------------------------------------
 // the resolved configuration as settings (config.json, the resume fingerprint)

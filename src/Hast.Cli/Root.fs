@@ -112,4 +112,4 @@ let parseWith (io: ModelCli.Io) (argv: string[]) : Command =
 
 /// `parseWith` for command lines that name no `--model` file (built-in architectures only).
 let parse (readFile: string -> string) (argv: string[]) : Command =
-    parseWith { ReadFile = readFile; Inspect = ModelCli.noInspect } argv
+    parseWith { ReadFile = readFile; Inspect = ModelCli.noInspect; Machine = fun () -> Hast.Core.Presets.referenceMachine } argv

@@ -187,8 +187,8 @@ let settings (study: Study) (g: Grids) : Setting list =
 /// of one run on 932 images. The activation quantizer stays the paper's (min/max ranges, the identity
 /// gradient; `cpu-30min` clips 3-bit activations since issue 29): the studies are of the paper's method,
 /// and docs/supplement.md's tables were measured so.
-let studyBudget (c: Config) : Config =
-    let c = Presets.cpu30min.Apply c
+let studyBudget (machine: Presets.Machine) (c: Config) : Config =
+    let c = Presets.cpu30min.Apply machine c
     { c with
         ActRange = Quantizers.BatchMinMax
         ActSte = Quantizers.PassThrough
@@ -202,13 +202,13 @@ let studyBudget (c: Config) : Config =
 /// The base configuration of every point of a sweep: the model's defaults at the budget, at the
 /// given bit widths, evaluated once after the last epoch (the tables report the final accuracy;
 /// evaluations do not change training, whose randomness derives from (seed, epoch)).
-let baseConfig (budget: SweepBudget) (family: Registry.Family) (classes: int64) (wbits: int) (abits: int) : Config =
+let baseConfig (machine: Presets.Machine) (budget: SweepBudget) (family: Registry.Family) (classes: int64) (wbits: int) (abits: int) : Config =
     let d = Pipeline.defaults family classes (Pipeline.synthesized family)
     let c =
         match budget with
-        | PaperBudget -> Presets.paper.Apply d
-        | StudyBudget -> studyBudget d
-        | TinyBudget -> Presets.tiny.Apply d
+        | PaperBudget -> Presets.paper.Apply machine d
+        | StudyBudget -> studyBudget machine d
+        | TinyBudget -> Presets.tiny.Apply machine d
     { c with
         WBits = wbits
         ABits = abits

@@ -4,10 +4,24 @@ module Hast.Core.Presets
 
 open Hast.Core.Pipeline
 
+/// What a preset may depend on: facts about the machine, measured by the shell (`MachineFacts`).
+type Machine =
+    { /// a bf16 convolution's time over an fp32 one's (forward and input gradient, a synthesis-like
+      /// shape): about 0.8 with native bf16 instructions (AVX-512 BF16), about 10 on an AVX2-only CPU
+      /// (docs/machines.md)
+      Bf16TimeRatio: float }
+
+/// The machine the presets were measured on: a 2-core AMD EPYC (Zen 5) with AVX-512 BF16, where bf16
+/// synthesis iterations took 152–174 ms against fp32's 186–252 ms (docs/benchmarks.md).
+let referenceMachine = { Bf16TimeRatio = 0.8 }
+
+/// bf16 convolutions are the faster ones on `m`.
+let bf16Faster (m: Machine) = m.Bf16TimeRatio < 1.0
+
 type Preset =
     { Name: string
       Description: string
-      Apply: Config -> Config }
+      Apply: Machine -> Config -> Config }
 
 let private synthesis (f: Synthesis.Config -> Synthesis.Config) (c: Config) =
     match c.Samples with
@@ -23,6 +37,7 @@ let paper : Preset =
     { Name = "paper"
       Description = "authors' budget: 5120 samples x 1000 iterations, 147 epochs x 200 iterations, lr x0.1 at the dataset's milestones (CIFAR 20/40/60)"
       Apply =
+        fun _ ->
         synthesis (fun s -> { s with Samples = 5120; BatchSize = 256; Iterations = 1000 })
         >> fineTune (fun f ->
             { f with
@@ -40,11 +55,15 @@ let paper : Preset =
 let cpu30min : Preset =
     { Name = "cpu-30min"
       Description =
-        "end to end in 30 minutes on this machine (a 30-minute time budget: samples and iterations planned; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), synthesis convolutions in bfloat16, per-sample calibration, the authors' lr, cosine, promotion through both networks; activations of 3 bits or fewer with MSE ranges and the clipped gradient"
+        "end to end in 30 minutes on this machine (a 30-minute time budget: samples and iterations planned; measured on 2 cores: 1024 samples x 200 iterations, 2400 fine-tune iterations), synthesis convolutions in bfloat16 where this machine computes them faster than float32 (measured at start), per-sample calibration, the authors' lr, cosine, promotion through both networks; activations of 3 bits or fewer with MSE ranges and the clipped gradient"
       Apply =
-        // bf16 synthesis: faster iterations (152–174 ms against 186–252 ms in fp32), the samples measured equivalent (docs/benchmarks.md,
-        // "bfloat16 synthesis"); fine-tuning stays fp32 (bf16 there cost W3A3 accuracy)
-        synthesis (fun s -> { s with Samples = Budget.measured.RefSamples; BatchSize = 256; ConvPrecision = BFloat16 })
+        fun machine ->
+        // bf16 synthesis where it is faster (the reference machine: 152–174 ms iterations against 186–252 ms
+        // in fp32), the samples measured equivalent (docs/benchmarks.md, "bfloat16 synthesis"); fp32 where
+        // it is not (an AVX2-only CPU: bf16 about 10x slower, docs/machines.md); fine-tuning stays fp32
+        // (bf16 there cost W3A3 accuracy)
+        let precision = if bf16Faster machine then BFloat16 else Float32
+        synthesis (fun s -> { s with Samples = Budget.measured.RefSamples; BatchSize = 256; ConvPrecision = precision })
         >> fineTune (fun f ->
             { f with
                 BatchSize = 64
@@ -66,6 +85,7 @@ let tiny : Preset =
     { Name = "tiny"
       Description = "a smoke test in seconds (not for accuracy)"
       Apply =
+        fun _ ->
         synthesis (fun s -> { s with Samples = 32; BatchSize = 32; Iterations = 10 })
         >> fineTune (fun f -> { f with BatchSize = 16; Epochs = 2; ItersPerEpoch = 5 })
         >> fun c -> { c with Calibration = FromSamples { Batches = 32; BatchSize = 1 } } }

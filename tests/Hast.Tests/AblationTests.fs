@@ -61,9 +61,9 @@ let tests : Test list =
         Expect.equal (paperTop1 (Direction Promotion.KL) 2 2) None "no W2A2 in the paper"
 
       testCase "budgets: tiny is the tiny preset, study is the cpu-30min settings at small fixed counts, paper the authors'; one evaluation at the end" <| fun () ->
-        let tiny = baseConfig TinyBudget cifar 10L 3 3
-        let study = baseConfig StudyBudget cifar 10L 3 3
-        let paper = baseConfig PaperBudget cifar 10L 4 4
+        let tiny = baseConfig Presets.referenceMachine TinyBudget cifar 10L 3 3
+        let study = baseConfig Presets.referenceMachine StudyBudget cifar 10L 3 3
+        let paper = baseConfig Presets.referenceMachine PaperBudget cifar 10L 4 4
         let synth (c: Pipeline.Config) = match c.Samples with Pipeline.Synthesize s -> s | _ -> failwith "synthesized"
         Expect.equal ((synth tiny).Samples, tiny.FineTune.Epochs, tiny.FineTune.ItersPerEpoch) (32, 2, 5) "tiny preset's counts"
         Expect.equal ((synth study).Samples, (synth study).Iterations, FineTune.totalIterations study.FineTune) (512, 200, 200) "study counts"

@@ -127,6 +127,26 @@ let tests = [
         Expect.equal nodes.Length 2 "two Lanczos steps"
         expectPng (Path.Combine(out, "hessian.png")) 1000 300
     }
+    test "analyze hessian --weight-range mse --act-range mse --act-ste clipped: the fresh student quantized and calibrated by the run's rules, recorded in the JSON; other spectra than the paper's rules give (seed 1)" {
+        use dir = new TempDir()
+        let store = synthesize dir
+        let hessian (out: string) (rules: string list) =
+            let code, _, err =
+                runCli ([ "analyze"; "hessian" ] @ common store out
+                        @ [ "--wbits"; "3"; "--abits"; "3"; "--batch"; "4"; "--lanczos-steps"; "3"; "--power-iters"; "3"
+                            "--hutchinson-samples"; "3"; "--bins"; "20" ] @ rules)
+            Expect.equal code 0 (sprintf "exit code; stderr: %s" err)
+            JsonNode.Parse(File.ReadAllText(Path.Combine(out, "hessian.json")))
+        let paper = hessian (dir.File "paper") []
+        let rules = hessian (dir.File "rules") [ "--weight-range"; "mse"; "--act-range"; "mse"; "--act-ste"; "clipped" ]
+        let recorded (j: JsonNode) =
+            let calibration : JsonNode = j["settings"]["calibration"]
+            [ for k in [ "weight_range"; "act_range"; "act_ste" ] -> calibration[k].GetValue<string>() ]
+        Expect.equal (recorded paper) [ "minmax"; "minmax"; "identity" ] "the paper's rules by default"
+        Expect.equal (recorded rules) [ "mse"; "mse"; "clipped" ] "the rules given"
+        let trace (j: JsonNode) = [ for l in [ "ce"; "kl"; "fa" ] -> float j["losses"].[l].["trace"] ]
+        Expect.notEqual (trace rules) (trace paper) "another student: other curvature (the same seed, batch and probes)"
+    }
     test "analyze: bad input is one clear line, nothing written" {
         use dir = new TempDir()
         let store = makeStore (dir.File "store")
@@ -141,6 +161,8 @@ let tests = [
         expectCleanFailure (g @ [ "--wbits"; "1"; "--abits"; "4" ]) [ out ] [ "--wbits" ] |> ignore
         let ck = makeCheckpoint (dir.File "q.ckpt")
         expectCleanFailure (h @ [ "--checkpoint"; ck; "--wbits"; "4" ]) [ out ] [ "--checkpoint" ] |> ignore
+        expectCleanFailure (h @ [ "--checkpoint"; ck; "--act-range"; "mse" ]) [ out ] [ "--checkpoint keeps its own" ] |> ignore
+        expectCleanFailure (g @ [ "--wbits"; "3"; "--abits"; "3"; "--act-ste"; "sideways" ]) [ out ] [ "act-ste"; "sideways" ] |> ignore
         expectCleanFailure ([ "analyze"; "hessian" ] @ common (dir.File "nothing") out @ [ "--wbits"; "4"; "--abits"; "4" ]) [ out ] [ "nothing" ] |> ignore
         expectCleanFailure [ "analyze" ] [ out ] [ "hessian, gradcos or sensitivity" ] |> ignore
     }

@@ -414,12 +414,14 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
       Run = run; Out = "o"; Report = None; Resume = false; Preset = None }
 
 /// The reads of a parse that meets no `--model` file.
-let private builtInIo : ModelCli.Io = { ReadFile = (fun _ -> failwith "no config files here"); Inspect = ModelCli.noInspect }
+let private builtInIo : ModelCli.Io =
+    { ReadFile = (fun _ -> failwith "no config files here"); Inspect = ModelCli.noInspect; Machine = fun () -> Presets.referenceMachine }
 
 /// A parse whose `--model` files are 32-px, 10-class models (what the shell would read from the file).
 let private onnxIo : ModelCli.Io =
     { ReadFile = (fun _ -> failwith "no config files here")
-      Inspect = fun _ -> { Family = Models.Registry.Cifar; Classes = 10L } }
+      Inspect = fun _ -> { Family = Models.Registry.Cifar; Classes = 10L }
+      Machine = fun () -> Presets.referenceMachine }
 
 let modelFlagTests : Test list =
     let parse (argv: string list) = Root.parseWith onnxIo (Array.ofList argv)
@@ -516,7 +518,7 @@ let configTests : Test list =
         let cifar = Pipeline.defaults Models.Registry.Family.Cifar 0L (Pipeline.synthesized Models.Registry.Family.Cifar)
         Expect.equal plain cifar "no preset: the model's defaults"
         for p in Presets.all do
-            let expected = p.Apply cifar
+            let expected = p.Apply Presets.referenceMachine cifar
             Expect.equal (runOf [| "--preset"; p.Name |]) expected (sprintf "preset %s = its value applied to the defaults" p.Name)
         let help =
             try

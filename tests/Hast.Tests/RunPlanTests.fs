@@ -8,7 +8,7 @@ open Hast.Core
 open Hast.Core.Models
 
 /// The cpu-30min preset on the CIFAR ResNet-20 family.
-let private cpu30 = Presets.cpu30min.Apply(Pipeline.defaults Registry.Family.Cifar 10L (Pipeline.synthesized Registry.Family.Cifar))
+let private cpu30 = Presets.cpu30min.Apply Presets.referenceMachine (Pipeline.defaults Registry.Family.Cifar 10L (Pipeline.synthesized Registry.Family.Cifar))
 let private budget = cpu30.TimeBudget.Value
 
 /// The timings of a measured cpu-30min run (as BudgetTests' `measuredRun`).

@@ -67,7 +67,7 @@ let tests : Test list =
               | Error e -> Expect.stringContains e key "names the field"
       }
       test "the result's report: the headline, the labelled best, the guard" {
-          let r = RunRecords.summarize (Presets.tiny.Apply(Pipeline.defaults Models.Registry.Family.Cifar 10L (Pipeline.synthesized Models.Registry.Family.Cifar))) 1024L progress
+          let r = RunRecords.summarize (Presets.tiny.Apply Presets.referenceMachine (Pipeline.defaults Models.Registry.Family.Cifar 10L (Pipeline.synthesized Models.Registry.Family.Cifar))) 1024L progress
           let j = RunState.resultJson r 4 4 7L 12.5
           Expect.equal (float (j["final_top1"])) (System.Math.Round((acc 850L).Top1, 4)) "final = the last evaluated epoch"
           Expect.equal (int (j["best_epoch"])) 3 "best epoch"

@@ -93,6 +93,13 @@ public static class PipelineCommand
                  $"{ft.Epochs} epoch(s) x {ft.ItersPerEpoch} iterations, batch {ft.BatchSize}, seed {ft.Seed}" +
                  (c.Preset is { } p ? $", preset {p.Value}" : ""));
         log.Metric("settings", settings);
+        // what the preset measured of this machine, and chose by it
+        if (MachineFacts.IsMeasured && c.Run.Samples is Pipeline.Samples.Synthesize presetSynthesis)
+        {
+            var ratio = MachineFacts.Current.Bf16TimeRatio;
+            log.Info($"this machine: a bf16 convolution takes {ratio:F2}x an fp32 one's time -> synthesis convolutions in {ConvPrecisionModule.name(presetSynthesis.Item.ConvPrecision)}");
+            log.Metric("machine", new JsonObject { ["bf16_time_ratio"] = Math.Round(ratio, 3) });
+        }
         // the convolutions this machine computes by another route than libtorch's own (issue 26)
         var convRoutes = ConvRouting.Describe(ConvRouteModule.ofModules(Microsoft.FSharp.Collections.ListModule.OfSeq<nn.Module>([teacher.Net])));
         log.Metric("conv_routes", new JsonObject { ["routes"] = convRoutes.DeepClone() });
