@@ -7,7 +7,6 @@ open Argu
 open Hast.Core
 open Hast.Cli.Common
 
-/// What both analyses need: teacher, samples, the quantized student, where to write.
 /// A fresh student's weight range, activation range and activation gradient rules (`--weight-range`,
 /// `--act-range`, `--act-ste`, as hast run's).
 type QuantizerRules =
@@ -19,6 +18,7 @@ type QuantizerRules =
 let paperRules =
     { WeightRange = Quantizers.MinMax; ActRange = Quantizers.BatchMinMax; ActSte = Quantizers.PassThrough }
 
+/// What both analyses need: teacher, samples, the quantized student, where to write.
 type Setup =
     { Model: ModelCli.ModelSource
       Samples: string
