@@ -26,7 +26,7 @@ public static class MachineFacts
     static Presets.Machine Measure()
     {
         using var scope = NewDisposeScope();
-        var g = new TorchSharp.torch.Generator(7UL);
+        using var g = new TorchSharp.torch.Generator(7UL);
         var x = randn([32, 16, 32, 32], generator: g);
         var w = randn([16, 16, 3, 3], generator: g) * 0.1;
         double Time(bool bf16)

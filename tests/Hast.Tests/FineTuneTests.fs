@@ -199,8 +199,9 @@ let precisionTests = [
     // logits on real images (every convolution shape is also checked against float64 at start-up,
     // ConvCheck / `hast doctor`). A quantized student's epoch losses are no such measure: a bf16 rounding
     // moves activations across 4-bit code boundaries, and 2 iterations' losses moved by 1-3% on an AVX-512
-    // machine but by -26% to +26% on an AVX2 one (seeds 1-6, noise and real images, 2026-12-04); there
-    // they are only checked to be finite, different from float32's and within a factor of 2 of them.
+    // machine but by -26% to +26% on an AVX2 one (seeds 1-6, noise and real images, 2026-12-04; a temporary
+    // loop over seeds in this test, not kept); there they are only checked to be finite, different from
+    // float32's and within a factor of 2 of them.
     test "--conv-precision bf16: the teacher's logits within 5% of float32's, the same class on >= 95% of 128 real images; an epoch's losses finite and within 2x of float32's; every convolution back in float32 afterwards (shared model, W4A4, seed 5)" {
         use _ = torch.NewDisposeScope()
         let teacher = TestUtil.loadSharedModel ()
