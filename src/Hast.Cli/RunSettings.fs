@@ -182,7 +182,7 @@ let private quantizerRule (key: string) (help: string) (table: (string * 'a) lis
 
 let private weightRange =
     quantizerRule "weight-range"
-        "per-channel weight range: minmax (each channel's min and max, the paper's; the default) | mse (each channel clipped to the factor whose grid has the least squared error, searched at every step)"
+        "per-channel weight range: minmax (each channel's min and max, the paper's; the default) | mse (each channel clipped to the factor whose grid has the least squared error, searched at every step) | mse-clipped (mse, and the weights it clips get no gradient)"
         Quantizers.WeightRange.table Quantizers.MinMax (fun c -> c.WeightRange) (fun v c -> { c with WeightRange = v })
 
 let private actRange =

@@ -129,9 +129,14 @@ type WeightRange =
     /// squared error to the channel's weights: outliers are clipped for a finer grid (the clipping
     /// search of post-training quantizers); the factor 1 (min/max) wins ties
     | Mse
+    /// `Mse`'s range and values, and the weights it clips get no gradient (the clamp's gradient, as
+    /// `ActSte.Clipped` gives activations): with the identity, a clipped outlier is pushed by changes
+    /// the grid never shows (issue 29's weight candidate; the activations' measurement is in
+    /// docs/results.md, "Activation ranges at 3 bits")
+    | MseClipped
 
 module WeightRange =
-    let table = [ "minmax", MinMax; "mse", Mse ]
+    let table = [ "minmax", MinMax; "mse", Mse; "mse-clipped", MseClipped ]
     let names = Named.names table
     let name (r: WeightRange) = Named.name table r
     let tryParse (s: string) = Named.tryParse table s
@@ -145,7 +150,8 @@ let mseFactors : float list = List.init 20 (fun k -> 1.0 - 0.025 * float k)
 /// `weightRange`'s; detached.
 let weightRangeOf (mode: WeightRange) (bits: int) (w: Tensor) : Tensor * Tensor =
     match mode with
-    | Mse when bits <> fullPrecisionBits ->
+    | Mse
+    | MseClipped when bits <> fullPrecisionBits ->
         use _ = torch.NewDisposeScope()
         let lo, hi = weightRange w
         let d = w.detach()
@@ -162,14 +168,22 @@ let weightRangeOf (mode: WeightRange) (bits: int) (w: Tensor) : Tensor * Tensor 
     | _ -> weightRange w
 
 /// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
-/// chosen by `mode` from the current (detached) weight (`weightRangeOf`).
+/// chosen by `mode` from the current (detached) weight (`weightRangeOf`). The gradient is the
+/// identity, or with `MseClipped` (and a gradient flowing) the clamp's to the grid's range (widened
+/// to contain 0, as `qparams`): zero for the weights the grid clips. The values are the grid's either
+/// way, bit for bit (`dq + (c - c.detach())` adds an exact 0).
 let weightFakeQuantWith (mode: WeightRange) (w: Tensor) (bits: int) : Tensor =
     checkBits "wbits" bits
     if bits = fullPrecisionBits then w
     else
         use _ = torch.NewDisposeScope()
         let lo, hi = weightRangeOf mode bits w
-        (fakeQuant w lo hi bits).MoveToOuterDisposeScope()
+        if mode = MseClipped && w.requires_grad && torch.is_grad_enabled () then
+            use zero = (0.0).ToScalar()
+            let c = w.clamp(lo.clamp_max(zero), hi.clamp_min(zero))
+            let dq = fakeQuant (w.detach ()) lo hi bits
+            (dq + (c - c.detach ())).MoveToOuterDisposeScope()
+        else (fakeQuant w lo hi bits).MoveToOuterDisposeScope()
 
 /// `weightFakeQuantWith MinMax`: each channel's grid spans its min and max.
 let weightFakeQuant (w: Tensor) (bits: int) : Tensor = weightFakeQuantWith MinMax w bits

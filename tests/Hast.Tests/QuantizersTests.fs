@@ -405,6 +405,36 @@ let private fastPathTests : Test list = [
         let r32 = Quantizers.weightRangeOf Quantizers.Mse 32 w
         Expect.isTrue (same (fst r32) lo0 && same (snd r32) hi0) "32 bits: min/max (nothing is quantized)"
     }
+    test "weightFakeQuantWith MseClipped: Mse's values bit for bit; gradient 1 inside the grid's range, 0 where it clips" {
+        let seed = 20261204L
+        use _ = torch.NewDisposeScope()
+        use g = generator seed
+        let w0 = torch.randn([| 6L; 4L; 3L; 3L |], generator = g) * torch.linspace(0.05, 1.0, 6L).view(6L, 1L, 1L, 1L)
+        w0[0L, 0L, 0L, 0L] <- torch.tensor 3.0f
+        for bits in [ 2; 3; 4 ] do
+            let where = sprintf "%d bits (seed %d)" bits seed
+            let gradOf (mode: Quantizers.WeightRange) =
+                let w = w0.detach().requires_grad_(true)
+                let y = Quantizers.weightFakeQuantWith mode w bits
+                // a weighted sum, so that a wrong gradient cannot hide behind a constant
+                let up = (torch.arange(y.numel ()) + 1).to_type(y.dtype).view(y.shape)
+                (y * up).sum().backward()
+                y.detach (), w.grad.detach () / up
+            let yMse, gMse = gradOf Quantizers.Mse
+            let yClip, gClip = gradOf Quantizers.MseClipped
+            Expect.isTrue (same yClip yMse) (sprintf "%s: the same values" where)
+            Expect.isTrue (same gMse (torch.ones_like gMse)) (sprintf "%s: Mse passes the identity" where)
+            let lo, hi = Quantizers.weightRangeOf Quantizers.Mse bits w0
+            let inside = w0.ge(lo.clamp_max((0.0).ToScalar())).logical_and(w0.le(hi.clamp_min((0.0).ToScalar())))
+            // weight 0 of channel 0 is clipped at 2 and 3 bits (the previous test); the gradient is 0 exactly there
+            let clipped = inside.logical_not().sum().item<int64> ()
+            if bits <= 3 then Expect.isGreaterThan clipped 0L (sprintf "%s: some weights are clipped" where)
+            Expect.isTrue (same gClip (inside.to_type(gClip.dtype))) (sprintf "%s: 1 inside, 0 on the %d clipped weights" where clipped)
+        // without a gradient flowing, the plain grid
+        use _ng = torch.no_grad ()
+        Expect.isTrue (same (Quantizers.weightFakeQuantWith Quantizers.MseClipped w0 3) (Quantizers.weightFakeQuantWith Quantizers.Mse w0 3)) "no grad: Mse's grid"
+        Expect.equal (Quantizers.WeightRange.parse "weight-range" "mse-clipped") Quantizers.MseClipped "named mse-clipped"
+    }
     test "batchRange BatchMse: the factor of actMseFactors with the least squared error, by brute force; a large batch (chunked) too" {
         let seed = 20261204L
         use _ = torch.NewDisposeScope()
