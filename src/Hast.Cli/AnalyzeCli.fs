@@ -7,16 +7,9 @@ open Argu
 open Hast.Core
 open Hast.Cli.Common
 
-/// A fresh student's weight range, activation range and activation gradient rules (`--weight-range`,
-/// `--act-range`, `--act-ste`, as hast run's).
-type QuantizerRules =
-    { WeightRange: Quantizers.WeightRange
-      ActRange: Quantizers.ActRange
-      ActSte: Quantizers.ActSte }
-
-/// The paper's rules, those of a run without a preset (`Pipeline.defaults`).
-let paperRules =
-    { WeightRange = Quantizers.MinMax; ActRange = Quantizers.BatchMinMax; ActSte = Quantizers.PassThrough }
+/// The paper's quantizer rules, those of a run without a preset (`Pipeline.defaults`): a fresh
+/// student's unless `--weight-range`, `--act-range`, `--act-ste` (as hast run's) say otherwise.
+let paperRules = Quantizers.Rules.paper
 
 /// What both analyses need: teacher, samples, the quantized student, where to write.
 type Setup =
@@ -32,7 +25,7 @@ type Setup =
       CalibBatches: int
       /// the quantizer rules of a fresh student, as hast run's (the paper's by default); a checkpoint
       /// keeps its own
-      Rules: QuantizerRules
+      Rules: Quantizers.Rules
       Out: string
       Report: string option
       Device: string
@@ -282,9 +275,10 @@ let private rulesOf (weightRange: string option, actRange: string option, actSte
     | Some _, None, None, None -> paperRules
     | Some _, _, _, _ -> fail "--weight-range, --act-range and --act-ste choose a fresh student's quantizers; a --checkpoint keeps its own"
     | None, w, a, g ->
-        { WeightRange = w |> Option.map (parseAs Quantizers.WeightRange.parse "weight-range") |> Option.defaultValue paperRules.WeightRange
-          ActRange = a |> Option.map (parseAs Quantizers.ActRange.parse "act-range") |> Option.defaultValue paperRules.ActRange
-          ActSte = g |> Option.map (parseAs Quantizers.ActSte.parse "act-ste") |> Option.defaultValue paperRules.ActSte }
+        { paperRules with
+            WeightRange = w |> Option.map (parseAs Quantizers.WeightRange.parse "weight-range") |> Option.defaultValue paperRules.WeightRange
+            ActRange = a |> Option.map (parseAs Quantizers.ActRange.parse "act-range") |> Option.defaultValue paperRules.ActRange
+            ActSte = g |> Option.map (parseAs Quantizers.ActSte.parse "act-ste") |> Option.defaultValue paperRules.ActSte }
 
 let private setupOf model samples wbits abits checkpoint calibBatch calibBatches rules out report device seed : Setup =
     let w, a = bitsOf wbits abits checkpoint

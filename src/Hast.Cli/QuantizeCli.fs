@@ -267,6 +267,21 @@ let firstDifference (a: Layer) (b: Layer) : (string * string * string) option =
     |> Seq.tryFind (fun k -> Map.tryFind k a <> Map.tryFind k b)
     |> Option.map (fun k -> k, show a k, show b k)
 
+/// Resuming a run started with a preset: the setting the preset chose from this machine's facts
+/// (`Presets.Machine`: the synthesis precision, bf16 only where the start-up probe found it faster)
+/// is the run's `recorded` one, so that a probe that reads the machine differently this time cannot
+/// refuse the run's own resume. The command, and the recorded value when it differs from `c`'s.
+let withRecordedMachineChoices (recorded: Layer) (c: PipelineConfig) : PipelineConfig * string option =
+    match c.Preset, c.Run.Samples, Map.tryFind "synth-conv-precision" recorded with
+    | Some _, Synthesize s, Some v ->
+        // a value no precision names (a damaged record) is left to the settings check, which names it
+        let recordedPrecision = try Some(ConvPrecision.parse "synth-conv-precision" v) with InvalidSetting _ -> None
+        match recordedPrecision with
+        | Some p when p <> s.ConvPrecision ->
+            { c with Run = { c.Run with Samples = Synthesize { s with ConvPrecision = p } } }, Some(ConvPrecision.name p)
+        | _ -> c, None
+    | _ -> c, None
+
 /// The command with its paths (weights, test set, sample store) made absolute by `full`, so that its
 /// config.json reproduces the run from any folder.
 let withFullPaths (full: string -> string) (c: PipelineConfig) : PipelineConfig =

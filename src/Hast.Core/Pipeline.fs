@@ -194,6 +194,10 @@ let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Con
       Guard = guardDefaults
       TimeBudget = None }
 
+/// The quantizer rules of a run (`Quantizers.setRules`).
+let rules (c: Config) : Quantizers.Rules =
+    { Quantizers.Rules.paper with WeightRange = c.WeightRange; ActRange = c.ActRange; ActSte = c.ActSte }
+
 /// The default synthesized samples of a family (`Synthesis.defaultsFor`).
 let synthesized (family: Registry.Family) : Samples = Synthesize(Synthesis.defaultsFor family)
 

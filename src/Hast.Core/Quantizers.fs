@@ -637,6 +637,23 @@ let weightQuantizedLayers (m: Module) : (string * Module) list =
 let setWeightRange (m: Module) (mode: WeightRange) : unit =
     for _, l in weightQuantizedLayers m do (box l :?> IWeightQuantized).WeightRange <- mode
 
+/// The rules of a model's quantizers (`--weight-range`, `--act-range`, `--act-ste`), set together.
+type Rules =
+    { WeightRange: WeightRange
+      ActRange: ActRange
+      ActSte: ActSte }
+
+module Rules =
+    /// The paper's: each weight channel's and each calibration batch's min and max, the identity gradient.
+    let paper = { WeightRange = MinMax; ActRange = BatchMinMax; ActSte = PassThrough }
+
+/// Set every quantizer of a model to `rules` (before calibration: the activation range rule is read
+/// while calibrating).
+let setRules (m: Module) (rules: Rules) : unit =
+    setWeightRange m rules.WeightRange
+    setActRange m rules.ActRange
+    setActSte m rules.ActSte
+
 /// The range rule of a model's weight quantizers (`MinMax` without any; they share one, `setWeightRange`).
 let weightRangeOfModel (m: Module) : WeightRange =
     match weightQuantizedLayers m with

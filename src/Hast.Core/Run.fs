@@ -110,8 +110,7 @@ let chooseBits (inputs: Inputs) (c: Config) (images: Tensor) (event: Event -> un
     if not (Precision.isMixed p) then Precision.uniform
     else
         use probe = Quantize.quantizeWith inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits c.ResidualBits
-        Quantizers.setWeightRange probe c.WeightRange
-        Quantizers.setActRange probe c.ActRange
+        Quantizers.setRules probe (Pipeline.rules c)
         let fixedBits = Precision.fixedBits probe p
         Precision.check "bits-map" probe fixedBits
         let bits, allocation =
@@ -216,9 +215,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
         let q = Quantize.quantizeWith inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits c.ResidualBits
         try
             Precision.apply q bits
-            Quantizers.setWeightRange q c.WeightRange
-            Quantizers.setActRange q c.ActRange
-            Quantizers.setActSte q c.ActSte
+            Quantizers.setRules q (Pipeline.rules c)
             q
         with _ ->
             q.Dispose()

@@ -35,9 +35,7 @@ let probe (inputs: RunRecords.Inputs) (c: Pipeline.Config) (saveCheckpoint: Net 
     use _ = torch.NewDisposeScope()
     let side = inputs.Arch.Input.Size
     use student = Quantize.quantizeWith inputs.Arch inputs.Classes inputs.Teacher c.WBits c.ABits c.ResidualBits
-    Quantizers.setWeightRange student c.WeightRange
-    Quantizers.setActRange student c.ActRange
-    Quantizers.setActSte student c.ActSte
+    Quantizers.setRules student (Pipeline.rules c)
     student.eval ()
     use gen = Prelude.generator c.FineTune.Seed
     let noise (n: int64) = torch.randn([| n; 3L; int64 side; int64 side |], generator = gen)

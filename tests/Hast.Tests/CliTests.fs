@@ -508,6 +508,31 @@ let configTests : Test list =
         let b = QuantizeCli.toLayer { c with Run = { c.Run with FineTune = { c.Run.FineTune with Promotion = None } } }
         Expect.equal (QuantizeCli.firstDifference a b) (Some("clean-weight", "2", "(not set)")) "a setting one side lacks"
 
+      testCase "a resumed preset run keeps the synthesis precision it recorded, whatever the machine's probe says now" <| fun () ->
+        let args = [| "run"; "--preset"; "cpu-30min"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o"; "--resume" |]
+        let onMachine (ratio: float) (argv: string[]) =
+            let io = { builtInIo with Machine = fun () -> { Presets.Bf16TimeRatio = ratio } }
+            match Root.parseWith io argv with
+            | Root.Command.Run p -> p
+            | other -> failtestf "a run, got %A" other
+        let precisionOf (c: QuantizeCli.PipelineConfig) =
+            match c.Run.Samples with
+            | Pipeline.Synthesize s -> s.ConvPrecision
+            | other -> failtestf "synthesized samples, got %A" other
+        // started where bf16 was faster; the probe now finds it slower
+        let started = onMachine 0.8 args
+        let now = onMachine 10.0 args
+        Expect.equal (precisionOf started, precisionOf now) (BFloat16, Float32) "the preset follows the probe"
+        let kept, was = QuantizeCli.withRecordedMachineChoices (QuantizeCli.toLayer started) now
+        Expect.equal (precisionOf kept, was) (BFloat16, Some "bf16") "the recorded choice, said"
+        Expect.isNone (QuantizeCli.firstDifference (QuantizeCli.toLayer started) (QuantizeCli.toLayer kept)) "the resume's settings check passes"
+        Expect.equal (QuantizeCli.withRecordedMachineChoices (QuantizeCli.toLayer now) now) (now, None) "the same choice: unchanged"
+        // without a preset the precision is the user's (or the default): a difference is for the settings check to refuse
+        let plain = onMachine 10.0 (args |> Array.filter (fun a -> a <> "--preset" && a <> "cpu-30min"))
+        Expect.equal (QuantizeCli.withRecordedMachineChoices (QuantizeCli.toLayer started) plain) (plain, None) "no preset: unchanged"
+        // a damaged record is left to the settings check
+        Expect.equal (QuantizeCli.withRecordedMachineChoices (Map.ofList [ "synth-conv-precision", "fp16" ]) now) (now, None) "a value no precision names"
+
       testCase "presets are values of the configuration; --help shows the defaults of the records" <| fun () ->
         let args = [| "run"; "--arch"; "cifar-resnet20-a"; "--weights"; "w"; "--test"; "t"; "--out"; "o" |]
         let runOf extra =

@@ -68,9 +68,7 @@ public static class AnalyzeCommand
         }
         var student = ModelFiles.Quantized(teacher, s.WBits!.Value, s.ABits!.Value);
         // the run's quantizer rules (hast run --weight-range/--act-range/--act-ste), before calibration
-        Quantizers.setWeightRange(student.Net, s.Rules.WeightRange);
-        Quantizers.setActRange(student.Net, s.Rules.ActRange);
-        Quantizers.setActSte(student.Net, s.Rules.ActSte);
+        Quantizers.setRules(student.Net, s.Rules);
         if (images is not null)
             Quantize.calibrateOnSamples(device, student.Net, images, s.CalibBatches, s.CalibBatch, FuncConvert.FromAction<int>(_ => { }));
         return student;

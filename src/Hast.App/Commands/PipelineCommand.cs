@@ -64,9 +64,20 @@ public static class PipelineCommand
             _ => Path.Combine(outDir, "samples"),
         };
         int? take = c.Run.Samples is Pipeline.Samples.Store st2 && st2.take is { } t ? t.Value : null;
-        var settings = Settings(c);
         // a train checkpoint to resume from is read (checksums verified) and matched before any work
         using var resumeFrom = c.Resume && File.Exists(trainPath) ? Checkpoint.Load(trainPath) : null;
+        // resuming (also a run stopped in synthesis, before its first train checkpoint): the preset's
+        // machine-dependent choice as the run recorded it
+        string? keptPrecision = null;
+        var configPath = Path.Combine(outDir, ConfigFile);
+        var recordedSettings = resumeFrom?.Meta["settings"] ?? (c.Resume && File.Exists(configPath) ? ReadRecordedConfig(configPath) : null);
+        if (recordedSettings is not null)
+        {
+            var (kept, was) = QuantizeCli.withRecordedMachineChoices(LayerOf(recordedSettings), c);
+            c = kept;
+            keptPrecision = was?.Value;
+        }
+        var settings = Settings(c);
         if (resumeFrom is not null) CheckSameSettings(c.Out, resumeFrom.Meta["settings"], settings);
         // quantize: the store is read (checksums verified) before anything is written
         Tuple<Tensor, Tensor>? preread = null;
@@ -97,7 +108,8 @@ public static class PipelineCommand
         if (MachineFacts.IsMeasured && c.Run.Samples is Pipeline.Samples.Synthesize presetSynthesis)
         {
             var ratio = MachineFacts.Current.Bf16TimeRatio;
-            log.Info($"this machine: a bf16 convolution takes {ratio:F2}x an fp32 one's time -> synthesis convolutions in {ConvPrecisionModule.name(presetSynthesis.Item.ConvPrecision)}");
+            log.Info($"this machine: a bf16 convolution takes {ratio:F2}x an fp32 one's time -> synthesis convolutions in {ConvPrecisionModule.name(presetSynthesis.Item.ConvPrecision)}" +
+                     (keptPrecision is not null ? " (as the resumed run recorded; the probe alone would choose the other)" : ""));
             log.Metric("machine", new JsonObject { ["bf16_time_ratio"] = Math.Round(ratio, 3) });
         }
         // the convolutions this machine computes by another route than libtorch's own (issue 26)
@@ -239,12 +251,22 @@ public static class PipelineCommand
         return o.ToJsonString(new JsonSerializerOptions { WriteIndented = true, Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }) + "\n";
     }
 
+    /// OUT/config.json as written at a run's start, or null when it cannot be read (the resume's own
+    /// checks then decide).
+    static JsonNode? ReadRecordedConfig(string path)
+    {
+        try { return JsonNode.Parse(File.ReadAllText(path)); }
+        catch (Exception e) when (e is IOException or System.Text.Json.JsonException) { return null; }
+    }
+
+    /// Recorded settings (a checkpoint's `settings`, OUT/config.json) as a settings layer.
+    static Microsoft.FSharp.Collections.FSharpMap<string, string> LayerOf(JsonNode? n) =>
+        new((n as JsonObject ?? new JsonObject()).Select(kv => Tuple.Create(kv.Key, kv.Value?.ToString() ?? "")));
+
     /// A resumed run must have every setting of the run it continues; the message names the first that differs.
     static void CheckSameSettings(string outDir, JsonNode? recorded, JsonObject now)
     {
-        static Microsoft.FSharp.Collections.FSharpMap<string, string> Layer(JsonNode? n) =>
-            new((n as JsonObject ?? new JsonObject()).Select(kv => Tuple.Create(kv.Key, kv.Value?.ToString() ?? "")));
-        var diff = QuantizeCli.firstDifference(Layer(recorded), Layer(now));
+        var diff = QuantizeCli.firstDifference(LayerOf(recorded), LayerOf(now));
         if (diff is { } d)
         {
             var (name, was, isNow) = d.Value;
