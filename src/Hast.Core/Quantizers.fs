@@ -131,8 +131,9 @@ type WeightRange =
     | Mse
     /// `Mse`'s range and values, and the weights it clips get no gradient (the clamp's gradient, as
     /// `ActSte.Clipped` gives activations): with the identity, a clipped outlier is pushed by changes
-    /// the grid never shows (issue 29's weight candidate; the activations' measurement is in
-    /// docs/results.md, "Activation ranges at 3 bits")
+    /// the grid never shows (issue 29's weight candidate, after the activations' measurement). Measured
+    /// behind min/max with the `cpu-30min` activations, as `Mse` is (ResNet-20 W3A3, validation −4.44;
+    /// docs/results.md, "MSE weight ranges with the clipped gradient"): an option
     | MseClipped
 
 module WeightRange =
