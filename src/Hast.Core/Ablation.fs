@@ -190,8 +190,8 @@ let settings (study: Study) (g: Grids) : Setting list =
 let studyBudget (machine: Presets.Machine) (c: Config) : Config =
     let c = Presets.cpu30min.Apply machine c
     { c with
-        ActRange = Quantizers.BatchMinMax
-        ActSte = Quantizers.PassThrough
+        ActRange = Quantizers.Rules.paper.ActRange
+        ActSte = Quantizers.Rules.paper.ActSte
         Samples =
             match c.Samples with
             | Synthesize s -> Synthesize { s with Samples = 512; Iterations = 200 }

@@ -184,9 +184,10 @@ let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Con
       ABits = Quantizers.defaultBits
       Precision = Precision.defaults
       ResidualBits = Quantizers.fullPrecisionBits
-      WeightRange = Quantizers.MinMax
-      ActRange = Quantizers.BatchMinMax
-      ActSte = Quantizers.PassThrough
+      // the paper's quantizer rules
+      WeightRange = Quantizers.Rules.paper.WeightRange
+      ActRange = Quantizers.Rules.paper.ActRange
+      ActSte = Quantizers.Rules.paper.ActSte
       Samples = samples
       Calibration = FromSamples sampleCalibrationDefaults
       FineTune = fineTuneDefaults (datasetOf family classes)
