@@ -91,6 +91,7 @@ type QuantizeArgs =
     | Calibration of mode: string
     | Calib_Batches of k: int
     | Calib_Batch of n: int
+    | Bn_Correction of mode: string
     | Generator_Iters of n: int
     | Generator_Latent of n: int
     | Generator_Lr of float
@@ -108,6 +109,7 @@ type QuantizeArgs =
     | Milestones of epochs: string
     | Lr_Decay of float
     | Lr_Floor of float
+    | Lr_Warmup of n: int
     | Temperature of float
     | Alpha of float
     | Lambda of float

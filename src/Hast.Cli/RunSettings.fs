@@ -280,6 +280,13 @@ let run (ctx: Context) : Setting<Config> list =
       generator (Setting.float "generator-beta2" "generator Adam beta2" (fun g -> g.Beta2) (fun v g -> { g with Beta2 = v }))
       generator (
           Setting.float "generator-bns-weight" "weight of the BN-statistics term in the generator loss" (fun g -> g.BnsWeight) (fun v g -> { g with BnsWeight = v }))
+      { Key = "bn-correction"
+        Help =
+          sprintf "after calibration, move the student's BatchNorm statistics to the teacher's, layer by layer on the first %d samples: off (the paper's; the default) | mean (each BN input's mean shift, empirical bias correction) | mean-var (its mean and spread)"
+              BnCorrection.samples
+        // shown only when set, so runs from before the setting keep their config.json (and resume)
+        Show = fun c -> if c.BnCorrection = BnCorrection.Off then None else Some(BnCorrection.name c.BnCorrection)
+        Set = fun v c -> { c with BnCorrection = BnCorrection.parse "bn-correction" v } }
       // ---- fine-tuning
       fineTune (Setting.int "batch" "fine-tune batch size" (fun f -> f.BatchSize) (fun v f -> { f with BatchSize = v }))
       fineTune (Setting.float "lr" "fine-tune learning rate, SGD with Nesterov momentum" (fun f -> f.Lr) (fun v f -> { f with Lr = v }))
@@ -313,6 +320,11 @@ let run (ctx: Context) : Setting<Config> list =
               fst (fun ms (_, d) -> ms, d))
       multiStep (Setting.float "lr-decay" "multistep: LR factor at each milestone" snd (fun d (ms, _) -> ms, d))
       cosine (Setting.float "lr-floor" "cosine: final LR as a fraction of --lr" id (fun f _ -> f))
+      { Key = "lr-warmup"
+        Help = sprintf "iterations over which the LR rises linearly from lr/n to the schedule's, from the calibrated student (default: %d, none)" FineTune.defaults.LrWarmup
+        // shown only when set, so runs from before the setting keep their config.json (and resume)
+        Show = fun c -> if c.FineTune.LrWarmup = 0 then None else Some(string c.FineTune.LrWarmup)
+        Set = fun v c -> { c with FineTune = { c.FineTune with LrWarmup = parseInt "lr-warmup" v } } }
       fineTune (Setting.float "temperature" "distillation temperature T" (fun f -> f.Temperature) (fun v f -> { f with Temperature = v }))
       fineTune (Setting.float "alpha" "KL weight alpha; the loss uses alpha*T^2" (fun f -> f.Alpha) (fun v f -> { f with Alpha = v }))
       fineTune (Setting.float "lambda" "feature-alignment weight lambda" (fun f -> f.Lambda) (fun v f -> { f with Lambda = v }))

@@ -44,6 +44,9 @@ type Config =
       Epochs: int
       ItersPerEpoch: int
       Schedule: Schedule
+      /// iterations over which the learning rate rises linearly to the schedule's (lr·(i+1)/n at
+      /// iteration i < n), from the calibrated student; 0: none (the authors')
+      LrWarmup: int
       /// distillation temperature T
       Temperature: float
       /// KL weight α (the loss uses α·T²)
@@ -80,6 +83,7 @@ let defaults : Config =
       Epochs = 147
       ItersPerEpoch = 200
       Schedule = MultiStep([ 20; 40; 60 ], milestoneDecay)
+      LrWarmup = 0
       Temperature = 20.0
       Alpha = 20.0
       Lambda = 1000.0
@@ -99,6 +103,7 @@ let validate (c: Config) : Config =
     requirePositiveInt "epochs" c.Epochs
     requirePositiveInt "iters-per-epoch" c.ItersPerEpoch
     requirePositive "lr" c.Lr
+    if c.LrWarmup < 0 then invalidf "lr-warmup" "must be 0 or a positive number of iterations (got %d)" c.LrWarmup
     requireNonNegative "momentum" c.Momentum
     requireNonNegative "weight-decay" c.WeightDecay
     requirePositive "temperature" c.Temperature
@@ -126,8 +131,10 @@ let validate (c: Config) : Config =
 
 let totalIterations (c: Config) = c.Epochs * c.ItersPerEpoch
 
-/// Learning rate at a global iteration (0-based).
+/// Learning rate at a global iteration (0-based): the schedule's, times the warm-up's factor.
 let lrAt (c: Config) (iteration: int) : float =
+    let warm = if iteration < c.LrWarmup then float (iteration + 1) / float c.LrWarmup else 1.0
+    warm *
     match c.Schedule with
     | MultiStep(milestones, decay) ->
         let epoch = iteration / c.ItersPerEpoch

@@ -106,6 +106,9 @@ type Config =
       ActSte: Quantizers.ActSte
       Samples: Samples
       Calibration: Calibration
+      /// after calibration, the student's BatchNorm statistics moved to the teacher's layer by layer
+      /// (`BnCorrection`; `Off`, the paper's, by default)
+      BnCorrection: BnCorrection.Mode
       FineTune: FineTune.Config
       Eval: EvalConfig
       /// what the fine-tuning does when it diverges
@@ -190,6 +193,7 @@ let defaults (family: Registry.Family) (classes: int64) (samples: Samples) : Con
       ActSte = Quantizers.Rules.paper.ActSte
       Samples = samples
       Calibration = FromSamples sampleCalibrationDefaults
+      BnCorrection = BnCorrection.Off
       FineTune = fineTuneDefaults (datasetOf family classes)
       Eval = evalDefaults
       Guard = guardDefaults

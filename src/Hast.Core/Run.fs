@@ -72,7 +72,8 @@ let private evaluateVal (inputs: Inputs) (c: Config) (event: Event -> unit) (pha
         event (Validated(phase, acc))
         acc)
 
-/// Calibrate the student's activation ranges as `c.Calibration` says.
+/// Calibrate the student's activation ranges as `c.Calibration` says, then correct its BatchNorm statistics
+/// as `c.BnCorrection` says (on the first `BnCorrection.samples` of `images`).
 let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (event: Event -> unit) : unit =
     match c.Calibration with
     | FromSamples s ->
@@ -82,6 +83,7 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
         event (CalibrationStarted(c.Calibration, int64 g.Iterations * int64 g.BatchSize))
         event (StageStarted(Stage.GeneratorCalibration, 0L, int64 g.Iterations))
         Generator.calibrateWithGenerator inputs.Device g inputs.Teacher student inputs.Arch.Input.Size (GeneratorIteration >> event)
+    BnCorrection.correct inputs.Device c.BnCorrection inputs.Teacher student images (fun i n -> event (BnCorrectionLayer(i, n))) |> ignore
 
 /// Fail with one line, before any work, when the run's per-layer settings cannot apply to this model:
 /// a layer name it lacks, or a size budget below the smallest allocation.

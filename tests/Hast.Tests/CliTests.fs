@@ -389,6 +389,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
     let fineTune : FineTune.Config =
         { BatchSize = 24; Lr = 2e-5; Momentum = 0.8; WeightDecay = 5e-4; Epochs = 6; ItersPerEpoch = 7
           Schedule = (if cosine then FineTune.Cosine 0.05 else FineTune.MultiStep([ 2; 4 ], 0.5))
+          LrWarmup = 9
           Temperature = 4.0; Alpha = 3.0; Lambda = 250.0; Alignment = FineTune.Direct; CeWeight = 0.5
           Promotion = Some { Epsilon = 0.03; Direction = Promotion.FA; Grad = Promotion.StudentOnly; CleanWeight = 2.0; PerturbedWeight = 0.5 }
           Crop = { Scale = (0.3, 0.9); Ratio = (0.5, 2.0); FlipProbability = 0.25 }
@@ -406,6 +407,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
               SizeBudget = Some 102_400L; Candidates = [ 2; 4; 8 ] }
           Samples = (if isRun then Pipeline.Synthesize synthesis else Pipeline.Store("/stores/s1", Some 80))
           Calibration = (if generator then Pipeline.FromGenerator generatorCfg else Pipeline.FromSamples { Batches = 9; BatchSize = 3 })
+          BnCorrection = BnCorrection.MeanVar
           FineTune = fineTune
           Eval = { Every = 2; BatchSize = 100 }
           Guard = { SpikeFactor = 3.5; LrFactor = 0.25; Retries = 5; SpikeMinIters = 7; Agreement = 0.3; ProbeSamples = 64 }

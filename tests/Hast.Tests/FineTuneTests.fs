@@ -191,6 +191,15 @@ let scheduleTests = [
         Expect.floatClose Accuracy.high (FineTune.lrAt k 0) 1.0 "start"
         Expect.isLessThan (FineTune.lrAt k 79) 0.01 "end"
     }
+    test "warm-up rises linearly to the schedule's lr over its iterations, then follows the schedule" {
+        let k = { FineTune.defaults with Lr = 1.0; ItersPerEpoch = 10; Epochs = 8; Schedule = FineTune.Cosine 0.0 }
+        let w = { k with LrWarmup = 4 }
+        for i in 0 .. 3 do
+            Expect.floatClose Accuracy.high (FineTune.lrAt w i) (float (i + 1) / 4.0 * FineTune.lrAt k i) (sprintf "iteration %d" i)
+        for i in 4 .. 79 do
+            Expect.floatClose Accuracy.high (FineTune.lrAt w i) (FineTune.lrAt k i) (sprintf "iteration %d" i)
+        Expect.throwsT<InvalidSetting> (fun () -> FineTune.validate { k with LrWarmup = -1 } |> ignore) "a negative warm-up is refused"
+    }
 ]
 
 

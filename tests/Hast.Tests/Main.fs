@@ -27,6 +27,7 @@ let all =
         testList "evaluate" EvaluateTests.tests
         testList "precision" PrecisionTests.tests
         testList "quantize" QuantizeTests.tests
+        testList "bn correction" BnCorrectionTests.tests
         testList "sensitivity" SensitivityTests.tests
         testList "synthesis" SynthesisTests.tests
         testList "generator" GeneratorTests.tests
