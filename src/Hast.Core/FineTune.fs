@@ -133,17 +133,18 @@ let totalIterations (c: Config) = c.Epochs * c.ItersPerEpoch
 
 /// Learning rate at a global iteration (0-based): the schedule's, times the warm-up's factor.
 let lrAt (c: Config) (iteration: int) : float =
+    let scheduled =
+        match c.Schedule with
+        | MultiStep(milestones, decay) ->
+            let epoch = iteration / c.ItersPerEpoch
+            let passed = milestones |> List.filter (fun m -> epoch >= m) |> List.length
+            c.Lr * Math.Pow(decay, float passed)
+        | Cosine floor ->
+            let t = float iteration / float (max 1 (totalIterations c))
+            let f = floor + (1.0 - floor) * 0.5 * (1.0 + Math.Cos(Math.PI * t))
+            c.Lr * f
     let warm = if iteration < c.LrWarmup then float (iteration + 1) / float c.LrWarmup else 1.0
-    warm *
-    match c.Schedule with
-    | MultiStep(milestones, decay) ->
-        let epoch = iteration / c.ItersPerEpoch
-        let passed = milestones |> List.filter (fun m -> epoch >= m) |> List.length
-        c.Lr * Math.Pow(decay, float passed)
-    | Cosine floor ->
-        let t = float iteration / float (max 1 (totalIterations c))
-        let f = floor + (1.0 - floor) * 0.5 * (1.0 + Math.Cos(Math.PI * t))
-        c.Lr * f
+    warm * scheduled
 
 // ---------------------------------------------------------------------------------------------
 // Losses of one batch
