@@ -25,18 +25,13 @@ type Mode =
     /// and standard deviation as the teacher's
     | MeanVar
 
-let parse (key: string) (v: string) : Mode =
-    match v.ToLowerInvariant() with
-    | "off" | "none" -> Off
-    | "mean" -> Mean
-    | "mean-var" | "meanvar" -> MeanVar
-    | other -> invalidf key "must be off, mean or mean-var (got '%s')" other
+module Mode =
+    let table = [ "off", Off; "mean", Mean; "mean-var", MeanVar ]
 
-let name (m: Mode) =
-    match m with
-    | Off -> "off"
-    | Mean -> "mean"
-    | MeanVar -> "mean-var"
+/// The mode a setting's text names; `InvalidSetting` naming `key` and the choices otherwise.
+let parse (key: string) (v: string) : Mode = Named.parse key Mode.table v
+
+let name (m: Mode) = Named.name Mode.table m
 
 /// The samples the correction measures on (the first ones of the run's samples) and their batch size.
 let samples = 256L
@@ -82,14 +77,13 @@ let private stats (device: torch.Device) (model: Net) (images: Tensor) (layer: i
         m, v ]
 
 /// The new running mean and variance of one BN layer (float64): `rm`, `rv`, `eps` the layer's; `mt`,
-/// `vt` the teacher's input statistics, `ms`, `vs` the student's.
-let corrected (mode: Mode) (rm: Tensor) (rv: Tensor) (eps: float) (mt: Tensor) (vt: Tensor) (ms: Tensor) (vs: Tensor) : Tensor * Tensor =
-    match mode with
-    | Off -> rm.clone (), rv.clone ()
-    | Mean ->
+/// `vt` the teacher's input statistics, `ms`, `vs` the student's. The normalised output's mean becomes
+/// the teacher's; with `spread`, its standard deviation too.
+let private corrected (spread: bool) (rm: Tensor) (rv: Tensor) (eps: float) (mt: Tensor) (vt: Tensor) (ms: Tensor) (vs: Tensor) : Tensor * Tensor =
+    if not spread then
         use shift = ms - mt
         plus rm shift, rv.clone ()
-    | MeanVar ->
+    else
         use _ = torch.NewDisposeScope()
         use tiny = (1e-12).ToScalar()
         use eps = eps.ToScalar()
@@ -140,7 +134,7 @@ let correct (device: torch.Device) (mode: Mode) (teacher: Net) (student: Net) (i
                         if not (isNull rm || isNull rv) then
                             use rm64 = rm.cpu().to_type(torch.float64)
                             use rv64 = rv.cpu().to_type(torch.float64)
-                            let rm', rv' = corrected mode rm64 rv64 bn.eps mt vt ms vs
+                            let rm', rv' = corrected (mode = MeanVar) rm64 rv64 bn.eps mt vt ms vs
                             use rm' = rm'
                             use rv' = rv'
                             rm.copy_(rm'.to_type(rm.dtype)) |> ignore

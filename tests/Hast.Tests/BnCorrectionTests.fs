@@ -34,6 +34,9 @@ let private setup (seed: int64) =
     Quantize.calibrate cpu student [ x ]
     teacher, student, x
 
+// Tolerances: after a correction the gaps are float32 rounding, measured at most 1.4e-6 (means) and
+// 1.7e-7 (spreads, mean-var) over seeds 5-9, against 1.1-1.5 (means) and 0.33-0.37 (spreads) before;
+// the checks allow 1e-3 after and ask for more than 0.05 before.
 let tests =
     [ testCase "mean: every BN layer's output mean is the teacher's on the samples; the teacher is unchanged" <| fun () ->
           use _ = torch.NewDisposeScope()
