@@ -98,7 +98,8 @@ let private corrected (spread: bool) (rm: Tensor) (rv: Tensor) (eps: float) (mt:
         rm'.MoveToOuterDisposeScope(), rv'.MoveToOuterDisposeScope()
 
 /// Correct the BatchNorm running statistics of `student` against `teacher` (the same topology) on the
-/// first `samples` of `images`, layer by layer; `onLayer i n` before layer i of n. Both models run in
+/// first `samples` of `images`, layer by layer; `onLayer done n` with the layers corrected so far, 0 before
+/// the first and n after the last. Both models run in
 /// eval mode without gradients; their train/eval modes are restored. Returns the number of layers
 /// corrected (0 with `Off` or without BatchNorm layers).
 let correct (device: torch.Device) (mode: Mode) (teacher: Net) (student: Net) (images: Tensor) (onLayer: int -> int -> unit) : int =
@@ -122,9 +123,9 @@ let correct (device: torch.Device) (mode: Mode) (teacher: Net) (student: Net) (i
                     (student.Forward(probe.``to``(device))).Bn |> List.map (fun t -> t.Layer)
                 if List.length layers <> List.length target then
                     failf "BN correction: the student has %d BatchNorm layers and the teacher %d; they must share the topology" (List.length layers) (List.length target)
+                onLayer 0 (List.length layers)
                 layers
                 |> List.iteri (fun i bn ->
-                    onLayer i (List.length layers)
                     match stats device student subset (Some i) with
                     | [ (ms, vs) ] ->
                         use ms = ms
@@ -139,7 +140,8 @@ let correct (device: torch.Device) (mode: Mode) (teacher: Net) (student: Net) (i
                             use rv' = rv'
                             rm.copy_(rm'.to_type(rm.dtype)) |> ignore
                             rv.copy_(rv'.to_type(rv.dtype)) |> ignore
-                    | _ -> failwith "unreachable: one layer's statistics")
+                    | _ -> failwith "unreachable: one layer's statistics"
+                    onLayer (i + 1) (List.length layers))
                 List.length layers
             finally
                 for (m, v) in target do

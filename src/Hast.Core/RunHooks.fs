@@ -47,8 +47,8 @@ type Event =
     | Resumed of epochsDone: int
     | CalibrationStarted of Calibration * images: int64
     | CalibrationBatch of index: int
-    /// BatchNorm correction (`BnCorrection`): layer `index` of `layers` is measured next
-    | BnCorrectionLayer of index: int * layers: int
+    /// BatchNorm correction (`BnCorrection`): `done` of `layers` corrected (0 before the first)
+    | BnCorrectionLayer of ``done``: int * layers: int
     | GeneratorIteration of Generator.IterInfo
     | EvaluationBatch of Phase * imagesDone: int64 * imagesTotal: int64
     | Evaluated of Phase * Evaluate.Accuracy

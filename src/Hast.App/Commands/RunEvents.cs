@@ -72,9 +72,9 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                 StopSignal.Check(() => "in calibration (the samples are kept; a resumed run calibrates again)");
                 break;
             case RunHooks.Event.BnCorrectionLayer bl:
-                if (bl.index == 0)
+                if (bl.@done == 0)
                     log.Info($"correcting BatchNorm statistics ({BnCorrection.name(c.Run.BnCorrection)}) layer by layer against the teacher on the first {BnCorrection.samples} samples, {bl.layers} layers");
-                log.Progress(bl.index, bl.layers, []);
+                log.Progress(bl.@done, bl.layers, []);
                 StopSignal.Check(() => "in BN correction (the samples are kept; a resumed run calibrates again)");
                 break;
             case RunHooks.Event.GeneratorIteration gi:
