@@ -177,15 +177,17 @@ let directionLoss (d: Direction) (t: Terms) : Tensor =
     | KL -> t.KL
     | FA -> t.FA
     | KLandFA -> t.KL + t.FA
+    | Total -> t.Total
 
-/// True when the direction loss is exactly the (CE-free) total, so one backward pass gives both the
-/// parameter gradients of a·L(x) and the input gradient that sets δ.
+/// True when the direction loss is exactly the total (`Total`, or a CE-free total), so one backward
+/// pass gives both the parameter gradients of a·L(x) and the input gradient that sets δ.
 let private directionIsTotal (c: Config) (d: Direction) =
-    c.CeWeight = 0.0
-    && match d, c.Alignment with
-       | KLandFA, _ -> true
-       | KL, NoAlignment -> true
-       | _ -> false
+    match d, c.Alignment with
+    | Total, _ -> true
+    | _ when c.CeWeight <> 0.0 -> false
+    | KLandFA, _ -> true
+    | KL, NoAlignment -> true
+    | _ -> false
 
 /// Teacher outputs on `input`. `graph = false`: under no_grad, constants for the loss. `graph = true`:
 /// with the autograd graph back to `input` (promotion through both networks); the caller freezes the

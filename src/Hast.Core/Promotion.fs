@@ -14,6 +14,10 @@ type Direction =
     | KL
     | FA
     | KLandFA
+    /// the whole clean loss, KL + FA + the cross entropy to the synthetic labels (`--ce-weight`), as
+    /// SynQ's trainer (ICLR 2025) perturbs; the same as `KLandFA` when the CE weight is 0. One backward
+    /// pass gives both the parameter and the input gradient, as for `KLandFA` without CE.
+    | Total
 
 /// Which network(s) the input gradient ∇x L_dir(x) that sets δ flows through.
 type PromotionGrad =
@@ -40,13 +44,15 @@ let parseDirection (s: string) : Direction =
     | "kl" -> KL
     | "fa" -> FA
     | "kl+fa" | "klandfa" | "kl_fa" | "both" -> KLandFA
-    | other -> invalidf "direction" "must be kl, fa or kl+fa (got '%s')" other
+    | "total" | "kl+fa+ce" -> Total
+    | other -> invalidf "direction" "must be kl, fa, kl+fa or total (got '%s')" other
 
 let directionName =
     function
     | KL -> "kl"
     | FA -> "fa"
     | KLandFA -> "kl+fa"
+    | Total -> "total"
 
 let parseGrad (s: string) : PromotionGrad =
     match s.Trim().ToLowerInvariant() with

@@ -67,14 +67,14 @@ let promotionTests = [
         let moved = List.map2 (fun (a: Tensor) (b: Tensor) -> scalar ((a - b).abs().max())) p1 before |> List.max
         Expect.isGreaterThan moved 1e-7 "the step changed the student"
     }
-    test "every direction (kl, fa, kl+fa) gives a finite step, the teacher never changes" {
+    test "every direction (kl, fa, kl+fa, total) gives a finite step, the teacher never changes" {
         use _ = torch.NewDisposeScope()
         let teacher, student = pair 4 4
         let tBefore = paramsOf teacher
         torch.random.manual_seed 9L |> ignore
         let x = torch.randn(4L, 3L, 32L, 32L)
         let labels = torch.randint(10L, [| 4L |])
-        for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] do
+        for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA; Promotion.Total ] do
             let cfg = { FineTune.defaults with Promotion = Some { Promotion.defaults with Direction = d } }
             let s = FineTune.step cfg teacher student (FineTune.optimizer cfg student) 1e-5 x labels
             Expect.isTrue (System.Double.IsFinite s.Total && System.Double.IsFinite s.PerturbedTotal) (sprintf "%A finite" d)
@@ -100,7 +100,7 @@ let private input64 (seed: int64) =
 
 /// The fine-tuning loss with KL and relaxed alignment written out in torch ops (config `c`'s T, α,
 /// λ), the teacher's outputs detached or not.
-let private explicitLoss (c: FineTune.Config) (d: Promotion.Direction) (detachTeacher: bool) (s: Outputs) (t: Outputs) =
+let private explicitLoss (c: FineTune.Config) (d: Promotion.Direction) (detachTeacher: bool) (labels: Tensor) (s: Outputs) (t: Outputs) =
     let tt (v: Tensor) = if detachTeacher then v.detach () else v
     let temp = c.Temperature
     let logS = torch.nn.functional.log_softmax(s.Logits / temp, 1L)
@@ -114,6 +114,7 @@ let private explicitLoss (c: FineTune.Config) (d: Promotion.Direction) (detachTe
     | Promotion.KL -> kl
     | Promotion.FA -> fa * c.Lambda
     | Promotion.KLandFA -> kl + fa * c.Lambda
+    | Promotion.Total -> kl + fa * c.Lambda + torch.nn.functional.cross_entropy(s.Logits, labels) * c.CeWeight
 
 let promotionGradTests = [
     test "δ equals ε·sign of the explicit input gradient: through both networks, or the student only with teacher outputs detached (every direction, a = 0 and a > 0; float64)" {
@@ -128,7 +129,7 @@ let promotionGradTests = [
                     let p = { Promotion.defaults with Epsilon = eps; Direction = d; Grad = g; CleanWeight = a }
                     let c = { FineTune.defaults with Promotion = Some p }
                     let xe = x.detach().clone().requires_grad_(true)
-                    let loss = explicitLoss c d (g = Promotion.StudentOnly) (student.Forward xe) (teacher.Forward xe)
+                    let loss = explicitLoss c d (g = Promotion.StudentOnly) labels (student.Forward xe) (teacher.Forward xe)
                     let ge = torch.autograd.grad([| loss |], [| xe |]).[0]
                     let expected = Promotion.delta eps ge
                     let _, grad = Teacher.withFrozen teacher (fun () -> FineTune.promotionGradient c p teacher student x labels)
@@ -139,6 +140,27 @@ let promotionGradTests = [
         for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] do
             let differ = scalar (deltas[(Promotion.Both, d, 1.0)].ne(deltas[(Promotion.StudentOnly, d, 1.0)]).sum())
             Expect.isGreaterThan differ 0.0 (sprintf "%A: the teacher's path changes δ" d)
+    }
+    test "with cross entropy to the labels (ce-weight 0.5): kl+fa's δ leaves it out, total's δ takes it in, through either network set (a = 0 and 1; float64)" {
+        use _ = torch.NewDisposeScope()
+        let teacher, student = float64Pair ()
+        let x, labels = input64 5L
+        let eps = 0.01
+        let explicitDelta c d g =
+            let xe = x.detach().clone().requires_grad_(true)
+            let loss = explicitLoss c d (g = Promotion.StudentOnly) labels (student.Forward xe) (teacher.Forward xe)
+            Promotion.delta eps (torch.autograd.grad([| loss |], [| xe |]).[0])
+        for g in grads do
+            for a in [ 0.0; 1.0 ] do
+                let config d = { FineTune.defaults with CeWeight = 0.5; Promotion = Some { Promotion.defaults with Epsilon = eps; Direction = d; Grad = g; CleanWeight = a } }
+                let actual d =
+                    let c = config d
+                    let _, grad = Teacher.withFrozen teacher (fun () -> FineTune.promotionGradient c c.Promotion.Value teacher student x labels)
+                    Promotion.delta eps grad
+                let total, klfa = actual Promotion.Total, actual Promotion.KLandFA
+                Expect.equal (scalar ((total - explicitDelta (config Promotion.Total) Promotion.Total g).abs().max())) 0.0 (sprintf "%A a = %g: total's δ bit for bit" g a)
+                Expect.equal (scalar ((klfa - explicitDelta (config Promotion.KLandFA) Promotion.KLandFA g).abs().max())) 0.0 (sprintf "%A a = %g: kl+fa's δ bit for bit" g a)
+                Expect.isGreaterThan (scalar (total.ne(klfa).sum())) 0.0 (sprintf "%A a = %g: the CE term changes δ" g a)
     }
     test "promotion through both networks makes a synthetic batch clearly harder for a W3A3 student (shared model)" {
         // measured (64 samples x 60 synthesis iterations, seed 0, W3A3 calibrated per sample, ε = 0.01,

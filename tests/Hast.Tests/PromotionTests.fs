@@ -14,7 +14,7 @@ let tests : Test list =
           Expect.equal FineTune.defaults.Promotion (Some d) "fine-tuning uses them"
       }
       test "direction and gradient names parse back; unknown names fail with one line" {
-          for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA ] do
+          for d in [ Promotion.KL; Promotion.FA; Promotion.KLandFA; Promotion.Total ] do
               Expect.equal (Promotion.parseDirection (Promotion.directionName d)) d "direction round trip"
           for g in [ Promotion.Both; Promotion.StudentOnly ] do
               Expect.equal (Promotion.parseGrad (Promotion.gradName g)) g "gradient round trip"
