@@ -98,10 +98,10 @@ let private corrected (spread: bool) (rm: Tensor) (rv: Tensor) (eps: float) (mt:
         rm'.MoveToOuterDisposeScope(), rv'.MoveToOuterDisposeScope()
 
 /// Correct the BatchNorm running statistics of `student` against `teacher` (the same topology) on the
-/// first `samples` of `images`, layer by layer; `onLayer done n` with the layers corrected so far, 0 before
-/// the first and n after the last. Both models run in
-/// eval mode without gradients; their train/eval modes are restored. Returns the number of layers
-/// corrected (0 with `Off` or without BatchNorm layers).
+/// first `samples` of `images`, layer by layer; `onLayer done n` with the layers corrected so far, 0
+/// before the first and n after the last. Both models run in eval mode without gradients; their
+/// train/eval modes are restored. Returns the number of layers corrected (0 with `Off` or without
+/// BatchNorm layers).
 let correct (device: torch.Device) (mode: Mode) (teacher: Net) (student: Net) (images: Tensor) (onLayer: int -> int -> unit) : int =
     match mode with
     | Off -> 0

@@ -99,7 +99,7 @@ let private input64 (seed: int64) =
     torch.randn([| 6L; 3L; 8L; 8L |], dtype = torch.float64), torch.randint(10L, [| 6L |])
 
 /// The fine-tuning loss with KL and relaxed alignment written out in torch ops (config `c`'s T, α,
-/// λ), the teacher's outputs detached or not.
+/// λ; `Total` adds the CE to `labels` at `c.CeWeight`), the teacher's outputs detached or not.
 let private explicitLoss (c: FineTune.Config) (d: Promotion.Direction) (detachTeacher: bool) (labels: Tensor) (s: Outputs) (t: Outputs) =
     let tt (v: Tensor) = if detachTeacher then v.detach () else v
     let temp = c.Temperature
