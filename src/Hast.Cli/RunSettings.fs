@@ -41,7 +41,7 @@ let synthesis : Setting<Synthesis.Config> list =
       Setting.float "synth-min-lr" "synthesis learning-rate floor" (fun s -> s.MinLr) (fun v s -> { s with MinLr = v })
       Setting.float "beta" "weight of the hard-sample cross entropy" (fun s -> s.Beta) (fun v s -> { s with Beta = v })
       Setting.float "gamma" "difficulty exponent of (1 - p)^gamma, 0 = plain CE" (fun s -> s.Gamma) (fun v s -> { s with Gamma = v })
-      Setting.field "synth-augment" "synthesis augmentation: none | batch (one crop+flip per batch) | sample (per-sample crop+flip)"
+      Setting.field "synth-augment" "synthesis augmentation: none | batch (one crop+flip per batch) | sample (per-sample crop+flip; the authors' ImageNet setting, 17-19 points behind none on CIFAR ResNet-20 W3A3, docs/results.md)"
           parseAugment augmentName (fun s -> s.Augment) (fun v s -> { s with Augment = v })
       Setting.float "synth-augment-probability" "probability per iteration that the synthesis batch is augmented"
           (fun s -> s.AugmentProbability) (fun v s -> { s with AugmentProbability = v })
