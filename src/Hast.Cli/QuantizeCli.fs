@@ -115,6 +115,8 @@ type QuantizeArgs =
     | Lambda of float
     | Alignment of kind: string
     | Ce_Weight of float
+    | Cam_Weight of float
+    | Optimizer of kind: string
     | Method of kind: string
     | Promotion of on: bool
     | Epsilon of float

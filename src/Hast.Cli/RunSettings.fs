@@ -339,6 +339,8 @@ let run (ctx: Context) : Setting<Config> list =
               alignmentName (fun f -> f.Alignment) (fun v f -> { f with Alignment = v }))
       fineTune (
           Setting.float "ce-weight" "weight of cross entropy to the synthetic labels (--method baseline sets 1)" (fun f -> f.CeWeight) (fun v f -> { f with CeWeight = v }))
+      fineTune (
+          Setting.float "cam-weight" "weight of SynQ's class-activation-map alignment on the clean batch (0: none; SynQ's CIFAR setting is 50)" (fun f -> f.CamWeight) (fun v f -> { f with CamWeight = v }))
       choice "promotion" "sample difficulty promotion on/off"
           (fun c -> if c.FineTune.Promotion.IsSome then "true" else "false")
           (fun v c ->
@@ -378,6 +380,14 @@ let run (ctx: Context) : Setting<Config> list =
               "decay of an exponential moving average of the student's weights, updated every step, evaluated after each epoch beside the last weights and delivered instead of them; 0 = the last weights"
               (fun key v -> match parseFloat key v with 0.0 -> FineTune.LastWeights | d -> FineTune.Ema d)
               averagingText (fun f -> f.Averaging) (fun v f -> { f with Averaging = v }))
+      fineTune (
+          Setting.field "optimizer" "the student's optimizer: sgd (Nesterov momentum, the authors') | adam (--momentum unused)"
+              (fun key v ->
+                  match v.ToLowerInvariant() with
+                  | "sgd" -> FineTune.Sgd
+                  | "adam" -> FineTune.Adam
+                  | other -> failf "--%s must be sgd or adam (got '%s')" key other)
+              (function FineTune.Sgd -> "sgd" | FineTune.Adam -> "adam") (fun f -> f.Optimizer) (fun v f -> { f with Optimizer = v }))
       { Key = "method"
         Help = "hast | baseline (CE + KL, no alignment, no promotion) (default: hast)"
         Show = fun _ -> None

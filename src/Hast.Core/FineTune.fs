@@ -36,6 +36,13 @@ type Averaging =
     /// (`WeightAverage`): avg ← decay·avg + (1 − decay)·θ, starting from the calibrated weights
     | Ema of decay: float
 
+/// The student's optimizer.
+type OptimizerKind =
+    /// SGD with Nesterov momentum (the authors')
+    | Sgd
+    /// Adam (β 0.9 / 0.999, ε 1e-8) with L2 weight decay; `Momentum` unused
+    | Adam
+
 type Config =
     { BatchSize: int
       Lr: float
@@ -56,6 +63,9 @@ type Config =
       Alignment: Alignment
       /// weight of cross-entropy to the synthetic labels (0 in HAST; 1 in the CE+KL baseline)
       CeWeight: float
+      /// weight of SynQ's class-activation-map alignment on the clean batch (`Losses.camAlignment`;
+      /// 0: none, HAST's)
+      CamWeight: float
       Promotion: Promotion option
       /// random-resized-crop + flip applied per sample to every batch drawn from the store
       Crop: Augment.CropSpec
@@ -64,6 +74,7 @@ type Config =
       ConvPrecision: ConvPrecision
       /// the model evaluated after each epoch and delivered at the end
       Averaging: Averaging
+      Optimizer: OptimizerKind
       Seed: int64 }
 
 /// The authors' learning-rate factor at each milestone of the multi-step schedule.
@@ -89,10 +100,12 @@ let defaults : Config =
       Lambda = 1000.0
       Alignment = Relaxed
       CeWeight = 0.0
+      CamWeight = 0.0
       Promotion = Some Promotion.defaults
       Crop = Augment.CropSpec.fineTune
       ConvPrecision = Float32
       Averaging = LastWeights
+      Optimizer = Sgd
       Seed = 0L }
 
 /// The CE + KL baseline: no feature alignment, no promotion.
@@ -110,6 +123,7 @@ let validate (c: Config) : Config =
     requireNonNegative "alpha" c.Alpha
     requireNonNegative "lambda" c.Lambda
     requireNonNegative "ce-weight" c.CeWeight
+    requireNonNegative "cam-weight" c.CamWeight
     Augment.CropSpec.validate c.Crop
     match c.Promotion with
     | Some p ->
@@ -154,6 +168,8 @@ type Terms =
     { KL: Tensor
       FA: Tensor
       CE: Tensor
+      /// the class-activation-map term (0 unless `CamWeight` > 0)
+      Cam: Tensor
       Total: Tensor }
 
 let private zero (like: Tensor) = torch.zeros([||], dtype = like.dtype, device = like.device)
@@ -169,7 +185,18 @@ let terms (c: Config) (s: Outputs) (t: Outputs) (labels: Tensor) : Terms =
     let ce =
         if c.CeWeight = 0.0 then zero s.Logits
         else torch.nn.functional.cross_entropy(s.Logits, labels) * torch.tensor(c.CeWeight)
-    { KL = kl; FA = fa; CE = ce; Total = kl + fa + ce }
+    let cam =
+        if c.CamWeight = 0.0 then zero s.Logits
+        else
+            match s.Head, t.Head with
+            | Some sh, Some th -> Losses.camAlignment sh s.Logits th t.Logits * torch.tensor(c.CamWeight)
+            | _ -> invalid "cam-weight" "needs a model that ends in a global average pool and a linear layer (the built-in architectures); an imported graph does not say where its pool is"
+    { KL = kl; FA = fa; CE = ce; Cam = cam; Total = kl + fa + ce + cam }
+
+/// The loss on the promoted batch x + δ: as `terms`, without the class-activation-map term (SynQ aligns
+/// the maps on the clean batch only).
+let perturbedTerms (c: Config) (s: Outputs) (t: Outputs) (labels: Tensor) : Terms =
+    terms { c with CamWeight = 0.0 } s t labels
 
 /// The loss whose input gradient sets the promotion direction.
 let directionLoss (d: Direction) (t: Terms) : Tensor =
@@ -184,7 +211,7 @@ let directionLoss (d: Direction) (t: Terms) : Tensor =
 let private directionIsTotal (c: Config) (d: Direction) =
     match d, c.Alignment with
     | Total, _ -> true
-    | _ when c.CeWeight <> 0.0 -> false
+    | _ when c.CeWeight <> 0.0 || c.CamWeight <> 0.0 -> false
     | KLandFA, _ -> true
     | KL, NoAlignment -> true
     | _ -> false
@@ -200,7 +227,8 @@ let teacherOutputs (graph: bool) (teacher: Net) (input: Tensor) : Outputs =
     let o = teacher.Forward input
     { Logits = o.Logits.MoveToOuterDisposeScope()
       Blocks = o.Blocks |> List.map (fun b -> b.MoveToOuterDisposeScope())
-      Bn = [] }
+      Bn = []
+      Head = o.Head |> Option.map (fun h -> { h with Features = h.Features.MoveToOuterDisposeScope() }) }
 
 /// Whether the teacher's forward on the clean batch keeps a graph: promotion through both networks.
 let teacherGraph (c: Config) : bool =
@@ -298,7 +326,7 @@ let private stepUnchecked (c: Config) (teacher: Net) (student: Net) (opt: torch.
         | Some p ->
             let t, grad = promotionGradient c p teacher student x labels
             let x2 = Promotion.perturb p.Epsilon x grad
-            let perturbedTerms () = terms c (student.Forward x2) (teacherOutputs false teacher x2) labels
+            let perturbedTerms () = perturbedTerms c (student.Forward x2) (teacherOutputs false teacher x2) labels
             let perturbed =
                 if p.PerturbedWeight > 0.0 then
                     let t2 = perturbedTerms ()
@@ -325,13 +353,18 @@ let step (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer) 
 /// parameters (conv/linear weights and BN affine parameters). Learned activation ranges
 /// (`Quantizers.rangeParameters`) are a second group: the same learning rate and momentum (LSQ's
 /// gradient scale makes one learning rate fit both), no weight decay (it would pull the ranges to 0).
+/// With `Adam`: Adam over the same groups (lr, L2 weight decay on the weights only).
 let optimizer (c: Config) (student: Net) : torch.optim.Optimizer =
     let nesterov = c.Momentum > 0.0
-    match Quantizers.rangeParameters student with
-    | [] ->
+    match c.Optimizer, Quantizers.rangeParameters student with
+    | Adam, [] -> torch.optim.Adam(student.parameters (), c.Lr, weight_decay = c.WeightDecay) :> torch.optim.Optimizer
+    | Adam, ranges ->
+        let group (ps: TorchSharp.Modules.Parameter seq) (decay: float) = TorchSharp.Modules.Adam.ParamGroup(ps, lr = c.Lr, weight_decay = decay)
+        torch.optim.Adam([ group (student.parameters ()) c.WeightDecay; group ranges 0.0 ], c.Lr, weight_decay = c.WeightDecay) :> torch.optim.Optimizer
+    | Sgd, [] ->
         torch.optim.SGD(student.parameters (), c.Lr, momentum = c.Momentum, weight_decay = c.WeightDecay,
                         nesterov = nesterov) :> torch.optim.Optimizer
-    | ranges ->
+    | Sgd, ranges ->
         let group (ps: TorchSharp.Modules.Parameter seq) (decay: float) =
             TorchSharp.Modules.SGD.ParamGroup(ps, lr = c.Lr, momentum = c.Momentum, weight_decay = decay, nesterov = nesterov)
         torch.optim.SGD([ group (student.parameters ()) c.WeightDecay; group ranges 0.0 ], c.Lr, momentum = c.Momentum,

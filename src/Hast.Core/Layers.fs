@@ -17,18 +17,29 @@ type Tensor = torch.Tensor
 /// One BatchNorm layer and the tensor that entered it during a forward pass.
 type BnTap = { Layer: BatchNorm2d; Input: Tensor }
 
+/// The end of a model that classifies a global average pool with a linear layer: the feature map
+/// entering the pool and the linear layer as a function (class activation maps, `Losses.camAlignment`).
+type Head =
+    { Features: Tensor
+      Classifier: Tensor -> Tensor
+      /// the input's height and width (the maps are compared at the input's size)
+      InputSize: int64[] }
+
 /// What a forward pass gives: logits plus the intermediate tensors the losses use.
 type Outputs =
     { Logits: Tensor
       /// residual-block body outputs (before the shortcut add), in network order
       Blocks: Tensor list
       /// BatchNorm inputs with their layers, in network order
-      Bn: BnTap list }
+      Bn: BnTap list
+      /// the pooled feature map and the classifier (the built-in architectures; not imported graphs)
+      Head: Head option }
 
 /// Per-call recorder. Created by `Net.Forward` for one forward pass and then dropped.
 type Tape(record: bool) =
     let blocks = List<Tensor>()
     let bns = List<BnTap>()
+    let mutable head : (Tensor * (Tensor -> Tensor)) option = None
     static member Off = Tape(false)
     member _.Recording = record
     /// Run a BatchNorm layer, recording its input.
@@ -39,8 +50,14 @@ type Tape(record: bool) =
     member _.Block(x: Tensor) : Tensor =
         if record then blocks.Add x
         x
+    /// Record the feature map that a global average pool and `classifier` turn into the logits;
+    /// returns it unchanged.
+    member _.Head(features: Tensor, classifier: Tensor -> Tensor) : Tensor =
+        if record then head <- Some(features, classifier)
+        features
     member _.Blocks = List.ofSeq blocks
     member _.BnTaps = List.ofSeq bns
+    member _.Recorded = head
 
 /// Base class of the building blocks of Hast models. Children are registered explicitly with
 /// `register_module` under their PyTorch names; TorchSharp's automatic registration of fields is off,
@@ -62,12 +79,16 @@ type Net(name: string) =
     inherit Block(name)
     /// The forward pass, reporting to `tape`.
     abstract Run: x: Tensor * tape: Tape -> Tensor
+    /// Whether `Run` records its head (`Tape.Head`): the built-in architectures, not imported graphs.
+    abstract HasHead: bool
+    default _.HasHead = false
     override this.forward(x: Tensor) = this.Run(x, Tape.Off)
     /// Forward pass that also returns block outputs and BatchNorm inputs.
     member this.Forward(x: Tensor) : Outputs =
         let tape = Tape(true)
         let logits = this.Run(x, tape)
-        { Logits = logits; Blocks = tape.Blocks; Bn = tape.BnTaps }
+        let head = tape.Recorded |> Option.map (fun (f, c) -> { Features = f; Classifier = c; InputSize = [| x.shape[2]; x.shape[3] |] })
+        { Logits = logits; Blocks = tape.Blocks; Bn = tape.BnTaps; Head = head }
 
 /// Marker for modules that hold quantizer state (calibrated ranges) rather than model weights.
 /// Their buffers are saved in Hast checkpoints but are neither expected in nor taken from

@@ -195,3 +195,42 @@ let relaxedAlignment (student: Tensor list) (teacher: Tensor list) : Tensor =
 /// Direct feature alignment: Σ_b MSE(s_b, t_b) on raw body outputs.
 let directAlignment (student: Tensor list) (teacher: Tensor list) : Tensor =
     sumOver (blockPairs student teacher) (fun s t -> torch.nn.functional.mse_loss(s, t))
+
+// ---------------------------------------------------------------------------------------------
+// Class activation maps (SynQ)
+// ---------------------------------------------------------------------------------------------
+
+/// A network's class activation map for its own top class, as SynQ (Kim et al., ICLR 2025) aligns
+/// them: Grad-CAM's channel weights α_k, the spatial mean of ∂score/∂A_k taken as constants and
+/// clamped below at 1e-10; the map ReLU(Σ_k α_k A_k), bilinearly resized to the input's size and
+/// scaled to [0, 1] per sample ((m − min) / (max − min + 1e-10)). A is the feature map entering the
+/// global average pool: there ∂score_c/∂A_k,ij = W_ck / (H·W) for the linear layer W, so α is the
+/// class's row of W over H·W and no backward pass is needed (tested against autograd's).
+/// SynQ takes the last convolution's output instead; for these networks its weights also carry the
+/// last BatchNorm's scale and the ReLU's active fraction. Gradients reach A only, as in SynQ.
+let classActivationMap (head: Head) (logits: Tensor) : Tensor =
+    use _ = torch.NewDisposeScope()
+    let a = head.Features
+    let n, k = a.shape[0], a.shape[1]
+    let weights =
+        use _ = torch.no_grad ()
+        // Wᵀ (K, C) from the layer itself: f(I) − f(0) for the linear (or fake-quantized linear) f
+        let eye = torch.eye(k, dtype = a.dtype, device = a.device)
+        let w = head.Classifier eye - head.Classifier(torch.zeros([| 1L; k |], dtype = a.dtype, device = a.device))
+        let cls = logits.detach().argmax(1L)
+        let h, wd = a.shape[2], a.shape[3]
+        (w.t().index_select(0L, cls) / float (h * wd)).clamp_min(1e-10)
+    let m = torch.einsum("nk,nkhw->nhw", weights, a).relu().unsqueeze(1L)
+    let up = interpolate(m, size = head.InputSize, mode = torch.InterpolationMode.Bilinear, align_corners = false)
+    let flat = up.reshape(n, -1L)
+    let lo = flat.amin([| 1L |], keepdim = true)
+    let hi = flat.amax([| 1L |], keepdim = true)
+    ((flat - lo) / (hi - lo + 1e-10)).reshape(up.shape).MoveToOuterDisposeScope()
+
+/// SynQ's class-activation-map alignment: MSE between the student's map and the teacher's (a constant).
+let camAlignment (student: Head) (studentLogits: Tensor) (teacher: Head) (teacherLogits: Tensor) : Tensor =
+    use _ = torch.NewDisposeScope()
+    let t =
+        use _ = torch.no_grad ()
+        classActivationMap teacher teacherLogits
+    mse_loss(classActivationMap student studentLogits, t).MoveToOuterDisposeScope()

@@ -85,9 +85,12 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
         Generator.calibrateWithGenerator inputs.Device g inputs.Teacher student inputs.Arch.Input.Size (GeneratorIteration >> event)
     BnCorrection.correct inputs.Device c.BnCorrection inputs.Teacher student images (fun i n -> event (BnCorrectionLayer(i, n))) |> ignore
 
-/// Fail with one line, before any work, when the run's per-layer settings cannot apply to this model:
-/// a layer name it lacks, or a size budget below the smallest allocation.
-let checkPrecision (arch: Models.Registry.Arch) (classes: int64) (teacher: Net) (c: Config) : unit =
+/// Fail with one line, before any work, when the run's settings cannot apply to this model: a layer
+/// name it lacks, a size budget below the smallest allocation, or the class-activation-map term for a
+/// model that does not record its head (an imported graph).
+let checkModel (arch: Models.Registry.Arch) (classes: int64) (teacher: Net) (c: Config) : unit =
+    if c.FineTune.CamWeight > 0.0 && not teacher.HasHead then
+        invalid "cam-weight" "needs a model that ends in a global average pool and a linear layer (the built-in architectures); an imported graph does not say where its pool is"
     let p = c.Precision
     if Precision.isMixed p then
         use probe = Quantize.quantizeWith arch classes teacher c.WBits c.ABits c.ResidualBits

@@ -162,6 +162,36 @@ let promotionGradTests = [
                 Expect.equal (scalar ((klfa - explicitDelta (config Promotion.KLandFA) Promotion.KLandFA g).abs().max())) 0.0 (sprintf "%A a = %g: kl+fa's δ bit for bit" g a)
                 Expect.isGreaterThan (scalar (total.ne(klfa).sum())) 0.0 (sprintf "%A a = %g: the CE term changes δ" g a)
     }
+    test "with class-activation-map alignment (cam-weight 50): in the clean loss and its parameter gradient, not in kl+fa's δ nor in the promoted batch's loss; refused without a head (a = 1; float64)" {
+        use _ = torch.NewDisposeScope()
+        let teacher, student = float64Pair ()
+        let x, labels = input64 6L
+        let eps = 0.01
+        let p = { Promotion.defaults with Epsilon = eps; Direction = Promotion.KLandFA; Grad = Promotion.StudentOnly; CleanWeight = 1.0 }
+        let c = { FineTune.defaults with CamWeight = 50.0; Promotion = Some p }
+        let t = Teacher.withFrozen teacher (fun () -> FineTune.terms c (student.Forward x) (FineTune.teacherOutputs false teacher x) labels)
+        Expect.isGreaterThan (scalar t.Cam) 0.0 "the student's maps differ from the teacher's"
+        Expect.floatClose Accuracy.veryHigh (scalar t.Total) (scalar (t.KL + t.FA + t.Cam)) "the total holds it"
+        let tp = Teacher.withFrozen teacher (fun () -> FineTune.perturbedTerms c (student.Forward x) (FineTune.teacherOutputs false teacher x) labels)
+        Expect.equal (scalar tp.Cam) 0.0 "not on the promoted batch"
+        // δ and the parameter gradient against the explicit loss
+        let xe = x.detach().clone().requires_grad_(true)
+        let so, tOut = student.Forward xe, teacher.Forward xe
+        let klfa = explicitLoss c Promotion.KLandFA true labels so tOut
+        let expectedDelta = Promotion.delta eps (torch.autograd.grad([| klfa |], [| xe |], retain_graph = true).[0])
+        let cam = Losses.camAlignment so.Head.Value so.Logits { tOut.Head.Value with Features = tOut.Head.Value.Features.detach() } (tOut.Logits.detach()) * 50.0
+        let ps = FineTune.trainable student |> List.map (fun q -> q :> Tensor) |> Array.ofSeq
+        let expectedGrads = torch.autograd.grad([| klfa + cam |], ps, allow_unused = true)
+        for q in FineTune.trainable student do q.grad <- null
+        let _, grad = Teacher.withFrozen teacher (fun () -> FineTune.promotionGradient c p teacher student x labels)
+        Expect.equal (scalar ((Promotion.delta eps grad - expectedDelta).abs().max())) 0.0 "kl+fa's δ leaves the map term out, bit for bit"
+        let worst =
+            Array.map2 (fun (e: Tensor) (q: Tensor) ->
+                if isNull e || e.IsInvalid then 0.0 else scalar ((q.grad - e).abs().max()) / (1e-30 + scalar (e.abs().max()))) (Array.ofSeq expectedGrads) ps
+            |> Array.max
+        Expect.isLessThan worst 1e-9 "a·∇θ(L + w·CAM): the map term's gradient is in the step"
+        Expect.throwsT<InvalidSetting> (fun () -> FineTune.terms c { student.Forward x with Head = None } (teacher.Forward x) labels |> ignore) "a model that does not say where its pool is"
+    }
     test "promotion through both networks makes a synthetic batch clearly harder for a W3A3 student (shared model)" {
         // measured (64 samples x 60 synthesis iterations, seed 0, W3A3 calibrated per sample, ε = 0.01,
         // KL+FA): gain 1.270 through both networks, 0.999 through the student only
@@ -224,6 +254,35 @@ let scheduleTests = [
     }
 ]
 
+
+let optimizerTests = [
+    test "--optimizer adam: the first step moves every weight with a gradient by the lr (Adam's m̂/√v̂ = sign g), the teacher not at all; sgd is the default (float64)" {
+        use _ = torch.NewDisposeScope()
+        let teacher, student = float64Pair ()
+        Expect.equal FineTune.defaults.Optimizer FineTune.Sgd "the authors' SGD by default"
+        Expect.isTrue (FineTune.optimizer FineTune.defaults student :? TorchSharp.Modules.SGD) "SGD"
+        let x, labels = input64 7L
+        let c = { FineTune.defaults with Optimizer = FineTune.Adam; WeightDecay = 0.0; Promotion = None }
+        let opt = FineTune.optimizer c student
+        Expect.isTrue (opt :? TorchSharp.Modules.Adam) "Adam"
+        let before, teacherBefore = paramsOf student, paramsOf teacher
+        let lr = 1e-3
+        FineTune.step c teacher student opt lr x labels |> ignore
+        for (a: Tensor), (b: Tensor) in List.zip teacherBefore (paramsOf teacher) do
+            Expect.isTrue (a.eq(b).all().item<bool> ()) "the teacher is bit-identical"
+        let moved =
+            List.map2 (fun (b: Tensor) (q: TorchSharp.Modules.Parameter) ->
+                let d = (q.detach() - b).abs()
+                // where the gradient is far above Adam's ε the step is lr·g/(|g| + ε) = lr
+                let big = if isNull q.grad || q.grad.IsInvalid then d.lt(torch.tensor -1.0) else q.grad.abs().gt(torch.tensor 1e-6)
+                scalar (d.max()), (if scalar (big.sum()) > 0.0 then scalar (d.masked_select(big).min()) else lr))
+                before (student.parameters () |> List.ofSeq)
+        let largest = moved |> List.map fst |> List.max
+        let smallestWithGradient = moved |> List.map snd |> List.min
+        Expect.isLessThanOrEqual largest (lr * (1.0 + 1e-9)) "no weight moves by more than the lr"
+        Expect.isGreaterThan smallestWithGradient (lr * 0.99) "every weight with a gradient moves by the lr"
+    }
+]
 
 let precisionTests = [
     // What bf16 convolutions should keep is checked where it is well defined: the full-precision teacher's
@@ -359,4 +418,4 @@ let divergenceTests = [
     }
 ]
 
-let tests : Test list = promotionTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests @ learnedRangeTests
+let tests : Test list = promotionTests @ optimizerTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests @ learnedRangeTests

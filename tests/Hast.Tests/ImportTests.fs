@@ -57,6 +57,12 @@ let fileTests =
         let o = net.Forward(torch.randn([| 2L; 3L; 32L; 32L |], generator = generator 4300L))
         Expect.equal o.Blocks.Length 9 "9 block outputs"
         Expect.equal o.Bn.Length 21 "21 BN taps"
+        // no recorded head: --cam-weight is refused in one line before any work
+        Expect.isFalse net.HasHead "an imported graph does not say where its pool is"
+        Expect.isNone o.Head "no head recorded"
+        let camRun = { Pipeline.defaults Registry.Cifar 10L (Pipeline.Store("store", None)) with FineTune = { FineTune.defaults with CamWeight = 50.0 } }
+        Expect.throwsT<InvalidSetting> (fun () -> Run.checkModel (Registry.find "cifar-resnet20-a") 10L net camRun) "--cam-weight with an imported graph"
+        Run.checkModel (Registry.find "cifar-resnet20-a") 10L net { camRun with FineTune = FineTune.defaults }
         for k, t in imp.Weights do
             Expect.equal t.dtype torch.float32 (sprintf "%s float32" k)
             Expect.equal t.device_type DeviceType.CPU (sprintf "%s on the CPU" k)

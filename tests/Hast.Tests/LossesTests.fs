@@ -199,4 +199,59 @@ let private fastPathTests : Test list = [
     }
 ]
 
-let tests : Test list = hardnessTests @ fineTuneLossTests @ fastPathTests
+/// SynQ's class activation maps and their alignment.
+let private camTests : Test list =
+    // a feature map (N, K, H, W) and a linear classifier of a global average pool over it, float64
+    let setup (seed: int64) =
+        use g = generator seed
+        let a = torch.randn([| 5L; 6L; 4L; 3L |], dtype = torch.float64, generator = g).relu()
+        let layer = torch.nn.Linear(6L, 7L, dtype = torch.float64)
+        use _ = torch.no_grad ()
+        layer.weight.copy_(torch.randn([| 7L; 6L |], dtype = torch.float64, generator = g)) |> ignore
+        layer.bias.copy_(torch.randn([| 7L |], dtype = torch.float64, generator = g)) |> ignore
+        a, layer
+    let head (a: Tensor) (layer: Linear) (size: int64[]) : Head =
+        { Features = a; Classifier = (fun x -> layer.forward x); InputSize = size }
+    let logitsOf (a: Tensor) (layer: Linear) = layer.forward (a.mean([| 2L; 3L |]))
+    /// Grad-CAM by autograd, as SynQ computes it: α = spatial mean of ∂score/∂A for the top class,
+    /// clamped below at 1e-10; ReLU(Σ α A), resized bilinearly to `size`, scaled to [0, 1] per sample
+    let reference (a0: Tensor) (layer: Linear) (size: int64[]) =
+        let a = a0.detach().requires_grad_(true)
+        let logits = logitsOf a layer
+        let score = logits.gather(1L, logits.argmax(1L).unsqueeze(1L)).sum()
+        let grad = torch.autograd.grad([| score |], [| a |]).[0]
+        let alpha = grad.mean([| 2L; 3L |]).clamp_min(1e-10)
+        let n, k = a.shape[0], a.shape[1]
+        let m = (alpha.view(n, k, 1L, 1L) * a).sum(1L, keepdim = true).relu().detach()
+        let up = torch.nn.functional.interpolate(m, size = size, mode = torch.InterpolationMode.Bilinear, align_corners = false)
+        let flat = up.reshape(n, -1L)
+        let lo, hi = flat.amin([| 1L |], keepdim = true), flat.amax([| 1L |], keepdim = true)
+        ((flat - lo) / (hi - lo + 1e-10)).reshape(up.shape)
+    [ for seed, size in [ 21L, [| 4L; 3L |]; 22L, [| 16L; 12L |] ] ->
+        test (sprintf "the map is Grad-CAM's at the pooled features, without a backward pass: %dx%d (float64, seed %d)" size[0] size[1] seed) {
+            use _ = torch.NewDisposeScope()
+            let a, layer = setup seed
+            let got = Losses.classActivationMap (head a layer size) (logitsOf a layer)
+            Expect.equal got.shape [| 5L; 1L; size[0]; size[1] |] "one map per sample, the input's size"
+            let r = reference a layer size
+            Expect.isLessThan (maxAbsDiff got r) 1e-12 "Grad-CAM's map"
+            Expect.isLessThan (maxAbsDiff (got.amax([| 1L; 2L; 3L |])) (torch.ones(5L, dtype = torch.float64))) 1e-8 "maximum 1 (up to the 1e-10 in the denominator)"
+            Expect.isLessThan (scalar (got.amin())) 1e-12 "minimum 0"
+        } ]
+    @ [ test "the alignment is 0 for the teacher's own map, > 0 for another; its gradient reaches the student's features only (float64, seed 23)" {
+          use _ = torch.NewDisposeScope()
+          let a, layer = setup 23L
+          let logits = logitsOf a layer
+          let t = head a layer [| 8L; 6L |]
+          Expect.isLessThan (scalar (Losses.camAlignment t logits t logits)) 1e-20 "same map"
+          use g = generator 24L
+          let other = (a + torch.rand(a.shape, dtype = torch.float64, generator = g)).detach().requires_grad_(true)
+          let loss = Losses.camAlignment (head other layer [| 8L; 6L |]) (logitsOf other layer) t logits
+          Expect.isGreaterThan (scalar loss) 0.0 "another map"
+          loss.backward ()
+          Expect.isGreaterThan (scalar (other.grad.abs().sum())) 0.0 "features get a gradient"
+          Expect.isTrue (isNull layer.weight.grad || layer.weight.grad.IsInvalid || scalar (layer.weight.grad.abs().sum()) = 0.0)
+              "the channel weights are constants (SynQ)"
+      } ]
+
+let tests : Test list = hardnessTests @ fineTuneLossTests @ fastPathTests @ camTests

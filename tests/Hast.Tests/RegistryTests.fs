@@ -45,6 +45,19 @@ let private archTests (arch: Registry.Arch) =
             let y = archInput arch 1L 3L
             Expect.isFalse (same (net.forward y) b) "a different input gives different logits"
 
+        testCase "the head: the feature map whose average pool the classifier turns into the logits, recorded (HasHead)" <| fun () ->
+            use _ = torch.NewDisposeScope()
+            use _ = torch.no_grad ()
+            let net = buildEval arch arch.DefaultClasses
+            let x = archInput arch 2L 4L
+            let out = net.Forward x
+            Expect.isTrue net.HasHead "a built-in architecture says it records its head"
+            let h = Expect.wantSome out.Head "recorded"
+            Expect.equal h.InputSize [| x.shape[2]; x.shape[3] |] "the input's size"
+            Expect.equal h.Features.shape[0] 2L "one map per sample"
+            let again = h.Classifier(h.Features.mean([| 2L; 3L |]))
+            Expect.isLessThan (maxAbsDiff again out.Logits) 1e-4 "classifier(pool(features)) = logits"
+
         testCase "each module and tensor is registered under one name only" <| fun () ->
             use _ = torch.NewDisposeScope()
             // TorchSharp registers a child's Module fields by field name unless the child opts out;

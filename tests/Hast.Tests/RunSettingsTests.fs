@@ -70,6 +70,8 @@ let private examples : Map<string, bool * string list * string> =
           "lambda", (run, [], "250")
           "alignment", (run, [], "direct")
           "ce-weight", (run, [], "0.5")
+          "cam-weight", (run, [], "50")
+          "optimizer", (run, [], "adam")
           "promotion", (run, [], "false")
           "epsilon", (run, [], "0.03")
           "direction", (run, [], "fa")

@@ -51,7 +51,7 @@ public static class PipelineCommand
             Data.checkClasses(valPath.Value, v.Dataset, teacher.Classes);
             val = FSharpOption<Data.Dataset>.Some(v.Dataset);
         }
-        Hast.Core.Run.checkPrecision(teacher.Arch, teacher.Classes, teacher.Net, c.Run);
+        Hast.Core.Run.checkModel(teacher.Arch, teacher.Classes, teacher.Net, c.Run);
         // --time-budget: probe the steps and plan the counts before anything depends on them
         var clock = BudgetProbe.ClockStart(started);
         RunPlan.Planned? planned = null;

@@ -68,10 +68,12 @@ type CifarResNetA(n: int, numClasses: int64, kit: LayerKit) as this =
             this.register_module(sprintf "layer%d" (i + 1), new Node(blocks |> List.mapi (fun j b -> (string j, b :> Module)))))
         this.register_module("linear", linear)
 
+    override _.HasHead = true
+
     override _.Run(x, tape) =
         let h0 = act1.forward (tape.Bn(bn1, conv1.forward x))
         let h = layers |> List.concat |> List.fold (fun h (b: BasicBlockA) -> b.Run(h, tape)) h0
-        linear.forward (torch.nn.functional.adaptive_avg_pool2d(h, [| 1L; 1L |]).flatten(1))
+        linear.forward (torch.nn.functional.adaptive_avg_pool2d(tape.Head(h, linear.forward), [| 1L; 1L |]).flatten(1))
 
 /// pytorchcv ConvBlock: conv (no bias) + BN (+ activation). Parameter names: conv, bn, activ.
 let private convBlock (spec: ConvSpec) (act: Activation option) (kit: LayerKit) =
@@ -121,9 +123,11 @@ type CifarResNet(n: int, numClasses: int64, kit: LayerKit) as this =
         this.register_module("features", features)
         this.register_module("output", output)
 
+    override _.HasHead = true
+
     override _.Run(x, tape) =
         let h = stages |> List.concat |> List.fold (fun h (u: ResUnit) -> u.Run(h, tape)) (init.Run(x, tape))
-        output.forward (torch.nn.functional.adaptive_avg_pool2d(h, [| 1L; 1L |]).flatten(1))
+        output.forward (torch.nn.functional.adaptive_avg_pool2d(tape.Head(h, output.forward), [| 1L; 1L |]).flatten(1))
 
 /// Blocks per stage of a CIFAR ResNet of `depth` layers (depth = 6n + 2: 20, 32, 44, 56, 110, ...).
 let blocksPerStage (depth: int) : int =

@@ -71,9 +71,11 @@ type MobileNetV2(numClasses: int64, kit: LayerKit) as this =
         this.register_module("classifier", new Node([ "0", dropout :> Module; "1", fc :> Module ]))
     /// Children are registered explicitly (matters if this net is itself registered in a wrapper).
 
+    override _.HasHead = true
+
     override _.Run(x, tape) =
         let h = blocks |> List.fold (fun h (b: InvertedResidual) -> b.Run(h, tape)) (stem.Run(x, tape))
-        let pooled = torch.nn.functional.adaptive_avg_pool2d(head.Run(h, tape), [| 1L; 1L |]).flatten(1)
+        let pooled = torch.nn.functional.adaptive_avg_pool2d(tape.Head(head.Run(h, tape), fc.forward), [| 1L; 1L |]).flatten(1)
         fc.forward (dropout.forward pooled)
 
 /// `mobilenetv2`: torchvision `mobilenet_v2` (width 1.0).

@@ -79,10 +79,12 @@ type ResNet(name: string, blocks: int list, numClasses: int64, kit: LayerKit) as
         this.register_module("fc", fc)
     /// Children are registered explicitly (matters if this net is itself registered in a wrapper).
 
+    override _.HasHead = true
+
     override _.Run(x, tape) =
         let h0 = maxpool.forward (act1.forward (tape.Bn(bn1, conv1.forward x)))
         let h = stages |> List.concat |> List.fold (fun h (b: BasicBlock) -> b.Run(h, tape)) h0
-        fc.forward (torch.nn.functional.adaptive_avg_pool2d(h, [| 1L; 1L |]).flatten(1))
+        fc.forward (torch.nn.functional.adaptive_avg_pool2d(tape.Head(h, fc.forward), [| 1L; 1L |]).flatten(1))
 
 /// A BasicBlock ResNet with the given per-stage block counts.
 let resnet (name: string) (blocks: int list) (numClasses: int64) (kit: LayerKit) : Net =
