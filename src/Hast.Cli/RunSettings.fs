@@ -352,7 +352,7 @@ let run (ctx: Context) : Setting<Config> list =
               { c with FineTune = { c.FineTune with Promotion = p } })
       promotion (Setting.float "epsilon" "promotion step epsilon" (fun p -> p.Epsilon) (fun v p -> { p with Epsilon = v }))
       promotion (
-          Setting.field "direction" "loss that sets the promotion direction: kl | fa | kl+fa | total (kl+fa and the --ce-weight cross entropy)"
+          Setting.field "direction" "loss that sets the promotion direction: kl | fa | kl+fa | total (kl+fa, the --ce-weight cross entropy and the --cam-weight term)"
               (fun _ v -> withFlags flagOf (fun () -> Promotion.parseDirection v))
               Promotion.directionName (fun p -> p.Direction) (fun v p -> { p with Direction = v }))
       promotion (

@@ -15,8 +15,9 @@ type Direction =
     | FA
     | KLandFA
     /// the whole clean loss, KL + FA + the cross entropy to the synthetic labels (`--ce-weight`), as
-    /// SynQ's trainer (ICLR 2025) perturbs; the same as `KLandFA` when the CE weight is 0. One backward
-    /// pass gives both the parameter and the input gradient, as for `KLandFA` without CE.
+    /// SynQ's trainer (ICLR 2025) perturbs, and the class-activation-map term (`--cam-weight`), which
+    /// SynQ leaves out; the same as `KLandFA` when both weights are 0. One backward pass gives both
+    /// the parameter and the input gradient, as for `KLandFA` without them.
     | Total
 
 /// Which network(s) the input gradient ∇x L_dir(x) that sets δ flows through.
