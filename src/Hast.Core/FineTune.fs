@@ -174,6 +174,15 @@ type Terms =
 
 let private zero (like: Tensor) = torch.zeros([||], dtype = like.dtype, device = like.device)
 
+/// `--cam-weight` needs a model that records its head (`Net.HasHead`); one line otherwise.
+let private noHead () : 'a =
+    invalid "cam-weight" "needs a model that ends in a global average pool and a linear layer (the built-in architectures); an imported graph does not say where its pool is"
+
+/// Fail with one line, before any work, when `c` aligns class activation maps on a model that does
+/// not record its head (an imported graph).
+let checkHead (c: Config) (model: Net) : unit =
+    if c.CamWeight > 0.0 && not model.HasHead then noHead ()
+
 /// The fine-tuning loss of student outputs `s` against teacher outputs `t` (targets `labels`).
 let terms (c: Config) (s: Outputs) (t: Outputs) (labels: Tensor) : Terms =
     let kl = Losses.kl c.Temperature s.Logits t.Logits * (c.Alpha * c.Temperature * c.Temperature)
@@ -190,7 +199,7 @@ let terms (c: Config) (s: Outputs) (t: Outputs) (labels: Tensor) : Terms =
         else
             match s.Head, t.Head with
             | Some sh, Some th -> Losses.camAlignment sh s.Logits th t.Logits * torch.tensor(c.CamWeight)
-            | _ -> invalid "cam-weight" "needs a model that ends in a global average pool and a linear layer (the built-in architectures); an imported graph does not say where its pool is"
+            | _ -> noHead ()
     { KL = kl; FA = fa; CE = ce; Cam = cam; Total = kl + fa + ce + cam }
 
 /// The loss on the promoted batch x + δ: as `terms`, without the class-activation-map term (SynQ aligns

@@ -89,8 +89,7 @@ let calibrate (inputs: Inputs) (c: Config) (student: Net) (images: Tensor) (even
 /// name it lacks, a size budget below the smallest allocation, or the class-activation-map term for a
 /// model that does not record its head (an imported graph).
 let checkModel (arch: Models.Registry.Arch) (classes: int64) (teacher: Net) (c: Config) : unit =
-    if c.FineTune.CamWeight > 0.0 && not teacher.HasHead then
-        invalid "cam-weight" "needs a model that ends in a global average pool and a linear layer (the built-in architectures); an imported graph does not say where its pool is"
+    FineTune.checkHead c.FineTune teacher
     let p = c.Precision
     if Precision.isMixed p then
         use probe = Quantize.quantizeWith arch classes teacher c.WBits c.ABits c.ResidualBits
