@@ -6,7 +6,7 @@
 // (DIR/ort.json from `hast eval --onnx`, when there). Folders named NAME-s<seed> are one configuration
 // over seeds: the table gives each seed and the mean, the figure the means.
 //   dotnet build src/Hast.App -c Release
-//   dotnet fsi examples/size-accuracy.fsx OUT.png RUNDIR [RUNDIR ...]   (the table goes to stdout)
+//   dotnet fsi examples/size-accuracy.fsx OUT.png [--title TEXT] RUNDIR [RUNDIR ...]   (the table goes to stdout)
 #load "Hast.fsx"
 #r "../src/Hast.App/bin/Release/net10.0/ScottPlot.dll"
 
@@ -17,11 +17,13 @@ open System.Text.RegularExpressions
 open TorchSharp
 open Hast.Core
 
-let png, dirs =
+let defaultTitle = "ResNet-20: final top-1 against the weights' stored size"
+let png, title, dirs =
     match fsi.CommandLineArgs |> Array.skip 1 |> List.ofArray with
-    | out :: (_ :: _ as dirs) -> out, dirs
+    | out :: "--title" :: title :: (_ :: _ as dirs) -> out, title, dirs
+    | out :: (first :: _ as dirs) when first <> "--title" -> out, defaultTitle, dirs
     | _ ->
-        eprintfn "usage: dotnet fsi examples/size-accuracy.fsx OUT.png RUNDIR [RUNDIR ...]"
+        eprintfn "usage: dotnet fsi examples/size-accuracy.fsx OUT.png [--title TEXT] RUNDIR [RUNDIR ...]"
         exit 2
 
 type Run = { Name: string; Seed: string; Bytes: int64; Test: float; Val: float option; Ort: float option; Bits: string }
@@ -81,7 +83,7 @@ let series (label: string) (f: Run -> float option) =
             t.LabelFontSize <- 10.0f
 series "test head (932)" (fun r -> Some r.Test)
 series "validation (train_jpeg5k)" (fun r -> r.Val)
-plt.Title "ResNet-20: final top-1 against the weights' stored size"
+plt.Title title
 plt.XLabel "weights stored (KiB)"
 plt.YLabel "top-1 %"
 plt.ShowLegend() |> ignore

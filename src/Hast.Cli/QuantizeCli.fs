@@ -116,6 +116,7 @@ type QuantizeArgs =
     | Alignment of kind: string
     | Ce_Weight of float
     | Cam_Weight of float
+    | Act_Drop of float
     | Optimizer of kind: string
     | Method of kind: string
     | Promotion of on: bool

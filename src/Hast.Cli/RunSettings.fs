@@ -341,6 +341,8 @@ let run (ctx: Context) : Setting<Config> list =
           Setting.float "ce-weight" "weight of cross entropy to the synthetic labels (--method baseline sets 1)" (fun f -> f.CeWeight) (fun v f -> { f with CeWeight = v }))
       fineTune (
           Setting.float "cam-weight" "weight of SynQ's class-activation-map alignment on the clean batch (0: none; SynQ's CIFAR setting is 50)" (fun f -> f.CamWeight) (fun v f -> { f with CamWeight = v }))
+      fineTune (
+          Setting.float "act-drop" "QDrop: the probability that each activation value skips its quantizer in a fine-tuning step (its full-precision value instead; 0: none; QDrop's setting is 0.5)" (fun f -> f.ActDrop) (fun v f -> { f with ActDrop = v }))
       choice "promotion" "sample difficulty promotion on/off"
           (fun c -> if c.FineTune.Promotion.IsSome then "true" else "false")
           (fun v c ->

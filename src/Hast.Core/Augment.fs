@@ -44,8 +44,7 @@ module CropSpec =
         let rlo, rhi = s.Ratio
         if not (rlo > 0.0 && rlo <= rhi && not (Double.IsInfinity rhi)) then
             invalidf "crop-ratio" "must satisfy 0 < min <= max (got %g,%g)" rlo rhi
-        if not (s.FlipProbability >= 0.0 && s.FlipProbability <= 1.0) then
-            invalidf "flip-probability" "must be in [0, 1] (got %g)" s.FlipProbability
+        requireProbability "flip-probability" s.FlipProbability
 
 /// A crop box in pixels.
 type CropBox = { Top: int64; Left: int64; Height: int64; Width: int64 }

@@ -2,8 +2,8 @@
 /// (HAST section 3.3): KL distillation + relaxed feature alignment, with sample difficulty promotion.
 ///
 /// The stage is a set of pure functions over an explicit state; the shell drives it epoch by epoch,
-/// evaluating and checkpointing in between. Every epoch's randomness (batch order, crops, flips) is
-/// derived from (seed, epoch), so a run resumed at an epoch boundary equals an uninterrupted one.
+/// evaluating and checkpointing in between. Every epoch's randomness (batch order, crops, flips, QDrop's
+/// masks) is derived from (seed, epoch), so a run resumed at an epoch boundary equals an uninterrupted one.
 module Hast.Core.FineTune
 
 open System
@@ -66,6 +66,9 @@ type Config =
       /// weight of SynQ's class-activation-map alignment on the clean batch (`Losses.camAlignment`;
       /// 0: none, HAST's)
       CamWeight: float
+      /// QDrop: the probability that each activation value skips its quantizer in the steps' forwards
+      /// (`Quantizers.withActDrop`, the full-precision value instead); 0: none, HAST's
+      ActDrop: float
       Promotion: Promotion option
       /// random-resized-crop + flip applied per sample to every batch drawn from the store
       Crop: Augment.CropSpec
@@ -101,6 +104,7 @@ let defaults : Config =
       Alignment = Relaxed
       CeWeight = 0.0
       CamWeight = 0.0
+      ActDrop = 0.0
       Promotion = Some Promotion.defaults
       Crop = Augment.CropSpec.fineTune
       ConvPrecision = Float32
@@ -124,6 +128,7 @@ let validate (c: Config) : Config =
     requireNonNegative "lambda" c.Lambda
     requireNonNegative "ce-weight" c.CeWeight
     requireNonNegative "cam-weight" c.CamWeight
+    requireProbability "act-drop" c.ActDrop
     Augment.CropSpec.validate c.Crop
     match c.Promotion with
     | Some p ->
@@ -465,10 +470,12 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
     teacher.eval ()
     student.eval ()
     use gen = generator (deriveSeed c.Seed [ 2L; int64 ep ])
+    use dropGen = generator (deriveSeed c.Seed [ 13L; int64 ep ])
     use order = epochIndices c images.shape[0] ep gen
     let mutable sum = { KL = 0.0; FA = 0.0; CE = 0.0; Total = 0.0; PerturbedTotal = 0.0; PromotionGain = 0.0; Lr = 0.0 }
     let mutable diverged = None
     ConvPrecision.within c.ConvPrecision [ teacher :> torch.nn.Module; student :> torch.nn.Module ] (fun () ->
+    Quantizers.withActDrop c.ActDrop dropGen student (fun () ->
     let mutable i = 0
     while diverged.IsNone && i < c.ItersPerEpoch do
         use _ = torch.NewDisposeScope()
@@ -486,7 +493,7 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
                   PerturbedTotal = sum.PerturbedTotal + s.PerturbedTotal; PromotionGain = sum.PromotionGain + s.PromotionGain
                   Lr = s.Lr }
             onIter { Epoch = ep; Iteration = i; ItersPerEpoch = c.ItersPerEpoch; Stats = s }
-            i <- i + 1)
+            i <- i + 1))
     match diverged with
     | Some cause -> Diverged cause
     | None when not (trainable student |> Seq.forall allFinite) -> Diverged NonFiniteWeights

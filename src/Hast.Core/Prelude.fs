@@ -61,6 +61,10 @@ module Prelude =
         if Double.IsNaN v || Double.IsInfinity v || v < 0.0 then
             invalidf setting "must be a non-negative finite number (got %g)" v
 
+    /// Validate a probability, in [0, 1] (NaN is not).
+    let requireProbability (setting: string) (v: float) =
+        if not (v >= 0.0 && v <= 1.0) then invalidf setting "must be in [0, 1] (got %g)" v
+
     /// The one finiteness check of the stages: fail with one line when a loss value is NaN or
     /// infinite, e.g. "fine-tuning diverged: the loss is nan; lower the learning rate".
     let requireFinite (stage: string) (what: string) (fix: string) (v: float) =

@@ -552,6 +552,14 @@ type ActQuant(bits: int, momentum: float) as this =
 /// backward reads its output). (TorchSharp 0.107's `hardtanh` returns its input unchanged: not used.)
 let private activateSavingInput (kind: Activation) (x: Tensor) : Tensor = Activation.apply kind x
 
+/// QDrop (Wei et al., ICLR 2022) for one activation layer: in a training forward (gradients on, the
+/// range frozen) each value skips the quantizer with probability `Probability` — the activation's
+/// full-precision value instead of its grid value — with the masks drawn from `Generator`. Set for the
+/// fine-tuning's steps only (`withActDrop`); evaluation, calibration and export never drop.
+type ActDrop =
+    { Probability: float
+      Generator: torch.Generator }
+
 /// An activation followed by its quantizer, as one module (children `act`, `quant`). The activation's
 /// output is quantized in place (`ActQuant.ForwardInPlace`): one buffer and one pass fewer per
 /// quantizer than activation, copy, quantize. Without gradients the activation is the module itself;
@@ -559,7 +567,8 @@ let private activateSavingInput (kind: Activation) (x: Tensor) : Tensor = Activa
 /// range, gradient flowing), ReLU and ReLU6 and the clip to the range are one clamp, `clamp(x, 0, hi)`
 /// (ReLU6: hi at most 6): the same values, the clamp's gradient (tested against the separate form),
 /// one activation-sized buffer and pass fewer per quantizer. Not measurably faster: ResNet-20 W3A3
-/// seed 3, 800 iterations, 440 s against 448 s with the separate clamp (docs/results.md).
+/// seed 3, 800 iterations, 440 s against 448 s with the separate clamp (docs/results.md). With QDrop
+/// (`Drop`, set by `withActDrop`) a training forward keeps the activation beside its grid value.
 type QAct(kind: Activation, bits: int) as this =
     inherit Module<Tensor, Tensor>("QAct")
     let act =
@@ -568,25 +577,45 @@ type QAct(kind: Activation, bits: int) as this =
         | Relu6 -> ReLU6() :> Module<Tensor, Tensor>
         | other -> new Activate(other) :> Module<Tensor, Tensor>
     let quant = new ActQuant(bits, InputNonNegative = Activation.nonNegative kind)
+    let mutable drop : ActDrop option = None
     do
         this.register_module("act", act)
         this.register_module("quant", quant)
+    /// The activation with its quantizer dropped for a random share of the values (`ActDrop`): out of
+    /// place, the activation kept beside its grid value; the gradient is the activation's where the
+    /// quantizer was dropped and the quantizer's rule (`ActSte`) elsewhere.
+    let dropped (d: ActDrop) (x: Tensor) : Tensor =
+        use scope = torch.NewDisposeScope()
+        let a = activateSavingInput kind x
+        let q = quant.forward a
+        use p = d.Probability.ToScalar()
+        let skip = torch.rand(a.shape, generator = d.Generator).lt(p).``to``(a.device)
+        scope.MoveToOuter(torch.where(skip, a, q))
+    /// A forward with gradients, every value quantized.
+    let quantizedWithGradient (x: Tensor) : Tensor =
+        match kind with
+        | Relu
+        | Relu6 when quant.Mode = Frozen && quant.ClipsGradientOf x ->
+            let clamped =
+                // the widened range's lower end is <= 0 and the activation's is 0: the clamp's is 0;
+                // scalar bounds (clamp's backward with tensor bounds takes several passes)
+                let hi = max 0.0 (snd quant.Range)
+                use lower = (0.0).ToScalar()
+                use upper = (match kind with Relu6 -> min 6.0 hi | _ -> hi).ToScalar()
+                x.clamp(lower, upper)
+            quant.ForwardClampedInPlace clamped
+        | _ -> quant.ForwardInPlace (activateSavingInput kind x)
     member _.Quantizer = quant
+    /// QDrop in this layer's training forwards (`withActDrop`); None: never.
+    member _.Drop
+        with get () = drop
+        and set (v: ActDrop option) = drop <- v
     override _.forward(x: Tensor) : Tensor =
         if quant.Bits = fullPrecisionBits then act.forward x
         elif torch.is_grad_enabled () then
-            match kind with
-            | Relu
-            | Relu6 when quant.Mode = Frozen && quant.ClipsGradientOf x ->
-                let clamped =
-                    // the widened range's lower end is <= 0 and the activation's is 0: the clamp's is 0;
-                    // scalar bounds (clamp's backward with tensor bounds takes several passes)
-                    let hi = max 0.0 (snd quant.Range)
-                    use lower = (0.0).ToScalar()
-                    use upper = (match kind with Relu6 -> min 6.0 hi | _ -> hi).ToScalar()
-                    x.clamp(lower, upper)
-                quant.ForwardClampedInPlace clamped
-            | _ -> quant.ForwardInPlace (activateSavingInput kind x)
+            match drop with
+            | Some d when quant.Mode = Frozen -> dropped d x
+            | _ -> quantizedWithGradient x
         else quant.ForwardInPlace (act.forward x)
 
 /// The quantizer of a residual block's body (`LayerKit.Residual`, `--residual-bits`): an activation
@@ -601,6 +630,17 @@ type ResidualQuant(bits: int) =
 /// The module and all its descendants, in registration (network) order.
 let private allModules (m: Module) : Module list =
     m :: [ for struct (_, c) in m.named_modules () do if not (obj.ReferenceEquals(c, m)) then yield c ]
+
+/// Run `f` with QDrop (`ActDrop`) in every activation layer (`QAct`) of `m`: each value skips its
+/// quantizer with probability `p` in the training forwards of `f`, masks drawn from `gen`; no layer
+/// drops afterwards, also when `f` raises. p = 0: `f` alone. The quantizers of residual bodies
+/// (`ResidualQuant`) and of imported graphs' own activation layers are not `QAct`s: they never drop.
+let withActDrop (p: float) (gen: torch.Generator) (m: Module) (f: unit -> 'a) : 'a =
+    if p = 0.0 then f ()
+    else
+        let layers = allModules m |> List.choose (function :? QAct as a -> Some a | _ -> None)
+        for a in layers do a.Drop <- Some { Probability = p; Generator = gen }
+        try f () finally for a in layers do a.Drop <- None
 
 /// All activation quantizers of a model, in network order.
 let actQuantizers (m: Module) : ActQuant list =

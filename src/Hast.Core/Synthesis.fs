@@ -84,8 +84,7 @@ let validate (cfg: Config) : unit =
     requirePositive "synth-lr" cfg.Lr
     requirePositive "synth-min-lr" cfg.MinLr
     if not (cfg.Factor > 0.0 && cfg.Factor < 1.0) then invalidf "synth-factor" "must be in (0, 1) (got %g)" cfg.Factor
-    if not (cfg.AugmentProbability >= 0.0 && cfg.AugmentProbability <= 1.0) then
-        invalidf "synth-augment-probability" "must be in [0, 1] (got %g)" cfg.AugmentProbability
+    requireProbability "synth-augment-probability" cfg.AugmentProbability
     match cfg.Augment with
     | NoAugmentation -> ()
     | SharedCrop s | PerSampleCrop s -> CropSpec.validate s

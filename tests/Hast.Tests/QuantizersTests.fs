@@ -622,4 +622,62 @@ let private fastPathTests : Test list = [
     }
 ]
 
-let tests : Test list = propertyTests @ actTests @ layerTests @ fastPathTests
+/// QDrop (`withActDrop`) on one activation layer: ReLU, 3 bits, range [0, 1] frozen, the clipped
+/// gradient, so a dropped value (its ReLU) and a quantized one differ in value and, above 1, in gradient.
+let private dropTests : Test list = [
+    test "QDrop: with gradients each value is its ReLU with probability p, else its grid value; the gradient the ReLU's where dropped, the clipped rule's elsewhere; no drop without gradients, nor after withActDrop (also after an exception); p = 1 drops every value, masks follow the seed" {
+        let seed = 20261207L
+        use _ = torch.NewDisposeScope()
+        use q = new QAct(Relu, 3)
+        q.Quantizer.Observe(torch.tensor([| 0.0f; 1.0f |]))
+        q.Quantizer.Ste <- ClippedLowBits
+        use g = generator seed
+        let x = torch.randn([| 4096L |], generator = g) * 1.5
+        let fp = torch.nn.functional.relu x
+        let grid = (use _ = torch.no_grad () in q.Quantizer.forward fp)
+        let forwardWithGrad () =
+            let xg = x.detach().requires_grad_(true)
+            let y = q.forward xg
+            y.sum().backward ()
+            y.detach(), xg.grad
+        // masks from another seed than the values' (the same seed draws the same uniforms: correlated)
+        let maskSeed = seed + 1L
+        let dropAt (p: float) =
+            use mg = generator maskSeed
+            withActDrop p mg q forwardWithGrad
+        // p = 0.5: every value is its ReLU or its grid value, about half of those that differ are the ReLU
+        let y, grad = dropAt 0.5
+        Expect.isTrue (y.eq(fp).logical_or(y.eq(grid)).all().item<bool> ()) (sprintf "each value is its ReLU or its grid value (seed %d)" seed)
+        let differ = fp.ne(grid)
+        let dropped = y.eq(fp).logical_and(differ)
+        let n = scalar (differ.sum())
+        let share = scalar (dropped.sum()) / n
+        // binomial(n, 0.5): sd 0.5/sqrt(n) (n about 3,800 here, sd 0.008); 5 sd
+        Expect.isLessThan (abs (share - 0.5)) (5.0 * 0.5 / sqrt n) (sprintf "dropped %.3f of %.0f values that differ (seed %d)" share n seed)
+        // the gradient: ReLU's slope where dropped; where quantized, 1 inside the range (0, 1] and 0 outside
+        let positive = x.gt(torch.tensor 0.0)
+        let inside = positive.logical_and(x.le(torch.tensor 1.0))
+        // (a value that is its ReLU and its grid value lies in [0, 1], where both rules agree)
+        let expected = torch.where(dropped, positive, inside).to_type(torch.float32)
+        Expect.isTrue (same grad expected) (sprintf "the gradient: ReLU's where dropped, clipped elsewhere (seed %d)" seed)
+        Expect.isGreaterThan (scalar (dropped.logical_and(x.gt(torch.tensor 1.0)).sum())) 0.0 "some dropped values above the range (gradient 1 there, 0 if quantized)"
+        // the same mask seed, the same values; p = 1: every value its ReLU
+        let y', _ = dropAt 0.5
+        Expect.isTrue (same y y') "the same mask seed: the same values"
+        let all, allGrad = dropAt 1.0
+        Expect.isTrue (same all fp && same allGrad (positive.to_type(torch.float32))) "p = 1: the ReLU and its gradient"
+        // without gradients (evaluation) nothing drops
+        use mg = generator maskSeed
+        let evaluated = withActDrop 0.5 mg q (fun () -> use _ = torch.no_grad () in q.forward x)
+        Expect.isTrue (same evaluated grid) "no gradients: the grid values"
+        // afterwards, and after an exception inside, the layer quantizes every value again
+        Expect.isTrue q.Drop.IsNone "no drop after withActDrop"
+        let raised = try withActDrop 0.5 mg q (fun () -> failwith "inside") with _ -> true
+        Expect.isTrue raised "the exception passes through"
+        Expect.isTrue q.Drop.IsNone "no drop after an exception inside withActDrop"
+        let after, _ = forwardWithGrad ()
+        Expect.isTrue (same after grid) "with gradients again: the grid values"
+    }
+]
+
+let tests : Test list = propertyTests @ actTests @ layerTests @ fastPathTests @ dropTests

@@ -71,6 +71,7 @@ let private examples : Map<string, bool * string list * string> =
           "alignment", (run, [], "direct")
           "ce-weight", (run, [], "0.5")
           "cam-weight", (run, [], "50")
+          "act-drop", (run, [], "0.5")
           "optimizer", (run, [], "adam")
           "promotion", (run, [], "false")
           "epsilon", (run, [], "0.03")
