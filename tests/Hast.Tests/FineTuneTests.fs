@@ -21,6 +21,11 @@ let private pair (wbits: int) (abits: int) =
 let private paramsOf (m: torch.nn.Module) =
     m.parameters () |> Seq.map (fun p -> p.detach().clone()) |> List.ofSeq
 
+/// 16 seeded noise images and random labels: a store for one short epoch.
+let private noiseBatch (seed: int64) =
+    use g = generator seed
+    torch.randn([| 16L; 3L; 32L; 32L |], generator = g), torch.randint(10L, [| 16L |], generator = g)
+
 let private grads = [ Promotion.Both; Promotion.StudentOnly ]
 
 let promotionTests = [
@@ -312,9 +317,7 @@ let precisionTests = [
         Expect.isLessThan rel 0.05 (sprintf "teacher logits: max |bf16 - fp32| / max |fp32| = %g" rel)
         Expect.isGreaterThan rel 0.0 "bf16 really ran"
         Expect.isGreaterThanOrEqual same 0.95 (sprintf "teacher: the same class on %.1f%%" (100.0 * same))
-        use g = generator 5L
-        let images = torch.randn([| 16L; 3L; 32L; 32L |], generator = g)
-        let labels = torch.randint(10L, [| 16L |], generator = g)
+        let images, labels = noiseBatch 5L
         let run (precision: ConvPrecision) =
             let teacher, student = pair 4 4
             let c = { FineTune.defaults with BatchSize = 8; Epochs = 1; ItersPerEpoch = 2; ConvPrecision = precision; Seed = 5L }
@@ -376,9 +379,7 @@ let learnedRangeTests = [
 let divergenceTests = [
     test "tryEpoch: NaN weights after step k -> diverged at step k+1 with the loss named, no further steps; after the last step -> non-finite weights; epoch fails with 'diverged'" {
         use _ = torch.NewDisposeScope()
-        use g = generator 9L
-        let images = torch.randn([| 16L; 3L; 32L; 32L |], generator = g)
-        let labels = torch.randint(10L, [| 16L |], generator = g)
+        let images, labels = noiseBatch 9L
         let c = { FineTune.defaults with BatchSize = 4; Epochs = 1; ItersPerEpoch = 4; Seed = 9L }
         let run (at: int) =
             let teacher, student = pair 4 4
@@ -426,9 +427,7 @@ let divergenceTests = [
 let actDropTests = [
     test "--act-drop (QDrop): an epoch's masks follow the seed (two runs, the same losses and weights), it trains otherwise than without (other losses), and no layer drops after it (shared model, W3A3, seed 13)" {
         use _ = torch.NewDisposeScope()
-        use g = generator 13L
-        let images = torch.randn([| 16L; 3L; 32L; 32L |], generator = g)
-        let labels = torch.randint(10L, [| 16L |], generator = g)
+        let images, labels = noiseBatch 13L
         let run (drop: float) =
             let teacher, student = pair 3 3
             let c = { FineTune.defaults with BatchSize = 8; Epochs = 1; ItersPerEpoch = 2; ActDrop = drop; Seed = 13L }
