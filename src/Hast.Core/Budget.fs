@@ -306,19 +306,31 @@ let replanSynthesis (pol: Policy) (p: Probes) (r: Request) (samples: int) (synth
         let least = max s.Kept (min samples pol.MinSamples)
         int (Math.Clamp(float s.Kept + more, float least, float (max least samples)))
 
-/// The fine-tune epochs to run in all, planned once more after the first epoch of this process:
-/// `finished` epochs are done, the last of them took `epochSeconds` (its steps, evaluation and checkpoint),
-/// and `secondsLeft` of the budget remain. As many further epochs as fit in the time left less the
-/// plan's margin (none when not even one does). The first epoch measures the fine-tuning itself, at the
-/// machine's speed of that minute: the steps took 0.74–1.13× what the probes at the start read (seventeen
-/// runs, docs/history/results-log.md), and the re-plan after synthesis carries that over. `reserve`: seconds kept
-/// for the end of the run (final checkpoint and report). Epochs keep their length, so their data order
-/// is unchanged; a cosine schedule stretches or shrinks to the new total (the pipeline re-plans only
-/// when more than one epoch was planned, so the schedule has not ended).
-let replanEpochs (pol: Policy) (reserve: float) (epochSeconds: float) (secondsLeft: float) (finished: int) : int =
+/// The fine-tune epochs to run in all, planned again after each epoch of this process: `finished`
+/// epochs are done, they took `epochSeconds` each on average (steps, evaluation and checkpoint: the
+/// mean over this process's epochs, since single epochs of one run took 51-90 s on this machine), and
+/// `secondsLeft` of the budget remain; `planned` epochs were planned so far. `reserve`: seconds kept for
+/// the end of the run (final checkpoint and report).
+/// - Behind (the planned epochs do not fit in the time left, with no margin): as many as fit in it less
+///   the plan's margin, so that the schedule ends rather than being cut at an epoch boundary.
+/// - Ahead (more epochs fit in the time left less the margin), in the schedule's first half
+///   (`2 x finished <= planned`): as many as fit. Later, never more: a cosine schedule stretched near
+///   its end would raise a learning rate that has nearly reached zero.
+/// - Otherwise the plan stays (no change from a few seconds' noise).
+/// Epochs keep their length, so their data order is unchanged; a cosine schedule stretches or shrinks
+/// to the new total. Why after each epoch, not only the first (2026-12-05, six cpu-30min runs
+/// re-planned after the first epoch only): after a slow first epoch (88 s, then 63-80 s; 75 s, then
+/// 60-78 s) two runs ended 247 and 143 s before their plans' end (1423 and 1524 s of about 1668 s); after
+/// a fast one (55 s, then 51-69 s) the budget stopped a run after 20 of its 21 epochs.
+let replanEpochs (pol: Policy) (reserve: float) (epochSeconds: float) (secondsLeft: float) (finished: int) (planned: int) : int =
     if not (epochSeconds > 0.0 && Double.IsFinite epochSeconds) then fail "an epoch's time must be positive"
-    let avail = secondsLeft * (1.0 - pol.Margin) - pol.MarginSeconds - reserve
-    finished + max 0 (int (floor (avail / epochSeconds)))
+    let fitting margin =
+        let avail = secondsLeft * (1.0 - margin) - pol.MarginSeconds - reserve
+        finished + max 0 (int (floor (avail / epochSeconds)))
+    let withMargin = fitting pol.Margin
+    if planned > fitting 0.0 then max finished withMargin
+    elif withMargin > planned && 2 * finished <= planned then withMargin
+    else max finished planned
 
 /// The seconds per step a probe reports from its timed laps: their median, so that one slow lap
 /// (a collection, a page-fault burst) does not move the plan. Fails on no laps.

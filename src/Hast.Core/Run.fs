@@ -157,9 +157,9 @@ type private Budgeted(budget: TimeBudget option, plan: RunPlan.Planned option, h
 
 /// Run the pipeline: samples, quantize, calibrate (or restore), fine-tune with evaluations, result.
 /// Under a time budget, `plan` is the run's plan (`RunPlan.plan`, or `RunPlan.resume` of its record:
-/// a resumed plan keeps its counts); the run re-plans it three times as it goes (`RunPlan.replanSynthesis`
+/// a resumed plan keeps its counts); the run re-plans it as it goes (`RunPlan.replanSynthesis`
 /// after the first synthesis batch of this process, `replanFineTune` once a fresh student is calibrated,
-/// `replanEpochs` after the first epoch of this process) and reports each change (`Replanned`). None
+/// `replanEpochs` after each epoch of this process) and reports each change (`Replanned`). None
 /// without a budget. The student (and, with weight averaging, its average) is built here; the shell
 /// saves it through `hooks.Save` and gets the delivered model back in the result pair: the average with
 /// averaging, else the student (the caller owns and disposes it).
@@ -326,14 +326,14 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 | FineTune.Completed stats ->
                 let evaluated =
                     if (epoch + 1) % c.Eval.Every = 0 || epoch + 1 = ft.Epochs then Some(evaluateEpoch epoch) else None
-                // under a time budget, the first epoch of this process (its steps, evaluation included)
-                // measured the fine-tuning itself: the epochs still planned are planned once more,
-                // before the checkpoint records them (none when that epoch was the last: its cosine
-                // schedule has ended)
+                // under a time budget, the epochs of this process (steps, evaluations and checkpoints)
+                // measure the fine-tuning itself: the epochs still planned are planned again after each,
+                // before the checkpoint records them (not after the last: its cosine schedule has ended)
                 let ft =
-                    if epoch = start.EpochsDone && epoch + 1 < ft.Epochs then
+                    if epoch + 1 < ft.Epochs then
+                        let perEpoch = clock.Elapsed.TotalSeconds / float epochRuns.Value
                         budgeted.Replan(fun plan left ->
-                            RunPlan.replanEpochs plan { c with FineTune = ft } (epoch + 1) clock.Elapsed.TotalSeconds left |> Option.map (fun r -> r, ()))
+                            RunPlan.replanEpochs plan { c with FineTune = ft } (epoch + 1) perEpoch left |> Option.map (fun r -> r, ()))
                         |> Option.map (fun (next, ()) -> { ft with Epochs = max (epoch + 1) next.FineTune.Epochs })
                         |> Option.defaultValue ft
                     else ft

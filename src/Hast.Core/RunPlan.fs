@@ -29,7 +29,7 @@ type FineTuneReplan =
       SecondsLeft: float
       FineTuneItersPlannedFirst: int }
 
-/// The epochs re-planned after the first epoch this process fine-tuned.
+/// The epochs re-planned after an epoch this process fine-tuned.
 type EpochsReplan =
     { AfterEpoch: int
       EpochSeconds: float
@@ -43,7 +43,8 @@ type Record =
       Probes: Budget.Probes
       ReplannedSynthesis: SynthesisReplan option
       Replanned: FineTuneReplan option
-      ReplannedEpochs: EpochsReplan option }
+      /// each change of the epochs, in order
+      ReplannedEpochs: EpochsReplan list }
 
 let private r6 (v: float) = Math.Round(v, 6)
 
@@ -94,7 +95,8 @@ let toJson (r: Record) : JsonObject =
                     "save", num (r6 probes.Save) ] ]
     r.ReplannedSynthesis |> Option.iter (fun x -> o["replanned_synthesis"] <- synthesisReplanJson x)
     r.Replanned |> Option.iter (fun x -> o["replanned"] <- fineTuneReplanJson x)
-    r.ReplannedEpochs |> Option.iter (fun x -> o["replanned_epochs"] <- epochsReplanJson x)
+    if not r.ReplannedEpochs.IsEmpty then
+        o["replanned_epochs"] <- JsonArray(r.ReplannedEpochs |> Seq.map (fun x -> epochsReplanJson x :> JsonNode) |> Array.ofSeq)
     o
 
 /// The counts a recorded plan fixes for a resumed run: samples, synthesis iterations, fine-tune
@@ -166,7 +168,7 @@ let plan (c: Pipeline.Config) (tb: Pipeline.TimeBudget) (probes: Budget.Probes) 
     let request = Pipeline.budgetRequest c tb spent
     Budget.plan Budget.measured probes request
     |> Result.map (fun p ->
-        let record = { Plan = p; Probes = probes; ReplannedSynthesis = None; Replanned = None; ReplannedEpochs = None }
+        let record = { Plan = p; Probes = probes; ReplannedSynthesis = None; Replanned = None; ReplannedEpochs = [] }
         Fresh(record, request, c), Pipeline.withCounts p.Samples p.SynthIters p.FineTuneIters c)
 
 /// A re-plan that changed the run: the plan and config from now on, a line for people, and its part of
@@ -269,31 +271,31 @@ let replanSynthesis (p: Planned) (current: Pipeline.Config) (timing: RunRecords.
             Some(replanned, samples)
     | _ -> None
 
-/// The fine-tune epochs re-planned after the first epoch of this process: `finished` epochs done, the
-/// last in `epochSeconds`, `secondsLeft` of the budget left (`Budget.replanEpochs`). The new plan,
-/// config and a line for people; None keeps `current` (a resumed plan, fine-tune iterations given, or
-/// the same count).
+/// The fine-tune epochs re-planned after an epoch of this process: `finished` epochs done, this
+/// process's epochs `epochSeconds` each on average, `secondsLeft` of the budget left
+/// (`Budget.replanEpochs`). The new plan, config and a line for people; None keeps `current` (a resumed
+/// plan, fine-tune iterations given, or the same count).
 let replanEpochs (p: Planned) (current: Pipeline.Config) (finished: int) (epochSeconds: float) (secondsLeft: float)
                  : Replanned option =
     match p with
     | Fresh(record, request, unplanned) when request.FineTuneIters.IsNone ->
         let before = current.FineTune.Epochs
         let epochs =
-            max finished (Budget.replanEpochs Budget.measured (Pipeline.budgetFinalReserve + record.Probes.Save) epochSeconds secondsLeft finished)
+            Budget.replanEpochs Budget.measured (Pipeline.budgetFinalReserve + record.Probes.Save) epochSeconds secondsLeft finished before
         if epochs = before then None
         else
             let next = { current with FineTune = { current.FineTune with Epochs = epochs } }
             let ft = next.FineTune
+            let replan = { AfterEpoch = finished; EpochSeconds = epochSeconds; SecondsLeft = secondsLeft; EpochsPlannedBefore = before }
             let record =
                 { record with
                     Plan = { record.Plan with FineTuneIters = FineTune.totalIterations ft; Epochs = ft.Epochs }
-                    ReplannedEpochs =
-                        Some { AfterEpoch = finished; EpochSeconds = epochSeconds; SecondsLeft = secondsLeft; EpochsPlannedBefore = before } }
+                    ReplannedEpochs = record.ReplannedEpochs @ [ replan ] }
             let line =
-                sprintf "time budget: epoch %d took %.0fs; fine-tuning re-planned to %d x %d = %d iterations (was %d epochs) in the %.0fs left"
+                sprintf "time budget: after epoch %d (%.0fs an epoch on average), fine-tuning re-planned to %d x %d = %d iterations (was %d epochs) in the %.0fs left"
                     finished epochSeconds ft.Epochs ft.ItersPerEpoch (FineTune.totalIterations ft) before secondsLeft
             Some { Planned = Fresh(record, request, unplanned); Config = next; Line = line
-                   Metric = ("replan_epochs", epochsReplanJson record.ReplannedEpochs.Value) }
+                   Metric = ("replan_epochs", epochsReplanJson replan) }
     | _ -> None
 
 /// What the run did against its plan (the report's `time_budget`, beside the plan).

@@ -229,18 +229,56 @@ let tests : Test list =
           Expect.equal (Budget.fineTuneSpeed BFloat16 Float32 0.85) 1.0 "bf16 synthesis faster than its probe: the fine-tune probe as timed"
           Expect.equal (Budget.fineTuneSpeed BFloat16 Float32 1.14) 1.14 "bf16 synthesis slower than its probe: the machine is slower, the plan shrinks"
           Expect.equal (Budget.fineTuneSpeed Float32 BFloat16 0.9) 1.0 "and the other way round")
-      property "after the first epoch, the epochs re-planned fill the time left less the margin, and one more would not fit"
-          (Gen.zip3 (logUniform 1.0 600.0) (logUniform 1.0 7200.0) (Gen.choose (1, 50))) (fun (epochSeconds, left, finished) ->
-          let n = Budget.replanEpochs pol 2.0 epochSeconds left finished
-          let avail = left * (1.0 - pol.Margin) - pol.MarginSeconds - 2.0
+      property "an epoch re-plan fits what it plans in the time left, grows only in the schedule's first half and shrinks only when the plan does not fit"
+          (Gen.zip3 (Gen.zip (logUniform 1.0 600.0) (logUniform 1.0 7200.0)) (Gen.choose (1, 50)) (Gen.choose (2, 80))) (fun ((epochSeconds, left), finished, later) ->
+          let planned = finished + later - 1 // at least one epoch still planned
+          let n = Budget.replanEpochs pol 2.0 epochSeconds left finished planned
+          // k epochs in all fit, or are over, the time left less `margin` (1 us of rounding either way)
+          let avail margin = left * (1.0 - margin) - pol.MarginSeconds - 2.0
+          let fits margin k = float (k - finished) * epochSeconds <= avail margin + 1e-6
+          let over margin k = float (k - finished) * epochSeconds > avail margin - 1e-6
+          // all the epochs that fit in the time left less the plan's margin
+          let fills k = (k = finished || fits pol.Margin k) && over pol.Margin (k + 1)
           n >= finished
-          && float (n - finished) * epochSeconds <= max 0.0 avail * (1.0 + 1e-12)
-          && float (n - finished + 1) * epochSeconds > avail * (1.0 - 1e-12))
+          && (n = finished || fits 0.0 n) // never behind after a re-plan
+          && (n <= planned || (2 * finished <= planned && fills n)) // more: in the first half, all that fit
+          && (n >= planned || (over 0.0 planned && fills n)) // fewer: only when behind, to all that fit
+          && (2 * finished > planned || over pol.Margin (n + 1))) // in the first half, no time left unplanned
       testCase "the epochs re-planned for the measured cpu-30min run: 1930 planned iterations became 13 epochs" (fun () ->
           // /work/runs20 W3A3 seed 0 (docs/history/results-log.md): 10 x 193 planned after synthesis, epoch 1 took ~92 s
           // with ~1,230 s of the budget left
-          Expect.equal (Budget.replanEpochs pol 2.2 92.0 1230.0 1) 13 "12 more epochs fit in 0.93 x 1230 - 2 - 2.2 s"
-          Expect.throws (fun () -> Budget.replanEpochs pol 2.0 0.0 100.0 1 |> ignore) "an epoch takes time")
+          Expect.equal (Budget.replanEpochs pol 2.2 92.0 1230.0 1 10) 13 "12 more epochs fit in 0.93 x 1230 - 2 - 2.2 s"
+          Expect.throws (fun () -> Budget.replanEpochs pol 2.0 0.0 100.0 1 10 |> ignore) "an epoch takes time")
+      testCase "re-planned after every epoch, two measured runs use their time and finish their schedule" (fun () ->
+          // the epochs' seconds of two cpu-30min runs of 2026-12-05 (docs/results.md, mixed precision at the
+          // budget), re-planned after the first epoch only: W3A3 first/last 8 (/work/mpruns/s50/w3fl8-30-s0)
+          // planned 15 after its 88 s first epoch and ended 247 s before its plan's end; W4A4 first/last 8
+          // (w4fl8-30-s0) planned 21 after its 55 s first and the budget stopped it after epoch 20.
+          // Here each run goes on with its measured epochs (then their mean), re-planned after each
+          // epoch, and the pipeline's end-of-epoch stop (`Pipeline.stopForBudget`) as the guard.
+          let reserve = 2.2
+          let simulate (seconds: float list) (left0: float) (planned0: int) =
+              let mean = List.average seconds
+              let at i = if i < seconds.Length then seconds[i] else mean
+              let rec go finished planned left spent =
+                  if finished >= planned then planned, left, false
+                  else
+                      let left, spent = left - at finished, spent + at finished
+                      let finished = finished + 1
+                      let perEpoch = spent / float finished
+                      let planned = if finished < planned then Budget.replanEpochs pol reserve perEpoch left finished planned else planned
+                      if finished < planned && Pipeline.stopForBudget perEpoch left then finished, left, true
+                      else go finished planned left spent
+              go 0 planned0 left0 0.0
+          let slowFirst = [ 88.; 90.; 76.; 80.; 77.; 63.; 71.; 73.; 66.; 65.; 65.; 64.; 67.; 75.; 80. ]
+          let epochs, left, stopped = simulate slowFirst (1387.0 + 88.0) 18
+          Expect.isFalse stopped "the slow-first run finishes its schedule"
+          Expect.isGreaterThan epochs 15 "more epochs than the first re-plan's 15"
+          Expect.isTrue (left >= 0.0 && left < 0.15 * 1387.0) (sprintf "%d epochs leave %.0f s of 1387: within the budget, most of it used" epochs left)
+          let fastFirst = [ 55.; 62.; 57.; 61.; 63.; 62.; 67.; 67.; 64.; 69.; 63.; 61.; 60.; 58.; 51.; 52.; 53.; 52.; 52.; 53. ]
+          let epochs, left, stopped = simulate fastFirst (1187.0 + 55.0) 17
+          Expect.isFalse stopped (sprintf "the fast-first run finishes its schedule (%d epochs, %.0f s left)" epochs left)
+          Expect.isTrue (left >= 0.0 && left < 0.15 * 1187.0) (sprintf "%d epochs leave %.0f s of 1187" epochs left))
       testCase "a probe that timed no laps is an error, not a NaN" (fun () ->
           Expect.throws (fun () -> Budget.lapSeconds [] |> ignore) "no laps")
       property "a plan's predicted time never exceeds the budget (less the margin)" (Gen.zip genProbes genRequest) (fun (p, r) ->

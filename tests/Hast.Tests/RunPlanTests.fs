@@ -1,4 +1,4 @@
-/// The plan of a budgeted run (`RunPlan`): plan, record, resume and the three re-plans, on fixed
+/// The plan of a budgeted run (`RunPlan`): plan, record, resume and the re-plans, on fixed
 /// probes (the probes themselves are timed in the end-to-end budget tests).
 module Hast.Tests.RunPlanTests
 
@@ -116,7 +116,21 @@ let tests : Test list =
               Expect.equal r.Config.FineTune.ItersPerEpoch c.FineTune.ItersPerEpoch "epochs keep their length"
               let j = RunPlan.json r.Planned
               Expect.equal (int (j["epochs"])) r.Config.FineTune.Epochs "the record follows"
-              Expect.equal (int (j["replanned_epochs"]["epochs_planned_before"])) c.FineTune.Epochs "and keeps the plan before"
+              let first = j["replanned_epochs"].AsArray()[0]
+              Expect.equal (int first["epochs_planned_before"]) c.FineTune.Epochs "and keeps the plan before"
+              // two epochs at 2 s on average with the first plan's time left, in the new schedule's first half
+              let fewer = r.Config.FineTune.Epochs
+              Expect.isGreaterThanOrEqual fewer 4 "the first re-plan leaves a first half to re-plan in"
+              match RunPlan.replanEpochs r.Planned r.Config 2 2.0 (float (c.FineTune.Epochs - 1) * epochSeconds / 3.0) with
+              | None -> failtest "not re-planned again"
+              | Some again ->
+                  Expect.isGreaterThan again.Config.FineTune.Epochs fewer "more epochs"
+                  let j = RunPlan.json again.Planned
+                  Expect.equal (int (j["epochs"])) again.Config.FineTune.Epochs "the record follows"
+                  let replans = j["replanned_epochs"].AsArray()
+                  Expect.equal (replans |> Seq.map (fun x -> int x["after_epoch"], int x["epochs_planned_before"]) |> List.ofSeq)
+                      [ 1, c.FineTune.Epochs; 2, fewer ] "each re-plan recorded, in order"
+                  Expect.equal (fst again.Metric) "replan_epochs" "metric"
       }
       test "the report adds what the run used to the plan" {
           let p, _ = planned ()
