@@ -274,6 +274,8 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
         // by this process, rolled back ones included (the budget's time per epoch)
         let kept = ref (GoodState.keep student average opt)
         let epochRuns = ref 0
+        // the mean seconds of this process's epochs (steps, evaluations, checkpoints): the budget's stop and epoch re-plan
+        let meanEpochSeconds () = clock.Elapsed.TotalSeconds / float epochRuns.Value
         // the delivered model's test accuracy, with averaging the last weights' beside it, and the
         // delivered model's on the validation set
         let evaluateEpoch (epoch: int) =
@@ -284,7 +286,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
         let budgetStop (ft: FineTune.Config) (epochsDone: int) =
             match c.TimeBudget with
             | Some budget when epochsDone < ft.Epochs ->
-                let perEpoch = clock.Elapsed.TotalSeconds / float epochRuns.Value
+                let perEpoch = meanEpochSeconds ()
                 let left = budget.Seconds - hooks.BudgetSecondsUsed()
                 if stopForBudget perEpoch left then Some(left, perEpoch) else None
             | _ -> None
@@ -331,7 +333,7 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 // before the checkpoint records them (not after the last: its cosine schedule has ended)
                 let ft =
                     if epoch + 1 < ft.Epochs then
-                        let perEpoch = clock.Elapsed.TotalSeconds / float epochRuns.Value
+                        let perEpoch = meanEpochSeconds ()
                         budgeted.Replan(fun plan left ->
                             RunPlan.replanEpochs plan { c with FineTune = ft } (epoch + 1) perEpoch left |> Option.map (fun r -> r, ()))
                         |> Option.map (fun (next, ()) -> { ft with Epochs = max (epoch + 1) next.FineTune.Epochs })
