@@ -117,6 +117,8 @@ type QuantizeArgs =
     | Ce_Weight of float
     | Cam_Weight of float
     | Act_Drop of float
+    | Grid_Pull of r: float
+    | Train_Bn of on: bool
     | Optimizer of kind: string
     | Method of kind: string
     | Promotion of on: bool

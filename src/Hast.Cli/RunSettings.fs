@@ -343,6 +343,17 @@ let run (ctx: Context) : Setting<Config> list =
           Setting.float "cam-weight" "weight of SynQ's class-activation-map alignment on the clean batch (0: none; SynQ's CIFAR setting is 50)" (fun f -> f.CamWeight) (fun v f -> { f with CamWeight = v }))
       fineTune (
           Setting.float "act-drop" "QDrop: the probability that each activation value skips its quantizer in a fine-tuning step (its full-precision value instead; 0: none; QDrop's setting is 0.5)" (fun f -> f.ActDrop) (fun v f -> { f with ActDrop = v }))
+      { Key = "grid-pull"
+        Help =
+            sprintf "oscillation dampening (Nagel et al. 2022): after every fine-tuning step each quantized weight moves this share (0-1) of the way to its grid value, rising from 0 as a half cosine to this at the last step (default: %g, none)" FineTune.defaults.GridPull
+        // shown only when set, so runs from before the setting keep their config.json (and resume)
+        Show = fun c -> if c.FineTune.GridPull = 0.0 then None else Some(showFloat c.FineTune.GridPull)
+        Set = fun v c -> { c with FineTune = { c.FineTune with GridPull = parseFloat "grid-pull" v } } }
+      { Key = "train-bn"
+        Help = "train the student's BatchNorm scale and shift in fine-tuning (the authors'); false: they keep the teacher's values (default: true)"
+        // shown only when set, so runs from before the setting keep their config.json (and resume)
+        Show = fun c -> if c.FineTune.TrainBn then None else Some "false"
+        Set = fun v c -> { c with FineTune = { c.FineTune with TrainBn = parseBool "train-bn" v } } }
       choice "promotion" "sample difficulty promotion on/off"
           (fun c -> if c.FineTune.Promotion.IsSome then "true" else "false")
           (fun v c ->

@@ -69,6 +69,13 @@ type Config =
       /// QDrop: the probability that each activation value skips its quantizer in the steps' forwards
       /// (`Quantizers.withActDrop`, the full-precision value instead); 0: none, HAST's
       ActDrop: float
+      /// oscillation dampening (`Quantizers.pullToGrid`): after every step each quantized weight closes
+      /// this share of its distance to its grid value at the last iteration, rising from 0 as a half
+      /// cosine over the run (`gridPullAt`); 0: none, HAST's
+      GridPull: float
+      /// train the student's BatchNorm scale and shift (the authors' trainer trains all the student's
+      /// parameters); false: they stay the teacher's, and only the quantized layers train
+      TrainBn: bool
       Promotion: Promotion option
       /// random-resized-crop + flip applied per sample to every batch drawn from the store
       Crop: Augment.CropSpec
@@ -105,6 +112,8 @@ let defaults : Config =
       CeWeight = 0.0
       CamWeight = 0.0
       ActDrop = 0.0
+      GridPull = 0.0
+      TrainBn = true
       Promotion = Some Promotion.defaults
       Crop = Augment.CropSpec.fineTune
       ConvPrecision = Float32
@@ -129,6 +138,7 @@ let validate (c: Config) : Config =
     requireNonNegative "ce-weight" c.CeWeight
     requireNonNegative "cam-weight" c.CamWeight
     requireProbability "act-drop" c.ActDrop
+    requireProbability "grid-pull" c.GridPull
     Augment.CropSpec.validate c.Crop
     match c.Promotion with
     | Some p ->
@@ -164,6 +174,16 @@ let lrAt (c: Config) (iteration: int) : float =
             c.Lr * f
     let warm = if iteration < c.LrWarmup then float (iteration + 1) / float c.LrWarmup else 1.0
     warm * scheduled
+
+/// The share of its distance to its grid value each quantized weight closes after the step at global
+/// iteration `iteration` (0-based; `Quantizers.pullToGrid`): `GridPull`·(1 − cos(π·t))/2 at
+/// t = (iteration + 1) / total iterations, so 0 early, when weights should still cross grid
+/// boundaries, and `GridPull` after the last step (Nagel et al. anneal their dampening weight up).
+let gridPullAt (c: Config) (iteration: int) : float =
+    if c.GridPull = 0.0 then 0.0
+    else
+        let t = min 1.0 (float (iteration + 1) / float (max 1 (totalIterations c)))
+        c.GridPull * 0.5 * (1.0 - Math.Cos(Math.PI * t))
 
 // ---------------------------------------------------------------------------------------------
 // Losses of one batch
@@ -284,6 +304,18 @@ let private failNonFinite (what: string) (v: float) : 'a =
     requireFinite "fine-tuning" what "lower the learning rate or check the samples" v
     failwith "unreachable: requireFinite raises on a non-finite value"
 
+/// Let the student's BatchNorm scale and shift train (`on`) or keep them fixed (`Config.TrainBn`).
+let setBnTrainable (on: bool) (student: Net) : unit =
+    for struct (_, m) in student.named_modules () do
+        match m with
+        | :? BatchNorm2d as b -> for p in b.parameters () do p.requires_grad <- on
+        | _ -> ()
+
+/// What the optimizer trains: the student's parameters that require gradients, and the learned
+/// activation ranges (`Quantizers.rangeParameters`, with `--act-ste lsq`).
+let trainable (student: Net) : TorchSharp.Modules.Parameter list =
+    [ for q in student.parameters () do if q.requires_grad then yield q ] @ Quantizers.rangeParameters student
+
 /// The clean half of a promoted step on batch `x` (on the device): the loss terms L(x), with
 /// a·∇θ L(x) accumulated into the student's `.grad`, and the input gradient g that sets
 /// δ = ε·sign(g) — through both networks or the student only, as `p.Grad` says (g may be scaled by
@@ -293,11 +325,6 @@ let private failNonFinite (what: string) (v: float) : 'a =
 /// total and a > 0, one backward gives both gradients; otherwise the input gradient comes from
 /// `autograd.grad` (graph retained only if a·L(x) still needs its backward, which then runs to the
 /// student's parameters only).
-/// What the optimizer trains: the student's parameters that require gradients, and the learned
-/// activation ranges (`Quantizers.rangeParameters`, with `--act-ste lsq`).
-let trainable (student: Net) : TorchSharp.Modules.Parameter list =
-    [ for q in student.parameters () do if q.requires_grad then yield q ] @ Quantizers.rangeParameters student
-
 let promotionGradient (c: Config) (p: Promotion) (teacher: Net) (student: Net) (x: Tensor) (labels: Tensor) : Terms * Tensor =
     let xg = x.detach().requires_grad_(true)
     let t = terms c (student.Forward xg) (teacherOutputs (p.Grad = Both) teacher xg) labels
@@ -395,7 +422,10 @@ type IterInfo =
 /// L(x + δ) / L(x)).
 type EpochStats =
     { Epoch: int
-      Mean: StepStats }
+      Mean: StepStats
+      /// the share (%) of the student's weight codes that changed over the epoch
+      /// (`Quantizers.codeChanges`): how many weights crossed a grid boundary, net
+      CodeChanges: float }
 
 /// Batch indices of one epoch: a seeded permutation of the samples, cycled as needed.
 let private epochIndices (c: Config) (count: int64) (epoch: int) (gen: torch.Generator) : Tensor =
@@ -469,9 +499,12 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
              (images: Tensor) (labels: Tensor) (ep: int) (fault: int -> Fault option) (onIter: IterInfo -> unit) : EpochOutcome =
     teacher.eval ()
     student.eval ()
+    setBnTrainable c.TrainBn student
     use gen = generator (deriveSeed c.Seed [ 2L; int64 ep ])
     use dropGen = generator (deriveSeed c.Seed [ 13L; int64 ep ])
     use order = epochIndices c images.shape[0] ep gen
+    let codesBefore = Quantizers.weightCodes student
+    use _ = disposingAll codesBefore
     let mutable sum = { KL = 0.0; FA = 0.0; CE = 0.0; Total = 0.0; PerturbedTotal = 0.0; PromotionGain = 0.0; Lr = 0.0 }
     let mutable diverged = None
     ConvPrecision.within c.ConvPrecision [ teacher :> torch.nn.Module; student :> torch.nn.Module ] (fun () ->
@@ -487,6 +520,7 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
         match (try Ok(stepUnchecked c teacher student opt lr (xa.``to``(device)) yb) with NonFiniteLoss(w, v) -> Error(w, v)) with
         | Error(what, v) -> diverged <- Some(NonFiniteStepLoss(i + 1, what, v))
         | Ok s ->
+            Quantizers.pullToGrid (gridPullAt c (ep * c.ItersPerEpoch + i)) student
             let s = match fault i with Some f -> applyFault student s f | None -> s
             sum <-
                 { KL = sum.KL + s.KL; FA = sum.FA + s.FA; CE = sum.CE + s.CE; Total = sum.Total + s.Total
@@ -499,15 +533,18 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
     | None when not (trainable student |> Seq.forall allFinite) -> Diverged NonFiniteWeights
     | None ->
         let n = float c.ItersPerEpoch
+        let codesAfter = Quantizers.weightCodes student
+        use _ = disposingAll codesAfter
         Completed
             { Epoch = ep
               Mean =
                 { KL = sum.KL / n; FA = sum.FA / n; CE = sum.CE / n; Total = sum.Total / n
-                  PerturbedTotal = sum.PerturbedTotal / n; PromotionGain = sum.PromotionGain / n; Lr = sum.Lr } }
+                  PerturbedTotal = sum.PerturbedTotal / n; PromotionGain = sum.PromotionGain / n; Lr = sum.Lr }
+              CodeChanges = Quantizers.codeChanges codesBefore codesAfter }
 
 /// Run epoch `epoch` (0-based) of fine-tuning. Samples stay on the CPU; batches move to `device`.
-/// Student and teacher are in eval mode (BN uses running statistics; BN affine parameters train).
-/// A NaN or infinite loss, or weights that are not finite after the epoch, fail with one line.
+/// Student and teacher are in eval mode (BN uses running statistics; BN affine parameters train
+/// unless `TrainBn` is false). A NaN or infinite loss, or weights that are not finite after the epoch, fail with one line.
 let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer)
           (images: Tensor) (labels: Tensor) (ep: int) (onIter: IterInfo -> unit) : EpochStats =
     match tryEpoch device c teacher student opt images labels ep (fun _ -> None) onIter with

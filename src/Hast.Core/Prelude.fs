@@ -93,6 +93,10 @@ module Prelude =
         use one = (1).ToScalar()
         a.add(b, one)
 
+    /// Disposes each tensor of `ts` when disposed (`use _ = disposingAll ts`).
+    let disposingAll (ts: torch.Tensor list) : System.IDisposable =
+        { new System.IDisposable with member _.Dispose() = for t in ts do t.Dispose() }
+
     /// True when every element is finite.
     let allFinite (t: torch.Tensor) : bool =
         use _ = torch.no_grad ()

@@ -678,6 +678,45 @@ let weightQuantizedLayers (m: Module) : (string * Module) list =
 let setWeightRange (m: Module) (mode: WeightRange) : unit =
     for _, l in weightQuantizedLayers m do (box l :?> IWeightQuantized).WeightRange <- mode
 
+/// The layers of a model whose weights are quantized below 32 bits, each with its weight, in network order.
+let private lowBitWeights (m: Module) : (IWeightQuantized * Parameter) list =
+    [ for _, l in weightQuantizedLayers m do
+          let q = box l :?> IWeightQuantized
+          if q.WeightBits <> fullPrecisionBits then yield q, l.get_parameter "weight" ]
+
+/// The integer codes of every weight quantized below 32 bits, each on its layer's current grid
+/// (`weightRangeOf`, `quantCodes`), in network order: detached uint8 tensors, for `codeChanges`.
+let weightCodes (m: Module) : Tensor list =
+    use _ = torch.no_grad ()
+    [ for q, w in lowBitWeights m do
+          use scope = torch.NewDisposeScope()
+          let lo, hi = weightRangeOf q.WeightRange q.WeightBits w
+          let codes, _, _ = quantCodes w lo hi q.WeightBits
+          yield scope.MoveToOuter(codes.to_type torch.uint8) ]
+
+/// The share (%) of the codes in `before` that differ in `after` (`weightCodes` of one model at two
+/// times, the same layers); 0 when there are none.
+let codeChanges (before: Tensor list) (after: Tensor list) : float =
+    if List.length before <> List.length after then invalidArg "after" "codeChanges: the two lists hold other layers"
+    use _ = torch.NewDisposeScope()
+    let changed, total =
+        List.fold2 (fun (c, n) (b: Tensor) (a: Tensor) -> c + itemInt64 (b.ne(a).sum()), n + b.numel ()) (0L, 0L) before after
+    if total = 0L then 0.0 else 100.0 * float changed / float total
+
+/// Move every weight quantized below 32 bits the share `rate` (0–1) of the way to its grid value, in
+/// place and outside autograd: a gradient step of size `rate` on ½‖w − q(w)‖² with the grid value
+/// q(w) held constant, the oscillation dampening of Nagel et al. (2022, "Overcoming oscillations in
+/// quantization-aware training") applied beside the optimizer. Each channel's min and max lie on its
+/// min/max grid, so that grid does not move. 0: nothing.
+let pullToGrid (rate: float) (m: Module) : unit =
+    if rate > 0.0 then
+        use _ = torch.no_grad ()
+        use keep = (1.0 - rate).ToScalar()
+        use r = rate.ToScalar()
+        for q, w in lowBitWeights m do
+            use g = weightFakeQuantWith q.WeightRange w q.WeightBits
+            w.mul_(keep).add_(g, r) |> ignore
+
 /// The rules of a model's quantizers (`--weight-range`, `--act-range`, `--act-ste`), set together.
 type Rules =
     { WeightRange: WeightRange

@@ -346,7 +346,8 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                     | None -> None, None, None
                 let record =
                     { Epoch = epoch + 1; Iterations = int64 (epoch + 1) * int64 ft.ItersPerEpoch; Mean = stats.Mean
-                      Accuracy = acc; LastWeights = lastWeights; Val = onVal; Agreement = agreement }
+                      Accuracy = acc; LastWeights = lastWeights; Val = onVal; Agreement = agreement
+                      CodeChanges = Some stats.CodeChanges }
                 let p = { p with History = p.History @ [ record ]; EpochsDone = epoch + 1 }
                 event (EpochFinished(record, ft.Epochs))
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }

@@ -32,7 +32,10 @@ type EpochRecord =
       Val: Evaluate.Accuracy option
       /// the share (%) of the guard's probe samples on which the student gives the teacher's class after
       /// the epoch (`Pipeline.Guard`); None when the guard's agreement rule is off
-      Agreement: float option }
+      Agreement: float option
+      /// the share (%) of the student's weight codes that changed over the epoch
+      /// (`FineTune.EpochStats.CodeChanges`); None in records saved before it was measured
+      CodeChanges: float option }
 
 /// One rollback of the divergence guard: the epoch went back to the last good state and ran again.
 type Rollback =

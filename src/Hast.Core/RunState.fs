@@ -65,6 +65,7 @@ let epochJson (e: RunRecords.EpochRecord) : JsonObject =
     e.LastWeights |> Option.iter (put "last_weights_" false)
     e.Val |> Option.iter (put "val_" true)
     e.Agreement |> Option.iter (fun a -> o["agreement"] <- num a)
+    e.CodeChanges |> Option.iter (fun c -> o["code_changes"] <- num c)
     o
 
 let private optNumOf (o: JsonObject) (key: string) : float option =
@@ -90,7 +91,8 @@ let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
       Accuracy = onTest
       LastWeights = last
       Val = onVal
-      Agreement = optNumOf o "agreement" }
+      Agreement = optNumOf o "agreement"
+      CodeChanges = optNumOf o "code_changes" }
 
 let rollbackJson (r: RunRecords.Rollback) : JsonObject =
     obj [ "epoch", int' r.Epoch; "reason", text r.Reason; "lr_scale", num r.LrScale ]

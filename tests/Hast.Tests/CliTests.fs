@@ -390,7 +390,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
         { BatchSize = 24; Lr = 2e-5; Momentum = 0.8; WeightDecay = 5e-4; Epochs = 6; ItersPerEpoch = 7
           Schedule = (if cosine then FineTune.Cosine 0.05 else FineTune.MultiStep([ 2; 4 ], 0.5))
           LrWarmup = 9
-          Temperature = 4.0; Alpha = 3.0; Lambda = 250.0; Alignment = FineTune.Direct; CeWeight = 0.5; CamWeight = 25.0; ActDrop = 0.25
+          Temperature = 4.0; Alpha = 3.0; Lambda = 250.0; Alignment = FineTune.Direct; CeWeight = 0.5; CamWeight = 25.0; ActDrop = 0.25; GridPull = 0.125; TrainBn = false
           Promotion = Some { Epsilon = 0.03; Direction = Promotion.FA; Grad = Promotion.StudentOnly; CleanWeight = 2.0; PerturbedWeight = 0.5 }
           Crop = { Scale = (0.3, 0.9); Ratio = (0.5, 2.0); FlipProbability = 0.25 }
           ConvPrecision = BFloat16

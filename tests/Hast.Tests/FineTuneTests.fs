@@ -258,6 +258,17 @@ let scheduleTests = [
             Expect.floatClose Accuracy.high (FineTune.lrAt w i) (FineTune.lrAt k i) (sprintf "iteration %d" i)
         Expect.throwsT<InvalidSetting> (fun () -> FineTune.validate { k with LrWarmup = -1 } |> ignore) "a negative warm-up is refused"
     }
+    test "--grid-pull rises as a half cosine from about 0 after the first step to its value after the last; 0 is none" {
+        let c = { FineTune.defaults with ItersPerEpoch = 10; Epochs = 8; GridPull = 0.2 }
+        let pulls = [ for i in 0 .. 79 -> FineTune.gridPullAt c i ]
+        Expect.isLessThan pulls.Head 1e-3 "after the first step: almost none"
+        Expect.floatClose Accuracy.high (List.last pulls) 0.2 "after the last step: the setting"
+        Expect.floatClose Accuracy.high pulls.[39] 0.1 "half-way: half"
+        Expect.isTrue (List.pairwise pulls |> List.forall (fun (a, b) -> b > a)) "rising"
+        Expect.isTrue ([ 0 .. 79 ] |> List.forall (fun i -> FineTune.gridPullAt { c with GridPull = 0.0 } i = 0.0)) "0: no pull"
+        for bad in [ -0.1; 1.5 ] do
+            Expect.throwsT<InvalidSetting> (fun () -> FineTune.validate { c with GridPull = bad } |> ignore) (sprintf "%g is refused" bad)
+    }
 ]
 
 
@@ -446,4 +457,53 @@ let actDropTests = [
     }
 ]
 
-let tests : Test list = promotionTests @ optimizerTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests @ learnedRangeTests @ actDropTests
+let gridPullTests = [
+    test "an epoch reports the share of weight codes that changed; with --grid-pull 1 its last step leaves every weight on its grid (shared model, W3A3, seed 17)" {
+        use _ = torch.NewDisposeScope()
+        let images, labels = noiseBatch 17L
+        let run (pull: float) (lr: float) =
+            let teacher, student = pair 3 3
+            let c = { FineTune.defaults with BatchSize = 8; Epochs = 1; ItersPerEpoch = 2; Lr = lr; GridPull = pull; Seed = 17L }
+            let e = FineTune.epoch torch.CPU c teacher student (FineTune.optimizer c student) images labels 0 ignore
+            let offGrid =
+                [ for _, l in Quantizers.weightQuantizedLayers student do
+                      let w = l.get_parameter "weight"
+                      yield scalar ((Quantizers.weightFakeQuant w 3 - w).abs().max()) ] |> List.max
+            e.CodeChanges, offGrid
+        let changed, offGrid = run 0.0 1e-4
+        Expect.isGreaterThan changed 0.0 (sprintf "a large lr moves codes (%g%%)" changed)
+        Expect.isLessThan changed 100.0 "not all of them"
+        Expect.isGreaterThan offGrid 1e-4 "without the pull the weights lie between grid values"
+        let still, _ = run 0.0 1e-12
+        Expect.equal still 0.0 "an lr of 1e-12 moves no code"
+        let _, pulledOff = run 1.0 1e-4
+        Expect.isLessThan pulledOff 1e-6 "a pull of 1 after the last step puts every weight on its grid"
+    }
+]
+
+let trainBnTests = [
+    test "--train-bn false: an epoch leaves the student's BatchNorm scale and shift as they were and still trains its quantized layers; true trains both (shared model, W3A3, seed 19)" {
+        use _ = torch.NewDisposeScope()
+        let images, labels = noiseBatch 19L
+        let run (trainBn: bool) =
+            let teacher, student = pair 3 3
+            let bnParams () =
+                [ for struct (_, m) in student.named_modules () do
+                      match m with
+                      | :? TorchSharp.Modules.BatchNorm2d as b -> for p in b.parameters () do yield p.detach().clone()
+                      | _ -> () ]
+            let convWeights () = [ for _, l in Quantizers.weightQuantizedLayers student -> (l.get_parameter "weight").detach().clone() ]
+            let bn0, w0 = bnParams (), convWeights ()
+            let c = { FineTune.defaults with BatchSize = 8; Epochs = 1; ItersPerEpoch = 2; TrainBn = trainBn; Seed = 19L }
+            FineTune.epoch torch.CPU c teacher student (FineTune.optimizer c student) images labels 0 ignore |> ignore
+            let moved (a: Tensor list) (b: Tensor list) = List.map2 (fun (x: Tensor) (y: Tensor) -> scalar ((x - y).abs().max())) a b |> List.max
+            moved bn0 (bnParams ()), moved w0 (convWeights ())
+        let bnFixed, wTrained = run false
+        Expect.equal bnFixed 0.0 "false: the BatchNorm parameters did not move"
+        Expect.isGreaterThan wTrained 0.0 "false: the quantized layers trained"
+        let bnTrained, _ = run true
+        Expect.isGreaterThan bnTrained 0.0 "true: the BatchNorm parameters trained"
+    }
+]
+
+let tests : Test list = trainBnTests @ gridPullTests @ promotionTests @ optimizerTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests @ learnedRangeTests @ actDropTests

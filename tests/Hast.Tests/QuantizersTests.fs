@@ -680,4 +680,69 @@ let private dropTests : Test list = [
     }
 ]
 
-let tests : Test list = propertyTests @ actTests @ layerTests @ fastPathTests @ dropTests
+// ---------- oscillation dampening: the pull to the grid, and the share of codes that changed ----------
+
+/// A conv with `bits`-bit weights (seeded values) and a 32-bit linear layer, in one module.
+let private pullModel (seed: int64) (bits: int) (scale: float) =
+    torch.manual_seed seed |> ignore
+    let spec = { InChannels = 3L; OutChannels = 5L; Kernel = 3L; Stride = 1L; Padding = 1L; Groups = 1L; Bias = false }
+    let conv = (LayerKit.quantized bits 32).Conv spec
+    let linear = (LayerKit.quantized 32 32).Linear 4L 2L
+    let m = torch.nn.Sequential([| conv; linear |])
+    use _ = torch.no_grad ()
+    for p in m.parameters () do p.mul_(torch.tensor scale) |> ignore
+    m
+
+let private weightOf (m: torch.nn.Module) (i: int) = (m.parameters () |> Seq.item i).detach().clone()
+
+let private pullTests =
+    [ testPropertyWithConfig config "pullToGrid: each low-bit weight moves the share r of the way to its grid value (w' = (1-r)w + r q(w)), keeps its code, and 32-bit layers keep their weights"
+      <| fun (seed: int) (bits: int) (rate: float) ->
+          use _ = torch.NewDisposeScope()
+          let bits = 2 + abs bits % 7
+          let r = if Double.IsFinite rate then abs rate % 1.0 else 0.5
+          let m = pullModel (int64 seed) bits (if seed % 2 = 0 then 0.05 else 3.0)
+          let w, fc = weightOf m 0, weightOf m 1
+          let q = weightFakeQuant w bits
+          let codes = weightCodes m
+          pullToGrid r m
+          let w2 = weightOf m 0
+          let expected = w * (1.0 - r) + q * r
+          let onGrid = (w2 - expected).abs().max() |> scalar <= 1e-6 * (1.0 + scalar (w.abs().max()))
+          onGrid && codeChanges codes (weightCodes m) = 0.0 && same (weightOf m 1) fc
+          |> fun ok -> if not ok then failtestf "seed %d, %d bits, r %g: pulled %b, codes kept %b" seed bits r onGrid (codeChanges codes (weightCodes m) = 0.0) else true
+
+      testCase "pullToGrid at 1 puts every weight on its grid; at 0 it changes nothing" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          let m = pullModel 5L 3 0.1
+          let w = weightOf m 0
+          pullToGrid 0.0 m
+          Expect.isTrue (same (weightOf m 0) w) "rate 0: the weights as they were"
+          pullToGrid 1.0 m
+          let w1 = weightOf m 0
+          Expect.isTrue (same w1 (weightFakeQuant w 3)) "rate 1: each weight is its grid value"
+          let again = scalar ((weightFakeQuant w1 3 - w1).abs().max())
+          Expect.isLessThan again 1e-7 (sprintf "and stays on it (up to float rounding: %g)" again)
+
+      testCase "codeChanges counts the weights whose code moved, as a share of all low-bit weights" <| fun () ->
+          use _ = torch.NewDisposeScope()
+          // 5 output channels x 27 weights = 135 codes at 3 bits; the 32-bit linear layer has none
+          let m = pullModel 7L 3 1.0
+          let before = weightCodes m
+          Expect.equal (before |> List.sumBy (fun t -> t.numel ())) 135L "one layer's 135 codes"
+          let w = m.parameters () |> Seq.head
+          // move one weight of channel 0 that is neither its min nor its max by a whole grid step
+          // (so the channel's range is kept), down or up, whichever stays inside the range
+          let lo, hi = weightRange w
+          let step = (scalar (hi.[0].flatten().[0]) - scalar (lo.[0].flatten().[0])) / 7.0
+          let row = w.detach().[0].flatten()
+          let inner = [ 0L .. 26L ] |> List.find (fun i -> let v = scalar row.[i] in v > scalar (lo.[0].flatten().[0]) + 1.5 * step || v < scalar (hi.[0].flatten().[0]) - 1.5 * step)
+          let v = scalar row.[inner]
+          let moved = if v - 1.5 * step > scalar (lo.[0].flatten().[0]) then v - step else v + step
+          use _ = torch.no_grad ()
+          w.[0].view(-1L).[inner] <- torch.tensor(float32 moved)
+          let after = weightCodes m
+          Expect.floatClose Accuracy.high (codeChanges before after) (100.0 / 135.0) "one code of 135 changed"
+          Expect.equal (codeChanges before before) 0.0 "none against itself" ]
+
+let tests : Test list = propertyTests @ actTests @ layerTests @ fastPathTests @ dropTests @ pullTests

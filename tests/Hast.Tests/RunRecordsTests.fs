@@ -11,7 +11,7 @@ let private stats (total: float) : FineTune.StepStats =
 let private acc (top1Correct: int64) : Evaluate.Accuracy = { Top1Correct = top1Correct; Top5Correct = 100L; Count = 100L }
 
 let private epoch (e: int) (top1: int64 option) : EpochRecord =
-    { Epoch = e; Iterations = int64 e * 10L; Mean = stats 1.0; Accuracy = top1 |> Option.map acc; LastWeights = None; Val = None; Agreement = None }
+    { Epoch = e; Iterations = int64 e * 10L; Mean = stats 1.0; Accuracy = top1 |> Option.map acc; LastWeights = None; Val = None; Agreement = None; CodeChanges = None }
 
 let private cifar = Pipeline.defaults Models.Registry.Family.Cifar 10L (Pipeline.synthesized Models.Registry.Family.Cifar)
 

@@ -72,6 +72,8 @@ let private examples : Map<string, bool * string list * string> =
           "ce-weight", (run, [], "0.5")
           "cam-weight", (run, [], "50")
           "act-drop", (run, [], "0.5")
+          "grid-pull", (run, [], "0.25")
+          "train-bn", (run, [], "false")
           "optimizer", (run, [], "adam")
           "promotion", (run, [], "false")
           "epsilon", (run, [], "0.03")

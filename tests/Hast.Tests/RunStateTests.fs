@@ -21,12 +21,12 @@ let private progress : RunRecords.Progress =
       CalibValTop1 = None
       CalibAgreement = Some 62.5
       History =
-        [ { Epoch = 1; Iterations = 200L; Mean = stats 1.0 true; Accuracy = Some(acc 840L); LastWeights = None; Val = None; Agreement = Some 71.875 }
+        [ { Epoch = 1; Iterations = 200L; Mean = stats 1.0 true; Accuracy = Some(acc 840L); LastWeights = None; Val = None; Agreement = Some 71.875; CodeChanges = Some 1.25 }
           // not an evaluation epoch, no promotion
-          { Epoch = 2; Iterations = 400L; Mean = stats 2.0 false; Accuracy = None; LastWeights = None; Val = None; Agreement = None }
+          { Epoch = 2; Iterations = 400L; Mean = stats 2.0 false; Accuracy = None; LastWeights = None; Val = None; Agreement = None; CodeChanges = None }
           // weight averaging: the average and the last weights
           { Epoch = 3; Iterations = 600L; Mean = stats 3.0 true; Accuracy = Some(acc 850L); LastWeights = Some(acc 845L)
-            Val = Some { Top1Correct = 4300L; Top5Correct = 4950L; Count = 5000L }; Agreement = Some 80.0 } ]
+            Val = Some { Top1Correct = 4300L; Top5Correct = 4950L; Count = 5000L }; Agreement = Some 80.0; CodeChanges = Some 0.0 } ]
       EpochsDone = 3
       Rollbacks = [ { Epoch = 2; Reason = "loss NaN (kl) at iteration 17"; LrScale = 0.5 } ]
       Degraded = None }

@@ -134,7 +134,8 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                              $"-> test top-1 {acc.Value.Top1:F2}% top-5 {acc.Value.Top5:F2}%" +
                              (rec.LastWeights is { } lw ? $" (weight average; last weights {lw.Value.Top1:F2}%)" : "") +
                              (rec.Val is { } va ? $"; validation top-1 {va.Value.Top1:F2}%" : "") +
-                             (rec.Agreement is { } ag ? $"; agrees with the teacher on {ag.Value:F1}% of the probe" : ""));
+                             (rec.Agreement is { } ag ? $"; agrees with the teacher on {ag.Value:F1}% of the probe" : "") +
+                             (rec.CodeChanges is { } cc ? $"; {cc.Value:F2}% of the weight codes changed" : ""));
                 log.Metric("epoch", RunState.epochJson(rec));
                 break;
             }
