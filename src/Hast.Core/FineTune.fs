@@ -544,7 +544,8 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
 
 /// Run epoch `epoch` (0-based) of fine-tuning. Samples stay on the CPU; batches move to `device`.
 /// Student and teacher are in eval mode (BN uses running statistics; BN affine parameters train
-/// unless `TrainBn` is false). A NaN or infinite loss, or weights that are not finite after the epoch, fail with one line.
+/// unless `TrainBn` is false). A NaN or infinite loss, or weights that are not finite after the
+/// epoch, fail with one line.
 let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer)
           (images: Tensor) (labels: Tensor) (ep: int) (onIter: IterInfo -> unit) : EpochStats =
     match tryEpoch device c teacher student opt images labels ep (fun _ -> None) onIter with

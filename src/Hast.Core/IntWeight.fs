@@ -212,11 +212,10 @@ let intsOf (t: TorchSharp.torch.Tensor) : int[] =
     t.detach().cpu().to_type(TorchSharp.torch.int32).contiguous().data<int>().ToArray()
 
 /// The weight `w` as Hast quantizes it with the range rule `range` at `bits`
-/// (`Quantizers.weightRangeOf` / `quantCodes`), with the layer's bias.
+/// (`Quantizers.weightQuantCodes`), with the layer's bias.
 let ofTensor (w: TorchSharp.torch.Tensor) (bits: int) (range: Quantizers.WeightRange) (bias: TorchSharp.torch.Tensor option) : IntWeight =
     if w.dim () < 2L then invalidArg "w" "per-channel weights need >= 2 dims"
     use _ = TorchSharp.torch.NewDisposeScope()
     let floats, ints = floatsOf, intsOf
-    let lo, hi = Quantizers.weightRangeOf range bits w
-    let q, scale, zp = Quantizers.quantCodes w lo hi bits
+    let q, scale, zp = Quantizers.weightQuantCodes range bits w
     ofCodes w.shape (ints q) (floats scale) (ints zp) (bias |> Option.map floats)

@@ -168,6 +168,13 @@ let weightRangeOf (mode: WeightRange) (bits: int) (w: Tensor) : Tensor * Tensor 
         (lo * best).MoveToOuterDisposeScope(), (hi * best).MoveToOuterDisposeScope()
     | _ -> weightRange w
 
+/// The integer codes of weight `w` on the per-channel grid `mode` chooses at `bits` (`weightRangeOf`,
+/// then `quantCodes`), with the grid's scale and zero point: what the weight quantizer computes, for
+/// export and for counting codes. `bits` must not be 32.
+let weightQuantCodes (mode: WeightRange) (bits: int) (w: Tensor) : Tensor * Tensor * Tensor =
+    let lo, hi = weightRangeOf mode bits w
+    quantCodes w lo hi bits
+
 /// Per-output-channel asymmetric weight fake quantization: each slice `w[c]` gets its own range,
 /// chosen by `mode` from the current (detached) weight (`weightRangeOf`). The gradient is the
 /// identity, or with `MseClipped` (and a gradient flowing) the clamp's to the grid's range (widened
@@ -685,13 +692,12 @@ let private lowBitWeights (m: Module) : (IWeightQuantized * Parameter) list =
           if q.WeightBits <> fullPrecisionBits then yield q, l.get_parameter "weight" ]
 
 /// The integer codes of every weight quantized below 32 bits, each on its layer's current grid
-/// (`weightRangeOf`, `quantCodes`), in network order: detached uint8 tensors, for `codeChanges`.
+/// (`weightQuantCodes`), in network order: detached uint8 tensors, for `codeChanges`.
 let weightCodes (m: Module) : Tensor list =
     use _ = torch.no_grad ()
     [ for q, w in lowBitWeights m do
           use scope = torch.NewDisposeScope()
-          let lo, hi = weightRangeOf q.WeightRange q.WeightBits w
-          let codes, _, _ = quantCodes w lo hi q.WeightBits
+          let codes, _, _ = weightQuantCodes q.WeightRange q.WeightBits w
           yield scope.MoveToOuter(codes.to_type torch.uint8) ]
 
 /// The share (%) of the codes in `before` that differ in `after` (`weightCodes` of one model at two

@@ -51,15 +51,14 @@ let scalarInit (b: Builder) (name: string) (v: float32) : string = b.Init(floatT
 let int64Init (b: Builder) (name: string) (vs: int64[]) : string = b.Init(int64Tensor name vs)
 
 /// A weight: a float initializer for `bits` = 32; otherwise the integer codes Hast's per-output-channel
-/// weight quantizer computes with its range rule `range` (`Quantizers.weightRangeOf` / `quantCodes`), in the smallest unsigned
+/// weight quantizer computes with its range rule `range` (`Quantizers.weightQuantCodes`), in the smallest unsigned
 /// container (`Proto.container`), with per-channel float32 scale and zero point, through
 /// DequantizeLinear (axis 0). The dequantized value equals Hast's fake-quantized weight bit for bit.
 /// Returns the name of the float weight.
 let private storedCodes (unitScale: bool) (b: Builder) (name: string) (w: Tensor) (bits: int) (range: Quantizers.WeightRange) : string =
     if w.dim () < 2L then invalidArg "w" (sprintf "%s: per-channel weights need >= 2 dims" name)
     use _ = torch.NewDisposeScope()
-    let lo, hi = Quantizers.weightRangeOf range bits w
-    let q, scale, zp = Quantizers.quantCodes w lo hi bits
+    let q, scale, zp = Quantizers.weightQuantCodes range bits w
     let t = container bits
     let channels = [| w.shape[0] |]
     let qn = b.Init(codesTensor (name + "_quantized") t w.shape (ints q))
