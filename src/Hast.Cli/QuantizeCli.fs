@@ -130,6 +130,8 @@ type QuantizeArgs =
     | Crop_Scale of range: string
     | Crop_Ratio of range: string
     | Flip_Probability of float
+    | Mix of kind: string
+    | Mix_Alpha of a: float
     | Seed of int64
     | Eval_Every of epochs: int
     | Eval_Batch of n: int

@@ -354,6 +354,17 @@ let run (ctx: Context) : Setting<Config> list =
         // shown only when set, so runs from before the setting keep their config.json (and resume)
         Show = fun c -> if c.FineTune.TrainBn then None else Some "false"
         Set = fun v c -> { c with FineTune = { c.FineTune with TrainBn = parseBool "train-bn" v } } }
+      { Key = "mix"
+        Help =
+            sprintf "mix the samples of each fine-tuning batch with each other after the crop: %s (the teacher labels the mixed image; default: none)"
+                (String.concat " | " (Named.names Augment.Mixing.table))
+        // shown only when set, so runs from before the setting keep their config.json (and resume)
+        Show = fun c -> if c.FineTune.Mix.Kind = Augment.NoMix then None else Some(Named.name Augment.Mixing.table c.FineTune.Mix.Kind)
+        Set = fun v c -> { c with FineTune = { c.FineTune with Mix = { c.FineTune.Mix with Kind = Named.parse "mix" Augment.Mixing.table v } } } }
+      { Key = "mix-alpha"
+        Help = sprintf "--mix's lambda ~ Beta(a, a) per sample, the share of the sample's own image (default: %g, uniform)" Augment.Mixing.none.Alpha
+        Show = fun c -> if c.FineTune.Mix.Alpha = Augment.Mixing.none.Alpha then None else Some(showFloat c.FineTune.Mix.Alpha)
+        Set = fun v c -> { c with FineTune = { c.FineTune with Mix = { c.FineTune.Mix with Alpha = parseFloat "mix-alpha" v } } } }
       choice "promotion" "sample difficulty promotion on/off"
           (fun c -> if c.FineTune.Promotion.IsSome then "true" else "false")
           (fun v c ->

@@ -139,3 +139,69 @@ let perSampleCrop (g: torch.Generator) (spec: CropSpec) (x: Tensor) : Tensor =
         grid_sample(x, grid, mode = torch.GridSampleMode.Bilinear, padding_mode = torch.GridSamplePaddingMode.Border,
                     align_corners = false)
     out.MoveToOuterDisposeScope()
+
+/// How the samples of a fine-tuning batch are mixed with each other after the crop. A mixed image is
+/// a new input between two synthetic samples; the teacher's output on it is the target like on any
+/// other, so the student is matched to the teacher on more of the input space than the store holds
+/// (distillation as function matching, Beyer et al., CVPR 2022).
+type MixKind =
+    /// no mixing (HAST's)
+    | NoMix
+    /// x_i ← λ_i·x_i + (1 − λ_i)·x_π(i), π a random permutation of the batch (mixup, Zhang et al., ICLR 2018)
+    | Mixup
+    /// a box of x_π(i) pasted into x_i, its sides √(1 − λ_i) of the image's, clipped to the image
+    /// (CutMix, Yun et al., ICCV 2019)
+    | CutMix
+
+/// The mixing and its λ_i ~ Beta(α, α), one per sample.
+type Mixing = { Kind: MixKind; Alpha: float }
+
+module Mixing =
+    let table = [ "none", NoMix; "mixup", Mixup; "cutmix", CutMix ]
+    /// No mixing; α = 1 (λ uniform) for when a kind is chosen, both papers' CIFAR setting.
+    let none = { Kind = NoMix; Alpha = 1.0 }
+
+    let validate (m: Mixing) = requirePositive "mix-alpha" m.Alpha
+
+/// n draws of Beta(α, α) (float64, CPU) from the generator: G1 / (G1 + G2) with G1, G2 ~ Gamma(α).
+let betaDraws (g: torch.Generator) (alpha: float) (n: int64) : Tensor =
+    use _ = torch.NewDisposeScope()
+    let a = torch.ones([| n |], dtype = torch.float64) * alpha
+    let g1 = torch._standard_gamma(a, g)
+    let g2 = torch._standard_gamma(a, g)
+    (g1 / (g1 + g2)).MoveToOuterDisposeScope()
+
+/// The batch mixed as `m` says, the same shape. `NoMix` returns `x` itself and draws nothing from the
+/// generator, so a run without mixing draws the same numbers as before mixing existed.
+let mix (g: torch.Generator) (m: Mixing) (x: Tensor) : Tensor =
+    match m.Kind with
+    | NoMix -> x
+    | kind ->
+        Mixing.validate m
+        checkBatch x
+        use _ = torch.NewDisposeScope()
+        let n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        let perm = torch.randperm(n, generator = g)
+        let lam = betaDraws g m.Alpha n
+        let other = x.index_select(0L, perm.``to``(x.device))
+        let out =
+            match kind with
+            | Mixup ->
+                let l = lam.to_type(x.dtype).``to``(x.device).view(n, 1L, 1L, 1L)
+                x * l + other * (1.0 - l)
+            | _ ->
+                // the box: sides r·H and r·W with r = √(1 − λ), centred uniformly, clipped to the image
+                let u = torch.rand([| n; 2L |], dtype = torch.float64, generator = g)
+                let r = (1.0 - lam).sqrt()
+                let edges (centre: Tensor) (side: int64) : Tensor * Tensor =
+                    let half = r * float side / 2.0
+                    let c = centre * float side
+                    let edge (e: Tensor) = e.round().clamp(Scalar.op_Implicit 0.0, Scalar.op_Implicit (float side)).to_type(torch.int64).view(n, 1L, 1L)
+                    edge (c - half), edge (c + half)
+                let y0, y1 = edges (u.select(1L, 0L)) h
+                let x0, x1 = edges (u.select(1L, 1L)) w
+                let ys = torch.arange(h, dtype = torch.int64).view(1L, h, 1L)
+                let xs = torch.arange(w, dtype = torch.int64).view(1L, 1L, w)
+                let inside = ys.ge(y0).logical_and(ys.lt(y1)).logical_and(xs.ge(x0)).logical_and(xs.lt(x1))
+                torch.where(inside.unsqueeze(1L).``to``(x.device), other, x)
+        out.MoveToOuterDisposeScope()

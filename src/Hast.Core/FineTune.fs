@@ -2,7 +2,7 @@
 /// (HAST section 3.3): KL distillation + relaxed feature alignment, with sample difficulty promotion.
 ///
 /// The stage is a set of pure functions over an explicit state; the shell drives it epoch by epoch,
-/// evaluating and checkpointing in between. Every epoch's randomness (batch order, crops, flips, QDrop's
+/// evaluating and checkpointing in between. Every epoch's randomness (batch order, crops, flips, mixing, QDrop's
 /// masks) is derived from (seed, epoch), so a run resumed at an epoch boundary equals an uninterrupted one.
 module Hast.Core.FineTune
 
@@ -79,6 +79,9 @@ type Config =
       Promotion: Promotion option
       /// random-resized-crop + flip applied per sample to every batch drawn from the store
       Crop: Augment.CropSpec
+      /// the samples of each batch mixed with each other after the crop (`Augment.mix`); none in HAST.
+      /// The cross entropy (`CeWeight`) reads each mixed image's own sample's label.
+      Mix: Augment.Mixing
       /// the number format the convolutions of both networks compute in during the steps
       /// (evaluation is always float32)
       ConvPrecision: ConvPrecision
@@ -116,6 +119,7 @@ let defaults : Config =
       TrainBn = true
       Promotion = Some Promotion.defaults
       Crop = Augment.CropSpec.fineTune
+      Mix = Augment.Mixing.none
       ConvPrecision = Float32
       Averaging = LastWeights
       Optimizer = Sgd
@@ -140,6 +144,7 @@ let validate (c: Config) : Config =
     requireProbability "act-drop" c.ActDrop
     requireProbability "grid-pull" c.GridPull
     Augment.CropSpec.validate c.Crop
+    Augment.Mixing.validate c.Mix
     match c.Promotion with
     | Some p ->
         requireNonNegative "epsilon" p.Epsilon
@@ -284,6 +289,8 @@ type StepStats =
     { KL: float
       FA: float
       CE: float
+      /// the class-activation-map term on the clean batch (0 without `CamWeight`)
+      Cam: float
       Total: float
       /// total loss on the promoted batch x + δ (NaN without promotion)
       PerturbedTotal: float
@@ -353,7 +360,7 @@ let private stepUnchecked (c: Config) (teacher: Net) (student: Net) (opt: torch.
     let x = Augment.channelsLast x
     let stats (t: Terms) (perturbed: float) =
         let total = scalar t.Total
-        { KL = scalar t.KL; FA = scalar t.FA; CE = scalar t.CE; Total = total
+        { KL = scalar t.KL; FA = scalar t.FA; CE = scalar t.CE; Cam = scalar t.Cam; Total = total
           PerturbedTotal = perturbed; PromotionGain = perturbed / total; Lr = lr }
     Teacher.withFrozen teacher (fun () ->
         match c.Promotion with
@@ -489,7 +496,7 @@ let private applyFault (student: Net) (s: StepStats) (f: Fault) : StepStats =
         named |> List.tryFind (fun (n, _) -> n = prefix + "bias") |> Option.iter (fun (_, b) -> b.neg_() |> ignore)
         s
     | LossSpike k ->
-        { s with KL = s.KL * k; FA = s.FA * k; CE = s.CE * k; Total = s.Total * k; PerturbedTotal = s.PerturbedTotal * k }
+        { s with KL = s.KL * k; FA = s.FA * k; CE = s.CE * k; Cam = s.Cam * k; Total = s.Total * k; PerturbedTotal = s.PerturbedTotal * k }
 
 /// Run epoch `epoch` (0-based) of fine-tuning, as `epoch`, without failing on divergence: a NaN or
 /// infinite loss stops the epoch at that step (before the optimizer steps on it), non-finite weights
@@ -502,10 +509,11 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
     setBnTrainable c.TrainBn student
     use gen = generator (deriveSeed c.Seed [ 2L; int64 ep ])
     use dropGen = generator (deriveSeed c.Seed [ 13L; int64 ep ])
+    use mixGen = generator (deriveSeed c.Seed [ 17L; int64 ep ])
     use order = epochIndices c images.shape[0] ep gen
     let codesBefore = Quantizers.weightCodes student
     use _ = disposingAll codesBefore
-    let mutable sum = { KL = 0.0; FA = 0.0; CE = 0.0; Total = 0.0; PerturbedTotal = 0.0; PromotionGain = 0.0; Lr = 0.0 }
+    let mutable sum = { KL = 0.0; FA = 0.0; CE = 0.0; Cam = 0.0; Total = 0.0; PerturbedTotal = 0.0; PromotionGain = 0.0; Lr = 0.0 }
     let mutable diverged = None
     ConvPrecision.within c.ConvPrecision [ teacher :> torch.nn.Module; student :> torch.nn.Module ] (fun () ->
     Quantizers.withActDrop c.ActDrop dropGen student (fun () ->
@@ -515,7 +523,7 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
         let idx = order.slice(0L, int64 i * int64 c.BatchSize, int64 (i + 1) * int64 c.BatchSize, 1L)
         let xb = images.index_select(0L, idx)
         let yb = labels.index_select(0L, idx).``to``(device)
-        let xa = Augment.perSampleCrop gen c.Crop xb
+        let xa = Augment.perSampleCrop gen c.Crop xb |> Augment.mix mixGen c.Mix
         let lr = lrAt c (ep * c.ItersPerEpoch + i)
         match (try Ok(stepUnchecked c teacher student opt lr (xa.``to``(device)) yb) with NonFiniteLoss(w, v) -> Error(w, v)) with
         | Error(what, v) -> diverged <- Some(NonFiniteStepLoss(i + 1, what, v))
@@ -523,7 +531,7 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
             Quantizers.pullToGrid (gridPullAt c (ep * c.ItersPerEpoch + i)) student
             let s = match fault i with Some f -> applyFault student s f | None -> s
             sum <-
-                { KL = sum.KL + s.KL; FA = sum.FA + s.FA; CE = sum.CE + s.CE; Total = sum.Total + s.Total
+                { KL = sum.KL + s.KL; FA = sum.FA + s.FA; CE = sum.CE + s.CE; Cam = sum.Cam + s.Cam; Total = sum.Total + s.Total
                   PerturbedTotal = sum.PerturbedTotal + s.PerturbedTotal; PromotionGain = sum.PromotionGain + s.PromotionGain
                   Lr = s.Lr }
             onIter { Epoch = ep; Iteration = i; ItersPerEpoch = c.ItersPerEpoch; Stats = s }
@@ -538,7 +546,7 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
         Completed
             { Epoch = ep
               Mean =
-                { KL = sum.KL / n; FA = sum.FA / n; CE = sum.CE / n; Total = sum.Total / n
+                { KL = sum.KL / n; FA = sum.FA / n; CE = sum.CE / n; Cam = sum.Cam / n; Total = sum.Total / n
                   PerturbedTotal = sum.PerturbedTotal / n; PromotionGain = sum.PromotionGain / n; Lr = sum.Lr }
               CodeChanges = Quantizers.codeChanges codesBefore codesAfter }
 

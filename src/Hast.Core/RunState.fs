@@ -19,6 +19,12 @@ let private numOr (o: JsonObject) (key: string) : float =
     | null -> nan
     | v -> v.GetValue<float>()
 
+/// `o` with the class-activation-map term `cam` (key `cam`) when there is one (`--cam-weight`): runs
+/// without it keep their lines as before.
+let private withCam (cam: float) (o: JsonObject) : JsonObject =
+    if cam <> 0.0 then o["cam"] <- num cam
+    o
+
 /// A fine-tuning step's statistics (the `iter` metric).
 let iterationJson (it: FineTune.IterInfo) : JsonObject =
     let s = it.Stats
@@ -31,6 +37,7 @@ let iterationJson (it: FineTune.IterInfo) : JsonObject =
           "perturbed_total", finite s.PerturbedTotal
           "promotion_gain", finite s.PromotionGain
           "lr", num s.Lr ]
+    |> withCam s.Cam
 
 /// A generator-calibration step (the `generator` metric).
 let generatorJson (it: Generator.IterInfo) : JsonObject =
@@ -53,6 +60,7 @@ let epochJson (e: RunRecords.EpochRecord) : JsonObject =
               "perturbed_total", finite m.PerturbedTotal
               "promotion_gain", finite m.PromotionGain
               "lr", num m.Lr ]
+        |> withCam m.Cam
     // an accuracy's fields under a prefix: none for the test set's (`top1` is always the test set's),
     // `last_weights_` (same images, so no count of its own), `val_` for the validation set's
     let put (prefix: string) (withCount: bool) (a: Evaluate.Accuracy) =
@@ -87,7 +95,9 @@ let private epochOf (o: JsonObject) : RunRecords.EpochRecord =
     let onVal = accuracy "val_count" "val_" "val_count"
     { Epoch = (field o "epoch").GetValue<int>()
       Iterations = long "iterations"
-      Mean = { KL = n "kl"; FA = n "fa"; CE = n "ce"; Total = n "total"; PerturbedTotal = n "perturbed_total"; PromotionGain = n "promotion_gain"; Lr = n "lr" }
+      Mean =
+        { KL = n "kl"; FA = n "fa"; CE = n "ce"; Cam = defaultArg (optNumOf o "cam") 0.0; Total = n "total"
+          PerturbedTotal = n "perturbed_total"; PromotionGain = n "promotion_gain"; Lr = n "lr" }
       Accuracy = onTest
       LastWeights = last
       Val = onVal

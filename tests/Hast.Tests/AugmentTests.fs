@@ -1,5 +1,5 @@
-/// Tests of `Augment`: random resized crops and flips (shared per batch or per sample), and the
-/// channels-last layout.
+/// Tests of `Augment`: random resized crops and flips (shared per batch or per sample), mixing the
+/// samples of a batch, and the channels-last layout.
 module Hast.Tests.AugmentTests
 
 open Expecto
@@ -58,6 +58,89 @@ let private cropTests : Test list =
           Expect.throwsT<HastError> (fun () -> perSampleCrop (generator 1L) identitySpec (torch.zeros(3L, 8L, 8L)) |> ignore) "3-d input"
       } ]
 
+/// `mix` on a batch whose image i is 1 in channel i and 0 elsewhere (n samples, n channels), so each
+/// output pixel says which images it came from and in what shares.
+let private oneHotBatch (n: int64) (h: int64) (w: int64) : torch.Tensor =
+    torch.eye(n).view(n, n, 1L, 1L).expand(n, n, h, w).contiguous ()
+
+let private mixTests : Test list = [
+    test "no mixing returns the batch itself and draws nothing from the generator" {
+        use _ = torch.NewDisposeScope()
+        let x = torch.randn(4L, 3L, 8L, 8L)
+        use g = generator 21L
+        Expect.isTrue (obj.ReferenceEquals(mix g Mixing.none x, x)) "the same tensor"
+        use fresh = generator 21L
+        Expect.equal (uniform g) (uniform fresh) "the generator's next draw is a fresh one's"
+    }
+
+    test "mixup: image i becomes lambda_i of itself and 1 - lambda_i of one other image, the others a permutation (seeds 0-9)" {
+        use _ = torch.NewDisposeScope()
+        let n = 8L
+        for seed in 0L .. 9L do
+            let y = mix (generator seed) { Kind = Mixup; Alpha = 0.4 } (oneHotBatch n 4L 4L)
+            // every pixel of an image holds the same shares
+            Expect.isTrue (identical y (y.narrow(2L, 0L, 1L).narrow(3L, 0L, 1L).expand_as y)) (sprintf "constant images (seed %d)" seed)
+            let shares = y.select(3L, 0L).select(2L, 0L) // (n, n): image i's share of each image
+            Expect.isTrue (torch.allclose(shares.sum(1L), torch.ones(n), atol = 1e-6)) (sprintf "shares sum to 1 (seed %d)" seed)
+            let partners =
+                [ for i in 0L .. n - 1L do
+                    let row = shares[i]
+                    let own = scalar row[i]
+                    Expect.isTrue (own >= -1e-6 && own <= 1.0 + 1e-6) (sprintf "own share in [0, 1] (image %d, seed %d)" i seed)
+                    let rest = row.clone ()
+                    rest[i] <- torch.tensor 0.0f
+                    let present = scalar (rest.gt(torch.tensor 1e-6f).sum ())
+                    Expect.isLessThanOrEqual present 1.0 (sprintf "at most one other image in image %d (seed %d)" i seed)
+                    if present = 1.0 then yield (rest.argmax ()).item<int64> () ]
+            // image i's partner is pi(i), a permutation: no image is the partner of two
+            Expect.equal (List.distinct partners).Length partners.Length (sprintf "partners distinct (seed %d)" seed)
+            Expect.isGreaterThan partners.Length 0 (sprintf "some image mixed (seed %d)" seed)
+    }
+
+    test "cutmix: each image is its own outside one box and its partner's inside it, the partners a permutation (seeds 0-9)" {
+        use _ = torch.NewDisposeScope()
+        let n, h, w = 6L, 10L, 12L
+        for seed in 0L .. 9L do
+            let y = mix (generator seed) { Kind = CutMix; Alpha = 1.0 } (oneHotBatch n h w)
+            let source = y.argmax(1L) // (n, h, w): which image each pixel came from
+            Expect.isTrue (identical (y.sum(1L)) (torch.ones(n, h, w))) (sprintf "one-hot pixels: every pixel is one image's (seed %d)" seed)
+            let partners =
+                [ for i in 0L .. n - 1L do
+                    let pasted = source[i].ne(torch.tensor i)
+                    let area = scalar (pasted.sum ())
+                    if area = 0.0 then yield None
+                    else
+                        let rows = pasted.any(1L).nonzero().view(-1L)
+                        let cols = pasted.any(0L).nonzero().view(-1L)
+                        let boxArea = float (rows.shape[0] * cols.shape[0])
+                        Expect.equal area boxArea (sprintf "the pasted pixels fill a box (image %d, seed %d)" i seed)
+                        let from : torch.Tensor = source[i].masked_select(pasted)
+                        Expect.equal (scalar (from.min ())) (scalar (from.max ())) "from one image"
+                        yield Some(int64 (scalar (from.min ()))) ]
+            let drawn = partners |> List.choose id
+            Expect.equal (List.distinct drawn).Length drawn.Length (sprintf "no image pasted into two others (seed %d)" seed)
+    }
+
+    test "the same generator seed mixes the same way; lambda ~ Beta(a, a) has its mean and variance (20000 draws, seed 3)" {
+        use _ = torch.NewDisposeScope()
+        let x = torch.randn([| 5L; 3L; 8L; 8L |], generator = generator 1L)
+        for kind in [ Mixup; CutMix ] do
+            let m = { Kind = kind; Alpha = 0.7 }
+            Expect.isTrue (identical (mix (generator 9L) m x) (mix (generator 9L) m x)) (sprintf "%A: reproducible" kind)
+        for alpha in [ 0.4; 1.0; 2.0 ] do
+            let l = betaDraws (generator 3L) alpha 20000L
+            let mean = scalar (l.mean ())
+            let variance = scalar (l.var ())
+            Expect.floatClose { absolute = 0.01; relative = 0.0 } mean 0.5 (sprintf "mean at alpha %g" alpha)
+            Expect.floatClose { absolute = 0.006; relative = 0.0 } variance (1.0 / (4.0 * (2.0 * alpha + 1.0))) (sprintf "variance at alpha %g" alpha)
+    }
+
+    test "mix-alpha must be positive (the setting mix-alpha)" {
+        let x = torch.zeros(2L, 3L, 4L, 4L)
+        for bad in [ 0.0; -1.0; nan ] do
+            Expect.throwsT<InvalidSetting> (fun () -> mix (generator 1L) { Kind = Mixup; Alpha = bad } x |> ignore) (sprintf "alpha %g" bad)
+    } ]
+
 /// `channelsLast`, the memory layout the fast paths of the losses and quantizers take.
 let private layoutTests : Test list = [
     test "channelsLast keeps shape, values and gradient, and is a view when already channels-last" {
@@ -78,4 +161,4 @@ let private layoutTests : Test list = [
     }
 ]
 
-let tests : Test list = cropTests @ layoutTests
+let tests : Test list = cropTests @ mixTests @ layoutTests

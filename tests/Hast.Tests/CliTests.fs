@@ -393,6 +393,7 @@ let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : Quanti
           Temperature = 4.0; Alpha = 3.0; Lambda = 250.0; Alignment = FineTune.Direct; CeWeight = 0.5; CamWeight = 25.0; ActDrop = 0.25; GridPull = 0.125; TrainBn = false
           Promotion = Some { Epsilon = 0.03; Direction = Promotion.FA; Grad = Promotion.StudentOnly; CleanWeight = 2.0; PerturbedWeight = 0.5 }
           Crop = { Scale = (0.3, 0.9); Ratio = (0.5, 2.0); FlipProbability = 0.25 }
+          Mix = { Kind = Augment.CutMix; Alpha = 0.5 }
           ConvPrecision = BFloat16
           Averaging = FineTune.Ema 0.99
           Optimizer = FineTune.Adam

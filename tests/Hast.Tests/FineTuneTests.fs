@@ -196,6 +196,10 @@ let promotionGradTests = [
             |> Array.max
         // measured 5.9e-16 (relative, the worst parameter): float64 rounding of the same sums
         Expect.isLessThan worst 1e-9 "a·∇θ(L + w·CAM): the map term's gradient is in the step"
+        // the step's statistics carry the term (lr 0: the weights the terms above were computed with)
+        let stats = FineTune.step c teacher student (FineTune.optimizer c student) 0.0 x labels
+        Expect.floatClose Accuracy.veryHigh stats.Cam (scalar t.Cam) "the step reports the map term"
+        Expect.floatClose Accuracy.veryHigh stats.Total (stats.KL + stats.FA + stats.CE + stats.Cam) "and the total is its terms' sum"
         Expect.throwsT<InvalidSetting> (fun () -> FineTune.terms c { student.Forward x with Head = None } (teacher.Forward x) labels |> ignore) "a model that does not say where its pool is"
     }
     test "promotion through both networks makes a synthetic batch clearly harder for a W3A3 student (shared model)" {
@@ -506,4 +510,26 @@ let trainBnTests = [
     }
 ]
 
-let tests : Test list = trainBnTests @ gridPullTests @ promotionTests @ optimizerTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests @ learnedRangeTests @ actDropTests
+let mixTests = [
+    test "--mix: an epoch trains on mixed batches (another student than without; each way the same student twice) (shared model, W3A3, seed 23)" {
+        use _ = torch.NewDisposeScope()
+        let images, labels = noiseBatch 23L
+        let run (mix: Augment.Mixing) =
+            let teacher, student = pair 3 3
+            let c = { FineTune.defaults with BatchSize = 8; Epochs = 1; ItersPerEpoch = 2; Mix = mix; Seed = 23L }
+            let stats = FineTune.epoch torch.CPU c teacher student (FineTune.optimizer c student) images labels 0 ignore
+            stats.Mean.Total, [ for _, l in Quantizers.weightQuantizedLayers student -> (l.get_parameter "weight").detach().clone() ]
+        let differ (a: Tensor list) (b: Tensor list) = List.map2 (fun (x: Tensor) (y: Tensor) -> scalar ((x - y).abs().max())) a b |> List.max
+        let plainLoss, plain = run Augment.Mixing.none
+        let plainLoss2, plain2 = run Augment.Mixing.none
+        Expect.equal (plainLoss2, differ plain plain2) (plainLoss, 0.0) "without mixing: the same epoch twice"
+        for kind in [ Augment.Mixup; Augment.CutMix ] do
+            let loss, mixed = run { Augment.Mixing.none with Kind = kind }
+            let loss2, mixed2 = run { Augment.Mixing.none with Kind = kind }
+            Expect.equal (loss2, differ mixed mixed2) (loss, 0.0) (sprintf "%A: the same epoch twice" kind)
+            Expect.notEqual loss plainLoss (sprintf "%A: another loss than without mixing" kind)
+            Expect.isGreaterThan (differ mixed plain) 0.0 (sprintf "%A: another student" kind)
+    }
+]
+
+let tests : Test list = mixTests @ trainBnTests @ gridPullTests @ promotionTests @ optimizerTests @ scheduleTests @ promotionGradTests @ precisionTests @ divergenceTests @ learnedRangeTests @ actDropTests

@@ -6,7 +6,7 @@ open Hast.Core
 open Hast.Core.RunRecords
 
 let private stats (total: float) : FineTune.StepStats =
-    { KL = total; FA = 0.0; CE = 0.0; Total = total; PerturbedTotal = nan; PromotionGain = nan; Lr = 1e-5 }
+    { KL = total; FA = 0.0; CE = 0.0; Cam = 0.0; Total = total; PerturbedTotal = nan; PromotionGain = nan; Lr = 1e-5 }
 
 let private acc (top1Correct: int64) : Evaluate.Accuracy = { Top1Correct = top1Correct; Top5Correct = 100L; Count = 100L }
 

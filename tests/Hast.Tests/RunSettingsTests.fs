@@ -84,6 +84,8 @@ let private examples : Map<string, bool * string list * string> =
           "crop-scale", (run, [], "0.3,0.9")
           "crop-ratio", (run, [], "0.5,2")
           "flip-probability", (run, [], "0.25")
+          "mix", (run, [], "mixup")
+          "mix-alpha", (run, [], "0.4")
           "conv-precision", (run, [], "bf16")
           "weight-ema", (run, [], "0.99")
           "method", (run, [], "baseline")

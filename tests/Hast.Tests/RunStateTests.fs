@@ -6,7 +6,8 @@ open Expecto
 open Hast.Core
 
 let private stats (k: float) (promoted: bool) : FineTune.StepStats =
-    { KL = 0.5 * k; FA = 0.25 * k; CE = 0.0; Total = 0.75 * k
+    // a class-activation-map term in the promoted epochs only (`--cam-weight`)
+    { KL = 0.5 * k; FA = 0.25 * k; CE = 0.0; Cam = (if promoted then 0.125 * k else 0.0); Total = 0.75 * k
       PerturbedTotal = (if promoted then 0.9 * k else nan)
       PromotionGain = (if promoted then 1.2 else nan)
       Lr = 1e-5 / k }
@@ -52,7 +53,10 @@ let tests : Test list =
               Expect.isNone back.History[0].Val "no validation in that epoch"
               Expect.equal (back.CalibAgreement, back.History |> List.map (fun e -> e.Agreement))
                   (Some 62.5, [ Some 71.875; None; Some 80.0 ]) "the guard's agreements, calibrated and per epoch"
+              Expect.equal (back.History |> List.map (fun e -> e.Mean.Cam)) [ 0.125; 0.0; 0.375 ] "the class-activation-map term, 0 where there was none"
           Expect.isNull ((j["history"].AsArray()[1])["promotion_gain"]) "JSON has no NaN: null"
+          Expect.isNull ((j["history"].AsArray()[1])["cam"]) "no class-activation-map term: no key (the lines of runs without it as before)"
+          Expect.equal (float ((j["history"].AsArray()[0])["cam"])) 0.125 "with one: its key"
           let degraded = { progress with Degraded = Some "gave up" }
           match RunState.progressOfJson (RunState.progressJson degraded) with
           | Ok back -> Expect.equal back.Degraded (Some "gave up") "degraded"

@@ -116,8 +116,10 @@ internal sealed class RunEvents(QuantizeCli.PipelineConfig c, RunLog log, Synthe
                 var it = fi.Item;
                 long step = (long)it.Epoch * it.ItersPerEpoch + it.Iteration + 1;
                 var s = it.Stats;
+                // the class-activation-map term only when there is one (--cam-weight)
+                (string, double)[] cam = s.Cam != 0.0 ? [("cam", s.Cam)] : [];
                 log.Progress(step, (long)ft.Epochs * ft.ItersPerEpoch,
-                    [("epoch", it.Epoch + 1), ("kl", s.KL), ("fa", s.FA), ("ce", s.CE), ("loss", s.Total), ("loss+d", s.PerturbedTotal), ("gain", s.PromotionGain), ("lr", s.Lr)]);
+                    [("epoch", it.Epoch + 1), ("kl", s.KL), ("fa", s.FA), ("ce", s.CE), .. cam, ("loss", s.Total), ("loss+d", s.PerturbedTotal), ("gain", s.PromotionGain), ("lr", s.Lr)]);
                 if (it.Iteration % 10 == 0 || it.Iteration == it.ItersPerEpoch - 1) log.Metric("iter", RunState.iterationJson(it));
                 Faults.At("ft-iter", $"epoch {it.Epoch + 1} iteration {it.Iteration + 1}");
                 StopSignal.Check(() => $"in fine-tune epoch {it.Epoch + 1}/{ft.Epochs} after iteration {it.Iteration + 1}/{it.ItersPerEpoch} " +
