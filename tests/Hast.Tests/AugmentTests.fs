@@ -127,6 +127,9 @@ let private mixTests : Test list = [
         for kind in [ Mixup; CutMix ] do
             let m = { Kind = kind; Alpha = 0.7 }
             Expect.isTrue (identical (mix (generator 9L) m x) (mix (generator 9L) m x)) (sprintf "%A: reproducible" kind)
+        // measured (seed 3, 20000 draws): means 0.50013 / 0.49807 / 0.49915 at alpha 0.4 / 1 / 2 (standard
+        // errors 0.0026 / 0.0020 / 0.0016), variances off by -0.00007 / -0.00057 / +0.00026 (standard
+        // errors 0.00064 / 0.00053 / 0.00038): the tolerances are about 4 and 9 standard errors
         for alpha in [ 0.4; 1.0; 2.0 ] do
             let l = betaDraws (generator 3L) alpha 20000L
             let mean = scalar (l.mean ())
