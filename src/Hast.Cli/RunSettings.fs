@@ -38,7 +38,14 @@ let synthesis : Setting<Synthesis.Config> list =
       Setting.float "synth-lr" "synthesis Adam learning rate on the pixels" (fun s -> s.Lr) (fun v s -> { s with Lr = v })
       Setting.int "synth-patience" "synthesis reduce-on-plateau patience in iterations" (fun s -> s.Patience) (fun v s -> { s with Patience = v })
       Setting.float "synth-factor" "synthesis reduce-on-plateau factor" (fun s -> s.Factor) (fun v s -> { s with Factor = v })
-      Setting.float "synth-min-lr" "synthesis learning-rate floor" (fun s -> s.MinLr) (fun v s -> { s with MinLr = v })
+      Setting.float "synth-min-lr" "synthesis learning-rate floor (reduce-on-plateau), or the cosine's end" (fun s -> s.MinLr) (fun v s -> { s with MinLr = v })
+      { Key = "synth-schedule"
+        Help =
+            sprintf "the pixels' learning rate over a batch's iterations: %s (plateau: the authors' reduce-on-plateau; cosine: from --synth-lr to --synth-min-lr; default: plateau)"
+                (String.concat " | " (Named.names Synthesis.LrSchedule.table))
+        // shown only when set, so stores and runs from before the setting keep their config.json (and resume)
+        Show = fun s -> if s.Schedule = Synthesis.OnPlateau then None else Some(Named.name Synthesis.LrSchedule.table s.Schedule)
+        Set = fun v s -> { s with Schedule = Named.parse "synth-schedule" Synthesis.LrSchedule.table v } }
       Setting.float "beta" "weight of the hard-sample cross entropy" (fun s -> s.Beta) (fun v s -> { s with Beta = v })
       Setting.float "gamma" "difficulty exponent of (1 - p)^gamma, 0 = plain CE" (fun s -> s.Gamma) (fun v s -> { s with Gamma = v })
       Setting.field "synth-augment" "synthesis augmentation: none | batch (one crop+flip per batch) | sample (per-sample crop+flip; the authors' ImageNet setting, 17-19 points behind none on CIFAR ResNet-20 W3A3, docs/results.md)"

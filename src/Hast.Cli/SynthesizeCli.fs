@@ -35,6 +35,7 @@ type SynthesizeArgs =
     | Synth_Patience of n: int
     | Synth_Factor of float
     | Synth_Min_Lr of float
+    | Synth_Schedule of name: string
     | Beta of float
     | Gamma of float
     | Synth_Augment of mode: string

@@ -6,7 +6,8 @@
 ///       + beta * mean_i[(1 - p_i)^gamma * CE_i]
 ///
 /// Adam on the pixels, reduce-on-plateau on the total loss, K iterations per batch (authors' code:
-/// Adam lr 0.5, `ReduceLROnPlateau(patience=50, min_lr=1e-4)` with PyTorch's default factor 0.1).
+/// Adam lr 0.5, `ReduceLROnPlateau(patience=50, min_lr=1e-4)` with PyTorch's default factor 0.1), or
+/// a cosine to the floor (`CosineDecay`, an option).
 ///
 /// The stage works one batch at a time. A batch's randomness (noise, labels, augmentation) comes only
 /// from `batchSeed cfg batchIndex`, so any batch can be (re)computed on its own: the shell drives
@@ -17,6 +18,17 @@ open System
 open TorchSharp
 open Hast.Core.Models.Registry
 open Hast.Core.Augment
+
+/// How the pixels' learning rate moves over a batch's iterations.
+type LrSchedule =
+    /// reduce-on-plateau (`Patience`, `Factor`, `MinLr`): the authors'
+    | OnPlateau
+    /// a cosine from `Lr` at the first iteration to `MinLr` after the last, whatever the loss does
+    | CosineDecay
+
+module LrSchedule =
+    /// The names `--synth-schedule` takes.
+    let table = [ "plateau", OnPlateau; "cosine", CosineDecay ]
 
 /// How the batch is augmented before each teacher forward.
 type Augmentation =
@@ -43,8 +55,10 @@ type Config =
       Patience: int
       /// reduce-on-plateau: multiplicative factor
       Factor: float
-      /// reduce-on-plateau: floor of the learning rate
+      /// reduce-on-plateau: floor of the learning rate; the cosine schedule's end
       MinLr: float
+      /// reduce-on-plateau (the authors') or a cosine to `MinLr`
+      Schedule: LrSchedule
       Augment: Augmentation
       /// probability, per iteration, that the batch is augmented (authors: 0.5)
       AugmentProbability: float
@@ -65,6 +79,7 @@ let defaultsFor (family: Family) : Config =
           Patience = 50
           Factor = 0.1
           MinLr = 1e-4
+          Schedule = OnPlateau
           Augment = NoAugmentation
           AugmentProbability = 0.5
           ConvPrecision = Float32
@@ -84,6 +99,8 @@ let validate (cfg: Config) : unit =
     requirePositive "synth-lr" cfg.Lr
     requirePositive "synth-min-lr" cfg.MinLr
     if not (cfg.Factor > 0.0 && cfg.Factor < 1.0) then invalidf "synth-factor" "must be in (0, 1) (got %g)" cfg.Factor
+    if cfg.Schedule = CosineDecay && cfg.MinLr > cfg.Lr then
+        invalidf "synth-min-lr" "must not be above --synth-lr with --synth-schedule cosine (got %g > %g)" cfg.MinLr cfg.Lr
     requireProbability "synth-augment-probability" cfg.AugmentProbability
     match cfg.Augment with
     | NoAugmentation -> ()
@@ -91,8 +108,8 @@ let validate (cfg: Config) : unit =
 
 /// The settings that define how a store's samples are made, as the store records them (everything but
 /// the number of samples, so that a store can be extended, and the seed, which each source records):
-/// a store resumes or merges only with the same. `conv_precision` appears only for bf16, so stores made
-/// before the setting existed (fp32) keep their identity.
+/// a store resumes or merges only with the same. `conv_precision` appears only for bf16 and `schedule`
+/// only for the cosine, so stores made before these settings existed keep their identity.
 let identityJson (cfg: Config) : System.Text.Json.Nodes.JsonObject =
     let invariant (v: float) = v.ToString(Globalization.CultureInfo.InvariantCulture)
     let scale (c: Augment.CropSpec) = sprintf "scale=%s-%s" (invariant (fst c.Scale)) (invariant (snd c.Scale))
@@ -105,6 +122,9 @@ let identityJson (cfg: Config) : System.Text.Json.Nodes.JsonObject =
           "patience", JsonRecord.int' cfg.Patience
           "factor", JsonRecord.num cfg.Factor
           "min_lr", JsonRecord.num cfg.MinLr
+          match cfg.Schedule with
+          | OnPlateau -> ()
+          | CosineDecay -> "schedule", JsonRecord.text (Named.name LrSchedule.table cfg.Schedule)
           "augment",
           JsonRecord.text (
               match cfg.Augment with
@@ -232,6 +252,12 @@ module Plateau =
             { s with Lr = (if s.Lr - lr > eps then lr else s.Lr); Bad = 0 }
         else s
 
+/// The cosine schedule's learning rate at iteration `it` (1-based) of `cfg.Iterations`: `Lr` at the
+/// first, falling as a half cosine towards `MinLr`, which the step after the last would take.
+let cosineLr (cfg: Config) (it: int) : float =
+    let t = float (it - 1) / float (max 1 cfg.Iterations)
+    cfg.MinLr + (cfg.Lr - cfg.MinLr) * 0.5 * (1.0 + Math.Cos(Math.PI * t))
+
 /// Loss tensors of one forward: (bns, ce, total).
 let private losses (cfg: Config) (out: Outputs) (labels: Tensor) =
     let bns = Losses.bnsLoss out.Bn
@@ -282,6 +308,11 @@ let synthesizeBatch
         ConvPrecision.within cfg.ConvPrecision [ teacher :> torch.nn.Module ] (fun () ->
         for it in 1 .. cfg.Iterations do
             use _ = torch.NewDisposeScope()
+            let lr =
+                match cfg.Schedule with
+                | OnPlateau -> plateau.Lr
+                | CosineDecay -> cosineLr cfg it
+            for group in opt.ParamGroups do group.LearningRate <- lr
             let input, augmented = augment x
             let out = teacher.Forward input
             let bns, ce, total = losses cfg out labels
@@ -297,10 +328,9 @@ let synthesizeBatch
                   Iteration = it
                   Iterations = cfg.Iterations
                   Loss = loss
-                  Lr = plateau.Lr
+                  Lr = lr
                   Augmented = augmented }
-            plateau <- Plateau.step cfg totalV plateau
-            for group in opt.ParamGroups do group.LearningRate <- plateau.Lr)
+            plateau <- Plateau.step cfg totalV plateau)
         use _ng = torch.no_grad ()
         let images = x.detach ()
         if not (allFinite images) then

@@ -38,6 +38,7 @@ let private examples : Map<string, bool * string list * string> =
           "synth-patience", (run, [], "7")
           "synth-factor", (run, [], "0.3")
           "synth-min-lr", (run, [], "0.0002")
+          "synth-schedule", (run, [], "cosine")
           "beta", (run, [], "3.5")
           "gamma", (run, [], "1.5")
           "synth-augment", (run, [], "batch")

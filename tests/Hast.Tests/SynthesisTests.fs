@@ -41,6 +41,37 @@ let private stageTests =
           Expect.equal lrs [ 1.0; 1.0; 1.0; 0.5; 0.5; 0.5; 0.3; 0.3; 0.3; 0.3 ] "lr schedule"
       }
 
+      test "the cosine schedule: --synth-lr at the first iteration, half-way at the middle, falling towards --synth-min-lr" {
+          let cfg = { tiny 10 with Schedule = CosineDecay; Lr = 0.5; MinLr = 0.01 }
+          let lrs = [ for it in 1..10 -> cosineLr cfg it ]
+          Expect.floatClose Accuracy.veryHigh lrs[0] 0.5 "the first iteration"
+          Expect.floatClose Accuracy.veryHigh lrs[5] ((0.5 + 0.01) / 2.0) "iteration 6 of 10: half-way"
+          Expect.isTrue (List.pairwise lrs |> List.forall (fun (a, b) -> b < a)) "falling"
+          Expect.isTrue (List.last lrs > 0.01 && List.last lrs < 0.03) "the last iteration near the floor"
+          validate cfg
+          Expect.isTrue (throwsHast (fun () -> validate { cfg with MinLr = 0.6 })) "a floor above the lr is refused"
+          validate { cfg with Schedule = OnPlateau; MinLr = 0.6 } // reduce-on-plateau never goes below its lr anyway
+      }
+
+      test "the cosine schedule drives the pixels' steps: each iteration reports its lr, a flat cosine equals a plateau that never reduces" {
+          let teacher = TestUtil.loadSharedModel ()
+          let run cfg =
+              let infos = ResizeArray<IterInfo>()
+              let r = synthesizeBatch torch.CPU teacher cfg 32 0 4 infos.Add
+              r, [ for i in infos -> i.Lr ]
+          let cosine = { tiny 6 with Schedule = CosineDecay; Lr = 0.5; MinLr = 0.01 }
+          let rc, lrs = run cosine
+          use rc = rc
+          Expect.equal lrs [ for it in 1..6 -> cosineLr cosine it ] "each iteration's lr"
+          let rf, _ = run { cosine with MinLr = 0.5 }
+          use rf = rf
+          let rp, plateauLrs = run { tiny 6 with Lr = 0.5; Patience = 100 }
+          use rp = rp
+          Expect.equal plateauLrs (List.replicate 6 0.5) "the plateau run keeps its lr"
+          Expect.isTrue (identical rf.Images rp.Images) "a cosine from 0.5 to 0.5 gives the plateau run's images"
+          Expect.isFalse (identical rc.Images rp.Images) "the falling cosine gives other images"
+      }
+
       test "defaults follow the authors' settings per family" {
           let c = defaultsFor Models.Registry.Cifar
           let i = defaultsFor Models.Registry.ImageNet
@@ -139,7 +170,10 @@ let identityTests : Test list =
         Expect.equal ((identityJson other).ToJsonString())
             """{"batch":256,"iterations":1000,"beta":0.01,"gamma":2,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0002,"augment":"batch scale=0.4-1","augment_probability":0.5,"conv_precision":"bf16"}"""
             "shared crops, bf16, other numbers"
-        Expect.equal ((identityJson { c with Samples = 7; Seed = 9L }).ToJsonString()) ((identityJson c).ToJsonString()) "not the count, not the seed" ]
+        Expect.equal ((identityJson { c with Samples = 7; Seed = 9L }).ToJsonString()) ((identityJson c).ToJsonString()) "not the count, not the seed"
+        Expect.equal ((identityJson { c with Schedule = CosineDecay }).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":10,"gamma":2,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"schedule":"cosine","augment":"none","augment_probability":0.5}"""
+            "the cosine schedule: named; the authors' plateau is not, as before the setting" ]
 
 /// `hast synthesize --shard K/N`: which batches a shard synthesizes (the store side: StoreTests).
 let shardTests : Test list =
