@@ -144,6 +144,7 @@ type QuantizeArgs =
     | Synth_Schedule of name: string
     | Beta of float
     | Gamma of float
+    | Synth_Tv of float
     | Synth_Augment of mode: string
     | Synth_Augment_Probability of float
     | Time_Budget of duration: string

@@ -48,6 +48,11 @@ let synthesis : Setting<Synthesis.Config> list =
         Set = fun v s -> { s with Schedule = Named.parse "synth-schedule" Synthesis.LrSchedule.table v } }
       Setting.float "beta" "weight of the hard-sample cross entropy" (fun s -> s.Beta) (fun v s -> { s with Beta = v })
       Setting.float "gamma" "difficulty exponent of (1 - p)^gamma, 0 = plain CE" (fun s -> s.Gamma) (fun v s -> { s with Gamma = v })
+      { Key = "synth-tv"
+        Help = "weight of a total-variation prior on the samples (mean squared difference of neighbouring pixels, as DeepInversion's image prior; default 0: none, the authors')"
+        // shown only when set, so stores and runs from before the setting keep their config.json (and resume)
+        Show = fun s -> if s.Tv = 0.0 then None else Some(showFloat s.Tv)
+        Set = fun v s -> { s with Tv = parseFloat "synth-tv" v } }
       Setting.field "synth-augment" "synthesis augmentation: none | batch (one crop+flip per batch) | sample (per-sample crop+flip; the authors' ImageNet setting, 17-19 points behind none on CIFAR ResNet-20 W3A3, docs/results.md)"
           parseAugment augmentName (fun s -> s.Augment) (fun v s -> { s with Augment = v })
       Setting.float "synth-augment-probability" "probability per iteration that the synthesis batch is augmented"

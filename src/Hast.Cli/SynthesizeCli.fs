@@ -38,6 +38,7 @@ type SynthesizeArgs =
     | Synth_Schedule of name: string
     | Beta of float
     | Gamma of float
+    | Synth_Tv of float
     | Synth_Augment of mode: string
     | Synth_Augment_Probability of float
     | Synth_Conv_Precision of format: string

@@ -131,6 +131,26 @@ let difficultyWeightedCE (gamma: float) (logits: Tensor) (targets: Tensor) : Ten
         let d = -(lp.expm1 ())
         (weightOfDifficulty gamma d * ce).mean()
 
+/// A total-variation image prior (DeepInversion's, as a mean): the mean squared difference between
+/// neighbouring pixels of an (N, C, H, W) batch, averaged over its four neighbour directions (right,
+/// down and both diagonals). DeepInversion sums the same four differences as norms over the batch; the
+/// mean keeps one weight for every batch size and image side. N(0, 1) noise gives 2; natural images,
+/// whose neighbouring pixels are correlated, much less. A 1-pixel side has no neighbours: 0.
+let totalVariation (x: Tensor) : Tensor =
+    if x.dim () <> 4L then failf "the total variation needs an (N, C, H, W) batch (got %d dimensions)" (x.dim ())
+    let h, w = x.shape.[2], x.shape.[3]
+    let sq (d: Tensor) = d.square().mean()
+    let parts =
+        [ if w > 1L then sq (x.narrow(3L, 0L, w - 1L) - x.narrow(3L, 1L, w - 1L))
+          if h > 1L then sq (x.narrow(2L, 0L, h - 1L) - x.narrow(2L, 1L, h - 1L))
+          if h > 1L && w > 1L then
+              let a (dh: int64) (dw: int64) = x.narrow(2L, dh, h - 1L).narrow(3L, dw, w - 1L)
+              sq (a 1L 0L - a 0L 1L)
+              sq (a 0L 0L - a 1L 1L) ]
+    match parts with
+    | [] -> torch.zeros([||], dtype = x.dtype, device = x.device)
+    | _ -> List.reduce (+) parts / float (List.length parts)
+
 /// Per-sample difficulty 1 - p_i (N), a measurement: detached, no gradient.
 let difficulty (logits: Tensor) (targets: Tensor) : Tensor =
     use _ = torch.no_grad ()

@@ -4,6 +4,7 @@
 ///
 ///   L = (1/|BN|) sum_l [MSE(mu_l(x), running_mean_l) + MSE(var_l(x), running_var_l)]
 ///       + beta * mean_i[(1 - p_i)^gamma * CE_i]
+///       + tv * totalVariation(x)          (an option: a smoothness prior, as DeepInversion's; 0 = off)
 ///
 /// Adam on the pixels, reduce-on-plateau on the total loss, K iterations per batch (authors' code:
 /// Adam lr 0.5, `ReduceLROnPlateau(patience=50, min_lr=1e-4)` with PyTorch's default factor 0.1), or
@@ -49,6 +50,9 @@ type Config =
       Beta: float
       /// focusing exponent of the weight (1 - p)^gamma; 0 = plain cross entropy
       Gamma: float
+      /// weight of the total-variation prior on the teacher's input (`Losses.totalVariation`); 0 = none,
+      /// the authors'
+      Tv: float
       /// Adam learning rate on the pixels
       Lr: float
       /// reduce-on-plateau: iterations without relative improvement > 1e-4 before reducing
@@ -75,6 +79,7 @@ let defaultsFor (family: Family) : Config =
           Iterations = 1000
           Beta = 10.0
           Gamma = 2.0
+          Tv = 0.0
           Lr = 0.5
           Patience = 50
           Factor = 0.1
@@ -96,6 +101,7 @@ let validate (cfg: Config) : unit =
     if cfg.Patience < 0 then invalidf "synth-patience" "must be zero or a positive integer (got %d)" cfg.Patience
     requireNonNegative "beta" cfg.Beta
     requireNonNegative "gamma" cfg.Gamma
+    requireNonNegative "synth-tv" cfg.Tv
     requirePositive "synth-lr" cfg.Lr
     requirePositive "synth-min-lr" cfg.MinLr
     if not (cfg.Factor > 0.0 && cfg.Factor < 1.0) then invalidf "synth-factor" "must be in (0, 1) (got %g)" cfg.Factor
@@ -108,8 +114,9 @@ let validate (cfg: Config) : unit =
 
 /// The settings that define how a store's samples are made, as the store records them (everything but
 /// the number of samples, so that a store can be extended, and the seed, which each source records):
-/// a store resumes or merges only with the same. `conv_precision` appears only for bf16 and `schedule`
-/// only for the cosine, so stores made before these settings existed keep their identity.
+/// a store resumes or merges only with the same. `conv_precision` appears only for bf16, `schedule`
+/// only for the cosine and `tv` only when positive, so stores made before these settings existed keep
+/// their identity.
 let identityJson (cfg: Config) : System.Text.Json.Nodes.JsonObject =
     let invariant (v: float) = v.ToString(Globalization.CultureInfo.InvariantCulture)
     let scale (c: Augment.CropSpec) = sprintf "scale=%s-%s" (invariant (fst c.Scale)) (invariant (snd c.Scale))
@@ -118,6 +125,7 @@ let identityJson (cfg: Config) : System.Text.Json.Nodes.JsonObject =
           "iterations", JsonRecord.int' cfg.Iterations
           "beta", JsonRecord.num cfg.Beta
           "gamma", JsonRecord.num cfg.Gamma
+          if cfg.Tv > 0.0 then "tv", JsonRecord.num cfg.Tv
           "lr", JsonRecord.num cfg.Lr
           "patience", JsonRecord.int' cfg.Patience
           "factor", JsonRecord.num cfg.Factor
@@ -198,7 +206,9 @@ type LossValues =
       Bns: float
       /// hard-sample cross entropy mean((1 - p)^gamma * CE), before the factor beta
       Ce: float
-      /// Bns + beta * Ce
+      /// the total-variation prior of the teacher's input, before its weight (measured whatever the weight)
+      Tv: float
+      /// Bns + beta * Ce + tv * Tv
       Total: float
       /// fraction of samples the teacher assigns to their target label
       Accuracy: float }
@@ -258,15 +268,22 @@ let cosineLr (cfg: Config) (it: int) : float =
     let t = float (it - 1) / float (max 1 cfg.Iterations)
     cfg.MinLr + (cfg.Lr - cfg.MinLr) * 0.5 * (1.0 + Math.Cos(Math.PI * t))
 
-/// Loss tensors of one forward: (bns, ce, total).
-let private losses (cfg: Config) (out: Outputs) (labels: Tensor) =
+/// Loss tensors of one forward of `input`: (bns, ce, tv, total). The prior is measured without a
+/// gradient when its weight is 0, so the authors' loss is computed as before.
+let private losses (cfg: Config) (input: Tensor) (out: Outputs) (labels: Tensor) =
     let bns = Losses.bnsLoss out.Bn
     let ce = Losses.difficultyWeightedCE cfg.Gamma out.Logits labels
-    bns, ce, bns + ce * cfg.Beta
+    let authors = bns + ce * cfg.Beta
+    if cfg.Tv > 0.0 then
+        let tv = Losses.totalVariation input
+        bns, ce, tv, authors + tv * cfg.Tv
+    else
+        use _ng = torch.no_grad ()
+        bns, ce, Losses.totalVariation (input.detach ()), authors
 
-let private values cfg (out: Outputs) labels : LossValues =
-    let bns, ce, total = losses cfg out labels
-    { Bns = scalar bns; Ce = scalar ce; Total = scalar total; Accuracy = Losses.accuracy out.Logits labels }
+let private values cfg (input: Tensor) (out: Outputs) labels : LossValues =
+    let bns, ce, tv, total = losses cfg input out labels
+    { Bns = scalar bns; Ce = scalar ce; Tv = scalar tv; Total = scalar total; Accuracy = Losses.accuracy out.Logits labels }
 
 /// Synthesise batch `batchIndex` of `count` images of side `side` (the model's input size,
 /// `Preprocess.Size`). The teacher must already live on `device`; it is left unchanged.
@@ -315,13 +332,13 @@ let synthesizeBatch
             for group in opt.ParamGroups do group.LearningRate <- lr
             let input, augmented = augment x
             let out = teacher.Forward input
-            let bns, ce, total = losses cfg out labels
+            let bns, ce, tv, total = losses cfg input out labels
             let totalV = scalar total
             requireFinite "synthesis" (sprintf "the loss in batch %d at iteration %d" batchIndex it) "lower the learning rate or beta" totalV
             opt.zero_grad ()
             total.backward ()
             opt.step () |> ignore
-            let loss = { Bns = scalar bns; Ce = scalar ce; Total = totalV; Accuracy = Losses.accuracy out.Logits labels }
+            let loss = { Bns = scalar bns; Ce = scalar ce; Tv = scalar tv; Total = totalV; Accuracy = Losses.accuracy out.Logits labels }
             if it = 1 then initial <- Some loss
             onIter
                 { Batch = batchIndex
@@ -336,7 +353,7 @@ let synthesizeBatch
         if not (allFinite images) then
             failf "synthesis diverged: images of batch %d contain NaN/Inf; lower the learning rate" batchIndex
         let out = teacher.Forward images
-        let final = values cfg out labels
+        let final = values cfg images out labels
         let difficulty = Losses.difficulty out.Logits labels
         { Index = batchIndex
           Images = images.cpu().contiguous().clone().MoveToOuterDisposeScope()

@@ -255,4 +255,44 @@ let private camTests : Test list =
               "the channel weights are constants (SynQ)"
       } ]
 
-let tests : Test list = hardnessTests @ fineTuneLossTests @ fastPathTests @ camTests
+/// The total-variation prior of synthesis (`--synth-tv`).
+let private priorTests : Test list =
+    [ test "total variation: the mean squared neighbour difference over four directions, by hand in float64" {
+          use _ = torch.NewDisposeScope()
+          // one 2 x 2 channel [[0, 1], [2, 3]]: right (0-1, 2-3) -> 1, down (0-2, 1-3) -> 4,
+          // anti-diagonal (2-1) -> 1, diagonal (0-3) -> 9; mean 15/4
+          let x = torch.tensor([| 0.0; 1.0; 2.0; 3.0 |], dtype = torch.float64).view(1L, 1L, 2L, 2L)
+          Expect.floatClose Accuracy.veryHigh (scalar (Losses.totalVariation x)) 3.75 "by hand"
+          Expect.equal (scalar (Losses.totalVariation (torch.ones(2L, 3L, 5L, 4L) * 1.5))) 0.0 "a constant image: 0"
+          Expect.equal (scalar (Losses.totalVariation (torch.randn(2L, 3L, 1L, 1L)))) 0.0 "no neighbours: 0"
+          // a row: only the right neighbour
+          let row = torch.tensor([| 0.0; 2.0; 3.0 |], dtype = torch.float64).view(1L, 1L, 1L, 3L)
+          Expect.floatClose Accuracy.veryHigh (scalar (Losses.totalVariation row)) 2.5 "a row: (4 + 1) / 2"
+          Expect.isTrue (throwsHast (fun () -> Losses.totalVariation (torch.zeros(3L, 4L)) |> ignore)) "a 2-d tensor is refused"
+      }
+
+      test "total variation: 2 for N(0, 1) noise, less for a smoothed copy, and its gradient agrees with float64 finite differences" {
+          let seed = 5L
+          use _ = torch.NewDisposeScope()
+          torch.manual_seed seed |> ignore
+          let noise = torch.randn(64L, 3L, 32L, 32L, dtype = torch.float64)
+          let tv = scalar (Losses.totalVariation noise)
+          Expect.floatClose { absolute = 0.02; relative = 0.0 } tv 2.0 (sprintf "noise (seed %d): %g" seed tv)
+          let smooth = torch.nn.functional.avg_pool2d(noise, 2L, stride = 1L)
+          Expect.isLessThan (scalar (Losses.totalVariation smooth) / scalar (smooth.var ())) (tv / scalar (noise.var ()) * 0.8) "smoothing lowers it relative to the variance"
+          let x = torch.randn(2L, 2L, 3L, 4L, dtype = torch.float64).requires_grad_(true)
+          Losses.totalVariation(x).backward ()
+          let g = x.grad.clone ()
+          let h = 1e-6
+          use _ng = torch.no_grad ()
+          for i in [ 0L; 5L; 17L; 30L; 47L ] do
+              let bump (d: float) =
+                  let y = x.detach().clone()
+                  let flat = y.view(-1L)
+                  flat.[i] <- flat.[i] + d
+                  scalar (Losses.totalVariation y)
+              let fd = (bump h - bump -h) / (2.0 * h)
+              Expect.floatClose { absolute = 1e-8; relative = 1e-6 } (scalar (g.view(-1L).[i])) fd (sprintf "element %d (seed %d)" i seed)
+      } ]
+
+let tests : Test list = hardnessTests @ fineTuneLossTests @ fastPathTests @ camTests @ priorTests

@@ -41,6 +41,7 @@ let private examples : Map<string, bool * string list * string> =
           "synth-schedule", (run, [], "cosine")
           "beta", (run, [], "3.5")
           "gamma", (run, [], "1.5")
+          "synth-tv", (run, [], "0.25")
           "synth-augment", (run, [], "batch")
           "synth-augment-probability", (run, [], "0.75")
           "synth-conv-precision", (run, [], "bf16")

@@ -72,6 +72,18 @@ let private stageTests =
           Expect.isFalse (identical rc.Images rp.Images) "the falling cosine gives other images"
       }
 
+      test "the total-variation prior: measured at weight 0 and left out of the loss; a weight smooths the images" {
+          let teacher = TestUtil.loadSharedModel ()
+          let run cfg = synthesizeBatch torch.CPU teacher cfg 32 0 4 ignore
+          use plain = run (tiny 20)
+          use smooth = run { tiny 20 with Tv = 10.0 }
+          Expect.isGreaterThan plain.Final.Tv 0.5 (sprintf "measured at weight 0: %g" plain.Final.Tv)
+          Expect.floatClose Accuracy.high plain.Final.Total (plain.Final.Bns + 10.0 * plain.Final.Ce) "weight 0: the authors' total"
+          Expect.floatClose Accuracy.high smooth.Final.Total (smooth.Final.Bns + 10.0 * smooth.Final.Ce + 10.0 * smooth.Final.Tv) "the weighted prior is in the total"
+          Expect.isLessThan smooth.Final.Tv (plain.Final.Tv * 0.8) (sprintf "smoother (measured 3.99 against 6.48): %g against %g" smooth.Final.Tv plain.Final.Tv)
+          Expect.isTrue (throwsHast (fun () -> validate { tiny 8 with Tv = -1.0 })) "a negative weight is refused"
+      }
+
       test "defaults follow the authors' settings per family" {
           let c = defaultsFor Models.Registry.Cifar
           let i = defaultsFor Models.Registry.ImageNet
@@ -173,7 +185,10 @@ let identityTests : Test list =
         Expect.equal ((identityJson { c with Samples = 7; Seed = 9L }).ToJsonString()) ((identityJson c).ToJsonString()) "not the count, not the seed"
         Expect.equal ((identityJson { c with Schedule = CosineDecay }).ToJsonString())
             """{"batch":256,"iterations":1000,"beta":10,"gamma":2,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"schedule":"cosine","augment":"none","augment_probability":0.5}"""
-            "the cosine schedule: named; the authors' plateau is not, as before the setting" ]
+            "the cosine schedule: named; the authors' plateau is not, as before the setting"
+        Expect.equal ((identityJson { c with Tv = 0.05 }).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":10,"gamma":2,"tv":0.05,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"augment":"none","augment_probability":0.5}"""
+            "a total-variation weight: named; none is not, as before the setting" ]
 
 /// `hast synthesize --shard K/N`: which batches a shard synthesizes (the store side: StoreTests).
 let shardTests : Test list =

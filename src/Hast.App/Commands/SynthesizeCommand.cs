@@ -102,7 +102,7 @@ public static class SynthesizeCommand
             FuncConvert.FromAction<Synthesis.BatchResult, double>((r, seconds) => Store.Append(r.Index, r.Images, r.Labels, r.Difficulty,
                 stats: new JsonObject
                 {
-                    ["bns"] = r.Final.Bns, ["ce"] = r.Final.Ce, ["teacher_top1"] = r.Final.Accuracy * 100,
+                    ["bns"] = r.Final.Bns, ["ce"] = r.Final.Ce, ["tv"] = r.Final.Tv, ["teacher_top1"] = r.Final.Accuracy * 100,
                     ["mean_difficulty"] = MeanDifficulty(r), ["seconds"] = Math.Round(seconds, 2),
                 })),
             FuncConvert.FromFunc<Unit, Tuple<Tensor, Tensor>>(_ => ReadSamples(Store, take)));
@@ -134,7 +134,7 @@ public static class SynthesizeCommand
                     if (it.Iteration % 10 == 0 || it.Iteration == it.Iterations)
                         log.Metric("iter", new JsonObject
                         {
-                            ["batch"] = it.Batch, ["iteration"] = it.Iteration, ["bns"] = it.Loss.Bns, ["ce"] = it.Loss.Ce,
+                            ["batch"] = it.Batch, ["iteration"] = it.Iteration, ["bns"] = it.Loss.Bns, ["ce"] = it.Loss.Ce, ["tv"] = it.Loss.Tv,
                             ["total"] = it.Loss.Total, ["teacher_acc"] = it.Loss.Accuracy, ["lr"] = it.Lr,
                         });
                     Faults.At("synth-iter", $"batch {it.Batch} iteration {it.Iteration}");
@@ -147,7 +147,7 @@ public static class SynthesizeCommand
                     var r = b.Item1;
                     var count = r.Labels.shape[0];
                     var meanDifficulty = MeanDifficulty(r);
-                    log.Info($"batch {r.Index + 1}/{b.batches}: {count} samples, bns={r.Final.Bns:G4} ce={r.Final.Ce:G4} " +
+                    log.Info($"batch {r.Index + 1}/{b.batches}: {count} samples, bns={r.Final.Bns:G4} ce={r.Final.Ce:G4} tv={r.Final.Tv:G4} " +
                              $"teacher top-1 {r.Final.Accuracy * 100:F1}% mean difficulty {meanDifficulty:F4} ({b.seconds:F0}s)");
                     if (!warned && Synthesis.bnsWarning(cfg, r) is { } warning)
                     {
@@ -156,7 +156,7 @@ public static class SynthesizeCommand
                     }
                     log.Metric("batch", new JsonObject
                     {
-                        ["batch"] = r.Index, ["count"] = count, ["bns"] = r.Final.Bns, ["bns_initial"] = r.Initial.Bns, ["ce"] = r.Final.Ce,
+                        ["batch"] = r.Index, ["count"] = count, ["bns"] = r.Final.Bns, ["bns_initial"] = r.Initial.Bns, ["ce"] = r.Final.Ce, ["tv"] = r.Final.Tv,
                         ["teacher_top1"] = r.Final.Accuracy * 100, ["mean_difficulty"] = meanDifficulty,
                         ["seconds"] = b.seconds,
                     });
