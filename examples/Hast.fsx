@@ -19,5 +19,7 @@ if OperatingSystem.IsLinux() && Directory.Exists nativeDir then
     Runtime.InteropServices.NativeLibrary.SetDllImportResolver(typeof<SkiaSharp.SKTypeface>.Assembly, fun name _ _ ->
         if name = "libSkiaSharp" then skia else nativeint 0)
 
-// libtorch's own warnings hidden, as the hast command does (NativeTuning.QuietLibtorch)
+// libtorch's own warnings hidden and oneDNN without AMX where the CPU has it, as the hast command does
+// (NativeTuning.QuietLibtorch, NativeTuning.LimitOneDnn)
 Hast.App.NativeTuning.QuietLibtorch false
+Hast.App.NativeTuning.LimitOneDnn()

@@ -33,7 +33,7 @@ public static class ConvRouting
             cpuinfo.Select(l => l.Split(':', 2)).Where(p => p.Length == 2 && p[0].Trim() == name).Select(p => p[1].Trim()).FirstOrDefault() ?? "unknown";
         var flags = NativeTuning.CpuFlags(cpuinfo);
         var native = Path.Combine(AppContext.BaseDirectory, "runtimes", "linux-x64", "native", "libtorch_cpu.so");
-        return new JsonObject
+        var m = new JsonObject
         {
             ["cpu"] = Field("model name"),
             ["cpu_family_model"] = $"{Field("cpu family")}/{Field("model")}/{Field("stepping")}",
@@ -44,6 +44,9 @@ public static class ConvRouting
             ["torchsharp"] = typeof(torch).Assembly.GetName().Version?.ToString() ?? "unknown",
             ["libtorch_cpu_bytes"] = File.Exists(native) ? new FileInfo(native).Length : 0L,
         };
+        // other kernels, other verdicts; named only when limited, so other machines keep their cache
+        if (NativeTuning.OneDnnIsa is { } isa) m["onednn_max_isa"] = isa;
+        return m;
     }
 
     static string Hex(string s) => Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(s)));

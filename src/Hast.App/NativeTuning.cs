@@ -32,6 +32,7 @@ public static class NativeTuning
         }
         else parts.Add("malloc from GLIBC_TUNABLES");
         parts.Add(LogLevel);
+        if (OneDnnIsa is { } isa) parts.Add($"oneDNN instructions up to {isa}");
         Applied = string.Join(", ", parts);
     }
 
@@ -82,6 +83,34 @@ public static class NativeTuning
 
     /// What `QuietLibtorch` did.
     public static string LogLevel { get; private set; } = "libtorch's default";
+
+    /// oneDNN's variable for the newest instruction set its kernels may use (read once, at its first
+    /// kernel), and its older name.
+    public const string OneDnnIsaVariable = "ONEDNN_MAX_CPU_ISA", OneDnnIsaVariableOld = "DNNL_MAX_CPU_ISA";
+
+    /// The limit on a CPU with AMX: AVX-512 with BF16, without AMX's tile instructions.
+    public const string IsaWithoutAmx = "AVX512_CORE_BF16";
+
+    /// The oneDNN instruction-set limit for a CPU with these flags, given a user's own setting (either
+    /// variable, which wins): `IsaWithoutAmx` where the CPU has AMX, none elsewhere. Why: on a 2-core
+    /// Intel Xeon with AMX (family 6 model 207) the test suite crashed with SIGSEGV in 3 of 6 runs of its
+    /// convolution-check list, in code outside every loaded library (oneDNN generates its kernels at run
+    /// time); limited to AVX-512 BF16 it passed 6 of 6 (docs/machines.md, "A third machine").
+    public static string? OneDnnIsaFor(ISet<string> flags, string? userValue) =>
+        !string.IsNullOrEmpty(userValue) ? userValue : flags.Contains("amx_tile") ? IsaWithoutAmx : null;
+
+    /// The limit in effect in this process (set by `LimitOneDnn`), or null: oneDNN's own choice.
+    public static string? OneDnnIsa { get; private set; }
+
+    /// Limit oneDNN's instruction set as `OneDnnIsaFor` says, through libc's setenv (see
+    /// `QuietLibtorch`), before the first tensor. A user's own variable is left as it is.
+    public static void LimitOneDnn()
+    {
+        var user = Environment.GetEnvironmentVariable(OneDnnIsaVariable) ?? Environment.GetEnvironmentVariable(OneDnnIsaVariableOld);
+        var flags = File.Exists("/proc/cpuinfo") ? CpuFlags(File.ReadLines("/proc/cpuinfo")) : [];
+        OneDnnIsa = OneDnnIsaFor(flags, user);
+        if (OneDnnIsa is { } isa && user is null && OperatingSystem.IsLinux()) setenv(OneDnnIsaVariable, isa, 1);
+    }
 
     [DllImport("c10", EntryPoint = "_ZN3c1011initLoggingEv")]
     static extern void initLogging();

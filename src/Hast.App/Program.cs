@@ -16,6 +16,7 @@ public static class Program
         var verbose = args.Contains("--verbose");
         args = [.. args.Where(a => a != "--verbose")];
         NativeTuning.QuietLibtorch(verbose);
+        NativeTuning.LimitOneDnn();
         NativeTuning.Apply();
         using var stop = StopSignal.Register();
         // output that is not a terminal (CI logs, pipes) gets no escape codes, whatever a library writes

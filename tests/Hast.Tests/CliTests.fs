@@ -365,7 +365,7 @@ let tests : Test list =
             Expect.equal code 2 (sprintf "eval %s fp16: a usage error" flag)
             Expect.stringStarts err (sprintf "hast: %s must be" flag) "names the flag once"
 
-      testCase "process settings: /proc/cpuinfo flags are read from the first 'flags' line; bfloat16 means AVX-512 BF16 or AMX" <| fun () ->
+      testCase "process settings: /proc/cpuinfo flags are read from the first 'flags' line; bfloat16 means AVX-512 BF16 or AMX; oneDNN without AMX where the CPU has it" <| fun () ->
         let flags = Hast.App.NativeTuning.CpuFlags [ "processor\t: 0"; "flags\t\t: fpu sse2 fma avx2 avx512f avx512_bf16"; "flags\t: other" ]
         Expect.isTrue (flags.Contains "avx512f") "flags of the first processor"
         Expect.isFalse (flags.Contains "other") "only the first flags line"
@@ -374,7 +374,11 @@ let tests : Test list =
         Expect.isFalse (Hast.App.NativeTuning.HasBf16 flags) "without it"
         flags.Add "amx_bf16" |> ignore
         Expect.isTrue (Hast.App.NativeTuning.HasBf16 flags) "AMX"
-        Expect.isEmpty (Hast.App.NativeTuning.CpuFlags [ "no flags here" ]) "no flags line: none" ]
+        Expect.isEmpty (Hast.App.NativeTuning.CpuFlags [ "no flags here" ]) "no flags line: none"
+        let amx = Hast.App.NativeTuning.CpuFlags [ "flags\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8" ]
+        Expect.equal (Hast.App.NativeTuning.OneDnnIsaFor(amx, null)) Hast.App.NativeTuning.IsaWithoutAmx "AMX: oneDNN limited to AVX-512 BF16"
+        Expect.equal (Hast.App.NativeTuning.OneDnnIsaFor(amx, "AVX512_CORE_AMX")) "AVX512_CORE_AMX" "a user's own setting wins"
+        Expect.isNull (Hast.App.NativeTuning.OneDnnIsaFor(flags, null)) "no AMX tiles (AVX-512 BF16 only): oneDNN's own choice" ]
 
 /// A command with every setting away from its default, written out field by field: a new field in
 /// any configuration record stops this from compiling until it is given here — and then the round

@@ -4,9 +4,12 @@ module Hast.Tests.TestUtil
 open System
 open System.IO
 
-// As the hast command does: libtorch's own warnings hidden. First thing of the first file, so before
-// any test module's top-level value makes a tensor (libtorch reads its log level once, when it loads).
+// As the hast command does: libtorch's own warnings hidden, and oneDNN without AMX where the CPU has it
+// (NativeTuning.LimitOneDnn). First thing of the first file, so before any test module's top-level value
+// makes a tensor (libtorch reads its log level once, when it loads; oneDNN its instruction set at its
+// first kernel).
 do Hast.App.NativeTuning.QuietLibtorch false
+do Hast.App.NativeTuning.LimitOneDnn()
 
 /// Folder with the shared model and data: $HAST_DATA, else ../shared next to the repo.
 let sharedDir =
