@@ -51,9 +51,12 @@ public static class NativeTuning
     /// The CPU computes bfloat16 natively (AVX-512 BF16 or AMX): `--conv-precision bf16` pays off.
     public static bool HasBf16(ISet<string> flags) => flags.Contains("avx512_bf16") || flags.Contains("amx_bf16");
 
+    /// This machine's CPU flags (none where /proc/cpuinfo is missing).
+    static HashSet<string> MachineFlags() =>
+        File.Exists("/proc/cpuinfo") ? CpuFlags(File.ReadLines("/proc/cpuinfo")) : [];
+
     /// `HasBf16` of this machine (false where /proc/cpuinfo is missing).
-    public static bool MachineHasBf16() =>
-        File.Exists("/proc/cpuinfo") && HasBf16(CpuFlags(File.ReadLines("/proc/cpuinfo")));
+    public static bool MachineHasBf16() => HasBf16(MachineFlags());
 
     /// The environment variable libtorch's `c10::initLogging` reads its C++ log level from.
     public const string LogLevelVariable = "TORCH_CPP_LOG_LEVEL";
@@ -107,8 +110,7 @@ public static class NativeTuning
     public static void LimitOneDnn()
     {
         var user = Environment.GetEnvironmentVariable(OneDnnIsaVariable) ?? Environment.GetEnvironmentVariable(OneDnnIsaVariableOld);
-        var flags = File.Exists("/proc/cpuinfo") ? CpuFlags(File.ReadLines("/proc/cpuinfo")) : [];
-        OneDnnIsa = OneDnnIsaFor(flags, user);
+        OneDnnIsa = OneDnnIsaFor(MachineFlags(), user);
         if (OneDnnIsa is { } isa && user is null && OperatingSystem.IsLinux()) setenv(OneDnnIsaVariable, isa, 1);
     }
 

@@ -277,7 +277,11 @@ let private priorTests : Test list =
           torch.manual_seed seed |> ignore
           let noise = torch.randn(64L, 3L, 32L, 32L, dtype = torch.float64)
           let tv = scalar (Losses.totalVariation noise)
+          // each direction averages ~190,000 squared N(0, 2) differences (variance 8 each): sd ~0.0065,
+          // so 0.02 is three of those
           Expect.floatClose { absolute = 0.02; relative = 0.0 } tv 2.0 (sprintf "noise (seed %d): %g" seed tv)
+          // a 2 x 2 mean of white noise: neighbours correlate 0.5 along the axes, 0.25 along the diagonals,
+          // so its total variation over its variance is (1 + 1 + 1.5 + 1.5) / 4 = 1.25 against noise's 2
           let smooth = torch.nn.functional.avg_pool2d(noise, 2L, stride = 1L)
           Expect.isLessThan (scalar (Losses.totalVariation smooth) / scalar (smooth.var ())) (tv / scalar (noise.var ()) * 0.8) "smoothing lowers it relative to the variance"
           let x = torch.randn(2L, 2L, 3L, 4L, dtype = torch.float64).requires_grad_(true)
@@ -291,6 +295,7 @@ let private priorTests : Test list =
                   let flat = y.view(-1L)
                   flat.[i] <- flat.[i] + d
                   scalar (Losses.totalVariation y)
+              // the prior is quadratic: a central difference is exact but for float64 rounding (~1e-9 here)
               let fd = (bump h - bump -h) / (2.0 * h)
               Expect.floatClose { absolute = 1e-8; relative = 1e-6 } (scalar (g.view(-1L).[i])) fd (sprintf "element %d (seed %d)" i seed)
       } ]
