@@ -145,6 +145,7 @@ type QuantizeArgs =
     | Beta of float
     | Gamma of float
     | Synth_Tv of float
+    | Synth_Mix of float
     | Synth_Augment of mode: string
     | Synth_Augment_Probability of float
     | Time_Budget of duration: string

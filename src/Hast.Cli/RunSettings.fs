@@ -53,6 +53,11 @@ let synthesis : Setting<Synthesis.Config> list =
         // shown only when set, so stores and runs from before the setting keep their config.json (and resume)
         Show = fun s -> if s.Tv = 0.0 then None else Some(showFloat s.Tv)
         Set = fun v s -> { s with Tv = parseFloat "synth-tv" v } }
+      { Key = "synth-mix"
+        Help = "fraction of each synthesis batch aimed at a mix of two classes (boundary samples, as Qimera's: target lambda*a + (1-lambda)*b, lambda uniform in [0.5, 1), KL to it in place of the hard-sample CE; default 0: none, the authors')"
+        // shown only when set, as synth-tv
+        Show = fun s -> if s.Mix = 0.0 then None else Some(showFloat s.Mix)
+        Set = fun v s -> { s with Mix = parseFloat "synth-mix" v } }
       Setting.field "synth-augment" "synthesis augmentation: none | batch (one crop+flip per batch) | sample (per-sample crop+flip; the authors' ImageNet setting, 17-19 points behind none on CIFAR ResNet-20 W3A3, docs/results.md)"
           parseAugment augmentName (fun s -> s.Augment) (fun v s -> { s with Augment = v })
       Setting.float "synth-augment-probability" "probability per iteration that the synthesis batch is augmented"

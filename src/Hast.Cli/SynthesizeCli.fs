@@ -39,6 +39,7 @@ type SynthesizeArgs =
     | Beta of float
     | Gamma of float
     | Synth_Tv of float
+    | Synth_Mix of float
     | Synth_Augment of mode: string
     | Synth_Augment_Probability of float
     | Synth_Conv_Precision of format: string

@@ -131,6 +131,34 @@ let difficultyWeightedCE (gamma: float) (logits: Tensor) (targets: Tensor) : Ten
         let d = -(lp.expm1 ())
         (weightOfDifficulty gamma d * ce).mean()
 
+/// Two-class targets t_i = lambda_i * onehot(first_i) + (1 - lambda_i) * onehot(second_i), lambda_i in
+/// [0.5, 1], and which samples carry one (`Mixed`, bool); a sample whose `Mixed` is false keeps its
+/// one-hot target `first_i`.
+type MixedTargets = { Second: Tensor; Lambda: Tensor; Mixed: Tensor }
+
+/// KL(t_i || p_i) of each sample's two-class target (N): the cross entropy to t less t's entropy,
+/// 0 exactly where the teacher's softmax is t. lambda = 1 is the plain cross entropy to `first`.
+let mixedTargetKl (logits: Tensor) (first: Tensor) (mix: MixedTargets) : Tensor =
+    let logp = log_softmax(logits, 1L)
+    let lpa = logp.gather(1L, first.unsqueeze(1L)).squeeze(1L)
+    let lpb = logp.gather(1L, mix.Second.unsqueeze(1L)).squeeze(1L)
+    let l = mix.Lambda.to_type(logits.dtype)
+    let r = 1.0 - l
+    // r * log r is 0 at r = 0 (the clamp keeps the log finite there)
+    l * (l.log() - lpa) + r * (r.clamp_min(difficultyFloor).log() - lpb)
+
+/// HAST's hard-sample cross entropy with some samples aimed at two classes (boundary samples, as
+/// Qimera's mixed class embeddings, here on the pixels): the batch mean of (1 - p_i)^gamma * CE_i
+/// for a one-hot sample, as `difficultyWeightedCE`, and of KL(t_i || p_i) for a mixed one. The
+/// hard-sample weight is left out of the mixed samples: its gradient would push p_first above
+/// lambda_i, away from the target.
+let mixedHardSampleLoss (gamma: float) (logits: Tensor) (first: Tensor) (mix: MixedTargets) : Tensor =
+    requireNonNegative "gamma" gamma
+    let lp = targetLogProb logits first
+    let ce = -lp
+    let oneHot = if gamma = 0.0 then ce else weightOfDifficulty gamma (-(lp.expm1 ())) * ce
+    torch.where(mix.Mixed, mixedTargetKl logits first mix, oneHot).mean()
+
 /// A total-variation image prior (DeepInversion's, as a mean): the mean squared difference between
 /// neighbouring pixels of an (N, C, H, W) batch, averaged over its four neighbour directions (right,
 /// down and both diagonals). DeepInversion sums the same four differences as norms over the batch; the

@@ -6,6 +6,11 @@
 ///       + beta * mean_i[(1 - p_i)^gamma * CE_i]
 ///       + tv * totalVariation(x)          (an option: a smoothness prior, as DeepInversion's; 0 = off)
 ///
+/// With `Mix` > 0 that fraction of each batch's samples is aimed at two classes instead of one
+/// (boundary samples, as Qimera's mixed class embeddings, here on the pixels): its cross entropy term
+/// is KL(t || p) to t = lambda * onehot(a) + (1 - lambda) * onehot(b), b another class than a,
+/// lambda uniform in [0.5, 1) (`Losses.mixedHardSampleLoss`). 0 = off, the authors'.
+///
 /// Adam on the pixels, reduce-on-plateau on the total loss, K iterations per batch (authors' code:
 /// Adam lr 0.5, `ReduceLROnPlateau(patience=50, min_lr=1e-4)` with PyTorch's default factor 0.1), or
 /// a cosine to the floor (`CosineDecay`, an option).
@@ -53,6 +58,9 @@ type Config =
       /// weight of the total-variation prior on the teacher's input (`Losses.totalVariation`); 0 = none,
       /// the authors'
       Tv: float
+      /// fraction of each batch's samples aimed at a mix of two classes (boundary samples); 0 = none,
+      /// the authors'
+      Mix: float
       /// Adam learning rate on the pixels
       Lr: float
       /// reduce-on-plateau: iterations without relative improvement > 1e-4 before reducing
@@ -80,6 +88,7 @@ let defaultsFor (family: Family) : Config =
           Beta = 10.0
           Gamma = 2.0
           Tv = 0.0
+          Mix = 0.0
           Lr = 0.5
           Patience = 50
           Factor = 0.1
@@ -102,6 +111,7 @@ let validate (cfg: Config) : unit =
     requireNonNegative "beta" cfg.Beta
     requireNonNegative "gamma" cfg.Gamma
     requireNonNegative "synth-tv" cfg.Tv
+    requireProbability "synth-mix" cfg.Mix
     requirePositive "synth-lr" cfg.Lr
     requirePositive "synth-min-lr" cfg.MinLr
     if not (cfg.Factor > 0.0 && cfg.Factor < 1.0) then invalidf "synth-factor" "must be in (0, 1) (got %g)" cfg.Factor
@@ -115,8 +125,8 @@ let validate (cfg: Config) : unit =
 /// The settings that define how a store's samples are made, as the store records them (everything but
 /// the number of samples, so that a store can be extended, and the seed, which each source records):
 /// a store resumes or merges only with the same. `conv_precision` appears only for bf16, `schedule`
-/// only for the cosine and `tv` only when positive, so stores made before these settings existed keep
-/// their identity.
+/// only for the cosine, `tv` and `mix` only when positive, so stores made before these settings existed
+/// keep their identity.
 let identityJson (cfg: Config) : System.Text.Json.Nodes.JsonObject =
     let invariant (v: float) = v.ToString(Globalization.CultureInfo.InvariantCulture)
     let scale (c: Augment.CropSpec) = sprintf "scale=%s-%s" (invariant (fst c.Scale)) (invariant (snd c.Scale))
@@ -126,6 +136,7 @@ let identityJson (cfg: Config) : System.Text.Json.Nodes.JsonObject =
           "beta", JsonRecord.num cfg.Beta
           "gamma", JsonRecord.num cfg.Gamma
           if cfg.Tv > 0.0 then "tv", JsonRecord.num cfg.Tv
+          if cfg.Mix > 0.0 then "mix", JsonRecord.num cfg.Mix
           "lr", JsonRecord.num cfg.Lr
           "patience", JsonRecord.int' cfg.Patience
           "factor", JsonRecord.num cfg.Factor
@@ -269,10 +280,14 @@ let cosineLr (cfg: Config) (it: int) : float =
     cfg.MinLr + (cfg.Lr - cfg.MinLr) * 0.5 * (1.0 + Math.Cos(Math.PI * t))
 
 /// Loss tensors of one forward of `input`: (bns, ce, tv, total). The prior is measured without a
-/// gradient when its weight is 0, so the authors' loss is computed as before.
-let private losses (cfg: Config) (input: Tensor) (out: Outputs) (labels: Tensor) =
+/// gradient when its weight is 0, so the authors' loss is computed as before; so is the cross
+/// entropy when no sample is mixed (`mix` None).
+let private losses (cfg: Config) (input: Tensor) (out: Outputs) (labels: Tensor) (mix: Losses.MixedTargets option) =
     let bns = Losses.bnsLoss out.Bn
-    let ce = Losses.difficultyWeightedCE cfg.Gamma out.Logits labels
+    let ce =
+        match mix with
+        | None -> Losses.difficultyWeightedCE cfg.Gamma out.Logits labels
+        | Some m -> Losses.mixedHardSampleLoss cfg.Gamma out.Logits labels m
     let authors = bns + ce * cfg.Beta
     if cfg.Tv > 0.0 then
         let tv = Losses.totalVariation input
@@ -281,8 +296,8 @@ let private losses (cfg: Config) (input: Tensor) (out: Outputs) (labels: Tensor)
         use _ng = torch.no_grad ()
         bns, ce, Losses.totalVariation (input.detach ()), authors
 
-let private values cfg (input: Tensor) (out: Outputs) labels : LossValues =
-    let bns, ce, tv, total = losses cfg input out labels
+let private values cfg (input: Tensor) (out: Outputs) labels mix : LossValues =
+    let bns, ce, tv, total = losses cfg input out labels mix
     { Bns = scalar bns; Ce = scalar ce; Tv = scalar tv; Total = scalar total; Accuracy = Losses.accuracy out.Logits labels }
 
 /// Synthesise batch `batchIndex` of `count` images of side `side` (the model's input size,
@@ -310,6 +325,16 @@ let synthesizeBatch
         let noise = torch.randn([| int64 count; 3L; int64 side; int64 side |], generator = g)
         let labelsCpu = torch.randint(classes, [| int64 count |], generator = g)
         let labels = labelsCpu.``to``(device)
+        // drawn after the labels and only when asked for, so unmixed batches keep their draws
+        let mix =
+            if cfg.Mix > 0.0 then
+                if classes < 2L then failf "--synth-mix needs a teacher with at least two classes (got %d)" classes
+                let n = [| int64 count |]
+                let mixed = torch.rand(n, generator = g).lt(torch.tensor cfg.Mix)
+                let second = (labelsCpu + torch.randint(1L, classes, n, generator = g)).remainder(torch.tensor classes)
+                let lambda = torch.where(mixed, 0.5 + 0.5 * torch.rand(n, generator = g), torch.ones(n))
+                Some({ Second = second.``to`` device; Lambda = lambda.``to`` device; Mixed = mixed.``to`` device } : Losses.MixedTargets)
+            else None
         // pixels live channels-last (faster convolutions; same values), see Augment.channelsLast
         let x = new Modules.Parameter(channelsLast (noise.``to``(device)), true)
         use opt = torch.optim.Adam([| x |], lr = cfg.Lr)
@@ -332,7 +357,7 @@ let synthesizeBatch
             for group in opt.ParamGroups do group.LearningRate <- lr
             let input, augmented = augment x
             let out = teacher.Forward input
-            let bns, ce, tv, total = losses cfg input out labels
+            let bns, ce, tv, total = losses cfg input out labels mix
             let totalV = scalar total
             requireFinite "synthesis" (sprintf "the loss in batch %d at iteration %d" batchIndex it) "lower the learning rate or beta" totalV
             opt.zero_grad ()
@@ -353,7 +378,7 @@ let synthesizeBatch
         if not (allFinite images) then
             failf "synthesis diverged: images of batch %d contain NaN/Inf; lower the learning rate" batchIndex
         let out = teacher.Forward images
-        let final = values cfg images out labels
+        let final = values cfg images out labels mix
         let difficulty = Losses.difficulty out.Logits labels
         { Index = batchIndex
           Images = images.cpu().contiguous().clone().MoveToOuterDisposeScope()

@@ -386,7 +386,7 @@ let tests : Test list =
 let private everySetting (isRun: bool) (generator: bool) (cosine: bool) : QuantizeCli.PipelineConfig =
     let synthesis : Synthesis.Config =
         { Samples = 96; BatchSize = 48; Iterations = 17; Beta = 3.5; Gamma = 1.5; Lr = 0.25; Patience = 7
-          Factor = 0.3; MinLr = 2e-4; Schedule = Synthesis.CosineDecay; Tv = 0.25; Augment = Synthesis.SharedCrop Augment.CropSpec.synthesis; AugmentProbability = 0.75
+          Factor = 0.3; MinLr = 2e-4; Schedule = Synthesis.CosineDecay; Tv = 0.25; Mix = 0.3; Augment = Synthesis.SharedCrop Augment.CropSpec.synthesis; AugmentProbability = 0.75
           ConvPrecision = BFloat16; Seed = 11L }
     let generatorCfg : Generator.Config =
         { Iterations = 33; BatchSize = 12; Latent = 64; Lr = 3e-3; Beta1 = 0.4; Beta2 = 0.99; BnsWeight = 0.2; Seed = 11L }

@@ -300,4 +300,45 @@ let private priorTests : Test list =
               Expect.floatClose { absolute = 1e-8; relative = 1e-6 } (scalar (g.view(-1L).[i])) fd (sprintf "element %d (seed %d)" i seed)
       } ]
 
-let tests : Test list = hardnessTests @ fineTuneLossTests @ fastPathTests @ camTests @ priorTests
+/// Two-class targets of boundary samples (`--synth-mix`).
+let private mixedTargetTests : Test list =
+    let mixOf (second: int64 list) (lambda: float list) (mixed: bool list) : Losses.MixedTargets =
+        { Second = torch.tensor (Array.ofList second)
+          Lambda = torch.tensor (Array.ofList lambda, dtype = torch.float64)
+          Mixed = torch.tensor (Array.ofList mixed) }
+    [ test "mixed targets: KL(t || p) by hand in float64; 0 where the softmax is the target; lambda 1 is the cross entropy" {
+          use _ = torch.NewDisposeScope()
+          // sample 0: t = 0.7 a + 0.3 b at p = softmax(logits); sample 1: logits log(0.6, 0.4) = its target
+          let logits = torch.tensor([| 1.0; -0.5; 0.25; log 0.6; log 0.4; -1e9 |], dtype = torch.float64).view(2L, 3L)
+          let first = torch.tensor [| 0L; 1L |]
+          let kl = Losses.mixedTargetKl logits first (mixOf [ 2L; 0L ] [ 0.7; 0.4 ] [ true; true ])
+          let p = [| exp 1.0; exp -0.5; exp 0.25 |]
+          let z = Array.sum p
+          let expected = 0.7 * log (0.7 / (p.[0] / z)) + 0.3 * log (0.3 / (p.[2] / z))
+          Expect.floatClose Accuracy.veryHigh (scalar kl.[0L]) expected "sample 0 by hand"
+          Expect.floatClose { absolute = 1e-12; relative = 0.0 } (scalar kl.[1L]) 0.0 "p = t: 0"
+          let ce = Losses.mixedTargetKl logits first (mixOf [ 2L; 0L ] [ 1.0; 1.0 ] [ true; true ])
+          let plain = torch.nn.functional.cross_entropy(logits, first, reduction = torch.nn.Reduction.None)
+          Expect.floatClose Accuracy.veryHigh (scalar ce.[0L]) (scalar plain.[0L]) "lambda 1: the cross entropy to the first class"
+      }
+
+      test "the hard-sample loss with mixed targets: one-hot samples as difficultyWeightedCE, mixed ones their KL, averaged over the batch" {
+          let seed = 3L
+          use _ = torch.NewDisposeScope()
+          torch.manual_seed seed |> ignore
+          let logits = torch.randn(6L, 5L, dtype = torch.float64) * 3.0
+          let first = torch.randint(5L, [| 6L |])
+          let second = (first + 1L).remainder(torch.tensor 5L)
+          let lambda = [ 0.6; 1.0; 0.8; 1.0; 1.0; 0.55 ]
+          let mixed = lambda |> List.map (fun l -> l < 1.0)
+          let m = mixOf (second.data<int64>().ToArray() |> List.ofArray) lambda mixed
+          let none = { m with Mixed = torch.tensor (Array.create 6 false) }
+          Expect.floatClose Accuracy.veryHigh (scalar (Losses.mixedHardSampleLoss 2.0 logits first none))
+              (scalar (Losses.difficultyWeightedCE 2.0 logits first)) (sprintf "none mixed: the authors' loss (seed %d)" seed)
+          let kl = Losses.mixedTargetKl logits first m
+          let oneHot i = scalar (Losses.difficultyWeightedCE 2.0 (logits.narrow(0L, i, 1L)) (first.narrow(0L, i, 1L)))
+          let expected = [ for i in 0 .. 5 -> if mixed.[i] then scalar kl.[int64 i] else oneHot (int64 i) ] |> List.average
+          Expect.floatClose Accuracy.veryHigh (scalar (Losses.mixedHardSampleLoss 2.0 logits first m)) expected (sprintf "per sample (seed %d)" seed)
+      } ]
+
+let tests : Test list = hardnessTests @ fineTuneLossTests @ fastPathTests @ camTests @ priorTests @ mixedTargetTests

@@ -42,6 +42,7 @@ let private examples : Map<string, bool * string list * string> =
           "beta", (run, [], "3.5")
           "gamma", (run, [], "1.5")
           "synth-tv", (run, [], "0.25")
+          "synth-mix", (run, [], "0.3")
           "synth-augment", (run, [], "batch")
           "synth-augment-probability", (run, [], "0.75")
           "synth-conv-precision", (run, [], "bf16")

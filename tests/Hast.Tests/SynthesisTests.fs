@@ -84,6 +84,20 @@ let private stageTests =
           Expect.isTrue (throwsHast (fun () -> validate { tiny 8 with Tv = -1.0 })) "a negative weight is refused"
       }
 
+      test "boundary samples: at --synth-mix 1 the teacher's probability of the first class is pulled towards lambda, below the authors'" {
+          let teacher = TestUtil.loadSharedModel ()
+          let run cfg = synthesizeBatch torch.CPU teacher cfg 32 0 8 ignore
+          use plain = run (tiny 40)
+          use mixed = run { tiny 40 with Mix = 1.0 }
+          let mean (t: torch.Tensor) = scalar (t.mean ())
+          // lambda is uniform in [0.5, 1): a mean difficulty 1 - p_first near 0.25 when the teacher follows
+          Expect.isGreaterThan (mean mixed.Difficulty) (mean plain.Difficulty + 0.1)
+              (sprintf "mixed %g against the authors' %g" (mean mixed.Difficulty) (mean plain.Difficulty))
+          Expect.isLessThan (mean mixed.Difficulty) 0.5 (sprintf "still led by the first class: %g" (mean mixed.Difficulty))
+          Expect.isTrue (throwsHast (fun () -> validate { tiny 8 with Mix = 1.5 })) "a fraction above 1 is refused"
+          Expect.isTrue (throwsHast (fun () -> validate { tiny 8 with Mix = -0.1 })) "a negative fraction is refused"
+      }
+
       test "defaults follow the authors' settings per family" {
           let c = defaultsFor Models.Registry.Cifar
           let i = defaultsFor Models.Registry.ImageNet
@@ -188,7 +202,10 @@ let identityTests : Test list =
             "the cosine schedule: named; the authors' plateau is not, as before the setting"
         Expect.equal ((identityJson { c with Tv = 0.05 }).ToJsonString())
             """{"batch":256,"iterations":1000,"beta":10,"gamma":2,"tv":0.05,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"augment":"none","augment_probability":0.5}"""
-            "a total-variation weight: named; none is not, as before the setting" ]
+            "a total-variation weight: named; none is not, as before the setting"
+        Expect.equal ((identityJson { c with Mix = 0.25 }).ToJsonString())
+            """{"batch":256,"iterations":1000,"beta":10,"gamma":2,"mix":0.25,"lr":0.5,"patience":50,"factor":0.1,"min_lr":0.0001,"augment":"none","augment_probability":0.5}"""
+            "a mixed fraction: named; none is not, as before the setting" ]
 
 /// `hast synthesize --shard K/N`: which batches a shard synthesizes (the store side: StoreTests).
 let shardTests : Test list =
