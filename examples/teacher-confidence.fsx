@@ -1,4 +1,4 @@
-// How sure the teacher is of image sets: real images (CIFAR binary or JPEG folders) and sample stores.
+// How sure the teacher (the shared CIFAR ResNet-20) is of image sets: real images (CIFAR binary or JPEG folders) and sample stores.
 // Per set: the mean of 1 − p_y for the set's labels (the "difficulty" synthesis records), the mean of
 // 1 − max p (labels aside), the mean entropy of p, and the mean entropy of the teacher's outputs at
 // the distillation temperature T (what the student is fitted to).

@@ -54,7 +54,7 @@ let synthesis : Setting<Synthesis.Config> list =
         Show = fun s -> if s.Tv = 0.0 then None else Some(showFloat s.Tv)
         Set = fun v s -> { s with Tv = parseFloat "synth-tv" v } }
       { Key = "synth-mix"
-        Help = "fraction of each synthesis batch aimed at a mix of two classes (boundary samples, as Qimera's: target lambda*a + (1-lambda)*b, lambda uniform in [0.5, 1), its cross entropy weighted by (1 - p_a - p_b)^gamma; default 0: none, the authors')"
+        Help = "fraction of each synthesis batch aimed at a mix of two classes (boundary samples, as Qimera's: target lambda*a + (1-lambda)*b, lambda uniform in [0.5, 1), KL to it in place of the hard-sample CE; default 0: none, the authors')"
         // shown only when set, as synth-tv
         Show = fun s -> if s.Mix = 0.0 then None else Some(showFloat s.Mix)
         Set = fun v s -> { s with Mix = parseFloat "synth-mix" v } }

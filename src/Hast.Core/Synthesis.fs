@@ -8,8 +8,8 @@
 ///
 /// With `Mix` > 0 that fraction of each batch's samples is aimed at two classes instead of one
 /// (boundary samples, as Qimera's mixed class embeddings, here on the pixels): its cross entropy term
-/// is (1 - p_a - p_b)^gamma * H(t, p) to t = lambda * onehot(a) + (1 - lambda) * onehot(b), b another
-/// class than a, lambda uniform in [0.5, 1) (`Losses.mixedHardSampleLoss`). 0 = off, the authors'.
+/// is KL(t || p) to t = lambda * onehot(a) + (1 - lambda) * onehot(b), b another class than a,
+/// lambda uniform in [0.5, 1) (`Losses.mixedHardSampleLoss`). 0 = off, the authors'.
 ///
 /// Adam on the pixels, reduce-on-plateau on the total loss, K iterations per batch (authors' code:
 /// Adam lr 0.5, `ReduceLROnPlateau(patience=50, min_lr=1e-4)` with PyTorch's default factor 0.1), or

@@ -306,24 +306,23 @@ let private mixedTargetTests : Test list =
         { Second = torch.tensor (Array.ofList second)
           Lambda = torch.tensor (Array.ofList lambda, dtype = torch.float64)
           Mixed = torch.tensor (Array.ofList mixed) }
-    [ test "mixed targets: the cross entropy to t and its hard-sample weight (1 - p_a - p_b)^gamma, by hand in float64" {
+    [ test "mixed targets: KL(t || p) by hand in float64; 0 where the softmax is the target; lambda 1 is the cross entropy" {
           use _ = torch.NewDisposeScope()
-          // t = 0.7 a + 0.3 b, a = class 0, b = class 2, at p = softmax(1, -0.5, 0.25)
-          let logits = torch.tensor([| 1.0; -0.5; 0.25 |], dtype = torch.float64).view(1L, 3L)
-          let first = torch.tensor [| 0L |]
-          let m = mixOf [ 2L ] [ 0.7 ] [ true ]
-          let e = [| exp 1.0; exp -0.5; exp 0.25 |]
-          let p = e |> Array.map (fun v -> v / Array.sum e)
-          let h = -(0.7 * log p.[0] + 0.3 * log p.[2])
-          Expect.floatClose Accuracy.veryHigh (scalar (Losses.mixedTargetCE logits first m)) h "H(t, p)"
-          Expect.floatClose Accuracy.veryHigh (scalar (Losses.mixedHardSampleLoss 2.0 logits first m)) (p.[1] ** 2.0 * h) "weighted by the mass outside a and b, squared"
-          Expect.floatClose Accuracy.veryHigh (scalar (Losses.mixedHardSampleLoss 0.0 logits first m)) h "gamma 0: the cross entropy"
-          let one = Losses.mixedTargetCE logits first (mixOf [ 2L ] [ 1.0 ] [ true ])
-          let plain = torch.nn.functional.cross_entropy(logits, first)
-          Expect.floatClose Accuracy.veryHigh (scalar one) (scalar plain) "lambda 1: the cross entropy to the first class"
+          // sample 0: t = 0.7 a + 0.3 b at p = softmax(logits); sample 1: logits log(0.6, 0.4) = its target
+          let logits = torch.tensor([| 1.0; -0.5; 0.25; log 0.6; log 0.4; -1e9 |], dtype = torch.float64).view(2L, 3L)
+          let first = torch.tensor [| 0L; 1L |]
+          let kl = Losses.mixedTargetKl logits first (mixOf [ 2L; 0L ] [ 0.7; 0.4 ] [ true; true ])
+          let p = [| exp 1.0; exp -0.5; exp 0.25 |]
+          let z = Array.sum p
+          let expected = 0.7 * log (0.7 / (p.[0] / z)) + 0.3 * log (0.3 / (p.[2] / z))
+          Expect.floatClose Accuracy.veryHigh (scalar kl.[0L]) expected "sample 0 by hand"
+          Expect.floatClose { absolute = 1e-12; relative = 0.0 } (scalar kl.[1L]) 0.0 "p = t: 0"
+          let ce = Losses.mixedTargetKl logits first (mixOf [ 2L; 0L ] [ 1.0; 1.0 ] [ true; true ])
+          let plain = torch.nn.functional.cross_entropy(logits, first, reduction = torch.nn.Reduction.None)
+          Expect.floatClose Accuracy.veryHigh (scalar ce.[0L]) (scalar plain.[0L]) "lambda 1: the cross entropy to the first class"
       }
 
-      test "the hard-sample loss with mixed targets: one-hot samples as difficultyWeightedCE, mixed ones their weighted cross entropy, averaged over the batch" {
+      test "the hard-sample loss with mixed targets: one-hot samples as difficultyWeightedCE, mixed ones their KL, averaged over the batch" {
           let seed = 3L
           use _ = torch.NewDisposeScope()
           torch.manual_seed seed |> ignore
@@ -336,11 +335,9 @@ let private mixedTargetTests : Test list =
           let none = { m with Mixed = torch.tensor (Array.create 6 false) }
           Expect.floatClose Accuracy.veryHigh (scalar (Losses.mixedHardSampleLoss 2.0 logits first none))
               (scalar (Losses.difficultyWeightedCE 2.0 logits first)) (sprintf "none mixed: the authors' loss (seed %d)" seed)
-          let p = logits.softmax(1L)
-          let h = Losses.mixedTargetCE logits first m
-          let two (i: int64) = (1.0 - scalar p.[i, first.[i].item<int64> ()] - scalar p.[i, second.[i].item<int64> ()]) ** 2.0 * scalar h.[i]
-          let oneHot (i: int64) = scalar (Losses.difficultyWeightedCE 2.0 (logits.narrow(0L, i, 1L)) (first.narrow(0L, i, 1L)))
-          let expected = [ for i in 0 .. 5 -> if mixed.[i] then two (int64 i) else oneHot (int64 i) ] |> List.average
+          let kl = Losses.mixedTargetKl logits first m
+          let oneHot i = scalar (Losses.difficultyWeightedCE 2.0 (logits.narrow(0L, i, 1L)) (first.narrow(0L, i, 1L)))
+          let expected = [ for i in 0 .. 5 -> if mixed.[i] then scalar kl.[int64 i] else oneHot (int64 i) ] |> List.average
           Expect.floatClose Accuracy.veryHigh (scalar (Losses.mixedHardSampleLoss 2.0 logits first m)) expected (sprintf "per sample (seed %d)" seed)
       } ]
 
