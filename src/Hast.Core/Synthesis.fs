@@ -58,8 +58,8 @@ type Config =
       /// weight of the total-variation prior on the teacher's input (`Losses.totalVariation`); 0 = none,
       /// the authors'
       Tv: float
-      /// fraction of each batch's samples aimed at a mix of two classes (boundary samples); 0 = none,
-      /// the authors'
+      /// fraction of each batch's samples aimed at a mix of two classes (boundary samples; a sample's
+      /// label, as stored, is its first class a); 0 = none, the authors'
       Mix: float
       /// Adam learning rate on the pixels
       Lr: float
