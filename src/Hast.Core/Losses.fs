@@ -100,10 +100,13 @@ let bnsLoss (taps: BnTap list) : Tensor =
     let total = taps |> List.map term |> List.reduce (+)
     total / float (List.length taps)
 
+/// Each sample's entry of (N, C) `logp` at its class in `classes` (N).
+let private atClass (logp: Tensor) (classes: Tensor) : Tensor =
+    logp.gather(1L, classes.unsqueeze(1L)).squeeze(1L)
+
 /// log p_i of each sample's target class (N), from log_softmax for numerical stability.
 let private targetLogProb (logits: Tensor) (targets: Tensor) : Tensor =
-    let logp = log_softmax(logits, 1L)
-    logp.gather(1L, targets.unsqueeze(1L)).squeeze(1L)
+    atClass (log_softmax(logits, 1L)) targets
 
 /// The focal-style weight d^gamma of a difficulty d = 1 - p (gamma >= 0). gamma = 0 gives exactly 1.
 let weightOfDifficulty (gamma: float) (d: Tensor) : Tensor =
@@ -116,6 +119,11 @@ let hardnessWeight (gamma: float) (p: Tensor) : Tensor =
     use d = 1.0 - p
     weightOfDifficulty gamma d
 
+/// Each sample's (1 - p)^gamma * CE from its target's log-probability `lp` (N); gamma = 0: the CE.
+let private hardSampleTerms (gamma: float) (lp: Tensor) : Tensor =
+    let ce = -lp
+    if gamma = 0.0 then ce else weightOfDifficulty gamma (-(lp.expm1 ())) * ce
+
 /// HAST's hard-sample cross entropy: mean_i[(1 - p_i)^gamma * CE_i], p_i = softmax(logits_i)[target_i].
 /// gamma = 0 is exactly the plain (mean) cross entropy.
 ///
@@ -124,28 +132,26 @@ let hardnessWeight (gamma: float) (p: Tensor) : Tensor =
 /// 1 - p is computed as -expm1(log p), which stays accurate when p is close to 1.
 let difficultyWeightedCE (gamma: float) (logits: Tensor) (targets: Tensor) : Tensor =
     requireNonNegative "gamma" gamma
-    let lp = targetLogProb logits targets
-    let ce = -lp
-    if gamma = 0.0 then ce.mean()
-    else
-        let d = -(lp.expm1 ())
-        (weightOfDifficulty gamma d * ce).mean()
+    (hardSampleTerms gamma (targetLogProb logits targets)).mean()
 
 /// Two-class targets t_i = lambda_i * onehot(first_i) + (1 - lambda_i) * onehot(second_i), lambda_i in
 /// [0.5, 1], and which samples carry one (`Mixed`, bool); a sample whose `Mixed` is false keeps its
 /// one-hot target `first_i`.
 type MixedTargets = { Second: Tensor; Lambda: Tensor; Mixed: Tensor }
 
-/// KL(t_i || p_i) of each sample's two-class target (N): the cross entropy to t less t's entropy,
-/// 0 exactly where the teacher's softmax is t. lambda = 1 is the plain cross entropy to `first`.
-let mixedTargetKl (logits: Tensor) (first: Tensor) (mix: MixedTargets) : Tensor =
-    let logp = log_softmax(logits, 1L)
-    let lpa = logp.gather(1L, first.unsqueeze(1L)).squeeze(1L)
-    let lpb = logp.gather(1L, mix.Second.unsqueeze(1L)).squeeze(1L)
-    let l = mix.Lambda.to_type(logits.dtype)
+/// KL(t_i || p_i) of each sample's two-class target (N) from the log-softmax `logp` and its entry
+/// `lpa` at `first`: the cross entropy to t less t's entropy, 0 exactly where the teacher's softmax
+/// is t. lambda = 1 is the plain cross entropy to `first`.
+let private twoClassKl (logp: Tensor) (lpa: Tensor) (mix: MixedTargets) : Tensor =
+    let l = mix.Lambda.to_type(logp.dtype)
     let r = 1.0 - l
     // r * log r is 0 at r = 0 (the clamp keeps the log finite there)
-    l * (l.log() - lpa) + r * (r.clamp_min(difficultyFloor).log() - lpb)
+    l * (l.log() - lpa) + r * (r.clamp_min(difficultyFloor).log() - atClass logp mix.Second)
+
+/// KL(t_i || p_i) of each sample's two-class target (N), from the logits.
+let mixedTargetKl (logits: Tensor) (first: Tensor) (mix: MixedTargets) : Tensor =
+    let logp = log_softmax(logits, 1L)
+    twoClassKl logp (atClass logp first) mix
 
 /// HAST's hard-sample cross entropy with some samples aimed at two classes (boundary samples, as
 /// Qimera's mixed class embeddings, here on the pixels): the batch mean of (1 - p_i)^gamma * CE_i
@@ -157,10 +163,10 @@ let mixedTargetKl (logits: Tensor) (first: Tensor) (mix: MixedTargets) : Tensor 
 /// of the two classes as one-hot samples are: not boundary samples, so it was not kept.
 let mixedHardSampleLoss (gamma: float) (logits: Tensor) (first: Tensor) (mix: MixedTargets) : Tensor =
     requireNonNegative "gamma" gamma
-    let lp = targetLogProb logits first
-    let ce = -lp
-    let oneHot = if gamma = 0.0 then ce else weightOfDifficulty gamma (-(lp.expm1 ())) * ce
-    torch.where(mix.Mixed, mixedTargetKl logits first mix, oneHot).mean()
+    // one log-softmax for both terms
+    let logp = log_softmax(logits, 1L)
+    let lpa = atClass logp first
+    torch.where(mix.Mixed, twoClassKl logp lpa mix, hardSampleTerms gamma lpa).mean()
 
 /// A total-variation image prior (DeepInversion's, as a mean): the mean squared difference between
 /// neighbouring pixels of an (N, C, H, W) batch, averaged over its four neighbour directions (right,
