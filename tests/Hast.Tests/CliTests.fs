@@ -213,7 +213,10 @@ let tests : Test list =
         Expect.equal p.TimeBudget (Some({ Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None } : Pipeline.TimeBudget))
             "30 minutes; samples, synthesis and fine-tune iterations planned"
         match p.Samples with
-        | Pipeline.Synthesize s -> Expect.equal s.BatchSize 256 "synthesis batch 256"
+        | Pipeline.Synthesize s -> Expect.equal (s.BatchSize, s.Tv) (256, 1.0) "synthesis batch 256, total-variation prior 1"
+        | other -> failtestf "synthesizes, got %A" other
+        match (parseRun [ "--synth-tv"; "0" ]).Samples with
+        | Pipeline.Synthesize s -> Expect.equal s.Tv 0.0 "--synth-tv 0 gives the authors' synthesis back"
         | other -> failtestf "synthesizes, got %A" other
         Expect.equal p.Calibration (Pipeline.FromSamples { Batches = 512; BatchSize = 1 }) "per-sample calibration on 512 samples"
         Expect.equal p.FineTune.ItersPerEpoch 200 "200 iterations per epoch"

@@ -37,7 +37,7 @@ let tests : Test list = [
             Pipeline.validate c |> ignore
     }
 
-    test "cpu-30min: a 30-minute budget, bf16 synthesis where this machine's bf16 convolutions are faster (fp32 where not), cosine, per-sample calibration, promotion through both networks, the last weights delivered" {
+    test "cpu-30min: a 30-minute budget, bf16 synthesis where this machine's bf16 convolutions are faster (fp32 where not), a total-variation prior, cosine, per-sample calibration, promotion through both networks, the last weights delivered" {
         let c = Presets.cpu30min.Apply Presets.referenceMachine cifar10
         Expect.equal c.TimeBudget (Some { Seconds = 1800.0; Samples = None; SynthIters = None; FineTuneIters = None }) "30 minutes, all counts planned"
         Expect.equal (synthesis c).Samples Budget.measured.RefSamples "the measured run's sample count"
@@ -46,6 +46,7 @@ let tests : Test list = [
         Expect.equal (c.FineTune.Promotion |> Option.map (fun p -> p.Grad)) (Some Promotion.Both) "promotion gradient"
         Expect.equal c.FineTune.Averaging FineTune.LastWeights "no weight averaging (measured not to raise the final accuracy)"
         Expect.equal ((synthesis c).ConvPrecision, c.FineTune.ConvPrecision) (BFloat16, Float32) "bf16 synthesis (samples measured equivalent), fp32 fine-tuning"
+        Expect.equal ((synthesis c).Tv, (synthesis (Presets.paper.Apply Presets.referenceMachine cifar10)).Tv) (1.0, 0.0) "a total-variation prior of weight 1 (issue 29); the paper preset keeps the authors' none"
         // an AVX2-only machine, where bf16 convolutions took about 10x fp32's time: fp32 synthesis, nothing else changed
         let avx2 = Presets.cpu30min.Apply { Bf16TimeRatio = 10.0 } cifar10
         Expect.equal (synthesis avx2).ConvPrecision Float32 "fp32 synthesis where bf16 is slower"
