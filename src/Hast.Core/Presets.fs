@@ -64,7 +64,8 @@ let cpu30min : Preset =
         // (bf16 there cost W3A3 accuracy)
         let precision = if bf16Faster machine then BFloat16 else Float32
         // a total-variation prior of weight 1 (issue 29: smoother samples at a lower BN loss, no extra time; W3A3
-        // ahead on the validation set on five of six paired seeds, four at fixed counts and two at 30 minutes)
+        // over eight paired seeds, four at fixed counts and four at 30 minutes: validation +0.38 (five ahead),
+        // head +0.77 (six ahead); kept on that weak evidence, docs/results.md)
         synthesis (fun s -> { s with Samples = Budget.measured.RefSamples; BatchSize = 256; ConvPrecision = precision; Tv = 1.0 })
         >> fineTune (fun f ->
             { f with
