@@ -253,10 +253,8 @@ let ofLayer (io: ModelCli.Io) (isRun: bool) (layer: Layer) : PipelineConfig =
 // ------------------------------------------------------------------------------------------------
 // the resolved configuration as settings (config.json, the resume fingerprint)
 
-/// Every setting of a command as it resolved, under its flag name: what OUT/config.json holds and
-/// what a resume compares. `ofLayer isRun (toLayer c)` gives `c` back (tested), so
-/// `--config OUT/config.json` reproduces a run.
-let toLayer (c: PipelineConfig) : Layer =
+/// The command's own settings and the run's (`runLayer`: its fingerprint or its full layer).
+let private layerWith (runLayer: Pipeline.Config -> Layer) (c: PipelineConfig) : Layer =
     merge
         [ Map.ofList (ModelCli.toLayer c.Model)
           Map.ofList
@@ -268,12 +266,25 @@ let toLayer (c: PipelineConfig) : Layer =
                 | Some v -> "val", v
                 | None -> ()
                 "device", c.Device ]
-          RunSettings.toLayer c.Run ]
+          runLayer c.Run ]
 
-/// The first setting in which two resolved configurations differ: (name, value in `a`, value in `b`);
-/// a setting one of them lacks shows as "(not set)".
+/// Every setting of a command as it resolved, under its flag name, but those at the value they had
+/// before they existed (`Setting.Omitted`): the fingerprint a resume compares and a sweep point's key
+/// hashes. `ofLayer isRun (toLayer c)` gives `c` back (tested) where no preset is given.
+let toLayer (c: PipelineConfig) : Layer = layerWith RunSettings.toLayer c
+
+/// Every setting of a command as it resolved: what OUT/config.json holds. `ofLayer isRun (toConfigLayer
+/// c)` gives `c` back (tested), also under a preset that changes a setting the fingerprint leaves out,
+/// so `--config OUT/config.json` reproduces a run with or without its `--preset`.
+let toConfigLayer (c: PipelineConfig) : Layer = layerWith RunSettings.toFullLayer c
+
+/// The first setting in which two resolved configurations (fingerprints or config.json's full layers)
+/// differ: (name, value in `a`, value in `b`); a setting one of them lacks shows as the value it had
+/// before it existed (`Setting.Omitted`), or else as "(not set)".
 let firstDifference (a: Layer) (b: Layer) : (string * string * string) option =
-    let show (l: Layer) k = Map.tryFind k l |> Option.defaultValue "(not set)"
+    let a, b = RunSettings.compact a, RunSettings.compact b
+    let show (l: Layer) k =
+        Map.tryFind k l |> Option.orElse (RunSettings.omitted k) |> Option.defaultValue "(not set)"
     Set.union (set a.Keys) (set b.Keys)
     |> Seq.sort
     |> Seq.tryFind (fun k -> Map.tryFind k a <> Map.tryFind k b)

@@ -43,20 +43,23 @@ let synthesis : Setting<Synthesis.Config> list =
         Help =
             sprintf "the pixels' learning rate over a batch's iterations: %s (plateau: the authors' reduce-on-plateau; cosine: from --synth-lr to --synth-min-lr; default: plateau)"
                 (String.concat " | " (Named.names Synthesis.LrSchedule.table))
-        // shown only when set, so stores and runs from before the setting keep their config.json (and resume)
-        Show = fun s -> if s.Schedule = Synthesis.OnPlateau then None else Some(Named.name Synthesis.LrSchedule.table s.Schedule)
+        // left out of fingerprints at the authors' plateau, so stores and runs from before the setting still resume
+        Show = fun s -> Some(Named.name Synthesis.LrSchedule.table s.Schedule)
+        Omitted = Some(Named.name Synthesis.LrSchedule.table Synthesis.OnPlateau)
         Set = fun v s -> { s with Schedule = Named.parse "synth-schedule" Synthesis.LrSchedule.table v } }
       Setting.float "beta" "weight of the hard-sample cross entropy" (fun s -> s.Beta) (fun v s -> { s with Beta = v })
       Setting.float "gamma" "difficulty exponent of (1 - p)^gamma, 0 = plain CE" (fun s -> s.Gamma) (fun v s -> { s with Gamma = v })
       { Key = "synth-tv"
         Help = "weight of a total-variation prior on the samples (mean squared difference of neighbouring pixels, as DeepInversion's image prior; default 0: none, the authors'; cpu-30min's: 1)"
-        // shown only when set, so stores and runs from before the setting keep their config.json (and resume)
-        Show = fun s -> if s.Tv = 0.0 then None else Some(showFloat s.Tv)
+        // left out of fingerprints at 0, as synth-schedule
+        Show = fun s -> Some(showFloat s.Tv)
+        Omitted = Some(showFloat 0.0)
         Set = fun v s -> { s with Tv = parseFloat "synth-tv" v } }
       { Key = "synth-mix"
         Help = "fraction of each synthesis batch aimed at a mix of two classes (boundary samples, as Qimera's: target lambda*a + (1-lambda)*b, lambda uniform in [0.5, 1), KL to it in place of the hard-sample CE; default 0: none, the authors')"
-        // shown only when set, as synth-tv
-        Show = fun s -> if s.Mix = 0.0 then None else Some(showFloat s.Mix)
+        // left out of fingerprints at 0, as synth-schedule
+        Show = fun s -> Some(showFloat s.Mix)
+        Omitted = Some(showFloat 0.0)
         Set = fun v s -> { s with Mix = parseFloat "synth-mix" v } }
       Setting.field "synth-augment" "synthesis augmentation: none | batch (one crop+flip per batch) | sample (per-sample crop+flip; the authors' ImageNet setting, 17-19 points behind none on CIFAR ResNet-20 W3A3, docs/results.md)"
           parseAugment augmentName (fun s -> s.Augment) (fun v s -> { s with Augment = v })
@@ -134,7 +137,7 @@ let private cosine (s: Setting<float>) : Setting<Config> =
         s
 
 let private choice (key: string) (help: string) (show: Config -> string) (set: string -> Config -> Config) : Setting<Config> =
-    { Key = key; Help = help; Show = show >> Some; Set = set }
+    { Key = key; Help = help; Show = show >> Some; Omitted = None; Set = set }
 
 /// One seed drives synthesis, the generator and fine-tuning.
 let seeded (seed: int64) (c: Config) : Config =
@@ -161,6 +164,7 @@ let private optionalBits (key: string) (help: string) (get: Precision.Config -> 
     { Key = key
       Help = help
       Show = fun c -> get c.Precision |> Option.map string
+      Omitted = None
       Set = fun v c -> { c with Precision = set (Some(parseInt key v)) c.Precision } }
 
 /// Bytes in a KiB, the unit of `--size-budget`.
@@ -175,10 +179,12 @@ let precision : Setting<Config> list =
       { Key = "bits-map"
         Help = "per-layer bit widths as JSON {\"weights\": {layer: bits}, \"activations\": {layer: bits}}: a file, or the JSON itself (config.json keeps the JSON); names as `hast eval --layers` lists them; they win over --wbits-first/--wbits-last"
         Show = fun c -> if Precision.isUniform c.Precision.Map then None else Some((Precision.toJson c.Precision.Map).ToJsonString())
+        Omitted = None
         Set = fun v c -> { c with Precision = { c.Precision with Map = Precision.ofJson "--bits-map" v } } }
       { Key = "size-budget"
         Help = "the weights' stored size to fit, in KiB (packed codes + per-channel scale and zero point + float BN and biases): the other weight layers' bits are allocated from their sensitivity on the samples (exact knapsack; docs/mixed-precision.md)"
         Show = fun c -> c.Precision.SizeBudget |> Option.map (fun b -> showFloat (float b / kib))
+        Omitted = None
         Set =
           fun v c ->
               let k = parseFloat "size-budget" v
@@ -187,14 +193,16 @@ let precision : Setting<Config> list =
       { Key = "bits-candidates"
         Help = sprintf "the weight bit widths --size-budget chooses among (default: %s)" (Precision.defaults.Candidates |> List.map string |> String.concat ",")
         Show = fun c -> c.Precision.SizeBudget |> Option.map (fun _ -> c.Precision.Candidates |> List.map string |> String.concat ",")
+        Omitted = None
         Set = fun v c -> { c with Precision = { c.Precision with Candidates = parseInts "bits-candidates" v } } } ]
 
-/// A quantizer rule named by `table` (`Named`), shown only when it is not the paper's `paper`, so runs
-/// from before the setting keep their config.json (and resume).
+/// A quantizer rule named by `table` (`Named`), left out of fingerprints at the paper's `paper`, so runs
+/// from before the setting still resume.
 let private quantizerRule (key: string) (help: string) (table: (string * 'a) list) (paper: 'a) (get: Config -> 'a) (set: 'a -> Config -> Config) : Setting<Config> =
     { Key = key
       Help = help
-      Show = fun c -> if get c = paper then None else Some(Named.name table (get c))
+      Show = fun c -> Some(Named.name table (get c))
+      Omitted = Some(Named.name table paper)
       Set = fun v c -> set (Named.parse key table v) c }
 
 let private weightRange =
@@ -219,8 +227,9 @@ let run (ctx: Context) : Setting<Config> list =
       Setting.int "abits" "activation bits, 2..8 or 32 = off" (fun c -> c.ABits) (fun v c -> { c with ABits = v })
       { Key = "residual-bits"
         Help = "bits of each residual block's body before the add, 2..8, or 32 = float (the paper's; the default); 8 lets `hast export --target speed` run every convolution but the first on integer kernels (docs/export.md)"
-        // shown only when set, so runs from before the setting keep their config.json (and resume)
-        Show = fun c -> if c.ResidualBits = Quantizers.fullPrecisionBits then None else Some(string c.ResidualBits)
+        // left out of fingerprints at float bodies, so runs from before the setting still resume
+        Show = fun c -> Some(string c.ResidualBits)
+        Omitted = Some(string Quantizers.fullPrecisionBits)
         Set = fun v c -> { c with ResidualBits = parseInt "residual-bits" v } }
       yield! precision
       weightRange
@@ -235,6 +244,7 @@ let run (ctx: Context) : Setting<Config> list =
               | Synthesize s -> Some(string s.Samples)
               | Store(dir, _) -> Some dir
               | RealImages _ -> None
+        Omitted = None
         Set =
           fun v c ->
               match c.Samples with
@@ -248,6 +258,7 @@ let run (ctx: Context) : Setting<Config> list =
         Help =
           "quantize: fine-tune (and calibrate) on REAL labelled images from an image folder (one sub-folder per class) instead of a sample store: the supplement's non-zero-shot reference"
         Show = fun c -> match c.Samples with RealImages folder -> Some folder | Synthesize _ | Store _ -> None
+        Omitted = None
         Set =
           fun v c ->
               match c.Samples with
@@ -257,6 +268,7 @@ let run (ctx: Context) : Setting<Config> list =
       { Key = "take"
         Help = "quantize: use only the first n samples of the store"
         Show = fun c -> match c.Samples with Store(_, Some t) -> Some(string t) | _ -> None
+        Omitted = None
         Set =
           fun v c ->
               match c.Samples with
@@ -284,6 +296,7 @@ let run (ctx: Context) : Setting<Config> list =
               match c.Calibration with
               | FromSamples s -> Some(string s.BatchSize)
               | FromGenerator g -> Some(string g.BatchSize)
+        Omitted = None
         Set =
           fun v c ->
               let n = parseInt "calib-batch" v
@@ -301,8 +314,9 @@ let run (ctx: Context) : Setting<Config> list =
         Help =
           sprintf "after calibration, move the student's BatchNorm statistics to the teacher's, layer by layer on the first %d samples: off (the paper's; the default) | mean (each BN input's mean shift, empirical bias correction) | mean-var (its mean and spread)"
               BnCorrection.samples
-        // shown only when set, so runs from before the setting keep their config.json (and resume)
-        Show = fun c -> if c.BnCorrection = BnCorrection.Off then None else Some(BnCorrection.name c.BnCorrection)
+        // left out of fingerprints when off, so runs from before the setting still resume
+        Show = fun c -> Some(BnCorrection.name c.BnCorrection)
+        Omitted = Some(BnCorrection.name BnCorrection.Off)
         Set = fun v c -> { c with BnCorrection = BnCorrection.parse "bn-correction" v } }
       // ---- fine-tuning
       fineTune (Setting.int "batch" "fine-tune batch size" (fun f -> f.BatchSize) (fun v f -> { f with BatchSize = v }))
@@ -317,6 +331,7 @@ let run (ctx: Context) : Setting<Config> list =
       { Key = "iters"
         Help = "total fine-tune iterations (sets --epochs from --iters-per-epoch)"
         Show = fun _ -> None
+        Omitted = None
         Set =
           fun v c ->
               let total = Common.checkPositiveInt "--iters" (parseInt "iters" v)
@@ -339,8 +354,9 @@ let run (ctx: Context) : Setting<Config> list =
       cosine (Setting.float "lr-floor" "cosine: final LR as a fraction of --lr" id (fun f _ -> f))
       { Key = "lr-warmup"
         Help = sprintf "iterations over which the LR rises linearly from lr/n to the schedule's, from the calibrated student (default: %d, none)" FineTune.defaults.LrWarmup
-        // shown only when set, so runs from before the setting keep their config.json (and resume)
-        Show = fun c -> if c.FineTune.LrWarmup = 0 then None else Some(string c.FineTune.LrWarmup)
+        // left out of fingerprints at 0, so runs from before the setting still resume
+        Show = fun c -> Some(string c.FineTune.LrWarmup)
+        Omitted = Some(string 0)
         Set = fun v c -> { c with FineTune = { c.FineTune with LrWarmup = parseInt "lr-warmup" v } } }
       fineTune (Setting.float "temperature" "distillation temperature T" (fun f -> f.Temperature) (fun v f -> { f with Temperature = v }))
       fineTune (Setting.float "alpha" "KL weight alpha; the loss uses alpha*T^2" (fun f -> f.Alpha) (fun v f -> { f with Alpha = v }))
@@ -363,24 +379,28 @@ let run (ctx: Context) : Setting<Config> list =
       { Key = "grid-pull"
         Help =
             sprintf "oscillation dampening (Nagel et al. 2022): after every fine-tuning step each quantized weight moves this share (0-1) of the way to its grid value, rising from 0 as a half cosine to this at the last step (default: %g, none)" FineTune.defaults.GridPull
-        // shown only when set, so runs from before the setting keep their config.json (and resume)
-        Show = fun c -> if c.FineTune.GridPull = 0.0 then None else Some(showFloat c.FineTune.GridPull)
+        // left out of fingerprints at 0, so runs from before the setting still resume
+        Show = fun c -> Some(showFloat c.FineTune.GridPull)
+        Omitted = Some(showFloat 0.0)
         Set = fun v c -> { c with FineTune = { c.FineTune with GridPull = parseFloat "grid-pull" v } } }
       { Key = "train-bn"
         Help = "train the student's BatchNorm scale and shift in fine-tuning (the authors'); false: they keep the teacher's values (default: true)"
-        // shown only when set, so runs from before the setting keep their config.json (and resume)
-        Show = fun c -> if c.FineTune.TrainBn then None else Some "false"
+        // left out of fingerprints when true, so runs from before the setting still resume
+        Show = fun c -> Some(if c.FineTune.TrainBn then "true" else "false")
+        Omitted = Some "true"
         Set = fun v c -> { c with FineTune = { c.FineTune with TrainBn = parseBool "train-bn" v } } }
       { Key = "mix"
         Help =
             sprintf "mix the samples of each fine-tuning batch with each other after the crop: %s (the teacher labels the mixed image; default: none)"
                 (String.concat " | " (Named.names Augment.Mixing.table))
-        // shown only when set, so runs from before the setting keep their config.json (and resume)
-        Show = fun c -> if c.FineTune.Mix.Kind = Augment.NoMix then None else Some(Named.name Augment.Mixing.table c.FineTune.Mix.Kind)
+        // left out of fingerprints at none, so runs from before the setting still resume
+        Show = fun c -> Some(Named.name Augment.Mixing.table c.FineTune.Mix.Kind)
+        Omitted = Some(Named.name Augment.Mixing.table Augment.NoMix)
         Set = fun v c -> { c with FineTune = { c.FineTune with Mix = { c.FineTune.Mix with Kind = Named.parse "mix" Augment.Mixing.table v } } } }
       { Key = "mix-alpha"
         Help = sprintf "--mix's lambda ~ Beta(a, a) per sample, the share of the sample's own image (default: %g, uniform)" Augment.Mixing.none.Alpha
-        Show = fun c -> if c.FineTune.Mix.Alpha = Augment.Mixing.none.Alpha then None else Some(showFloat c.FineTune.Mix.Alpha)
+        Show = fun c -> Some(showFloat c.FineTune.Mix.Alpha)
+        Omitted = Some(showFloat Augment.Mixing.none.Alpha)
         Set = fun v c -> { c with FineTune = { c.FineTune with Mix = { c.FineTune.Mix with Alpha = parseFloat "mix-alpha" v } } } }
       choice "promotion" "sample difficulty promotion on/off"
           (fun c -> if c.FineTune.Promotion.IsSome then "true" else "false")
@@ -432,6 +452,7 @@ let run (ctx: Context) : Setting<Config> list =
       { Key = "method"
         Help = "hast | baseline (CE + KL, no alignment, no promotion) (default: hast)"
         Show = fun _ -> None
+        Omitted = None
         Set =
           fun v c ->
               match v.ToLowerInvariant() with
@@ -441,6 +462,7 @@ let run (ctx: Context) : Setting<Config> list =
       { Key = "seed"
         Help = "random seed of synthesis and fine-tuning"
         Show = fun c -> Some(string c.FineTune.Seed)
+        Omitted = None
         Set = fun v c -> seeded (parseInt64 "seed" v) c }
       // ---- evaluation, the divergence guard, the time budget
       Setting.int "eval-every" "evaluate on the test set every k epochs, and after the last" (fun c -> c.Eval.Every) (fun v c ->
@@ -468,6 +490,7 @@ let run (ctx: Context) : Setting<Config> list =
         Help =
           "run: wall time of the whole run, e.g. 90s, 30m, 2h: --samples, --synth-iters and --iters not given are planned from short timed probes on this machine (all three given: no planning)"
         Show = fun c -> c.TimeBudget |> Option.map (fun tb -> showFloat tb.Seconds + "s")
+        Omitted = None
         Set =
           fun v c ->
               match Budget.parseDuration v with
@@ -477,8 +500,20 @@ let run (ctx: Context) : Setting<Config> list =
 /// The settings of `hast run` that only synthesis reads.
 let synthesisKeys = Setting.keys synthesis
 
-/// A run's configuration as settings (what config.json holds; showing a value reads no context).
-let toLayer (c: Config) : Layer = Setting.toLayer (run { IsRun = true; Dataset = datasetDefaults Cifar10 }) c
+/// The run table for showing values (showing a value reads no context).
+let private showTable = run { IsRun = true; Dataset = datasetDefaults Cifar10 }
+
+/// A run's configuration as its fingerprint (`Setting.toLayer`: what a resume compares).
+let toLayer (c: Config) : Layer = Setting.toLayer showTable c
+
+/// A run's configuration as config.json holds it: every setting that applies (`Setting.toFullLayer`).
+let toFullLayer (c: Config) : Layer = Setting.toFullLayer showTable c
+
+/// A recorded layer as a fingerprint (`Setting.compact`).
+let compact (layer: Layer) : Layer = Setting.compact showTable layer
+
+/// The value a fingerprint that leaves out `key` holds (`Setting.Omitted`), if it has one.
+let omitted (key: string) : string option = Setting.find showTable key |> Option.bind (fun s -> s.Omitted)
 
 /// The context of a model of `family` with `classes` classes (0: not known).
 let contextOf (isRun: bool) (family: Registry.Family) (classes: int64) : Context =

@@ -141,13 +141,18 @@ type Setting<'C> =
       /// its value in a configuration as config.json writes it; None where it does not apply
       /// (`--lr-floor` under a multistep schedule) or is not recorded (`--iters`, read into `--epochs`)
       Show: 'C -> string option
+      /// the value at which a run's fingerprint (`toLayer`: the resume check, a sweep point's key)
+      /// leaves the setting out: the value runs had before the setting existed, so that their records
+      /// still match. config.json writes it all the same (`toFullLayer`), so that a preset given beside
+      /// `--config OUT/config.json` cannot change it. None: always in the fingerprint.
+      Omitted: string option
       /// parse a value and set it; a value that does not apply is checked, then dropped
       Set: string -> 'C -> 'C }
 
 module Setting =
     /// A setting stored in a field: `show`/`set` of the field, `parse` of its text.
     let field (key: string) (help: string) (parse: string -> string -> 'v) (show: 'v -> string) (get: 'C -> 'v) (set: 'v -> 'C -> 'C) : Setting<'C> =
-        { Key = key; Help = help; Show = get >> show >> Some; Set = fun v c -> set (parse key v) c }
+        { Key = key; Help = help; Show = get >> show >> Some; Omitted = None; Set = fun v c -> set (parse key v) c }
 
     let int key help get set = field key help parseInt string get set
     let int64 key help get set = field key help parseInt64 string get set
@@ -160,6 +165,7 @@ module Setting =
         { Key = s.Key
           Help = s.Help
           Show = fun d -> get d |> Option.bind s.Show
+          Omitted = s.Omitted
           Set =
             fun v d ->
                 match get d with
@@ -175,9 +181,27 @@ module Setting =
     let apply (table: Setting<'C> list) (layer: Layer) (c: 'C) : 'C =
         table |> List.fold (fun c s -> match Map.tryFind s.Key layer with Some v -> s.Set v c | None -> c) c
 
+    /// `s` left out of fingerprints at `value` (`Omitted`): a setting added after runs were recorded.
+    let omittedAt (value: string) (s: Setting<'C>) : Setting<'C> = { s with Omitted = Some value }
+
+    /// The value of `s` in `c` as a fingerprint holds it: None where it does not apply or is at its
+    /// `Omitted` value.
+    let shown (s: Setting<'C>) (c: 'C) : string option = s.Show c |> Option.filter (fun v -> Some v <> s.Omitted)
+
     /// Every setting of `c` that applies, under its key: what config.json holds.
-    let toLayer (table: Setting<'C> list) (c: 'C) : Layer =
+    let toFullLayer (table: Setting<'C> list) (c: 'C) : Layer =
         table |> List.choose (fun s -> s.Show c |> Option.map (fun v -> s.Key, v)) |> Map.ofList
+
+    /// `c`'s fingerprint: every setting that applies but those at their `Omitted` value (what a resume
+    /// compares and a sweep point's key hashes).
+    let toLayer (table: Setting<'C> list) (c: 'C) : Layer =
+        table |> List.choose (fun s -> shown s c |> Option.map (fun v -> s.Key, v)) |> Map.ofList
+
+    /// A recorded layer (config.json, full or a fingerprint) as a fingerprint: the settings of `table`
+    /// at their `Omitted` value left out.
+    let compact (table: Setting<'C> list) (layer: Layer) : Layer =
+        let omitted = table |> List.choose (fun s -> s.Omitted |> Option.map (fun v -> s.Key, v)) |> Map.ofList
+        layer |> Map.filter (fun k v -> Map.tryFind k omitted <> Some v)
 
     /// The help of a setting: its text and "(default: ...)" read from `defaults`, configurations
     /// labelled by dataset (one value when they agree). For a setting the defaults lack (it applies
@@ -188,8 +212,8 @@ module Setting =
             let alts =
                 alternatives
                 |> List.filter (fun (label, _) -> not (label.StartsWith("--" + s.Key + " ")))
-                |> List.choose (fun (label, f) -> s.Show(f c) |> Option.map (fun v -> label, v))
-            match s.Show c with
+                |> List.choose (fun (label, f) -> shown s (f c) |> Option.map (fun v -> label, v))
+            match shown s c with
             | Some v ->
                 let differing = alts |> List.filter (fun (_, a) -> a <> v) |> List.distinct
                 Some(v + (differing |> List.map (fun (l, a) -> sprintf "; with %s: %s" l a) |> String.concat ""))

@@ -153,6 +153,35 @@ let tests : Test list =
             Expect.equal back.Run expected (sprintf "--%s through config.json" key)
             Expect.equal (QuantizeCli.toLayer back |> Map.remove "time-budget") (layer |> Map.remove "time-budget") (sprintf "--%s: the same fingerprint" key)
 
+      testCase "config.json holds every setting: a preset given beside --config OUT/config.json changes none of the run's" <| fun () ->
+        // cpu-30min sets --synth-tv 1 and auto activation rules; a run of it with the paper's values has them at
+        // the values its fingerprint leaves out (`Setting.Omitted`), which config.json must still hold
+        let given = [ "--preset"; "cpu-30min"; "--synth-tv"; "0"; "--act-range"; "minmax"; "--act-ste"; "identity"; "--samples"; "96"; "--synth-iters"; "17"; "--iters"; "400" ]
+        let started = parse (commandArgs true @ given)
+        let full = QuantizeCli.toConfigLayer started
+        Expect.equal (Map.tryFind "synth-tv" full, Map.tryFind "act-range" full) (Some "0", Some "minmax") "config.json holds the values the fingerprint leaves out"
+        let again (layer: Layer) = parseWith (fun _ -> jsonOf layer) [ "run"; "--preset"; "cpu-30min"; "--config"; "c.json"; "--out"; "o" ]
+        Expect.equal (again full).Run started.Run "--preset cpu-30min --config OUT/config.json: the same run"
+        Expect.equal (parseWith (fun _ -> jsonOf full) [ "run"; "--config"; "c.json"; "--out"; "o" ]).Run started.Run "--config alone: the same run"
+        // what the fingerprint alone would give under the preset: its prior back (why config.json is the full layer)
+        match (again (QuantizeCli.toLayer started)).Run.Samples with
+        | Pipeline.Synthesize s -> Expect.equal s.Tv 1.0 "the fingerprint alone leaves the preset's prior in"
+        | other -> failtestf "synthesized samples, got %A" other
+
+      testCase "a fingerprint leaves out each setting at the value runs had before it existed; a resume matches config.json against it" <| fun () ->
+        let plain = parse (commandArgs true)
+        let omittable = runTable |> List.filter (fun s -> s.Omitted.IsSome)
+        Expect.isNonEmpty omittable "settings added after runs were recorded"
+        for s in omittable do
+            // the value left out is the default's, as Show writes it (else a default run's fingerprint would change)
+            Expect.equal (s.Show plain.Run) s.Omitted (sprintf "--%s: the default shows as its omitted value" s.Key)
+            Expect.isFalse ((QuantizeCli.toLayer plain).ContainsKey s.Key) (sprintf "--%s not in a default run's fingerprint" s.Key)
+            Expect.equal (Map.tryFind s.Key (QuantizeCli.toConfigLayer plain)) s.Omitted (sprintf "--%s in its config.json" s.Key)
+        Expect.isNone (QuantizeCli.firstDifference (QuantizeCli.toConfigLayer plain) (QuantizeCli.toLayer plain)) "config.json against the fingerprint"
+        let withTv = parse (commandArgs true @ [ "--synth-tv"; "1" ])
+        Expect.equal (QuantizeCli.firstDifference (QuantizeCli.toConfigLayer plain) (QuantizeCli.toLayer withTv)) (Some("synth-tv", "0", "1"))
+            "a changed value is found, the left-out one named by its value"
+
       testCase "every synthesis setting is one flag under hast synthesize and hast run, and part of the store's identity" <| fun () ->
         let synth = [ "synthesize"; "--arch"; "cifar-resnet20-a"; "--weights"; "/w/r20.th"; "--out"; "s" ]
         let parseSynth argv =

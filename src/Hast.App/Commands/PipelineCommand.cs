@@ -234,8 +234,8 @@ public static class PipelineCommand
     }
 
     /// The run's events: progress and log lines, metrics, fault points and stop checks.
-    /// The command's resolved settings (OUT/config.json, the resume fingerprint): every setting under its
-    /// flag name, and the command.
+    /// The command's resolved settings as the resume fingerprint (`QuantizeCli.toLayer`; OUT/config.json
+    /// holds every setting, `ConfigJson`): each under its flag name, and the command.
     static JsonObject Settings(QuantizeCli.PipelineConfig c)
     {
         var o = new JsonObject { ["command"] = c.IsRun ? "run" : "quantize" };
@@ -243,11 +243,12 @@ public static class PipelineCommand
         return o;
     }
 
-    /// OUT/config.json: the resolved settings as a config file (`--config OUT/config.json` reproduces the run).
+    /// OUT/config.json: the resolved settings as a config file, every one (`--config OUT/config.json`
+    /// reproduces the run, also beside a `--preset` that would change a setting left at its old value).
     static string ConfigJson(QuantizeCli.PipelineConfig c)
     {
         var o = new JsonObject();
-        foreach (var kv in QuantizeCli.toLayer(c)) o[kv.Key] = kv.Value;
+        foreach (var kv in QuantizeCli.toConfigLayer(c)) o[kv.Key] = kv.Value;
         return o.ToJsonString(new JsonSerializerOptions { WriteIndented = true, Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }) + "\n";
     }
 
