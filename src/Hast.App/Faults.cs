@@ -23,8 +23,9 @@ namespace Hast.App;
 /// slower than probed, with nothing slept, on any machine); at `ft-iter` only, `nan` (one weight tensor
 /// of the student becomes NaN after that step, as a step that blew up), `nan-from` (the same after the
 /// n-th step and every later one: a training that cannot recover) and `spike` (that step's loss reads
-/// `SpikeFactor` times its value) and `negate` (the classifier's weight and bias are negated after that
-/// step: a student that collapsed with a finite loss): faults for the fine-tuning's divergence guard
+/// `SpikeFactor` times its value), `negate` (the classifier's weight and bias are negated after that
+/// step: a student that collapsed with a finite loss) and `libtorch` (that step raises libtorch's error
+/// as TorchSharp does, as a native call that failed): faults for the fine-tuning's divergence guard
 /// (`RunHooks.Hooks.Fault`).
 /// Several plans are separated by commas (`synth-batch:1:slow4,synth-iter:30:kill`).
 /// The plans are read when a command starts (`Program.Run`); each armed plan counts its own hits.
@@ -33,7 +34,7 @@ public static class Faults
     public static readonly string[] Points =
         ["synth-iter", "store-batch", "store-manifest", "calibration", "ft-iter", "train-ckpt", "final-ckpt", "report", "synth-batch"];
 
-    public enum Action { Kill, Term, Int, Enospc, Slow, Nan, NanFrom, Spike, Negate }
+    public enum Action { Kill, Term, Int, Enospc, Slow, Nan, NanFrom, Spike, Negate, Libtorch }
 
     /// How much an injected `spike` multiplies a step's loss by.
     public const double SpikeFactor = 1000;
@@ -67,7 +68,7 @@ public static class Faults
         var action = parts.Length == 3 ? parts[2] switch
         {
             "kill" => Action.Kill, "term" => Action.Term, "int" => Action.Int, "enospc" => Action.Enospc,
-            "nan" => Action.Nan, "nan-from" => Action.NanFrom, "spike" => Action.Spike, "negate" => Action.Negate,
+            "nan" => Action.Nan, "nan-from" => Action.NanFrom, "spike" => Action.Spike, "negate" => Action.Negate, "libtorch" => Action.Libtorch,
             var a when a.StartsWith("slow", StringComparison.Ordinal)
                        && double.TryParse(a[4..], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out factor)
                        && factor >= 1 && double.IsFinite(factor) => Action.Slow,
@@ -75,9 +76,9 @@ public static class Faults
         } : Action.Kill;
         if (parts.Length is < 2 or > 3 || !Points.Contains(parts[0]) || !int.TryParse(parts[1], out var n) || n < 1 || action is null
             || (action == Action.Slow) != (parts[0] == "synth-batch"))
-            throw new HastError($"HAST_FAULT='{spec}' is not <point>:<n>[:kill|term|int|enospc|nan|nan-from|spike|negate] (or synth-batch:<n>:slow<k>, k >= 1), comma-separated, with n >= 1 and point one of {string.Join(", ", Points)}; unset it for a normal run");
+            throw new HastError($"HAST_FAULT='{spec}' is not <point>:<n>[:kill|term|int|enospc|nan|nan-from|spike|negate|libtorch] (or synth-batch:<n>:slow<k>, k >= 1), comma-separated, with n >= 1 and point one of {string.Join(", ", Points)}; unset it for a normal run");
         if (IsTrainingFault(action.Value) && parts[0] != "ft-iter")
-            throw new HastError($"HAST_FAULT='{spec}': nan, nan-from, spike and negate are faults of a fine-tune step, at ft-iter only");
+            throw new HastError($"HAST_FAULT='{spec}': nan, nan-from, spike, negate and libtorch are faults of a fine-tune step, at ft-iter only");
         if (action is Action.Term or Action.Int && StopSignal.Current is null)
             throw new HastError($"HAST_FAULT='{spec}' sends a signal, which only the hast process handles (not an in-process Program.Run)");
         return new Plan(parts[0], n, action.Value, factor);
@@ -101,7 +102,7 @@ public static class Faults
             if (p.Action != Action.Slow && !IsTrainingFault(p.Action) && p.Point == point && Interlocked.Increment(ref p.Hits) == p.N) Fire(p, point, detail);
     }
 
-    /// A fine-tune step finished at `point`: the training fault (`nan`, `spike`, `negate`) to inject after it when an
+    /// A fine-tune step finished at `point`: the training fault (`nan`, `spike`, `negate`, `libtorch`) to inject after it when an
     /// armed plan is one and this is its n-th step (every step from the n-th, for `nan-from`), else null.
     public static Action? Corrupt(string point, string detail = "")
     {
@@ -111,13 +112,13 @@ public static class Faults
             if (p.Point != point || !IsTrainingFault(p.Action)) continue;
             var hit = Interlocked.Increment(ref p.Hits);
             if (p.Action == Action.NanFrom ? hit < p.N : hit != p.N) continue;
-            Console.Error.WriteLine($"hast: HAST_FAULT: {p.Action switch { Action.Spike => "loss spike", Action.Negate => "negated classifier", _ => "NaN weights" }} after {point} #{hit}{(detail.Length > 0 ? $" ({detail})" : "")}");
+            Console.Error.WriteLine($"hast: HAST_FAULT: {p.Action switch { Action.Spike => "loss spike", Action.Negate => "negated classifier", Action.Libtorch => "libtorch error", _ => "NaN weights" }} after {point} #{hit}{(detail.Length > 0 ? $" ({detail})" : "")}");
             fault ??= p.Action == Action.NanFrom ? Action.Nan : p.Action;
         }
         return fault;
     }
 
-    static bool IsTrainingFault(Action a) => a is Action.Nan or Action.NanFrom or Action.Spike or Action.Negate;
+    static bool IsTrainingFault(Action a) => a is Action.Nan or Action.NanFrom or Action.Spike or Action.Negate or Action.Libtorch;
 
     static void Fire(Plan p, string point, string detail)
     {

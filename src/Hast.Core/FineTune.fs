@@ -369,7 +369,7 @@ let private stepUnchecked (c: Config) (teacher: Net) (student: Net) (opt: torch.
             let s = stats t nan
             ensureFinite "the loss" s.Total
             t.Total.backward ()
-            opt.step () |> ignore
+            withoutCollection (fun () -> opt.step ()) |> ignore
             s
         | Some p ->
             let t, grad = promotionGradient c p teacher student x labels
@@ -385,7 +385,7 @@ let private stepUnchecked (c: Config) (teacher: Net) (student: Net) (opt: torch.
                 else
                     use _ = torch.no_grad ()
                     scalar (perturbedTerms ()).Total
-            opt.step () |> ignore
+            withoutCollection (fun () -> opt.step ()) |> ignore
             stats t perturbed)
 
 /// One optimisation step (as above); a NaN or infinite loss fails with one line ("fine-tuning diverged:
@@ -452,6 +452,9 @@ type Fault =
     /// after the step, the classifier's weight and bias are negated, so the student's logits are (nearly)
     /// its own negated: a student that collapsed with finite weights and a finite loss
     | NegatedLogits
+    /// after the step, libtorch's error surfaces as TorchSharp raises it (`ExternalException`), as a
+    /// step whose native call failed
+    | LibtorchError
 
 /// Why an epoch is taken for diverged (the divergence guard of `Run.run`).
 type DivergenceCause =
@@ -464,6 +467,11 @@ type DivergenceCause =
     /// after the epoch the student agreed with the teacher on `agreement` % of the probe samples, below
     /// `factor` × `best`, the most it agreed on so far (the calibrated student's included)
     | AgreementBelowBest of agreement: float * best: float * factor: float
+    /// a step failed inside libtorch (TorchSharp's `ExternalException`) at `iteration` (1-based within the
+    /// epoch), with the error's first line: not the training's fault (a ResNet-32 run died so in its
+    /// optimizer's step, a native Scalar freed under it, docs/results.md), so the epoch runs again from
+    /// the last good state at the same learning rate (`lowersLr`)
+    | StepFailed of iteration: int * message: string
 
 let describeCause =
     function
@@ -472,6 +480,14 @@ let describeCause =
     | LossAboveBest(m, b, f) -> sprintf "the mean training loss %.4g is above %g x the best epoch's %.4g" m f b
     | AgreementBelowBest(a, b, f) ->
         sprintf "the student agrees with the teacher on %.1f%% of the probe samples, below %g x the best %.1f%%" a f b
+    | StepFailed(i, m) -> sprintf "a step failed in libtorch at iteration %d (%s)" i m
+
+/// Whether the guard retries an epoch that ended by `cause` at a lower learning rate: a divergence, yes;
+/// a failed native call, no (the same epoch again).
+let lowersLr (cause: DivergenceCause) : bool =
+    match cause with
+    | StepFailed _ -> false
+    | NonFiniteStepLoss _ | NonFiniteWeights | LossAboveBest _ | AgreementBelowBest _ -> true
 
 /// How an epoch of `tryEpoch` ended.
 type EpochOutcome =
@@ -497,11 +513,13 @@ let private applyFault (student: Net) (s: StepStats) (f: Fault) : StepStats =
         s
     | LossSpike k ->
         { s with KL = s.KL * k; FA = s.FA * k; CE = s.CE * k; Cam = s.Cam * k; Total = s.Total * k; PerturbedTotal = s.PerturbedTotal * k }
+    | LibtorchError -> raise (Runtime.InteropServices.ExternalException "injected libtorch error (HAST_FAULT ft-iter:N:libtorch)")
 
 /// Run epoch `epoch` (0-based) of fine-tuning, as `epoch`, without failing on divergence: a NaN or
-/// infinite loss stops the epoch at that step (before the optimizer steps on it), non-finite weights
-/// at its end are reported, and the caller decides (`Run.run` rolls back). `fault i` injects a
-/// fault after step `i` (0-based; tests only: `fun _ -> None` otherwise).
+/// infinite loss stops the epoch at that step (before the optimizer steps on it), as does an error
+/// libtorch raises in a step; non-finite weights at its end are reported, and the caller decides
+/// (`Run.run` rolls back). `fault i` injects a fault after step `i` (0-based; tests only: `fun _ ->
+/// None` otherwise).
 let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt: torch.optim.Optimizer)
              (images: Tensor) (labels: Tensor) (ep: int) (fault: int -> Fault option) (onIter: IterInfo -> unit) : EpochOutcome =
     teacher.eval ()
@@ -525,11 +543,17 @@ let tryEpoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (o
         let yb = labels.index_select(0L, idx).``to``(device)
         let xa = Augment.perSampleCrop gen c.Crop xb |> Augment.mix mixGen c.Mix
         let lr = lrAt c (ep * c.ItersPerEpoch + i)
-        match (try Ok(stepUnchecked c teacher student opt lr (xa.``to``(device)) yb) with NonFiniteLoss(w, v) -> Error(w, v)) with
-        | Error(what, v) -> diverged <- Some(NonFiniteStepLoss(i + 1, what, v))
-        | Ok s ->
+        let attempt () =
+            let s = stepUnchecked c teacher student opt lr (xa.``to``(device)) yb
             Quantizers.pullToGrid (gridPullAt c (ep * c.ItersPerEpoch + i)) student
-            let s = match fault i with Some f -> applyFault student s f | None -> s
+            match fault i with Some f -> applyFault student s f | None -> s
+        let outcome =
+            try Ok(attempt ()) with
+            | NonFiniteLoss(what, v) -> Error(NonFiniteStepLoss(i + 1, what, v))
+            | :? Runtime.InteropServices.ExternalException as e -> Error(StepFailed(i + 1, (e.Message.Split('\n')[0]).Trim()))
+        match outcome with
+        | Error cause -> diverged <- Some cause
+        | Ok s ->
             sum <-
                 { KL = sum.KL + s.KL; FA = sum.FA + s.FA; CE = sum.CE + s.CE; Cam = sum.Cam + s.Cam; Total = sum.Total + s.Total
                   PerturbedTotal = sum.PerturbedTotal + s.PerturbedTotal; PromotionGain = sum.PromotionGain + s.PromotionGain
@@ -559,4 +583,5 @@ let epoch (device: torch.Device) (c: Config) (teacher: Net) (student: Net) (opt:
     match tryEpoch device c teacher student opt images labels ep (fun _ -> None) onIter with
     | Completed stats -> stats
     | Diverged(NonFiniteStepLoss(_, what, v)) -> failNonFinite what v
+    | Diverged(StepFailed _ as cause) -> failf "fine-tuning failed: %s; run it again" (describeCause cause)
     | Diverged cause -> failf "fine-tuning diverged: %s; lower the learning rate or check the samples" (describeCause cause)

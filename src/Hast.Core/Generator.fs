@@ -208,7 +208,7 @@ let calibrateWithGenerator
                 requireFinite "the generator warm-up" (sprintf "the loss at iteration %d" it) "lower the generator learning rate" lossV
                 opt.zero_grad ()
                 loss.backward ()
-                opt.step () |> ignore
+                withoutCollection (fun () -> opt.step ()) |> ignore
                 let acc = Losses.accuracy out.Logits labels
                 let ceV, bnsV = scalar ce, scalar bns
                 do

@@ -111,6 +111,28 @@ module Prelude =
         use s = c.ToScalar()
         s.ToDouble()
 
+    /// The managed allocations `withoutCollection` allows before a collection may run after all: an
+    /// optimizer's step makes a few hundred small objects.
+    let noCollectionBytes = 16L * 1024L * 1024L
+
+    /// `f ()` with .NET's garbage collector held off (a no-GC region), so that no finalizer can free a
+    /// native object while libtorch still reads it. TorchSharp's optimizers (SGD, Adam) make a native
+    /// Scalar for each number of their update (`alpha: -lr`), hand libtorch only its pointer and leave
+    /// it to the finalizer: a collection during that native call (any thread's allocation can start
+    /// one) may free it under libtorch, which then reads garbage; a ResNet-32 run died so, most likely,
+    /// in its 5th epoch ("Expected false to be true" from c10's Scalar::toFloat inside SGD's add_: a
+    /// Scalar of no known type, 2026-12-06; docs/reliability.md).
+    /// Should `f` allocate more than `noCollectionBytes`, a collection runs and the region ends early;
+    /// the divergence guard's rollback (`FineTune.StepFailed`) is the net under that.
+    let withoutCollection (f: unit -> 'a) : 'a =
+        let held =
+            try GC.TryStartNoGCRegion noCollectionBytes
+            with :? InvalidOperationException -> false // already in one (a caller's)
+        try f ()
+        finally
+            if held && Runtime.GCSettings.LatencyMode = Runtime.GCLatencyMode.NoGCRegion then
+                try GC.EndNoGCRegion() with :? InvalidOperationException -> ()
+
 /// Order statistics of timings (the budget's probes, `hast bench`).
 module Stats =
     /// The `p`-quantile (0..1) of `xs` by linear interpolation between order statistics (numpy's

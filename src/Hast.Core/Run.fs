@@ -360,14 +360,16 @@ let run (inputs: Inputs) (c: Config) (plan: RunPlan.Planned option) (hooks: Hook
                 | None ->
                     if epoch + 1 < ft.Epochs then event (EpochSaved(epoch + 1, ft.Epochs))
                     epochs ft p
-        /// epoch `epoch` (0-based) diverged: back to the last good state; again at a lower learning rate,
-        /// or, after the guard's retries, the end of the run with that state
+        /// epoch `epoch` (0-based) diverged: back to the last good state; again at a lower learning rate
+        /// (at the same one after a failed native call, `FineTune.lowersLr`), or, after the guard's
+        /// retries, the end of the run with that state
         and diverged (ft: FineTune.Config) (p: Progress) (epoch: int) (cause: FineTune.DivergenceCause) =
             GoodState.putBack kept.Value student average opt
             let reason = FineTune.describeCause cause
             let retries = p.Rollbacks |> List.filter (fun r -> r.Epoch = epoch + 1) |> List.length
             if retries < c.Guard.Retries then
-                let rollback = { Epoch = epoch + 1; Reason = reason; LrScale = lrScale p * c.Guard.LrFactor }
+                let factor = if FineTune.lowersLr cause then c.Guard.LrFactor else 1.0
+                let rollback = { Epoch = epoch + 1; Reason = reason; LrScale = lrScale p * factor }
                 let p = { p with Rollbacks = p.Rollbacks @ [ rollback ] }
                 hooks.Save { Student = student; Average = average; Optimizer = opt; Progress = p }
                 event (RolledBack(rollback, retries + 1, c.Guard.Retries))

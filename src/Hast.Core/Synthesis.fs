@@ -362,7 +362,7 @@ let synthesizeBatch
             requireFinite "synthesis" (sprintf "the loss in batch %d at iteration %d" batchIndex it) "lower the learning rate or beta" totalV
             opt.zero_grad ()
             total.backward ()
-            opt.step () |> ignore
+            withoutCollection (fun () -> opt.step ()) |> ignore
             let loss = { Bns = scalar bns; Ce = scalar ce; Tv = scalar tv; Total = totalV; Accuracy = Losses.accuracy out.Logits labels }
             if it = 1 then initial <- Some loss
             onIter

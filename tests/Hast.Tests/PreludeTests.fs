@@ -1,6 +1,7 @@
 /// Tests of `Prelude`: user errors, devices, seed derivation, seeded generators, tensor checks.
 module Hast.Tests.PreludeTests
 
+open System
 open Expecto
 open TorchSharp
 open Hast.Core
@@ -70,5 +71,20 @@ let tests : Test list = [
         Expect.equal (scalar f) 2.5 "float32"
         Expect.equal (scalar i) 7.0 "int64"
         Expect.equal (scalar y) 9.0 "requires grad"
+    }
+
+    test "withoutCollection: no collection runs inside it, it gives f's value, and the collector is back after it, also when f raises or nests" {
+        let mode () = Runtime.GCSettings.LatencyMode
+        let before = mode ()
+        let inside () =
+            let at = GC.CollectionCount 0
+            let n = [ for i in 1..1000 -> string i ].Length
+            mode (), n, GC.CollectionCount 0 - at
+        Expect.equal (withoutCollection inside) (Runtime.GCLatencyMode.NoGCRegion, 1000, 0) "inside: a no-GC region, no collection, f's value"
+        Expect.equal (mode ()) before "after: the latency mode as before"
+        Expect.throws (fun () -> withoutCollection (fun () -> failwith "inside") |> ignore) "f's exception passes"
+        Expect.equal (mode ()) before "and the region ends"
+        Expect.equal (withoutCollection (fun () -> withoutCollection (fun () -> 7))) 7 "nested"
+        Expect.equal (mode ()) before "and both end"
     }
 ]

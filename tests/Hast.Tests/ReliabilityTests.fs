@@ -574,7 +574,7 @@ let divergenceTest =
 /// A fault injected once (HAST_FAULT=ft-iter:N:nan|spike|negate): the guard rolls back, the run
 /// finishes normally (exit 0) with the rollback in report.json and metrics.jsonl.
 let divergenceRecoveryTest =
-    testCase "HAST_FAULT NaN weights, a loss spike or a negated classifier in epoch 2: rolled back to epoch 1, lr x0.5, finished with exit 0 and the rollback reported" <| fun () ->
+    testCase "HAST_FAULT NaN weights, a loss spike, a negated classifier or a libtorch error in epoch 2: rolled back to epoch 1, lr x0.5 (the same lr after the libtorch error), finished with exit 0 and the rollback reported" <| fun () ->
         use tmp = new TempDir()
         let test = smallTest tmp 64
         // 2 epochs x 3 iterations: the fault follows the 4th step (epoch 2, iteration 1); the negated
@@ -582,7 +582,9 @@ let divergenceRecoveryTest =
         // The NaN and the spike are judged without the agreement rule: on its 8 probe samples one
         // sample is 12.5 points, and on a Xeon with AMX (docs/machines.md) the retried epoch 2 after the
         // NaN agreed on 3 of 8 against calibration's 7, below half, a second rollback of the rule's own
-        for action, step, reason in [ "nan", 4, "NaN"; "spike", 4, "above 2 x the best epoch"; "negate", 6, "agrees with the teacher" ] do
+        for action, step, reason, scale in
+            [ "nan", 4, "NaN", 0.5; "spike", 4, "above 2 x the best epoch", 0.5; "negate", 6, "agrees with the teacher", 0.5
+              "libtorch", 4, "a step failed in libtorch at iteration 1 (injected libtorch error", 1.0 ] do
             let agreement = if action = "negate" then [] else [ "--divergence-agreement"; "0" ]
             let out = tmp.File("run-" + action)
             let code, _, err =
@@ -602,7 +604,7 @@ let divergenceRecoveryTest =
             Expect.equal (root.GetProperty("degraded").ValueKind) Text.Json.JsonValueKind.Null (action + ": not degraded")
             Expect.equal (root.GetProperty("epochs_done").GetInt32()) 2 (action + ": both epochs")
             let rollback = root.GetProperty("rollback_log").[0]
-            Expect.equal (rollback.GetProperty("epoch").GetInt32(), rollback.GetProperty("lr_scale").GetDouble()) (2, 0.5) (action + ": epoch 2, lr x0.5")
+            Expect.equal (rollback.GetProperty("epoch").GetInt32(), rollback.GetProperty("lr_scale").GetDouble()) (2, scale) (sprintf "%s: epoch 2, lr x%g" action scale)
             Expect.stringContains (rollback.GetProperty("reason").GetString()) reason (action + ": the reason")
             let agreements = File.ReadAllLines(Path.Combine(out, "metrics.jsonl")) |> Array.filter (fun l -> l.Contains "\"agreement\":")
             if action = "negate" then

@@ -208,6 +208,26 @@ let private guardTests : Test list =
       testCase "divergence guard: a student negated after epoch 2's last step -> back to epoch 1's state, lr x0.5, finished; resumable after the rollback" <| fun () ->
         recoversFromAt 1 1 FineTune.NegatedLogits "agrees with the teacher"
 
+      testCase "divergence guard: an error libtorch raises in a step of epoch 2 -> back to epoch 1's state, epoch 2 again at the same lr: the run ends bit for bit as the run without it" <| fun () ->
+        let c = tinyConfig 3L
+        let faulty, saves, events = runFaulty (faultAt 1 1 1 FineTune.LibtorchError) c None
+        let result, parameters = finishedRun faulty
+        let clean, _, _ = runFaulty (fun _ _ -> None) c None
+        let cleanResult, cleanParameters = finishedRun clean
+        Expect.equal (result.Rollbacks |> List.map (fun r -> r.Epoch, r.LrScale)) [ 2, 1.0 ] "one rollback of epoch 2, the lr kept"
+        Expect.stringContains result.Rollbacks.Head.Reason "a step failed in libtorch at iteration 2" "the reason names the step"
+        Expect.equal (result.EpochsDone, result.Degraded) (2, None) "finished, not degraded"
+        Expect.isTrue (events |> List.exists (function RolledBack(r, 1, 3) -> r.Epoch = 2 | _ -> false)) "the rollback is reported (1 of 3)"
+        Expect.equal result.History cleanResult.History "the same epochs as the run without the error"
+        Expect.isTrue (sameTensors parameters cleanParameters) "the same weights, bit for bit"
+        Expect.isTrue (saves |> List.exists (fun s -> s.Progress.Rollbacks.Length = 1 && s.Progress.EpochsDone = 1)) "the rollback saved with the good state"
+        // an error on every retry: after 3 the last good weights, degraded, at the lr never lowered
+        let stuck, _, _ = runFaulty (faultAt 1 0 100 FineTune.LibtorchError) c None
+        let r, _ = finishedRun stuck
+        Expect.equal (r.Rollbacks |> List.map (fun r -> r.LrScale)) [ 1.0; 1.0; 1.0 ] "3 rollbacks at the same lr"
+        Expect.equal r.EpochsDone 1 "epoch 1's weights delivered"
+        Expect.isSome r.Degraded "degraded"
+
       testCase "divergence guard: with the agreement rule off (0), the negated student passes every other rule and is delivered: the rule is what sees it" <| fun () ->
         let c = { tinyConfig 3L with Guard = { guardDefaults with SpikeMinIters = 1; Agreement = 0.0 } }
         let whole, _, _ = runFaulty (faultAt 1 1 1 FineTune.NegatedLogits) c None

@@ -191,6 +191,7 @@ public static class PipelineCommand
                     Faults.Action.Nan => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NanWeights),
                     Faults.Action.Spike => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NewLossSpike(Faults.SpikeFactor)),
                     Faults.Action.Negate => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.NegatedLogits),
+                    Faults.Action.Libtorch => FSharpOption<FineTune.Fault>.Some(FineTune.Fault.LibtorchError),
                     _ => FSharpOption<FineTune.Fault>.None,
                 })));
         var inputs = new RunRecords.Inputs(device, teacher.Arch, teacher.Classes, teacher.Net, test.Dataset, val);
