@@ -181,9 +181,6 @@ module Setting =
     let apply (table: Setting<'C> list) (layer: Layer) (c: 'C) : 'C =
         table |> List.fold (fun c s -> match Map.tryFind s.Key layer with Some v -> s.Set v c | None -> c) c
 
-    /// `s` left out of fingerprints at `value` (`Omitted`): a setting added after runs were recorded.
-    let omittedAt (value: string) (s: Setting<'C>) : Setting<'C> = { s with Omitted = Some value }
-
     /// The value of `s` in `c` as a fingerprint holds it: None where it does not apply or is at its
     /// `Omitted` value.
     let shown (s: Setting<'C>) (c: 'C) : string option = s.Show c |> Option.filter (fun v -> Some v <> s.Omitted)

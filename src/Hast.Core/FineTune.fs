@@ -469,7 +469,7 @@ type DivergenceCause =
     | AgreementBelowBest of agreement: float * best: float * factor: float
     /// a step failed inside libtorch (TorchSharp's `ExternalException`) at `iteration` (1-based within the
     /// epoch), with the error's first line: not the training's fault (a ResNet-32 run died so in its
-    /// optimizer's step, a native Scalar freed under it, docs/results.md), so the epoch runs again from
+    /// optimizer's step, a native Scalar freed under it, docs/reliability.md), so the epoch runs again from
     /// the last good state at the same learning rate (`lowersLr`)
     | StepFailed of iteration: int * message: string
 
