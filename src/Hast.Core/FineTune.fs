@@ -442,7 +442,7 @@ let private epochIndices (c: Config) (count: int64) (epoch: int) (gen: torch.Gen
     scope.MoveToOuter(torch.cat([| for _ in 1L .. perms -> torch.randperm(count, generator = gen) |], 0L).slice(0L, 0L, need, 1L))
 
 /// A fault injected into an epoch's steps, for the tests of the divergence guard (`Run.run`;
-/// `HAST_FAULT=ft-iter:N:nan|spike` in the shell). Not a setting: nothing injects one in a normal run.
+/// `HAST_FAULT=ft-iter:N:nan|spike|negate|libtorch` in the shell). Not a setting: nothing injects one in a normal run.
 type Fault =
     /// after the step, one weight tensor of the student becomes NaN (as a step that blew up): the next
     /// step's loss is NaN, or, after an epoch's last step, its weights are not finite

@@ -571,7 +571,7 @@ let divergenceTest =
         let events = File.ReadAllLines(Path.Combine(out, "metrics.jsonl")) |> Array.filter (fun l -> l.Contains "\"event\":\"degraded\"")
         Expect.equal events.Length 1 "metrics.jsonl: one degraded event"
 
-/// A fault injected once (HAST_FAULT=ft-iter:N:nan|spike|negate): the guard rolls back, the run
+/// A fault injected once (HAST_FAULT=ft-iter:N:nan|spike|negate|libtorch): the guard rolls back, the run
 /// finishes normally (exit 0) with the rollback in report.json and metrics.jsonl.
 let divergenceRecoveryTest =
     testCase "HAST_FAULT NaN weights, a loss spike, a negated classifier or a libtorch error in epoch 2: rolled back to epoch 1, lr x0.5 (the same lr after the libtorch error), finished with exit 0 and the rollback reported" <| fun () ->
